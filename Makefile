@@ -1,0 +1,30 @@
+# The two set-up-and-run commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed-base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@ $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(PY) -m experiments.demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 tests
+
+bench: $(VENV)/.installed-test
+	$(PY) -m experiments.bench.cpu_forward
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,216 @@
+"""Building configs from dicts, YAML presets and key=value overrides, with checked keys and types.
+
+A preset is a YAML file in this folder (or any path). Its top level is a RunConfig: ``model:`` (a mapping
+with ``family:`` naming the model family), ``mesh:`` and the run's own fields. ``base: other_preset`` at
+the top level deep-merges this file over another preset. Overrides are ``dotted.key=value`` strings whose
+values are parsed as YAML scalars (``yaml.safe_load``), e.g. ``model.hidden_size=64 mesh.data=2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from configs.schema import MODEL_CONFIGS, ConfigError, RunConfig
+
+PRESET_DIR = Path(__file__).resolve().parent
+
+
+def _nearest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(candidates)}"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Checks (and where lossless, converts) a value against a type hint; raises naming the key."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"config field {key!r}: expected {hint}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"config field {key!r}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field {key!r}: expected a list, got {value!r}")
+        (item_hint, *_) = typing.get_args(hint) or (Any,)
+        items = [_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field {key!r}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config field {key!r}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config field {key!r}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config field {key!r}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config field {key!r}: expected a mapping for {hint.__name__}, got {value!r}")
+        return from_dict(hint, value, prefix=f"{key}.")
+    return value
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from a mapping; unknown keys fail naming the nearest valid key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if cls is RunConfig and key == "model":
+            kwargs["model"] = model_config_from_dict(value, prefix=f"{prefix}model.")
+            continue
+        if key == "family" and cls in MODEL_CONFIGS.values():
+            if value != cls.family:
+                raise ConfigError(f"config field {prefix}family: expected {cls.family!r}, got {value!r}")
+            continue
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix + key!r}{_nearest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        if prefix and "config field '" in str(err):
+            raise ConfigError(str(err).replace("config field '", f"config field '{prefix}", 1)) from None
+        raise
+
+
+def model_config_from_dict(data: Mapping[str, Any], prefix: str = "model.") -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section {prefix.rstrip('.')!r}: expected a mapping, got {data!r}")
+    family = data.get("family")
+    if family not in MODEL_CONFIGS:
+        raise ConfigError(
+            f"config field {prefix}family: expected one of {sorted(MODEL_CONFIGS)}, got {family!r}"
+            + (_nearest(str(family), list(MODEL_CONFIGS)) if isinstance(family, str) else ""))
+    return from_dict(MODEL_CONFIGS[family], data, prefix=prefix)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain dict (YAML/JSON-ready) that ``from_dict`` turns back into an equal config."""
+    out: dict[str, Any] = {}
+    if type(config) in MODEL_CONFIGS.values():
+        out["family"] = config.family
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown preset {str(name_or_path)!r}{_nearest(str(name_or_path), list_presets())}")
+    return candidate
+
+
+def _deep_merge(base: dict, top: Mapping) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_preset_dict(name_or_path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = _preset_path(name_or_path)
+    if str(path) in _seen:
+        raise ConfigError(f"preset {str(path)!r}: 'base' chain loops through {list(_seen)}")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_merge(load_preset_dict(base, _seen + (str(path),)), data)
+    return data
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A RunConfig from a preset name or YAML path, with key=value overrides applied on top."""
+    data = _deep_merge(load_preset_dict(name_or_path), parse_overrides(overrides))
+    return from_dict(RunConfig, data)
+
+
+def load_model_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """The model part of a preset; overrides are model keys (``hidden_size=64``)."""
+    data = load_preset_dict(name_or_path)
+    model = data.get("model", data)
+    return model_config_from_dict(_deep_merge(dict(model), parse_overrides(overrides)))
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """dataclasses.replace with the same key checks and nearest-name messages as the loader."""
+    data = to_dict(config)
+    for key in changes:
+        if key not in data:
+            raise ConfigError(f"unknown config key {key!r}{_nearest(key, list(data))}")
+    data.update(changes)
+    if type(config) in MODEL_CONFIGS.values():
+        return model_config_from_dict(data, prefix="")
+    return from_dict(type(config), data)

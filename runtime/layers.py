@@ -1,0 +1,73 @@
+"""Small NNX layers shared by both families: Dense, Embed, RMSNorm, LayerNorm.
+
+Parameters are stored in ``param_dtype`` (fp32 by default) and cast to the compute dtype at use.
+Normalisation statistics are always fp32. fp32 matmuls ask for full precision, so GPUs and TPUs do not
+silently run them as TF32/bf16 passes; bf16 compute uses the backend's default.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def matmul_precision(dtype) -> lax.Precision:
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, kernel (in, out) (the transpose of torch.nn.Linear.weight)."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
+                 init_scale: float | None = None):
+        # torch.nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)) for the weight and the bias.
+        bound = init_scale if init_scale is not None else in_features ** -0.5
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (in_features, out_features), param_dtype,
+                                                   -bound, bound))
+        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (out_features,), param_dtype, -bound, bound)) \
+            if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """Accumulates in fp32; returns the compute dtype, or ``out_dtype`` (fp32 logits)."""
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                    precision=matmul_precision(self.dtype), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(out_dtype or self.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, num_embeddings: int, features: int, *, dtype, param_dtype, rngs: nnx.Rngs, std: float = 1.0):
+        self.embedding = nnx.Param(std * jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output head: fp32 logits x @ embedding^T."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T,
+                       precision=matmul_precision(self.dtype), preferred_element_type=jnp.float32)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x * rsqrt(mean(x^2) + eps) over the last axis, in fp32, returned in x's dtype (no weight)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, features: int, *, eps: float, dtype, param_dtype):
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.weight[...].astype(self.dtype) * rms_normalize(x, self.eps).astype(self.dtype)

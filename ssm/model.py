@@ -1,0 +1,135 @@
+"""Falcon Mamba as thin NNX modules over the pure functions in scan.py and conv.py.
+
+Activations are channels-last (batch, seq, features). The recurrent state of one layer is its conv state
+(batch, conv_kernel-1, d_inner) and its fp32 SSM state (batch, d_inner, d_state).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from configs.schema import FalconMambaConfig
+from runtime.interface import CausalLM
+from runtime.layers import Dense, Embed, RMSNorm, dtype_of, matmul_precision, rms_normalize
+from ssm.conv import causal_conv1d
+from ssm.scan import selective_scan
+
+
+class LayerState(NamedTuple):
+    conv: jax.Array   # (batch, conv_kernel - 1, d_inner), compute dtype
+    ssm: jax.Array    # (batch, d_inner, d_state), fp32
+
+
+def _inverse_softplus(x):
+    return x + jnp.log(-jnp.expm1(-x))
+
+
+class MambaMixer(nnx.Module):
+    def __init__(self, config: FalconMambaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype, pdtype = dtype_of(config.compute_dtype), dtype_of(config.param_dtype)
+        d_model, d_inner, n, rank = (config.hidden_size, config.intermediate_size, config.state_size,
+                                     config.time_step_rank)
+        dense = lambda i, o, bias, **kw: Dense(i, o, use_bias=bias, dtype=dtype, param_dtype=pdtype,  # noqa: E731
+                                              rngs=rngs, **kw)
+        self.in_proj = dense(d_model, 2 * d_inner, config.use_bias)
+        conv_bound = config.conv_kernel ** -0.5  # torch Conv1d default init, fan_in = kernel (depthwise)
+        self.conv_kernel = nnx.Param(jax.random.uniform(rngs.params(), (config.conv_kernel, d_inner), pdtype,
+                                                        -conv_bound, conv_bound))
+        self.conv_bias = nnx.Param(jnp.zeros((d_inner,), pdtype)) if config.use_conv_bias else None
+        self.x_proj = dense(d_inner, rank + 2 * n, False)
+        dt_std = rank ** -0.5 * config.time_step_scale
+        self.dt_proj = dense(rank, d_inner, True, init_scale=dt_std)
+        if config.time_step_init_scheme == "constant":
+            self.dt_proj.kernel.value = jnp.full((rank, d_inner), dt_std, pdtype)
+        # dt_proj bias: softplus^-1 of dt drawn log-uniformly in [time_step_min, time_step_max] (mamba_ssm).
+        log_dt = jax.random.uniform(rngs.params(), (d_inner,), jnp.float32, math.log(config.time_step_min),
+                                    math.log(config.time_step_max))
+        dt = jnp.maximum(jnp.exp(log_dt), config.time_step_floor)
+        self.dt_proj.bias.value = _inverse_softplus(dt).astype(pdtype)
+        self.A_log = nnx.Param(jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d_inner, n)))
+                               .astype(pdtype))
+        self.D = nnx.Param(jnp.ones((d_inner,), pdtype))
+        self.out_proj = dense(d_inner, d_model, config.use_bias)
+        if config.rescale_prenorm_residual:
+            self.out_proj.kernel.value = self.out_proj.kernel.value / math.sqrt(config.num_hidden_layers)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, state: LayerState | None = None) -> tuple[jax.Array, LayerState]:
+        cfg = self.config
+        d_inner, n, rank = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
+        xs, z = jnp.split(self.in_proj(x), 2, axis=-1)
+        conv_bias = None if self.conv_bias is None else self.conv_bias[...]
+        xs, conv_state = causal_conv1d(xs, self.conv_kernel[...], conv_bias, None if state is None else state.conv)
+        xs = jax.nn.silu(xs.astype(jnp.float32)).astype(self.dtype)
+        dt, B, C = jnp.split(self.x_proj(xs), [rank, rank + n], axis=-1)
+        if cfg.use_mixer_norms:  # the Falcon Mamba difference: weightless RMS norms on dt, B and C
+            dt, B, C = (rms_normalize(v, cfg.mixer_rms_eps) for v in (dt, B, C))
+        # dt_proj without its bias; the bias is added in fp32 inside the scan, as mamba_ssm does.
+        dt = jnp.dot(dt, self.dt_proj.kernel[...].astype(self.dtype), precision=matmul_precision(self.dtype),
+                     preferred_element_type=jnp.float32).astype(self.dtype)
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        y, ssm_state = selective_scan(
+            xs, dt, A, B[:, :, None, :], C[:, :, None, :], self.D[...], z, self.dt_proj.bias[...],
+            delta_softplus=True, initial_state=None if state is None else state.ssm,
+            impl=cfg.scan_impl, chunk_size=cfg.scan_chunk_size)
+        return self.out_proj(y), LayerState(conv_state, ssm_state)
+
+    def init_state(self, batch_size: int) -> LayerState:
+        cfg = self.config
+        return LayerState(jnp.zeros((batch_size, cfg.conv_kernel - 1, cfg.intermediate_size), self.dtype),
+                          jnp.zeros((batch_size, cfg.intermediate_size, cfg.state_size), jnp.float32))
+
+
+class MambaBlock(nnx.Module):
+    """x -> RMSNorm -> mixer -> + residual (the residual kept in fp32 with residual_in_fp32)."""
+
+    def __init__(self, config: FalconMambaConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtype_of(config.compute_dtype), dtype_of(config.param_dtype)
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype, param_dtype=pdtype)
+        self.mixer = MambaMixer(config, rngs=rngs)
+        self.residual_in_fp32 = config.residual_in_fp32
+
+    def __call__(self, x, state=None):
+        residual = x.astype(jnp.float32) if self.residual_in_fp32 else x
+        y, state = self.mixer(self.norm(x), state)
+        return (residual + y).astype(residual.dtype), state
+
+
+class FalconMambaLM(CausalLM):
+    """embeddings -> blocks -> norm_f -> lm_head (tied to the embeddings or not)."""
+
+    def __init__(self, config: FalconMambaConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):
+        rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        self.config = config
+        dtype, pdtype = dtype_of(config.compute_dtype), dtype_of(config.param_dtype)
+        self.embeddings = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+                                std=0.02)
+        self.layers = nnx.List([MambaBlock(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype, param_dtype=pdtype)
+        self.lm_head = None if config.tie_word_embeddings else Dense(
+            config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+
+    def hidden_states(self, input_ids, states=None):
+        """Final-norm hidden states (batch, seq, hidden) and the new per-layer states."""
+        h = self.embeddings(input_ids)
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            h, state = layer(h, None if states is None else states[i])
+            new_states.append(state)
+        return self.norm_f(h), new_states
+
+    def logits(self, h):
+        """fp32 logits from final hidden states."""
+        if self.lm_head is None:
+            return self.embeddings.attend(h)
+        return self.lm_head(h, out_dtype=jnp.float32)
+
+    def forward(self, input_ids):
+        h, _ = self.hidden_states(input_ids)
+        return self.logits(h)
