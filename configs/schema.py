@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Literal
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SCAN_IMPLS = ("auto", "reference", "chunked")
+ATTENTION_IMPLS = ("auto", "xla", "blockwise")
+ROPE_SCALING_TYPES = (None, "linear", "dynamic")
 
 
 class ConfigError(ValueError):
@@ -112,6 +114,122 @@ class FalconMambaConfig:
 
 
 @dataclass(frozen=True)
+class FalconConfig:
+    """The Falcon transformer family (7B/40B/180B, Falcon2-11B, RW-1B/7B).
+
+    Math-relevant fields mirror transformers' FalconConfig. Two are normalised the way transformers does:
+    ``num_kv_heads=None`` becomes ``num_attention_heads``, and ``num_ln_in_parallel_attn=None`` becomes 2 with
+    ``new_decoder_architecture``. ``kv_heads`` is the number of key/value heads the weights actually have
+    (transformers ignores ``num_kv_heads`` for multi-query models). transformers' ``rope_parameters`` dict is
+    ``rope_theta`` plus ``rope_scaling_type`` (None, "linear" or "dynamic") and ``rope_scaling_factor``.
+    ``compute_dtype``, ``param_dtype``, ``attention_impl`` and ``attention_block_size`` are ours; "auto"
+    attention runs "xla" while the keys fit in one block and "blockwise" beyond.
+    """
+
+    family: ClassVar[str] = "falcon"
+
+    vocab_size: int = 65024
+    hidden_size: int = 4544
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 71
+    num_kv_heads: int | None = None
+    new_decoder_architecture: bool = False
+    multi_query: bool = True
+    parallel_attn: bool = True
+    bias: bool = False
+    alibi: bool = False
+    num_ln_in_parallel_attn: int | None = None
+    ffn_hidden_size: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling_type: str | None = None
+    rope_scaling_factor: float = 1.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 11
+    eos_token_id: int | None = 11
+    pad_token_id: int | None = None
+    initializer_range: float = 0.02
+    # Ours: numerics and kernels.
+    compute_dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"
+    attention_block_size: int = 1024
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "max_position_embeddings", "attention_block_size")
+        heads = self.num_attention_heads
+        _require(self.hidden_size % heads == 0, "num_attention_heads",
+                 f"a divisor of hidden_size ({self.hidden_size})", heads)
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", heads)
+        _positive_int(self, "num_kv_heads")
+        if self.new_decoder_architecture:
+            _require(heads % self.num_kv_heads == 0, "num_kv_heads",
+                     f"a divisor of num_attention_heads ({heads})", self.num_kv_heads)
+            _require(self.parallel_attn, "parallel_attn",
+                     "true with new_decoder_architecture (transformers has no sequential variant of it)",
+                     self.parallel_attn)
+            if self.num_ln_in_parallel_attn is None:
+                object.__setattr__(self, "num_ln_in_parallel_attn", 2)
+        elif not self.multi_query:
+            _require(self.num_kv_heads == heads, "num_kv_heads",
+                     f"num_attention_heads ({heads}) for multi-head attention (multi_query false)",
+                     self.num_kv_heads)
+        _require(self.num_ln_in_parallel_attn in (None, 1, 2), "num_ln_in_parallel_attn", "None, 1 or 2",
+                 self.num_ln_in_parallel_attn)
+        _require(self.num_ln_in_parallel_attn != 2 or self.new_decoder_architecture, "num_ln_in_parallel_attn",
+                 "None or 1 without new_decoder_architecture (only that layout has ln_attn and ln_mlp)",
+                 self.num_ln_in_parallel_attn)
+        if self.ffn_hidden_size is None:
+            object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+        _positive_int(self, "ffn_hidden_size")
+        for name in ("layer_norm_epsilon", "rope_theta", "rope_scaling_factor", "initializer_range"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name,
+                     "a positive number", value)
+        _require(self.rope_scaling_type in ROPE_SCALING_TYPES, "rope_scaling_type",
+                 f"one of {list(ROPE_SCALING_TYPES)}", self.rope_scaling_type)
+        _require(not (self.alibi and self.rope_scaling_type), "rope_scaling_type",
+                 "None with alibi (ALiBi models have no RoPE)", self.rope_scaling_type)
+        _require(self.head_dim % 2 == 0 or self.alibi, "num_attention_heads",
+                 f"a head count giving an even head_dim for RoPE (hidden_size {self.hidden_size})", heads)
+        _choice(self, "compute_dtype", COMPUTE_DTYPES)
+        _choice(self, "param_dtype", COMPUTE_DTYPES)
+        _choice(self, "attention_impl", ATTENTION_IMPLS)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, int) and 0 <= value),
+                     name, "None or a non-negative integer", value)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads in the weights: num_kv_heads (new arch), 1 (multi-query) or every head (MHA)."""
+        if self.new_decoder_architecture:
+            return self.num_kv_heads
+        return 1 if self.multi_query else self.num_attention_heads
+
+    @property
+    def qkv_layout(self) -> str:
+        """Row order of the fused query_key_value weight: "grouped" (new arch), "multi_query" or "interleaved"."""
+        if self.new_decoder_architecture:
+            return "grouped"
+        return "multi_query" if self.multi_query else "interleaved"
+
+    @property
+    def block_layout(self) -> str:
+        """"parallel" (one LN shared), "parallel_2ln" (ln_attn and ln_mlp) or "sequential"."""
+        if self.new_decoder_architecture and self.num_ln_in_parallel_attn == 2:
+            return "parallel_2ln"
+        return "parallel" if self.parallel_attn else "sequential"
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     """Named mesh axes; -1 means "all devices the other axes leave"."""
 
@@ -120,16 +238,16 @@ class MeshConfig:
     tensor: int = 1
 
     def __post_init__(self) -> None:
-        sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for key, value in sizes.items():
             _require(isinstance(value, int) and not isinstance(value, bool) and (value > 0 or value == -1),
                      key, "a positive integer or -1", value)
-        _require(list(sizes.values()).count(-1) <= 1, "mesh", "at most one axis of size -1", sizes)
+        _require(list(sizes.values()).count(-1) <= 1, "data", "at most one mesh axis of size -1", sizes)
 
 
-ModelConfig = FalconMambaConfig
+ModelConfig = FalconMambaConfig | FalconConfig
 
-MODEL_CONFIGS: dict[str, type] = {"falcon_mamba": FalconMambaConfig}
+MODEL_CONFIGS: dict[str, type] = {"falcon_mamba": FalconMambaConfig, "falcon": FalconConfig}
 
 
 @dataclass(frozen=True)
@@ -143,7 +261,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(type(self.model) in MODEL_CONFIGS.values(), "model",
-                 f"a model config of family {sorted(MODEL_CONFIGS)}", self.model)
+                 "a model config (" + " or ".join(f"{cls.__name__}, family {name!r}"
+                                                  for name, cls in sorted(MODEL_CONFIGS.items())) + ")",
+                 self.model)
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer", self.seed)
 
 

@@ -75,7 +75,7 @@ def load_weights(module: Any, tensors: Mapping[str, np.ndarray], specs: list[Wei
         if tuple(array.shape) != expected:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, the config "
                                   f"needs {expected}")
-        param.value = jnp.asarray(_to_ours(np.asarray(array), spec.transform), dtype=param.value.dtype)
+        param.set_value(jnp.asarray(_to_ours(np.asarray(array), spec.transform), dtype=param[...].dtype))
         used.add(name)
     return sorted(set(tensors) - used)
 
@@ -83,7 +83,7 @@ def load_weights(module: Any, tensors: Mapping[str, np.ndarray], specs: list[Wei
 def export_weights(module: Any, specs: list[WeightSpec], dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array in HF layout) for every spec, one at a time."""
     for spec in specs:
-        array = np.asarray(resolve(module, spec.path).value)
+        array = np.asarray(resolve(module, spec.path)[...])
         if dtype is not None:
             array = array.astype(dtype)
         yield spec.hf_name, np.ascontiguousarray(_to_hf(array, spec.transform))

@@ -46,18 +46,18 @@ class MambaMixer(nnx.Module):
         dt_std = rank ** -0.5 * config.time_step_scale
         self.dt_proj = dense(rank, d_inner, True, init_scale=dt_std)
         if config.time_step_init_scheme == "constant":
-            self.dt_proj.kernel.value = jnp.full((rank, d_inner), dt_std, pdtype)
+            self.dt_proj.kernel.set_value(jnp.full((rank, d_inner), dt_std, pdtype))
         # dt_proj bias: softplus^-1 of dt drawn log-uniformly in [time_step_min, time_step_max] (mamba_ssm).
         log_dt = jax.random.uniform(rngs.params(), (d_inner,), jnp.float32, math.log(config.time_step_min),
                                     math.log(config.time_step_max))
         dt = jnp.maximum(jnp.exp(log_dt), config.time_step_floor)
-        self.dt_proj.bias.value = _inverse_softplus(dt).astype(pdtype)
+        self.dt_proj.bias.set_value(_inverse_softplus(dt).astype(pdtype))
         self.A_log = nnx.Param(jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (d_inner, n)))
                                .astype(pdtype))
         self.D = nnx.Param(jnp.ones((d_inner,), pdtype))
         self.out_proj = dense(d_inner, d_model, config.use_bias)
         if config.rescale_prenorm_residual:
-            self.out_proj.kernel.value = self.out_proj.kernel.value / math.sqrt(config.num_hidden_layers)
+            self.out_proj.kernel.set_value(self.out_proj.kernel[...] / math.sqrt(config.num_hidden_layers))
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, state: LayerState | None = None) -> tuple[jax.Array, LayerState]:

@@ -1,0 +1,1 @@
+"""What runs: demo, benchmarks (and later training, generation, experiments)."""

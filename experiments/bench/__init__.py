@@ -1,0 +1,1 @@
+"""Benchmark scripts. Each prints ratios against a reference measured in the same run."""

@@ -1,0 +1,121 @@
+"""The config system: presets, overrides, key and value checks, HF config.json import and export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import configs
+from configs import ConfigError, FalconMambaConfig, load_config, load_model_config, model_config_from_hf
+
+
+def test_every_preset_loads():
+    names = configs.list_presets()
+    assert {"falcon_mamba_7b", "tiny_falcon_mamba", "tiny_mamba"} <= set(names)
+    for name in names:
+        run = load_config(name)
+        assert run.model.vocab_size > 0
+
+
+def test_falcon_mamba_7b_preset_matches_published_config():
+    cfg = load_model_config("falcon_mamba_7b")
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.state_size, cfg.intermediate_size,
+            cfg.conv_kernel, cfg.time_step_rank) == (65024, 4096, 64, 16, 8192, 4, 256)
+    assert not cfg.use_bias and cfg.use_conv_bias and cfg.residual_in_fp32 and not cfg.tie_word_embeddings
+    assert cfg.use_mixer_norms and cfg.mixer_rms_eps == 1e-6 and cfg.eos_token_id == cfg.pad_token_id == 11
+
+
+def test_overrides_and_base_inheritance():
+    run = load_config("tiny_mamba", ["model.hidden_size=96", "seed=7", "mesh.data=2", "model.mixer_rms_eps=1e-5"])
+    assert run.model.hidden_size == 96 and run.seed == 7 and run.mesh.data == 2
+    assert run.model.use_mixer_norms is False  # from tiny_mamba, over its base tiny_falcon_mamba
+    assert run.model.mixer_rms_eps == 1e-5 and run.model.state_size == 16
+    assert load_model_config("tiny_falcon_mamba", ["scan_impl=chunked"]).scan_impl == "chunked"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hiden_size=3", r"unknown config key 'model.hiden_size'; did you mean 'hidden_size'"),
+    ("sed=1", r"unknown config key 'sed'; did you mean 'seed'"),
+    ("mesh.tensr=2", r"unknown config key 'mesh.tensr'; did you mean 'tensor'"),
+    ("model.scan_impl=fast", r"'model.scan_impl': expected one of \['auto', 'reference', 'chunked'\], got 'fast'"),
+    ("model.hidden_size=-4", r"'model.hidden_size': expected a positive integer, got -4"),
+    ("model.hidden_size=2.5", r"'model.hidden_size': expected an integer, got 2.5"),
+    ("model.use_bias=maybe", r"'model.use_bias': expected true or false, got 'maybe'"),
+    ("model.compute_dtype=float16", r"'model.compute_dtype': expected one of \['float32', 'bfloat16'\]"),
+    ("model.family=llama", r"model.family: expected one of \['falcon_mamba'\], got 'llama'"),
+    ("mesh.data=0", r"'mesh.data': expected a positive integer or -1, got 0"),
+    ("model.time_step_min=0.5", r"'model.time_step_min': expected <= time_step_max"),
+])
+def test_bad_keys_and_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny_falcon_mamba", [override])
+
+
+def test_unknown_preset_suggests_nearest():
+    with pytest.raises(ConfigError, match=r"unknown preset 'tiny_falcon_mambo'; did you mean 'tiny_falcon_mamba'"):
+        load_config("tiny_falcon_mambo")
+
+
+def test_yaml_file_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: tiny_falcon_mamba\nmodel:\n  num_hidden_layers: 3\nseed: 4\n")
+    run = load_config(str(path))
+    assert run.model.num_hidden_layers == 3 and run.seed == 4 and run.model.hidden_size == 64
+
+
+def test_to_dict_round_trip():
+    run = load_config("falcon_mamba_7b", ["seed=2"])
+    assert configs.from_dict(configs.RunConfig, configs.to_dict(run)) == run
+
+
+def test_replace_checks_keys():
+    cfg = load_model_config("tiny_falcon_mamba")
+    assert configs.replace(cfg, scan_impl="chunked").scan_impl == "chunked"
+    with pytest.raises(ConfigError, match=r"unknown config key 'scan_iml'; did you mean 'scan_impl'"):
+        configs.replace(cfg, scan_iml="chunked")
+
+
+def test_hf_import_falcon_mamba_7b_style():
+    # the published file's keys (abridged to what matters): expand 16 AND intermediate_size 8192
+    published = {
+        "architectures": ["FalconMambaForCausalLM"], "model_type": "falcon_mamba", "vocab_size": 65024,
+        "hidden_size": 4096, "num_hidden_layers": 64, "state_size": 16, "expand": 16, "intermediate_size": 8192,
+        "conv_kernel": 4, "time_step_rank": 256, "use_bias": False, "use_conv_bias": True,
+        "layer_norm_epsilon": 1e-5, "residual_in_fp32": True, "tie_word_embeddings": False,
+        "pad_token_id": 11, "eos_token_id": 11, "bos_token_id": 0, "mixer_rms_eps": 1e-6, "use_cache": True,
+        "torch_dtype": "bfloat16", "transformers_version": "4.45.0.dev0",
+    }
+    cfg = model_config_from_hf(published)
+    preset = load_model_config("falcon_mamba_7b")
+    assert cfg == configs.replace(preset, compute_dtype="float32")
+
+
+def test_hf_import_defaults_and_mamba():
+    cfg = model_config_from_hf({"model_type": "mamba", "hidden_size": 40})
+    assert cfg.intermediate_size == 80 and cfg.time_step_rank == 3 and not cfg.use_mixer_norms
+    assert cfg.tie_word_embeddings and cfg.vocab_size == 50280
+
+
+def test_hf_import_rejects_other_models_and_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"model_type: expected one of \['falcon_mamba', 'mamba'\].*got 'llama'"):
+        model_config_from_hf({"model_type": "llama"})
+    with pytest.raises(ConfigError, match=r"config.json:state_size"):
+        model_config_from_hf({"model_type": "falcon_mamba", "state_size": 0})
+    with pytest.raises(ConfigError, match="config.json not found"):
+        model_config_from_hf(tmp_path)
+
+
+def test_hf_export_is_read_back_identically(tmp_path):
+    from transformers import AutoConfig
+
+    cfg = load_model_config("tiny_falcon_mamba", ["intermediate_size=192", "time_step_rank=6"])
+    (tmp_path / "config.json").write_text(json.dumps(configs.model_config_to_hf(cfg)))
+    hf = AutoConfig.from_pretrained(tmp_path)
+    assert (hf.model_type, hf.intermediate_size, hf.time_step_rank, hf.state_size) == ("falcon_mamba", 192, 6, 16)
+    assert model_config_from_hf(tmp_path) == cfg
+
+
+def test_dataclass_validation_direct():
+    with pytest.raises(ConfigError, match=r"'state_size': expected <= 256"):
+        FalconMambaConfig(state_size=300)

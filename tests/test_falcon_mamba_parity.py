@@ -1,0 +1,156 @@
+"""Falcon Mamba / Mamba in JAX against transformers' PyTorch models on tiny random checkpoints.
+
+Each model is built by transformers, perturbed away from its init values, saved to safetensors, loaded
+through ssm.from_pretrained and compared on fp32 logits (1e-4 absolute). The export direction is checked by
+loading ssm.save_pretrained's output back into transformers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from transformers import FalconMambaConfig, FalconMambaForCausalLM, MambaConfig, MambaForCausalLM
+
+import ssm
+from runtime.safetensors_io import CheckpointError, open_checkpoint, write_file
+from tests.hf_models import build_and_save, torch_logits
+
+ATOL = 1e-4
+
+CASES = {
+    # name: (config class, model class, kwargs)
+    "falcon_untied": (FalconMambaConfig, FalconMambaForCausalLM, dict(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
+        time_step_rank=5, tie_word_embeddings=False)),
+    "falcon_tied_bias": (FalconMambaConfig, FalconMambaForCausalLM, dict(
+        vocab_size=64, hidden_size=24, num_hidden_layers=3, state_size=16, expand=3, conv_kernel=3,
+        use_bias=True, use_conv_bias=False, tie_word_embeddings=True, mixer_rms_eps=1e-5)),
+    "falcon_no_fp32_residual": (FalconMambaConfig, FalconMambaForCausalLM, dict(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, state_size=4, expand=2, conv_kernel=2,
+        residual_in_fp32=False, tie_word_embeddings=False, layer_norm_epsilon=1e-6)),
+    "mamba_untied": (MambaConfig, MambaForCausalLM, dict(
+        vocab_size=80, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
+        tie_word_embeddings=False)),
+    "mamba_tied": (MambaConfig, MambaForCausalLM, dict(
+        vocab_size=80, hidden_size=40, num_hidden_layers=2, state_size=12, expand=2, conv_kernel=4,
+        time_step_rank=7, use_bias=True)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    config_cls, model_cls, kwargs = CASES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    torch_model = build_and_save(config_cls, model_cls, path, seed=len(request.param), **kwargs)
+    return request.param, torch_model, path, kwargs
+
+
+def _ids(vocab: int, shape, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, shape)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_logits_match_transformers(case, impl):
+    name, torch_model, path, kwargs = case
+    ids = _ids(kwargs["vocab_size"], (2, 67))
+    ours = ssm.from_pretrained(path, scan_impl=impl, scan_chunk_size=16)
+    assert ours.config.use_mixer_norms == name.startswith("falcon")
+    got = np.asarray(ours(ids))
+    assert got.dtype == np.float32 and got.shape == (2, 67, kwargs["vocab_size"])
+    np.testing.assert_allclose(got, torch_logits(torch_model, ids), rtol=0, atol=ATOL)
+
+
+def test_export_round_trip(case, tmp_path):
+    name, torch_model, path, kwargs = case
+    config_cls, model_cls, _ = CASES[name]
+    ours = ssm.from_pretrained(path)
+    ssm.save_pretrained(ours, tmp_path)
+    reloaded_torch = model_cls.from_pretrained(tmp_path).eval()
+    assert type(reloaded_torch) is model_cls
+    ids = _ids(kwargs["vocab_size"], (1, 33), seed=1)
+    np.testing.assert_allclose(torch_logits(reloaded_torch, ids), torch_logits(torch_model, ids), rtol=0, atol=1e-6)
+    # our own reload is bit-identical
+    again = ssm.from_pretrained(tmp_path)
+    np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(ours(ids)))
+    # every tensor transformers wrote is written back with the same values
+    original, written = open_checkpoint(path), open_checkpoint(tmp_path)
+    for tensor_name, array in written.items():
+        np.testing.assert_array_equal(array, original[tensor_name], err_msg=tensor_name)
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    config_cls, model_cls, kwargs = CASES["falcon_untied"]
+    torch_model = build_and_save(config_cls, model_cls, tmp_path / "src", seed=3, **kwargs)
+    ours = ssm.from_pretrained(tmp_path / "src")
+    ssm.save_pretrained(ours, tmp_path / "sharded", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded = model_cls.from_pretrained(tmp_path / "sharded").eval()
+    ids = _ids(kwargs["vocab_size"], (1, 20))
+    np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(torch_model, ids), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ssm.from_pretrained(tmp_path / "sharded")(ids)), np.asarray(ours(ids)))
+
+
+def test_mamba_ssm_checkpoint_names(tmp_path):
+    """mamba_ssm's own checkpoints: backbone.embedding.weight and its config.json (d_model, n_layer, ssm_cfg)."""
+    config_cls, model_cls, kwargs = CASES["mamba_tied"]
+    torch_model = build_and_save(config_cls, model_cls, tmp_path / "hf", seed=5, **kwargs)
+    tensors = {name: np.array(a) for name, a in open_checkpoint(tmp_path / "hf").items()}
+    tensors["backbone.embedding.weight"] = tensors.pop("backbone.embeddings.weight")
+    (tmp_path / "ms").mkdir()
+    write_file(tmp_path / "ms" / "model.safetensors", tensors)
+    (tmp_path / "ms" / "config.json").write_text(json.dumps({
+        "d_model": 40, "n_layer": 2, "vocab_size": 80, "pad_vocab_size_multiple": 8, "rms_norm": True,
+        "residual_in_fp32": True, "tie_embeddings": True,
+        "ssm_cfg": {"d_state": 12, "d_conv": 4, "expand": 2, "dt_rank": 7, "bias": True}}))
+    ours = ssm.from_pretrained(tmp_path / "ms")
+    ids = _ids(80, (2, 19))
+    np.testing.assert_allclose(np.asarray(ours(ids)), torch_logits(torch_model, ids), rtol=0, atol=ATOL)
+
+
+def test_bf16_compute_close_to_fp32(case):
+    name, torch_model, path, kwargs = case
+    ids = _ids(kwargs["vocab_size"], (2, 40), seed=2)
+    fp32 = np.asarray(ssm.from_pretrained(path)(ids))
+    bf16 = np.asarray(ssm.from_pretrained(path, compute_dtype="bfloat16")(ids))
+    assert bf16.dtype == np.float32  # logits leave in fp32 whatever the compute dtype
+    # bf16 has 8 mantissa bits (relative step 2^-8 = 3.9e-3) and these logits pass through up to 3 layers
+    # of matmuls: the mamba_ssm bf16 tolerances (rtol 3e-2, atol 5e-2) scaled to the logits' magnitude.
+    scale = np.abs(fp32).max()
+    np.testing.assert_allclose(bf16, fp32, rtol=3e-2, atol=5e-2 * max(1.0, scale))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    config_cls, model_cls, kwargs = CASES["falcon_untied"]
+    build_and_save(config_cls, model_cls, tmp_path, seed=1, **kwargs)
+    tensors = {n: np.array(a) for n, a in open_checkpoint(tmp_path).items()}
+    del tensors["backbone.layers.1.mixer.x_proj.weight"]
+    write_file(tmp_path / "model.safetensors", tensors)
+    with pytest.raises(CheckpointError, match=r"backbone\.layers\.1\.mixer\.x_proj\.weight"):
+        ssm.from_pretrained(tmp_path)
+
+
+def test_misshapen_tensor_is_named(tmp_path):
+    config_cls, model_cls, kwargs = CASES["falcon_untied"]
+    build_and_save(config_cls, model_cls, tmp_path, seed=1, **kwargs)
+    tensors = {n: np.array(a) for n, a in open_checkpoint(tmp_path).items()}
+    tensors["backbone.layers.0.mixer.A_log"] = tensors["backbone.layers.0.mixer.A_log"][:, :-1]
+    write_file(tmp_path / "model.safetensors", tensors)
+    with pytest.raises(CheckpointError, match=r"backbone\.layers\.0\.mixer\.A_log.*\(64, 7\).*\(64, 8\)"):
+        ssm.from_pretrained(tmp_path)
+
+
+def test_token_ids_outside_vocab_raise(case):
+    _, _, path, kwargs = case
+    model = ssm.from_pretrained(path)
+    vocab = kwargs["vocab_size"]
+    with pytest.raises(ValueError, match=rf"input_ids.*\[0, {vocab}\).*got {vocab}"):
+        model(np.array([[1, 2, vocab]]))
+    with pytest.raises(ValueError, match=r"input_ids.*got -1"):
+        model(np.array([[1, -1]]))
+    with pytest.raises(TypeError, match="input_ids: expected an integer dtype"):
+        model(np.zeros((1, 3), np.float32))
+    with pytest.raises(ValueError, match=r"input_ids: expected an integer array of shape \(batch, seq\)"):
+        model(np.zeros((3,), np.int32))
