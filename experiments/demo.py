@@ -35,7 +35,7 @@ def main(argv=None) -> None:
 
     @nnx.jit
     def last_logits(model, ids):
-        hidden, _ = model.hidden_states(ids)
+        hidden, _ = model.run(ids, None)
         return model.logits(hidden[:, -1:])[:, 0]
 
     ids = jnp.asarray(np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.length)),

@@ -115,21 +115,24 @@ class FalconMambaLM(CausalLM):
         self.lm_head = None if config.tie_word_embeddings else Dense(
             config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, rngs=rngs)
 
-    def hidden_states(self, input_ids, states=None):
-        """Final-norm hidden states (batch, seq, hidden) and the new per-layer states."""
+    def run(self, input_ids, state):
+        """Final-norm hidden states (batch, seq, hidden) and the new per-layer states; ``state`` None
+        starts from zeros (a plain forward)."""
         h = self.embeddings(input_ids)
-        new_states = []
+        new_state = []
         for i, layer in enumerate(self.layers):
-            h, state = layer(h, None if states is None else states[i])
-            new_states.append(state)
-        return self.norm_f(h), new_states
+            h, layer_state = layer(h, None if state is None else state[i])
+            new_state.append(layer_state)
+        return self.norm_f(h), new_state
 
-    def logits(self, h):
+    def logits(self, hidden):
         """fp32 logits from final hidden states."""
         if self.lm_head is None:
-            return self.embeddings.attend(h)
-        return self.lm_head(h, out_dtype=jnp.float32)
+            return self.embeddings.attend(hidden)
+        return self.lm_head(hidden, out_dtype=jnp.float32)
 
-    def forward(self, input_ids):
-        h, _ = self.hidden_states(input_ids)
-        return self.logits(h)
+    def init_state(self, batch_size: int, max_len: int | None = None) -> list[LayerState]:
+        """Zero conv and SSM states for every layer; their size does not depend on ``max_len`` (unused)."""
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        return [layer.mixer.init_state(batch_size) for layer in self.layers]
