@@ -1,7 +1,8 @@
 """Import and export of Hugging Face config.json files.
 
-Handled formats: transformers' ``falcon_mamba`` and ``mamba`` configs, and mamba_ssm's own config.json
-(``d_model``, ``n_layer``, ``ssm_cfg``). Keys that do not affect the math (``use_cache``, ``architectures``,
+Handled formats: transformers' ``falcon_mamba``, ``mamba`` and ``falcon`` configs, mamba_ssm's own config.json
+(``d_model``, ``n_layer``, ``ssm_cfg``) and TII's original Falcon configs (model_type ``RefinedWebModel`` for
+7B and RW, ``RefinedWeb`` for 40B, with ``n_head``, ``n_layer``, ``n_head_kv``). Keys that do not affect the math (``use_cache``, ``architectures``,
 ``torch_dtype``...) are ignored on import.
 """
 
@@ -12,7 +13,9 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from configs.schema import ConfigError, FalconMambaConfig
+from configs.schema import ConfigError, FalconConfig, FalconMambaConfig
+
+FALCON_MODEL_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")
 
 def read_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
@@ -91,6 +94,62 @@ def _mamba_from_mamba_ssm(hf: Mapping[str, Any]) -> FalconMambaConfig:
     }, prefix="config.json:")
 
 
+def _falcon_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """rope_theta and scaling from transformers 5's ``rope_parameters`` or 4.x's ``rope_theta``/``rope_scaling``."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear", "dynamic"):
+        raise ConfigError(f"config.json rope_parameters.rope_type: expected one of ['default', 'linear', 'dynamic'], "
+                          f"got {kind!r}")
+    out: dict[str, Any] = {"rope_theta": params.get("rope_theta", hf.get("rope_theta", 10000.0))}
+    if kind != "default":
+        out["rope_scaling_type"] = kind
+        out["rope_scaling_factor"] = params.get("factor")
+    return out
+
+
+def _falcon_from_hf(hf: Mapping[str, Any], model_type: str) -> FalconConfig:
+    hf = dict(hf)
+    # TII's names (transformers' FalconConfig silently ignores them and falls back to 71 heads, 32 layers).
+    for old, new in (("n_head", "num_attention_heads"), ("n_layer", "num_hidden_layers"),
+                     ("n_head_kv", "num_kv_heads"), ("n_embed", "hidden_size")):
+        if old in hf:
+            if new in hf and hf[new] != hf[old]:
+                raise ConfigError(f"config.json {old!r} ({hf[old]!r}) and {new!r} ({hf[new]!r}) disagree")
+            hf[new] = hf.pop(old)
+    if hf.get("apply_residual_connection_post_layernorm", False):
+        raise ConfigError("config.json apply_residual_connection_post_layernorm: expected false (no Falcon "
+                          "checkpoint uses it), got true")
+    if hf.get("activation", "gelu") != "gelu":
+        raise ConfigError(f"config.json activation: expected 'gelu', got {hf['activation']!r}")
+    if model_type == "falcon":  # transformers' FalconConfig defaults
+        kwargs: dict[str, Any] = {}
+    else:
+        # TII's RWConfig defaults: vocab 250880, hidden 64, 2 layers, 8 heads, bos 1, eos 2, and for
+        # RefinedWebModel (7B, RW) multi_query and parallel_attn false. RefinedWeb (40B) is always the new
+        # decoder architecture with ln_attn/ln_mlp; its n_head_kv defaults to n_head.
+        kwargs = {"vocab_size": 250880, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
+                  "bos_token_id": 1, "eos_token_id": 2, "multi_query": False, "parallel_attn": False}
+        if model_type == "RefinedWeb":
+            # multi_query is ignored by the new architecture; transformers' default keeps configs comparable.
+            kwargs.update(new_decoder_architecture=True, parallel_attn=True, num_ln_in_parallel_attn=2,
+                          multi_query=True)
+    passthrough = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_kv_heads",
+                   "new_decoder_architecture", "multi_query", "parallel_attn", "bias", "alibi",
+                   "num_ln_in_parallel_attn", "ffn_hidden_size", "layer_norm_epsilon", "max_position_embeddings",
+                   "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range"}
+    # Other keys (use_cache, dropout, architectures, torch_dtype, ...) carry no math and are not ours to reject.
+    kwargs.update({key: value for key, value in hf.items() if key in passthrough and value is not None})
+    if model_type == "RefinedWeb" and not kwargs["new_decoder_architecture"]:
+        raise ConfigError("config.json new_decoder_architecture: expected true for model_type 'RefinedWeb', got false")
+    kwargs.update(_falcon_rope(hf))
+    if isinstance(kwargs.get("eos_token_id"), list):
+        kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
+    from configs.loader import from_dict
+
+    return from_dict(FalconConfig, kwargs, prefix="config.json:")
+
+
 def model_config_from_hf(source: str | Path | Mapping[str, Any]) -> Any:
     """A model config from a HF config.json (path to the file or its directory, or the parsed dict)."""
     hf = dict(source) if isinstance(source, Mapping) else read_json(source)
@@ -99,13 +158,15 @@ def model_config_from_hf(source: str | Path | Mapping[str, Any]) -> Any:
         return _mamba_from_transformers(hf, falcon=True)
     if model_type == "mamba":
         return _mamba_from_transformers(hf, falcon=False)
+    if model_type in FALCON_MODEL_TYPES:
+        return _falcon_from_hf(hf, model_type)
     if model_type is None and "d_model" in hf and "n_layer" in hf:
         if not hf.get("rms_norm", True):
             raise ConfigError("config.json rms_norm: expected true (Mamba-1 LMs use RMSNorm), got false")
         return _mamba_from_mamba_ssm(hf)
     raise ConfigError(
         f"config.json model_type: expected one of ['falcon_mamba', 'mamba'] (or a mamba_ssm config with "
-        f"d_model and n_layer), got {model_type!r}")
+        f"d_model and n_layer) for Mamba, or one of {list(FALCON_MODEL_TYPES)} for Falcon, got {model_type!r}")
 
 
 def model_config_to_hf(config: Any) -> dict[str, Any]:
@@ -145,4 +206,34 @@ def model_config_to_hf(config: Any) -> dict[str, Any]:
         if falcon:
             out["mixer_rms_eps"] = config.mixer_rms_eps
         return out
+    if isinstance(config, FalconConfig):
+        rope: dict[str, Any] = {"rope_type": config.rope_scaling_type or "default", "rope_theta": config.rope_theta}
+        if config.rope_scaling_type:
+            rope["factor"] = config.rope_scaling_factor
+        return {
+            "architectures": ["FalconForCausalLM"],
+            "model_type": "falcon",
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads,
+            "num_kv_heads": config.num_kv_heads,
+            "new_decoder_architecture": config.new_decoder_architecture,
+            "multi_query": config.multi_query,
+            "parallel_attn": config.parallel_attn,
+            "bias": config.bias,
+            "alibi": config.alibi,
+            "num_ln_in_parallel_attn": config.num_ln_in_parallel_attn,
+            "ffn_hidden_size": config.ffn_hidden_size,
+            "activation": "gelu",
+            "layer_norm_epsilon": config.layer_norm_epsilon,
+            "rope_parameters": rope,
+            "max_position_embeddings": config.max_position_embeddings,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id,
+            "initializer_range": config.initializer_range,
+            "torch_dtype": config.param_dtype,
+        }
     raise ConfigError(f"model_config_to_hf: expected a model config, got {type(config).__name__}")

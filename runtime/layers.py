@@ -71,3 +71,21 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.weight[...].astype(self.dtype) * rms_normalize(x, self.eps).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm: (x - mean) * rsqrt(var + eps) * weight + bias, statistics and affine in fp32."""
+
+    def __init__(self, features: int, *, eps: float, dtype, param_dtype):
+        self.weight = nnx.Param(jnp.ones((features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        y = centred * lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)

@@ -25,17 +25,23 @@ def causal_conv1d(x, weight, bias=None, state=None):
     return out.astype(x.dtype), full[:, length:]
 
 
-def causal_conv1d_fn(x, weight, bias=None, activation=None):
-    """causal_conv1d's layout: x (batch, dim, seqlen), weight (dim, kernel); activation None or "silu"."""
+def _check_conv_args(x, ndim: int, layout: str, weight, bias, activation) -> None:
+    """Checks of causal_conv1d's public entry points: x's rank, weight (dim, kernel), bias (dim,)."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
-    if not hasattr(x, "shape") or x.ndim != 3:
-        raise ValueError(f"x: expected shape (batch, dim, seqlen), got {getattr(x, 'shape', type(x).__name__)}")
-    if not hasattr(weight, "shape") or weight.ndim != 2 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"weight: expected shape (dim, kernel) with dim={x.shape[1]}, got "
+    if not hasattr(x, "shape") or x.ndim != ndim:
+        raise ValueError(f"x: expected shape {layout}, got {getattr(x, 'shape', type(x).__name__)}")
+    dim = x.shape[1]
+    if not hasattr(weight, "shape") or weight.ndim != 2 or weight.shape[0] != dim:
+        raise ValueError(f"weight: expected shape (dim, kernel) with dim={dim}, got "
                          f"{getattr(weight, 'shape', type(weight).__name__)}")
-    if bias is not None and tuple(bias.shape) != (x.shape[1],):
-        raise ValueError(f"bias: expected shape ({x.shape[1]},), got {tuple(bias.shape)}")
+    if bias is not None and tuple(getattr(bias, "shape", ())) != (dim,):
+        raise ValueError(f"bias: expected shape ({dim},), got {getattr(bias, 'shape', type(bias).__name__)}")
+
+
+def causal_conv1d_fn(x, weight, bias=None, activation=None):
+    """causal_conv1d's layout: x (batch, dim, seqlen), weight (dim, kernel); activation None or "silu"."""
+    _check_conv_args(x, 3, "(batch, dim, seqlen)", weight, bias, activation)
     out, _ = causal_conv1d(jnp.swapaxes(x, 1, 2), weight.T, bias)
     if activation is not None:
         out = jax.nn.silu(out.astype(jnp.float32)).astype(x.dtype)
@@ -45,10 +51,7 @@ def causal_conv1d_fn(x, weight, bias=None, activation=None):
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     """One decode step in causal_conv1d's layout: x (batch, dim), conv_state (batch, dim, kernel) holding the
     last ``kernel`` inputs (oldest first). Functional: returns (out (batch, dim), new_conv_state)."""
-    if activation not in (None, "silu", "swish"):
-        raise ValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
-    if not hasattr(x, "shape") or x.ndim != 2:
-        raise ValueError(f"x: expected shape (batch, dim), got {getattr(x, 'shape', type(x).__name__)}")
+    _check_conv_args(x, 2, "(batch, dim)", weight, bias, activation)
     batch, dim = x.shape
     kernel = weight.shape[-1]
     if tuple(conv_state.shape) != (batch, dim, kernel):

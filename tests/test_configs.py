@@ -43,7 +43,7 @@ def test_overrides_and_base_inheritance():
     ("model.hidden_size=2.5", r"'model.hidden_size': expected an integer, got 2.5"),
     ("model.use_bias=maybe", r"'model.use_bias': expected true or false, got 'maybe'"),
     ("model.compute_dtype=float16", r"'model.compute_dtype': expected one of \['float32', 'bfloat16'\]"),
-    ("model.family=llama", r"model.family: expected one of \['falcon_mamba'\], got 'llama'"),
+    ("model.family=llama", r"model.family: expected one of \['falcon', 'falcon_mamba'\], got 'llama'"),
     ("mesh.data=0", r"'mesh.data': expected a positive integer or -1, got 0"),
     ("model.time_step_min=0.5", r"'model.time_step_min': expected <= time_step_max"),
 ])

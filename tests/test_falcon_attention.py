@@ -1,0 +1,127 @@
+"""Falcon attention functions: blockwise == xla, grouped heads against an expanded-head NumPy reference,
+ALiBi and RoPE numerics against transformers' own functions, and the fused qkv row layouts."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import FalconConfig as HFFalconConfig
+from transformers.models.falcon import modeling_falcon
+
+import transformer
+from configs import FalconConfig
+from transformer.attention import alibi_bias, alibi_slopes, attention, rope_cos_sin, rope_inv_freq
+
+
+def _qkv(batch, q_len, kv_len, heads, kv_heads, head_dim, dtype=jnp.float32, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype),
+            jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype),
+            jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype))
+
+
+def _reference(q, k, v, key_bias, q_offset, kv_length):
+    """float64 NumPy attention with every kv head repeated per query head."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if key_bias is not None:
+        s = s + np.asarray(key_bias, np.float64)[None, :, None, :]
+    q_pos = q_offset + np.arange(q.shape[1])
+    k_pos = np.arange(k.shape[1])
+    s = np.where((k_pos[None] <= q_pos[:, None]) & (k_pos[None] < kv_length), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("q_len, kv_len, q_offset, kv_length, with_bias", [
+    (300, 300, 0, 300, False), (300, 300, 0, 300, True), (5, 40, 27, 32, True)])
+def test_xla_and_blockwise_match_reference(q_len, kv_len, q_offset, kv_length, with_bias):
+    """Group 3 (6 heads on 2 kv heads); block 64 divides neither length; the second case is a KV cache of 40
+    slots holding 32 keys, with 5 queries at positions 27..31."""
+    q, k, v = _qkv(2, q_len, kv_len, 6, 2, 8)
+    bias = alibi_bias(6, kv_len) / math.sqrt(8) if with_bias else None
+    expected = _reference(q, k, v, bias, q_offset, kv_length)
+    kw = dict(key_bias=bias, q_offset=q_offset, kv_length=kv_length)
+    xla = np.asarray(jax.jit(lambda q, k, v: attention(q, k, v, impl="xla", **kw))(q, k, v))
+    blockwise = np.asarray(jax.jit(lambda q, k, v: attention(q, k, v, impl="blockwise", block_size=64, **kw))(q, k, v))
+    np.testing.assert_allclose(xla, expected, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(blockwise, xla, rtol=0, atol=1e-5)
+
+
+def test_blockwise_bf16_close_to_fp32():
+    q, k, v = _qkv(1, 130, 130, 4, 1, 16)
+    fp32 = np.asarray(attention(q, k, v, impl="blockwise", block_size=32))
+    bf16 = attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), impl="blockwise", block_size=32)
+    assert bf16.dtype == jnp.bfloat16
+    # bf16 inputs (relative step 3.9e-3) and bf16 probabilities in the PV product; outputs are O(1).
+    np.testing.assert_allclose(np.asarray(bf16, np.float32), fp32, rtol=0, atol=3e-2)
+
+
+def test_attention_rejects_bad_shapes():
+    q, k, v = _qkv(1, 4, 4, 6, 4, 8)
+    with pytest.raises(ValueError, match=r"query heads \(6\) must be a multiple of kv heads \(4\)"):
+        attention(q, k, v)
+    q, k, v = _qkv(1, 4, 4, 6, 2, 8)
+    with pytest.raises(ValueError, match=r"key_bias must have shape \(heads, kv_len\) = \(6, 4\), got \(6, 5\)"):
+        attention(q, k, v, key_bias=jnp.zeros((6, 5)))
+    with pytest.raises(ValueError, match="impl must be 'xla' or 'blockwise', got 'flash'"):
+        attention(q, k, v, impl="flash")
+
+
+@pytest.mark.parametrize("heads", [6, 8, 12, 32])
+def test_alibi_matches_transformers_bit_for_bit(heads):
+    mask = torch.ones(1, 600, dtype=torch.long)
+    expected = modeling_falcon.build_alibi_tensor(mask, heads, torch.float32).reshape(heads, 600).numpy()
+    np.testing.assert_array_equal(np.asarray(alibi_bias(heads, 600)), expected)
+
+
+def test_alibi_rounds_positions_and_products_to_bf16():
+    np.testing.assert_array_equal(alibi_slopes(8), 2.0 ** -np.arange(1, 9))
+    np.testing.assert_array_equal(alibi_slopes(6), [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+    bias = np.asarray(alibi_bias(6, 512))
+    assert bias[4, 511] == 256.0  # slope 1/2 x position 511: 511 rounds to 512 in bf16
+    assert bias[4, 257] == 128.0  # 257 rounds to 256
+    assert np.abs(bias - alibi_slopes(6)[:, None] * np.arange(512)).max() > 0.4
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 2.5},
+                                  {"rope_type": "dynamic", "factor": 3.0}])
+@pytest.mark.parametrize("seq", [20, 200])
+def test_rope_matches_transformers(rope, seq):
+    hf = HFFalconConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=64, rope_theta=500042.0,
+                        rope_scaling=rope)
+    embedding = modeling_falcon.FalconRotaryEmbedding(hf)
+    x = torch.zeros(1, seq, 16)
+    cos_ref, sin_ref = embedding(x, torch.arange(seq)[None])
+    inv_freq = rope_inv_freq(16, 500042.0, rope and rope["rope_type"], rope["factor"] if rope else 1.0,
+                             seq_len=seq, max_position_embeddings=64)
+    cos, sin = rope_cos_sin(jnp.arange(seq), inv_freq, jnp.float32)
+    np.testing.assert_allclose(np.asarray(cos), cos_ref[0].numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(sin), sin_ref[0].numpy(), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(multi_query=True),                                              # [q_0..q_{H-1} | k | v]
+    dict(multi_query=False),                                             # [q_h k_h v_h] per head
+    dict(new_decoder_architecture=True, num_kv_heads=2),                 # [q_g0 q_g1 q_g2 k_g v_g] per group
+])
+def test_split_qkv_matches_transformers(kwargs):
+    hf = HFFalconConfig(hidden_size=48, num_attention_heads=6, **kwargs)
+    ours = FalconConfig(hidden_size=48, num_attention_heads=6, **kwargs)
+    fused = np.random.default_rng(0).standard_normal((2, 5, (6 + 2 * ours.kv_heads) * 8)).astype(np.float32)
+    layer = modeling_falcon.FalconAttention(hf, layer_idx=0)
+    expected = [t.numpy() for t in layer._split_heads(torch.tensor(fused))]
+    q, k, v = (np.asarray(t) for t in transformer.split_qkv(jnp.asarray(fused), ours))
+    group = 6 // ours.kv_heads
+    np.testing.assert_array_equal(q, expected[0])
+    # transformers broadcasts k and v to every query head (or keeps 1 head for MQA); query head h uses kv
+    # head h // group
+    for ref, got in ((expected[1], k), (expected[2], v)):
+        np.testing.assert_array_equal(np.repeat(got, group, axis=2) if ref.shape[2] == 6 else got, ref)

@@ -1,0 +1,138 @@
+"""Falcon in JAX against transformers' FalconForCausalLM (sdpa) on tiny random checkpoints.
+
+Each model is built by transformers from a deep-copied config, perturbed away from its init values, saved to
+safetensors, loaded through transformer.from_pretrained and compared on fp32 logits (1e-4 absolute). The
+reference runs attn_implementation="sdpa": transformers 5.23's eager path adds the ALiBi bias twice
+(REFERENCE.md). The export direction is checked by loading transformer.save_pretrained's output back into
+transformers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from transformers import FalconConfig, FalconForCausalLM
+
+import transformer
+from runtime.safetensors_io import CheckpointError, open_checkpoint
+from tests.hf_models import build_and_save, torch_logits
+
+ATOL = 1e-4
+
+CASES = {
+    # name: (transformers FalconConfig kwargs, sequence length)
+    # falcon-7b: multi-query, parallel attention + MLP off one LayerNorm, tied head.
+    "mqa_parallel": (dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          multi_query=True, parallel_attn=True), 41),
+    # falcon-40b/180b: new decoder architecture, ln_attn + ln_mlp, 6 heads on 2 kv heads (group 3).
+    "nda_2ln": (dict(vocab_size=80, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_kv_heads=2,
+                     new_decoder_architecture=True), 37),
+    # Falcon2-11B: new decoder architecture with one LayerNorm, untied head, theta 500042, ffn != 4h.
+    "falcon2_1ln": (dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_kv_heads=2, new_decoder_architecture=True, num_ln_in_parallel_attn=1,
+                         tie_word_embeddings=False, rope_theta=500042.0, ffn_hidden_size=72), 33),
+    # falcon-rw: multi-head, sequential, biases, ALiBi on 6 heads at 300 tokens (bf16 positions round above 256).
+    "rw_alibi": (dict(vocab_size=64, hidden_size=24, num_hidden_layers=2, num_attention_heads=6,
+                      multi_query=False, parallel_attn=False, bias=True, alibi=True), 300),
+    "rope_linear": (dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         rope_scaling={"rope_type": "linear", "factor": 2.0}), 45),
+    # dynamic NTK only changes the base beyond max_position_embeddings: 100 > 64.
+    "rope_dynamic": (dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=64), 100),
+}
+
+
+def _build(name, path, seed):
+    kwargs, _ = CASES[name]
+    return build_and_save(FalconConfig, FalconForCausalLM, path, seed=seed, attn_implementation="sdpa", **kwargs)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    torch_model = _build(request.param, path, seed=len(request.param))
+    assert torch_model.config._attn_implementation == "sdpa"
+    return request.param, torch_model, path
+
+
+def _ids(vocab: int, shape, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, shape)
+
+
+def test_logits_match_transformers(case):
+    name, torch_model, path = case
+    kwargs, seq = CASES[name]
+    ids = _ids(kwargs["vocab_size"], (2, seq))
+    expected = torch_logits(torch_model, ids)
+    got = np.asarray(transformer.from_pretrained(path)(ids))
+    assert got.dtype == np.float32 and got.shape == (2, seq, kwargs["vocab_size"])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    if name in ("nda_2ln", "rw_alibi"):  # the blockwise path in the model (block 16 divides neither length)
+        blockwise = transformer.from_pretrained(path, attention_impl="blockwise", attention_block_size=16)
+        np.testing.assert_allclose(np.asarray(blockwise(ids)), expected, rtol=0, atol=ATOL)
+
+
+def test_export_round_trip(case, tmp_path):
+    name, torch_model, path = case
+    ours = transformer.from_pretrained(path)
+    transformer.save_pretrained(ours, tmp_path)
+    reloaded_torch = FalconForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ids = _ids(CASES[name][0]["vocab_size"], (1, 29), seed=1)
+    np.testing.assert_allclose(torch_logits(reloaded_torch, ids), torch_logits(torch_model, ids), rtol=0, atol=1e-6)
+    again = transformer.from_pretrained(tmp_path)
+    assert again.config == ours.config
+    np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(ours(ids)))
+    original, written = open_checkpoint(path), open_checkpoint(tmp_path)
+    for tensor_name, array in written.items():
+        np.testing.assert_array_equal(array, original[tensor_name], err_msg=tensor_name)
+
+
+@pytest.mark.parametrize("name", ["nda_2ln", "rw_alibi"])
+def test_bf16_compute_close_to_fp32(name, tmp_path):
+    _build(name, tmp_path, seed=2)
+    ids = _ids(CASES[name][0]["vocab_size"], (2, 64), seed=2)
+    fp32 = np.asarray(transformer.from_pretrained(tmp_path)(ids))
+    bf16 = np.asarray(transformer.from_pretrained(tmp_path, compute_dtype="bfloat16")(ids))
+    assert bf16.dtype == np.float32  # logits leave in fp32 whatever the compute dtype
+    # bf16 keeps 8 mantissa bits (relative step 3.9e-3) through 2 layers of matmuls, norms and the residual
+    # stream: the mamba_ssm bf16 tolerances (rtol 3e-2, atol 5e-2) scaled to the logits' magnitude.
+    np.testing.assert_allclose(bf16, fp32, rtol=3e-2, atol=5e-2 * max(1.0, np.abs(fp32).max()))
+
+
+@pytest.mark.parametrize("name, style", [("rw_alibi", "RefinedWebModel"), ("nda_2ln", "RefinedWeb")])
+def test_tii_original_config_loads_same_weights(name, style, tmp_path):
+    """TII's config.json (n_head, n_layer, n_head_kv, model_type RefinedWeb*) over the same tensors."""
+    torch_model = _build(name, tmp_path, seed=4)
+    kwargs, _ = CASES[name]
+    tii = {"model_type": style, "vocab_size": kwargs["vocab_size"], "hidden_size": kwargs["hidden_size"],
+           "n_layer": kwargs["num_hidden_layers"], "n_head": kwargs["num_attention_heads"], "bias": False,
+           "alibi": False, "bos_token_id": 11, "eos_token_id": 11, "layer_norm_epsilon": 1e-5,
+           "apply_residual_connection_post_layernorm": False, "architectures": ["RWForCausalLM"]}
+    if style == "RefinedWeb":
+        tii["n_head_kv"] = kwargs["num_kv_heads"]
+    else:  # RW: multi_query and parallel_attn default to false in TII's RWConfig
+        tii.update(bias=True, alibi=True)
+    (tmp_path / "config.json").write_text(json.dumps(tii))
+    ids = _ids(kwargs["vocab_size"], (1, 50), seed=3)
+    got = np.asarray(transformer.from_pretrained(tmp_path)(ids))
+    np.testing.assert_allclose(got, torch_logits(torch_model, ids), rtol=0, atol=ATOL)
+
+
+def test_wrong_qkv_row_count_is_named(tmp_path):
+    _build("mqa_parallel", tmp_path, seed=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["multi_query"] = False  # now the config wants 3 * hidden rows; the weights have hidden + 2 * head_dim
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"'transformer\.h\.0\.self_attention\.query_key_value\.weight' has "
+                                              r"48 rows.*interleaved layout needs 96"):
+        transformer.from_pretrained(tmp_path)
+
+
+def test_token_ids_outside_vocab_raise(tmp_path):
+    _build("mqa_parallel", tmp_path, seed=1)
+    vocab = CASES["mqa_parallel"][0]["vocab_size"]
+    model = transformer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"input_ids.*\[0, {vocab}\).*got {vocab}"):
+        model(np.array([[1, 2, vocab]]))

@@ -1,0 +1,166 @@
+"""Falcon attention as pure functions: RoPE, ALiBi and causal grouped-query attention (two implementations).
+
+Layouts are channels-last: queries (batch, q_len, heads, head_dim), keys and values
+(batch, kv_len, kv_heads, head_dim). Query head h reads kv head h // (heads // kv_heads); keys and values are
+never repeated per query head: the queries are viewed as (kv_heads, group) inside the einsums. Queries sit at
+positions ``q_offset + arange(q_len)``, keys at ``arange(kv_len)``, and only the first ``kv_length`` keys are
+valid, so a KV cache of fixed size can be passed as keys and values.
+
+Both implementations compute the same function with fp32 scores and softmax statistics: "xla" materialises
+the (q_len, kv_len) scores; "blockwise" runs an online softmax over key blocks with lax.scan and never holds
+more than (q_len, block) scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from runtime.layers import matmul_precision
+
+# Masked scores: finite, so that a block in which a query sees no key yet gives no NaN in the online softmax;
+# exp(MASKED - m) is exactly 0 once any real score has been seen (every query sees at least key 0).
+MASKED = -1e30
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling_type: str | None = None, factor: float = 1.0,
+                  seq_len: int | None = None, max_position_embeddings: int = 2048) -> jax.Array:
+    """fp32 inverse frequencies (head_dim // 2,) as transformers computes them.
+
+    "linear" divides them by ``factor``; "dynamic" (NTK) raises the base to
+    theta * (factor * L / max_pos - (factor - 1)) ** (d / (d - 2)) once the sequence length L = ``seq_len``
+    exceeds max_position_embeddings (in fp32, like transformers' tensor arithmetic).
+    """
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    base = jnp.float32(theta)
+    if scaling_type == "dynamic" and seq_len is not None and seq_len > max_position_embeddings:
+        ratio = jnp.float32(factor) * jnp.float32(seq_len) / jnp.float32(max_position_embeddings) - (factor - 1)
+        base = base * ratio ** jnp.float32(head_dim / (head_dim - 2))
+    inv_freq = 1.0 / base ** exponents
+    return inv_freq / factor if scaling_type == "linear" else inv_freq
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin (len(positions), head_dim) over the NeoX half split, computed in fp32 then cast to ``dtype``."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (batch, seq, heads, head_dim) rotated in its own dtype; cos, sin (seq, head_dim)."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """BLOOM's slopes (fp32): powers of 2^(-8/n) for the closest power of two n <= num_heads, then the odd
+    powers of 2^(-4/n) for the remaining heads."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = np.float32(2 ** (-(2 ** -(math.log2(closest) - 3))))
+    slopes = [base ** np.float32(p) for p in range(1, closest + 1)]
+    if closest != num_heads:
+        extra_base = np.float32(2 ** (-(2 ** -(math.log2(2 * closest) - 3))))
+        remaining = min(closest, num_heads - closest)
+        slopes += [extra_base ** np.float32(p) for p in range(1, 2 * remaining, 2)]
+    return np.asarray(slopes, np.float32)
+
+
+def alibi_bias(num_heads: int, kv_len: int) -> jax.Array:
+    """ALiBi bias (heads, kv_len) in fp32, before the 1/sqrt(head_dim) scale, rounded as transformers does.
+
+    The slope and the key position are each rounded to bf16 and so is their product, even in fp32 models
+    (position 511 becomes 512): exact fp32 ALiBi differs from the reference by ~0.9 in logits at 512 tokens.
+    """
+    slopes = jnp.asarray(alibi_slopes(num_heads)).astype(jnp.bfloat16)
+    positions = jnp.arange(kv_len).astype(jnp.bfloat16)
+    return (slopes[:, None] * positions[None, :]).astype(jnp.float32)
+
+
+def _group(q: jax.Array, kv_heads: int) -> jax.Array:
+    batch, q_len, heads, head_dim = q.shape
+    if heads % kv_heads:
+        raise ValueError(f"attention: query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+    return q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+
+
+def _scores(q: jax.Array, k: jax.Array, scale: float, key_bias: jax.Array | None, q_pos: jax.Array,
+            k_pos: jax.Array, kv_length) -> jax.Array:
+    """fp32 masked scores (batch, kv_heads, group, q_len, k_len); q grouped, key_bias (kv_heads, group, k_len)."""
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, precision=matmul_precision(q.dtype),
+                   preferred_element_type=jnp.float32) * scale
+    if key_bias is not None:
+        s = s + key_bias[None, :, :, None, :]
+    visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_length)
+    return jnp.where(visible, s, MASKED)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_bias: jax.Array | None = None, q_offset=0,
+              kv_length=None, impl: str = "xla", block_size: int = 1024) -> jax.Array:
+    """Causal softmax(q k^T / sqrt(head_dim) + key_bias) v; returns (batch, q_len, heads, head_dim) in q's dtype.
+
+    key_bias: optional (heads, kv_len) fp32 bias added after the scale (ALiBi already divided by
+    sqrt(head_dim)). q_offset: position of the first query. kv_length: number of valid keys (default kv_len).
+    """
+    if impl not in ("xla", "blockwise"):
+        raise ValueError(f"attention: impl must be 'xla' or 'blockwise', got {impl!r}")
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    if k.shape != (batch, kv_len, kv_heads, head_dim) or v.shape != k.shape:
+        raise ValueError(f"attention: k and v must have shape (batch {batch}, kv_len, kv_heads, head_dim "
+                         f"{head_dim}), got k {k.shape} and v {v.shape}")
+    if key_bias is not None and key_bias.shape != (heads, kv_len):
+        raise ValueError(f"attention: key_bias must have shape (heads, kv_len) = {(heads, kv_len)}, "
+                         f"got {key_bias.shape}")
+    kv_length = kv_len if kv_length is None else kv_length
+    scale = 1.0 / math.sqrt(head_dim)
+    qg = _group(q, kv_heads)
+    group = heads // kv_heads
+    bias = None if key_bias is None else key_bias.reshape(kv_heads, group, kv_len)
+    q_pos = q_offset + jnp.arange(q_len)
+    precision = matmul_precision(q.dtype)
+    if impl == "xla":
+        s = _scores(qg, k, scale, bias, q_pos, jnp.arange(kv_len), kv_length)
+        p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+        p = p / jnp.sum(p, axis=-1, keepdims=True)
+        out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, precision=precision,
+                         preferred_element_type=jnp.float32)
+        return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+    blocks = -(-kv_len // block_size)
+    pad = blocks * block_size - kv_len
+    k_blocks = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(batch, blocks, block_size, kv_heads, head_dim)
+    v_blocks = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(batch, blocks, block_size, kv_heads, head_dim)
+    if bias is not None:
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad))).reshape(kv_heads, group, blocks, block_size)
+        bias = jnp.moveaxis(bias, 2, 0)
+    kv_length = jnp.minimum(kv_length, kv_len)  # padded keys are never visible
+
+    def step(carry, xs):
+        m, l, acc = carry
+        index, kb, vb, bb = xs
+        s = _scores(qg, kb, scale, bb, q_pos, index * block_size + jnp.arange(block_size), kv_length)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        correction = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l = l * correction + jnp.sum(p, axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum(
+            "bhgqk,bkhd->bhgqd", p.astype(v.dtype), vb, precision=precision, preferred_element_type=jnp.float32)
+        return (m_new, l, acc), None
+
+    stats = (batch, kv_heads, group, q_len)
+    init = (jnp.full(stats, MASKED, jnp.float32), jnp.zeros(stats, jnp.float32),
+            jnp.zeros(stats + (head_dim,), jnp.float32))
+    xs = (jnp.arange(blocks), jnp.moveaxis(k_blocks, 1, 0), jnp.moveaxis(v_blocks, 1, 0), bias)
+    (_, l, acc), _ = lax.scan(step, init, xs)
+    out = acc / l[..., None]
+    return jnp.moveaxis(out, 3, 1).reshape(batch, q_len, heads, head_dim).astype(q.dtype)

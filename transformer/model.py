@@ -1,0 +1,153 @@
+"""Falcon as thin NNX modules over the pure functions in attention.py.
+
+The fused query_key_value weight is kept as transformers has it and split per layout in the forward:
+multi-query [q_0 .. q_{H-1} | k | v]; multi-head (RW) per head [q_h k_h v_h]; new decoder architecture per kv
+group [q_{g,0} .. q_{g,r-1} k_g v_g]. In all three, query head h (in the order the dense layer reads them)
+uses kv head h // (heads // kv_heads). Activations are channels-last (batch, seq, features) in the compute
+dtype; LayerNorm statistics, attention scores and softmax are fp32; logits leave in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from configs.schema import FalconConfig
+from runtime.interface import CausalLM
+from runtime.layers import Dense, Embed, LayerNorm, dtype_of
+from transformer.attention import alibi_bias, apply_rope, attention, rope_cos_sin, rope_inv_freq
+
+
+def split_qkv(fused: jax.Array, config: FalconConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(batch, seq, qkv_out) -> q (batch, seq, heads, D), k and v (batch, seq, kv_heads, D)."""
+    batch, seq, _ = fused.shape
+    heads, kv_heads, head_dim = config.num_attention_heads, config.kv_heads, config.head_dim
+    if config.qkv_layout == "multi_query":
+        x = fused.reshape(batch, seq, heads + 2, head_dim)
+        return x[:, :, :heads], x[:, :, heads:heads + 1], x[:, :, heads + 1:]
+    if config.qkv_layout == "interleaved":
+        x = fused.reshape(batch, seq, heads, 3, head_dim)
+        return x[:, :, :, 0], x[:, :, :, 1], x[:, :, :, 2]
+    group = heads // kv_heads
+    x = fused.reshape(batch, seq, kv_heads, group + 2, head_dim)
+    return x[:, :, :, :group].reshape(batch, seq, heads, head_dim), x[:, :, :, group], x[:, :, :, group + 1]
+
+
+class FalconAttention(nnx.Module):
+    """query_key_value (fused) -> split -> RoPE (or ALiBi in the scores) -> causal attention -> dense."""
+
+    def __init__(self, config: FalconConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype, pdtype = dtype_of(config.compute_dtype), dtype_of(config.param_dtype)
+        qkv_out = (config.num_attention_heads + 2 * config.kv_heads) * config.head_dim
+        init = config.initializer_range
+        self.query_key_value = Dense(config.hidden_size, qkv_out, use_bias=config.bias, dtype=dtype,
+                                     param_dtype=pdtype, rngs=rngs, init_scale=init)
+        self.dense = Dense(config.hidden_size, config.hidden_size, use_bias=config.bias, dtype=dtype,
+                           param_dtype=pdtype, rngs=rngs, init_scale=init)
+
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
+                 key_bias: jax.Array | None) -> jax.Array:
+        cfg = self.config
+        q, k, v = split_qkv(self.query_key_value(x), cfg)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        seq = x.shape[1]
+        impl = cfg.attention_impl
+        if impl == "auto":
+            impl = "xla" if seq <= cfg.attention_block_size else "blockwise"
+        out = attention(q, k, v, key_bias=key_bias, impl=impl, block_size=cfg.attention_block_size)
+        return self.dense(out.reshape(x.shape[0], seq, cfg.hidden_size))
+
+
+class FalconMLP(nnx.Module):
+    """dense_4h_to_h(gelu(dense_h_to_4h(x))) with the exact erf GELU."""
+
+    def __init__(self, config: FalconConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtype_of(config.compute_dtype), dtype_of(config.param_dtype)
+        dense = lambda i, o: Dense(i, o, use_bias=config.bias, dtype=dtype, param_dtype=pdtype,  # noqa: E731
+                                   rngs=rngs, init_scale=config.initializer_range)
+        self.dense_h_to_4h = dense(config.hidden_size, config.ffn_hidden_size)
+        self.dense_4h_to_h = dense(config.ffn_hidden_size, config.hidden_size)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.dense_h_to_4h(x)
+        h = jax.nn.gelu(h.astype(jnp.float32), approximate=False).astype(self.dtype)
+        return self.dense_4h_to_h(h)
+
+
+class FalconDecoderLayer(nnx.Module):
+    """parallel: x + (mlp(a) + attn(a)), a = input_layernorm(x) (7B, Falcon2-11B);
+    parallel_2ln: x + (mlp(ln_mlp(x)) + attn(ln_attn(x))) (40B, 180B);
+    sequential: y = x + attn(input_layernorm(x)); y + mlp(post_attention_layernorm(y)) (RW)."""
+
+    def __init__(self, config: FalconConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtype_of(config.compute_dtype), dtype_of(config.param_dtype)
+        norm = lambda: LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype,  # noqa: E731
+                                 param_dtype=pdtype)
+        self.layout = config.block_layout
+        if self.layout == "parallel_2ln":
+            self.ln_attn, self.ln_mlp = norm(), norm()
+        else:
+            self.input_layernorm = norm()
+        if self.layout == "sequential":
+            self.post_attention_layernorm = norm()
+        self.self_attention = FalconAttention(config, rngs=rngs)
+        self.mlp = FalconMLP(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array, rope, key_bias) -> jax.Array:
+        if self.layout == "sequential":
+            x = x + self.self_attention(self.input_layernorm(x), rope, key_bias)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        if self.layout == "parallel_2ln":
+            attn_in, mlp_in = self.ln_attn(x), self.ln_mlp(x)
+        else:
+            attn_in = mlp_in = self.input_layernorm(x)
+        attn = self.self_attention(attn_in, rope, key_bias)
+        return x + (self.mlp(mlp_in) + attn)
+
+
+class FalconLM(CausalLM):
+    """word_embeddings -> h (decoder layers) -> ln_f -> lm_head (tied to the embeddings or not)."""
+
+    def __init__(self, config: FalconConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):
+        rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        self.config = config
+        dtype, pdtype = dtype_of(config.compute_dtype), dtype_of(config.param_dtype)
+        self.word_embeddings = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=pdtype,
+                                     rngs=rngs, std=config.initializer_range)
+        self.h = nnx.List([FalconDecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype, param_dtype=pdtype)
+        self.lm_head = None if config.tie_word_embeddings else Dense(
+            config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            init_scale=config.initializer_range)
+
+    def position_terms(self, seq_len: int) -> tuple[tuple[jax.Array, jax.Array] | None, jax.Array | None]:
+        """(RoPE cos, sin) or the ALiBi key bias (heads, seq_len) already divided by sqrt(head_dim)."""
+        cfg = self.config
+        if cfg.alibi:
+            return None, alibi_bias(cfg.num_attention_heads, seq_len) / math.sqrt(cfg.head_dim)
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_type, cfg.rope_scaling_factor,
+                                 seq_len=seq_len, max_position_embeddings=cfg.max_position_embeddings)
+        return rope_cos_sin(jnp.arange(seq_len), inv_freq, dtype_of(cfg.compute_dtype)), None
+
+    def hidden_states(self, input_ids: jax.Array) -> jax.Array:
+        """Final-norm hidden states (batch, seq, hidden)."""
+        rope, key_bias = self.position_terms(input_ids.shape[1])
+        h = self.word_embeddings(input_ids)
+        for layer in self.h:
+            h = layer(h, rope, key_bias)
+        return self.ln_f(h)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """fp32 logits from final hidden states."""
+        if self.lm_head is None:
+            return self.word_embeddings.attend(h)
+        return self.lm_head(h, out_dtype=jnp.float32)
+
+    def forward(self, input_ids: jax.Array) -> jax.Array:
+        return self.logits(self.hidden_states(input_ids))

@@ -1,0 +1,96 @@
+"""Falcon weights: HF names (transformer.h.N.*), from_pretrained and save_pretrained.
+
+transformers' FalconForCausalLM and TII's original RWForCausalLM checkpoints use the same tensor names; the
+fused query_key_value weight keeps its HF row order (see transformer.model.split_qkv). Written on export:
+transformers' names and a model_type "falcon" config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from configs import loader
+from configs.hf import model_config_from_hf, model_config_to_hf
+from configs.schema import FalconConfig
+from runtime.hf_weights import WeightSpec, export_weights, load_weights
+from runtime.safetensors_io import CheckpointError, open_checkpoint, write_checkpoint
+from transformer.model import FalconLM
+
+QKV_ROWS = {
+    "multi_query": "(num_attention_heads + 2) * head_dim rows: all queries, then one key and one value head",
+    "interleaved": "3 * num_attention_heads * head_dim rows: [q_h k_h v_h] for each head",
+    "grouped": "(num_attention_heads + 2 * num_kv_heads) * head_dim rows: per kv head its queries, key, value",
+}
+
+
+def weight_specs(config: FalconConfig) -> list[WeightSpec]:
+    specs = [WeightSpec("transformer.word_embeddings.weight", ("word_embeddings", "embedding"))]
+    linears = [("self_attention.query_key_value", ("self_attention", "query_key_value")),
+               ("self_attention.dense", ("self_attention", "dense")),
+               ("mlp.dense_h_to_4h", ("mlp", "dense_h_to_4h")),
+               ("mlp.dense_4h_to_h", ("mlp", "dense_4h_to_h"))]
+    norms = {"parallel": ["input_layernorm"], "parallel_2ln": ["ln_attn", "ln_mlp"],
+             "sequential": ["input_layernorm", "post_attention_layernorm"]}[config.block_layout]
+    for i in range(config.num_hidden_layers):
+        hf = f"transformer.h.{i}."
+        ours = ("h", i)
+        for norm in norms:
+            specs += [WeightSpec(hf + norm + ".weight", ours + (norm, "weight")),
+                      WeightSpec(hf + norm + ".bias", ours + (norm, "bias"))]
+        for name, path in linears:
+            specs.append(WeightSpec(hf + name + ".weight", ours + path + ("kernel",), "linear"))
+            if config.bias:
+                specs.append(WeightSpec(hf + name + ".bias", ours + path + ("bias",)))
+    specs += [WeightSpec("transformer.ln_f.weight", ("ln_f", "weight")),
+              WeightSpec("transformer.ln_f.bias", ("ln_f", "bias"))]
+    if not config.tie_word_embeddings:
+        specs.append(WeightSpec("lm_head.weight", ("lm_head", "kernel"), "linear"))
+    return specs
+
+
+def check_qkv_rows(tensors: Mapping[str, np.ndarray], config: FalconConfig, source: str) -> None:
+    """Names the tensor and the layout when a fused query_key_value has the wrong row count (a config whose
+    heads, kv heads, multi_query or new_decoder_architecture do not match the weights)."""
+    rows = (config.num_attention_heads + 2 * config.kv_heads) * config.head_dim
+    for i in range(config.num_hidden_layers):
+        for suffix in ("weight", "bias"):
+            name = f"transformer.h.{i}.self_attention.query_key_value.{suffix}"
+            if name in tensors and tensors[name].shape[0] != rows:
+                raise CheckpointError(
+                    f"{source}: tensor {name!r} has {tensors[name].shape[0]} rows (shape "
+                    f"{tuple(tensors[name].shape)}), the config's {config.qkv_layout} layout needs {rows}: "
+                    f"{QKV_ROWS[config.qkv_layout]} (num_attention_heads {config.num_attention_heads}, kv heads "
+                    f"{config.kv_heads}, head_dim {config.head_dim})")
+
+
+def from_pretrained(path: str | os.PathLike, **overrides) -> FalconLM:
+    """Loads a local HF directory (config.json + model.safetensors or a sharded index).
+
+    ``overrides`` change our own config fields (compute_dtype="bfloat16", attention_impl="blockwise", ...).
+    """
+    path = Path(path)
+    config = model_config_from_hf(path)
+    if not isinstance(config, FalconConfig):
+        raise CheckpointError(f"{str(path)!r}: config.json describes a {config.family!r} model, expected 'falcon'")
+    if overrides:
+        config = loader.replace(config, **overrides)
+    model = FalconLM(config)
+    tensors = open_checkpoint(path)
+    check_qkv_rows(tensors, config, str(path))
+    load_weights(model, tensors, weight_specs(config), source=str(path))
+    return model
+
+
+def save_pretrained(model: FalconLM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes config.json and safetensors that transformers' FalconForCausalLM (and from_pretrained) load."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(path, export_weights(model, weight_specs(model.config)), max_shard_bytes=max_shard_bytes)
+    tmp = path / "config.json.tmp"
+    tmp.write_text(json.dumps(model_config_to_hf(model.config), indent=2))
+    os.replace(tmp, path / "config.json")
