@@ -1,10 +1,13 @@
 """The model interface both families implement, and the input checks every entry point shares.
 
-A family's LM subclasses CausalLM and provides three traceable methods (no checks inside):
+A family's LM subclasses CausalLM and provides (traceable, no checks inside):
 
-    run(input_ids, state) -> (hidden (batch, seq, hidden), new_state)   # state None: a fresh forward
-    logits(hidden)        -> fp32 logits (..., vocab)
-    init_state(batch_size, max_len=None) -> state pytree
+    run(input_ids, state, n_valid=None) -> (hidden (batch, seq, hidden), new_state)
+        state None: a plain forward. Otherwise continue from ``state``; only each row's first n_valid
+        (batch,) tokens are real (right padding) and the rest leave the state as it was.
+    logits(hidden) -> fp32 logits (..., vocab)
+    init_state(batch_size, max_len=None) -> DecodeState
+    state_capacity(state) -> positions the state can hold (None: unbounded)
 
 CausalLM builds the public, checked and jit-compiled API on them: __call__ (full logits), prefill (chunk by
 chunk, carrying the state), step (one token) and log_likelihood (chunked, never seqlen x vocab logits).
@@ -12,10 +15,25 @@ chunk, carrying the state), step (one token) and log_likelihood (chunked, never 
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+
+class DecodeState(NamedTuple):
+    """The recurrent state of either family: per-layer state (SSM: conv + SSM states; Falcon: the KV cache)
+    and the number of tokens each row has consumed."""
+
+    layers: Any
+    lengths: jax.Array  # (batch,) int32
+
+
+def check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
 
 
 def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids", ndim: int = 2) -> jax.Array:
@@ -50,17 +68,57 @@ def _jit_forward(model, input_ids):
 
 
 @nnx.jit
-def _jit_chunk_last_logits(model, input_ids, state):
-    hidden, state = model.run(input_ids, state)
-    return model.logits(hidden[:, -1]), state
+def _jit_prefill_chunk(model, input_ids, state, n_valid, last_logits):
+    """Runs one chunk; rows whose last real token is in it take its logits, the others keep last_logits."""
+    hidden, state = model.run(input_ids, state, n_valid)
+    index = jnp.maximum(n_valid - 1, 0)
+    at_last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+    logits = model.logits(at_last)
+    return jnp.where((n_valid > 0)[:, None], logits, last_logits), state
+
+
+@nnx.jit
+def _jit_step(model, token_ids, state):
+    hidden, state = model.run(token_ids[:, None], state)
+    return model.logits(hidden[:, 0]), state
 
 
 @nnx.jit
 def _jit_chunk_log_likelihood(model, input_ids, targets, state):
     """log p(targets[:, t] | input_ids[:, :t+1]) for the chunk; targets may be one shorter than the chunk."""
-    hidden, state = model.run(input_ids, state)
+    hidden, state = model.run(input_ids, state, None)
     logp = jax.nn.log_softmax(model.logits(hidden[:, :targets.shape[1]]), axis=-1)
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], state
+
+
+def normalize_padding(input_ids, attention_mask=None, lengths=None):
+    """Returns (right-padded ids, lengths (batch,)). A left-padded row is shifted so its tokens start at 0."""
+    batch, seq = input_ids.shape
+    if attention_mask is not None and lengths is not None:
+        raise ValueError("attention_mask, lengths: expected at most one of them, got both")
+    if lengths is not None:
+        lengths = np.asarray(lengths)
+        if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
+            raise ValueError(f"lengths: expected integers of shape ({batch},), got {lengths.dtype} {lengths.shape}")
+        if lengths.min() < 1 or lengths.max() > seq:
+            raise ValueError(f"lengths: expected values in [1, {seq}] (the sequence length), got {lengths.tolist()}")
+        return input_ids, jnp.asarray(lengths, jnp.int32)
+    if attention_mask is None:
+        return input_ids, jnp.full((batch,), seq, jnp.int32)
+    mask = np.asarray(attention_mask)
+    if mask.shape != (batch, seq):
+        raise ValueError(f"attention_mask: expected shape {(batch, seq)} like input_ids, got {mask.shape}")
+    mask = mask.astype(bool)
+    counts = mask.sum(axis=1)
+    first = mask.argmax(axis=1)
+    contiguous = (np.arange(seq)[None] >= first[:, None]) & (np.arange(seq)[None] < (first + counts)[:, None])
+    if (counts == 0).any() or (contiguous != mask).any():
+        bad = int(np.flatnonzero((counts == 0) | (contiguous != mask).any(axis=1))[0])
+        raise ValueError(f"attention_mask: expected each row to hold one contiguous run of real tokens (left or "
+                         f"right padding), row {bad} is {mask[bad].astype(int).tolist()}")
+    gather = np.minimum(first[:, None] + np.arange(seq)[None], seq - 1)
+    shifted = jnp.take_along_axis(input_ids, jnp.asarray(gather), axis=1)
+    return shifted, jnp.asarray(counts, jnp.int32)
 
 
 class CausalLM(nnx.Module):
@@ -89,19 +147,45 @@ class CausalLM(nnx.Module):
         size = length if chunk_size is None else int(chunk_size)
         return [(start, min(start + size, length)) for start in range(0, length, size)]
 
-    def prefill(self, input_ids, state, chunk_size=None):
-        """Feeds the prompt chunk by chunk, carrying ``state``; returns (last-position logits (batch, vocab),
-        state). Any chunk size gives the logits and state of one full pass."""
+    def state_capacity(self, state) -> int | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_fits(self, state, new_tokens: int) -> None:
+        capacity = self.state_capacity(state)
+        if capacity is not None:
+            used = int(jnp.max(state.lengths))
+            if used + new_tokens > capacity:
+                raise ValueError(f"input_ids: {new_tokens} new tokens after {used} cached ones need {used + new_tokens}"
+                                 f" positions, but the KV cache holds max_len={capacity}; init_state with a "
+                                 f"larger max_len")
+
+    def prefill(self, input_ids, state, chunk_size=None, attention_mask=None, lengths=None):
+        """Feeds prompts chunk by chunk, carrying ``state``; returns (logits at each row's last real token
+        (batch, vocab), state). Any chunk size gives the logits and state of one full pass.
+
+        Prompts of different lengths: ``attention_mask`` (batch, seq) with 1 on real tokens, contiguous per
+        row (left or right padding), or ``lengths`` (batch,) for right padding. Every row gets the result it
+        would get alone.
+        """
         input_ids = check_token_ids(input_ids, self.config.vocab_size)
-        logits = None
-        for start, end in self._chunks(input_ids.shape[1], chunk_size):
-            logits, state = _jit_chunk_last_logits(self, input_ids[:, start:end], state)
+        batch, seq = input_ids.shape
+        input_ids, row_lengths = normalize_padding(input_ids, attention_mask, lengths)
+        if state is None or not isinstance(state, DecodeState) or state.lengths.shape != (batch,):
+            got = type(state).__name__ if not isinstance(state, DecodeState) else f"batch {state.lengths.shape[0]}"
+            raise ValueError(f"state: expected a DecodeState for batch {batch} from init_state, got {got}")
+        self._check_fits(state, seq)
+        logits = jnp.zeros((batch, self.config.vocab_size), jnp.float32)
+        for start, end in self._chunks(seq, chunk_size):
+            n_valid = jnp.clip(row_lengths - start, 0, end - start).astype(jnp.int32)
+            logits, state = _jit_prefill_chunk(self, input_ids[:, start:end], state, n_valid, logits)
         return logits, state
 
     def step(self, token_ids, state):
-        """One decode step: token_ids (batch,) -> (logits (batch, vocab), state)."""
+        """One decode step: token_ids (batch,) -> (logits (batch, vocab), state); each row continues at its own
+        length."""
         token_ids = check_token_ids(token_ids, self.config.vocab_size, name="token_ids", ndim=1)
-        return _jit_chunk_last_logits(self, token_ids[:, None], state)
+        self._check_fits(state, 1)
+        return _jit_step(self, token_ids, state)
 
     def log_likelihood(self, input_ids, chunk_size=None):
         """log p(x_{t+1} | x_{<=t}) for t in [0, seq-1): (batch, seq-1) fp32, computed chunk by chunk so that

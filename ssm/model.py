@@ -14,15 +14,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import FalconMambaConfig
-from runtime.interface import CausalLM
+from runtime.interface import CausalLM, DecodeState, check_batch_size
 from runtime.layers import Dense, Embed, RMSNorm, dtype_of, matmul_precision, rms_normalize
 from ssm.conv import causal_conv1d
-from ssm.scan import selective_scan
+from ssm.scan import selective_scan, softplus
 
 
 class LayerState(NamedTuple):
     conv: jax.Array   # (batch, conv_kernel - 1, d_inner), compute dtype
     ssm: jax.Array    # (batch, d_inner, d_state), fp32
+
+
+def conv_state_at(previous: jax.Array, xs: jax.Array, n_valid: jax.Array) -> jax.Array:
+    """The kernel-1 conv inputs ending at each row's last real token: rows of concat(previous, xs) ending at
+    kernel-1 + n_valid. previous (batch, kernel-1, d), xs (batch, seq, d), n_valid (batch,)."""
+    width = previous.shape[1]
+    full = jnp.concatenate([previous.astype(xs.dtype), xs], axis=1)
+    return jax.vmap(lambda row, end: jax.lax.dynamic_slice_in_dim(row, end, width, axis=0))(full, n_valid)
 
 
 def _inverse_softplus(x):
@@ -60,23 +68,36 @@ class MambaMixer(nnx.Module):
             self.out_proj.kernel.set_value(self.out_proj.kernel[...] / math.sqrt(config.num_hidden_layers))
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, state: LayerState | None = None) -> tuple[jax.Array, LayerState]:
+    def __call__(self, x: jax.Array, state: LayerState | None = None,
+                 n_valid: jax.Array | None = None) -> tuple[jax.Array, LayerState]:
+        """x (batch, seq, d_model) -> (out, new state). ``n_valid`` (batch,): only each row's first n_valid
+        tokens are real; the rest (right padding) leave the conv and SSM states exactly as they were."""
         cfg = self.config
         d_inner, n, rank = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
         xs, z = jnp.split(self.in_proj(x), 2, axis=-1)
+        valid = None if n_valid is None else (jnp.arange(x.shape[1])[None, :] < n_valid[:, None])
+        if valid is not None:
+            xs = jnp.where(valid[..., None], xs, 0)
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
-        xs, conv_state = causal_conv1d(xs, self.conv_kernel[...], conv_bias, None if state is None else state.conv)
-        xs = jax.nn.silu(xs.astype(jnp.float32)).astype(self.dtype)
-        dt, B, C = jnp.split(self.x_proj(xs), [rank, rank + n], axis=-1)
+        previous = None if state is None else state.conv
+        xc, conv_state = causal_conv1d(xs, self.conv_kernel[...], conv_bias, previous)
+        if valid is not None:  # the conv state is the last kernel-1 inputs up to each row's last real token
+            conv_state = conv_state_at(previous if previous is not None else jnp.zeros_like(conv_state), xs, n_valid)
+        xc = jax.nn.silu(xc.astype(jnp.float32)).astype(self.dtype)
+        dt, B, C = jnp.split(self.x_proj(xc), [rank, rank + n], axis=-1)
         if cfg.use_mixer_norms:  # the Falcon Mamba difference: weightless RMS norms on dt, B and C
             dt, B, C = (rms_normalize(v, cfg.mixer_rms_eps) for v in (dt, B, C))
-        # dt_proj without its bias; the bias is added in fp32 inside the scan, as mamba_ssm does.
+        # dt_proj without its bias; the bias is added in fp32 before the softplus, as mamba_ssm does.
         dt = jnp.dot(dt, self.dt_proj.kernel[...].astype(self.dtype), precision=matmul_precision(self.dtype),
                      preferred_element_type=jnp.float32).astype(self.dtype)
+        delta_bias, delta_softplus = self.dt_proj.bias[...], True
+        if valid is not None:  # delta = 0 at padding: exp(0 * A) = 1 and 0 * B * u = 0 keep the state exact
+            dt = jnp.where(valid[..., None], softplus(dt.astype(jnp.float32) + delta_bias.astype(jnp.float32)), 0.0)
+            delta_bias, delta_softplus = None, False
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
         y, ssm_state = selective_scan(
-            xs, dt, A, B[:, :, None, :], C[:, :, None, :], self.D[...], z, self.dt_proj.bias[...],
-            delta_softplus=True, initial_state=None if state is None else state.ssm,
+            xc, dt, A, B[:, :, None, :], C[:, :, None, :], self.D[...], z, delta_bias,
+            delta_softplus=delta_softplus, initial_state=None if state is None else state.ssm,
             impl=cfg.scan_impl, chunk_size=cfg.scan_chunk_size)
         return self.out_proj(y), LayerState(conv_state, ssm_state)
 
@@ -95,9 +116,9 @@ class MambaBlock(nnx.Module):
         self.mixer = MambaMixer(config, rngs=rngs)
         self.residual_in_fp32 = config.residual_in_fp32
 
-    def __call__(self, x, state=None):
+    def __call__(self, x, state=None, n_valid=None):
         residual = x.astype(jnp.float32) if self.residual_in_fp32 else x
-        y, state = self.mixer(self.norm(x), state)
+        y, state = self.mixer(self.norm(x), state, n_valid)
         return (residual + y).astype(residual.dtype), state
 
 
@@ -115,15 +136,18 @@ class FalconMambaLM(CausalLM):
         self.lm_head = None if config.tie_word_embeddings else Dense(
             config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, rngs=rngs)
 
-    def run(self, input_ids, state):
-        """Final-norm hidden states (batch, seq, hidden) and the new per-layer states; ``state`` None
-        starts from zeros (a plain forward)."""
+    def run(self, input_ids, state: DecodeState | None, n_valid=None):
+        """Final-norm hidden states (batch, seq, hidden) and the new state. state None: a plain forward from
+        zero states. ``n_valid`` (batch,): only each row's first n_valid tokens are real (right padding)."""
         h = self.embeddings(input_ids)
-        new_state = []
+        new_layers = []
         for i, layer in enumerate(self.layers):
-            h, layer_state = layer(h, None if state is None else state[i])
-            new_state.append(layer_state)
-        return self.norm_f(h), new_state
+            h, layer_state = layer(h, None if state is None else state.layers[i], n_valid)
+            new_layers.append(layer_state)
+        if state is None:
+            return self.norm_f(h), None
+        added = jnp.full_like(state.lengths, input_ids.shape[1]) if n_valid is None else n_valid
+        return self.norm_f(h), DecodeState(new_layers, state.lengths + added)
 
     def logits(self, hidden):
         """fp32 logits from final hidden states."""
@@ -131,8 +155,11 @@ class FalconMambaLM(CausalLM):
             return self.embeddings.attend(hidden)
         return self.lm_head(hidden, out_dtype=jnp.float32)
 
-    def init_state(self, batch_size: int, max_len: int | None = None) -> list[LayerState]:
+    def init_state(self, batch_size: int, max_len: int | None = None) -> DecodeState:
         """Zero conv and SSM states for every layer; their size does not depend on ``max_len`` (unused)."""
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        return [layer.mixer.init_state(batch_size) for layer in self.layers]
+        check_batch_size(batch_size)
+        return DecodeState([layer.mixer.init_state(batch_size) for layer in self.layers],
+                           jnp.zeros((batch_size,), jnp.int32))
+
+    def state_capacity(self, state: DecodeState) -> int | None:
+        return None  # constant-size state: any length fits

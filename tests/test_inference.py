@@ -1,4 +1,8 @@
-"""Chunked prefill, decode steps and chunked log-likelihood equal one full forward (Falcon Mamba)."""
+"""Chunked prefill, decode steps and chunked log-likelihood equal one full forward, for both families.
+
+Falcon Mamba carries conv + SSM states across chunks; Falcon fills a KV cache chunk by chunk. Padded batches
+(left or right padding) must give every row the result it would get alone.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,28 @@ import pytest
 
 from configs import load_model_config
 from ssm import FalconMambaLM
+from transformer import FalconLM
+
+VOCAB = 101
+MAX_LEN = 48
 
 
-@pytest.fixture(scope="module")
-def model():
-    config = load_model_config("tiny_falcon_mamba", ["num_hidden_layers=2", "vocab_size=101"])
-    return FalconMambaLM(config, seed=1)
+def _build(name):
+    if name == "falcon_mamba":
+        return FalconMambaLM(load_model_config("tiny_falcon_mamba", ["num_hidden_layers=2", f"vocab_size={VOCAB}"]),
+                             seed=1)
+    preset = {"falcon_rope": "tiny_falcon", "falcon_alibi": "tiny_falcon_alibi"}[name]
+    return FalconLM(load_model_config(preset, ["num_hidden_layers=2", f"vocab_size={VOCAB}"]), seed=1)
+
+
+@pytest.fixture(scope="module", params=["falcon_mamba", "falcon_rope", "falcon_alibi"])
+def model(request):
+    return _build(request.param)
 
 
 @pytest.fixture(scope="module")
 def ids():
-    return np.random.default_rng(0).integers(0, 101, (2, 29))
+    return np.random.default_rng(0).integers(0, VOCAB, (2, 29))
 
 
 @pytest.fixture(scope="module")
@@ -26,31 +41,55 @@ def full(model, ids):
     return np.asarray(model(ids))
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 7, 29, 64, None])
+@pytest.mark.parametrize("chunk_size", [1, 7, 29, 64, None])
 def test_prefill_any_chunk_size_equals_full_forward(model, ids, full, chunk_size):
-    logits, state = model.prefill(ids, model.init_state(2), chunk_size=chunk_size)
-    assert logits.shape == (2, 101) and logits.dtype == np.float32
+    logits, state = model.prefill(ids, model.init_state(2, max_len=MAX_LEN), chunk_size=chunk_size)
+    assert logits.shape == (2, VOCAB) and logits.dtype == np.float32
     np.testing.assert_allclose(np.asarray(logits), full[:, -1], rtol=0, atol=1e-5)
-    _, reference_state = model.prefill(ids, model.init_state(2))
+    np.testing.assert_array_equal(np.asarray(state.lengths), [29, 29])
+    _, reference_state = model.prefill(ids, model.init_state(2, max_len=MAX_LEN))
     for ours, ref in zip(jax.tree.leaves(state), jax.tree.leaves(reference_state)):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=1e-5)
 
 
 def test_steps_after_prefill_equal_full_forward(model, ids, full):
-    logits, state = model.prefill(ids[:, :20], model.init_state(2), chunk_size=6)
+    logits, state = model.prefill(ids[:, :20], model.init_state(2, max_len=MAX_LEN), chunk_size=6)
     np.testing.assert_allclose(np.asarray(logits), full[:, 19], rtol=0, atol=1e-5)
     for t in range(20, 29):
         logits, state = model.step(ids[:, t], state)
         np.testing.assert_allclose(np.asarray(logits), full[:, t], rtol=0, atol=1e-5)
 
 
-def test_state_size_does_not_depend_on_length(model):
-    small = model.init_state(3, max_len=16)
-    large = model.init_state(3, max_len=2**20)
-    assert [x.shape for x in jax.tree.leaves(small)] == [x.shape for x in jax.tree.leaves(large)]
+@pytest.mark.parametrize("padding", ["right_lengths", "right_mask", "left_mask"])
+def test_padded_batch_rows_equal_rows_alone(model, padding):
+    rng = np.random.default_rng(3)
+    lengths = [11, 23, 17]
+    rows = [rng.integers(0, VOCAB, n) for n in lengths]
+    extra = rng.integers(0, VOCAB, (3, 4))  # tokens decoded after the prompts
+    seq = max(lengths)
+    ids = np.full((3, seq), 7)
+    mask = np.zeros((3, seq), np.int32)
+    for i, row in enumerate(rows):
+        if padding == "left_mask":
+            ids[i, seq - len(row):], mask[i, seq - len(row):] = row, 1
+        else:
+            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    kwargs = {"lengths": np.array(lengths)} if padding == "right_lengths" else {"attention_mask": mask}
+    logits, state = model.prefill(ids, model.init_state(3, max_len=MAX_LEN), chunk_size=8, **kwargs)
+    np.testing.assert_array_equal(np.asarray(state.lengths), lengths)
+    stepped = []
+    for t in range(extra.shape[1]):
+        step_logits, state = model.step(extra[:, t], state)
+        stepped.append(np.asarray(step_logits))
+    for i, row in enumerate(rows):
+        alone_ids = np.concatenate([row, extra[i], np.zeros(seq + 4 - len(row) - 4, np.int64)])  # one shape
+        alone = np.asarray(model(alone_ids[None]))[0]  # causal: the zero padding after the row changes nothing
+        np.testing.assert_allclose(np.asarray(logits[i]), alone[len(row) - 1], rtol=0, atol=1e-5)
+        for t in range(extra.shape[1]):
+            np.testing.assert_allclose(stepped[t][i], alone[len(row) + t], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 28, 29, None])
+@pytest.mark.parametrize("chunk_size", [1, 5, 28, None])
 def test_log_likelihood_equals_full_log_softmax(model, ids, full, chunk_size):
     expected = jax.nn.log_softmax(full, axis=-1)[:, :-1]
     expected = np.take_along_axis(np.asarray(expected), ids[:, 1:, None], axis=-1)[..., 0]
@@ -60,13 +99,38 @@ def test_log_likelihood_equals_full_log_softmax(model, ids, full, chunk_size):
 
 
 def test_bad_inputs(model, ids):
+    state = model.init_state(2, max_len=MAX_LEN)
     with pytest.raises(ValueError, match="chunk_size: expected a positive integer"):
-        model.prefill(ids, model.init_state(2), chunk_size=0)
+        model.prefill(ids, state, chunk_size=0)
     with pytest.raises(ValueError, match=r"token_ids: expected an integer array of shape \(batch,\)"):
-        model.step(ids, model.init_state(2))
-    with pytest.raises(ValueError, match=r"token_ids: token ids must be in \[0, 101\)"):
-        model.step(np.array([5, 101]), model.init_state(2))
+        model.step(ids, state)
+    with pytest.raises(ValueError, match=rf"token_ids: token ids must be in \[0, {VOCAB}\)"):
+        model.step(np.array([5, VOCAB]), state)
     with pytest.raises(ValueError, match="batch_size: expected a positive integer"):
-        model.init_state(0)
+        model.init_state(0, max_len=MAX_LEN)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         model.log_likelihood(ids[:, :1])
+    with pytest.raises(ValueError, match=r"state: expected a DecodeState for batch 3"):
+        model.prefill(np.ones((3, 4), np.int32), state)
+    with pytest.raises(ValueError, match=r"attention_mask: expected each row to hold one contiguous run"):
+        model.prefill(ids[:, :4], state, attention_mask=np.array([[1, 0, 1, 1], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"lengths: expected values in \[1, 4\]"):
+        model.prefill(ids[:, :4], state, lengths=np.array([0, 4]))
+
+
+def test_state_size_and_cache_capacity():
+    ssm_model = _build("falcon_mamba")
+    small, large = ssm_model.init_state(3, max_len=16), ssm_model.init_state(3, max_len=2**20)
+    assert [x.shape for x in jax.tree.leaves(small)] == [x.shape for x in jax.tree.leaves(large)]
+    falcon = _build("falcon_rope")
+    cache = falcon.init_state(1, max_len=8)
+    key, value = cache.layers[0]
+    cfg = falcon.config
+    assert key.shape == value.shape == (1, 8, cfg.kv_heads, cfg.head_dim)  # only the KV heads are stored
+    with pytest.raises(ValueError, match=r"KV cache holds max_len=8"):
+        falcon.prefill(np.ones((1, 9), np.int32), cache)
+    _, cache = falcon.prefill(np.ones((1, 8), np.int32), cache)
+    with pytest.raises(ValueError, match=r"KV cache holds max_len=8"):
+        falcon.step(np.ones((1,), np.int32), cache)
+    with pytest.raises(ValueError, match=r"max_len: expected a positive integer \(the KV cache length\)"):
+        falcon.init_state(1)

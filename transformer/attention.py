@@ -45,8 +45,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling_type: str | None = None, 
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin (len(positions), head_dim) over the NeoX half split, computed in fp32 then cast to ``dtype``."""
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    """cos, sin (*positions.shape, head_dim) over the NeoX half split, computed in fp32 then cast to ``dtype``."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
@@ -57,8 +57,11 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x (batch, seq, heads, head_dim) rotated in its own dtype; cos, sin (seq, head_dim)."""
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    """x (batch, seq, heads, head_dim) rotated in its own dtype; cos, sin (seq, head_dim) or per row
+    (batch, seq, head_dim)."""
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return x * cos + rotate_half(x) * sin
 
 
@@ -100,8 +103,9 @@ def _scores(q: jax.Array, k: jax.Array, scale: float, key_bias: jax.Array | None
                    preferred_element_type=jnp.float32) * scale
     if key_bias is not None:
         s = s + key_bias[None, :, :, None, :]
-    visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < kv_length)
-    return jnp.where(visible, s, MASKED)
+    # q_pos (batch, q_len), kv_length (batch,): per-row causal and cache-length visibility (batch, q_len, k_len)
+    visible = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < kv_length[:, None, None])
+    return jnp.where(visible[:, None, None], s, MASKED)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_bias: jax.Array | None = None, q_offset=0,
@@ -109,7 +113,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_bias: jax.Array |
     """Causal softmax(q k^T / sqrt(head_dim) + key_bias) v; returns (batch, q_len, heads, head_dim) in q's dtype.
 
     key_bias: optional (heads, kv_len) fp32 bias added after the scale (ALiBi already divided by
-    sqrt(head_dim)). q_offset: position of the first query. kv_length: number of valid keys (default kv_len).
+    sqrt(head_dim)). q_offset: position of the first query, a scalar or one per row (batch,). kv_length:
+    number of valid keys, a scalar or one per row (batch,) (default kv_len).
     """
     if impl not in ("xla", "blockwise"):
         raise ValueError(f"attention: impl must be 'xla' or 'blockwise', got {impl!r}")
@@ -121,12 +126,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_bias: jax.Array |
     if key_bias is not None and key_bias.shape != (heads, kv_len):
         raise ValueError(f"attention: key_bias must have shape (heads, kv_len) = {(heads, kv_len)}, "
                          f"got {key_bias.shape}")
-    kv_length = kv_len if kv_length is None else kv_length
+    kv_length = jnp.broadcast_to(jnp.asarray(kv_len if kv_length is None else kv_length, jnp.int32), (batch,))
     scale = 1.0 / math.sqrt(head_dim)
     qg = _group(q, kv_heads)
     group = heads // kv_heads
     bias = None if key_bias is None else key_bias.reshape(kv_heads, group, kv_len)
-    q_pos = q_offset + jnp.arange(q_len)
+    q_pos = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (batch,))[:, None] + jnp.arange(q_len)
     precision = matmul_precision(q.dtype)
     if impl == "xla":
         s = _scores(qg, k, scale, bias, q_pos, jnp.arange(kv_len), kv_length)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import FalconConfig
-from runtime.interface import CausalLM
+from runtime.interface import CausalLM, DecodeState, check_batch_size
 from runtime.layers import Dense, Embed, LayerNorm, dtype_of
 from transformer.attention import alibi_bias, apply_rope, attention, rope_cos_sin, rope_inv_freq
 
@@ -49,18 +49,28 @@ class FalconAttention(nnx.Module):
         self.dense = Dense(config.hidden_size, config.hidden_size, use_bias=config.bias, dtype=dtype,
                            param_dtype=pdtype, rngs=rngs, init_scale=init)
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
-                 key_bias: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, key_bias: jax.Array | None,
+                 cache: tuple[jax.Array, jax.Array] | None = None, start: jax.Array | None = None,
+                 kv_length: jax.Array | None = None):
+        """Without ``cache``: causal self-attention over x. With ``cache`` (k, v (batch, max_len, kv_heads, D)):
+        x's keys and values are written at per-row positions ``start`` (batch,), and the queries attend to the
+        first ``kv_length`` (batch,) cached positions. Returns (output, cache)."""
         cfg = self.config
         q, k, v = split_qkv(self.query_key_value(x), cfg)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        seq = x.shape[1]
+        q_offset = 0
+        if cache is not None:
+            write = jax.vmap(lambda buf, new, at: jax.lax.dynamic_update_slice_in_dim(buf, new, at, axis=0))
+            cache = (write(cache[0], k.astype(cache[0].dtype), start), write(cache[1], v.astype(cache[1].dtype), start))
+            k, v = cache
+            q_offset = start
         impl = cfg.attention_impl
         if impl == "auto":
-            impl = "xla" if seq <= cfg.attention_block_size else "blockwise"
-        out = attention(q, k, v, key_bias=key_bias, impl=impl, block_size=cfg.attention_block_size)
-        return self.dense(out.reshape(x.shape[0], seq, cfg.hidden_size))
+            impl = "xla" if k.shape[1] <= cfg.attention_block_size else "blockwise"
+        out = attention(q, k, v, key_bias=key_bias, q_offset=q_offset, kv_length=kv_length, impl=impl,
+                        block_size=cfg.attention_block_size)
+        return self.dense(out.reshape(x.shape[0], x.shape[1], cfg.hidden_size)), cache
 
 
 class FalconMLP(nnx.Module):
@@ -99,16 +109,18 @@ class FalconDecoderLayer(nnx.Module):
         self.self_attention = FalconAttention(config, rngs=rngs)
         self.mlp = FalconMLP(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, rope, key_bias) -> jax.Array:
+    def __call__(self, x: jax.Array, rope, key_bias, cache=None, start=None, kv_length=None):
+        attend = lambda a: self.self_attention(a, rope, key_bias, cache, start, kv_length)  # noqa: E731
         if self.layout == "sequential":
-            x = x + self.self_attention(self.input_layernorm(x), rope, key_bias)
-            return x + self.mlp(self.post_attention_layernorm(x))
+            attn, cache = attend(self.input_layernorm(x))
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x)), cache
         if self.layout == "parallel_2ln":
             attn_in, mlp_in = self.ln_attn(x), self.ln_mlp(x)
         else:
             attn_in = mlp_in = self.input_layernorm(x)
-        attn = self.self_attention(attn_in, rope, key_bias)
-        return x + (self.mlp(mlp_in) + attn)
+        attn, cache = attend(attn_in)
+        return x + (self.mlp(mlp_in) + attn), cache
 
 
 class FalconLM(CausalLM):
@@ -126,22 +138,38 @@ class FalconLM(CausalLM):
             config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, rngs=rngs,
             init_scale=config.initializer_range)
 
-    def position_terms(self, seq_len: int) -> tuple[tuple[jax.Array, jax.Array] | None, jax.Array | None]:
-        """(RoPE cos, sin) or the ALiBi key bias (heads, seq_len) already divided by sqrt(head_dim)."""
+    def position_terms(self, positions: jax.Array, kv_len: int):
+        """(RoPE cos, sin) for query/key ``positions`` (seq,) or (batch, seq), or the ALiBi key bias
+        (heads, kv_len) already divided by sqrt(head_dim)."""
         cfg = self.config
         if cfg.alibi:
-            return None, alibi_bias(cfg.num_attention_heads, seq_len) / math.sqrt(cfg.head_dim)
+            return None, alibi_bias(cfg.num_attention_heads, kv_len) / math.sqrt(cfg.head_dim)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_type, cfg.rope_scaling_factor,
-                                 seq_len=seq_len, max_position_embeddings=cfg.max_position_embeddings)
-        return rope_cos_sin(jnp.arange(seq_len), inv_freq, dtype_of(cfg.compute_dtype)), None
+                                 seq_len=kv_len, max_position_embeddings=cfg.max_position_embeddings)
+        return rope_cos_sin(positions, inv_freq, dtype_of(cfg.compute_dtype)), None
 
-    def hidden_states(self, input_ids: jax.Array) -> jax.Array:
-        """Final-norm hidden states (batch, seq, hidden)."""
-        rope, key_bias = self.position_terms(input_ids.shape[1])
+    def run(self, input_ids: jax.Array, state: DecodeState | None, n_valid: jax.Array | None = None):
+        """Final-norm hidden states (batch, seq, hidden) and the new state.
+
+        state None: a plain causal forward. Otherwise the KV cache is extended at each row's own position
+        (state.lengths); only the first ``n_valid`` (batch,) tokens of each row are real (default: all).
+        """
+        seq = input_ids.shape[1]
         h = self.word_embeddings(input_ids)
-        for layer in self.h:
-            h = layer(h, rope, key_bias)
-        return self.ln_f(h)
+        if state is None:
+            rope, key_bias = self.position_terms(jnp.arange(seq), seq)
+            for layer in self.h:
+                h, _ = layer(h, rope, key_bias)
+            return self.ln_f(h), None
+        start = state.lengths
+        n_valid = jnp.full_like(start, seq) if n_valid is None else n_valid
+        kv_length = start + n_valid
+        rope, key_bias = self.position_terms(start[:, None] + jnp.arange(seq), state.layers[0][0].shape[1])
+        caches = []
+        for layer, cache in zip(self.h, state.layers):
+            h, cache = layer(h, rope, key_bias, cache, start, kv_length)
+            caches.append(cache)
+        return self.ln_f(h), DecodeState(caches, kv_length)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """fp32 logits from final hidden states."""
@@ -149,5 +177,19 @@ class FalconLM(CausalLM):
             return self.word_embeddings.attend(h)
         return self.lm_head(h, out_dtype=jnp.float32)
 
-    def forward(self, input_ids: jax.Array) -> jax.Array:
-        return self.logits(self.hidden_states(input_ids))
+    def init_state(self, batch_size: int, max_len: int | None = None) -> DecodeState:
+        """An empty KV cache of ``max_len`` positions per row; only the KV heads are stored."""
+        cfg = self.config
+        check_batch_size(batch_size)
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
+            raise ValueError(f"max_len: expected a positive integer (the KV cache length), got {max_len!r}")
+        if cfg.rope_scaling_type == "dynamic":
+            raise ValueError("rope_scaling: 'dynamic' frequencies depend on the total sequence length, which a "
+                             "KV cache does not know in advance; use a full forward or 'linear' scaling")
+        shape = (batch_size, max_len, cfg.kv_heads, cfg.head_dim)
+        dtype = dtype_of(cfg.compute_dtype)
+        layers = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
+        return DecodeState(layers, jnp.zeros((batch_size,), jnp.int32))
+
+    def state_capacity(self, state: DecodeState) -> int | None:
+        return state.layers[0][0].shape[1]

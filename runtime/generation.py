@@ -1,0 +1,145 @@
+"""Sampling and the decode loop, written once for both families (anything with the CausalLM interface).
+
+    result = generate(model, prompt_ids, max_new_tokens=32, temperature=0.7, top_p=0.9, seed=0)
+    result.tokens        # (batch, max_new_tokens) int32, -1 after a row's stop token
+    for tokens in stream(model, prompt_ids, ...): ...   # one (batch,) array per step, as it is produced
+
+The prompt is prefilled chunk by chunk (model.prefill); the decode loop is one jit-compiled lax.while_loop
+that stops when every row has produced a stop token or max_new_tokens. Streaming runs the same jitted
+sample-and-step function from Python, one step at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+NO_TOKEN = -1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_k None or 0 and top_p None or 1.0 disable those filters."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature: expected a number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"top_k: expected None or an integer >= 0, got {self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p: expected None or a number in (0, 1], got {self.top_p!r}")
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """Next tokens (batch,) int32 from fp32 logits (batch, vocab)."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        kth = lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
+        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _sample_and_step(model, logits, state, key, done, stop_tokens, sampling):
+    """Samples a token per row (NO_TOKEN for rows already done), then feeds it; returns the new carry."""
+    key, sub = jax.random.split(key)
+    tokens = sample_logits(logits, sub, sampling)
+    emitted = jnp.where(done, NO_TOKEN, tokens)
+    done = done | jnp.isin(tokens, stop_tokens)
+    hidden, state = model.run(tokens[:, None], state)
+    return emitted, model.logits(hidden[:, 0]), state, key, done
+
+
+_jit_sample_and_step = nnx.jit(_sample_and_step, static_argnames=("sampling",))
+
+
+@nnx.jit(static_argnames=("sampling", "max_new_tokens"))
+def _decode_loop(model, logits, state, key, stop_tokens, sampling, max_new_tokens):
+    batch = logits.shape[0]
+    out = jnp.full((batch, max_new_tokens), NO_TOKEN, jnp.int32)
+
+    def cond(carry):
+        i, _, _, _, _, done = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, out, logits, state, key, done = carry
+        emitted, logits, state, key, done = _sample_and_step(model, logits, state, key, done, stop_tokens, sampling)
+        return i + 1, out.at[:, i].set(emitted), logits, state, key, done
+
+    carry = (jnp.int32(0), out, logits, state, key, jnp.zeros((batch,), bool))
+    steps, out, *_ = lax.while_loop(cond, body, carry)
+    return out, steps
+
+
+@dataclass
+class Generated:
+    tokens: np.ndarray          # (batch, max_new_tokens) int32; NO_TOKEN (-1) after a row's stop token
+    steps: int                  # decode steps run (<= max_new_tokens)
+
+    def row(self, i: int) -> list[int]:
+        """Row i's generated tokens, up to and including its stop token."""
+        return [int(t) for t in self.tokens[i] if t != NO_TOKEN]
+
+
+def _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size):
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids: expected an integer array of shape (batch, seq), got shape {input_ids.shape}")
+    state = model.init_state(input_ids.shape[0], max_len=input_ids.shape[1] + max_new_tokens)
+    return model.prefill(input_ids, state, chunk_size=chunk_size, attention_mask=attention_mask, lengths=lengths)
+
+
+def _stop_array(stop_tokens: Sequence[int], vocab_size: int) -> jax.Array:
+    for token in stop_tokens:
+        if not 0 <= int(token) < vocab_size:
+            raise ValueError(f"stop_tokens: expected ids in [0, {vocab_size}), got {token}")
+    return jnp.asarray(list(stop_tokens) or [NO_TOKEN], jnp.int32)
+
+
+def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (), attention_mask=None,
+             lengths=None, chunk_size: int | None = None) -> Generated:
+    """Prefills the prompts, then decodes up to max_new_tokens in one jit-compiled loop."""
+    sampling = Sampling(temperature, top_k, top_p)
+    stops = _stop_array(stop_tokens, model.config.vocab_size)
+    logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size)
+    out, steps = _decode_loop(model, logits, state, jax.random.PRNGKey(seed), stops, sampling, max_new_tokens)
+    return Generated(np.asarray(out), int(steps))
+
+
+def stream(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (), attention_mask=None,
+           lengths=None, chunk_size: int | None = None) -> Iterator[np.ndarray]:
+    """Like generate, but yields each step's tokens (batch,) as soon as they exist (NO_TOKEN for finished
+    rows). Same seed, same tokens as generate."""
+    sampling = Sampling(temperature, top_k, top_p)
+    stops = _stop_array(stop_tokens, model.config.vocab_size)
+    logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size)
+    key, done = jax.random.PRNGKey(seed), jnp.zeros((logits.shape[0],), bool)
+    for _ in range(max_new_tokens):
+        emitted, logits, state, key, done = _jit_sample_and_step(model, logits, state, key, done, stops,
+                                                                 sampling=sampling)
+        yield np.asarray(emitted)
+        if bool(jnp.all(done)):
+            return

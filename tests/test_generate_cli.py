@@ -1,0 +1,64 @@
+"""python -m experiments.generate on tiny checkpoints saved by transformers, with a local tokenizer.json."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from transformers import FalconConfig, FalconForCausalLM, FalconMambaConfig, FalconMambaForCausalLM
+
+from tests.hf_models import build_and_save
+
+
+def _word_level_tokenizer(path, vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)} | {"[UNK]": vocab_size - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module", params=["falcon_mamba", "falcon"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    if request.param == "falcon_mamba":
+        build_and_save(FalconMambaConfig, FalconMambaForCausalLM, path, vocab_size=40, hidden_size=16,
+                       num_hidden_layers=1, state_size=4, expand=2, eos_token_id=39)
+    else:
+        build_and_save(FalconConfig, FalconForCausalLM, path, vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, eos_token_id=39)
+    _word_level_tokenizer(path, 40)
+    return path
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "experiments.generate", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_text_prompt_and_ids_give_the_same_continuation(checkpoint):
+    text = _run(checkpoint, "--prompt", "w1 w2 w3", "--max-new-tokens", "5", "--stop")
+    ids = _run(checkpoint, "--ids", "1,2,3", "--max-new-tokens", "5", "--stop")
+    assert text.returncode == 0, text.stderr
+    assert ids.returncode == 0, ids.stderr
+    words = text.stdout.split()
+    assert len(words) == 5 and all(w.startswith("w") or w == "[UNK]" for w in words)
+    assert [w if w == "[UNK]" else int(w[1:]) for w in words] == [
+        "[UNK]" if int(t) == 39 else int(t) for t in ids.stdout.split()]
+    assert "tokens/s" in text.stderr
+
+
+def test_stream_prints_the_same_tokens(checkpoint):
+    plain = _run(checkpoint, "--ids", "4 5", "--max-new-tokens", "4", "--temperature", "0.9", "--seed", "3",
+                 "--stop")
+    streamed = _run(checkpoint, "--ids", "4 5", "--max-new-tokens", "4", "--temperature", "0.9", "--seed", "3",
+                    "--stop", "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.split() == plain.stdout.split()
+
+
+def test_missing_tokenizer_is_named(tmp_path, checkpoint):
+    result = _run(checkpoint, "--prompt", "w1", "--tokenizer", tmp_path / "nope.json")
+    assert result.returncode != 0 and "--tokenizer" in result.stderr and "nope.json" in result.stderr
