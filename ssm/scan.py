@@ -19,6 +19,9 @@ Implementations (``impl``), all computing the same function and checked against 
   * "chunked": a ``lax.scan`` over chunks of ``chunk_size`` steps; inside a chunk a parallel
     (associative) scan. Each chunk body is rematerialised (``jax.checkpoint``), so the backward pass keeps
     only the state at chunk boundaries: O(batch x seqlen x dim + batch x seqlen/chunk x dim x dstate).
+  * "pallas": a Pallas kernel (ssm/pallas_scan.py): one program per (batch, block of channels), the fp32
+    state on chip, the sequence walked in tiles of ``chunk_size`` steps; its custom VJP keeps only the state
+    at tile boundaries and recomputes inside each tile. Runs in the Pallas interpreter on CPU (slow: for tests).
   * "auto": "reference" on CPU, "chunked" on GPU/TPU.
 
 Channels are split into ``groups`` blocks of ``dim // groups`` consecutive channels sharing B and C
@@ -36,7 +39,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "reference", "chunked")
+from ssm.pallas_scan import selective_scan_pallas
+
+IMPLS = ("auto", "reference", "chunked", "pallas")
 DEFAULT_CHUNK_SIZE = 256
 _F32 = jnp.float32
 
@@ -117,6 +122,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     inner function the models call under jit; ``selective_scan_fn`` is the checked public entry point.
     """
     impl = resolve_impl(impl)
+    if impl == "pallas":
+        return selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                     initial_state=initial_state, tile=chunk_size)
     batch, length, dim = u.shape
     groups, dstate = B.shape[2], B.shape[3]
     per_group = dim // groups

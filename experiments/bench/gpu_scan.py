@@ -1,0 +1,147 @@
+"""GPU benchmark of the selective scan at Falcon Mamba 7B layer shapes (dim 8192, dstate 16, bf16 inputs).
+
+    python -m experiments.bench.gpu_scan --out DIR [--lengths 2048 4096 8192 16384] [--batches 1 2 4 8]
+
+Measures in one run, forward and forward+backward: our impls ("chunked", "pallas") and mamba_ssm's CUDA
+selective_scan_fn (when it imports), plus the bytes-moved floor: inputs read once and outputs written once
+(u, delta, z, out in bf16; B, C in bf16; A, D, delta_bias fp32; for the backward also dout read and du, ddelta,
+dz, dB, dC written) over the device-to-device copy bandwidth measured in the same run. Prints a table with
+each time over the floor and over mamba_ssm's, and writes DIR/gpu_scan.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.timing import time_call, versions
+from ssm.scan import selective_scan_fn
+
+DIM, DSTATE = 8192, 16
+
+
+def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    copy = jax.jit(lambda x: x + 0.0)
+    return 2 * n_bytes / time_call(copy, x, repeats=10, warmup=2)
+
+
+def floor_bytes(batch: int, length: int, backward: bool) -> int:
+    rows, cols = batch * length * DIM * 2, batch * length * DSTATE * 2 * 2  # bf16 (b,d,l); B and C (b,n,l)
+    params = DIM * DSTATE * 4 + 2 * DIM * 4
+    forward = 4 * rows + cols + params            # u, delta, z in; out
+    return forward + (4 * rows + cols + params if backward else 0)  # + dout in; du, ddelta, dz, dB, dC, dA.. out
+
+
+def inputs(batch: int, length: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    bf16 = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), jnp.bfloat16)  # noqa: E731
+    return dict(u=bf16(batch, DIM, length), delta=bf16(batch, DIM, length),
+                A=-jnp.exp(jnp.asarray(rng.standard_normal((DIM, DSTATE), np.float32))),
+                B=bf16(batch, DSTATE, length), C=bf16(batch, DSTATE, length),
+                D=jnp.asarray(rng.standard_normal(DIM, np.float32)), z=bf16(batch, DIM, length),
+                delta_bias=jnp.asarray(rng.standard_normal(DIM, np.float32)))
+
+
+def time_ours(impl: str, kw: dict, backward: bool, repeats: int) -> float:
+    def forward(kw):
+        return selective_scan_fn(**kw, delta_softplus=True, impl=impl)
+
+    if not backward:
+        return time_call(jax.jit(forward), kw, repeats=repeats)
+    grad = jax.jit(jax.grad(lambda kw: jnp.sum(forward(kw).astype(jnp.float32))))
+    return time_call(grad, kw, repeats=repeats)
+
+
+def time_mamba(kw: dict, backward: bool, repeats: int) -> float:
+    import torch
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan
+
+    t = {k: torch.from_numpy(np.asarray(v.astype(jnp.float32))).cuda().to(torch.bfloat16 if v.dtype == jnp.bfloat16
+                                                                           else torch.float32) for k, v in kw.items()}
+    if backward:
+        for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"):
+            t[name].requires_grad_()
+
+    def run():
+        out = mamba_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
+        if backward:
+            out.float().sum().backward()
+        torch.cuda.synchronize()
+
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def mamba_available() -> bool:
+    try:
+        import torch
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--impls", nargs="+", default=["chunked", "pallas"])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        raise SystemExit(f"backend: expected a GPU (this benchmark times kernels at 7B shapes), got "
+                         f"{jax.default_backend()!r}")
+    bandwidth = copy_bandwidth()
+    with_mamba = mamba_available()
+    rows = []
+    for batch in args.batches:
+        for length in args.lengths:
+            kw = inputs(batch, length)
+            for backward in (False, True):
+                floor = floor_bytes(batch, length, backward) / bandwidth
+                row = dict(batch=batch, length=length, pass_="fwd+bwd" if backward else "fwd", floor_s=floor)
+                if with_mamba:
+                    row["mamba_ssm_s"] = time_mamba(kw, backward, args.repeats)
+                for impl in args.impls:
+                    try:
+                        row[f"{impl}_s"] = time_ours(impl, kw, backward, args.repeats)
+                    except Exception as error:  # noqa: BLE001 - recorded in the results, the run goes on
+                        row[f"{impl}_error"] = f"{type(error).__name__}: {error}"[:500]
+                rows.append(row)
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      flush=True)
+            del kw
+    names = (["mamba_ssm"] if with_mamba else []) + list(args.impls)
+    print(f"\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s; times as ratios (lower is better)")
+    print(f"{'batch':>5} {'len':>6} {'pass':>8} " + " ".join(f"{n + '/floor':>16}" for n in names)
+          + (" " + " ".join(f"{n + '/mamba':>16}" for n in args.impls) if with_mamba else ""))
+    for row in rows:
+        ratio = lambda key, ref: f"{row[key] / ref:16.2f}" if key in row else f"{'error':>16}"  # noqa: E731
+        line = f"{row['batch']:>5} {row['length']:>6} {row['pass_']:>8} "
+        line += " ".join(ratio(f"{n}_s", row["floor_s"]) for n in names)
+        if with_mamba:
+            line += " " + " ".join(ratio(f"{n}_s", row["mamba_ssm_s"]) for n in args.impls)
+        print(line)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = dict(versions=versions(), dim=DIM, dstate=DSTATE, copy_bandwidth_bytes_per_s=bandwidth,
+                  mamba_ssm=with_mamba, rows=rows, date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
+    (args.out / "gpu_scan.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out / 'gpu_scan.json'}")
+
+
+if __name__ == "__main__":
+    main()

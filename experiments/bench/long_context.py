@@ -1,0 +1,184 @@
+"""Long-context benchmark: the two measurements of the Falcon Mamba release post, on this machine.
+
+(1) Prompt length -> peak memory and time, for Falcon Mamba's sequential (chunked) prefill, its parallel
+    (whole-prompt) prefill, and the Falcon transformer's prefill into a KV cache.
+(2) Context length -> time per generated token and memory, for Falcon Mamba and Falcon.
+
+Each point runs in a fresh process (python -m experiments.bench.long_context --worker ...) that reports its
+own peak resident memory, so points do not share allocator state. Writes CSV and PNG plots to --out.
+
+    python -m experiments.bench.long_context --out results/long_context            # tiny models, CPU
+    python -m experiments.bench.long_context --mamba-preset falcon_mamba_7b --falcon-preset falcon_7b \\
+        --random-weights --max-log2 20 --out results/long_context_gpu                # 7B shapes, one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("mamba_sequential", "mamba_parallel", "falcon")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _device_peak_mb() -> float | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
+def worker(args) -> dict:
+    """Runs one point in this process and returns its measurements."""
+    import jax
+    import numpy as np
+
+    from configs import load_model_config
+    from experiments.models import build_model
+
+    family_preset = args.falcon_preset if args.mode == "falcon" else args.mamba_preset
+    config = load_model_config(family_preset)
+    model = build_model(config, seed=0)
+    rng = np.random.default_rng(0)
+    length = args.length
+    ids = rng.integers(0, config.vocab_size, (1, length), dtype=np.int32)
+    chunk = args.chunk_size if args.mode == "mamba_sequential" else None
+    max_len = length + args.decode_tokens + 1
+
+    # warm-up at a small length compiles the chunk shapes that do not depend on the prompt length
+    if args.mode != "mamba_parallel":
+        warm = min(length, chunk or length)
+        model.prefill(ids[:, :warm], model.init_state(1, max_len=max_len), chunk_size=chunk)
+    baseline = _peak_rss_mb()
+    start = time.perf_counter()
+    logits, state = model.prefill(ids, model.init_state(1, max_len=max_len), chunk_size=chunk)
+    jax.block_until_ready(logits)
+    prefill_seconds = time.perf_counter() - start
+    row = {"mode": args.mode, "length": length, "chunk_size": chunk, "prefill_seconds": prefill_seconds,
+           "prefill_tokens_per_s": length / prefill_seconds, "peak_rss_mb": _peak_rss_mb(),
+           "baseline_rss_mb": baseline, "device_peak_mb": _device_peak_mb(), "backend": jax.default_backend()}
+    if args.decode_tokens:
+        token = np.asarray(logits.argmax(-1), np.int32)
+        logits, state = model.step(token, state)  # compile
+        jax.block_until_ready(logits)
+        start = time.perf_counter()
+        for _ in range(args.decode_tokens):
+            logits, state = model.step(token, state)
+        jax.block_until_ready(logits)
+        row["decode_ms_per_token"] = 1000 * (time.perf_counter() - start) / args.decode_tokens
+        row["peak_rss_after_decode_mb"] = _peak_rss_mb()
+    return row
+
+
+def run_point(args, mode: str, length: int, decode_tokens: int) -> dict | None:
+    command = [sys.executable, "-m", "experiments.bench.long_context", "--worker", "--mode", mode,
+               "--length", str(length), "--decode-tokens", str(decode_tokens), "--chunk-size", str(args.chunk_size),
+               "--mamba-preset", args.mamba_preset, "--falcon-preset", args.falcon_preset]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.point_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {mode} at {length}: over {args.point_timeout} s, skipped", flush=True)
+        return None
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["?"]
+        print(f"  {mode} at {length}: failed ({tail[0][:160]})", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for mode in MODES:
+        points = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["length"])
+        if not points:
+            continue
+        lengths = [p["length"] for p in points]
+        axes[0].plot(lengths, [p["peak_rss_mb"] for p in points], "o-", label=mode)
+        axes[1].plot(lengths, [p["prefill_seconds"] for p in points], "o-", label=mode)
+        decode = [p for p in points if p.get("decode_ms_per_token")]
+        if decode:
+            axes[2].plot([p["length"] for p in decode], [p["decode_ms_per_token"] for p in decode], "o-", label=mode)
+    titles = ("peak memory (RSS, MB)", "prefill time (s)", "decode time per token (ms) vs context")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt / context length (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out / "long_context.png", dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--mamba-preset", default="tiny_falcon_mamba")
+    parser.add_argument("--falcon-preset", default="tiny_falcon")
+    parser.add_argument("--min-log2", type=int, default=10)
+    parser.add_argument("--max-log2", type=int, default=20)
+    parser.add_argument("--falcon-max-log2", type=int, default=16,
+                        help="largest prompt for the transformer (its KV cache and prefill grow with length)")
+    parser.add_argument("--parallel-max-log2", type=int, default=18,
+                        help="largest prompt for Falcon Mamba's whole-prompt (parallel) prefill")
+    parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed after each prefill")
+    parser.add_argument("--point-timeout", type=int, default=1800)
+    parser.add_argument("--out", default="results/long_context")
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    limits = {"mamba_sequential": args.max_log2, "mamba_parallel": min(args.parallel_max_log2, args.max_log2),
+              "falcon": min(args.falcon_max_log2, args.max_log2)}
+    rows = []
+    for mode in MODES:
+        for log2 in range(args.min_log2, limits[mode] + 1, 2):
+            decode = args.decode_tokens if mode != "mamba_parallel" else 0
+            row = run_point(args, mode, 2**log2, decode)
+            if row is None:
+                break  # longer prompts will not fit either
+            rows.append(row)
+            extra = f", decode {row['decode_ms_per_token']:.2f} ms/token" if "decode_ms_per_token" in row else ""
+            print(f"  {mode:17s} 2^{log2:<2d} tokens: prefill {row['prefill_seconds']:8.2f} s, peak RSS "
+                  f"{row['peak_rss_mb']:8.0f} MB{extra}", flush=True)
+    with open(out / "long_context.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out)
+    sequential = {r["length"]: r for r in rows if r["mode"] == "mamba_sequential"}
+    if 2**14 in sequential and 2 ** args.max_log2 in sequential:
+        ratio = sequential[2 ** args.max_log2]["peak_rss_mb"] / sequential[2**14]["peak_rss_mb"]
+        print(f"Falcon Mamba sequential prefill: peak memory at 2^{args.max_log2} / at 2^14 = {ratio:.3f}")
+    decode = [r["decode_ms_per_token"] for r in sequential.values() if "decode_ms_per_token" in r]
+    if decode:
+        print(f"Falcon Mamba decode ms/token across contexts: min {min(decode):.2f}, max {max(decode):.2f} "
+              f"(spread {max(decode) / min(decode) - 1:.1%})")
+    print(f"wrote {out / 'long_context.csv'} and {out / 'long_context.png'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    main()

@@ -1,0 +1,278 @@
+"""Records golden inputs and outputs for tests/test_golden.py.
+
+    python scripts/record_goldens.py oracle [--out tests/golden]   # float64 NumPy oracle (tests/oracle.py), any machine
+    python scripts/record_goldens.py cuda   [--out tests/golden]   # mamba_ssm's / causal_conv1d's CUDA kernels, on a GPU
+
+Writes <out>/<backend>/<case>.npz (inputs as ``in_<name>``, outputs as ``out_<name>``, options as ``opt_<name>``)
+and <out>/<backend>/provenance.json. Inputs come from fixed seeds and are identical for both backends; bf16
+cases store their inputs already rounded to bf16 (as float32), so every implementation sees the same values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (name, dtype, batch, dim, dstate, seqlen, B/C layout, D, z, delta_bias, softplus). mamba_ssm's last_state is
+# wrong for constant B (REFERENCE.md): every case here has variable B, so last_state is recorded for all.
+SCAN_CASES = [
+    ("scan_fp32_bnl_all", "float32", 2, 8, 8, 256, "bnl", True, True, True, True),
+    ("scan_fp32_g2_plain", "float32", 2, 8, 8, 200, "g2", False, False, False, False),
+    ("scan_fp32_g1_Dbias", "float32", 2, 8, 16, 129, "g1", True, False, True, True),
+    ("scan_bf16_g2_all", "bfloat16", 2, 8, 8, 256, "g2", True, True, True, True),
+    ("scan_bf16_bnl_z", "bfloat16", 2, 8, 8, 100, "bnl", False, True, False, True),
+]
+# (name, dtype, batch, dim, dstate, B/C groups or 0 for (batch, dstate), D, z, dt_bias, dt_softplus)
+STATE_UPDATE_CASES = [
+    ("state_update_fp32_all", "float32", 2, 64, 16, 0, True, True, True, True),
+    ("state_update_fp32_g2", "float32", 2, 64, 16, 2, False, False, False, False),
+    ("state_update_bf16_all", "bfloat16", 2, 64, 16, 0, True, True, True, True),
+]
+# (name, dtype, batch, dim, seqlen, kernel, bias, activation)
+CONV_CASES = [
+    ("conv_fn_fp32_silu", "float32", 2, 64, 100, 4, True, "silu"),
+    ("conv_fn_fp32_plain", "float32", 2, 64, 37, 3, False, None),
+    ("conv_fn_bf16_silu", "bfloat16", 2, 64, 100, 4, True, "silu"),
+]
+CONV_UPDATE_CASES = [
+    ("conv_update_fp32_silu", "float32", 2, 64, 4, True, "silu"),
+    ("conv_update_bf16_plain", "bfloat16", 2, 64, 4, False, None),
+]
+
+
+def _round(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 array holding values exactly representable in ``dtype`` (bf16 rounding via ml_dtypes)."""
+    import ml_dtypes
+
+    x = np.asarray(x, np.float32)
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32) if dtype == "bfloat16" else x
+
+
+def scan_inputs(seed, dtype, batch, dim, dstate, seqlen, bc, D, z, bias, softplus):
+    """Like tests/test_scan.make_inputs; u, delta, B, C, z in ``dtype`` (rounded), A, D, delta_bias fp32."""
+    rng = np.random.default_rng(seed)
+    shape = (batch, dstate, seqlen) if bc == "bnl" else (batch, int(bc[1:]), dstate, seqlen)
+    low = lambda x: _round(x, dtype)  # noqa: E731
+    inputs = dict(
+        u=low(rng.standard_normal((batch, dim, seqlen))),
+        delta=low(rng.standard_normal((batch, dim, seqlen)) if softplus else 0.5 * rng.random((batch, dim, seqlen))),
+        A=_round(-np.exp(rng.standard_normal((dim, dstate))), "float32"),
+        B=low(rng.standard_normal(shape)),
+        C=low(rng.standard_normal(shape)),
+    )
+    if D:
+        inputs["D"] = _round(rng.standard_normal(dim), "float32")
+    if z:
+        inputs["z"] = low(rng.standard_normal((batch, dim, seqlen)))
+    if bias:
+        inputs["delta_bias"] = _round(rng.standard_normal(dim) if softplus else 0.5 * rng.random(dim), "float32")
+    return inputs
+
+
+def state_update_inputs(seed, dtype, batch, dim, dstate, groups, D, z, bias, softplus):
+    rng = np.random.default_rng(seed)
+    low = lambda x: _round(x, dtype)  # noqa: E731
+    bc_shape = (batch, dstate) if groups == 0 else (batch, groups, dstate)
+    inputs = dict(state=_round(rng.standard_normal((batch, dim, dstate)), "float32"),
+                  x=low(rng.standard_normal((batch, dim))), dt=low(rng.standard_normal((batch, dim))),
+                  A=_round(-np.exp(rng.standard_normal((dim, dstate))), "float32"),
+                  B=low(rng.standard_normal(bc_shape)), C=low(rng.standard_normal(bc_shape)))
+    if D:
+        inputs["D"] = _round(rng.standard_normal(dim), "float32")
+    if z:
+        inputs["z"] = low(rng.standard_normal((batch, dim)))
+    if bias:
+        inputs["dt_bias"] = _round(rng.standard_normal(dim), "float32")
+    return inputs
+
+
+def conv_inputs(seed, dtype, batch, dim, seqlen, kernel, bias):
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=_round(rng.standard_normal((batch, dim, seqlen)), dtype),
+                  weight=_round(rng.standard_normal((dim, kernel)) / kernel, dtype))
+    if bias:
+        inputs["bias"] = _round(rng.standard_normal(dim), dtype)
+    return inputs
+
+
+def conv_update_inputs(seed, dtype, batch, dim, kernel, bias):
+    rng = np.random.default_rng(seed)
+    inputs = dict(x=_round(rng.standard_normal((batch, dim)), dtype),
+                  conv_state=_round(rng.standard_normal((batch, dim, kernel)), dtype),
+                  weight=_round(rng.standard_normal((dim, kernel)) / kernel, dtype))
+    if bias:
+        inputs["bias"] = _round(rng.standard_normal(dim), dtype)
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backends: each returns the outputs of the four ops as float32 NumPy arrays
+
+
+class OracleBackend:
+    name = "oracle"
+
+    def scan(self, inputs, softplus, dtype):
+        from tests.oracle import selective_scan_oracle
+
+        out, last = selective_scan_oracle(**inputs, delta_softplus=softplus)
+        return dict(out=out, last_state=last)
+
+    def state_update(self, inputs, softplus, dtype):
+        from tests.oracle import selective_scan_oracle
+
+        # one step of the scan from ``state`` is selective_state_update
+        step = {k: (v[..., None] if k in ("x", "dt", "z", "B", "C") else v) for k, v in inputs.items()}
+        out, new_state = selective_scan_oracle(
+            step["x"], step["dt"], step["A"], step["B"], step["C"], step.get("D"), step.get("z"),
+            step.get("dt_bias"), softplus, initial_state=step["state"])
+        return dict(out=out[..., 0], state=new_state)
+
+    def conv_fn(self, inputs, activation, dtype):
+        from tests.oracle import causal_conv1d_oracle
+
+        out, _ = causal_conv1d_oracle(np.swapaxes(inputs["x"], 1, 2), inputs["weight"].T, inputs.get("bias"))
+        out = np.swapaxes(out, 1, 2)
+        return dict(out=_silu64(out) if activation else out)
+
+    def conv_update(self, inputs, activation, dtype):
+        state = np.asarray(inputs["conv_state"], np.float64)
+        new_state = np.concatenate([state[:, :, 1:], np.asarray(inputs["x"], np.float64)[:, :, None]], axis=-1)
+        out = np.sum(new_state * np.asarray(inputs["weight"], np.float64), axis=-1)
+        if "bias" in inputs:
+            out = out + inputs["bias"]
+        return dict(out=_silu64(out) if activation else out, conv_state=new_state)
+
+    def provenance(self):
+        return {"backend": "oracle",
+                "what": "float64 NumPy oracle of tests/oracle.py (written from the math); NOT the CUDA kernels. "
+                        "Outputs are float64 values stored as float32.",
+                "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _silu64(x):
+    x = np.asarray(x, np.float64)
+    return x / (1.0 + np.exp(-x))
+
+
+class CudaBackend:
+    """mamba_ssm's selective_scan_fn and Triton selective_state_update, causal_conv1d's CUDA kernels."""
+
+    name = "cuda"
+
+    def __init__(self):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("backend cuda: expected a CUDA GPU visible to torch, got torch.cuda.is_available() False")
+        self.torch = torch
+
+    def _t(self, x, dtype):
+        torch = self.torch
+        return None if x is None else torch.tensor(np.asarray(x, np.float32), device="cuda").to(getattr(torch, dtype))
+
+    def _np(self, x):
+        return x.float().cpu().numpy()
+
+    def scan(self, inputs, softplus, dtype):
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        low = {k: self._t(v, dtype if k in ("u", "delta", "B", "C", "z") else "float32") for k, v in inputs.items()}
+        out, last = selective_scan_fn(low["u"], low["delta"], low["A"], low["B"], low["C"], low.get("D"),
+                                      low.get("z"), low.get("delta_bias"), softplus, True)
+        return dict(out=self._np(out), last_state=self._np(last))
+
+    def state_update(self, inputs, softplus, dtype):
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+        state = self._t(inputs["state"], "float32")
+        low = {k: self._t(v, dtype if k in ("x", "dt", "B", "C", "z") else "float32") for k, v in inputs.items()}
+        out = selective_state_update(state, low["x"], low["dt"], low["A"], low["B"], low["C"], low.get("D"),
+                                     low.get("z"), low.get("dt_bias"), softplus)
+        return dict(out=self._np(out), state=self._np(state))
+
+    def conv_fn(self, inputs, activation, dtype):
+        from causal_conv1d import causal_conv1d_fn
+
+        t = {k: self._t(v, dtype) for k, v in inputs.items()}
+        return dict(out=self._np(causal_conv1d_fn(t["x"], t["weight"], t.get("bias"), activation=activation)))
+
+    def conv_update(self, inputs, activation, dtype):
+        from causal_conv1d import causal_conv1d_update
+
+        t = {k: self._t(v, dtype) for k, v in inputs.items()}
+        out = causal_conv1d_update(t["x"], t["conv_state"], t["weight"], t.get("bias"), activation=activation)
+        return dict(out=self._np(out), conv_state=self._np(t["conv_state"]))
+
+    def provenance(self):
+        import subprocess
+
+        import causal_conv1d
+        import mamba_ssm
+
+        torch = self.torch
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+        return {"backend": "cuda", "what": "mamba_ssm selective_scan_fn (CUDA), mamba_ssm Triton "
+                "selective_state_update, causal_conv1d_fn / causal_conv1d_update (CUDA)",
+                "gpu": torch.cuda.get_device_name(0), "nvidia_smi": smi, "cuda": torch.version.cuda,
+                "torch": torch.__version__, "mamba_ssm": mamba_ssm.__version__,
+                "causal_conv1d": causal_conv1d.__version__, "python": platform.python_version()}
+
+
+def record(backend, out_dir: Path) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(name, kind, inputs, options, outputs):
+        arrays = {f"in_{k}": np.asarray(v, np.float32) for k, v in inputs.items()}
+        arrays.update({f"out_{k}": np.asarray(v, np.float32) for k, v in outputs.items()})
+        arrays.update({f"opt_{k}": np.asarray(v) for k, v in options.items()})
+        arrays["opt_kind"] = np.asarray(kind)
+        np.savez_compressed(out_dir / f"{name}.npz", **arrays)
+        written.append(name)
+
+    for seed, (name, dtype, batch, dim, dstate, seqlen, bc, D, z, bias, softplus) in enumerate(SCAN_CASES):
+        inputs = scan_inputs(100 + seed, dtype, batch, dim, dstate, seqlen, bc, D, z, bias, softplus)
+        save(name, "scan", inputs, dict(dtype=dtype, softplus=softplus), backend.scan(inputs, softplus, dtype))
+    for seed, (name, dtype, batch, dim, dstate, groups, D, z, bias, softplus) in enumerate(STATE_UPDATE_CASES):
+        inputs = state_update_inputs(200 + seed, dtype, batch, dim, dstate, groups, D, z, bias, softplus)
+        save(name, "state_update", inputs, dict(dtype=dtype, softplus=softplus),
+             backend.state_update(inputs, softplus, dtype))
+    for seed, (name, dtype, batch, dim, seqlen, kernel, bias, activation) in enumerate(CONV_CASES):
+        inputs = conv_inputs(300 + seed, dtype, batch, dim, seqlen, kernel, bias)
+        save(name, "conv_fn", inputs, dict(dtype=dtype, activation=activation or ""),
+             backend.conv_fn(inputs, activation, dtype))
+    for seed, (name, dtype, batch, dim, kernel, bias, activation) in enumerate(CONV_UPDATE_CASES):
+        inputs = conv_update_inputs(400 + seed, dtype, batch, dim, kernel, bias)
+        save(name, "conv_update", inputs, dict(dtype=dtype, activation=activation or ""),
+             backend.conv_update(inputs, activation, dtype))
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("backend", choices=["oracle", "cuda"])
+    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "golden")
+    args = parser.parse_args(argv)
+    backend = OracleBackend() if args.backend == "oracle" else CudaBackend()
+    out_dir = args.out / backend.name
+    cases = record(backend, out_dir)
+    provenance = {**backend.provenance(), "cases": cases,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "command": " ".join(["python", "scripts/record_goldens.py"] + (argv or sys.argv[1:]))}
+    (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    print(f"wrote {len(cases)} cases and provenance.json to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

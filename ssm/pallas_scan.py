@@ -1,0 +1,313 @@
+"""The selective scan as a Pallas kernel (impl="pallas"), with a custom VJP whose backward is a Pallas kernel too.
+
+Same function as ssm.scan.selective_scan (see its docstring for the math); this module is what
+``selective_scan(..., impl="pallas")`` dispatches to. Written for Pallas' GPU (Triton) backend; on CPU the same
+kernels run with ``interpret=True`` so that the tier-1 tests check their logic against the float64 oracle.
+
+Tiling. The grid is (batch, dim // block_dim): one program per (batch row, block of ``block_dim`` consecutive
+channels inside one B/C group). A program walks the sequence in tiles of ``tile`` steps (an outer in-kernel
+``fori_loop`` over tiles, an inner one over the steps of a tile) and keeps its fp32 state on chip as a
+(dstate, block_dim) value: one step reads a (1, block_dim) row of u, delta, z (channels-last, contiguous) and a
+(dstate, 1) column of B and C ((batch, groups, dstate, seqlen) layout), and the softplus / delta_bias, D skip
+and silu(z) gate are fused in.
+
+Saved for the backward pass: the inputs and the fp32 state at each tile boundary, (batch, n_tiles, dstate,
+dim): O(batch x seqlen/tile x dim x dstate), not the state of every step. The backward kernel walks the tiles
+in reverse; for each tile it recomputes the tile's states from the saved boundary state into a per-program
+workspace of (tile, dstate, block_dim) fp32 values, then runs the reverse-time adjoint recurrence over the
+tile. dA, dB, dC, dD and d(delta_bias) sum over programs (over batch rows and over the channel blocks of a
+group): the kernel writes per-program partials and XLA sums them after the call.
+
+TPU: the same kernel structure maps to Mosaic with the workspace as a VMEM scratch buffer (``scratch_shapes``)
+instead of an HBM output (the Triton backend has no scratch memory); not done yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+DEFAULT_TILE = 64
+MAX_BLOCK_DIM = 32
+_F32 = jnp.float32
+
+
+def _softplus(x):
+    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+
+
+def _block_dim(per_group: int) -> int:
+    """The largest power of two <= MAX_BLOCK_DIM dividing dim // groups (a block never straddles two groups)."""
+    return math.gcd(per_group, MAX_BLOCK_DIM)
+
+
+class _Config:
+    """The static shape and option set of one call (hashable, so it can be a custom_vjp nondiff argument)."""
+
+    def __init__(self, *, length, tile, block_dim, groups, has_D, has_z, has_bias, softplus, interpret):
+        self.length, self.tile, self.block_dim, self.groups = length, tile, block_dim, groups
+        self.has_D, self.has_z, self.has_bias, self.softplus, self.interpret = has_D, has_z, has_bias, softplus, interpret
+        self.n_tiles = -(-length // tile)
+        self.padded = self.n_tiles * tile
+
+    def _key(self):
+        return tuple(sorted(vars(self).items()))
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, _Config) and self._key() == other._key()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# block specs. Arrays the kernels see (batch axis squeezed):
+#   rows  u, delta, z, dout, du, ddelta, dz: (b, padded, dim)       -> (padded, block_dim)
+#   cols  B, C, dB, dC partials:              (b, groups|blocks, n, padded) -> (n, padded)
+#   state h0, last, dlast, dh0, dA partials:  (b, n, dim)           -> (n, block_dim)
+#   chan  A^T: (n, dim) -> (n, block_dim); D, delta_bias: (1, dim) -> (1, block_dim); dD, dbias partials
+#         (b, 1, dim) -> (1, block_dim)
+
+
+def _specs(cfg: _Config, dim: int, dstate: int):
+    P, L = cfg.block_dim, cfg.padded
+    blocks_per_group = dim // cfg.groups // P
+    return dict(
+        rows=pl.BlockSpec((None, L, P), lambda b, j: (b, 0, j)),
+        cols=pl.BlockSpec((None, None, dstate, L), lambda b, j: (b, j // blocks_per_group, 0, 0)),
+        partial_cols=pl.BlockSpec((None, None, dstate, L), lambda b, j: (b, j, 0, 0)),
+        state=pl.BlockSpec((None, dstate, P), lambda b, j: (b, 0, j)),
+        A=pl.BlockSpec((dstate, P), lambda b, j: (0, j)),
+        chan=pl.BlockSpec((1, P), lambda b, j: (0, j)),
+        partial_chan=pl.BlockSpec((None, 1, P), lambda b, j: (b, 0, j)),
+        ckpt=pl.BlockSpec((None, cfg.n_tiles, dstate, P), lambda b, j: (b, 0, 0, j)),
+        work=pl.BlockSpec((None, None, cfg.tile, dstate, P), lambda b, j: (b, j, 0, 0, 0)),
+    )
+
+
+def _step_inputs(cfg, t, delta_ref, bias_ref, A_ref, B_ref):
+    """dt (1, P) after bias / softplus / padding mask, decay exp(dt A) (n, P), and the B column (n, 1)."""
+    dt = delta_ref[pl.ds(t, 1), :].astype(_F32)
+    pre = dt + bias_ref[...].astype(_F32) if cfg.has_bias else dt
+    dt = _softplus(pre) if cfg.softplus else pre
+    dt = jnp.where(t < cfg.length, dt, 0.0)  # padding steps leave the state as it is
+    decay = jnp.exp(dt * A_ref[...].astype(_F32))
+    return pre, dt, decay, B_ref[:, pl.ds(t, 1)].astype(_F32)
+
+
+def _optional(refs, flags):
+    """Splits a flat ref list into one entry per flag: the next ref where the flag is set, else None."""
+    refs = list(refs)
+    return [refs.pop(0) if flag else None for flag in flags]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward kernel
+
+
+def _forward_kernel(cfg: _Config, *refs):
+    u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, *rest = refs
+    D_ref, z_ref, bias_ref = _optional(rest[:-3], (cfg.has_D, cfg.has_z, cfg.has_bias))
+    out_ref, last_ref, ckpt_ref = rest[-3:]
+
+    def step(t, h):
+        _, dt, decay, B = _step_inputs(cfg, t, delta_ref, bias_ref, A_ref, B_ref)
+        u = u_ref[pl.ds(t, 1), :].astype(_F32)
+        h = decay * h + B * (dt * u)
+        y = jnp.sum(h * C_ref[:, pl.ds(t, 1)].astype(_F32), axis=0, keepdims=True)
+        if cfg.has_D:
+            y = y + D_ref[...].astype(_F32) * u
+        if cfg.has_z:
+            y = y * jax.nn.silu(z_ref[pl.ds(t, 1), :].astype(_F32))
+        out_ref[pl.ds(t, 1), :] = y.astype(out_ref.dtype)
+        return h
+
+    def tile(k, h):
+        ckpt_ref[k] = h
+        start = k * cfg.tile
+        return lax.fori_loop(start, start + cfg.tile, step, h)
+
+    last_ref[...] = lax.fori_loop(0, cfg.n_tiles, tile, h0_ref[...].astype(_F32))
+
+
+def _forward(cfg: _Config, u, delta, A_t, B, C, h0, D, z, bias):
+    """Padded channels-last u, delta, z (b, Lp, d); A_t (n, d); B, C (b, g, n, Lp); h0 (b, n, d) fp32;
+    D, bias (1, d). Returns out (b, Lp, d) in u's dtype, last (b, n, d) and checkpoints (b, n_tiles, n, d)."""
+    batch, _, dim = u.shape
+    dstate = A_t.shape[0]
+    s = _specs(cfg, dim, dstate)
+    optional = [(x, spec) for x, spec in ((D, s["chan"]), (z, s["rows"]), (bias, s["chan"])) if x is not None]
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, cfg),
+        grid=(batch, dim // cfg.block_dim),
+        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["state"]] + [sp for _, sp in optional],
+        out_specs=[s["rows"], s["state"], s["ckpt"]],
+        out_shape=[_out(u.shape, u.dtype, u), _out((batch, dstate, dim), _F32, u),
+                   _out((batch, cfg.n_tiles, dstate, dim), _F32, u)],
+        interpret=cfg.interpret,
+        name="selective_scan_fwd",
+    )(u, delta, A_t, B, C, h0, *[x for x, _ in optional])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward kernel
+
+
+def _backward_kernel(cfg: _Config, *refs):
+    u_ref, delta_ref, A_ref, B_ref, C_ref, ckpt_ref, dout_ref, dlast_ref, *rest = refs
+    D_ref, z_ref, bias_ref = _optional(rest[:-10], (cfg.has_D, cfg.has_z, cfg.has_bias))
+    du_ref, ddelta_ref, dz_ref, dA_ref, dB_ref, dC_ref, dD_ref, dbias_ref, dh0_ref, work_ref = rest[-10:]
+    A = A_ref[...].astype(_F32)
+    D = D_ref[...].astype(_F32) if cfg.has_D else None
+
+    def recompute(i, carry):  # work[i] = the state before step start + i
+        start, h = carry
+        _, dt, decay, B = _step_inputs(cfg, start + i, delta_ref, bias_ref, A_ref, B_ref)
+        work_ref[i] = h
+        return start, decay * h + B * (dt * u_ref[pl.ds(start + i, 1), :].astype(_F32))
+
+    def reverse_step(r, carry):
+        start, g, dA, dD, dbias = carry
+        i = cfg.tile - 1 - r
+        t = start + i
+        pre, dt, decay, B = _step_inputs(cfg, t, delta_ref, bias_ref, A_ref, B_ref)
+        u = u_ref[pl.ds(t, 1), :].astype(_F32)
+        C = C_ref[:, pl.ds(t, 1)].astype(_F32)
+        h_prev = work_ref[i]
+        h = decay * h_prev + B * (dt * u)
+        dy = dout_ref[pl.ds(t, 1), :].astype(_F32)              # d loss / d out, (1, P)
+        if cfg.has_z:
+            zt = z_ref[pl.ds(t, 1), :].astype(_F32)
+            gate = jax.nn.sigmoid(zt)
+            y = jnp.sum(h * C, axis=0, keepdims=True) + (D * u if cfg.has_D else 0.0)
+            dz_ref[pl.ds(t, 1), :] = (dy * y * gate * (1.0 + zt * (1.0 - gate))).astype(dz_ref.dtype)
+            dy = dy * zt * gate                                  # d loss / d (y + D u)
+        du = dy * D if cfg.has_D else jnp.zeros_like(dy)
+        if cfg.has_D:
+            dD = dD + dy * u
+        g = g + C * dy                                           # adjoint of h_t, (n, P)
+        dC_ref[:, pl.ds(t, 1)] = jnp.sum(h * dy, axis=1, keepdims=True)
+        dB_ref[:, pl.ds(t, 1)] = jnp.sum(g * (dt * u), axis=1, keepdims=True)
+        dx = jnp.sum(g * B, axis=0, keepdims=True)               # d loss / d (dt u), (1, P)
+        dlog = g * decay * h_prev                                # d loss / d (dt A), (n, P)
+        ddt = dx * u + jnp.sum(dlog * A, axis=0, keepdims=True)
+        dA = dA + dlog * dt
+        du = du + dx * dt
+        if cfg.softplus:
+            ddt = ddt * jnp.where(pre > 20.0, 1.0, jax.nn.sigmoid(pre))
+        ddt = jnp.where(t < cfg.length, ddt, 0.0)
+        if cfg.has_bias:
+            dbias = dbias + ddt
+        du_ref[pl.ds(t, 1), :] = du.astype(du_ref.dtype)
+        ddelta_ref[pl.ds(t, 1), :] = ddt.astype(ddelta_ref.dtype)
+        return start, g * decay, dA, dD, dbias
+
+    def tile(r, carry):
+        start = (cfg.n_tiles - 1 - r) * cfg.tile
+        lax.fori_loop(0, cfg.tile, recompute, (start, ckpt_ref[cfg.n_tiles - 1 - r]))
+        return lax.fori_loop(0, cfg.tile, reverse_step, (start,) + carry)[1:]
+
+    row = jnp.zeros((1, cfg.block_dim), _F32)
+    g, dA, dD, dbias = lax.fori_loop(0, cfg.n_tiles, tile, (dlast_ref[...].astype(_F32), jnp.zeros_like(A), row, row))
+    dh0_ref[...] = g
+    dA_ref[...] = dA
+    dD_ref[...] = dD
+    dbias_ref[...] = dbias
+
+
+def _backward(cfg: _Config, res, dout, dlast):
+    u, delta, A_t, B, C, D, z, bias, ckpt = res
+    batch, padded, dim = u.shape
+    dstate = A_t.shape[0]
+    n_blocks = dim // cfg.block_dim
+    s = _specs(cfg, dim, dstate)
+    optional = [(x, spec) for x, spec in ((D, s["chan"]), (z, s["rows"]), (bias, s["chan"])) if x is not None]
+    rows = _out((batch, padded, dim), _F32, u)
+    partial_cols = _out((batch, n_blocks, dstate, padded), _F32, u)
+    state = _out((batch, dstate, dim), _F32, u)
+    partial_chan = _out((batch, 1, dim), _F32, u)
+    work = _out((batch, n_blocks, cfg.tile, dstate, cfg.block_dim), _F32, u)
+    grads = pl.pallas_call(
+        functools.partial(_backward_kernel, cfg),
+        grid=(batch, n_blocks),
+        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["ckpt"], s["rows"], s["state"]]
+        + [sp for _, sp in optional],
+        out_specs=[s["rows"], s["rows"], s["rows"], s["state"], s["partial_cols"], s["partial_cols"],
+                   s["partial_chan"], s["partial_chan"], s["state"], s["work"]],
+        out_shape=[rows, rows, rows, state, partial_cols, partial_cols, partial_chan, partial_chan, state, work],
+        interpret=cfg.interpret,
+        name="selective_scan_bwd",
+    )(u, delta, A_t, B, C, ckpt, dout, dlast, *[x for x, _ in optional])
+    du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, _ = grads
+
+    def per_group(x):  # (b, n_blocks, n, Lp) partials -> (b, groups, n, Lp), summing a group's blocks
+        return x.reshape(batch, cfg.groups, n_blocks // cfg.groups, dstate, padded).sum(axis=2)
+
+    return (du.astype(u.dtype), ddelta.astype(delta.dtype), dA.sum(0).astype(A_t.dtype),
+            per_group(dB).astype(B.dtype), per_group(dC).astype(C.dtype),
+            None if D is None else dD.sum(0).astype(D.dtype),
+            None if z is None else dz.astype(z.dtype),
+            None if bias is None else dbias.sum(0).astype(bias.dtype), dh0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan(cfg, u, delta, A_t, B, C, D, z, bias, h0):
+    out, last, _ = _forward(cfg, u, delta, A_t, B, C, h0, D, z, bias)
+    return out, last
+
+
+def _scan_fwd(cfg, u, delta, A_t, B, C, D, z, bias, h0):
+    out, last, ckpt = _forward(cfg, u, delta, A_t, B, C, h0, D, z, bias)
+    return (out, last), (u, delta, A_t, B, C, D, z, bias, ckpt)
+
+
+def _scan_bwd(cfg, res, cotangents):
+    dout, dlast = cotangents
+    return _backward(cfg, res, dout, dlast)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
+                          initial_state=None, tile=None, interpret=None):
+    """ssm.scan.selective_scan's contract (channels-last u, delta, z (b, l, d); B, C (b, l, g, n)) on the
+    Pallas kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen); interpret: run
+    the kernels in the Pallas interpreter (default: on the CPU backend only)."""
+    batch, length, dim = u.shape
+    groups, dstate = B.shape[2], B.shape[3]
+    tile = min(tile or DEFAULT_TILE, length)
+    cfg = _Config(length=length, tile=tile, block_dim=_block_dim(dim // groups), groups=groups,
+                  has_D=D is not None, has_z=z is not None, has_bias=delta_bias is not None,
+                  softplus=bool(delta_softplus),
+                  interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
+    pad = cfg.padded - length
+    rows = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # noqa: E731
+    cols = lambda x: jnp.pad(jnp.moveaxis(x, 1, 3), ((0, 0), (0, 0), (0, 0), (0, pad)))  # noqa: E731
+    chan = lambda x: None if x is None else x.reshape(1, dim)  # noqa: E731
+    if initial_state is None:
+        h0 = jnp.zeros((batch, dstate, dim), _F32)
+    else:
+        h0 = jnp.swapaxes(initial_state.astype(_F32), 1, 2)
+    args = _vary_alike(rows(u), rows(delta), A.T, cols(B), cols(C), chan(D), rows(z), chan(delta_bias), h0)
+    out, last = _scan(cfg, *args)
+    return out[:, :length], jnp.swapaxes(last, 1, 2)
+
+
+def _vary_alike(*arrays):
+    """Under jax.shard_map (check_vma): makes every input vary over the union of the inputs' manual mesh axes,
+    so that the kernels' outputs have one well-defined variance; the cotangent of that cast is a psum, which
+    sums the per-shard partial gradients of the inputs that were not varying (A, D over the batch axes)."""
+    varying = set().union(*(jax.typeof(x).manual_axis_type.varying for x in arrays if x is not None))
+    return [None if x is None else lax.pcast(x, tuple(sorted(varying - jax.typeof(x).manual_axis_type.varying)), to="varying")
+            for x in arrays]
+
+
+def _out(shape, dtype, like):
+    """An output's ShapeDtypeStruct, varying over the same manual mesh axes as ``like`` (an input)."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)

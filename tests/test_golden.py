@@ -1,0 +1,81 @@
+"""Every implementation of ours against every recorded golden set in tests/golden/ (scripts/record_goldens.py).
+
+Golden sets (each folder has a provenance.json saying how, where and when it was recorded):
+  * tests/golden/oracle/: produced by the float64 NumPy oracle of tests/oracle.py on CPU. NOT the CUDA kernels:
+    it pins our outputs to the math and checks the golden pipeline itself.
+  * tests/golden/cuda/: produced by mamba_ssm's selective_scan_fn (CUDA) and Triton selective_state_update and
+    causal_conv1d's CUDA kernels on a GPU (scripts/gpu_tier.sh). Absent until a GPU session records it; its
+    tests then run on every machine, CPU included.
+
+Cases: the selective scan (fp32 and bf16 inputs; variable and grouped B/C; D, z, delta_bias, softplus; out and
+last_state) through selective_scan_fn with every impl; selective_state_update; causal_conv1d_fn and
+causal_conv1d_update. Tolerances are mamba_ssm's / causal_conv1d's own test tolerances (REFERENCE.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssm.conv import causal_conv1d_fn, causal_conv1d_update
+from ssm.scan import selective_scan_fn, selective_state_update
+
+GOLDEN = Path(__file__).parent / "golden"
+SCAN_IMPLS = ("reference", "chunked", "pallas")
+TOL = {  # mamba_ssm test_selective_scan / test_selective_state_update, causal_conv1d test_causal_conv1d
+    ("scan", "float32"): dict(rtol=6e-4, atol=2e-3), ("scan", "bfloat16"): dict(rtol=3e-2, atol=5e-2),
+    ("state_update", "float32"): dict(rtol=3e-4, atol=1e-3), ("state_update", "bfloat16"): dict(rtol=1e-2, atol=5e-2),
+    ("conv", "float32"): dict(rtol=3e-4, atol=1e-3), ("conv", "bfloat16"): dict(rtol=1e-2, atol=5e-2),
+}
+# Inputs cast to the case's dtype (the others stay float32, as mamba_ssm takes them).
+LOW_PRECISION = {"scan": ("u", "delta", "B", "C", "z"), "state_update": ("x", "dt", "B", "C", "z"),
+                 "conv_fn": ("x", "weight", "bias"), "conv_update": ("x", "conv_state", "weight", "bias")}
+
+
+def _cases():
+    params = []
+    for folder in sorted(p for p in GOLDEN.iterdir() if (p / "provenance.json").exists()) if GOLDEN.exists() else []:
+        for path in sorted(folder.glob("*.npz")):
+            kind = str(np.load(path)["opt_kind"])
+            impls = SCAN_IMPLS if kind == "scan" else (None,)
+            params += [pytest.param(path, impl, id=f"{folder.name}-{path.stem}" + (f"-{impl}" if impl else ""))
+                       for impl in impls]
+    return params
+
+
+def test_oracle_set_is_present_and_labelled():
+    provenance = json.loads((GOLDEN / "oracle" / "provenance.json").read_text())
+    assert provenance["backend"] == "oracle" and "NOT the CUDA kernels" in provenance["what"]
+    assert sorted(provenance["cases"]) == sorted(p.stem for p in (GOLDEN / "oracle").glob("*.npz"))
+
+
+@pytest.mark.parametrize("path, impl", _cases())
+def test_matches_golden(path, impl):
+    data = np.load(path)
+    kind, dtype = str(data["opt_kind"]), str(data["opt_dtype"])
+    low = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    inputs = {k[3:]: jnp.asarray(v, low if k[3:] in LOW_PRECISION[kind] else jnp.float32)
+              for k, v in data.items() if k.startswith("in_")}
+    want = {k[4:]: v for k, v in data.items() if k.startswith("out_")}
+    if kind == "scan":
+        out, last = selective_scan_fn(**inputs, delta_softplus=bool(data["opt_softplus"]), return_last_state=True,
+                                      impl=impl, chunk_size=64)
+        got, tol = dict(out=out, last_state=last), TOL["scan", dtype]
+    elif kind == "state_update":
+        out, state = selective_state_update(**inputs, dt_softplus=bool(data["opt_softplus"]))
+        got, tol = dict(out=out, state=state), TOL["state_update", dtype]
+    else:
+        activation = str(data["opt_activation"]) or None
+        if kind == "conv_fn":
+            got = dict(out=causal_conv1d_fn(**inputs, activation=activation))
+        else:
+            out, conv_state = causal_conv1d_update(**inputs, activation=activation)
+            got = dict(out=out, conv_state=conv_state)
+        tol = TOL["conv", dtype]
+    assert sorted(got) == sorted(want)
+    for name, value in got.items():
+        np.testing.assert_allclose(np.asarray(value.astype(jnp.float32)), want[name], **tol, err_msg=name)

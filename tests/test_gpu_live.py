@@ -1,0 +1,154 @@
+"""Tier 2: our kernels on a CUDA GPU against mamba_ssm's / causal_conv1d's live CUDA and Triton kernels.
+
+Marked ``gpu``; skipped with a reason where JAX sees no GPU, torch sees no CUDA, or mamba_ssm / causal_conv1d do
+not import. scripts/gpu_tier.sh installs the kernels and runs this file on the GPU machine.
+
+* selective scan, every impl, fp32 and bf16, variable and grouped B/C with D, z, delta_bias, softplus: out and
+  last_state vs mamba_ssm.selective_scan_fn; gradients of every input vs mamba_ssm's backward;
+* selective_state_update vs mamba_ssm's Triton selective_state_update;
+* causal_conv1d_fn / causal_conv1d_update vs causal_conv1d's;
+* the JAX Falcon Mamba model on the GPU vs the same model on the CPU.
+Tolerances are mamba_ssm's / causal_conv1d's own (REFERENCE.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.test_golden import TOL
+
+
+def _why_skip() -> str | None:
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        return f"JAX sees no GPU (devices: {jax.devices()})"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    for module in ("mamba_ssm", "causal_conv1d", "selective_scan_cuda", "causal_conv1d_cuda"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (scripts/gpu_tier.sh builds it)"
+    return None
+
+
+_SKIP = _why_skip()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
+GRAD_SCALE = dict(rtol=2, atol=2)          # mamba_ssm: gradients at 2x the forward tolerances ...
+DELTA_GRAD_SCALE = dict(rtol=10, atol=20)  # ... and du, ddelta at rtol x5, atol x10 on top of that
+
+
+def _torch(x, dtype):
+    import torch
+
+    return torch.tensor(np.asarray(x, np.float32), device="cuda").to(getattr(torch, dtype))
+
+
+def _close(got, want, tol, scale=None, name=""):
+    scale = scale or dict(rtol=1, atol=1)
+    np.testing.assert_allclose(np.asarray(jnp.asarray(got, jnp.float32)), want.float().cpu().numpy()
+                               if hasattr(want, "float") else want,
+                               rtol=tol["rtol"] * scale["rtol"], atol=tol["atol"] * scale["atol"], err_msg=name)
+
+
+SCAN_CASES = [(256, "bnl"), (1024, "g2"), (4096, "g1")]
+SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("seqlen, bc", SCAN_CASES)
+@pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
+def test_scan_matches_mamba_ssm(impl, seqlen, bc, dtype):
+    import torch
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan
+
+    from scripts.record_goldens import scan_inputs
+    from ssm.scan import selective_scan_fn
+
+    inputs = scan_inputs(seqlen, dtype, 2, 64, 16, seqlen, bc, True, True, True, True)
+    low = ("u", "delta", "B", "C", "z")
+    theirs = {k: _torch(v, dtype if k in low else "float32").requires_grad_() for k, v in inputs.items()}
+    out_t, last_t = mamba_scan(*(theirs[k] for k in SCAN_INPUTS), True, True)
+    rng = np.random.default_rng(seqlen)
+    g = rng.standard_normal(out_t.shape).astype(np.float32)
+    (out_t.float() * _torch(g, "float32")).sum().backward()
+
+    ours = {k: jnp.asarray(v, jnp.bfloat16 if dtype == "bfloat16" and k in low else jnp.float32)
+            for k, v in inputs.items()}
+
+    def loss(diff):
+        out, last = selective_scan_fn(**{**ours, **diff}, delta_softplus=True, return_last_state=True, impl=impl)
+        return jnp.sum(out.astype(jnp.float32) * g), (out, last)
+
+    grads, (out, last) = jax.jit(jax.grad(loss, has_aux=True))(ours)
+    tol = TOL["scan", dtype]
+    _close(out, out_t.detach(), tol, name="out")
+    _close(last, last_t, tol, name="last_state")
+    for name in SCAN_INPUTS:
+        scale = DELTA_GRAD_SCALE if name in ("u", "delta") else GRAD_SCALE
+        _close(grads[name], theirs[name].grad, tol, scale, name=f"d{name}")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("groups", [0, 2])
+def test_state_update_matches_mamba_ssm_triton(groups, dtype):
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as mamba_update
+
+    from scripts.record_goldens import state_update_inputs
+    from ssm.scan import selective_state_update
+
+    inputs = state_update_inputs(7 + groups, dtype, 4, 256, 16, groups, True, True, True, True)
+    low = ("x", "dt", "B", "C", "z")
+    theirs = {k: _torch(v, dtype if k in low else "float32") for k, v in inputs.items()}
+    out_t = mamba_update(theirs["state"], theirs["x"], theirs["dt"], theirs["A"], theirs["B"], theirs["C"],
+                         theirs["D"], theirs["z"], theirs["dt_bias"], True)
+    ours = {k: jnp.asarray(v, jnp.bfloat16 if dtype == "bfloat16" and k in low else jnp.float32)
+            for k, v in inputs.items()}
+    out, state = selective_state_update(**ours, dt_softplus=True)
+    tol = TOL["state_update", dtype]
+    _close(out, out_t, tol, name="out")
+    _close(state, theirs["state"], tol, name="state")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_matches_cuda(activation, dtype):
+    from causal_conv1d import causal_conv1d_fn as cuda_fn
+    from causal_conv1d import causal_conv1d_update as cuda_update
+
+    from scripts.record_goldens import conv_inputs, conv_update_inputs
+    from ssm.conv import causal_conv1d_fn, causal_conv1d_update
+
+    tol = TOL["conv", dtype]
+    low = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    inputs = conv_inputs(3, dtype, 2, 256, 1000, 4, True)
+    theirs = {k: _torch(v, dtype) for k, v in inputs.items()}
+    want = cuda_fn(theirs["x"], theirs["weight"], theirs["bias"], activation=activation)
+    _close(causal_conv1d_fn(**{k: jnp.asarray(v, low) for k, v in inputs.items()}, activation=activation), want,
+           tol, name="causal_conv1d_fn")
+    inputs = conv_update_inputs(4, dtype, 2, 256, 4, True)
+    theirs = {k: _torch(v, dtype) for k, v in inputs.items()}
+    want = cuda_update(theirs["x"], theirs["conv_state"], theirs["weight"], theirs["bias"], activation=activation)
+    out, state = causal_conv1d_update(**{k: jnp.asarray(v, low) for k, v in inputs.items()}, activation=activation)
+    _close(out, want, tol, name="causal_conv1d_update out")
+    _close(state, theirs["conv_state"], tol, name="causal_conv1d_update conv_state")
+
+
+def test_model_on_gpu_matches_cpu():
+    """The tiny JAX Falcon Mamba's fp32 logits on the GPU == on the CPU (mamba_ssm's fp32 forward tolerance)."""
+    from configs import load_model_config
+    from ssm import FalconMambaLM
+
+    config = load_model_config("tiny_falcon_mamba", [])
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 64))
+    with jax.default_device(jax.devices("cpu")[0]):
+        want = np.asarray(FalconMambaLM(config, seed=0)(ids))
+    got = np.asarray(FalconMambaLM(config, seed=0)(ids))
+    np.testing.assert_allclose(got, want, **TOL["scan", "float32"])
