@@ -87,3 +87,34 @@ def export_weights(module: Any, specs: list[WeightSpec], dtype=None) -> Iterator
         if dtype is not None:
             array = array.astype(dtype)
         yield spec.hf_name, np.ascontiguousarray(_to_hf(array, spec.transform))
+
+
+def read_config(path, expected_cls, overrides: Mapping[str, Any]):
+    """The model config of a local HF directory, checked to be of ``expected_cls``, with our own field
+    overrides (compute_dtype=..., scan_impl=...) applied."""
+    from configs import loader
+    from configs.hf import model_config_from_hf
+
+    config = model_config_from_hf(path)
+    if not isinstance(config, expected_cls):
+        raise CheckpointError(f"{str(path)!r}: config.json describes a {config.family!r} model, expected "
+                              f"{expected_cls.family!r}")
+    return loader.replace(config, **overrides) if overrides else config
+
+
+def write_directory(model: Any, path, specs: list[WeightSpec], max_shard_bytes: int) -> None:
+    """A HF directory: safetensors (sharded past max_shard_bytes, streamed tensor by tensor) + config.json,
+    each written atomically."""
+    import json
+    import os
+    from pathlib import Path
+
+    from configs.hf import model_config_to_hf
+    from runtime.safetensors_io import write_checkpoint
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(path, export_weights(model, specs), max_shard_bytes=max_shard_bytes)
+    tmp = path / "config.json.tmp"
+    tmp.write_text(json.dumps(model_config_to_hf(model.config), indent=2))
+    os.replace(tmp, path / "config.json")

@@ -73,7 +73,7 @@ class MambaMixer(nnx.Module):
         """x (batch, seq, d_model) -> (out, new state). ``n_valid`` (batch,): only each row's first n_valid
         tokens are real; the rest (right padding) leave the conv and SSM states exactly as they were."""
         cfg = self.config
-        d_inner, n, rank = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
+        n, rank = cfg.state_size, cfg.time_step_rank
         xs, z = jnp.split(self.in_proj(x), 2, axis=-1)
         valid = None if n_valid is None else (jnp.arange(x.shape[1])[None, :] < n_valid[:, None])
         if valid is not None:

@@ -7,17 +7,12 @@ Accepted on load: transformers' names (backbone.embeddings.weight, ...) and mamb
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import numpy as np
-
-from configs import loader
-from configs.hf import model_config_from_hf, model_config_to_hf
 from configs.schema import FalconMambaConfig
-from runtime.hf_weights import WeightSpec, export_weights, load_weights
-from runtime.safetensors_io import open_checkpoint, write_checkpoint
+from runtime.hf_weights import WeightSpec, load_weights, read_config, write_directory
+from runtime.safetensors_io import open_checkpoint
 from ssm.model import FalconMambaLM
 
 
@@ -55,10 +50,7 @@ def from_pretrained(path: str | os.PathLike, **overrides) -> FalconMambaLM:
 
     ``overrides`` change our own config fields (compute_dtype="bfloat16", scan_impl="chunked", ...).
     """
-    path = Path(path)
-    config = model_config_from_hf(path)
-    if overrides:
-        config = loader.replace(config, **overrides)
+    config = read_config(Path(path), FalconMambaConfig, overrides)
     model = FalconMambaLM(config)
     load_weights(model, open_checkpoint(path), weight_specs(config), source=str(path))
     return model
@@ -66,9 +58,4 @@ def from_pretrained(path: str | os.PathLike, **overrides) -> FalconMambaLM:
 
 def save_pretrained(model: FalconMambaLM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes config.json and safetensors that transformers (and from_pretrained) load."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(path, export_weights(model, weight_specs(model.config)), max_shard_bytes=max_shard_bytes)
-    tmp = path / "config.json.tmp"
-    tmp.write_text(json.dumps(model_config_to_hf(model.config), indent=2))
-    os.replace(tmp, path / "config.json")
+    write_directory(model, path, weight_specs(model.config), max_shard_bytes)

@@ -7,18 +7,15 @@ transformers' names and a model_type "falcon" config.json.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from configs import loader
-from configs.hf import model_config_from_hf, model_config_to_hf
 from configs.schema import FalconConfig
-from runtime.hf_weights import WeightSpec, export_weights, load_weights
-from runtime.safetensors_io import CheckpointError, open_checkpoint, write_checkpoint
+from runtime.hf_weights import WeightSpec, load_weights, read_config, write_directory
+from runtime.safetensors_io import CheckpointError, open_checkpoint
 from transformer.model import FalconLM
 
 QKV_ROWS = {
@@ -73,12 +70,7 @@ def from_pretrained(path: str | os.PathLike, **overrides) -> FalconLM:
 
     ``overrides`` change our own config fields (compute_dtype="bfloat16", attention_impl="blockwise", ...).
     """
-    path = Path(path)
-    config = model_config_from_hf(path)
-    if not isinstance(config, FalconConfig):
-        raise CheckpointError(f"{str(path)!r}: config.json describes a {config.family!r} model, expected 'falcon'")
-    if overrides:
-        config = loader.replace(config, **overrides)
+    config = read_config(Path(path), FalconConfig, overrides)
     model = FalconLM(config)
     tensors = open_checkpoint(path)
     check_qkv_rows(tensors, config, str(path))
@@ -88,9 +80,4 @@ def from_pretrained(path: str | os.PathLike, **overrides) -> FalconLM:
 
 def save_pretrained(model: FalconLM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes config.json and safetensors that transformers' FalconForCausalLM (and from_pretrained) load."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(path, export_weights(model, weight_specs(model.config)), max_shard_bytes=max_shard_bytes)
-    tmp = path / "config.json.tmp"
-    tmp.write_text(json.dumps(model_config_to_hf(model.config), indent=2))
-    os.replace(tmp, path / "config.json")
+    write_directory(model, path, weight_specs(model.config), max_shard_bytes)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +40,8 @@ def bench_models(args) -> dict:
         torch_model = AutoModelForCausalLM.from_pretrained(tmp).eval()
     torch_ids = torch.tensor(ids)
     with torch.no_grad():
-        torch_model(torch_ids[:, :8])  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            torch_logits = torch_model(torch_ids).logits
-            times.append(time.perf_counter() - start)
-    torch_seconds = sorted(times)[len(times) // 2]
+        torch_seconds = time_call(lambda: torch_model(torch_ids).logits, repeats=args.repeats)
+        torch_logits = torch_model(torch_ids).logits
     tokens = args.batch * args.length
     return {
         "preset": args.preset, "vocab_size": config.vocab_size, "batch": args.batch, "length": args.length,

@@ -76,13 +76,7 @@ def time_mamba(kw: dict, backward: bool, repeats: int) -> float:
             out.float().sum().backward()
         torch.cuda.synchronize()
 
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return time_call(run, repeats=repeats)  # run() synchronises CUDA itself
 
 
 def mamba_available() -> bool:
