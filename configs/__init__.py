@@ -7,9 +7,11 @@
 from configs.hf import model_config_from_hf, model_config_to_hf
 from configs.loader import (from_dict, list_presets, load_config, load_model_config, parse_overrides, replace,
                             to_dict)
-from configs.schema import ConfigError, FalconConfig, FalconMambaConfig, MeshConfig, RunConfig
+from configs.schema import (ConfigError, DataConfig, DistributedConfig, FalconConfig, FalconMambaConfig, MeshConfig,
+                            OptimConfig, RunConfig)
 
 __all__ = [
-    "ConfigError", "FalconConfig", "FalconMambaConfig", "MeshConfig", "RunConfig", "from_dict", "list_presets", "load_config",
+    "ConfigError", "DataConfig", "DistributedConfig", "FalconConfig", "FalconMambaConfig", "MeshConfig",
+    "OptimConfig", "RunConfig", "from_dict", "list_presets", "load_config",
     "load_model_config", "model_config_from_hf", "model_config_to_hf", "parse_overrides", "replace", "to_dict",
 ]

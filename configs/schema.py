@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-SCAN_IMPLS = ("auto", "reference", "chunked")
+SCAN_IMPLS = ("auto", "reference", "chunked", "pallas")  # ssm.scan.IMPLS
 ATTENTION_IMPLS = ("auto", "xla", "blockwise")
 ROPE_SCALING_TYPES = (None, "linear", "dynamic")
 
@@ -229,42 +229,163 @@ class FalconConfig:
         return "parallel" if self.parallel_attn else "sequential"
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axes it is split over (empty: replicated). The family sharding tables
+# (ssm/sharding.py, transformer/sharding.py) name the logical axes of every parameter; "batch" is the
+# batch dimension of the data. A config's ``mesh.rules`` overrides entries of this table.
+DEFAULT_SHARDING_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "d_inner": ("tensor",),
+    "d_state": (),
+    "conv": (),
+    "dt_rank": (),
+    "ssm_proj": (),
+    "norm": (),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class MeshConfig:
-    """Named mesh axes; -1 means "all devices the other axes leave"."""
+    """Named mesh axes; -1 means "all devices the other axes leave". ``rules`` maps logical axis names to
+    mesh axes (a name, a list of names, or null/[] for replicated) over DEFAULT_SHARDING_RULES."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    rules: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for key, value in sizes.items():
-            _require(isinstance(value, int) and not isinstance(value, bool) and (value > 0 or value == -1),
-                     key, "a positive integer or -1", value)
+            _require(_is_int(value) and (value > 0 or value == -1), key, "a positive integer or -1", value)
         _require(list(sizes.values()).count(-1) <= 1, "data", "at most one mesh axis of size -1", sizes)
+        _require(isinstance(self.rules, dict), "rules", "a mapping of logical axis -> mesh axes", self.rules)
+        rules = dict(DEFAULT_SHARDING_RULES)
+        for logical, axes in self.rules.items():
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            _require(isinstance(axes, (list, tuple)) and all(a in MESH_AXES for a in axes)
+                     and len(set(axes)) == len(axes), f"rules.{logical}",
+                     f"null, one of {list(MESH_AXES)} or a list of distinct ones", axes)
+            rules[logical] = tuple(axes)
+        object.__setattr__(self, "rules", rules)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup to ``learning_rate`` then cosine decay to ``learning_rate * end_lr_ratio``
+    at the last step, after clipping gradients to global norm ``clip_norm`` (0: no clipping)."""
+
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    end_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "eps"):
+            value = getattr(self, name)
+            _require(isinstance(value, float) and value > 0, name, "a positive number", value)
+        for name in ("end_lr_ratio", "weight_decay", "clip_norm"):
+            value = getattr(self, name)
+            _require(isinstance(value, float) and value >= 0, name, "a non-negative number", value)
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            _require(isinstance(value, float) and 0 <= value < 1, name, "a number in [0, 1)", value)
+        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an integer >= 0",
+                 self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the trainer reads. ``task`` names an entry of experiments.data.TASKS: a synthetic task generated
+    from (seed, step), or "bytes", a byte-level LM stream over the files matching ``text_glob`` under
+    ``text_dir`` (empty: the directory of Python's own standard library). ``batch_size`` is global (all
+    devices, all microbatches); each step runs ``grad_accum`` microbatches of batch_size / grad_accum."""
+
+    task: str = "induction"
+    batch_size: int = 8
+    seq_len: int = 64
+    grad_accum: int = 1
+    text_dir: str = ""
+    text_glob: str = "*.py"
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "batch_size", "seq_len", "grad_accum")
+        _require(self.batch_size % self.grad_accum == 0, "batch_size",
+                 f"a multiple of grad_accum ({self.grad_accum})", self.batch_size)
+        _require(isinstance(self.task, str) and self.task != "", "task", "a task name", self.task)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process JAX. ``initialize: true`` calls jax.distributed.initialize with the three fields below;
+    those left null are detected from the environment (TPU pods, Slurm, Open MPI)."""
+
+    initialize: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.num_processes is None or (_is_int(self.num_processes) and self.num_processes > 0),
+                 "num_processes", "null or a positive integer", self.num_processes)
+        _require(self.process_id is None or (_is_int(self.process_id) and self.process_id >= 0),
+                 "process_id", "null or a non-negative integer", self.process_id)
+        if self.num_processes is not None and self.process_id is not None:
+            _require(self.process_id < self.num_processes, "process_id",
+                     f"< num_processes ({self.num_processes})", self.process_id)
 
 
 ModelConfig = FalconMambaConfig | FalconConfig
 
 MODEL_CONFIGS: dict[str, type] = {"falcon_mamba": FalconMambaConfig, "falcon": FalconConfig}
 
+REMAT_POLICIES = ("none", "full", "dots")
+
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What a command line runs: a model, a mesh and the run's own settings."""
+    """What a command line runs: a model, a mesh and the run's own settings (training fields are read by
+    experiments.train). ``checkpoint_every`` 0 saves only at the end (and on SIGTERM); ``remat`` is the
+    rematerialisation policy of the loss: none, full (recompute everything) or dots (keep matmul outputs)."""
 
     model: Any = field(default_factory=FalconMambaConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     seed: int = 0
     output_dir: str = "runs/default"
+    steps: int = 100
+    log_every: int = 1
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    remat: str = "none"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         _require(type(self.model) in MODEL_CONFIGS.values(), "model",
                  "a model config (" + " or ".join(f"{cls.__name__}, family {name!r}"
                                                   for name, cls in sorted(MODEL_CONFIGS.items())) + ")",
                  self.model)
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer", self.seed)
+        _require(_is_int(self.seed), "seed", "an integer", self.seed)
+        _positive_int(self, "steps", "log_every", "keep_checkpoints")
+        _require(_is_int(self.checkpoint_every) and self.checkpoint_every >= 0, "checkpoint_every",
+                 "an integer >= 0", self.checkpoint_every)
+        _choice(self, "remat", REMAT_POLICIES)
+        _require(self.optim.warmup_steps < self.steps, "optim.warmup_steps", f"< steps ({self.steps})",
+                 self.optim.warmup_steps)
 
 
 def fields_of(cls: type) -> list[dataclasses.Field]:

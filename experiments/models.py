@@ -1,4 +1,4 @@
-"""Building and loading either model family from its config (everything in experiments/ goes through here)."""
+"""The two model families, in one table: everything in experiments/ builds and loads models through here."""
 
 from __future__ import annotations
 
@@ -6,22 +6,30 @@ import os
 from pathlib import Path
 
 import ssm
+import ssm.sharding
 import transformer
+import transformer.sharding
 from configs.hf import model_config_from_hf
 from configs.schema import FalconConfig, FalconMambaConfig
+
+# Model config type -> (LM class, its parameter -> logical axes table, its package's from_pretrained).
+FAMILIES = {
+    FalconMambaConfig: (ssm.FalconMambaLM, ssm.sharding.PARAM_AXES, ssm.from_pretrained),
+    FalconConfig: (transformer.FalconLM, transformer.sharding.PARAM_AXES, transformer.from_pretrained),
+}
+
+
+def family_of(config):
+    if type(config) not in FAMILIES:
+        raise TypeError(f"config: expected one of {[c.__name__ for c in FAMILIES]}, got {type(config).__name__}")
+    return FAMILIES[type(config)]
 
 
 def build_model(config, seed: int = 0):
     """A randomly initialised model of the config's family."""
-    if isinstance(config, FalconMambaConfig):
-        return ssm.FalconMambaLM(config, seed=seed)
-    if isinstance(config, FalconConfig):
-        return transformer.FalconLM(config, seed=seed)
-    raise TypeError(f"config: expected FalconMambaConfig or FalconConfig, got {type(config).__name__}")
+    return family_of(config)[0](config, seed=seed)
 
 
 def load_pretrained(path: str | os.PathLike, **overrides):
     """A local Hugging Face directory of either family (the family is read from its config.json)."""
-    config = model_config_from_hf(Path(path))
-    package = ssm if isinstance(config, FalconMambaConfig) else transformer
-    return package.from_pretrained(path, **overrides)
+    return family_of(model_config_from_hf(Path(path)))[2](path, **overrides)

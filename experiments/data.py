@@ -1,0 +1,106 @@
+"""Training data: deterministic batches addressed by (seed, step), so the iterator position is the step.
+
+``batch_at(config, vocab_size, seed, step)`` returns numpy arrays of shape (grad_accum, batch_size /
+grad_accum, seq_len): "inputs" (int32), "targets" (int32, the next tokens) and "mask" (float32, where the
+loss counts). TASKS maps a task name (``data.task``) to a function (config, vocab_size, rng, step) -> those
+three arrays with a leading batch dimension of batch_size; add a task by adding an entry.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from configs.schema import ConfigError, DataConfig
+
+Batch = dict[str, np.ndarray]
+
+# Token ids the synthetic tasks reserve; content tokens are drawn from [FIRST_CONTENT_TOKEN, vocab_size).
+TRIGGER_TOKEN = 1
+SEPARATOR_TOKEN = 2
+FIRST_CONTENT_TOKEN = 3
+
+
+def _shifted(seq: np.ndarray, mask: np.ndarray) -> Batch:
+    """Sequences of seq_len + 1 tokens -> inputs, next-token targets and the mask over target positions."""
+    return {"inputs": seq[:, :-1].astype(np.int32), "targets": seq[:, 1:].astype(np.int32),
+            "mask": mask[:, 1:].astype(np.float32)}
+
+
+def induction_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
+    """Random tokens with a trigger token at a random early position followed by a key token; the sequence
+    ends with the trigger again, and the loss is on predicting the key after it (an induction head)."""
+    batch, length = config.batch_size, config.seq_len + 1
+    seq = rng.integers(FIRST_CONTENT_TOKEN, vocab_size, size=(batch, length))
+    where = rng.integers(0, length // 2, size=batch)
+    rows = np.arange(batch)
+    seq[rows, where] = TRIGGER_TOKEN
+    seq[:, -2] = TRIGGER_TOKEN
+    seq[:, -1] = seq[rows, where + 1]
+    mask = np.zeros((batch, length), np.float32)
+    mask[:, -1] = 1.0
+    return _shifted(seq, mask)
+
+
+def copy_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
+    """A random first half, a separator, then the first half again; the loss is on the copy."""
+    batch, length = config.batch_size, config.seq_len + 1
+    half = (length - 1) // 2
+    seq = np.full((batch, length), SEPARATOR_TOKEN, np.int64)
+    seq[:, :half] = rng.integers(FIRST_CONTENT_TOKEN, vocab_size, size=(batch, half))
+    seq[:, half + 1:2 * half + 1] = seq[:, :half]
+    mask = np.zeros((batch, length), np.float32)
+    mask[:, half + 1:2 * half + 1] = 1.0
+    return _shifted(seq, mask)
+
+
+@functools.lru_cache(maxsize=4)
+def load_corpus(text_dir: str, text_glob: str) -> np.ndarray:
+    """The bytes of every file matching ``text_glob`` under ``text_dir`` (sorted by name, one newline
+    between files) as uint8; an empty ``text_dir`` means Python's standard library directory."""
+    root = Path(text_dir) if text_dir else Path(os.__file__).parent
+    files = sorted(p for p in root.glob(text_glob) if p.is_file())
+    if not files:
+        raise ConfigError(f"config field 'data.text_dir': expected a directory with files matching "
+                          f"{text_glob!r} (data.text_glob), got {str(root)!r} with none")
+    return np.frombuffer(b"\n".join(p.read_bytes() for p in files), np.uint8)
+
+
+def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
+    """A byte-level LM stream: step s reads the corpus sequentially from byte s * batch * seq_len, each row
+    one contiguous window (wrapping around at the end)."""
+    if vocab_size < 256:
+        raise ConfigError(f"config field 'model.vocab_size': expected >= 256 for data.task 'bytes', "
+                          f"got {vocab_size}")
+    corpus = load_corpus(config.text_dir, config.text_glob)
+    window = config.seq_len + 1
+    if corpus.size < window:
+        raise ConfigError(f"config field 'data.seq_len': expected < the corpus size ({corpus.size} bytes), "
+                          f"got {config.seq_len}")
+    starts = ((step * config.batch_size + np.arange(config.batch_size)) * config.seq_len) % (corpus.size - window)
+    seq = corpus[starts[:, None] + np.arange(window)[None, :]]
+    return _shifted(seq, np.ones(seq.shape, np.float32))
+
+
+TASKS: dict[str, Callable[[DataConfig, int, np.random.Generator, int], Batch]] = {
+    "induction": induction_task,
+    "copy": copy_task,
+    "bytes": bytes_task,
+}
+
+
+def batch_at(config: DataConfig, vocab_size: int, seed: int, step: int) -> Batch:
+    """The batch of training step ``step`` (0-based), shaped (grad_accum, batch_size / grad_accum, seq_len)."""
+    if config.task not in TASKS:
+        raise ConfigError(f"config field 'data.task': expected one of {sorted(TASKS)}, got {config.task!r}")
+    if vocab_size <= FIRST_CONTENT_TOKEN:
+        raise ConfigError(f"config field 'model.vocab_size': expected > {FIRST_CONTENT_TOKEN} for training "
+                          f"data, got {vocab_size}")
+    rng = np.random.default_rng([seed, step])
+    batch = TASKS[config.task](config, vocab_size, rng, step)
+    micro = config.batch_size // config.grad_accum
+    return {name: array.reshape(config.grad_accum, micro, config.seq_len) for name, array in batch.items()}

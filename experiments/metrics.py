@@ -1,0 +1,54 @@
+"""Where training metrics go: output_dir/metrics.jsonl, TensorBoard event files (output_dir/tensorboard) and,
+on a terminal, a progress bar. Only process 0 writes; the other processes get a writer that does nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsWriter:
+    def __init__(self, output_dir: str | Path, start_step: int, total_steps: int):
+        """Keeps the rows of metrics.jsonl up to ``start_step`` (a resumed run rewrites what followed)."""
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        self.path = Path(output_dir) / "metrics.jsonl"
+        kept = [row for row in read_metrics(self.path) if row["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self.file = open(self.path, "a")
+        self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) \
+            if sys.stdout.isatty() else None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in row.items():
+            if key != "step":
+                self.tensorboard.add_scalar(f"train/{key}", value, row["step"])
+        if self.bar is not None:
+            self.bar.update(row["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tokens_per_s=f"{row['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        self.tensorboard.close()
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,236 @@
+"""Sharded training for either model family.
+
+    python -m experiments.train CONFIG [key=value ...]
+    python -m experiments.train tiny_falcon_mamba steps=20 seed=0 output_dir=runs/a \
+        mesh.data=2 mesh.fsdp=2 mesh.tensor=2 checkpoint_every=10
+
+CONFIG is a preset name in configs/ or a YAML path. The run writes to output_dir: config.yaml (the resolved
+config), metrics.jsonl (one JSON object per logged step), tensorboard/ and checkpoints/. Running the same
+command again resumes from the newest checkpoint and gives the losses of a run never interrupted.
+See docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import yaml
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from configs import load_config, to_dict
+from configs.schema import ConfigError, DistributedConfig, RunConfig
+from experiments import data as data_lib
+from experiments.checkpointing import Checkpointer, abstract_with_shardings
+from experiments.mesh import (batch_sharding, build_mesh, flatten_params, opt_state_shardings, param_shardings,
+                              put_global_batch, unflatten_params)
+from experiments.metrics import MetricsWriter
+from experiments.models import family_of
+from experiments.optim import learning_rate_schedule, make_optimizer
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step produced a NaN or Inf loss or gradient; the run stopped without applying it."""
+
+
+def initialize_distributed(config: DistributedConfig) -> None:
+    """jax.distributed.initialize from the config; fields left null are detected from the environment."""
+    if config.initialize:
+        jax.distributed.initialize(coordinator_address=config.coordinator_address,
+                                   num_processes=config.num_processes, process_id=config.process_id)
+
+
+def masked_loss(params, batch, total_weight, *, graphdef, structure):
+    """Sum over the batch of the masked next-token cross entropy, divided by ``total_weight``."""
+    model = nnx.merge(graphdef, unflatten_params(params, structure))
+    logits = model.forward(batch["inputs"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(ce * batch["mask"]) / total_weight
+
+
+def make_train_step(graphdef, structure, tx: optax.GradientTransformation, schedule: optax.Schedule, remat: str):
+    """state {"params", "opt_state", "step"}, batch (grad_accum, micro, seq) -> (state, metrics). Gradients
+    of the microbatches are summed by lax.scan; a step whose loss or gradient norm is not finite leaves the
+    state unchanged and reports finite=False."""
+    loss_fn = functools.partial(masked_loss, graphdef=graphdef, structure=structure)
+    if remat != "none":
+        loss_fn = jax.checkpoint(loss_fn, policy=REMAT_POLICIES[remat])
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state, batch):
+        total_weight = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
+
+        def microbatch(grads, mb):
+            loss, mb_grads = grad_fn(state["params"], mb, total_weight)
+            return jax.tree.map(jnp.add, grads, mb_grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        grads, losses = jax.lax.scan(microbatch, zeros, batch)
+        loss, grad_norm = jnp.sum(losses), optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+                     "step": state["step"] + 1}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
+                           "finite": finite}
+
+    return train_step
+
+
+class _StopFlag:
+    """Set by SIGTERM; the loop checkpoints and stops at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+
+
+class Setup(NamedTuple):
+    """What the training loop needs, built from the config alone (nothing is computed on devices yet)."""
+
+    mesh: Mesh
+    graphdef: Any
+    structure: Any
+    tx: optax.GradientTransformation
+    init_state: Callable[[], dict]          # builds {"params", "opt_state", "step"}; jit it with state_shardings
+    state_shardings: dict
+    batch_sharding: NamedSharding
+
+
+def prepare(run: RunConfig) -> Setup:
+    """The mesh, the model's graph, the optimizer and the shardings of the train state and batches."""
+    if run.model.param_dtype != "float32":
+        raise ConfigError(f"config field 'model.param_dtype': expected 'float32' for training (fp32 master "
+                          f"weights; compute_dtype sets the compute precision), got {run.model.param_dtype!r}")
+    model_cls, axes_table, _ = family_of(run.model)
+    mesh = build_mesh(run.mesh)
+    tx = make_optimizer(run.optim, run.steps)
+
+    def init_state():
+        params, _ = flatten_params(nnx.state(model_cls(run.model, seed=run.seed), nnx.Param))
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    graphdef, abstract_params_state = nnx.split(nnx.eval_shape(lambda: model_cls(run.model, seed=run.seed)),
+                                                nnx.Param)
+    abstract_params, structure = flatten_params(abstract_params_state)
+    p_shardings = param_shardings(abstract_params, axes_table, mesh, run.mesh.rules)
+    state_shardings = {"params": p_shardings,
+                       "opt_state": opt_state_shardings(jax.eval_shape(tx.init, abstract_params), p_shardings, mesh),
+                       "step": NamedSharding(mesh, PartitionSpec())}
+    micro = run.data.batch_size // run.data.grad_accum
+    b_sharding = batch_sharding(mesh, run.mesh.rules, (run.data.grad_accum, micro, run.data.seq_len))
+    return Setup(mesh, graphdef, structure, tx, init_state, state_shardings, b_sharding)
+
+
+def train(run: RunConfig) -> list[dict]:
+    """Trains (or resumes) the run; returns the metrics rows this call logged."""
+    setup = prepare(run)
+    state_shardings, b_sharding = setup.state_shardings, setup.batch_sharding
+    replicated = NamedSharding(setup.mesh, PartitionSpec())
+    output_dir = Path(run.output_dir)
+    if jax.process_index() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
+    checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
+    start = checkpointer.latest_step()
+    if start is None:
+        start = 0
+        state = jax.jit(setup.init_state, out_shardings=state_shardings)()
+    else:
+        target = abstract_with_shardings(jax.eval_shape(setup.init_state), state_shardings)
+        state, position = checkpointer.restore(start, target)
+        start = int(position["step"])
+    step_fn = jax.jit(make_train_step(setup.graphdef, setup.structure, setup.tx,
+                                      learning_rate_schedule(run.optim, run.steps), run.remat),
+                      in_shardings=(state_shardings, b_sharding), out_shardings=(state_shardings, replicated),
+                      donate_argnums=0)
+    tokens_per_step = run.data.batch_size * run.data.seq_len
+    writer = MetricsWriter(output_dir, start, run.steps)
+    stop = _StopFlag()
+    previous_handler = signal.signal(signal.SIGTERM, stop)
+    logged, last_saved = [], start
+    try:
+        last_time = time.perf_counter()
+        for step in range(start, run.steps):
+            if stop.requested:
+                break
+            host_batch = data_lib.batch_at(run.data, run.model.vocab_size, run.seed, step)
+            batch = {name: put_global_batch(array, b_sharding) for name, array in host_batch.items()}
+            state, metrics = step_fn(state, batch)
+            metrics = jax.device_get(metrics)
+            if not metrics["finite"]:
+                checkpointer.wait()
+                latest = checkpointer.latest_step()
+                kept = ("no checkpoint was saved yet" if latest is None else
+                        f"the last good checkpoint is step {latest} in {output_dir / 'checkpoints'}")
+                raise NonFiniteLossError(
+                    f"step {step + 1}: loss {float(metrics['loss'])} / gradient norm {float(metrics['grad_norm'])} "
+                    f"is not finite; stopped without applying the step; {kept}")
+            done = step + 1
+            if done % run.log_every == 0 or done == run.steps:
+                now = time.perf_counter()
+                row = {"step": done, "loss": float(metrics["loss"]), "learning_rate": float(metrics["learning_rate"]),
+                       "grad_norm": float(metrics["grad_norm"]),
+                       "tokens_per_s": tokens_per_step * (done - (logged[-1]["step"] if logged else start))
+                       / (now - last_time)}
+                last_time = now
+                writer.write(row)
+                logged.append(row)
+            if run.checkpoint_every and done % run.checkpoint_every == 0:
+                checkpointer.save(done, state, {"step": done, "task": run.data.task, "seed": run.seed})
+                last_saved = done
+        done = int(jax.device_get(state["step"]))
+        if done != last_saved:
+            checkpointer.save(done, state, {"step": done, "task": run.data.task, "seed": run.seed})
+        if stop.requested:
+            print(f"SIGTERM: saved checkpoint step {done} in {output_dir / 'checkpoints'}; stopping", flush=True)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+    return logged
+
+
+def _plain(value):
+    """Tuples -> lists, for yaml.safe_dump."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        run = load_config(argv[0], argv[1:])
+        initialize_distributed(run.distributed)
+        train(run)
+    except (ConfigError, ValueError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

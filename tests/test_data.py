@@ -1,0 +1,55 @@
+"""Training data: deterministic in (seed, step), the task registry, the byte stream over the stdlib."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from configs import DataConfig
+from configs.schema import ConfigError
+from experiments.data import TASKS, TRIGGER_TOKEN, batch_at, load_corpus
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_batches_are_a_function_of_seed_and_step(task):
+    config = DataConfig(task=task, batch_size=8, seq_len=32, grad_accum=2)
+    a, b = batch_at(config, 256, seed=1, step=5), batch_at(config, 256, seed=1, step=5)
+    other = batch_at(config, 256, seed=1, step=6)
+    for name in ("inputs", "targets", "mask"):
+        assert a[name].shape == (2, 4, 32)
+        np.testing.assert_array_equal(a[name], b[name])
+    assert not np.array_equal(a["inputs"], other["inputs"])
+    assert a["inputs"].dtype == np.int32 and a["inputs"].max() < 256 and a["mask"].sum() > 0
+    # targets are the inputs shifted by one
+    np.testing.assert_array_equal(a["inputs"][..., 1:], a["targets"][..., :-1])
+
+
+def test_induction_answer_is_the_token_after_the_first_trigger():
+    batch = batch_at(DataConfig(task="induction", batch_size=16, seq_len=24), 64, seed=0, step=0)
+    inputs, targets = batch["inputs"][0], batch["targets"][0]
+    for row, target in zip(inputs, targets):
+        first = int(np.flatnonzero(row == TRIGGER_TOKEN)[0])
+        assert row[-1] == TRIGGER_TOKEN and target[-1] == row[first + 1]
+    assert batch["mask"][0, :, :-1].sum() == 0 and batch["mask"][0, :, -1].all()
+
+
+def test_byte_stream_reads_the_stdlib_sequentially():
+    corpus = load_corpus("", "*.py")
+    assert corpus.size > 1_000_000
+    config = DataConfig(task="bytes", batch_size=2, seq_len=8)
+    step0 = batch_at(config, 256, seed=0, step=0)["inputs"][0]
+    np.testing.assert_array_equal(step0[0], corpus[:8])
+    np.testing.assert_array_equal(step0[1], corpus[8:16])
+    np.testing.assert_array_equal(batch_at(config, 256, seed=9, step=1)["inputs"][0, 0], corpus[16:24])
+
+
+def test_bad_data_settings_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"'data.task': expected one of \['bytes', 'copy', 'induction'\], "
+                                          r"got 'cpy'"):
+        batch_at(DataConfig(task="cpy"), 256, 0, 0)
+    with pytest.raises(ConfigError, match=r"'model.vocab_size': expected >= 256 for data.task 'bytes'"):
+        batch_at(DataConfig(task="bytes"), 100, 0, 0)
+    with pytest.raises(ConfigError, match=r"'data.text_dir': expected a directory with files matching"):
+        batch_at(DataConfig(task="bytes", text_dir=str(tmp_path)), 256, 0, 0)
+    with pytest.raises(ConfigError, match=r"'batch_size': expected a multiple of grad_accum \(3\), got 8"):
+        DataConfig(batch_size=8, grad_accum=3)

@@ -1,0 +1,112 @@
+"""Meshes from the config, the logical-axis rules, and the shardings parameters and optimizer state get."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec
+
+import ssm.sharding
+import transformer.sharding
+from configs import MeshConfig, load_config
+from configs.schema import ConfigError, DEFAULT_SHARDING_RULES
+from experiments.mesh import MeshError, logical_axes, mesh_shape, spec_for
+from tests.train_helpers import ROOT, cli_env, run_train
+
+MESH_2X2X2 = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+
+
+def test_mesh_shape_resolves_the_rest_and_names_mismatches():
+    assert mesh_shape(MeshConfig(), 8) == (8, 1, 1)
+    assert mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
+    with pytest.raises(MeshError, match=r"data=2 x fsdp=2 x tensor=4 needs 16 devices, but 8 are available"):
+        mesh_shape(MeshConfig(data=2, fsdp=2, tensor=4), 8)
+    with pytest.raises(MeshError, match=r"mesh.data=-1: the other axes .* use 3 devices, which does not divide "
+                                        r"the 8 devices"):
+        mesh_shape(MeshConfig(data=-1, fsdp=3), 8)
+
+
+def test_rules_are_config_data_with_checked_values():
+    run = load_config("tiny_falcon", ["mesh.rules.embed=tensor", "mesh.rules.mlp=[fsdp, tensor]",
+                                      "mesh.rules.vocab=null"])
+    assert run.mesh.rules["embed"] == ("tensor",) and run.mesh.rules["mlp"] == ("fsdp", "tensor")
+    assert run.mesh.rules["vocab"] == () and run.mesh.rules["batch"] == DEFAULT_SHARDING_RULES["batch"]
+    with pytest.raises(ConfigError, match=r"'mesh.rules.embed': expected null, one of \['data', 'fsdp', "
+                                          r"'tensor'\] or a list of distinct ones, got \('model',\)"):
+        load_config("tiny_falcon", ["mesh.rules.embed=model"])
+
+
+def test_family_tables_map_parameters_to_mesh_axes():
+    rules = DEFAULT_SHARDING_RULES
+    spec = lambda table, path, shape: spec_for(path, shape, logical_axes(table, path), MESH_2X2X2, rules)  # noqa
+    assert spec(ssm.sharding.PARAM_AXES, "layers.0.mixer.in_proj.kernel", (64, 256)) == PartitionSpec("fsdp", "tensor")
+    assert spec(ssm.sharding.PARAM_AXES, "layers.3.mixer.A_log", (128, 16)) == PartitionSpec("tensor", None)
+    assert spec(ssm.sharding.PARAM_AXES, "embeddings.embedding", (256, 64)) == PartitionSpec("tensor", "fsdp")
+    assert spec(transformer.sharding.PARAM_AXES, "h.1.mlp.dense_4h_to_h.kernel", (256, 64)) == \
+        PartitionSpec("tensor", "fsdp")
+    assert spec(transformer.sharding.PARAM_AXES, "h.0.ln_attn.weight", (64,)) == PartitionSpec(None)
+    with pytest.raises(MeshError, match=r"parameter 'h.0.mystery': no entry"):
+        logical_axes(transformer.sharding.PARAM_AXES, "h.0.mystery")
+
+
+def test_dimension_not_divisible_names_parameter_axis_and_size():
+    with pytest.raises(MeshError, match=r"layers.0.mixer.in_proj.kernel: dimension 1 \('d_inner'\) has size 255, "
+                                        r"which is not divisible by mesh axes tensor=2"):
+        spec_for("layers.0.mixer.in_proj.kernel", (64, 255), ("embed", "d_inner"), MESH_2X2X2,
+                 DEFAULT_SHARDING_RULES)
+
+
+def test_cli_reports_bad_mesh_and_indivisible_dims(tmp_path):
+    bad_mesh = run_train("tiny_falcon_mamba", tmp_path / "a", "mesh.data=3", devices=8, cache_dir=tmp_path,
+                         expect_ok=False)
+    assert bad_mesh.returncode == 1 and "data=3 x fsdp=1 x tensor=1 needs 3 devices, but 8 are available" \
+        in bad_mesh.stderr, bad_mesh.stderr[-2000:]
+
+
+SHARDING_CHECK = textwrap.dedent("""
+    import jax
+    from jax.sharding import PartitionSpec as P
+    from configs import load_config
+    from experiments.train import prepare
+
+    for preset, checks in {
+        "tiny_falcon_mamba": {"layers.0.mixer.in_proj.kernel": P("fsdp", "tensor"),
+                              "layers.0.mixer.conv_kernel": P(None, "tensor"),
+                              "layers.0.mixer.out_proj.kernel": P("tensor", "fsdp"),
+                              "embeddings.embedding": P("tensor", "fsdp"), "norm_f.weight": P(None)},
+        "tiny_falcon": {"h.0.self_attention.query_key_value.kernel": P("fsdp", "tensor"),
+                        "h.0.mlp.dense_h_to_4h.kernel": P("fsdp", "tensor"),
+                        "word_embeddings.embedding": P("tensor", "fsdp")},
+    }.items():
+        run = load_config(preset, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+        setup = prepare(run)
+        state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+        adam = state["opt_state"][1][0]
+        for path, spec in checks.items():
+            for name, array in (("param", state["params"][path]), ("mu", adam.mu[path]), ("nu", adam.nu[path])):
+                assert array.sharding.spec == spec, (preset, path, name, array.sharding.spec, spec)
+                assert array.sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+                assert len(array.addressable_shards) == 8
+        for path, array in state["params"].items():
+            assert array.sharding == setup.state_shardings["params"][path], path
+        assert state["step"].sharding.spec == P()
+        assert setup.batch_sharding.spec == P(None, ("data", "fsdp"), None)
+    bad = load_config("tiny_falcon_mamba", ["mesh.data=1", "mesh.tensor=8", "model.intermediate_size=132"])
+    try:
+        prepare(bad)
+    except ValueError as err:
+        print("ERROR:", err)
+    print("OK")
+""")
+
+
+def test_params_and_optimizer_state_follow_the_rules_on_8_devices(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", SHARDING_CHECK], env=cli_env(8, tmp_path), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    assert ("ERROR: parameter 'layers.0.mixer.A_log': dimension 0 ('d_inner') has size 132, which is not "
+            "divisible by mesh axes tensor=8") in proc.stdout or \
+        "dimension 1 ('d_inner') has size 264" in proc.stdout, proc.stdout

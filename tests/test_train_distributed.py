@@ -1,0 +1,37 @@
+"""Two processes on localhost (one CPU device each, gloo collectives) train the same model as one process
+with two devices."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import numpy as np
+
+from experiments.metrics import read_metrics
+from tests.train_helpers import ROOT, cli_env, run_train, train_command
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    common = ["steps=4", "mesh.data=2", "checkpoint_every=2"]
+    run_train("tiny_falcon_mamba", tmp_path / "single", *common, devices=2, cache_dir=tmp_path / "cache")
+    port = _free_port()
+    procs = [subprocess.Popen(
+        train_command("tiny_falcon_mamba", tmp_path / "multi", *common, "distributed.initialize=true",
+                      f"distributed.coordinator_address=localhost:{port}", "distributed.num_processes=2",
+                      f"distributed.process_id={i}"),
+        env=cli_env(1, tmp_path / f"cache{i}"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-2000:] for out in outputs)
+    single = [row["loss"] for row in read_metrics(tmp_path / "single" / "metrics.jsonl")]
+    multi = [row["loss"] for row in read_metrics(tmp_path / "multi" / "metrics.jsonl")]
+    assert len(multi) == 4
+    np.testing.assert_allclose(multi, single, rtol=0, atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
