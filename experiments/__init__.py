@@ -1,1 +1,1 @@
-"""What runs: demo, benchmarks (and later training, generation, experiments)."""
+"""What runs: training, generation, the demo, experiments and benchmarks."""

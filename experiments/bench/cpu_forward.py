@@ -2,6 +2,7 @@
 and each scan implementation's forward and forward+backward throughput.
 
     python -m experiments.bench.cpu_forward [--length 4096] [--batch 1] [--preset small_falcon_mamba]
+        [--vocabs 1024 65024]
 
 Both models compute full-sequence fp32 logits for the same token ids; the weights are built once (random,
 mamba_ssm init), exported with ssm.save_pretrained and loaded by transformers. Printed: seconds, tokens/s
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 
 import jax
@@ -24,11 +26,11 @@ from ssm import FalconMambaLM, save_pretrained
 from ssm.scan import selective_scan
 
 
-def bench_models(args) -> dict:
+def bench_model(args, vocab: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = load_model_config(args.preset, [f"vocab_size={args.vocab}"] if args.vocab else [])
+    config = load_model_config(args.preset, [f"vocab_size={vocab}"])
     model = FalconMambaLM(config, seed=0)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.length))
     jax_seconds = time_call(model, ids, repeats=args.repeats)
@@ -79,7 +81,9 @@ def bench_scans(args) -> list[dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small_falcon_mamba")
-    parser.add_argument("--vocab", type=int, default=None, help="override the preset's vocab_size")
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[1024, 65024],
+                        help="vocab sizes to run: a small one measures the model body; at Falcon's 65024 the "
+                             "lm_head matmul, the same in both frameworks, dominates")
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -87,19 +91,21 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
 
-    models = bench_models(args)
+    models = [bench_model(args, vocab) for vocab in args.vocabs]
     scans = bench_scans(args)
     if args.json:
-        print(json.dumps({"versions": versions(), "models": models, "scans": scans}, indent=2))
+        print(json.dumps({"versions": versions(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "models": models,
+                          "scans": scans}, indent=2))
         return
-    print(f"versions: {versions()}")
-    print(f"model {models['preset']} (vocab {models['vocab_size']}), batch {models['batch']} x {models['length']} "
-          f"tokens, fp32 logits:")
-    print(f"  JAX          {models['jax_seconds']:8.3f} s  {models['jax_tokens_per_s']:10,.0f} tokens/s")
-    print(f"  transformers {models['transformers_seconds']:8.3f} s  {models['transformers_tokens_per_s']:10,.0f} "
-          f"tokens/s")
-    print(f"  JAX / transformers throughput: {models['speedup_vs_transformers']:.1f}x   "
-          f"(max |logits diff| {models['max_abs_logits_diff']:.2e})")
+    print(f"versions: {versions()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    for row in models:
+        print(f"model {row['preset']} (vocab {row['vocab_size']}), batch {row['batch']} x {row['length']} tokens, "
+              f"fp32 logits:")
+        print(f"  JAX          {row['jax_seconds']:8.3f} s  {row['jax_tokens_per_s']:10,.0f} tokens/s")
+        print(f"  transformers {row['transformers_seconds']:8.3f} s  {row['transformers_tokens_per_s']:10,.0f} "
+              f"tokens/s")
+        print(f"  JAX / transformers throughput: {row['speedup_vs_transformers']:.1f}x   "
+              f"(max |logits diff| {row['max_abs_logits_diff']:.2e})")
     print(f"scan only (dim {scans[0]['dim']}, dstate {scans[0]['dstate']}):")
     for row in scans:
         name = row["impl"] + (f"(chunk {row['chunk_size']})" if row["chunk_size"] else "")
