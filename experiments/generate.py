@@ -1,6 +1,7 @@
-"""Generate a continuation from a local Hugging Face directory of either family.
+"""Generate a continuation from a local Hugging Face directory or a training run's output_dir, either family.
 
     python -m experiments.generate PATH --prompt "Hello" [--tokenizer PATH/tokenizer.json]
+    python -m experiments.generate runs/a --ids 1,2,3 [--step 20]     # a checkpoint of experiments.train
     python -m experiments.generate PATH --ids 1,2,3 --max-new-tokens 32 --temperature 0.7 --top-p 0.9
 
 Text prompts go through a local tokenizer.json (the `tokenizers` package; default: PATH/tokenizer.json).
@@ -29,7 +30,9 @@ def _parse_ids(text: str) -> list[int]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", help="local HF directory: config.json + *.safetensors (+ tokenizer.json)")
+    parser.add_argument("path", help="local HF directory (config.json + *.safetensors [+ tokenizer.json]) or a "
+                                     "training output_dir (config.yaml + checkpoints/)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a training run (default: newest)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (needs a tokenizer.json)")
     source.add_argument("--ids", help="prompt token ids, e.g. 1,2,3")
@@ -46,8 +49,14 @@ def main(argv=None) -> None:
     parser.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     args = parser.parse_args(argv)
 
-    overrides = {"compute_dtype": args.compute_dtype} if args.compute_dtype else {}
-    model = load_pretrained(args.path, **overrides)
+    if (Path(args.path) / "config.yaml").is_file():
+        from experiments.train import load_trained_model
+
+        model, step = load_trained_model(args.path, args.step)
+        print(f"[loaded checkpoint step {step} of {args.path}]", file=sys.stderr)
+    else:
+        overrides = {"compute_dtype": args.compute_dtype} if args.compute_dtype else {}
+        model = load_pretrained(args.path, **overrides)
     tokenizer = None
     if args.prompt is not None:
         from tokenizers import Tokenizer

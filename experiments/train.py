@@ -208,6 +208,25 @@ def train(run: RunConfig) -> list[dict]:
     return logged
 
 
+def load_trained_model(output_dir: str | Path, step: int | None = None):
+    """The model of a training run's output_dir at checkpoint ``step`` (default: the newest), on the local
+    devices whatever mesh it was trained on. Returns (model, step)."""
+    output_dir = Path(output_dir)
+    config_path = output_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"output_dir: {str(output_dir)!r} has no config.yaml (not a training run)")
+    run = load_config(config_path, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "distributed.initialize=false"])
+    checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"output_dir: {str(output_dir)!r} has no checkpoint yet")
+    setup = prepare(run)
+    target = abstract_with_shardings(jax.eval_shape(setup.init_state), setup.state_shardings)
+    state, _ = checkpointer.restore(step, target)
+    checkpointer.close()
+    return nnx.merge(setup.graphdef, unflatten_params(state["params"], setup.structure)), step
+
+
 def _plain(value):
     """Tuples -> lists, for yaml.safe_dump."""
     if isinstance(value, dict):

@@ -62,3 +62,25 @@ def test_stream_prints_the_same_tokens(checkpoint):
 def test_missing_tokenizer_is_named(tmp_path, checkpoint):
     result = _run(checkpoint, "--prompt", "w1", "--tokenizer", tmp_path / "nope.json")
     assert result.returncode != 0 and "--tokenizer" in result.stderr and "nope.json" in result.stderr
+
+
+def test_generate_from_a_training_run(tmp_path):
+    """experiments.train writes checkpoints; experiments.generate continues from the run directory with the
+    restored model (compared with load_trained_model + greedy generation in this process)."""
+    import numpy as np
+
+    from experiments.train import load_trained_model
+    from runtime.generation import generate
+
+    out = tmp_path / "run"
+    trained = subprocess.run([sys.executable, "-m", "experiments.train", "tiny_falcon_mamba", "steps=3",
+                              "checkpoint_every=3", "log_every=1", "model.num_hidden_layers=1", "data.seq_len=16",
+                              "data.batch_size=4", f"output_dir={out}"], capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    result = _run(out, "--ids", "5,6,7", "--max-new-tokens", "4", "--stop")
+    assert result.returncode == 0, result.stderr
+    assert "loaded checkpoint step 3" in result.stderr
+    model, step = load_trained_model(out)
+    assert step == 3
+    expected = generate(model, np.array([[5, 6, 7]]), max_new_tokens=4, temperature=0).row(0)
+    assert [int(t) for t in result.stdout.split()] == expected
