@@ -25,13 +25,21 @@ class Dense(nnx.Module):
     """y = x @ kernel + bias, kernel (in, out) (the transpose of torch.nn.Linear.weight)."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
-                 init_scale: float | None = None):
-        # torch.nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)) for the weight and the bias.
-        bound = init_scale if init_scale is not None else in_features ** -0.5
-        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (in_features, out_features), param_dtype,
-                                                   -bound, bound))
-        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (out_features,), param_dtype, -bound, bound)) \
-            if use_bias else None
+                 init_scale: float | None = None, init_std: float | None = None):
+        """Init: torch.nn.Linear's default U(-1/sqrt(in), 1/sqrt(in)) for weight and bias; ``init_scale`` sets
+        that uniform bound; ``init_std`` instead draws the weight from N(0, init_std^2) with a zero bias
+        (transformers' Falcon init)."""
+        key = rngs.params()
+        bias_key = rngs.params()
+        if init_std is not None:
+            kernel = init_std * jax.random.normal(key, (in_features, out_features), param_dtype)
+            bias = jnp.zeros((out_features,), param_dtype)
+        else:
+            bound = init_scale if init_scale is not None else in_features ** -0.5
+            kernel = jax.random.uniform(key, (in_features, out_features), param_dtype, -bound, bound)
+            bias = jax.random.uniform(bias_key, (out_features,), param_dtype, -bound, bound)
+        self.kernel = nnx.Param(kernel)
+        self.bias = nnx.Param(bias) if use_bias else None
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:

@@ -45,9 +45,9 @@ class FalconAttention(nnx.Module):
         qkv_out = (config.num_attention_heads + 2 * config.kv_heads) * config.head_dim
         init = config.initializer_range
         self.query_key_value = Dense(config.hidden_size, qkv_out, use_bias=config.bias, dtype=dtype,
-                                     param_dtype=pdtype, rngs=rngs, init_scale=init)
+                                     param_dtype=pdtype, rngs=rngs, init_std=init)
         self.dense = Dense(config.hidden_size, config.hidden_size, use_bias=config.bias, dtype=dtype,
-                           param_dtype=pdtype, rngs=rngs, init_scale=init)
+                           param_dtype=pdtype, rngs=rngs, init_std=init)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, key_bias: jax.Array | None,
                  cache: tuple[jax.Array, jax.Array] | None = None, start: jax.Array | None = None,
@@ -79,7 +79,7 @@ class FalconMLP(nnx.Module):
     def __init__(self, config: FalconConfig, *, rngs: nnx.Rngs):
         dtype, pdtype = dtype_of(config.compute_dtype), dtype_of(config.param_dtype)
         dense = lambda i, o: Dense(i, o, use_bias=config.bias, dtype=dtype, param_dtype=pdtype,  # noqa: E731
-                                   rngs=rngs, init_scale=config.initializer_range)
+                                   rngs=rngs, init_std=config.initializer_range)
         self.dense_h_to_4h = dense(config.hidden_size, config.ffn_hidden_size)
         self.dense_4h_to_h = dense(config.ffn_hidden_size, config.hidden_size)
         self.dtype = dtype
@@ -136,7 +136,7 @@ class FalconLM(CausalLM):
         self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, dtype=dtype, param_dtype=pdtype)
         self.lm_head = None if config.tie_word_embeddings else Dense(
             config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, rngs=rngs,
-            init_scale=config.initializer_range)
+            init_std=config.initializer_range)
 
     def position_terms(self, positions: jax.Array, kv_len: int):
         """(RoPE cos, sin) for query/key ``positions`` (seq,) or (batch, seq), or the ALiBi key bias
