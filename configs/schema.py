@@ -311,18 +311,21 @@ class OptimConfig:
 class DataConfig:
     """What the trainer reads. ``task`` names an entry of experiments.data.TASKS: a synthetic task generated
     from (seed, step), or "bytes", a byte-level LM stream over the files matching ``text_glob`` under
-    ``text_dir`` (empty: the directory of Python's own standard library). ``batch_size`` is global (all
+    ``text_dir`` (empty: the directory of Python's own standard library). ``num_items`` is the number of
+    tokens selective_copying copies or of key-value pairs mqar stores. ``batch_size`` is global (all
     devices, all microbatches); each step runs ``grad_accum`` microbatches of batch_size / grad_accum."""
 
     task: str = "induction"
     batch_size: int = 8
     seq_len: int = 64
     grad_accum: int = 1
+    # Synthetic tasks: selective_copying copies num_items tokens; mqar stores num_items key-value pairs.
+    num_items: int = 4
     text_dir: str = ""
     text_glob: str = "*.py"
 
     def __post_init__(self) -> None:
-        _positive_int(self, "batch_size", "seq_len", "grad_accum")
+        _positive_int(self, "batch_size", "seq_len", "grad_accum", "num_items")
         _require(self.batch_size % self.grad_accum == 0, "batch_size",
                  f"a multiple of grad_accum ({self.grad_accum})", self.batch_size)
         _require(isinstance(self.task, str) and self.task != "", "task", "a task name", self.task)

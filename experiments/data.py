@@ -20,8 +20,9 @@ from configs.schema import ConfigError, DataConfig
 Batch = dict[str, np.ndarray]
 
 # Token ids the synthetic tasks reserve; content tokens are drawn from [FIRST_CONTENT_TOKEN, vocab_size).
-TRIGGER_TOKEN = 1
-SEPARATOR_TOKEN = 2
+NOISE_TOKEN = 0        # the filler of selective_copying and mqar (Zoology pads with 0 too)
+TRIGGER_TOKEN = 1      # induction heads' special token
+SEPARATOR_TOKEN = 2    # the delimiter after which selective_copying's tokens are copied
 FIRST_CONTENT_TOKEN = 3
 
 
@@ -32,11 +33,16 @@ def _shifted(seq: np.ndarray, mask: np.ndarray) -> Batch:
 
 
 def induction_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
-    """Random tokens with a trigger token at a random early position followed by a key token; the sequence
-    ends with the trigger again, and the loss is on predicting the key after it (an induction head)."""
+    """Induction heads as in the Mamba paper (section 4.1.2): seq_len random content tokens, except that the
+    special token TRIGGER_TOKEN appears once at a uniformly random position p in [0, seq_len - 3] and again as
+    the last input; the answer is the token that followed it at p + 1. The loss is only on that answer
+    (the target of the last input position). The trigger never occurs elsewhere in the sequence."""
+    if config.seq_len < 3:
+        raise ConfigError(f"config field 'data.seq_len': expected >= 3 for data.task 'induction', "
+                          f"got {config.seq_len}")
     batch, length = config.batch_size, config.seq_len + 1
     seq = rng.integers(FIRST_CONTENT_TOKEN, vocab_size, size=(batch, length))
-    where = rng.integers(0, length // 2, size=batch)
+    where = rng.integers(0, config.seq_len - 2, size=batch)   # p + 1 <= seq_len - 2 < the final trigger
     rows = np.arange(batch)
     seq[rows, where] = TRIGGER_TOKEN
     seq[:, -2] = TRIGGER_TOKEN
@@ -47,7 +53,8 @@ def induction_task(config: DataConfig, vocab_size: int, rng: np.random.Generator
 
 
 def copy_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
-    """A random first half, a separator, then the first half again; the loss is on the copy."""
+    """Plain copying (the Mamba paper's "Copying", Figure 2 left): a random first half, a separator, then the
+    first half again; the loss is on the copy."""
     batch, length = config.batch_size, config.seq_len + 1
     half = (length - 1) // 2
     seq = np.full((batch, length), SEPARATOR_TOKEN, np.int64)
@@ -55,6 +62,59 @@ def copy_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, ste
     seq[:, half + 1:2 * half + 1] = seq[:, :half]
     mask = np.zeros((batch, length), np.float32)
     mask[:, half + 1:2 * half + 1] = 1.0
+    return _shifted(seq, mask)
+
+
+def selective_copying_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
+    """Selective copying (Mamba paper, Table 1): num_items content tokens scattered at random positions, in
+    order, among NOISE_TOKEN fillers over the first seq_len - num_items positions; then SEPARATOR_TOKEN and the
+    content tokens again in order. The loss is on the num_items copied tokens."""
+    n = config.num_items
+    region = config.seq_len - n  # noise + content; then the separator and the n copied tokens
+    if region < n:
+        raise ConfigError(f"config field 'data.seq_len': expected >= 2 * data.num_items ({2 * n}) for data.task "
+                          f"'selective_copying', got {config.seq_len}")
+    batch, length = config.batch_size, config.seq_len + 1
+    seq = np.full((batch, length), NOISE_TOKEN, np.int64)
+    content = rng.integers(FIRST_CONTENT_TOKEN, vocab_size, size=(batch, n))
+    positions = np.sort(rng.random((batch, region)).argsort(axis=1)[:, :n], axis=1)
+    rows = np.arange(batch)[:, None]
+    seq[rows, positions] = content
+    seq[:, region] = SEPARATOR_TOKEN
+    seq[:, region + 1:] = content
+    mask = np.zeros((batch, length), np.float32)
+    mask[:, region + 1:] = 1.0
+    return _shifted(seq, mask)
+
+
+def mqar_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
+    """Multi-query associative recall (Zoology, Arora et al. 2023): num_items key-value pairs k1 v1 k2 v2 ...
+    (distinct keys from the lower half of the content tokens, values from the upper half), then every key is
+    queried once, in random order, at random positions among NOISE_TOKEN fillers; a query is the key followed by
+    its value, and the loss is on the values after the queries."""
+    n = config.num_items
+    content = vocab_size - FIRST_CONTENT_TOKEN
+    n_keys = content // 2
+    if n_keys < n:
+        raise ConfigError(f"config field 'model.vocab_size': expected >= {FIRST_CONTENT_TOKEN + 2 * n} for "
+                          f"data.task 'mqar' with data.num_items {n} (distinct keys), got {vocab_size}")
+    batch, length = config.batch_size, config.seq_len + 1
+    slots = (length - 2 * n) // 2  # the query region, in (key, value) slots of two tokens
+    if slots < n:
+        raise ConfigError(f"config field 'data.seq_len': expected >= {4 * n} (4 * data.num_items) for data.task "
+                          f"'mqar', got {config.seq_len}")
+    keys = rng.random((batch, n_keys)).argsort(axis=1)[:, :n] + FIRST_CONTENT_TOKEN
+    values = rng.integers(FIRST_CONTENT_TOKEN + n_keys, vocab_size, size=(batch, n))
+    seq = np.full((batch, length), NOISE_TOKEN, np.int64)
+    seq[:, 0:2 * n:2], seq[:, 1:2 * n:2] = keys, values
+    rows = np.arange(batch)[:, None]
+    order = rng.random((batch, n)).argsort(axis=1)          # which pair each query asks for
+    query_slots = np.sort(rng.random((batch, slots)).argsort(axis=1)[:, :n], axis=1)
+    at = 2 * n + 2 * query_slots
+    seq[rows, at] = keys[rows, order]
+    seq[rows, at + 1] = values[rows, order]
+    mask = np.zeros((batch, length), np.float32)
+    mask[rows, at + 1] = 1.0
     return _shifted(seq, mask)
 
 
@@ -89,6 +149,8 @@ def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, st
 TASKS: dict[str, Callable[[DataConfig, int, np.random.Generator, int], Batch]] = {
     "induction": induction_task,
     "copy": copy_task,
+    "selective_copying": selective_copying_task,
+    "mqar": mqar_task,
     "bytes": bytes_task,
 }
 

@@ -113,13 +113,15 @@ class Setup(NamedTuple):
     batch_sharding: NamedSharding
 
 
-def prepare(run: RunConfig) -> Setup:
-    """The mesh, the model's graph, the optimizer and the shardings of the train state and batches."""
+def prepare(run: RunConfig, mesh: Mesh | None = None) -> Setup:
+    """The mesh, the model's graph, the optimizer and the shardings of the train state and batches.
+    ``mesh`` (default: build_mesh(run.mesh) over all devices) may be a jax.sharding.AbstractMesh, as the
+    planner (experiments.plan) uses to size runs on more devices than this host has."""
     if run.model.param_dtype != "float32":
         raise ConfigError(f"config field 'model.param_dtype': expected 'float32' for training (fp32 master "
                           f"weights; compute_dtype sets the compute precision), got {run.model.param_dtype!r}")
     model_cls, axes_table, _ = family_of(run.model)
-    mesh = build_mesh(run.mesh)
+    mesh = build_mesh(run.mesh) if mesh is None else mesh
     tx = make_optimizer(run.optim, run.steps)
 
     def init_state():

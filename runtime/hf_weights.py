@@ -80,6 +80,152 @@ def load_weights(module: Any, tensors: Mapping[str, np.ndarray], specs: list[Wei
     return sorted(set(tensors) - used)
 
 
+def _hf_index(index: tuple[slice, ...], transform: str) -> tuple:
+    """The HF-layout index of the slice ``index`` of our (transformed) array."""
+    if transform == "linear":
+        return (index[1], index[0])
+    if transform == "conv":
+        return (index[1], 0, index[0])
+    return index
+
+
+def param_path(path: tuple[Any, ...]) -> str:
+    """The dotted parameter path ("layers.0.mixer.in_proj.kernel") of a WeightSpec path."""
+    return ".".join(str(key) for key in path)
+
+
+def sharding_from_rules(name: str, path: str, shape: tuple[int, ...], table, mesh, rules) -> Any:
+    """NamedSharding of parameter ``path`` from a family's PARAM_AXES table and logical -> mesh axis rules
+    (configs.schema.DEFAULT_SHARDING_RULES merged with mesh.rules); the same mapping as
+    experiments.mesh.spec_for. Fails naming the checkpoint tensor when a dimension does not divide."""
+    import math
+    import re
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    logical = next((axes for pattern, axes in table if re.fullmatch(pattern, path)), None)
+    if logical is None:
+        raise CheckpointError(f"tensor {name!r} (parameter {path!r}): no entry in the family's PARAM_AXES table")
+    if len(logical) != len(shape):
+        raise CheckpointError(f"tensor {name!r} (parameter {path!r}): {len(logical)} logical axes {logical} for "
+                              f"shape {shape}")
+    used: set[str] = set()
+    spec = []
+    for dim, (size, axis_name) in enumerate(zip(shape, logical)):
+        if axis_name not in rules:
+            raise CheckpointError(f"tensor {name!r}: logical axis {axis_name!r} has no entry in mesh rules "
+                                  f"(known: {sorted(rules)})")
+        axes = tuple(a for a in rules[axis_name] if mesh.shape[a] > 1)
+        if used & set(axes):
+            raise CheckpointError(f"tensor {name!r}: mesh axes {sorted(used & set(axes))} would split two "
+                                  f"dimensions (logical axes {logical})")
+        used |= set(axes)
+        parts = math.prod(mesh.shape[a] for a in axes)
+        if size % parts:
+            across = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+            raise CheckpointError(f"tensor {name!r} (parameter {path!r}): dimension {dim} ({axis_name!r}) has "
+                                  f"size {size}, which is not divisible by mesh axes {across}")
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _check_divisible(name: str, path: str, shape: tuple[int, ...], sharding) -> None:
+    """Names the tensor when ``sharding`` cannot split ``shape`` evenly (a checkpoint/config that does not
+    fit the mesh)."""
+    try:
+        shard = sharding.shard_shape(shape)
+    except ValueError as err:
+        raise CheckpointError(f"tensor {name!r} (parameter {path!r}, shape {shape}) does not fit the mesh "
+                              f"sharding {sharding}: {err}") from None
+    if len(shard) != len(shape):
+        raise CheckpointError(f"tensor {name!r} (parameter {path!r}): sharding {sharding} has rank "
+                              f"{len(shard)}, the parameter has shape {shape}")
+
+
+def load_weights_streaming(module: Any, tensors: Mapping[str, Any], specs: list[WeightSpec], shardings,
+                           source: str = "checkpoint") -> list[str]:
+    """Fills an abstract module (built with nnx.eval_shape) tensor by tensor, straight into sharded arrays.
+
+    ``tensors``: name -> LazyTensor (runtime.safetensors_io.open_checkpoint_lazy) or array. ``shardings``:
+    a callable (hf_name, param_path, shape) -> jax.sharding.Sharding. For each tensor, every addressable
+    device's slice is read from a memory map of that tensor alone (the HF slice, transposed to our layout),
+    converted to the parameter dtype and placed by jax.make_array_from_callback; the map is dropped before
+    the next tensor. Host memory thus holds one tensor's pages plus one slice copy at a time, and a process
+    reads only the slices of its own devices. Returns the names of tensors no spec used."""
+    import jax
+
+    used = set()
+    for spec in specs:
+        name = next((n for n in (spec.hf_name,) + spec.aliases if n in tensors), None)
+        if name is None:
+            names = " or ".join(repr(n) for n in (spec.hf_name,) + spec.aliases)
+            raise CheckpointError(f"{source}: missing tensor {names}")
+        param = resolve(module, spec.path)
+        abstract = param.get_value()
+        shape, dtype = tuple(abstract.shape), abstract.dtype
+        expected = hf_shape(shape, spec.transform)
+        source_tensor = tensors[name]
+        if tuple(source_tensor.shape) != expected:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(source_tensor.shape)}, the config "
+                                  f"needs {expected}")
+        path = param_path(spec.path)
+        sharding = shardings(name, path, shape)
+        _check_divisible(name, path, shape, sharding)
+        hf_array = source_tensor.open() if hasattr(source_tensor, "open") else np.asarray(source_tensor)
+        cache: dict[tuple, np.ndarray] = {}
+
+        def callback(index, hf_array=hf_array, transform=spec.transform, dtype=dtype, cache=cache, ndim=len(shape)):
+            index = tuple(index) + (slice(None),) * (ndim - len(index))
+            key = tuple((s.start, s.stop, s.step) for s in index)
+            if key not in cache:
+                part = hf_array[_hf_index(index, transform)]
+                cache[key] = np.array(part.T if transform in ("linear", "conv") else part, dtype=dtype, copy=True)
+            return cache[key]
+
+        param.set_value(jax.make_array_from_callback(shape, sharding, callback))
+        del hf_array, cache, callback
+        used.add(name)
+    leftover = [path for path, leaf in _leaves_with_paths(module) if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if leftover:
+        raise CheckpointError(f"{source}: parameters {leftover} were not filled from the checkpoint (no spec)")
+    return sorted(set(tensors) - used)
+
+
+def _leaves_with_paths(module: Any):
+    import jax
+    from flax import nnx
+
+    state = nnx.state(module)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        yield jax.tree_util.keystr(path), leaf
+
+
+def resolve_shardings(mesh=None, rules=None, shardings=None, table=None):
+    """(hf_name, param_path, shape) -> Sharding, from what a from_pretrained caller gave:
+    ``shardings`` {param path: Sharding} (e.g. experiments.mesh.param_shardings) or a callable of the path;
+    or ``mesh`` plus optional ``rules`` (logical axis -> mesh axes over DEFAULT_SHARDING_RULES) with the
+    family's PARAM_AXES ``table``; or nothing: the default device."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    if shardings is not None:
+        if callable(shardings):
+            return lambda name, path, shape: shardings(path)
+
+        def lookup(name, path, shape):
+            if path not in shardings:
+                raise CheckpointError(f"tensor {name!r}: shardings has no entry for parameter {path!r}")
+            return shardings[path]
+        return lookup
+    if mesh is not None:
+        from configs.schema import DEFAULT_SHARDING_RULES, MeshConfig
+
+        merged = MeshConfig(rules=dict(rules or {})).rules if rules is not None else dict(DEFAULT_SHARDING_RULES)
+        return lambda name, path, shape: sharding_from_rules(name, path, shape, table, mesh, merged)
+    device = SingleDeviceSharding(jax.devices()[0])
+    return lambda name, path, shape: device
+
+
 def export_weights(module: Any, specs: list[WeightSpec], dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array in HF layout) for every spec, one at a time."""
     for spec in specs:

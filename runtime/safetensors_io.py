@@ -117,30 +117,154 @@ def open_checkpoint(directory: str | Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+class LazyTensor:
+    """One tensor of a safetensors file, not yet mapped: its name, dtype, shape and byte range.
+
+    ``open()`` memory-maps this tensor alone (np.memmap with an offset); dropping the returned array unmaps it,
+    so a loader that handles one tensor at a time keeps at most that tensor's pages resident."""
+
+    __slots__ = ("path", "name", "dtype", "shape", "offset")
+
+    def __init__(self, path: Path, name: str, dtype: np.dtype, shape: tuple[int, ...], offset: int):
+        self.path, self.name, self.dtype, self.shape, self.offset = path, name, dtype, shape, offset
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def open(self) -> np.ndarray:
+        if self.nbytes == 0:
+            return np.zeros(self.shape, self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        array = np.array(self.open(), copy=True)
+        return array if dtype is None else array.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.name!r}, {self.dtype}, {self.shape}, {str(self.path)!r})"
+
+
+def lazy_tensors(path: str | Path) -> dict[str, LazyTensor]:
+    """name -> LazyTensor for every tensor of one safetensors file (only the header is read)."""
+    path = Path(path)
+    header, start = read_header(path)
+    size = path.stat().st_size
+    tensors = {}
+    for name, info in header.items():
+        dtype = DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != expected:
+            raise CheckpointError(f"{str(path)!r}: tensor {name!r} has {end - begin} bytes, its shape {shape} "
+                                  f"and dtype {info['dtype']} need {expected}")
+        if start + end > size:
+            raise CheckpointError(f"{str(path)!r}: tensor {name!r} ends at byte {start + end}, past the end of "
+                                  f"the file ({size} bytes)")
+        tensors[name] = LazyTensor(path, name, dtype, shape, start + begin)
+    return tensors
+
+
+def open_checkpoint_lazy(directory: str | Path) -> dict[str, LazyTensor]:
+    """name -> LazyTensor over every file of a HF checkpoint directory (headers only; nothing is mapped)."""
+    tensors: dict[str, LazyTensor] = {}
+    for path in iter_checkpoint_files(directory):
+        tensors.update(lazy_tensors(path))
+    return tensors
+
+
+class _ShardWriter:
+    """Appends tensors' bytes to a data file as they come; ``finish`` writes header + data to ``path``.
+
+    Host memory holds one tensor at a time; the data section is copied once, in 64 MiB blocks."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = Path(f"{path}.data-{os.getpid()}")
+        self.fh = open(self.data_path, "wb")
+        self.header: dict = {"__metadata__": {"format": "pt"}}
+        self.size = 0
+        self.names: list[tuple[str, int]] = []
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        dtype = np.dtype(array.dtype)
+        if dtype not in NAMES:
+            raise CheckpointError(f"tensor {name!r}: dtype {dtype} cannot be written to safetensors")
+        array = np.ascontiguousarray(array)
+        self.header[name] = {"dtype": NAMES[dtype], "shape": list(array.shape),
+                             "data_offsets": [self.size, self.size + array.nbytes]}
+        self.fh.write(memoryview(array.reshape(-1).view(np.uint8)) if array.size else b"")
+        self.size += array.nbytes
+        self.names.append((name, array.nbytes))
+
+    def finish(self) -> None:
+        self.fh.close()
+        encoded = json.dumps(self.header, separators=(",", ":")).encode()
+        encoded += b" " * ((-len(encoded)) % 8)  # keep the data section 8-byte aligned
+        tmp = Path(f"{self.path}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as out, open(self.data_path, "rb") as data:
+                out.write(struct.pack("<Q", len(encoded)))
+                out.write(encoded)
+                while block := data.read(64 * 2**20):
+                    out.write(block)
+            os.replace(tmp, self.path)
+        finally:
+            self.data_path.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+
+
 def write_checkpoint(directory: str | Path, tensors: Iterable[tuple[str, np.ndarray]],
                      max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes model.safetensors, or shards plus model.safetensors.index.json past ``max_shard_bytes``."""
+    """Writes model.safetensors, or shards plus model.safetensors.index.json past ``max_shard_bytes``.
+
+    Streams: each tensor is written to disk as it comes from the iterator and then dropped, so host memory
+    holds one tensor at a time whatever the checkpoint size. Shards are written under temporary names and
+    renamed once their count is known; every file is replaced atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shards: list[list[tuple[str, np.ndarray]]] = [[]]
-    size = 0
-    for name, array in tensors:
-        if shards[-1] and size + array.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, array))
-        size += array.nbytes
-    if len(shards) == 1:
-        write_file(directory / "model.safetensors", shards[0])
+    pid = os.getpid()
+    done: list[_ShardWriter] = []
+    current: _ShardWriter | None = None
+    try:
+        for name, array in tensors:
+            if current is not None and current.size and current.size + array.nbytes > max_shard_bytes:
+                current.finish()
+                done.append(current)
+                current = None
+            if current is None:
+                current = _ShardWriter(directory / f"shard-{len(done) + 1:05d}.safetensors.part-{pid}")
+            current.add(name, array)
+            del array
+        if current is None:
+            current = _ShardWriter(directory / f"shard-00001.safetensors.part-{pid}")
+        current.finish()
+        done.append(current)
+    except BaseException:
+        for writer in done + ([current] if current is not None else []):
+            if not writer.fh.closed:
+                writer.fh.close()
+            writer.data_path.unlink(missing_ok=True)
+            writer.path.unlink(missing_ok=True)
+        raise
+    if len(done) == 1:
+        os.replace(done[0].path, directory / "model.safetensors")
         (directory / "model.safetensors.index.json").unlink(missing_ok=True)
         return
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_file(directory / file_name, shard)
-        for name, array in shard:
+    for i, writer in enumerate(done):
+        file_name = f"model-{i + 1:05d}-of-{len(done):05d}.safetensors"
+        os.replace(writer.path, directory / file_name)
+        for name, nbytes in writer.names:
             weight_map[name] = file_name
-            total += array.nbytes
+            total += nbytes
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     tmp = directory / "model.safetensors.index.json.tmp"
     tmp.write_text(json.dumps(index, indent=2))

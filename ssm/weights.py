@@ -11,9 +11,12 @@ import os
 from pathlib import Path
 
 from configs.schema import FalconMambaConfig
-from runtime.hf_weights import WeightSpec, load_weights, read_config, write_directory
-from runtime.safetensors_io import open_checkpoint
+from flax import nnx
+
+from runtime.hf_weights import WeightSpec, load_weights_streaming, read_config, resolve_shardings, write_directory
+from runtime.safetensors_io import open_checkpoint_lazy
 from ssm.model import FalconMambaLM
+from ssm.sharding import PARAM_AXES
 
 
 def weight_specs(config: FalconMambaConfig) -> list[WeightSpec]:
@@ -45,14 +48,21 @@ def weight_specs(config: FalconMambaConfig) -> list[WeightSpec]:
     return specs
 
 
-def from_pretrained(path: str | os.PathLike, **overrides) -> FalconMambaLM:
+def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings=None,
+                    **overrides) -> FalconMambaLM:
     """Loads a local HF directory (config.json + model.safetensors or a sharded index).
 
     ``overrides`` change our own config fields (compute_dtype="bfloat16", scan_impl="chunked", ...).
+    The model is built abstractly (nnx.eval_shape: no random init) and each parameter is read tensor by
+    tensor from memory maps straight into its device array. Placement: ``shardings`` {param path: Sharding}
+    (or a callable of the path), or ``mesh`` (jax.sharding.Mesh with axes data/fsdp/tensor) with ``rules``
+    (logical axis -> mesh axes over configs.schema.DEFAULT_SHARDING_RULES) and ssm.sharding.PARAM_AXES;
+    by default the default device. Each process reads only the slices its own devices hold.
     """
     config = read_config(Path(path), FalconMambaConfig, overrides)
-    model = FalconMambaLM(config)
-    load_weights(model, open_checkpoint(path), weight_specs(config), source=str(path))
+    model = nnx.eval_shape(lambda: FalconMambaLM(config))
+    load_weights_streaming(model, open_checkpoint_lazy(path), weight_specs(config),
+                           resolve_shardings(mesh, rules, shardings, PARAM_AXES), source=str(path))
     return model
 
 

@@ -44,7 +44,8 @@ def test_byte_stream_reads_the_stdlib_sequentially():
 
 
 def test_bad_data_settings_are_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"'data.task': expected one of \['bytes', 'copy', 'induction'\], "
+    with pytest.raises(ConfigError, match=r"'data.task': expected one of \['bytes', 'copy', 'induction', 'mqar', "
+                                          r"'selective_copying'\], "
                                           r"got 'cpy'"):
         batch_at(DataConfig(task="cpy"), 256, 0, 0)
     with pytest.raises(ConfigError, match=r"'model.vocab_size': expected >= 256 for data.task 'bytes'"):

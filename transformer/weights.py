@@ -14,9 +14,12 @@ from typing import Mapping
 import numpy as np
 
 from configs.schema import FalconConfig
-from runtime.hf_weights import WeightSpec, load_weights, read_config, write_directory
-from runtime.safetensors_io import CheckpointError, open_checkpoint
+from flax import nnx
+
+from runtime.hf_weights import WeightSpec, load_weights_streaming, read_config, resolve_shardings, write_directory
+from runtime.safetensors_io import CheckpointError, open_checkpoint_lazy
 from transformer.model import FalconLM
+from transformer.sharding import PARAM_AXES
 
 QKV_ROWS = {
     "multi_query": "(num_attention_heads + 2) * head_dim rows: all queries, then one key and one value head",
@@ -65,16 +68,22 @@ def check_qkv_rows(tensors: Mapping[str, np.ndarray], config: FalconConfig, sour
                     f"{config.kv_heads}, head_dim {config.head_dim})")
 
 
-def from_pretrained(path: str | os.PathLike, **overrides) -> FalconLM:
+def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings=None, **overrides) -> FalconLM:
     """Loads a local HF directory (config.json + model.safetensors or a sharded index).
 
     ``overrides`` change our own config fields (compute_dtype="bfloat16", attention_impl="blockwise", ...).
+    The model is built abstractly (nnx.eval_shape: no random init) and each parameter is read tensor by
+    tensor from memory maps straight into its device array. Placement: ``shardings`` {param path: Sharding}
+    (or a callable of the path), or ``mesh`` (jax.sharding.Mesh with axes data/fsdp/tensor) with ``rules``
+    (logical axis -> mesh axes over configs.schema.DEFAULT_SHARDING_RULES) and transformer.sharding.PARAM_AXES;
+    by default the default device. Each process reads only the slices its own devices hold.
     """
     config = read_config(Path(path), FalconConfig, overrides)
-    model = FalconLM(config)
-    tensors = open_checkpoint(path)
+    model = nnx.eval_shape(lambda: FalconLM(config))
+    tensors = open_checkpoint_lazy(path)
     check_qkv_rows(tensors, config, str(path))
-    load_weights(model, tensors, weight_specs(config), source=str(path))
+    load_weights_streaming(model, tensors, weight_specs(config),
+                           resolve_shardings(mesh, rules, shardings, PARAM_AXES), source=str(path))
     return model
 
 

@@ -1,0 +1,399 @@
+"""Memory planner: how many bytes each device holds for a run, counted from what the code allocates.
+
+    python -m experiments.plan CONFIG [key=value ...] [--json]
+    python -m experiments.plan falcon_180b mode=inference dtype=bfloat16 devices=8 mesh.data=1 mesh.tensor=8
+    python -m experiments.plan falcon_180b devices=64 mesh.data=1 mesh.fsdp=8 mesh.tensor=8 batch=64 seq_len=2048
+    python -m experiments.plan falcon_mamba_7b mode=inference dtype=bfloat16 devices=1 batch=1 seq_len=1048576
+
+Planner options (every other key=value is a config override, e.g. mesh.fsdp=8, remat=full):
+    devices=N        number of devices (default: this host's); more than this host has -> an abstract mesh
+    mode=M           training (params + optimizer + gradients + activations) or inference (params + cache +
+                     activations of one prefill chunk)
+    dtype=D          float32 | bfloat16: model.compute_dtype; in inference also model.param_dtype (training
+                     keeps fp32 master weights, as experiments.train requires)
+    batch=N          data.batch_size (global); seq_len=N (alias seq): data.seq_len, and the KV cache length
+    optimizer=O      adamw (experiments.optim.make_optimizer, the trainer's) | sgd (no state)
+    activations=A    auto | compiled | estimate; chunk=N: the inference prefill chunk (default min(seq_len, 2048))
+
+How the numbers are counted (see docs/PLANNING.md):
+  * params / optimizer: shapes from nnx.eval_shape / jax.eval_shape of the trainer's own init (experiments.train
+    .prepare), each leaf's per-device shard shape from its real NamedSharding (sharding.shard_shape).
+  * cache: jax.eval_shape of model.init_state(batch, seq_len), sharded over the batch (mesh.rules.batch) and
+    the kv-head / d_inner dimension (tensor) where those divide, else replicated.
+  * activations, "compiled": XLA's memory_analysis().temp_size_in_bytes of the jitted train step (or prefill
+    chunk) lowered on the real mesh: everything the step allocates besides its arguments and outputs
+    (activations, gradients, workspace). Used when the mesh's devices exist here and the model is small.
+  * activations, "estimate": the residuals one decoder layer saves for its backward pass
+    (jax.ad_checkpoint.saved_residuals of the layer's forward on the per-device batch) x layers, plus the
+    residuals of the final norm + lm_head + cross entropy, plus fp32 gradients sharded like the parameters.
+    Inference: the sum of every intermediate of one layer's forward on one prefill chunk (an upper bound on a
+    layer's working set) plus the last-position logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
+
+from configs import load_config
+from configs.schema import MESH_AXES, ConfigError, FalconMambaConfig, RunConfig
+from experiments.mesh import (MeshError, batch_sharding, build_mesh, flatten_params, mesh_shape,
+                              opt_state_shardings, param_shardings, unflatten_params)
+from experiments.models import family_of
+
+OPTIONS = ("devices", "mode", "dtype", "batch", "seq_len", "seq", "optimizer", "activations", "chunk")
+MODES = ("training", "inference")
+OPTIMIZERS = ("adamw", "sgd")
+COMPILE_MAX_PARAMS = 50_000_000   # above this, compiling the step on CPU is too slow: estimate instead
+
+
+def _nbytes(shape, dtype) -> int:
+    return int(math.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def per_device_bytes(abstract: Any, shardings: Any) -> int:
+    """Bytes one device holds of every leaf of ``abstract`` under the matching leaf of ``shardings`` (the
+    largest shard: NamedSharding shards of evenly divisible arrays are all equal)."""
+    leaves = jax.tree.leaves(abstract)
+    shard_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    if len(leaves) != len(shard_leaves):
+        raise ValueError(f"{len(leaves)} arrays but {len(shard_leaves)} shardings")
+    return sum(_nbytes(sh.shard_shape(tuple(leaf.shape)), leaf.dtype) for leaf, sh in zip(leaves, shard_leaves))
+
+
+def make_mesh(run: RunConfig, devices: int):
+    """The real mesh when ``devices`` is this host's device count, else an AbstractMesh of that size."""
+    if devices == jax.device_count():
+        return build_mesh(run.mesh), True
+    return AbstractMesh(mesh_shape(run.mesh, devices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)), False
+
+
+def _lenient_spec(shape, logical, mesh, rules) -> PartitionSpec:
+    """Like experiments.mesh.spec_for, but a dimension its mesh axes do not divide stays replicated."""
+    used, spec = set(), []
+    for size, name in zip(shape, logical):
+        axes = tuple(a for a in rules.get(name, ()) if mesh.shape[a] > 1 and a not in used)
+        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+            used |= set(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def cache_shardings(model_config, abstract_state, mesh, rules):
+    """Shardings of a DecodeState: batch over rules['batch']; Falcon's kv heads and Falcon Mamba's d_inner
+    over their parameter rules ('heads', 'd_inner') where they divide."""
+    if isinstance(model_config, FalconMambaConfig):   # LayerState(conv (b, k-1, d_inner), ssm (b, d_inner, n))
+        names = (("batch", "conv", "d_inner"), ("batch", "d_inner", "d_state"))
+    else:                                              # (k, v), each (batch, max_len, kv_heads, head_dim)
+        names = (("batch", "cache_len", "heads", "head_dim"),) * 2
+
+    def layer_logical(i, leaf):
+        return names[i]
+
+    def rebuild(layer, items):
+        return type(layer)(*items) if hasattr(layer, "_fields") else type(layer)(items)
+    layers = [rebuild(layer, [NamedSharding(mesh, _lenient_spec(leaf.shape, layer_logical(i, leaf), mesh, rules))
+                              for i, leaf in enumerate(layer)]) for layer in abstract_state.layers]
+    lengths = NamedSharding(mesh, _lenient_spec(abstract_state.lengths.shape, ("batch",), mesh, rules))
+    return type(abstract_state)(layers, lengths)
+
+
+def tensor_split_sizes(config, mesh, rules) -> dict[int, int]:
+    """Feature sizes that the parameter sharding splits over the mesh (the activations along them are split
+    the same way by GSPMD): Falcon's head count, qkv rows and ffn width (rules 'heads', 'mlp'); Falcon Mamba's
+    d_inner and 2 * d_inner (rule 'd_inner'). Size -> number of parts. The hidden size (the residual stream)
+    is never counted as split."""
+    def parts(logical):
+        return math.prod(mesh.shape[a] for a in rules.get(logical, ()) if mesh.shape[a] > 1)
+    if isinstance(config, FalconMambaConfig):
+        sizes = {config.intermediate_size: parts("d_inner"), 2 * config.intermediate_size: parts("d_inner")}
+    else:
+        rows = (config.num_attention_heads + 2 * config.kv_heads) * config.head_dim
+        sizes = {config.num_attention_heads: parts("heads"), rows: parts("heads"), config.ffn_hidden_size: parts("mlp")}
+        if config.qkv_layout == "grouped":  # attention runs per kv group: (batch, kv_heads, heads / kv_heads, ..)
+            sizes[config.kv_heads] = parts("heads")
+    return {size: n for size, n in sizes.items() if n > 1 and size % n == 0 and size != config.hidden_size}
+
+
+def _split_bytes(shape, dtype, split: dict[int, int], batch: int) -> int:
+    """Per-device bytes of an activation (batch already per device) whose other dimensions are global: the
+    first dimension after the batch (dimension 0, or 1 under a scan's block axis) whose size the parameter
+    sharding splits is divided."""
+    start = 1 if shape[0] == batch else 2
+    for dim in shape[start:]:
+        if dim in split:
+            return _nbytes(shape, dtype) // split[dim]
+    return _nbytes(shape, dtype)
+
+
+def _param_shapes(params) -> set:
+    shapes = set()
+    for leaf in jax.tree.leaves(params):
+        shapes |= {tuple(leaf.shape), tuple(reversed(leaf.shape))}
+    return shapes
+
+
+def _residual_bytes(fn, args, batch: int, split: dict[int, int]) -> int:
+    """Bytes of the residuals ``fn`` saves for its backward pass (activations; the parameters themselves and
+    arrays of a parameter's shape, i.e. its compute-dtype casts, are left out: they are weights)."""
+    from jax._src.ad_checkpoint import saved_residuals
+    weights = _param_shapes(args[0])
+    total = 0
+    for aval, where in saved_residuals(fn, *args):
+        if aval.shape and "from the argument params" not in where and tuple(aval.shape) not in weights:
+            total += _split_bytes(aval.shape, aval.dtype, split, batch)
+    return total
+
+
+def _intermediate_bytes(fn, args, split: dict[int, int], batch: int) -> int:
+    """Sum of every intermediate of ``fn``'s jaxpr (an upper bound on its working set); weights and their
+    casts left out."""
+    weights = _param_shapes(args[0])
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return sum(_split_bytes(v.aval.shape, v.aval.dtype, split, batch) for eqn in jaxpr.jaxpr.eqns
+               for v in eqn.outvars if getattr(v.aval, "shape", ()) and tuple(v.aval.shape) not in weights)
+
+
+def _layer_fn(abstract_model, config):
+    """(graphdef, abstract params, fn(params, x) -> y) for the first decoder layer of either family."""
+    if isinstance(config, FalconMambaConfig):
+        layer = abstract_model.layers[0]
+        graphdef, params = nnx.split(layer, nnx.Param)
+
+        def fn(params, x):
+            return nnx.merge(graphdef, params)(x)[0]
+    else:
+        layer = abstract_model.h[0]
+        graphdef, params = nnx.split(layer, nnx.Param)
+
+        def fn(params, x):
+            seq = x.shape[1]
+            rope, key_bias = abstract_model.position_terms(jnp.arange(seq), seq)
+            return nnx.merge(graphdef, params)(x, rope, key_bias)[0]
+    return params, fn
+
+
+def estimate_activations(run: RunConfig, abstract_model, mode: str, local_batch: int, seq: int, mesh) -> dict:
+    """Per-device activation bytes from one layer's shapes (see the module docstring)."""
+    cfg = run.model
+    split = tensor_split_sizes(cfg, mesh, run.mesh.rules)
+    compute = jnp.dtype(cfg.compute_dtype)
+    params, fn = _layer_fn(abstract_model, cfg)
+    x = jax.ShapeDtypeStruct((local_batch, seq, cfg.hidden_size), jnp.float32 if getattr(
+        cfg, "residual_in_fp32", False) else compute)
+    if mode == "inference":
+        layer = _intermediate_bytes(fn, (params, x), split, local_batch)
+        logits = _nbytes((local_batch, cfg.vocab_size), jnp.float32)
+        return {"bytes": layer + logits, "per_layer": layer,
+                "method": f"estimate: intermediates of one layer's forward on a ({local_batch}, {seq}) chunk "
+                          "+ last-position logits"}
+    per_layer = _residual_bytes(fn, (params, x), local_batch, split)
+    input_only = _nbytes(x.shape, x.dtype)
+    head_params = nnx.split(abstract_model, nnx.Param)[1]
+    graphdef = nnx.graphdef(abstract_model)
+    targets = jax.ShapeDtypeStruct((local_batch, seq), jnp.int32)
+
+    def head(params, h, targets):
+        model = nnx.merge(graphdef, params)
+        norm = model.norm_f if isinstance(cfg, FalconMambaConfig) else model.ln_f
+        logits = model.logits(norm(h))
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+
+    head_bytes = _residual_bytes(head, (head_params, x, targets), local_batch, split)
+    layers = cfg.num_hidden_layers
+    total = layers * per_layer + head_bytes
+    note = ("remat=none" if run.remat == "none" else
+            f"remat={run.remat} wraps the whole loss in experiments.train, so the backward pass recomputes "
+            f"every layer's residuals at once: the peak is the same; per-layer remat would hold "
+            f"{layers} x layer input + one layer = {layers * input_only + per_layer + head_bytes} bytes")
+    return {"bytes": total, "per_layer": per_layer,
+            "method": f"estimate: {layers} layers x {per_layer} B saved residuals per layer (saved_residuals of "
+                      f"one layer's forward on the per-device batch {local_batch} x {seq}) + {head_bytes} B "
+                      f"lm_head/cross-entropy residuals; {note}"}
+
+
+def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: int | None = None,
+         mode: str = "training", dtype: str | None = None, batch: int | None = None, seq_len: int | None = None,
+         optimizer: str = "adamw", activations: str = "auto", chunk: int | None = None) -> dict:
+    """The plan as a dict: {"params": N, "devices": N, "per_device_bytes": {...}, ...}."""
+    from experiments.train import make_train_step, prepare
+    from experiments.optim import learning_rate_schedule
+
+    if mode not in MODES:
+        raise ConfigError(f"plan option 'mode': expected one of {list(MODES)}, got {mode!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"plan option 'optimizer': expected one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    if activations not in ("auto", "compiled", "estimate"):
+        raise ConfigError(f"plan option 'activations': expected auto, compiled or estimate, got {activations!r}")
+    overrides = list(overrides)
+    if dtype is not None:
+        overrides.append(f"model.compute_dtype={dtype}")
+        if mode == "inference":
+            overrides.append(f"model.param_dtype={dtype}")
+    if batch is not None:
+        overrides.append(f"data.batch_size={batch}")
+        overrides.append("data.grad_accum=1")
+    if seq_len is not None:
+        overrides.append(f"data.seq_len={seq_len}")
+    run = load_config(config, overrides)
+    devices = jax.device_count() if devices is None else devices
+    if not isinstance(devices, int) or devices <= 0:
+        raise ConfigError(f"plan option 'devices': expected a positive integer, got {devices!r}")
+    mesh, concrete = make_mesh(run, devices)
+    rules = run.mesh.rules
+    model_cls, table, _ = family_of(run.model)
+    abstract_model = nnx.eval_shape(lambda: model_cls(run.model, seed=run.seed))
+    graphdef, abstract_params_state = nnx.split(abstract_model, nnx.Param)
+    abstract_params, structure = flatten_params(abstract_params_state)
+    n_params = sum(math.prod(leaf.shape) for leaf in abstract_params.values())
+    seq = run.data.seq_len
+    result: dict[str, Any] = {
+        "config": config, "family": run.model.family, "mode": mode, "devices": devices,
+        "mesh": dict(zip(MESH_AXES, mesh_shape(run.mesh, devices))), "params": n_params,
+        "param_dtype": run.model.param_dtype if mode == "inference" else "float32",
+        "compute_dtype": run.model.compute_dtype, "batch_size": run.data.batch_size, "seq_len": seq,
+    }
+    bytes_: dict[str, int] = {"params": 0, "optimizer": 0, "gradients": 0, "activations": 0, "cache": 0}
+    want_compiled = activations == "compiled" or (activations == "auto" and n_params <= COMPILE_MAX_PARAMS)
+    if want_compiled and not concrete:
+        if activations == "compiled":
+            raise ConfigError(f"plan option 'activations=compiled' needs the mesh's {devices} devices on this host "
+                              f"(it has {jax.device_count()}); use activations=estimate")
+        want_compiled = False
+
+    if mode == "training":
+        setup = prepare(run, mesh)
+        tx = setup.tx if optimizer == "adamw" else optax.sgd(run.optim.learning_rate)
+        p_shardings = setup.state_shardings["params"]
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        o_shardings = opt_state_shardings(abstract_opt, p_shardings, mesh)
+        bytes_["params"] = per_device_bytes(abstract_params, p_shardings)
+        bytes_["optimizer"] = per_device_bytes(abstract_opt, o_shardings)
+        micro = run.data.batch_size // run.data.grad_accum
+        b_shape = (run.data.grad_accum, micro, seq)
+        local_batch = setup.batch_sharding.shard_shape(b_shape)[1]
+        if want_compiled:
+            state_shardings = {"params": p_shardings, "opt_state": o_shardings, "step": setup.state_shardings["step"]}
+            abstract_state = {"params": abstract_params, "opt_state": abstract_opt,
+                              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+            abstract_batch = {"inputs": jax.ShapeDtypeStruct(b_shape, jnp.int32),
+                              "targets": jax.ShapeDtypeStruct(b_shape, jnp.int32),
+                              "mask": jax.ShapeDtypeStruct(b_shape, jnp.float32)}
+            step = jax.jit(make_train_step(setup.graphdef, setup.structure, tx,
+                                           learning_rate_schedule(run.optim, run.steps), run.remat),
+                           in_shardings=(state_shardings, setup.batch_sharding),
+                           out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+            analysis = step.lower(abstract_state, abstract_batch).compile().memory_analysis()
+            bytes_["activations"] = int(analysis.temp_size_in_bytes)
+            result["activations_method"] = ("compiled: memory_analysis().temp_size_in_bytes of the jitted train "
+                                            "step on this mesh (activations + gradients + workspace)")
+            result["compiled_argument_bytes"] = int(analysis.argument_size_in_bytes)
+        else:
+            est = estimate_activations(run, abstract_model, mode, local_batch, seq, mesh)
+            bytes_["activations"] = est["bytes"]
+            bytes_["gradients"] = per_device_bytes(abstract_params, p_shardings)  # fp32, sharded like params
+            result["activations_method"] = est["method"] + "; gradients: fp32, sharded like the parameters"
+    else:
+        p_shardings = param_shardings(abstract_params, table, mesh, rules)
+        bytes_["params"] = per_device_bytes(abstract_params, p_shardings)
+        abstract_cache = jax.eval_shape(lambda: abstract_model.init_state(run.data.batch_size, seq))
+        c_shardings = cache_shardings(run.model, abstract_cache, mesh, rules)
+        bytes_["cache"] = per_device_bytes(abstract_cache, c_shardings)
+        chunk = min(seq, 2048) if chunk is None else chunk
+        ids_shape = (run.data.batch_size, chunk)
+        try:
+            ids_sharding = batch_sharding(mesh, rules, (1,) + ids_shape)
+            local_batch = ids_sharding.shard_shape((1,) + ids_shape)[1]
+            ids_sharding = NamedSharding(mesh, PartitionSpec(*ids_sharding.spec[1:]))
+        except MeshError:
+            local_batch, ids_sharding = run.data.batch_size, NamedSharding(mesh, PartitionSpec())
+        if want_compiled:
+            def prefill_chunk(params, state, ids):
+                model = nnx.merge(graphdef, unflatten_params(params, structure))
+                hidden, state = model.run(ids, state)
+                return model.logits(hidden[:, -1]), state
+
+            lowered = jax.jit(prefill_chunk, in_shardings=(p_shardings, c_shardings, ids_sharding),
+                              out_shardings=(NamedSharding(mesh, PartitionSpec()), c_shardings),
+                              donate_argnums=1).lower(abstract_params, abstract_cache,
+                                                      jax.ShapeDtypeStruct(ids_shape, jnp.int32))
+            analysis = lowered.compile().memory_analysis()
+            bytes_["activations"] = int(analysis.temp_size_in_bytes)
+            result["activations_method"] = (f"compiled: memory_analysis().temp_size_in_bytes of one jitted prefill "
+                                            f"chunk of {chunk} tokens into the cache")
+            result["compiled_argument_bytes"] = int(analysis.argument_size_in_bytes)
+        else:
+            est = estimate_activations(run, abstract_model, mode, local_batch, chunk, mesh)
+            bytes_["activations"] = est["bytes"]
+            result["activations_method"] = est["method"]
+        result["cache_shape_per_layer"] = [list(leaf.shape) for leaf in abstract_cache.layers[0]]
+    bytes_["total"] = sum(bytes_.values())
+    result["per_device_bytes"] = bytes_
+    result["total_bytes_all_devices"] = bytes_["total"] * devices
+    return result
+
+
+def format_table(result: dict) -> str:
+    gib = lambda n: f"{n / 2**30:10.2f} GiB"  # noqa: E731
+    mesh = " x ".join(f"{k}={v}" for k, v in result["mesh"].items())
+    lines = [f"{result['config']} ({result['family']}), {result['mode']}: {result['params']:,} parameters "
+             f"({result['params'] / 1e9:.3f}B), params {result['param_dtype']}, compute {result['compute_dtype']}",
+             f"devices {result['devices']} (mesh {mesh}), batch {result['batch_size']}, seq_len {result['seq_len']}",
+             "", f"{'per device':<14}{'bytes':>18}{'':>4}"]
+    for key, value in result["per_device_bytes"].items():
+        if key == "total":
+            lines.append("-" * 40)
+        lines.append(f"{key:<14}{value:>18,}{gib(value)}")
+    lines += [f"{'all devices':<14}{result['total_bytes_all_devices']:>18,}{gib(result['total_bytes_all_devices'])}",
+              "", "activations: " + result["activations_method"]]
+    if "cache_shape_per_layer" in result:
+        lines.append(f"cache per layer (global shapes): {result['cache_shape_per_layer']}")
+    return "\n".join(lines)
+
+
+def parse_argv(argv: list[str]) -> tuple[str, list[str], dict, bool]:
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    if not argv:
+        raise ConfigError("expected CONFIG (a preset name or YAML path)")
+    options, overrides = {}, []
+    for item in argv[1:]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"argument {item!r}: expected key=value")
+        if key in OPTIONS:
+            key = "seq_len" if key == "seq" else key
+            options[key] = int(value) if key in ("devices", "batch", "seq_len", "chunk") else value
+        else:
+            overrides.append(item)
+    return argv[0], overrides, options, as_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        config, overrides, options, as_json = parse_argv(argv)
+        result = plan(config, overrides, **options)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2) if as_json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The planner (experiments.plan) against the bytes of arrays actually created, on 1 and 8 fake devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import plan as plan_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs in a process of its own with 8 fake CPU devices (or 1): the planner's per-device bytes vs the device-0
+# bytes of the arrays the trainer's init and the streaming loader really create on the same mesh.
+SCRIPT = r'''
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from configs import load_config
+from experiments import plan as plan_lib
+from experiments.mesh import build_mesh, flatten_params
+from experiments.models import family_of
+from experiments.train import prepare
+import ssm, transformer
+
+out_dir = sys.argv[1]
+mesh_args = sys.argv[2:] + ["model.num_hidden_layers=2"]   # 2 layers: quicker to compile
+dev0 = jax.devices()[0]
+
+def device0_bytes(tree):
+    return sum(s.data.nbytes for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards if s.device == dev0)
+
+results = {}
+for preset, pkg in (("tiny_falcon", transformer), ("tiny_falcon_mamba", ssm)):
+    # training: the trainer's own init, jitted onto its state shardings
+    plan = plan_lib.plan(preset, mesh_args, mode="training", batch=8, seq_len=16)
+    run = load_config(preset, mesh_args + ["data.batch_size=8", "data.seq_len=16", "data.grad_accum=1"])
+    setup = prepare(run)
+    state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+    batch_bytes = 3 * 4 * setup.batch_sharding.shard_shape((1, 8, 16))[1] * 16
+    results[preset + "/training"] = {
+        "plan": plan["per_device_bytes"], "params": device0_bytes(state["params"]),
+        "optimizer": device0_bytes(state["opt_state"]),
+        "compiled_argument_bytes": plan.get("compiled_argument_bytes"), "batch_bytes": batch_bytes,
+        "method": plan["activations_method"]}
+    # inference: bf16 weights streamed from a checkpoint onto the mesh, and the KV / SSM cache
+    model = family_of(run.model)[0](run.model, seed=0)
+    path = f"{out_dir}/{preset}"
+    pkg.save_pretrained(model, path, max_shard_bytes=100_000)
+    plan = plan_lib.plan(preset, mesh_args, mode="inference", dtype="bfloat16", batch=8, seq_len=32)
+    mesh = build_mesh(run.mesh)
+    loaded = pkg.from_pretrained(path, mesh=mesh, rules=run.mesh.rules, param_dtype="bfloat16",
+                                 compute_dtype="bfloat16")
+    abstract_cache = jax.eval_shape(lambda: loaded.init_state(8, 32))
+    shardings = plan_lib.cache_shardings(loaded.config, abstract_cache, mesh, run.mesh.rules)
+    cache = jax.jit(lambda: loaded.init_state(8, 32), out_shardings=shardings)()
+    results[preset + "/inference"] = {"plan": plan["per_device_bytes"],
+                                      "params": device0_bytes(nnx.state(loaded, nnx.Param)),
+                                      "cache": device0_bytes(cache), "method": plan["activations_method"]}
+print("RESULT " + json.dumps(results))
+'''
+
+
+def _run(tmp_path, devices: int, mesh_args: list[str]) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), *mesh_args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("devices,mesh_args", [(1, []), (8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])])
+def test_plan_matches_allocated_bytes(tmp_path, devices, mesh_args):
+    results = _run(tmp_path, devices, mesh_args)
+    for key, r in results.items():
+        plan = r["plan"]
+        if key.endswith("/training"):
+            assert plan["params"] == r["params"] > 0, key
+            assert plan["optimizer"] == r["optimizer"] > 0, key
+            assert r["method"].startswith("compiled"), key
+            # XLA's own count of the step's arguments: the state the planner sized plus the batch
+            assert r["compiled_argument_bytes"] == plan["params"] + plan["optimizer"] + 4 + r["batch_bytes"], key
+            assert plan["activations"] > 0 and plan["cache"] == 0
+        else:
+            assert plan["params"] == r["params"] > 0, key
+            assert plan["cache"] == r["cache"] > 0, key
+            assert plan["optimizer"] == 0 and plan["activations"] > 0
+        assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
+
+
+def test_abstract_mesh_equals_real_mesh_numbers():
+    """devices=8 on this 1-device process (AbstractMesh) gives the state bytes a real 8-device mesh gives
+    (checked against real arrays above): 1/8 of the fully sharded tiny Falcon Mamba matrices."""
+    args = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    one = plan_lib.plan("tiny_falcon_mamba", args, devices=8, batch=8, seq_len=16)
+    assert one["devices"] == 8 and one["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert one["activations_method"].startswith("estimate")
+    full = plan_lib.plan("tiny_falcon_mamba", ["mesh.data=1"], devices=1, batch=8, seq_len=16, activations="estimate")
+    assert one["per_device_bytes"]["params"] < full["per_device_bytes"]["params"] / 2
+
+
+def test_cli_json_and_cache_growth(capsys):
+    assert plan_lib.main(["falcon_mamba_7b", "mode=inference", "dtype=bfloat16", "devices=1", "batch=1",
+                          "seq_len=1048576", "--json"]) == 0
+    mamba = json.loads(capsys.readouterr().out)
+    assert {"params", "per_device_bytes", "devices"} <= set(mamba)
+    assert set(mamba["per_device_bytes"]) >= {"params", "optimizer", "activations", "cache", "total"}
+    assert mamba["params"] == 7_272_665_088
+    # constant state: 64 layers x (conv 3 x 8192 bf16 + ssm 8192 x 16 fp32) + lengths
+    assert mamba["per_device_bytes"]["cache"] == 64 * (3 * 8192 * 2 + 8192 * 16 * 4) + 4
+    assert mamba["per_device_bytes"]["total"] < 24 * 10**9      # "runs in 24 GB at any context length"
+
+
+def test_falcon_kv_cache_grows_with_context():
+    small = plan_lib.plan("falcon_7b", [], mode="inference", dtype="bfloat16", devices=1, batch=1, seq_len=1024)
+    # 32 layers x k and v x 1024 positions x 1 kv head x 64 dims x 2 bytes + lengths
+    assert small["per_device_bytes"]["cache"] == 32 * 2 * 1024 * 64 * 2 + 4
+
+
+def test_bad_options():
+    with pytest.raises(Exception, match="mode"):
+        plan_lib.plan("tiny_falcon", mode="serving")
+    with pytest.raises(Exception, match="mesh"):
+        plan_lib.plan("tiny_falcon", ["mesh.data=3"], devices=8)
+    assert plan_lib.main(["tiny_falcon", "bogus"]) == 1
