@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed-base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e ".[demo]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml
@@ -18,7 +18,7 @@ $(VENV)/.installed-test: pyproject.toml
 	touch $@ $(VENV)/.installed-base
 
 demo: $(VENV)/.installed-base
-	$(PY) -m experiments.demo
+	$(PY) -m experiments.induction_heads
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 tests

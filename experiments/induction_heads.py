@@ -1,0 +1,279 @@
+"""Induction heads, the Mamba paper's length-extrapolation experiment (Gu & Dao 2023, section 4.1.2, Table 2).
+
+    python -m experiments.induction_heads                       # what `make demo` runs (CPU, ~20 minutes)
+    python -m experiments.induction_heads --steps 3000 --eval-sequences 256 --min-sequences 16
+
+Trains a 2-layer Falcon Mamba (d_model 64, configs/induction_heads_falcon_mamba.yaml) and a 2-layer Falcon
+transformer with RoPE of about the same size (configs/induction_heads_falcon.yaml) on the induction task at
+sequence length 256 (vocabulary 16, loss only on the final answer token), through experiments.train, under
+OUTPUT_DIR/falcon_mamba and OUTPUT_DIR/falcon (a run that already has its checkpoint is not retrained). Then
+measures the accuracy of the answer predicted from the last-position logits at lengths 2^MIN_LOG2 ..
+2^MAX_LOG2: Falcon Mamba by chunked prefill (constant memory whatever the length), the transformer by
+chunked prefill into a KV cache of the sequence's length, up to 2^FALCON_MAX_LOG2 (attention is quadratic).
+
+Writes OUTPUT_DIR/summary.json ({"train_length": 256, "falcon_mamba": {"<length>": accuracy, ...},
+"falcon": {...}}), details.json (sequences, seconds and tokens/s per point, the training runs), summary.md
+(the table, also printed) and accuracy.png (accuracy against log2 length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs import load_config
+from configs.schema import DataConfig
+from experiments.data import batch_at
+from experiments.train import load_trained_model, train
+from runtime.layers import rms_normalize
+from ssm.conv import causal_conv1d
+from ssm.scan import softplus
+
+MODELS = {"falcon_mamba": "Falcon Mamba", "falcon": "Falcon (RoPE attention)"}
+EVAL_SEED_OFFSET = 1_000_003  # evaluation sequences never share a (seed, step) with training batches
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="results/induction_heads")
+    p.add_argument("--falcon-mamba-preset", default="induction_heads_falcon_mamba")
+    p.add_argument("--falcon-preset", default="induction_heads_falcon")
+    p.add_argument("--steps", type=int, default=None, help="training steps of both models (default: presets)")
+    p.add_argument("--falcon-steps", type=int, default=None, help="training steps of the transformer only")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the presets'")
+    p.add_argument("--learning-rate", type=float, default=None, help="default: the presets'")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: the presets'")
+    p.add_argument("--train-length", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra config override for both runs (repeatable)")
+    p.add_argument("--min-log2", type=int, default=6)
+    p.add_argument("--max-log2", type=int, default=20)
+    p.add_argument("--falcon-max-log2", type=int, default=12,
+                   help="longest transformer evaluation (its prefill cost grows with length^2: on a 2-core CPU "
+                        "about 2k tokens/s at 2^12, 400 at 2^14)")
+    p.add_argument("--eval-sequences", type=int, default=64, help="sequences per point (short lengths)")
+    p.add_argument("--eval-tokens", type=int, default=1 << 21,
+                   help="token budget per point: long lengths use max(min-sequences, eval-tokens / length)")
+    p.add_argument("--falcon-eval-tokens", type=int, default=1 << 16,
+                   help="token budget per point of the transformer")
+    p.add_argument("--min-sequences", type=int, default=2, help="fewest sequences at any length")
+    p.add_argument("--eval-batch", type=int, default=32, help="rows per prefill call")
+    p.add_argument("--chunk-size", type=int, default=1 << 15, help="prefill chunk (Falcon Mamba)")
+    p.add_argument("--falcon-chunk-size", type=int, default=1024, help="prefill chunk (transformer)")
+    p.add_argument("--skip-falcon", action="store_true", help="train and evaluate Falcon Mamba only")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("train_length", "eval_sequences", "eval_tokens", "falcon_eval_tokens", "min_sequences", "eval_batch",
+                 "chunk_size",
+                 "falcon_chunk_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if not 2 <= args.min_log2 <= args.max_log2:
+        p.error(f"--min-log2/--max-log2: expected 2 <= min <= max, got {args.min_log2}, {args.max_log2}")
+    return args
+
+
+def run_config(preset: str, args: argparse.Namespace, name: str, steps: int | None):
+    overrides = [f"output_dir={Path(args.output_dir) / name}", f"seed={args.seed}", "data.task=induction",
+                 f"data.seq_len={args.train_length}"] + list(args.set)
+    if args.batch_size is not None:
+        overrides.append(f"data.batch_size={args.batch_size}")
+    if args.learning_rate is not None:
+        overrides.append(f"optim.learning_rate={args.learning_rate}")
+    if args.warmup_steps is not None:
+        overrides.append(f"optim.warmup_steps={args.warmup_steps}")
+    if steps is not None:
+        warmup = load_config(preset, overrides).optim.warmup_steps
+        overrides += [f"steps={steps}"] + ([f"optim.warmup_steps={steps // 10}"] if warmup >= steps else [])
+    return load_config(preset, overrides)
+
+
+def sequences_at(length: int, args: argparse.Namespace, name: str = "falcon_mamba") -> int:
+    budget = args.eval_tokens if name == "falcon_mamba" else args.falcon_eval_tokens
+    return max(args.min_sequences, min(args.eval_sequences, budget // length))
+
+
+def induction_batch(vocab_size: int, length: int, batch: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input ids (batch, length), answers (batch,)) of the induction task at ``length``."""
+    data = batch_at(DataConfig(task="induction", seq_len=length, batch_size=batch), vocab_size, seed, index)
+    return data["inputs"][0], data["targets"][0, :, -1]
+
+
+def evaluate(model, length: int, n_sequences: int, *, seed: int, eval_batch: int, chunk_size: int,
+             kv_cache: bool) -> dict:
+    """Accuracy of argmax(last-position logits) == answer over ``n_sequences`` sequences of ``length``."""
+    correct, done, index = 0, 0, 0
+    start = time.perf_counter()
+    vocab = model.config.vocab_size
+    while done < n_sequences:
+        rows = min(eval_batch, n_sequences - done)
+        ids, answers = induction_batch(vocab, length, rows, seed + EVAL_SEED_OFFSET + length, index)
+        state = model.init_state(rows, max_len=length if kv_cache else None)
+        logits, _ = model.prefill(ids, state, chunk_size=min(chunk_size, length))
+        correct += int(np.sum(np.asarray(jnp.argmax(logits, axis=-1)) == answers))
+        done, index = done + rows, index + 1
+    seconds = time.perf_counter() - start
+    return {"accuracy": correct / n_sequences, "sequences": n_sequences, "seconds": round(seconds, 3),
+            "tokens_per_s": round(n_sequences * length / seconds)}
+
+
+def n_params(model) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Analysis helpers (the notebook uses them): SSM state norms along a long prompt, and the mixers' dt.
+
+
+def ssm_state_norms(model, input_ids, chunk_size: int) -> dict:
+    """Runs ``input_ids`` (batch, seq) through Falcon Mamba chunk by chunk with prefill and returns, after each
+    chunk, the Frobenius norm of every layer's SSM state (state.layers[i].ssm), averaged over the batch:
+    {"positions": (n_chunks,), "norms": (n_layers, n_chunks)}."""
+    batch, length = input_ids.shape
+    state = model.init_state(batch)
+    positions, norms = [], []
+    for begin in range(0, length, chunk_size):
+        _, state = model.prefill(input_ids[:, begin:begin + chunk_size], state)
+        positions.append(min(begin + chunk_size, length))
+        norms.append([float(jnp.mean(jnp.linalg.norm(layer.ssm.reshape(batch, -1), axis=-1)))
+                      for layer in state.layers])
+    return {"positions": np.asarray(positions), "norms": np.asarray(norms).T}
+
+
+@nnx.jit
+def _dt_per_layer(model, input_ids):
+    cfg = model.config
+    n, rank = cfg.state_size, cfg.time_step_rank
+    h = model.embeddings(input_ids)
+    dts = []
+    for layer in model.layers:
+        mixer = layer.mixer
+        xs, _ = jnp.split(mixer.in_proj(layer.norm(h)), 2, axis=-1)
+        xc, _ = causal_conv1d(xs, mixer.conv_kernel[...], None if mixer.conv_bias is None else mixer.conv_bias[...])
+        xc = jax.nn.silu(xc.astype(jnp.float32))
+        dt, _, _ = jnp.split(mixer.x_proj(xc), [rank, rank + n], axis=-1)
+        if cfg.use_mixer_norms:
+            dt = rms_normalize(dt, cfg.mixer_rms_eps)
+        dts.append(softplus(dt @ mixer.dt_proj.kernel[...] + mixer.dt_proj.bias[...]))
+        h, _ = layer(h)
+    return jnp.stack(dts)
+
+
+def mixer_dt(model, input_ids) -> np.ndarray:
+    """The selective step size dt = softplus(dt_proj(x) + bias) of every layer's mixer, recomputed from the
+    mixer's own parameters (in_proj -> causal conv -> silu -> x_proj -> RMS norm -> dt_proj): float32
+    (n_layers, batch, seq, d_inner)."""
+    return np.asarray(_dt_per_layer(model, jnp.asarray(input_ids, jnp.int32)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def markdown_table(summary: dict, details: dict) -> str:
+    lengths = sorted({int(k) for name in MODELS for k in summary.get(name, {})})
+    lines = ["| length | log2 | Falcon Mamba | sequences | Falcon (RoPE) | sequences |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for length in lengths:
+        cells = [f"{length:,}", str(int(math.log2(length)))]
+        for name in MODELS:
+            point = details["points"].get(name, {}).get(str(length))
+            cells += ([f"{100 * point['accuracy']:.1f}%", str(point["sequences"])] if point else ["-", "-"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, label in MODELS.items():
+        points = sorted((int(k), v) for k, v in summary.get(name, {}).items())
+        if points:
+            ax.plot([math.log2(k) for k, _ in points], [100 * v for _, v in points], "o-", label=label)
+    ax.axvline(math.log2(summary["train_length"]), color="gray", ls="--", lw=1, label="train length")
+    ax.set_xlabel("log2 sequence length")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.set_title("Induction heads: length extrapolation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    names = ["falcon_mamba"] + ([] if args.skip_falcon else ["falcon"])
+    presets = {"falcon_mamba": args.falcon_mamba_preset, "falcon": args.falcon_preset}
+    details: dict = {"train_length": args.train_length, "runs": {}, "points": {}, "eval": {
+        k: getattr(args, k) for k in ("min_log2", "max_log2", "falcon_max_log2", "eval_sequences", "eval_tokens",
+                                      "falcon_eval_tokens", "min_sequences", "eval_batch", "chunk_size",
+                                      "falcon_chunk_size")},
+        "backend": jax.default_backend(), "jax": jax.__version__}
+    summary: dict = {"train_length": args.train_length, "falcon_mamba": {}, "falcon": {}}
+    for name in names:
+        steps = args.falcon_steps if (name == "falcon" and args.falcon_steps is not None) else args.steps
+        run = run_config(presets[name], args, name, steps)
+        t0 = time.perf_counter()
+        print(f"== training {MODELS[name]}: {run.steps} steps, batch {run.data.batch_size} x {run.data.seq_len}, "
+              f"lr {run.optim.learning_rate} -> {run.output_dir}", flush=True)
+        rows = train(run)
+        train_seconds = time.perf_counter() - t0
+        model, step = load_trained_model(run.output_dir)
+        final = rows[-1] if rows else None
+        details["runs"][name] = {"output_dir": run.output_dir, "preset": presets[name], "steps": step,
+                                 "batch_size": run.data.batch_size, "learning_rate": run.optim.learning_rate,
+                                 "parameters": n_params(model), "train_seconds": round(train_seconds, 1),
+                                 "final_loss": None if final is None else final["loss"],
+                                 "train_tokens_per_s": round(run.steps * run.data.batch_size * run.data.seq_len
+                                                             / train_seconds) if rows else None}
+        loss = "(already trained)" if final is None else f"{final['loss']:.4f}"
+        print(f"   {n_params(model):,} parameters; {train_seconds:.0f} s; last logged loss {loss}", flush=True)
+        top = args.max_log2 if name == "falcon_mamba" else min(args.max_log2, args.falcon_max_log2)
+        details["points"][name] = {}
+        for log2 in range(args.min_log2, top + 1):
+            length = 1 << log2
+            point = evaluate(model, length, sequences_at(length, args, name), seed=args.seed,
+                             eval_batch=args.eval_batch,
+                             chunk_size=args.chunk_size if name == "falcon_mamba" else args.falcon_chunk_size,
+                             kv_cache=name == "falcon")
+            summary[name][str(length)] = point["accuracy"]
+            details["points"][name][str(length)] = point
+            print(f"   length 2^{log2:<2d} {length:>9,}: accuracy {100 * point['accuracy']:5.1f}% over "
+                  f"{point['sequences']} sequences ({point['seconds']:.1f} s, {point['tokens_per_s']:,} tokens/s)",
+                  flush=True)
+            (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    details["total_seconds"] = round(time.perf_counter() - began, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "details.json").write_text(json.dumps(details, indent=1) + "\n")
+    table = markdown_table(summary, details)
+    (out / "summary.md").write_text(f"# Induction heads (trained at length {args.train_length})\n\n{table}")
+    plotted = not args.no_plot and plot(summary, out / "accuracy.png")
+    print("\n" + table)
+    print(f"wrote {out / 'summary.json'}, details.json, summary.md" + (", accuracy.png" if plotted else "")
+          + f" in {details['total_seconds']:.0f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""A tiny end-to-end run of python -m experiments.induction_heads: trains both models a few steps, evaluates
+at tiny lengths, and writes summary.json in exactly the documented form."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from experiments import induction_heads
+from experiments.data import TRIGGER_TOKEN
+
+TINY = ["--steps", "3", "--train-length", "16", "--batch-size", "4", "--min-log2", "3", "--max-log2", "6",
+        "--falcon-max-log2", "5", "--eval-sequences", "3", "--eval-tokens", "64", "--falcon-eval-tokens", "64",
+        "--min-sequences", "2", "--eval-batch", "2", "--chunk-size", "16", "--falcon-chunk-size", "8"]
+
+
+def test_tiny_run_writes_the_summary_table_and_plot(tmp_path):
+    out = tmp_path / "ih"
+    result = subprocess.run([sys.executable, "-m", "experiments.induction_heads", "--output-dir", str(out), *TINY],
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["train_length", "falcon_mamba", "falcon"] and summary["train_length"] == 16
+    assert list(summary["falcon_mamba"]) == ["8", "16", "32", "64"] and list(summary["falcon"]) == ["8", "16", "32"]
+    for name in ("falcon_mamba", "falcon"):
+        assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in summary[name].values())
+    details = json.loads((out / "details.json").read_text())
+    # 3 sequences while the 64-token budget allows, never fewer than 2
+    assert [p["sequences"] for p in details["points"]["falcon_mamba"].values()] == [3, 3, 2, 2]
+    assert details["runs"]["falcon_mamba"]["steps"] == 3 and details["runs"]["falcon"]["steps"] == 3
+    table = (out / "summary.md").read_text()
+    assert "| 64 | 6 |" in table and "| Falcon Mamba |" in table and table.splitlines()[-1] in result.stdout
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "falcon_mamba" / "checkpoints").is_dir()
+
+
+def test_analysis_helpers_on_a_random_model():
+    from configs import load_config
+    from experiments.models import build_model
+
+    model = build_model(load_config("induction_heads_falcon_mamba").model, seed=0)
+    ids, answers = induction_heads.induction_batch(16, 40, 2, seed=0, index=0)
+    assert ids.shape == (2, 40) and (ids[:, -1] == TRIGGER_TOKEN).all() and answers.shape == (2,)
+    dt = induction_heads.mixer_dt(model, ids)
+    assert dt.shape == (2, 2, 40, 128) and (dt > 0).all()
+    norms = induction_heads.ssm_state_norms(model, ids, chunk_size=16)
+    assert norms["positions"].tolist() == [16, 32, 40] and norms["norms"].shape == (2, 3)
+    # the last norm is the norm of the state of one full prefill
+    _, state = model.prefill(ids, model.init_state(2))
+    expected = np.mean(np.linalg.norm(np.asarray(state.layers[1].ssm).reshape(2, -1), axis=-1))
+    np.testing.assert_allclose(norms["norms"][1, -1], expected, rtol=1e-5)
