@@ -42,6 +42,20 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
+def _entry(path, name: str, info: dict) -> tuple[np.dtype, int, int, tuple[int, ...]]:
+    """A header entry's (dtype, begin, end, shape), checked: known dtype, byte count equal to the shape's."""
+    dtype = DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if end - begin != expected:
+        raise CheckpointError(f"{str(path)!r}: tensor {name!r} has {end - begin} bytes, its shape {shape} "
+                              f"and dtype {info['dtype']} need {expected}")
+    return dtype, begin, end, shape
+
+
 def open_tensors(path: str | Path) -> dict[str, np.ndarray]:
     """name -> read-only memory-mapped array for every tensor of one safetensors file."""
     header, start = read_header(path)
@@ -50,15 +64,7 @@ def open_tensors(path: str | Path) -> dict[str, np.ndarray]:
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = {}
     for name, info in header.items():
-        dtype = DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end - begin != expected:
-            raise CheckpointError(f"{str(path)!r}: tensor {name!r} has {end - begin} bytes, its shape {shape} "
-                                  f"and dtype {info['dtype']} need {expected}")
+        dtype, begin, end, shape = _entry(path, name, info)
         tensors[name] = mapped[start + begin:start + end].view(dtype).reshape(shape)
     return tensors
 
@@ -156,15 +162,7 @@ def lazy_tensors(path: str | Path) -> dict[str, LazyTensor]:
     size = path.stat().st_size
     tensors = {}
     for name, info in header.items():
-        dtype = DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end - begin != expected:
-            raise CheckpointError(f"{str(path)!r}: tensor {name!r} has {end - begin} bytes, its shape {shape} "
-                                  f"and dtype {info['dtype']} need {expected}")
+        dtype, begin, end, shape = _entry(path, name, info)
         if start + end > size:
             raise CheckpointError(f"{str(path)!r}: tensor {name!r} ends at byte {start + end}, past the end of "
                                   f"the file ({size} bytes)")
