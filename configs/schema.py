@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-SCAN_IMPLS = ("auto", "reference", "chunked", "pallas")  # ssm.scan.IMPLS
+SCAN_IMPLS = ("auto", "reference", "sequential", "chunked", "pallas")  # ssm.scan.IMPLS
 ATTENTION_IMPLS = ("auto", "xla", "blockwise")
 ROPE_SCALING_TYPES = (None, "linear", "dynamic")
 
@@ -362,7 +362,8 @@ REMAT_POLICIES = ("none", "full", "dots")
 class RunConfig:
     """What a command line runs: a model, a mesh and the run's own settings (training fields are read by
     experiments.train). ``checkpoint_every`` 0 saves only at the end (and on SIGTERM); ``remat`` is the
-    rematerialisation policy of the loss: none, full (recompute everything) or dots (keep matmul outputs)."""
+    rematerialisation policy of each layer: none, full (keep only each layer's input, recompute the layer in
+    the backward pass) or dots (also keep the layer's matmul outputs)."""
 
     model: Any = field(default_factory=FalconMambaConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)

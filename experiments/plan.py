@@ -212,15 +212,22 @@ def estimate_activations(run: RunConfig, abstract_model, mode: str, local_batch:
 
     head_bytes = _residual_bytes(head, (head_params, x, targets), local_batch, split)
     layers = cfg.num_hidden_layers
-    total = layers * per_layer + head_bytes
-    note = ("remat=none" if run.remat == "none" else
-            f"remat={run.remat} wraps the whole loss in experiments.train, so the backward pass recomputes "
-            f"every layer's residuals at once: the peak is the same; per-layer remat would hold "
-            f"{layers} x layer input + one layer = {layers * input_only + per_layer + head_bytes} bytes")
-    return {"bytes": total, "per_layer": per_layer,
-            "method": f"estimate: {layers} layers x {per_layer} B saved residuals per layer (saved_residuals of "
-                      f"one layer's forward on the per-device batch {local_batch} x {seq}) + {head_bytes} B "
-                      f"lm_head/cross-entropy residuals; {note}"}
+    if run.remat == "none":
+        total = layers * per_layer + head_bytes
+        method = (f"estimate: {layers} layers x {per_layer} B saved residuals per layer (saved_residuals of one "
+                  f"layer's forward on the per-device batch {local_batch} x {seq}) + {head_bytes} B "
+                  f"lm_head/cross-entropy residuals")
+    else:
+        from experiments.train import REMAT_POLICIES
+        kept = _residual_bytes(jax.checkpoint(fn, policy=REMAT_POLICIES[run.remat]), (params, x), local_batch,
+                               split)
+        kept = max(kept, input_only)  # the layer's input is kept whatever the policy (it is the remat boundary)
+        total = layers * kept + per_layer + head_bytes
+        method = (f"estimate, remat={run.remat} (per layer): {layers} layers x {kept} B kept per layer (its "
+                  f"input{'' if run.remat == 'full' else ' and matmul outputs'}) + {per_layer} B residuals of the "
+                  f"one layer being recomputed + {head_bytes} B lm_head/cross-entropy residuals, on the per-device "
+                  f"batch {local_batch} x {seq}")
+    return {"bytes": total, "per_layer": per_layer, "method": method}
 
 
 def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: int | None = None,

@@ -53,10 +53,11 @@ def initialize_distributed(config: DistributedConfig) -> None:
                                    num_processes=config.num_processes, process_id=config.process_id)
 
 
-def masked_loss(params, batch, total_weight, *, graphdef, structure):
-    """Sum over the batch of the masked next-token cross entropy, divided by ``total_weight``."""
+def masked_loss(params, batch, total_weight, *, graphdef, structure, remat=None):
+    """Sum over the batch of the masked next-token cross entropy, divided by ``total_weight``; ``remat``: a
+    jax.checkpoint policy applied to each layer."""
     model = nnx.merge(graphdef, unflatten_params(params, structure))
-    logits = model.forward(batch["inputs"])
+    logits = model.forward(batch["inputs"], remat=remat)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(ce * batch["mask"]) / total_weight
 
@@ -65,9 +66,8 @@ def make_train_step(graphdef, structure, tx: optax.GradientTransformation, sched
     """state {"params", "opt_state", "step"}, batch (grad_accum, micro, seq) -> (state, metrics). Gradients
     of the microbatches are summed by lax.scan; a step whose loss or gradient norm is not finite leaves the
     state unchanged and reports finite=False."""
-    loss_fn = functools.partial(masked_loss, graphdef=graphdef, structure=structure)
-    if remat != "none":
-        loss_fn = jax.checkpoint(loss_fn, policy=REMAT_POLICIES[remat])
+    loss_fn = functools.partial(masked_loss, graphdef=graphdef, structure=structure,
+                                remat=None if remat == "none" else REMAT_POLICIES[remat])
     grad_fn = jax.value_and_grad(loss_fn)
 
     def train_step(state, batch):

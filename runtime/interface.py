@@ -2,9 +2,10 @@
 
 A family's LM subclasses CausalLM and provides (traceable, no checks inside):
 
-    run(input_ids, state, n_valid=None) -> (hidden (batch, seq, hidden), new_state)
+    run(input_ids, state, n_valid=None, remat=None) -> (hidden (batch, seq, hidden), new_state)
         state None: a plain forward. Otherwise continue from ``state``; only each row's first n_valid
-        (batch,) tokens are real (right padding) and the rest leave the state as it was.
+        (batch,) tokens are real (right padding) and the rest leave the state as it was. ``remat``: a
+        jax.checkpoint policy; each layer is then called through ``call_layer`` (rematerialised one by one).
     logits(hidden) -> fp32 logits (..., vocab)
     init_state(batch_size, max_len=None) -> DecodeState
     state_capacity(state) -> positions the state can hold (None: unbounded)
@@ -29,6 +30,19 @@ class DecodeState(NamedTuple):
 
     layers: Any
     lengths: jax.Array  # (batch,) int32
+
+
+def _call(layer, *args):
+    return layer(*args)
+
+
+def call_layer(layer, remat, *args):
+    """layer(*args); with a jax.checkpoint policy ``remat``, rematerialised on its own (nnx.remat): the backward
+    pass keeps only what the policy saves of this layer and recomputes the rest when it reaches it, so the
+    training peak holds one layer's intermediates plus every layer's input."""
+    if remat is None:
+        return layer(*args)
+    return nnx.remat(_call, policy=remat)(layer, *args)
 
 
 def check_batch_size(batch_size) -> None:
@@ -133,9 +147,10 @@ class CausalLM(nnx.Module):
     def init_state(self, batch_size: int, max_len: int | None = None):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, input_ids: jax.Array) -> jax.Array:
-        """Unchecked, traceable full-sequence logits (for use inside jit, e.g. a training loss)."""
-        hidden, _ = self.run(input_ids, None)
+    def forward(self, input_ids: jax.Array, remat=None) -> jax.Array:
+        """Unchecked, traceable full-sequence logits (for use inside jit, e.g. a training loss); ``remat``: a
+        jax.checkpoint policy applied to each layer (see call_layer)."""
+        hidden, _ = self.run(input_ids, None, remat=remat)
         return self.logits(hidden)
 
     def __call__(self, input_ids) -> jax.Array:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import FalconMambaConfig
-from runtime.interface import CausalLM, DecodeState, check_batch_size
+from runtime.interface import CausalLM, DecodeState, call_layer, check_batch_size
 from runtime.layers import Dense, Embed, RMSNorm, dtype_of, matmul_precision, rms_normalize
 from ssm.conv import causal_conv1d
 from ssm.scan import selective_scan, softplus
@@ -136,13 +136,14 @@ class FalconMambaLM(CausalLM):
         self.lm_head = None if config.tie_word_embeddings else Dense(
             config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, rngs=rngs)
 
-    def run(self, input_ids, state: DecodeState | None, n_valid=None):
+    def run(self, input_ids, state: DecodeState | None, n_valid=None, remat=None):
         """Final-norm hidden states (batch, seq, hidden) and the new state. state None: a plain forward from
-        zero states. ``n_valid`` (batch,): only each row's first n_valid tokens are real (right padding)."""
+        zero states. ``n_valid`` (batch,): only each row's first n_valid tokens are real (right padding).
+        ``remat``: a jax.checkpoint policy for each layer (runtime.interface.call_layer)."""
         h = self.embeddings(input_ids)
         new_layers = []
         for i, layer in enumerate(self.layers):
-            h, layer_state = layer(h, None if state is None else state.layers[i], n_valid)
+            h, layer_state = call_layer(layer, remat, h, None if state is None else state.layers[i], n_valid)
             new_layers.append(layer_state)
         if state is None:
             return self.norm_f(h), None

@@ -1,15 +1,15 @@
 """The selective scan (ssm/scan.py) against the float64 NumPy oracle (tests/oracle.py), and its forms against each other.
 
-* forward, "reference" and "chunked" (and "auto"): out and last state vs ``selective_scan_oracle`` over a
+* forward, "reference", "sequential" and "chunked" (and "auto"): out and last state vs ``selective_scan_oracle`` over a
   covering set of mamba_ssm's test matrix (seqlen, dim, dstate, B/C layouts and groups, D, z, delta_bias,
   softplus, return_last_state, chunk_size), fp32 and bf16, with mamba_ssm's tolerances;
 * initial_state: vs the oracle, and a scan split in two (state carried across) == the whole scan;
-* gradients: "chunked" == "reference" for every differentiable input; "reference" vs central finite
+* gradients: "sequential" and "chunked" == "reference" (plain autodiff) for every differentiable input; "reference" vs central finite
   differences of the float64 oracle;
 * selective_state_update stepped over a sequence == selective_scan_fn over it (outputs and final state);
 * argument checking: wrong shapes / dtypes raise naming the argument;
-* memory: XLA's compiled temp memory for the gradient of "chunked" is well below one fp32 state per step,
-  that of "reference" at least that.
+* memory: XLA's compiled temp memory for the gradient of "sequential" and "chunked" is well below one fp32
+  state per step, that of "reference" at least that.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import pytest
 from ssm.scan import selective_scan_fn, selective_state_update
 from tests.oracle import selective_scan_oracle
 
-IMPLS = ("reference", "chunked")
+IMPLS = ("reference", "sequential", "chunked")
+CHUNKED_IMPLS = ("sequential", "chunked")  # the ones that take chunk_size
 FWD_TOL = dict(rtol=6e-4, atol=2e-3)     # mamba_ssm test_selective_scan, fp32
 BF16_TOL = dict(rtol=3e-2, atol=5e-2)    # mamba_ssm test_selective_scan, bf16
 GRAD_TOL = dict(rtol=1.2e-3, atol=4e-3)  # 2x the forward ones
@@ -81,7 +82,7 @@ def oracle(kwargs):
 # 1. forward vs the float64 oracle
 
 # A covering (roughly pairwise) subset of the cartesian product, not the product itself.
-# (seqlen, dim, dstate, bc, D, z, delta_bias, softplus, return_last_state, A_kind, chunk_size for "chunked")
+# (seqlen, dim, dstate, bc, D, z, delta_bias, softplus, return_last_state, A_kind, chunk_size for CHUNKED_IMPLS)
 FWD_CASES = [
     (1, 4, 8, "bnl", True, True, True, True, True, "exp", None),
     (1, 4, 8, "g2", False, False, False, False, False, "range", 1),
@@ -116,7 +117,7 @@ def test_forward_matches_oracle(impl, case):
     seqlen, dim, dstate, bc, D, z, bias, softplus, last, A_kind, chunk = case
     kwargs = make_inputs(seqlen * 100 + dim, 2, dim, dstate, seqlen, bc=bc, D=D, z=z, bias=bias,
                          softplus=softplus, A_kind=A_kind)
-    extra = dict(chunk_size=chunk) if impl == "chunked" else {}
+    extra = dict(chunk_size=chunk) if impl in CHUNKED_IMPLS else {}
     result = selective_scan_fn(**to_jax(kwargs), return_last_state=last, impl=impl, **extra)
     want_out, want_last = oracle(kwargs)
     out, last_state = result if last else (result, None)
@@ -140,7 +141,7 @@ def test_forward_bf16_matches_oracle_on_rounded_inputs(impl):
     low = ("u", "delta", "B", "C", "z")
     kwargs = make_inputs(2, 2, 8, 8, 333, bc="g2")
     inputs = to_jax(kwargs, jnp.bfloat16, low)
-    extra = dict(chunk_size=64) if impl == "chunked" else {}
+    extra = dict(chunk_size=64) if impl in CHUNKED_IMPLS else {}
     out, last_state = selective_scan_fn(**inputs, return_last_state=True, impl=impl, **extra)
     assert out.dtype == jnp.bfloat16 and last_state.dtype == jnp.float32
     rounded = {k: (np.asarray(v.astype(jnp.float32), np.float64) if isinstance(v, jax.Array) else v)
@@ -213,12 +214,13 @@ def _grads(impl, kwargs, chunk_size, seed):
     return jax.jit(jax.grad(loss))(diff)
 
 
+@pytest.mark.parametrize("impl", CHUNKED_IMPLS)
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"l{c[0]}-d{c[1]}-{c[2]}-sp{c[3]}-c{c[4]}")
-def test_chunked_gradients_match_reference(case):
+def test_gradients_match_reference_autodiff(case, impl):
     seqlen, dim, bc, softplus, chunk = case
     kwargs = to_jax(make_inputs(5, 2, dim, 8, seqlen, bc=bc, softplus=softplus, initial_state=True))
     want = _grads("reference", kwargs, None, seed=6)
-    got = _grads("chunked", kwargs, chunk, seed=6)
+    got = _grads(impl, kwargs, chunk, seed=6)
     for name in GRAD_ARGS:
         assert got[name].shape == kwargs[name].shape, name
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), **GRAD_TOL, err_msg=name)
@@ -315,7 +317,7 @@ def test_integer_u_raises_type_error():
 
 
 # ------------------------------------------------------------------------------------------------------
-# 6. gradient memory of "chunked" vs "reference"
+# 6. gradient memory of "sequential" and "chunked" vs "reference"
 
 def _grad_temp_bytes(impl, batch, dim, dstate, seqlen, chunk_size):
     """XLA's temp (scratch) memory of the compiled gradient, from Compiled.memory_analysis()."""
@@ -338,10 +340,11 @@ def _grad_temp_bytes(impl, batch, dim, dstate, seqlen, chunk_size):
 # state history: 0.25 at dstate 16, whatever the seqlen) and an O(chunk*d*n) working set for one chunk's
 # associative scan (~14 chunk-sized arrays). Both are as designed, but at dstate 16 they alone exceed a quarter
 # of the state history, so the "< 1/4" bound is checked where the state dominates (dstate 64, long seqlen).
-def test_chunked_gradient_memory_is_below_state_history():
+@pytest.mark.parametrize("impl", CHUNKED_IMPLS)
+def test_chunked_gradient_memory_is_below_state_history(impl):
     batch, dim, dstate, seqlen, chunk = 1, 64, 64, 16384, 64
     history = batch * seqlen * dim * dstate * 4  # bytes of one fp32 state per step
     reference = _grad_temp_bytes("reference", batch, dim, dstate, seqlen, None)
-    chunked = _grad_temp_bytes("chunked", batch, dim, dstate, seqlen, chunk)
+    chunked = _grad_temp_bytes(impl, batch, dim, dstate, seqlen, chunk)
     assert reference >= history, (reference, history)
     assert chunked < history / 4, (chunked, history)

@@ -102,3 +102,25 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_di
     assert "is not finite; stopped without applying the step" in proc.stderr, proc.stderr[-2000:]
     assert "the last good checkpoint is step 1 in" in proc.stderr, proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_weight_decay_spares_a_log_d_biases_and_norms():
+    """With zero gradients, an AdamW step changes only the decayed parameters (weight matrices), by exactly
+    lr * weight_decay * value; A_log, D, the dt bias, conv bias and norm scales stay as they were."""
+    import jax
+    import jax.numpy as jnp
+
+    from configs import load_config
+    from experiments.train import prepare
+
+    run = load_config("tiny_falcon_mamba", ["optim.warmup_steps=0", "optim.learning_rate=0.1",
+                                            "optim.weight_decay=0.5", "steps=10"])
+    setup = prepare(run)
+    params = jax.jit(setup.init_state)()["params"]
+    updates, _ = setup.tx.update(jax.tree.map(jnp.zeros_like, params), setup.tx.init(params), params)
+    spared = {name for name in params if name.endswith((".A_log", ".D", ".bias", "norm.weight", "norm_f.weight"))}
+    assert {"layers.0.mixer.A_log", "layers.0.mixer.D", "layers.0.mixer.dt_proj.bias",
+            "layers.0.norm.weight"} <= spared
+    for name, update in updates.items():
+        want = np.zeros_like(params[name]) if name in spared else -0.1 * 0.5 * np.asarray(params[name])
+        np.testing.assert_allclose(np.asarray(update), want, rtol=1e-6, atol=1e-9, err_msg=name)

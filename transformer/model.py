@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import FalconConfig
-from runtime.interface import CausalLM, DecodeState, check_batch_size
+from runtime.interface import CausalLM, DecodeState, call_layer, check_batch_size
 from runtime.layers import Dense, Embed, LayerNorm, dtype_of
 from transformer.attention import alibi_bias, apply_rope, attention, rope_cos_sin, rope_inv_freq
 
@@ -148,18 +148,20 @@ class FalconLM(CausalLM):
                                  seq_len=kv_len, max_position_embeddings=cfg.max_position_embeddings)
         return rope_cos_sin(positions, inv_freq, dtype_of(cfg.compute_dtype)), None
 
-    def run(self, input_ids: jax.Array, state: DecodeState | None, n_valid: jax.Array | None = None):
+    def run(self, input_ids: jax.Array, state: DecodeState | None, n_valid: jax.Array | None = None,
+            remat=None):
         """Final-norm hidden states (batch, seq, hidden) and the new state.
 
         state None: a plain causal forward. Otherwise the KV cache is extended at each row's own position
         (state.lengths); only the first ``n_valid`` (batch,) tokens of each row are real (default: all).
+        ``remat``: a jax.checkpoint policy for each layer (runtime.interface.call_layer).
         """
         seq = input_ids.shape[1]
         h = self.word_embeddings(input_ids)
         if state is None:
             rope, key_bias = self.position_terms(jnp.arange(seq), seq)
             for layer in self.h:
-                h, _ = layer(h, rope, key_bias)
+                h, _ = call_layer(layer, remat, h, rope, key_bias)
             return self.ln_f(h), None
         start = state.lengths
         n_valid = jnp.full_like(start, seq) if n_valid is None else n_valid
@@ -167,7 +169,7 @@ class FalconLM(CausalLM):
         rope, key_bias = self.position_terms(start[:, None] + jnp.arange(seq), state.layers[0][0].shape[1])
         caches = []
         for layer, cache in zip(self.h, state.layers):
-            h, cache = layer(h, rope, key_bias, cache, start, kv_length)
+            h, cache = call_layer(layer, remat, h, rope, key_bias, cache, start, kv_length)
             caches.append(cache)
         return self.ln_f(h), DecodeState(caches, kv_length)
 
