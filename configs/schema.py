@@ -313,12 +313,15 @@ class DataConfig:
     from (seed, step), or "bytes", a byte-level LM stream over the files matching ``text_glob`` under
     ``text_dir`` (empty: the directory of Python's own standard library). ``num_items`` is the number of
     tokens selective_copying copies or of key-value pairs mqar stores. ``batch_size`` is global (all
-    devices, all microbatches); each step runs ``grad_accum`` microbatches of batch_size / grad_accum."""
+    devices, all microbatches); each step runs ``grad_accum`` microbatches of batch_size / grad_accum.
+    ``length_curriculum``: [[seq_len, steps], ...] stages of shorter sequences trained first, in order, before
+    the rest of the run at ``seq_len`` (each stage's seq_len at most ``seq_len``); empty: seq_len throughout."""
 
     task: str = "induction"
     batch_size: int = 8
     seq_len: int = 64
     grad_accum: int = 1
+    length_curriculum: tuple[tuple[int, ...], ...] = ()
     # Synthetic tasks: selective_copying copies num_items tokens; mqar stores num_items key-value pairs.
     num_items: int = 4
     text_dir: str = ""
@@ -329,6 +332,19 @@ class DataConfig:
         _require(self.batch_size % self.grad_accum == 0, "batch_size",
                  f"a multiple of grad_accum ({self.grad_accum})", self.batch_size)
         _require(isinstance(self.task, str) and self.task != "", "task", "a task name", self.task)
+        for i, stage in enumerate(self.length_curriculum):
+            _require(len(stage) == 2 and all(_is_int(x) and x > 0 for x in stage), f"length_curriculum[{i}]",
+                     "[seq_len, steps], two positive integers", list(stage))
+            _require(stage[0] <= self.seq_len, f"length_curriculum[{i}]",
+                     f"a seq_len <= data.seq_len ({self.seq_len})", list(stage))
+
+    def seq_len_at(self, step: int) -> int:
+        """The sequence length of training step ``step`` (0-based)."""
+        for length, stage_steps in self.length_curriculum:
+            if step < stage_steps:
+                return length
+            step -= stage_steps
+        return self.seq_len
 
 
 @dataclass(frozen=True)
@@ -390,6 +406,10 @@ class RunConfig:
         _choice(self, "remat", REMAT_POLICIES)
         _require(self.optim.warmup_steps < self.steps, "optim.warmup_steps", f"< steps ({self.steps})",
                  self.optim.warmup_steps)
+        curriculum_steps = sum(stage[1] for stage in self.data.length_curriculum)
+        _require(curriculum_steps < self.steps, "data.length_curriculum",
+                 f"stages totalling fewer than steps ({self.steps}) steps, so that the run reaches data.seq_len",
+                 [list(stage) for stage in self.data.length_curriculum])
 
 
 def fields_of(cls: type) -> list[dataclasses.Field]:

@@ -8,6 +8,8 @@ three arrays with a leading batch dimension of batch_size; add a task by adding 
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import os
 from pathlib import Path
@@ -156,13 +158,17 @@ TASKS: dict[str, Callable[[DataConfig, int, np.random.Generator, int], Batch]] =
 
 
 def batch_at(config: DataConfig, vocab_size: int, seed: int, step: int) -> Batch:
-    """The batch of training step ``step`` (0-based), shaped (grad_accum, batch_size / grad_accum, seq_len)."""
+    """The batch of training step ``step`` (0-based), shaped (grad_accum, batch_size / grad_accum, length) with
+    length = config.seq_len_at(step) (data.seq_len unless a length_curriculum stage covers the step)."""
     if config.task not in TASKS:
         raise ConfigError(f"config field 'data.task': expected one of {sorted(TASKS)}, got {config.task!r}")
     if vocab_size <= FIRST_CONTENT_TOKEN:
         raise ConfigError(f"config field 'model.vocab_size': expected > {FIRST_CONTENT_TOKEN} for training "
                           f"data, got {vocab_size}")
+    length = config.seq_len_at(step)
+    if length != config.seq_len:
+        config = dataclasses.replace(config, seq_len=length, length_curriculum=())
     rng = np.random.default_rng([seed, step])
     batch = TASKS[config.task](config, vocab_size, rng, step)
     micro = config.batch_size // config.grad_accum
-    return {name: array.reshape(config.grad_accum, micro, config.seq_len) for name, array in batch.items()}
+    return {name: array.reshape(config.grad_accum, micro, length) for name, array in batch.items()}

@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=None, help="default: the presets'")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: the presets'")
     p.add_argument("--train-length", type=int, default=256)
+    p.add_argument("--curriculum", default=None, metavar="LEN:STEPS,...",
+                   help="shorter-sequence stages trained first, e.g. 32:1000,64:1000 ('none': train at "
+                        "--train-length throughout; default: the presets' data.length_curriculum)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra config override for both runs (repeatable)")
@@ -92,6 +95,10 @@ def run_config(preset: str, args: argparse.Namespace, name: str, steps: int | No
         overrides.append(f"optim.learning_rate={args.learning_rate}")
     if args.warmup_steps is not None:
         overrides.append(f"optim.warmup_steps={args.warmup_steps}")
+    if args.curriculum is not None:
+        stages = [] if args.curriculum == "none" else [
+            [int(x) for x in stage.split(":")] for stage in args.curriculum.split(",")]
+        overrides.append(f"data.length_curriculum={json.dumps(stages)}")
     if steps is not None:
         warmup = load_config(preset, overrides).optim.warmup_steps
         overrides += [f"steps={steps}"] + ([f"optim.warmup_steps={steps // 10}"] if warmup >= steps else [])
@@ -235,18 +242,21 @@ def main(argv=None) -> dict:
         steps = args.falcon_steps if (name == "falcon" and args.falcon_steps is not None) else args.steps
         run = run_config(presets[name], args, name, steps)
         t0 = time.perf_counter()
-        print(f"== training {MODELS[name]}: {run.steps} steps, batch {run.data.batch_size} x {run.data.seq_len}, "
-              f"lr {run.optim.learning_rate} -> {run.output_dir}", flush=True)
+        curriculum = [list(stage) for stage in run.data.length_curriculum]
+        stages = "".join(f"{steps_} x {length}, " for length, steps_ in curriculum)
+        print(f"== training {MODELS[name]}: {run.steps} steps ({stages}then {run.data.seq_len}), batch "
+              f"{run.data.batch_size}, lr {run.optim.learning_rate} -> {run.output_dir}", flush=True)
         rows = train(run)
         train_seconds = time.perf_counter() - t0
         model, step = load_trained_model(run.output_dir)
         final = rows[-1] if rows else None
+        tokens = run.data.batch_size * sum(run.data.seq_len_at(s) for s in range(run.steps))
         details["runs"][name] = {"output_dir": run.output_dir, "preset": presets[name], "steps": step,
+                                 "length_curriculum": curriculum, "train_length": run.data.seq_len,
                                  "batch_size": run.data.batch_size, "learning_rate": run.optim.learning_rate,
                                  "parameters": n_params(model), "train_seconds": round(train_seconds, 1),
                                  "final_loss": None if final is None else final["loss"],
-                                 "train_tokens_per_s": round(run.steps * run.data.batch_size * run.data.seq_len
-                                                             / train_seconds) if rows else None}
+                                 "train_tokens_per_s": round(tokens / train_seconds) if rows else None}
         loss = "(already trained)" if final is None else f"{final['loss']:.4f}"
         print(f"   {n_params(model):,} parameters; {train_seconds:.0f} s; last logged loss {loss}", flush=True)
         top = args.max_log2 if name == "falcon_mamba" else min(args.max_log2, args.falcon_max_log2)

@@ -8,7 +8,6 @@ mesh axes. Every error names the mesh axis, its size and the parameter dimension
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Mapping
 
 import jax
@@ -16,10 +15,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from configs.schema import MESH_AXES, MeshConfig
-
-
-class MeshError(ValueError):
-    """The mesh does not fit the devices, or a dimension does not divide over its mesh axes."""
+from runtime.partitioning import MeshError, logical_axes, spec_for  # noqa: F401  (re-exported)
 
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, ...]:
@@ -64,39 +60,6 @@ def unflatten_params(flat: Mapping[str, Any], structure) -> Any:
     """The inverse of flatten_params: an nnx.State that nnx.merge accepts."""
     names, treedef = structure
     return jax.tree_util.tree_unflatten(treedef, [flat[name] for name in names])
-
-
-def logical_axes(table, path: str) -> tuple[str, ...]:
-    """The logical axis names a family's PARAM_AXES table gives the parameter at ``path``."""
-    for pattern, axes in table:
-        if re.fullmatch(pattern, path):
-            return axes
-    raise MeshError(f"parameter {path!r}: no entry in the family's PARAM_AXES table")
-
-
-def spec_for(name: str, shape: tuple[int, ...], logical: tuple[str, ...], mesh: Mesh,
-             rules: Mapping[str, tuple[str, ...]]) -> PartitionSpec:
-    """The PartitionSpec of an array whose dimensions have the given logical names; checks divisibility."""
-    if len(logical) != len(shape):
-        raise MeshError(f"{name}: {len(logical)} logical axes {logical} for an array of shape {shape}")
-    used: set[str] = set()
-    spec = []
-    for dim, (size, axis_name) in enumerate(zip(shape, logical)):
-        if axis_name not in rules:
-            raise MeshError(f"{name}: logical axis {axis_name!r} has no entry in mesh.rules "
-                            f"(known: {sorted(rules)})")
-        axes = tuple(a for a in rules[axis_name] if mesh.shape[a] > 1)
-        if used & set(axes):
-            raise MeshError(f"{name}: mesh axes {sorted(used & set(axes))} would split two dimensions "
-                            f"(logical axes {logical}, mesh.rules)")
-        used |= set(axes)
-        parts = math.prod(mesh.shape[a] for a in axes)
-        if size % parts:
-            across = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
-            raise MeshError(f"{name}: dimension {dim} ({axis_name!r}) has size {size}, which is not divisible "
-                            f"by mesh axes {across} (mesh.rules.{axis_name} = {list(rules[axis_name])})")
-        spec.append(axes[0] if len(axes) == 1 else (axes or None))
-    return PartitionSpec(*spec)
 
 
 def param_shardings(abstract: Mapping[str, Any], table, mesh: Mesh,

@@ -162,11 +162,10 @@ def train(run: RunConfig) -> list[dict]:
                                       learning_rate_schedule(run.optim, run.steps), run.remat),
                       in_shardings=(state_shardings, b_sharding), out_shardings=(state_shardings, replicated),
                       donate_argnums=0)
-    tokens_per_step = run.data.batch_size * run.data.seq_len
     writer = MetricsWriter(output_dir, start, run.steps)
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)
-    logged, last_saved = [], start
+    logged, last_saved, tokens = [], start, 0
     try:
         last_time = time.perf_counter()
         for step in range(start, run.steps):
@@ -175,6 +174,7 @@ def train(run: RunConfig) -> list[dict]:
             host_batch = data_lib.batch_at(run.data, run.model.vocab_size, run.seed, step)
             batch = {name: put_global_batch(array, b_sharding) for name, array in host_batch.items()}
             state, metrics = step_fn(state, batch)
+            tokens += host_batch["inputs"].size
             metrics = jax.device_get(metrics)
             if not metrics["finite"]:
                 checkpointer.wait()
@@ -188,10 +188,10 @@ def train(run: RunConfig) -> list[dict]:
             if done % run.log_every == 0 or done == run.steps:
                 now = time.perf_counter()
                 row = {"step": done, "loss": float(metrics["loss"]), "learning_rate": float(metrics["learning_rate"]),
+                       "seq_len": int(host_batch["inputs"].shape[-1]),
                        "grad_norm": float(metrics["grad_norm"]),
-                       "tokens_per_s": tokens_per_step * (done - (logged[-1]["step"] if logged else start))
-                       / (now - last_time)}
-                last_time = now
+                       "tokens_per_s": tokens / (now - last_time)}
+                last_time, tokens = now, 0
                 writer.write(row)
                 logged.append(row)
             if run.checkpoint_every and done % run.checkpoint_every == 0:

@@ -96,37 +96,17 @@ def param_path(path: tuple[Any, ...]) -> str:
 
 def sharding_from_rules(name: str, path: str, shape: tuple[int, ...], table, mesh, rules) -> Any:
     """NamedSharding of parameter ``path`` from a family's PARAM_AXES table and logical -> mesh axis rules
-    (configs.schema.DEFAULT_SHARDING_RULES merged with mesh.rules); the same mapping as
-    experiments.mesh.spec_for. Fails naming the checkpoint tensor when a dimension does not divide."""
-    import math
-    import re
+    (runtime.partitioning, the trainer's mapping). Fails naming the checkpoint tensor when a dimension does
+    not divide."""
+    from jax.sharding import NamedSharding
 
-    from jax.sharding import NamedSharding, PartitionSpec
+    from runtime.partitioning import MeshError, logical_axes, spec_for
 
-    logical = next((axes for pattern, axes in table if re.fullmatch(pattern, path)), None)
-    if logical is None:
-        raise CheckpointError(f"tensor {name!r} (parameter {path!r}): no entry in the family's PARAM_AXES table")
-    if len(logical) != len(shape):
-        raise CheckpointError(f"tensor {name!r} (parameter {path!r}): {len(logical)} logical axes {logical} for "
-                              f"shape {shape}")
-    used: set[str] = set()
-    spec = []
-    for dim, (size, axis_name) in enumerate(zip(shape, logical)):
-        if axis_name not in rules:
-            raise CheckpointError(f"tensor {name!r}: logical axis {axis_name!r} has no entry in mesh rules "
-                                  f"(known: {sorted(rules)})")
-        axes = tuple(a for a in rules[axis_name] if mesh.shape[a] > 1)
-        if used & set(axes):
-            raise CheckpointError(f"tensor {name!r}: mesh axes {sorted(used & set(axes))} would split two "
-                                  f"dimensions (logical axes {logical})")
-        used |= set(axes)
-        parts = math.prod(mesh.shape[a] for a in axes)
-        if size % parts:
-            across = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
-            raise CheckpointError(f"tensor {name!r} (parameter {path!r}): dimension {dim} ({axis_name!r}) has "
-                                  f"size {size}, which is not divisible by mesh axes {across}")
-        spec.append(axes[0] if len(axes) == 1 else (axes or None))
-    return NamedSharding(mesh, PartitionSpec(*spec))
+    try:
+        return NamedSharding(mesh, spec_for(f"tensor {name!r} (parameter {path!r})", shape,
+                                            logical_axes(table, path), mesh, rules))
+    except MeshError as err:
+        raise CheckpointError(f"tensor {name!r}: {err}" if name not in str(err) else str(err)) from err
 
 
 def _check_divisible(name: str, path: str, shape: tuple[int, ...], sharding) -> None:

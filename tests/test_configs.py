@@ -38,7 +38,7 @@ def test_overrides_and_base_inheritance():
     ("model.hiden_size=3", r"unknown config key 'model.hiden_size'; did you mean 'hidden_size'"),
     ("sed=1", r"unknown config key 'sed'; did you mean 'seed'"),
     ("mesh.tensr=2", r"unknown config key 'mesh.tensr'; did you mean 'tensor'"),
-    ("model.scan_impl=fast", r"'model.scan_impl': expected one of \['auto', 'reference', 'chunked', 'pallas'\], got 'fast'"),
+    ("model.scan_impl=fast", r"'model.scan_impl': expected one of \['auto', 'reference', 'sequential', 'chunked', 'pallas'\], got 'fast'"),
     ("model.hidden_size=-4", r"'model.hidden_size': expected a positive integer, got -4"),
     ("model.hidden_size=2.5", r"'model.hidden_size': expected an integer, got 2.5"),
     ("model.use_bias=maybe", r"'model.use_bias': expected true or false, got 'maybe'"),

@@ -54,3 +54,31 @@ def test_bad_data_settings_are_named(tmp_path):
         batch_at(DataConfig(task="bytes", text_dir=str(tmp_path)), 256, 0, 0)
     with pytest.raises(ConfigError, match=r"'batch_size': expected a multiple of grad_accum \(3\), got 8"):
         DataConfig(batch_size=8, grad_accum=3)
+
+
+def test_length_curriculum_stages_then_seq_len():
+    config = DataConfig(task="induction", seq_len=64, batch_size=4, length_curriculum=((8, 3), (16, 2)))
+    assert [config.seq_len_at(step) for step in range(7)] == [8, 8, 8, 16, 16, 64, 64]
+    for step, length in ((0, 8), (4, 16), (5, 64)):
+        batch = batch_at(config, 16, 0, step)
+        assert batch["inputs"].shape == (1, 4, length)
+        # a stage's batch is the task at that length: the answer follows the first trigger
+        inputs, targets = batch["inputs"][0], batch["targets"][0]
+        assert (inputs[:, -1] == TRIGGER_TOKEN).all()
+        first = (inputs == TRIGGER_TOKEN).argmax(axis=1)
+        np.testing.assert_array_equal(targets[:, -1], inputs[np.arange(4), first + 1])
+    whole = DataConfig(task="induction", seq_len=64, batch_size=4)
+    np.testing.assert_array_equal(batch_at(config, 16, 0, 5)["inputs"], batch_at(whole, 16, 0, 5)["inputs"])
+
+
+def test_length_curriculum_errors_name_the_field():
+    from configs import load_config
+
+    with pytest.raises(ConfigError, match=r"length_curriculum\[0\].*<= data.seq_len \(64\)"):
+        DataConfig(seq_len=64, length_curriculum=((128, 10),))
+    with pytest.raises(ConfigError, match=r"length_curriculum\[1\].*two positive integers"):
+        DataConfig(seq_len=64, length_curriculum=((16, 10), (32,)))
+    with pytest.raises(ConfigError, match=r"data.length_curriculum.*fewer than steps \(20\)"):
+        load_config("tiny_falcon_mamba", ["steps=20", "data.seq_len=64", "data.length_curriculum=[[16, 20]]"])
+    run = load_config("tiny_falcon_mamba", ["steps=30", "data.seq_len=64", "data.length_curriculum=[[16, 10]]"])
+    assert run.data.length_curriculum == ((16, 10),)
