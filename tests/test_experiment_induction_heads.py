@@ -13,7 +13,7 @@ import numpy as np
 from experiments import induction_heads
 from experiments.data import TRIGGER_TOKEN
 
-TINY = ["--steps", "3", "--train-length", "16", "--batch-size", "4", "--min-log2", "3", "--max-log2", "6",
+TINY = ["--steps", "3", "--curriculum", "8:1", "--train-length", "16", "--batch-size", "4", "--min-log2", "3", "--max-log2", "6",
         "--falcon-max-log2", "5", "--eval-sequences", "3", "--eval-tokens", "64", "--falcon-eval-tokens", "64",
         "--min-sequences", "2", "--eval-batch", "2", "--chunk-size", "16", "--falcon-chunk-size", "8"]
 
@@ -31,7 +31,11 @@ def test_tiny_run_writes_the_summary_table_and_plot(tmp_path):
     details = json.loads((out / "details.json").read_text())
     # 3 sequences while the 64-token budget allows, never fewer than 2
     assert [p["sequences"] for p in details["points"]["falcon_mamba"].values()] == [3, 3, 2, 2]
-    assert details["runs"]["falcon_mamba"]["steps"] == 3 and details["runs"]["falcon"]["steps"] == 3
+    for name in ("falcon_mamba", "falcon"):
+        run = details["runs"][name]
+        assert run["steps"] == 3 and run["length_curriculum"] == [[8, 1]] and run["train_length"] == 16
+    rows = [json.loads(line) for line in (out / "falcon_mamba" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and rows[-1]["seq_len"] == 16
     table = (out / "summary.md").read_text()
     assert "| 64 | 6 |" in table and "| Falcon Mamba |" in table and table.splitlines()[-1] in result.stdout
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

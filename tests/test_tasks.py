@@ -99,4 +99,4 @@ def test_task_presets_load_and_make_batches(preset, task):
     run = load_config(preset, ["data.batch_size=2"])
     assert run.data.task == task and task in TASKS
     batch = batch_at(run.data, run.model.vocab_size, run.seed, 0)
-    assert batch["inputs"].shape == (1, 2, run.data.seq_len) and batch["mask"].sum() > 0
+    assert batch["inputs"].shape == (1, 2, run.data.seq_len_at(0)) and batch["mask"].sum() > 0
