@@ -124,3 +124,30 @@ def test_weight_decay_spares_a_log_d_biases_and_norms():
     for name, update in updates.items():
         want = np.zeros_like(params[name]) if name in spared else -0.1 * 0.5 * np.asarray(params[name])
         np.testing.assert_allclose(np.asarray(update), want, rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_equals_uninterrupted(tmp_path, cache_dir):
+    """checkpoint_every=0: the only mid-run checkpoint is the one SIGTERM writes at the next step boundary;
+    the process exits cleanly, and the same command resumes to the losses of a run never interrupted."""
+    preset, common = "tiny_falcon_mamba", ["steps=2000", "checkpoint_every=0", "log_every=1"]
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(train_command(preset, stopped, *common), env=cli_env(1, cache_dir), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        rows = read_metrics(stopped / "metrics.jsonl") if (stopped / "metrics.jsonl").exists() else []
+        if rows and rows[-1]["step"] >= 5:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.005)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 5 <= saved[0] < 2000, saved
+    assert f"SIGTERM: saved checkpoint step {saved[0]}" in out
+
+    run_train(preset, stopped, *common, cache_dir=cache_dir)
+    run_train(preset, tmp_path / "straight", *common, cache_dir=cache_dir)
+    resumed, straight = losses(stopped), losses(tmp_path / "straight")
+    assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == list(range(1, 2001))
+    np.testing.assert_array_equal(resumed, straight)
