@@ -60,15 +60,21 @@ def resolve(module: Any, path: tuple[Any, ...]) -> Any:
     return node
 
 
+def _tensor_name(tensors: Mapping[str, Any], spec: WeightSpec, source: str) -> str:
+    """The checkpoint's name for ``spec``: its HF name or the first alias present; fails naming them all."""
+    candidates = (spec.hf_name,) + spec.aliases
+    name = next((n for n in candidates if n in tensors), None)
+    if name is None:
+        raise CheckpointError(f"{source}: missing tensor {' or '.join(repr(n) for n in candidates)}")
+    return name
+
+
 def load_weights(module: Any, tensors: Mapping[str, np.ndarray], specs: list[WeightSpec],
                  source: str = "checkpoint") -> list[str]:
     """Copies every spec'd tensor into ``module``; returns the names of tensors no spec used."""
     used = set()
     for spec in specs:
-        name = next((n for n in (spec.hf_name,) + spec.aliases if n in tensors), None)
-        if name is None:
-            names = " or ".join(repr(n) for n in (spec.hf_name,) + spec.aliases)
-            raise CheckpointError(f"{source}: missing tensor {names}")
+        name = _tensor_name(tensors, spec, source)
         param = resolve(module, spec.path)
         expected = hf_shape(tuple(param.shape), spec.transform)
         array = tensors[name]
@@ -136,10 +142,7 @@ def load_weights_streaming(module: Any, tensors: Mapping[str, Any], specs: list[
 
     used = set()
     for spec in specs:
-        name = next((n for n in (spec.hf_name,) + spec.aliases if n in tensors), None)
-        if name is None:
-            names = " or ".join(repr(n) for n in (spec.hf_name,) + spec.aliases)
-            raise CheckpointError(f"{source}: missing tensor {names}")
+        name = _tensor_name(tensors, spec, source)
         param = resolve(module, spec.path)
         abstract = param.get_value()
         shape, dtype = tuple(abstract.shape), abstract.dtype
