@@ -242,6 +242,7 @@ DEFAULT_SHARDING_RULES: dict[str, tuple[str, ...]] = {
     "heads": ("tensor",),
     "d_inner": ("tensor",),
     "d_state": (),
+    "xz": (),
     "conv": (),
     "dt_rank": (),
     "ssm_proj": (),

@@ -165,7 +165,7 @@ def _dt_per_layer(model, input_ids):
     dts = []
     for layer in model.layers:
         mixer = layer.mixer
-        xs, _ = jnp.split(mixer.in_proj(layer.norm(h)), 2, axis=-1)
+        xs = mixer.in_proj(layer.norm(h))[..., 0, :]
         xc, _ = causal_conv1d(xs, mixer.conv_kernel[...], None if mixer.conv_bias is None else mixer.conv_bias[...])
         xc = jax.nn.silu(xc.astype(jnp.float32))
         dt, _, _ = jnp.split(mixer.x_proj(xc), [rank, rank + n], axis=-1)

@@ -18,7 +18,10 @@ from runtime.safetensors_io import CheckpointError
 # Layout changes between HF (torch) and our parameters.
 #   identity: same array.  linear: torch Linear weight (out, in) <-> our kernel (in, out).
 #   conv: torch depthwise Conv1d weight (channels, 1, k) <-> our kernel (k, channels).
-TRANSFORMS = ("identity", "linear", "conv")
+#   stacked_linear: a torch Linear weight whose output rows are P blocks of `out` (e.g. Mamba's in_proj, [x; z])
+#     (P * out, in) <-> our kernel (in, P, out), the blocks on their own axis so that sharding `out` gives every
+#     shard its slice of every block.  stacked: the matching bias (P * out,) <-> (P, out).
+TRANSFORMS = ("identity", "linear", "conv", "stacked_linear", "stacked")
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,19 @@ class WeightSpec:
     transform: str = "identity"
     aliases: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"WeightSpec {self.hf_name!r}: transform expected one of {TRANSFORMS}, "
+                             f"got {self.transform!r}")
 
-def _to_ours(array: np.ndarray, transform: str) -> np.ndarray:
+
+def _to_ours(array: np.ndarray, transform: str, shape: tuple[int, ...]) -> np.ndarray:
     if transform == "linear":
         return array.T
     if transform == "conv":
         return array.reshape(array.shape[0], array.shape[-1]).T
+    if transform in ("stacked_linear", "stacked"):
+        return array.T.reshape(shape) if transform == "stacked_linear" else array.reshape(shape)
     return array
 
 
@@ -42,6 +52,10 @@ def _to_hf(array: np.ndarray, transform: str) -> np.ndarray:
         return array.T
     if transform == "conv":
         return array.T[:, None, :]
+    if transform == "stacked_linear":
+        return array.reshape(array.shape[0], -1).T
+    if transform == "stacked":
+        return array.reshape(-1)
     return array
 
 
@@ -50,7 +64,30 @@ def hf_shape(our_shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
         return tuple(reversed(our_shape))
     if transform == "conv":
         return (our_shape[1], 1, our_shape[0])
+    if transform == "stacked_linear":
+        return (our_shape[1] * our_shape[2], our_shape[0])
+    if transform == "stacked":
+        return (our_shape[0] * our_shape[1],)
     return tuple(our_shape)
+
+
+def _read_ours(hf_array, index: tuple[slice, ...], transform: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The slice ``index`` of our (transformed) array, read from the HF-layout array (a memory map: only
+    the rows the slice needs are touched)."""
+    if transform == "linear":
+        return hf_array[index[1], index[0]].T
+    if transform == "conv":
+        return hf_array[index[1], 0, index[0]].T
+    if transform in ("stacked_linear", "stacked"):
+        part_axis = 1 if transform == "stacked_linear" else 0
+        block = shape[part_axis + 1]
+        out = range(*index[part_axis + 1].indices(block))
+        parts = []
+        for p in range(*index[part_axis].indices(shape[part_axis])):
+            rows = slice(p * block + out.start, p * block + out.stop)
+            parts.append(hf_array[rows, index[0]].T if transform == "stacked_linear" else hf_array[rows])
+        return np.stack(parts, axis=part_axis)
+    return hf_array[index]
 
 
 def resolve(module: Any, path: tuple[Any, ...]) -> Any:
@@ -81,18 +118,10 @@ def load_weights(module: Any, tensors: Mapping[str, np.ndarray], specs: list[Wei
         if tuple(array.shape) != expected:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, the config "
                                   f"needs {expected}")
-        param.set_value(jnp.asarray(_to_ours(np.asarray(array), spec.transform), dtype=param[...].dtype))
+        param.set_value(jnp.asarray(_to_ours(np.asarray(array), spec.transform, tuple(param.shape)),
+                                    dtype=param[...].dtype))
         used.add(name)
     return sorted(set(tensors) - used)
-
-
-def _hf_index(index: tuple[slice, ...], transform: str) -> tuple:
-    """The HF-layout index of the slice ``index`` of our (transformed) array."""
-    if transform == "linear":
-        return (index[1], index[0])
-    if transform == "conv":
-        return (index[1], 0, index[0])
-    return index
 
 
 def param_path(path: tuple[Any, ...]) -> str:
@@ -157,12 +186,11 @@ def load_weights_streaming(module: Any, tensors: Mapping[str, Any], specs: list[
         hf_array = source_tensor.open() if hasattr(source_tensor, "open") else np.asarray(source_tensor)
         cache: dict[tuple, np.ndarray] = {}
 
-        def callback(index, hf_array=hf_array, transform=spec.transform, dtype=dtype, cache=cache, ndim=len(shape)):
-            index = tuple(index) + (slice(None),) * (ndim - len(index))
+        def callback(index, hf_array=hf_array, transform=spec.transform, dtype=dtype, cache=cache, shape=shape):
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
             key = tuple((s.start, s.stop, s.step) for s in index)
             if key not in cache:
-                part = hf_array[_hf_index(index, transform)]
-                cache[key] = np.array(part.T if transform in ("linear", "conv") else part, dtype=dtype, copy=True)
+                cache[key] = np.array(_read_ours(hf_array, index, transform, shape), dtype=dtype, copy=True)
             return cache[key]
 
         param.set_value(jax.make_array_from_callback(shape, sharding, callback))

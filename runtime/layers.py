@@ -51,6 +51,30 @@ class Dense(nnx.Module):
         return y.astype(out_dtype or self.dtype)
 
 
+class StackedDense(nnx.Module):
+    """``parts`` projections of the same input in one kernel (in, parts, out): (..., in) -> (..., parts, out).
+
+    The HF form is one torch Linear with parts * out output rows (runtime.hf_weights "stacked_linear"); the
+    parts axis is kept separate so that sharding ``out`` gives every shard its slice of every part. Init as
+    Dense (torch.nn.Linear's default, fan_in = in)."""
+
+    def __init__(self, in_features: int, parts: int, out_features: int, *, use_bias: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        bound = in_features ** -0.5
+        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (in_features, parts, out_features), param_dtype,
+                                                   -bound, bound))
+        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (parts, out_features), param_dtype, -bound, bound)
+                              ) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,ipo->...po", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                       precision=matmul_precision(self.dtype), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
 class Embed(nnx.Module):
     def __init__(self, num_embeddings: int, features: int, *, dtype, param_dtype, rngs: nnx.Rngs, std: float = 1.0):
         self.embedding = nnx.Param(std * jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype))

@@ -15,7 +15,7 @@ from flax import nnx
 
 from configs.schema import FalconMambaConfig
 from runtime.interface import CausalLM, DecodeState, call_layer, check_batch_size
-from runtime.layers import Dense, Embed, RMSNorm, dtype_of, matmul_precision, rms_normalize
+from runtime.layers import Dense, Embed, RMSNorm, StackedDense, dtype_of, matmul_precision, rms_normalize
 from ssm.conv import causal_conv1d
 from ssm.scan import selective_scan, softplus
 
@@ -45,7 +45,9 @@ class MambaMixer(nnx.Module):
                                      config.time_step_rank)
         dense = lambda i, o, bias, **kw: Dense(i, o, use_bias=bias, dtype=dtype, param_dtype=pdtype,  # noqa: E731
                                               rngs=rngs, **kw)
-        self.in_proj = dense(d_model, 2 * d_inner, config.use_bias)
+        # x and z in one kernel (d_model, 2, d_inner): a d_inner shard holds both halves of its channels.
+        self.in_proj = StackedDense(d_model, 2, d_inner, use_bias=config.use_bias, dtype=dtype, param_dtype=pdtype,
+                                    rngs=rngs)
         conv_bound = config.conv_kernel ** -0.5  # torch Conv1d default init, fan_in = kernel (depthwise)
         self.conv_kernel = nnx.Param(jax.random.uniform(rngs.params(), (config.conv_kernel, d_inner), pdtype,
                                                         -conv_bound, conv_bound))
@@ -74,7 +76,8 @@ class MambaMixer(nnx.Module):
         tokens are real; the rest (right padding) leave the conv and SSM states exactly as they were."""
         cfg = self.config
         n, rank = cfg.state_size, cfg.time_step_rank
-        xs, z = jnp.split(self.in_proj(x), 2, axis=-1)
+        xz = self.in_proj(x)
+        xs, z = xz[..., 0, :], xz[..., 1, :]
         valid = None if n_valid is None else (jnp.arange(x.shape[1])[None, :] < n_valid[:, None])
         if valid is not None:
             xs = jnp.where(valid[..., None], xs, 0)

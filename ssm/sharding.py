@@ -2,7 +2,8 @@
 
 The names are mapped to mesh axes by the run config's ``mesh.rules`` (configs.schema.DEFAULT_SHARDING_RULES).
 Everything along d_inner is split the same way, so the conv, the selective scan and the gating run on each
-d_inner shard without communication; only in_proj/x_proj/out_proj contract across shards.
+d_inner shard without communication; only in_proj/x_proj/out_proj contract across shards. in_proj keeps its x
+and z halves on an axis of their own ("xz", never split): a d_inner shard holds both halves of its channels.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"embeddings\.embedding", ("vocab", "embed")),
     (r"layers\.\d+\.norm\.weight", ("norm",)),
-    (r"layers\.\d+\.mixer\.in_proj\.kernel", ("embed", "d_inner")),
-    (r"layers\.\d+\.mixer\.in_proj\.bias", ("d_inner",)),
+    (r"layers\.\d+\.mixer\.in_proj\.kernel", ("embed", "xz", "d_inner")),
+    (r"layers\.\d+\.mixer\.in_proj\.bias", ("xz", "d_inner")),
     (r"layers\.\d+\.mixer\.conv_kernel", ("conv", "d_inner")),
     (r"layers\.\d+\.mixer\.conv_bias", ("d_inner",)),
     (r"layers\.\d+\.mixer\.x_proj\.kernel", ("d_inner", "ssm_proj")),

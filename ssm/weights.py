@@ -28,7 +28,7 @@ def weight_specs(config: FalconMambaConfig) -> list[WeightSpec]:
         mixer = ours + ("mixer",)
         specs += [
             WeightSpec(hf + "norm.weight", ours + ("norm", "weight")),
-            WeightSpec(hf + "mixer.in_proj.weight", mixer + ("in_proj", "kernel"), "linear"),
+            WeightSpec(hf + "mixer.in_proj.weight", mixer + ("in_proj", "kernel"), "stacked_linear"),
             WeightSpec(hf + "mixer.conv1d.weight", mixer + ("conv_kernel",), "conv"),
             WeightSpec(hf + "mixer.x_proj.weight", mixer + ("x_proj", "kernel"), "linear"),
             WeightSpec(hf + "mixer.dt_proj.weight", mixer + ("dt_proj", "kernel"), "linear"),
@@ -40,7 +40,7 @@ def weight_specs(config: FalconMambaConfig) -> list[WeightSpec]:
         if config.use_conv_bias:
             specs.append(WeightSpec(hf + "mixer.conv1d.bias", mixer + ("conv_bias",)))
         if config.use_bias:
-            specs += [WeightSpec(hf + "mixer.in_proj.bias", mixer + ("in_proj", "bias")),
+            specs += [WeightSpec(hf + "mixer.in_proj.bias", mixer + ("in_proj", "bias"), "stacked"),
                       WeightSpec(hf + "mixer.out_proj.bias", mixer + ("out_proj", "bias"))]
     specs.append(WeightSpec("backbone.norm_f.weight", ("norm_f", "weight")))
     if not config.tie_word_embeddings:

@@ -42,7 +42,8 @@ def test_rules_are_config_data_with_checked_values():
 def test_family_tables_map_parameters_to_mesh_axes():
     rules = DEFAULT_SHARDING_RULES
     spec = lambda table, path, shape: spec_for(path, shape, logical_axes(table, path), MESH_2X2X2, rules)  # noqa
-    assert spec(ssm.sharding.PARAM_AXES, "layers.0.mixer.in_proj.kernel", (64, 256)) == PartitionSpec("fsdp", "tensor")
+    assert spec(ssm.sharding.PARAM_AXES, "layers.0.mixer.in_proj.kernel", (64, 2, 128)) == \
+        PartitionSpec("fsdp", None, "tensor")
     assert spec(ssm.sharding.PARAM_AXES, "layers.3.mixer.A_log", (128, 16)) == PartitionSpec("tensor", None)
     assert spec(ssm.sharding.PARAM_AXES, "embeddings.embedding", (256, 64)) == PartitionSpec("tensor", "fsdp")
     assert spec(transformer.sharding.PARAM_AXES, "h.1.mlp.dense_4h_to_h.kernel", (256, 64)) == \
@@ -53,9 +54,9 @@ def test_family_tables_map_parameters_to_mesh_axes():
 
 
 def test_dimension_not_divisible_names_parameter_axis_and_size():
-    with pytest.raises(MeshError, match=r"layers.0.mixer.in_proj.kernel: dimension 1 \('d_inner'\) has size 255, "
+    with pytest.raises(MeshError, match=r"layers.0.mixer.in_proj.kernel: dimension 2 \('d_inner'\) has size 255, "
                                         r"which is not divisible by mesh axes tensor=2"):
-        spec_for("layers.0.mixer.in_proj.kernel", (64, 255), ("embed", "d_inner"), MESH_2X2X2,
+        spec_for("layers.0.mixer.in_proj.kernel", (64, 2, 255), ("embed", "xz", "d_inner"), MESH_2X2X2,
                  DEFAULT_SHARDING_RULES)
 
 
@@ -73,7 +74,7 @@ SHARDING_CHECK = textwrap.dedent("""
     from experiments.train import prepare
 
     for preset, checks in {
-        "tiny_falcon_mamba": {"layers.0.mixer.in_proj.kernel": P("fsdp", "tensor"),
+        "tiny_falcon_mamba": {"layers.0.mixer.in_proj.kernel": P("fsdp", None, "tensor"),
                               "layers.0.mixer.conv_kernel": P(None, "tensor"),
                               "layers.0.mixer.out_proj.kernel": P("tensor", "fsdp"),
                               "embeddings.embedding": P("tensor", "fsdp"), "norm_f.weight": P(None)},

@@ -2,7 +2,9 @@
 
 (1) Prompt length -> peak memory and time, for Falcon Mamba's sequential (chunked) prefill, its parallel
     (whole-prompt) prefill, and the Falcon transformer's prefill into a KV cache.
-(2) Context length -> time per generated token and memory, for Falcon Mamba and Falcon.
+(2) Generation: the number of generated tokens (2^10 .. 2^17 after a 16-token prompt) -> time per generated
+    token and peak memory, for Falcon Mamba and Falcon, through the jit-compiled decode loop
+    (runtime.generation.generate, greedy, no stop token). Also the time per decode step after each prompt of (1).
 
 Each point runs in a fresh process (python -m experiments.bench.long_context --worker ...) that reports its
 own peak resident memory, so points do not share allocator state. Writes CSV and PNG plots to --out.
@@ -25,6 +27,8 @@ import time
 from pathlib import Path
 
 MODES = ("mamba_sequential", "mamba_parallel", "falcon")
+GENERATE_MODES = ("mamba_generate", "falcon_generate")
+GENERATE_PROMPT = 16
 
 
 def _peak_rss_mb() -> float:
@@ -39,27 +43,53 @@ def _device_peak_mb() -> float | None:
     return None if peak is None else peak / 2**20
 
 
+def _build(args):
+    from configs import load_model_config
+    from experiments.models import build_model
+
+    family_preset = args.falcon_preset if args.mode.startswith("falcon") else args.mamba_preset
+    config = load_model_config(family_preset)
+    return config, build_model(config, seed=0)
+
+
+def generate_worker(args) -> dict:
+    """Generates args.length tokens after a GENERATE_PROMPT-token prompt, twice (the first call compiles the
+    loop for this length), and times the second."""
+    import jax
+    import numpy as np
+
+    from runtime.generation import generate
+
+    config, model = _build(args)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, GENERATE_PROMPT), dtype=np.int32)
+    generate(model, ids, max_new_tokens=args.length, temperature=0.0)
+    start = time.perf_counter()
+    result = generate(model, ids, max_new_tokens=args.length, temperature=0.0)
+    seconds = time.perf_counter() - start
+    if result.steps != args.length:
+        raise RuntimeError(f"generated {result.steps} tokens, expected {args.length}")
+    return {"mode": args.mode, "generated_tokens": args.length, "generate_seconds": seconds,
+            "generate_ms_per_token": 1000 * seconds / args.length, "peak_rss_mb": _peak_rss_mb(),
+            "device_peak_mb": _device_peak_mb(), "backend": jax.default_backend()}
+
+
 def worker(args) -> dict:
     """Runs one point in this process and returns its measurements."""
     import jax
     import numpy as np
 
-    from configs import load_model_config
-    from experiments.models import build_model
-
-    family_preset = args.falcon_preset if args.mode == "falcon" else args.mamba_preset
-    config = load_model_config(family_preset)
-    model = build_model(config, seed=0)
+    if args.mode in GENERATE_MODES:
+        return generate_worker(args)
+    config, model = _build(args)
     rng = np.random.default_rng(0)
     length = args.length
     ids = rng.integers(0, config.vocab_size, (1, length), dtype=np.int32)
     chunk = args.chunk_size if args.mode == "mamba_sequential" else None
     max_len = length + args.decode_tokens + 1
 
-    # warm-up at a small length compiles the chunk shapes that do not depend on the prompt length
-    if args.mode != "mamba_parallel":
-        warm = min(length, chunk or length)
-        model.prefill(ids[:, :warm], model.init_state(1, max_len=max_len), chunk_size=chunk)
+    # warm-up: compiles the chunk shapes (sequential modes: one chunk; parallel: the whole prompt, one shape)
+    warm = min(length, chunk or length)
+    jax.block_until_ready(model.prefill(ids[:, :warm], model.init_state(1, max_len=max_len), chunk_size=chunk)[0])
     baseline = _peak_rss_mb()
     start = time.perf_counter()
     logits, state = model.prefill(ids, model.init_state(1, max_len=max_len), chunk_size=chunk)
@@ -124,12 +154,32 @@ def plot(rows: list[dict], out: Path) -> None:
     axes[1].set_yscale("log")
     fig.tight_layout()
     fig.savefig(out / "long_context.png", dpi=120)
+    plt.close(fig)
+    generated = [r for r in rows if r["mode"] in GENERATE_MODES]
+    if not generated:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in GENERATE_MODES:
+        points = sorted((r for r in generated if r["mode"] == mode), key=lambda r: r["generated_tokens"])
+        if points:
+            counts = [p["generated_tokens"] for p in points]
+            axes[0].plot(counts, [p["generate_ms_per_token"] for p in points], "o-", label=mode)
+            axes[1].plot(counts, [p["peak_rss_mb"] for p in points], "o-", label=mode)
+    for ax, title in zip(axes, ("time per generated token (ms)", "peak memory (RSS, MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("generated tokens")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "generation.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=MODES + GENERATE_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mamba-preset", default="tiny_falcon_mamba")
     parser.add_argument("--falcon-preset", default="tiny_falcon")
@@ -141,6 +191,9 @@ def main(argv=None) -> None:
                         help="largest prompt for Falcon Mamba's whole-prompt (parallel) prefill")
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed after each prefill")
+    parser.add_argument("--generate-min-log2", type=int, default=10)
+    parser.add_argument("--generate-max-log2", type=int, default=17,
+                        help="most tokens generated in measurement (2); 0 skips it")
     parser.add_argument("--point-timeout", type=int, default=1800)
     parser.add_argument("--out", default="results/long_context")
     args = parser.parse_args(argv)
@@ -163,6 +216,15 @@ def main(argv=None) -> None:
             extra = f", decode {row['decode_ms_per_token']:.2f} ms/token" if "decode_ms_per_token" in row else ""
             print(f"  {mode:17s} 2^{log2:<2d} tokens: prefill {row['prefill_seconds']:8.2f} s, peak RSS "
                   f"{row['peak_rss_mb']:8.0f} MB{extra}", flush=True)
+    if args.generate_max_log2:
+        for mode in GENERATE_MODES:
+            for log2 in range(args.generate_min_log2, args.generate_max_log2 + 1):
+                row = run_point(args, mode, 2**log2, 0)
+                if row is None:
+                    break
+                rows.append(row)
+                print(f"  {mode:17s} 2^{log2:<2d} generated: {row['generate_ms_per_token']:.3f} ms/token, peak RSS "
+                      f"{row['peak_rss_mb']:8.0f} MB", flush=True)
     with open(out / "long_context.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
         writer.writeheader()
@@ -176,7 +238,14 @@ def main(argv=None) -> None:
     if decode:
         print(f"Falcon Mamba decode ms/token across contexts: min {min(decode):.2f}, max {max(decode):.2f} "
               f"(spread {max(decode) / min(decode) - 1:.1%})")
-    print(f"wrote {out / 'long_context.csv'} and {out / 'long_context.png'}")
+    for mode in GENERATE_MODES:
+        points = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["generated_tokens"])
+        if len(points) > 1:
+            first, last = points[0], points[-1]
+            print(f"{mode}: {first['generated_tokens']} -> {last['generated_tokens']} generated tokens: ms/token "
+                  f"{first['generate_ms_per_token']:.3f} -> {last['generate_ms_per_token']:.3f}, peak RSS "
+                  f"{first['peak_rss_mb']:.0f} -> {last['peak_rss_mb']:.0f} MB")
+    print(f"wrote {out / 'long_context.csv'}, {out / 'long_context.png'} and {out / 'generation.png'}")
 
 
 if __name__ == "__main__":

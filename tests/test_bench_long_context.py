@@ -1,0 +1,27 @@
+"""The long-context benchmark script runs end to end at toy sizes and writes what docs/BENCHMARKS.md quotes.
+
+It measures speed and memory; this test checks only that every measurement produces a row with sane values
+and that the CSV and both plots are written (timings are not asserted: benchmarks are scripts, not tests)."""
+
+from __future__ import annotations
+
+import csv
+
+from experiments.bench import long_context
+
+
+def test_long_context_bench_writes_every_measurement(tmp_path):
+    long_context.main(["--min-log2", "7", "--max-log2", "7", "--decode-tokens", "2", "--generate-min-log2", "3",
+                       "--generate-max-log2", "3", "--out", str(tmp_path)])
+    with open(tmp_path / "long_context.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    prompt = {r["mode"]: r for r in rows if r["length"]}
+    assert set(prompt) == set(long_context.MODES)
+    assert all(int(r["length"]) == 128 and float(r["prefill_seconds"]) > 0 and float(r["peak_rss_mb"]) > 0
+               for r in prompt.values())
+    assert float(prompt["mamba_sequential"]["decode_ms_per_token"]) > 0
+    generated = sorted((r["mode"], int(r["generated_tokens"])) for r in rows if r["generated_tokens"])
+    assert generated == [(mode, n) for mode in sorted(long_context.GENERATE_MODES) for n in (8,)]
+    assert all(float(r["generate_ms_per_token"]) > 0 for r in rows if r["generated_tokens"])
+    assert (tmp_path / "long_context.png").stat().st_size > 0
+    assert (tmp_path / "generation.png").stat().st_size > 0
