@@ -49,6 +49,15 @@ step record_goldens_cuda "$PYTHON" scripts/record_goldens.py cuda
 mkdir -p "$RESULTS/golden_cuda" && cp tests/golden/cuda/* "$RESULTS/golden_cuda/" 2>/dev/null
 step tests_golden_cuda "$PYTHON" -m pytest -q tests/test_golden.py -k cuda -p no:cacheprovider
 step bench_gpu_scan "$PYTHON" -m experiments.bench.gpu_scan --out "$RESULTS"
+# Issue 5: training tokens/s and MFU (a 1B-class Falcon in bf16; the 7B Falcon Mamba layer shapes).
+# H100/H200 dense bf16 peak: 989 TFLOP/s. The 7B Falcon Mamba with 8 of its 64 layers (fp32 Adam state of all 64
+# would not fit one card).
+step bench_train_falcon_1b "$PYTHON" -m experiments.bench.train_throughput falcon_rw_1b --steps 5 --peak-tflops 989
+step bench_train_falcon_mamba_7b_8_layers "$PYTHON" -m experiments.bench.train_throughput falcon_mamba_7b \
+  model.num_hidden_layers=8 --steps 5 --peak-tflops 989
+# Issue 4 on 7B shapes (random weights): prompt 2^14 .. 2^20 and generation 2^10 .. 2^12, last (the longest).
+step bench_long_context_7b timeout 1200 "$PYTHON" -m experiments.bench.long_context --mamba-preset falcon_mamba_7b \
+  --falcon-preset falcon_7b --min-log2 14 --max-log2 20 --generate-max-log2 12 --out "$RESULTS/long_context_7b"
 echo "failed steps: $failed" | tee "$RESULTS/summary.txt"
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_tier.tar.gz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"; fi
 exit $failed

@@ -11,7 +11,7 @@ own peak resident memory, so points do not share allocator state. Writes CSV and
 
     python -m experiments.bench.long_context --out results/long_context            # tiny models, CPU
     python -m experiments.bench.long_context --mamba-preset falcon_mamba_7b --falcon-preset falcon_7b \\
-        --random-weights --max-log2 20 --out results/long_context_gpu                # 7B shapes, one GPU
+        --min-log2 14 --generate-max-log2 12 --out results/long_context_gpu  # 7B shapes (random weights), GPU
 """
 
 from __future__ import annotations
