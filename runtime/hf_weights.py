@@ -42,8 +42,10 @@ def _to_ours(array: np.ndarray, transform: str, shape: tuple[int, ...]) -> np.nd
         return array.T
     if transform == "conv":
         return array.reshape(array.shape[0], array.shape[-1]).T
-    if transform in ("stacked_linear", "stacked"):
-        return array.T.reshape(shape) if transform == "stacked_linear" else array.reshape(shape)
+    if transform == "stacked_linear":
+        return array.T.reshape(shape)
+    if transform == "stacked":
+        return array.reshape(shape)
     return array
 
 

@@ -22,7 +22,8 @@ def matmul_precision(dtype) -> lax.Precision:
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel + bias, kernel (in, out) (the transpose of torch.nn.Linear.weight)."""
+    """y = x @ kernel + bias, kernel (in, out) (the transpose of torch.nn.Linear.weight); a kernel
+    (in, *out) maps (..., in) to (..., *out) (StackedDense)."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
                  init_scale: float | None = None, init_std: float | None = None):
@@ -44,19 +45,19 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         """Accumulates in fp32; returns the compute dtype, or ``out_dtype`` (fp32 logits)."""
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                    precision=matmul_precision(self.dtype), preferred_element_type=jnp.float32)
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=1,
+                          precision=matmul_precision(self.dtype), preferred_element_type=jnp.float32)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(out_dtype or self.dtype)
 
 
-class StackedDense(nnx.Module):
+class StackedDense(Dense):
     """``parts`` projections of the same input in one kernel (in, parts, out): (..., in) -> (..., parts, out).
 
     The HF form is one torch Linear with parts * out output rows (runtime.hf_weights "stacked_linear"); the
-    parts axis is kept separate so that sharding ``out`` gives every shard its slice of every part. Init as
-    Dense (torch.nn.Linear's default, fan_in = in)."""
+    parts axis is kept separate so that sharding ``out`` gives every shard its slice of every part. Init:
+    torch.nn.Linear's default (fan_in = in); the forward is Dense's."""
 
     def __init__(self, in_features: int, parts: int, out_features: int, *, use_bias: bool, dtype, param_dtype,
                  rngs: nnx.Rngs):
@@ -66,13 +67,6 @@ class StackedDense(nnx.Module):
         self.bias = nnx.Param(jax.random.uniform(rngs.params(), (parts, out_features), param_dtype, -bound, bound)
                               ) if use_bias else None
         self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,ipo->...po", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                       precision=matmul_precision(self.dtype), preferred_element_type=jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
 
 
 class Embed(nnx.Module):
