@@ -33,13 +33,13 @@ from flax import nnx
 from configs import load_config
 from configs.schema import DataConfig
 from experiments.data import batch_at
+from experiments.evaluate import EVAL_SEED_OFFSET
 from experiments.train import load_trained_model, train
 from runtime.layers import rms_normalize
 from ssm.conv import causal_conv1d
 from ssm.scan import softplus
 
 MODELS = {"falcon_mamba": "Falcon Mamba", "falcon": "Falcon (RoPE attention)"}
-EVAL_SEED_OFFSET = 1_000_003  # evaluation sequences never share a (seed, step) with training batches
 
 
 def parse_args(argv=None) -> argparse.Namespace:
