@@ -65,11 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="longest transformer evaluation (its prefill cost grows with length^2: on a 2-core CPU "
                         "about 2k tokens/s at 2^12, 400 at 2^14)")
     p.add_argument("--eval-sequences", type=int, default=64, help="sequences per point (short lengths)")
-    p.add_argument("--eval-tokens", type=int, default=1 << 21,
+    p.add_argument("--eval-tokens", type=int, default=1 << 22,
                    help="token budget per point: long lengths use max(min-sequences, eval-tokens / length)")
     p.add_argument("--falcon-eval-tokens", type=int, default=1 << 16,
                    help="token budget per point of the transformer")
-    p.add_argument("--min-sequences", type=int, default=2, help="fewest sequences at any length")
+    p.add_argument("--min-sequences", type=int, default=4, help="fewest sequences at any length")
     p.add_argument("--eval-batch", type=int, default=32, help="rows per prefill call")
     p.add_argument("--chunk-size", type=int, default=1 << 15, help="prefill chunk (Falcon Mamba)")
     p.add_argument("--falcon-chunk-size", type=int, default=1024, help="prefill chunk (transformer)")
