@@ -1,6 +1,6 @@
 """Induction heads, the Mamba paper's length-extrapolation experiment (Gu & Dao 2023, section 4.1.2, Table 2).
 
-    python -m experiments.induction_heads                       # what `make demo` runs (CPU, ~20 minutes)
+    python -m experiments.induction_heads                       # what `make demo` runs (2-core CPU: 21 minutes)
     python -m experiments.induction_heads --steps 3000 --eval-sequences 256 --min-sequences 16
 
 Trains a 2-layer Falcon Mamba (d_model 64, configs/induction_heads_falcon_mamba.yaml) and a 2-layer Falcon
@@ -32,7 +32,7 @@ from flax import nnx
 
 from configs import load_config
 from configs.schema import DataConfig
-from experiments.data import batch_at
+from experiments.data import TRIGGER_TOKEN, batch_at
 from experiments.evaluate import EVAL_SEED_OFFSET
 from experiments.train import load_trained_model, train
 from runtime.layers import rms_normalize
@@ -118,8 +118,12 @@ def induction_batch(vocab_size: int, length: int, batch: int, seed: int, index: 
 
 def evaluate(model, length: int, n_sequences: int, *, seed: int, eval_batch: int, chunk_size: int,
              kv_cache: bool) -> dict:
-    """Accuracy of argmax(last-position logits) == answer over ``n_sequences`` sequences of ``length``."""
-    correct, done, index = 0, 0, 0
+    """Accuracy of argmax(last-position logits) == answer over ``n_sequences`` sequences of ``length``, with
+    the answer's logit margin (its logit minus the best other logit; negative = a miss): the smallest and the
+    median, and the misses by distance from the remembered token to the end (the sequences split in halves:
+    nearer, farther)."""
+    margins, distances = [], []
+    done, index = 0, 0
     start = time.perf_counter()
     vocab = model.config.vocab_size
     while done < n_sequences:
@@ -127,11 +131,20 @@ def evaluate(model, length: int, n_sequences: int, *, seed: int, eval_batch: int
         ids, answers = induction_batch(vocab, length, rows, seed + EVAL_SEED_OFFSET + length, index)
         state = model.init_state(rows, max_len=length if kv_cache else None)
         logits, _ = model.prefill(ids, state, chunk_size=min(chunk_size, length))
-        correct += int(np.sum(np.asarray(jnp.argmax(logits, axis=-1)) == answers))
+        logits = np.array(logits, np.float32)
+        right = logits[np.arange(rows), answers]
+        logits[np.arange(rows), answers] = -np.inf
+        margins.append(right - logits.max(axis=-1))
+        distances.append(length - np.argmax(ids == TRIGGER_TOKEN, axis=1))  # the remembered token is p + 1
         done, index = done + rows, index + 1
     seconds = time.perf_counter() - start
-    return {"accuracy": correct / n_sequences, "sequences": n_sequences, "seconds": round(seconds, 3),
-            "tokens_per_s": round(n_sequences * length / seconds)}
+    margins, distances = np.concatenate(margins), np.concatenate(distances)
+    farther = np.argsort(distances, kind="stable")[n_sequences // 2:]
+    return {"accuracy": float(np.mean(margins > 0)), "sequences": n_sequences, "seconds": round(seconds, 3),
+            "tokens_per_s": round(n_sequences * length / seconds),
+            "min_margin": round(float(margins.min()), 3), "median_margin": round(float(np.median(margins)), 3),
+            "misses_farther_half": int(np.sum(margins[farther] <= 0)),
+            "misses": int(np.sum(margins <= 0))}
 
 
 def n_params(model) -> int:
@@ -270,7 +283,9 @@ def main(argv=None) -> dict:
             summary[name][str(length)] = point["accuracy"]
             details["points"][name][str(length)] = point
             print(f"   length 2^{log2:<2d} {length:>9,}: accuracy {100 * point['accuracy']:5.1f}% over "
-                  f"{point['sequences']} sequences ({point['seconds']:.1f} s, {point['tokens_per_s']:,} tokens/s)",
+                  f"{point['sequences']} sequences, smallest margin {point['min_margin']:.1f}, misses "
+                  f"{point['misses']} ({point['misses_farther_half']} in the farther half) "
+                  f"({point['seconds']:.1f} s, {point['tokens_per_s']:,} tokens/s)",
                   flush=True)
             (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     details["total_seconds"] = round(time.perf_counter() - began, 1)

@@ -57,3 +57,31 @@ def test_analysis_helpers_on_a_random_model():
     _, state = model.prefill(ids, model.init_state(2))
     expected = np.mean(np.linalg.norm(np.asarray(state.layers[1].ssm).reshape(2, -1), axis=-1))
     np.testing.assert_allclose(norms["norms"][1, -1], expected, rtol=1e-5)
+
+
+def test_evaluate_margins_and_misses_match_a_full_forward():
+    from configs import load_config
+    from experiments.evaluate import EVAL_SEED_OFFSET
+    from experiments.models import build_model
+
+    model = build_model(load_config("induction_heads_falcon_mamba").model, seed=0)  # untrained: many misses
+    length, n = 40, 12
+    point = induction_heads.evaluate(model, length, n, seed=5, eval_batch=5, chunk_size=16, kv_cache=False)
+    logits, answers, distance = [], [], []
+    for index, rows in enumerate((5, 5, 2)):
+        ids, ans = induction_heads.induction_batch(16, length, rows, 5 + EVAL_SEED_OFFSET + length, index)
+        logits.append(np.asarray(model(ids))[:, -1])
+        answers.append(ans)
+        distance.append(length - np.argmax(ids == TRIGGER_TOKEN, axis=1))
+    logits, answers, distance = np.concatenate(logits), np.concatenate(answers), np.concatenate(distance)
+    right = logits[np.arange(n), answers]
+    others = logits.copy()
+    others[np.arange(n), answers] = -np.inf
+    margin = right - others.max(-1)
+    assert point["misses"] == int(np.sum(margin <= 0)) > 0
+    assert point["accuracy"] == np.mean(np.argmax(logits, -1) == answers)
+    np.testing.assert_allclose(point["min_margin"], margin.min(), atol=2e-3)
+    np.testing.assert_allclose(point["median_margin"], np.median(margin), atol=2e-3)
+    farther = np.argsort(distance, kind="stable")[n // 2:]  # the 6 sequences whose trigger is farthest back
+    assert np.all(distance[farther].min() >= np.delete(distance, farther))
+    assert point["misses_farther_half"] == int(np.sum(margin[farther] <= 0))
