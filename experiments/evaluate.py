@@ -64,17 +64,14 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    config_path = Path(args.output_dir) / "config.yaml"
-    if not config_path.is_file():
-        raise SystemExit(f"error: output_dir: {args.output_dir!r} has no config.yaml (not a training run)")
     bad = [item for item in args.overrides if not item.startswith("data.")]
     if bad:
         raise SystemExit(f"error: overrides: expected data.KEY=VALUE items, got {bad}")
     try:
-        run = load_config(config_path, args.overrides)
-    except ConfigError as err:
+        model, step = load_trained_model(args.output_dir, args.step)  # checks that output_dir is a run
+        run = load_config(Path(args.output_dir) / "config.yaml", args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}")
-    model, step = load_trained_model(args.output_dir, args.step)
     result = masked_accuracy(model, run.data, sequences=args.sequences, batch_size=args.batch_size,
                              seed=run.seed + EVAL_SEED_OFFSET)
     result.update(task=run.data.task, seq_len=run.data.seq_len, step=step)
