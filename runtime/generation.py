@@ -2,6 +2,7 @@
 
     result = generate(model, prompt_ids, max_new_tokens=32, temperature=0.7, top_p=0.9, seed=0)
     result.tokens        # (batch, max_new_tokens) int32, -1 after a row's stop token
+    result = decode(model, logits, state, max_new_tokens=32)   # from a prefill's (logits, DecodeState)
     for tokens in stream(model, prompt_ids, ...): ...   # one (batch,) array per step, as it is produced
 
 The prompt is prefilled chunk by chunk (model.prefill); the decode loop is one jit-compiled lax.while_loop
@@ -117,15 +118,27 @@ def _stop_array(stop_tokens: Sequence[int], vocab_size: int) -> jax.Array:
     return jnp.asarray(list(stop_tokens) or [NO_TOKEN], jnp.int32)
 
 
+def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = ()) -> Generated:
+    """Decodes up to max_new_tokens in one jit-compiled loop from a prefilled (logits, state): prefill's
+    last-position logits (batch, vocab) and its DecodeState (a KV cache needs room for max_new_tokens more)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    sampling = Sampling(temperature, top_k, top_p)
+    stops = _stop_array(stop_tokens, model.config.vocab_size)
+    out, steps = _decode_loop(model, logits, state, jax.random.PRNGKey(seed), stops, sampling, max_new_tokens)
+    return Generated(np.asarray(out), int(steps))
+
+
 def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (), attention_mask=None,
              lengths=None, chunk_size: int | None = None) -> Generated:
-    """Prefills the prompts, then decodes up to max_new_tokens in one jit-compiled loop."""
-    sampling = Sampling(temperature, top_k, top_p)
-    stops = _stop_array(stop_tokens, model.config.vocab_size)
+    """Prefills the prompts, then decodes up to max_new_tokens in one jit-compiled loop (decode)."""
+    Sampling(temperature, top_k, top_p)  # bad sampling arguments fail before the prefill
+    _stop_array(stop_tokens, model.config.vocab_size)
     logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size)
-    out, steps = _decode_loop(model, logits, state, jax.random.PRNGKey(seed), stops, sampling, max_new_tokens)
-    return Generated(np.asarray(out), int(steps))
+    return decode(model, logits, state, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                  top_p=top_p, seed=seed, stop_tokens=stop_tokens)
 
 
 def stream(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -7,7 +7,7 @@ import pytest
 
 from configs import load_model_config
 from experiments.models import build_model
-from runtime.generation import NO_TOKEN, Sampling, generate, sample_logits, stream
+from runtime.generation import NO_TOKEN, Sampling, decode, generate, sample_logits, stream
 
 VOCAB = 61
 
@@ -33,6 +33,21 @@ def test_greedy_equals_argmax_of_full_forward(model):
     assert result.tokens.shape == (2, 6) and result.steps == 6
     for i in range(2):
         assert result.row(i) == _greedy_by_full_forward(model, prompts[i], 6)
+
+
+def test_decode_continues_a_prefill(model):
+    """decode from a prefilled (logits, state) of the whole prompt, or of a prompt extended by the first
+    generated token, gives generate's tokens."""
+    prompts = np.random.default_rng(4).integers(0, VOCAB, (2, 7))
+    kwargs = dict(temperature=0.9, top_k=30, seed=5)
+    expected = generate(model, prompts, max_new_tokens=5, **kwargs)
+    logits, state = model.prefill(prompts, model.init_state(2, max_len=12), chunk_size=3)
+    np.testing.assert_array_equal(decode(model, logits, state, max_new_tokens=5, **kwargs).tokens, expected.tokens)
+    greedy = generate(model, prompts, max_new_tokens=4, temperature=0)
+    extended = np.concatenate([prompts, greedy.tokens[:, :1]], axis=1)
+    logits, state = model.prefill(extended, model.init_state(2, max_len=12))
+    np.testing.assert_array_equal(decode(model, logits, state, max_new_tokens=3, temperature=0).tokens,
+                                  greedy.tokens[:, 1:])
 
 
 def test_padded_prompts_generate_as_alone(model):
