@@ -57,7 +57,8 @@ step bench_train_falcon_mamba_7b_8_layers "$PYTHON" -m experiments.bench.train_t
   model.num_hidden_layers=8 --steps 5 --peak-tflops 989
 # Issue 4 on 7B shapes (random weights): prompt 2^14 .. 2^20 and generation 2^10 .. 2^12, last (the longest).
 step bench_long_context_7b timeout 1200 "$PYTHON" -m experiments.bench.long_context --mamba-preset falcon_mamba_7b \
-  --falcon-preset falcon_7b --min-log2 14 --max-log2 20 --generate-max-log2 12 --out "$RESULTS/long_context_7b"
+  --falcon-preset falcon_7b --min-log2 14 --max-log2 20 --falcon-max-log2 16 --generate-max-log2 12 \
+  --out "$RESULTS/long_context_7b"
 echo "failed steps: $failed" | tee "$RESULTS/summary.txt"
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_tier.tar.gz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"; fi
 exit $failed

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import csv
 
+import jax
+from flax import nnx
+
+from configs import load_model_config
 from experiments.bench import long_context
+from experiments.models import build_model
 
 
 def test_long_context_bench_writes_every_measurement(tmp_path):
@@ -20,6 +25,10 @@ def test_long_context_bench_writes_every_measurement(tmp_path):
     assert all(int(r["length"]) == 128 and float(r["prefill_seconds"]) > 0 and float(r["peak_rss_mb"]) > 0
                for r in prompt.values())
     assert float(prompt["mamba_sequential"]["decode_ms_per_token"]) > 0
+    # fp32 weights: 4 bytes per parameter of the preset the bench builds
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(build_model(load_model_config("tiny_falcon")), nnx.Param)))
+    assert int(prompt["falcon"]["weight_bytes"]) == 4 * n_params
+    assert float(prompt["falcon"]["decode_weight_read_gb_per_s"]) > 0
     generated = sorted((r["mode"], int(r["generated_tokens"])) for r in rows if r["generated_tokens"])
     assert generated == [(mode, n) for mode in sorted(long_context.GENERATE_MODES) for n in (8,)]
     assert all(float(r["generate_ms_per_token"]) > 0 for r in rows if r["generated_tokens"])

@@ -103,6 +103,8 @@ def worker(args) -> dict:
     if args.decode_tokens:
         # decode_tokens greedy steps from the prefilled state in the jit-compiled loop (runtime.generation.decode);
         # the first call compiles it, then the median of DECODE_REPEATS calls from the same state is reported
+        from flax import nnx
+
         from runtime.generation import decode
 
         decode(model, logits, state, max_new_tokens=args.decode_tokens, temperature=0.0)
@@ -114,6 +116,9 @@ def worker(args) -> dict:
         if result.steps != args.decode_tokens:
             raise RuntimeError(f"decoded {result.steps} tokens, expected {args.decode_tokens}")
         row["decode_ms_per_token"] = 1000 * sorted(times)[len(times) // 2] / args.decode_tokens
+        # batch-1 decode reads every weight once per token: its floor is weight_bytes / memory bandwidth
+        row["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        row["decode_weight_read_gb_per_s"] = row["weight_bytes"] / row["decode_ms_per_token"] / 1e6
         row["peak_rss_after_decode_mb"] = _peak_rss_mb()
     return row
 
@@ -192,7 +197,7 @@ def main(argv=None) -> None:
     parser.add_argument("--falcon-preset", default="tiny_falcon")
     parser.add_argument("--min-log2", type=int, default=10)
     parser.add_argument("--max-log2", type=int, default=20)
-    parser.add_argument("--falcon-max-log2", type=int, default=16,
+    parser.add_argument("--falcon-max-log2", type=int, default=14,
                         help="largest prompt for the transformer (its KV cache and prefill grow with length)")
     parser.add_argument("--parallel-max-log2", type=int, default=18,
                         help="largest prompt for Falcon Mamba's whole-prompt (parallel) prefill")
@@ -202,6 +207,9 @@ def main(argv=None) -> None:
     parser.add_argument("--generate-min-log2", type=int, default=10)
     parser.add_argument("--generate-max-log2", type=int, default=17,
                         help="most tokens generated in measurement (2); 0 skips it")
+    parser.add_argument("--falcon-generate-max-log2", type=int, default=14,
+                        help="most tokens the transformer generates in (2): each step attends over its whole KV "
+                             "cache, so the sweep costs the square of this")
     parser.add_argument("--point-timeout", type=int, default=1800)
     parser.add_argument("--out", default="results/long_context")
     args = parser.parse_args(argv)
@@ -221,12 +229,15 @@ def main(argv=None) -> None:
             if row is None:
                 break  # longer prompts will not fit either
             rows.append(row)
-            extra = f", decode {row['decode_ms_per_token']:.2f} ms/token" if "decode_ms_per_token" in row else ""
+            extra = (f", decode {row['decode_ms_per_token']:.3f} ms/token (weights read at "
+                     f"{row['decode_weight_read_gb_per_s']:.1f} GB/s)" if "decode_ms_per_token" in row else "")
             print(f"  {mode:17s} 2^{log2:<2d} tokens: prefill {row['prefill_seconds']:8.2f} s, peak RSS "
                   f"{row['peak_rss_mb']:8.0f} MB{extra}", flush=True)
     if args.generate_max_log2:
+        generate_limits = {"mamba_generate": args.generate_max_log2,
+                           "falcon_generate": min(args.falcon_generate_max_log2, args.generate_max_log2)}
         for mode in GENERATE_MODES:
-            for log2 in range(args.generate_min_log2, args.generate_max_log2 + 1):
+            for log2 in range(args.generate_min_log2, generate_limits[mode] + 1):
                 row = run_point(args, mode, 2**log2, 0)
                 if row is None:
                     break
