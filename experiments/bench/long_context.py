@@ -31,6 +31,8 @@ MODES = ("mamba_sequential", "mamba_parallel", "falcon")
 GENERATE_MODES = ("mamba_generate", "falcon_generate")
 GENERATE_PROMPT = 16
 DECODE_REPEATS = 3
+COLORS = {"mamba_sequential": "C0", "mamba_parallel": "C1", "falcon": "C2", "mamba_generate": "C0",
+          "falcon_generate": "C2"}  # one colour per model in every panel
 
 
 def _peak_rss_mb() -> float:
@@ -151,11 +153,12 @@ def plot(rows: list[dict], out: Path) -> None:
         if not points:
             continue
         lengths = [p["length"] for p in points]
-        axes[0].plot(lengths, [p["peak_rss_mb"] for p in points], "o-", label=mode)
-        axes[1].plot(lengths, [p["prefill_seconds"] for p in points], "o-", label=mode)
+        axes[0].plot(lengths, [p["peak_rss_mb"] for p in points], "o-", label=mode, color=COLORS[mode])
+        axes[1].plot(lengths, [p["prefill_seconds"] for p in points], "o-", label=mode, color=COLORS[mode])
         decode = [p for p in points if p.get("decode_ms_per_token")]
         if decode:
-            axes[2].plot([p["length"] for p in decode], [p["decode_ms_per_token"] for p in decode], "o-", label=mode)
+            axes[2].plot([p["length"] for p in decode], [p["decode_ms_per_token"] for p in decode], "o-", label=mode,
+                         color=COLORS[mode])
     titles = ("peak memory (RSS, MB)", "prefill time (s)", "decode time per token (ms) vs context")
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
@@ -175,8 +178,8 @@ def plot(rows: list[dict], out: Path) -> None:
         points = sorted((r for r in generated if r["mode"] == mode), key=lambda r: r["generated_tokens"])
         if points:
             counts = [p["generated_tokens"] for p in points]
-            axes[0].plot(counts, [p["generate_ms_per_token"] for p in points], "o-", label=mode)
-            axes[1].plot(counts, [p["peak_rss_mb"] for p in points], "o-", label=mode)
+            axes[0].plot(counts, [p["generate_ms_per_token"] for p in points], "o-", label=mode, color=COLORS[mode])
+            axes[1].plot(counts, [p["peak_rss_mb"] for p in points], "o-", label=mode, color=COLORS[mode])
     for ax, title in zip(axes, ("time per generated token (ms)", "peak memory (RSS, MB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("generated tokens")
@@ -210,6 +213,8 @@ def main(argv=None) -> None:
     parser.add_argument("--falcon-generate-max-log2", type=int, default=14,
                         help="most tokens the transformer generates in (2): each step attends over its whole KV "
                              "cache, so the sweep costs the square of this")
+    parser.add_argument("--modes", default=",".join(MODES + GENERATE_MODES),
+                        help="comma-separated subset of " + ", ".join(MODES + GENERATE_MODES))
     parser.add_argument("--point-timeout", type=int, default=1800)
     parser.add_argument("--out", default="results/long_context")
     args = parser.parse_args(argv)
@@ -217,12 +222,16 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES + GENERATE_MODES))
+    if unknown:
+        parser.error(f"--modes: expected names from {', '.join(MODES + GENERATE_MODES)}, got {', '.join(unknown)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     limits = {"mamba_sequential": args.max_log2, "mamba_parallel": min(args.parallel_max_log2, args.max_log2),
               "falcon": min(args.falcon_max_log2, args.max_log2)}
     rows = []
-    for mode in MODES:
+    for mode in (m for m in MODES if m in modes):
         for log2 in range(args.min_log2, limits[mode] + 1, 2):
             decode = args.decode_tokens if mode != "mamba_parallel" else 0
             row = run_point(args, mode, 2**log2, decode)
@@ -236,7 +245,7 @@ def main(argv=None) -> None:
     if args.generate_max_log2:
         generate_limits = {"mamba_generate": args.generate_max_log2,
                            "falcon_generate": min(args.falcon_generate_max_log2, args.generate_max_log2)}
-        for mode in GENERATE_MODES:
+        for mode in (m for m in GENERATE_MODES if m in modes):
             for log2 in range(args.generate_min_log2, generate_limits[mode] + 1):
                 row = run_point(args, mode, 2**log2, 0)
                 if row is None:
@@ -255,7 +264,7 @@ def main(argv=None) -> None:
         print(f"Falcon Mamba sequential prefill: peak memory at 2^{args.max_log2} / at 2^14 = {ratio:.3f}")
     decode = [r["decode_ms_per_token"] for r in sequential.values() if "decode_ms_per_token" in r]
     if decode:
-        print(f"Falcon Mamba decode ms/token across contexts: min {min(decode):.2f}, max {max(decode):.2f} "
+        print(f"Falcon Mamba decode ms/token across contexts: min {min(decode):.4f}, max {max(decode):.4f} "
               f"(spread {max(decode) / min(decode) - 1:.1%})")
     for mode in GENERATE_MODES:
         points = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["generated_tokens"])
