@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from configs import load_model_config
+from experiments.models import n_params
 from experiments.timing import time_call, versions
 from ssm import FalconMambaLM
 
@@ -29,8 +30,7 @@ def main(argv=None) -> None:
 
     config = load_model_config(args.preset)
     model = FalconMambaLM(config, seed=args.seed)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"Falcon Mamba {args.preset}: {n_params / 1e6:.1f}M parameters, d_model {config.hidden_size}, "
+    print(f"Falcon Mamba {args.preset}: {n_params(model) / 1e6:.1f}M parameters, d_model {config.hidden_size}, "
           f"{config.num_hidden_layers} layers, d_state {config.state_size}; {versions()}")
 
     @nnx.jit

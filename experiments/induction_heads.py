@@ -34,6 +34,7 @@ from configs import load_config
 from configs.schema import DataConfig
 from experiments.data import TRIGGER_TOKEN, batch_at
 from experiments.evaluate import EVAL_SEED_OFFSET
+from experiments.models import n_params
 from experiments.train import load_trained_model, train
 from runtime.layers import rms_normalize
 from ssm.conv import causal_conv1d
@@ -145,10 +146,6 @@ def evaluate(model, length: int, n_sequences: int, *, seed: int, eval_batch: int
             "min_margin": round(float(margins.min()), 3), "median_margin": round(float(np.median(margins)), 3),
             "misses_farther_half": int(np.sum(margins[farther] <= 0)),
             "misses": int(np.sum(margins <= 0))}
-
-
-def n_params(model) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
+from flax import nnx
+
 import ssm
 import ssm.sharding
 import transformer
@@ -28,6 +31,16 @@ def family_of(config):
 def build_model(config, seed: int = 0):
     """A randomly initialised model of the config's family."""
     return family_of(config)[0](config, seed=seed)
+
+
+def n_params(model) -> int:
+    """The number of parameters (nnx.Param elements) of a model."""
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def param_bytes(model) -> int:
+    """The bytes its parameters occupy (what batch-1 decode reads once per token)."""
+    return int(sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
 def load_pretrained(path: str | os.PathLike, **overrides):

@@ -101,9 +101,14 @@ class Generated:
         return [int(t) for t in self.tokens[i] if t != NO_TOKEN]
 
 
-def _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size):
+def _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens) -> tuple[Sampling, jax.Array]:
+    """The decode arguments checked once, before any prefill: (Sampling, stop-token array)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    return Sampling(temperature, top_k, top_p), _stop_array(stop_tokens, model.config.vocab_size)
+
+
+def _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size):
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected an integer array of shape (batch, seq), got shape {input_ids.shape}")
@@ -118,27 +123,26 @@ def _stop_array(stop_tokens: Sequence[int], vocab_size: int) -> jax.Array:
     return jnp.asarray(list(stop_tokens) or [NO_TOKEN], jnp.int32)
 
 
+def _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens) -> Generated:
+    out, steps = _decode_loop(model, logits, state, jax.random.PRNGKey(seed), stops, sampling, max_new_tokens)
+    return Generated(np.asarray(out), int(steps))
+
+
 def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = ()) -> Generated:
     """Decodes up to max_new_tokens in one jit-compiled loop from a prefilled (logits, state): prefill's
     last-position logits (batch, vocab) and its DecodeState (a KV cache needs room for max_new_tokens more)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
-    sampling = Sampling(temperature, top_k, top_p)
-    stops = _stop_array(stop_tokens, model.config.vocab_size)
-    out, steps = _decode_loop(model, logits, state, jax.random.PRNGKey(seed), stops, sampling, max_new_tokens)
-    return Generated(np.asarray(out), int(steps))
+    sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens)
+    return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)
 
 
 def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (), attention_mask=None,
              lengths=None, chunk_size: int | None = None) -> Generated:
-    """Prefills the prompts, then decodes up to max_new_tokens in one jit-compiled loop (decode)."""
-    Sampling(temperature, top_k, top_p)  # bad sampling arguments fail before the prefill
-    _stop_array(stop_tokens, model.config.vocab_size)
+    """Prefills the prompts, then decodes up to max_new_tokens in one jit-compiled loop (as decode does)."""
+    sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens)
     logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size)
-    return decode(model, logits, state, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                  top_p=top_p, seed=seed, stop_tokens=stop_tokens)
+    return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)
 
 
 def stream(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -146,8 +150,7 @@ def stream(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, t
            lengths=None, chunk_size: int | None = None) -> Iterator[np.ndarray]:
     """Like generate, but yields each step's tokens (batch,) as soon as they exist (NO_TOKEN for finished
     rows). Same seed, same tokens as generate."""
-    sampling = Sampling(temperature, top_k, top_p)
-    stops = _stop_array(stop_tokens, model.config.vocab_size)
+    sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens)
     logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size)
     key, done = jax.random.PRNGKey(seed), jnp.zeros((logits.shape[0],), bool)
     for _ in range(max_new_tokens):

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import csv
 
-import jax
-from flax import nnx
-
 from configs import load_model_config
 from experiments.bench import long_context
-from experiments.models import build_model
+from experiments.models import build_model, n_params
 
 
 def test_long_context_bench_writes_every_measurement(tmp_path):
@@ -26,8 +23,7 @@ def test_long_context_bench_writes_every_measurement(tmp_path):
                for r in prompt.values())
     assert float(prompt["mamba_sequential"]["decode_ms_per_token"]) > 0
     # fp32 weights: 4 bytes per parameter of the preset the bench builds
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(build_model(load_model_config("tiny_falcon")), nnx.Param)))
-    assert int(prompt["falcon"]["weight_bytes"]) == 4 * n_params
+    assert int(prompt["falcon"]["weight_bytes"]) == 4 * n_params(build_model(load_model_config("tiny_falcon")))
     assert float(prompt["falcon"]["decode_weight_read_gb_per_s"]) > 0
     generated = sorted((r["mode"], int(r["generated_tokens"])) for r in rows if r["generated_tokens"])
     assert generated == [(mode, n) for mode in sorted(long_context.GENERATE_MODES) for n in (8,)]

@@ -105,8 +105,7 @@ def worker(args) -> dict:
     if args.decode_tokens:
         # decode_tokens greedy steps from the prefilled state in the jit-compiled loop (runtime.generation.decode);
         # the first call compiles it, then the median of DECODE_REPEATS calls from the same state is reported
-        from flax import nnx
-
+        from experiments.models import param_bytes
         from runtime.generation import decode
 
         decode(model, logits, state, max_new_tokens=args.decode_tokens, temperature=0.0)
@@ -119,7 +118,7 @@ def worker(args) -> dict:
             raise RuntimeError(f"decoded {result.steps} tokens, expected {args.decode_tokens}")
         row["decode_ms_per_token"] = 1000 * sorted(times)[len(times) // 2] / args.decode_tokens
         # batch-1 decode reads every weight once per token: its floor is weight_bytes / memory bandwidth
-        row["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        row["weight_bytes"] = param_bytes(model)
         row["decode_weight_read_gb_per_s"] = row["weight_bytes"] / row["decode_ms_per_token"] / 1e6
         row["peak_rss_after_decode_mb"] = _peak_rss_mb()
     return row
