@@ -240,6 +240,7 @@ DEFAULT_SHARDING_RULES: dict[str, tuple[str, ...]] = {
     "embed": ("fsdp",),
     "mlp": ("tensor",),
     "heads": ("tensor",),
+    "multi_query_heads": (),
     "d_inner": ("tensor",),
     "d_state": (),
     "xz": (),
@@ -248,6 +249,19 @@ DEFAULT_SHARDING_RULES: dict[str, tuple[str, ...]] = {
     "ssm_proj": (),
     "norm": (),
 }
+
+
+def merged_rules(rules: dict[str, Any] | None) -> dict[str, tuple[str, ...]]:
+    """DEFAULT_SHARDING_RULES with ``rules`` (logical axis -> a mesh axis name, a list of them, or None for
+    replicated) applied on top; every value checked."""
+    merged = dict(DEFAULT_SHARDING_RULES)
+    for logical, axes in (rules or {}).items():
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        _require(isinstance(axes, (list, tuple)) and all(a in MESH_AXES for a in axes)
+                 and len(set(axes)) == len(axes), f"rules.{logical}",
+                 f"null, one of {list(MESH_AXES)} or a list of distinct ones", axes)
+        merged[logical] = tuple(axes)
+    return merged
 
 
 def _is_int(value: Any) -> bool:
@@ -270,14 +284,7 @@ class MeshConfig:
             _require(_is_int(value) and (value > 0 or value == -1), key, "a positive integer or -1", value)
         _require(list(sizes.values()).count(-1) <= 1, "data", "at most one mesh axis of size -1", sizes)
         _require(isinstance(self.rules, dict), "rules", "a mapping of logical axis -> mesh axes", self.rules)
-        rules = dict(DEFAULT_SHARDING_RULES)
-        for logical, axes in self.rules.items():
-            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-            _require(isinstance(axes, (list, tuple)) and all(a in MESH_AXES for a in axes)
-                     and len(set(axes)) == len(axes), f"rules.{logical}",
-                     f"null, one of {list(MESH_AXES)} or a list of distinct ones", axes)
-            rules[logical] = tuple(axes)
-        object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "rules", merged_rules(self.rules))
 
 
 @dataclass(frozen=True)

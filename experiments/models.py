@@ -15,10 +15,11 @@ import transformer.sharding
 from configs.hf import model_config_from_hf
 from configs.schema import FalconConfig, FalconMambaConfig
 
-# Model config type -> (LM class, its parameter -> logical axes table, its package's from_pretrained).
+# Model config type -> (LM class, param_axes(config, mesh, rules): its parameter -> logical axes table, its
+# package's from_pretrained).
 FAMILIES = {
-    FalconMambaConfig: (ssm.FalconMambaLM, ssm.sharding.PARAM_AXES, ssm.from_pretrained),
-    FalconConfig: (transformer.FalconLM, transformer.sharding.PARAM_AXES, transformer.from_pretrained),
+    FalconMambaConfig: (ssm.FalconMambaLM, ssm.sharding.param_axes, ssm.from_pretrained),
+    FalconConfig: (transformer.FalconLM, transformer.sharding.param_axes, transformer.from_pretrained),
 }
 
 

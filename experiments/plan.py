@@ -259,7 +259,8 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
         raise ConfigError(f"plan option 'devices': expected a positive integer, got {devices!r}")
     mesh, concrete = make_mesh(run, devices)
     rules = run.mesh.rules
-    model_cls, table, _ = family_of(run.model)
+    model_cls, param_axes, _ = family_of(run.model)
+    table = param_axes(run.model, mesh, rules)
     abstract_model = nnx.eval_shape(lambda: model_cls(run.model, seed=run.seed))
     graphdef, abstract_params_state = nnx.split(abstract_model, nnx.Param)
     abstract_params, structure = flatten_params(abstract_params_state)

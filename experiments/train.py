@@ -120,7 +120,7 @@ def prepare(run: RunConfig, mesh: Mesh | None = None) -> Setup:
     if run.model.param_dtype != "float32":
         raise ConfigError(f"config field 'model.param_dtype': expected 'float32' for training (fp32 master "
                           f"weights; compute_dtype sets the compute precision), got {run.model.param_dtype!r}")
-    model_cls, axes_table, _ = family_of(run.model)
+    model_cls, param_axes, _ = family_of(run.model)
     mesh = build_mesh(run.mesh) if mesh is None else mesh
     tx = make_optimizer(run.optim, run.steps)
 
@@ -131,7 +131,8 @@ def prepare(run: RunConfig, mesh: Mesh | None = None) -> Setup:
     graphdef, abstract_params_state = nnx.split(nnx.eval_shape(lambda: model_cls(run.model, seed=run.seed)),
                                                 nnx.Param)
     abstract_params, structure = flatten_params(abstract_params_state)
-    p_shardings = param_shardings(abstract_params, axes_table, mesh, run.mesh.rules)
+    p_shardings = param_shardings(abstract_params, param_axes(run.model, mesh, run.mesh.rules), mesh,
+                                  run.mesh.rules)
     state_shardings = {"params": p_shardings,
                        "opt_state": opt_state_shardings(jax.eval_shape(tx.init, abstract_params), p_shardings, mesh),
                        "step": NamedSharding(mesh, PartitionSpec())}

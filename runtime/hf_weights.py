@@ -217,7 +217,7 @@ def resolve_shardings(mesh=None, rules=None, shardings=None, table=None):
     """(hf_name, param_path, shape) -> Sharding, from what a from_pretrained caller gave:
     ``shardings`` {param path: Sharding} (e.g. experiments.mesh.param_shardings) or a callable of the path;
     or ``mesh`` plus optional ``rules`` (logical axis -> mesh axes over DEFAULT_SHARDING_RULES) with the
-    family's PARAM_AXES ``table``; or nothing: the default device."""
+    family's parameter -> logical axes ``table``; or nothing: the default device."""
     import jax
     from jax.sharding import SingleDeviceSharding
 
@@ -231,9 +231,9 @@ def resolve_shardings(mesh=None, rules=None, shardings=None, table=None):
             return shardings[path]
         return lookup
     if mesh is not None:
-        from configs.schema import DEFAULT_SHARDING_RULES, MeshConfig
+        from configs.schema import merged_rules
 
-        merged = MeshConfig(rules=dict(rules or {})).rules if rules is not None else dict(DEFAULT_SHARDING_RULES)
+        merged = merged_rules(rules)
         return lambda name, path, shape: sharding_from_rules(name, path, shape, table, mesh, merged)
     device = SingleDeviceSharding(jax.devices()[0])
     return lambda name, path, shape: device

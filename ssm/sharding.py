@@ -8,6 +8,8 @@ and z halves on an axis of their own ("xz", never split): a d_inner shard holds 
 
 from __future__ import annotations
 
+from configs.schema import FalconMambaConfig
+
 PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"embeddings\.embedding", ("vocab", "embed")),
     (r"layers\.\d+\.norm\.weight", ("norm",)),
@@ -26,3 +28,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"lm_head\.kernel", ("embed", "vocab")),
 )
 
+
+
+def param_axes(config: FalconMambaConfig, mesh=None, rules=None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The parameter -> logical axes table (the same for every config: each array's own divisibility, checked
+    by runtime.partitioning.spec_for, is all a mesh needs)."""
+    return PARAM_AXES

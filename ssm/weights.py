@@ -16,7 +16,7 @@ from flax import nnx
 from runtime.hf_weights import WeightSpec, load_weights_streaming, read_config, resolve_shardings, write_directory
 from runtime.safetensors_io import open_checkpoint_lazy
 from ssm.model import FalconMambaLM
-from ssm.sharding import PARAM_AXES
+from ssm.sharding import param_axes
 
 
 def weight_specs(config: FalconMambaConfig) -> list[WeightSpec]:
@@ -56,13 +56,14 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings
     The model is built abstractly (nnx.eval_shape: no random init) and each parameter is read tensor by
     tensor from memory maps straight into its device array. Placement: ``shardings`` {param path: Sharding}
     (or a callable of the path), or ``mesh`` (jax.sharding.Mesh with axes data/fsdp/tensor) with ``rules``
-    (logical axis -> mesh axes over configs.schema.DEFAULT_SHARDING_RULES) and ssm.sharding.PARAM_AXES;
+    (logical axis -> mesh axes over configs.schema.DEFAULT_SHARDING_RULES) and ssm.sharding.param_axes(config);
     by default the default device. Each process reads only the slices its own devices hold.
     """
     config = read_config(Path(path), FalconMambaConfig, overrides)
     model = nnx.eval_shape(lambda: FalconMambaLM(config))
     load_weights_streaming(model, open_checkpoint_lazy(path), weight_specs(config),
-                           resolve_shardings(mesh, rules, shardings, PARAM_AXES), source=str(path))
+                           resolve_shardings(mesh, rules, shardings, param_axes(config, mesh, rules)),
+                           source=str(path))
     return model
 
 

@@ -78,7 +78,9 @@ SHARDING_CHECK = textwrap.dedent("""
                               "layers.0.mixer.conv_kernel": P(None, "tensor"),
                               "layers.0.mixer.out_proj.kernel": P("tensor", "fsdp"),
                               "embeddings.embedding": P("tensor", "fsdp"), "norm_f.weight": P(None)},
-        "tiny_falcon": {"h.0.self_attention.query_key_value.kernel": P("fsdp", "tensor"),
+        # multi-query: attention weights replicated over tensor (no even head split), the MLP split
+        "tiny_falcon": {"h.0.self_attention.query_key_value.kernel": P("fsdp", None),
+                        "h.0.self_attention.dense.kernel": P(None, "fsdp"),
                         "h.0.mlp.dense_h_to_4h.kernel": P("fsdp", "tensor"),
                         "word_embeddings.embedding": P("tensor", "fsdp")},
     }.items():
@@ -111,3 +113,50 @@ def test_params_and_optimizer_state_follow_the_rules_on_8_devices(tmp_path):
     assert ("ERROR: parameter 'layers.0.mixer.A_log': dimension 0 ('d_inner') has size 132, which is not "
             "divisible by mesh axes tensor=8") in proc.stdout or \
         "dimension 1 ('d_inner') has size 264" in proc.stdout, proc.stdout
+
+
+COLLECTIVES_CHECK = textwrap.dedent("""
+    import re, sys
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+    from configs import load_config
+    from experiments import data as data_lib
+    from experiments.optim import learning_rate_schedule
+    from experiments.train import make_train_step, prepare
+
+    def permutes(*overrides):
+        run = load_config("tiny_falcon", ["model.num_hidden_layers=1", "data.seq_len=32", "data.batch_size=8",
+                                          "mesh.data=4", "mesh.tensor=2", *overrides])
+        setup = prepare(run)
+        step = jax.jit(make_train_step(setup.graphdef, setup.structure, setup.tx,
+                                       learning_rate_schedule(run.optim, run.steps), run.remat),
+                       in_shardings=(setup.state_shardings, setup.batch_sharding),
+                       out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())))
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                 for k, v in data_lib.batch_at(run.data, run.model.vocab_size, run.seed, 0).items()}
+        hlo = step.lower(jax.eval_shape(setup.init_state), batch).compile().as_text()
+        return len(re.findall(r"collective-permute(-start)?\\(", hlo))
+
+    grouped = ["model.multi_query=false", "model.new_decoder_architecture=true", "model.num_kv_heads=2"]
+    print("multi_query", permutes())
+    print("multi_query_forced", permutes("mesh.rules.multi_query_heads=tensor"))
+    print("grouped", permutes(*grouped))
+    try:
+        permutes(*grouped, "mesh.data=2", "mesh.tensor=4")
+    except ValueError as err:
+        print("ERROR:", err)
+""")
+
+
+def test_falcon_heads_split_without_reshuffling_q_k_v(tmp_path):
+    """The compiled train step on data 4 x tensor 2: a tensor split of the fused query_key_value that cuts heads
+    makes GSPMD permute q, k and v between shards; the layout-aware tables (transformer.sharding.param_axes)
+    leave none, and a mesh that would cut a kv group fails before compiling, naming the config field."""
+    proc = subprocess.run([sys.executable, "-c", COLLECTIVES_CHECK], env=cli_env(8, tmp_path), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = dict(line.split() for line in proc.stdout.splitlines() if not line.startswith("ERROR"))
+    assert counts["multi_query"] == "0" and counts["grouped"] == "0", proc.stdout
+    assert int(counts["multi_query_forced"]) > 0, proc.stdout  # the check can see a reshuffle when there is one
+    assert ("ERROR: model.num_kv_heads: 2 grouped head groups of query_key_value are not divisible by mesh axes "
+            "tensor=4") in proc.stdout, proc.stdout

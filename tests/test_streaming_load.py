@@ -17,8 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV8 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
 
 # ~240 MB fp32 Falcon (vocab 16384, hidden 1024, 4 layers): 59.3M parameters.
+# Grouped kv heads (the falcon-40b layout): its attention splits over tensor (multi-query attention would stay
+# replicated there, transformer/sharding.py).
 BIG = ["model.vocab_size=16384", "model.hidden_size=1024", "model.num_hidden_layers=4",
-       "model.num_attention_heads=16"]
+       "model.num_attention_heads=16", "model.multi_query=false", "model.new_decoder_architecture=true",
+       "model.num_kv_heads=4"]
 
 WRITE = r'''
 import sys

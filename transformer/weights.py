@@ -19,7 +19,7 @@ from flax import nnx
 from runtime.hf_weights import WeightSpec, load_weights_streaming, read_config, resolve_shardings, write_directory
 from runtime.safetensors_io import CheckpointError, open_checkpoint_lazy
 from transformer.model import FalconLM
-from transformer.sharding import PARAM_AXES
+from transformer.sharding import param_axes
 
 QKV_ROWS = {
     "multi_query": "(num_attention_heads + 2) * head_dim rows: all queries, then one key and one value head",
@@ -75,7 +75,7 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings
     The model is built abstractly (nnx.eval_shape: no random init) and each parameter is read tensor by
     tensor from memory maps straight into its device array. Placement: ``shardings`` {param path: Sharding}
     (or a callable of the path), or ``mesh`` (jax.sharding.Mesh with axes data/fsdp/tensor) with ``rules``
-    (logical axis -> mesh axes over configs.schema.DEFAULT_SHARDING_RULES) and transformer.sharding.PARAM_AXES;
+    (logical axis -> mesh axes over configs.schema.DEFAULT_SHARDING_RULES) and transformer.sharding.param_axes(config);
     by default the default device. Each process reads only the slices its own devices hold.
     """
     config = read_config(Path(path), FalconConfig, overrides)
@@ -83,7 +83,8 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings
     tensors = open_checkpoint_lazy(path)
     check_qkv_rows(tensors, config, str(path))
     load_weights_streaming(model, tensors, weight_specs(config),
-                           resolve_shardings(mesh, rules, shardings, PARAM_AXES), source=str(path))
+                           resolve_shardings(mesh, rules, shardings, param_axes(config, mesh, rules)),
+                           source=str(path))
     return model
 
 
