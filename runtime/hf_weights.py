@@ -261,6 +261,30 @@ def read_config(path, expected_cls, overrides: Mapping[str, Any]):
     return loader.replace(config, **overrides) if overrides else config
 
 
+def load_directory(path, config_cls, model_cls, weight_specs, param_axes, *, mesh=None, rules=None,
+                   shardings=None, overrides: Mapping[str, Any], check_tensors=None) -> Any:
+    """A family's from_pretrained: the config of a local HF directory (``read_config``), the model built
+    abstractly (nnx.eval_shape: no random init), then each parameter read tensor by tensor from memory maps
+    straight into its device array, placed as ``resolve_shardings`` says with the family's
+    ``param_axes(config, mesh, rules)`` table. ``check_tensors(tensors, config, source)`` may reject a
+    checkpoint before anything is read."""
+    from pathlib import Path
+
+    from flax import nnx
+
+    from runtime.safetensors_io import open_checkpoint_lazy
+
+    config = read_config(Path(path), config_cls, overrides)
+    model = nnx.eval_shape(lambda: model_cls(config))
+    tensors = open_checkpoint_lazy(path)
+    if check_tensors is not None:
+        check_tensors(tensors, config, str(path))
+    load_weights_streaming(model, tensors, weight_specs(config),
+                           resolve_shardings(mesh, rules, shardings, param_axes(config, mesh, rules)),
+                           source=str(path))
+    return model
+
+
 def write_directory(model: Any, path, specs: list[WeightSpec], max_shard_bytes: int) -> None:
     """A HF directory: safetensors (sharded past max_shard_bytes, streamed tensor by tensor) + config.json,
     each written atomically."""

@@ -8,13 +8,9 @@ Accepted on load: transformers' names (backbone.embeddings.weight, ...) and mamb
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from configs.schema import FalconMambaConfig
-from flax import nnx
-
-from runtime.hf_weights import WeightSpec, load_weights_streaming, read_config, resolve_shardings, write_directory
-from runtime.safetensors_io import open_checkpoint_lazy
+from runtime.hf_weights import WeightSpec, load_directory, write_directory
 from ssm.model import FalconMambaLM
 from ssm.sharding import param_axes
 
@@ -53,18 +49,13 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings
     """Loads a local HF directory (config.json + model.safetensors or a sharded index).
 
     ``overrides`` change our own config fields (compute_dtype="bfloat16", scan_impl="chunked", ...).
-    The model is built abstractly (nnx.eval_shape: no random init) and each parameter is read tensor by
-    tensor from memory maps straight into its device array. Placement: ``shardings`` {param path: Sharding}
-    (or a callable of the path), or ``mesh`` (jax.sharding.Mesh with axes data/fsdp/tensor) with ``rules``
-    (logical axis -> mesh axes over configs.schema.DEFAULT_SHARDING_RULES) and ssm.sharding.param_axes(config);
-    by default the default device. Each process reads only the slices its own devices hold.
+    Placement: ``shardings`` {param path: Sharding} (or a callable of the path), or ``mesh``
+    (jax.sharding.Mesh with axes data/fsdp/tensor) with ``rules`` (logical axis -> mesh axes over
+    configs.schema.DEFAULT_SHARDING_RULES); by default the default device. Each process reads only the slices
+    its own devices hold (runtime.hf_weights.load_directory).
     """
-    config = read_config(Path(path), FalconMambaConfig, overrides)
-    model = nnx.eval_shape(lambda: FalconMambaLM(config))
-    load_weights_streaming(model, open_checkpoint_lazy(path), weight_specs(config),
-                           resolve_shardings(mesh, rules, shardings, param_axes(config, mesh, rules)),
-                           source=str(path))
-    return model
+    return load_directory(path, FalconMambaConfig, FalconMambaLM, weight_specs, param_axes, mesh=mesh, rules=rules,
+                          shardings=shardings, overrides=overrides)
 
 
 def save_pretrained(model: FalconMambaLM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:

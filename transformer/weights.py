@@ -8,16 +8,13 @@ transformers' names and a model_type "falcon" config.json.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from configs.schema import FalconConfig
-from flax import nnx
-
-from runtime.hf_weights import WeightSpec, load_weights_streaming, read_config, resolve_shardings, write_directory
-from runtime.safetensors_io import CheckpointError, open_checkpoint_lazy
+from runtime.hf_weights import WeightSpec, load_directory, write_directory
+from runtime.safetensors_io import CheckpointError
 from transformer.model import FalconLM
 from transformer.sharding import param_axes
 
@@ -72,20 +69,14 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings
     """Loads a local HF directory (config.json + model.safetensors or a sharded index).
 
     ``overrides`` change our own config fields (compute_dtype="bfloat16", attention_impl="blockwise", ...).
-    The model is built abstractly (nnx.eval_shape: no random init) and each parameter is read tensor by
-    tensor from memory maps straight into its device array. Placement: ``shardings`` {param path: Sharding}
-    (or a callable of the path), or ``mesh`` (jax.sharding.Mesh with axes data/fsdp/tensor) with ``rules``
-    (logical axis -> mesh axes over configs.schema.DEFAULT_SHARDING_RULES) and transformer.sharding.param_axes(config);
-    by default the default device. Each process reads only the slices its own devices hold.
+    Placement: ``shardings`` {param path: Sharding} (or a callable of the path), or ``mesh``
+    (jax.sharding.Mesh with axes data/fsdp/tensor) with ``rules`` (logical axis -> mesh axes over
+    configs.schema.DEFAULT_SHARDING_RULES); by default the default device. Each process reads only the slices
+    its own devices hold (runtime.hf_weights.load_directory). The fused query_key_value must have the rows of
+    the config's layout.
     """
-    config = read_config(Path(path), FalconConfig, overrides)
-    model = nnx.eval_shape(lambda: FalconLM(config))
-    tensors = open_checkpoint_lazy(path)
-    check_qkv_rows(tensors, config, str(path))
-    load_weights_streaming(model, tensors, weight_specs(config),
-                           resolve_shardings(mesh, rules, shardings, param_axes(config, mesh, rules)),
-                           source=str(path))
-    return model
+    return load_directory(path, FalconConfig, FalconLM, weight_specs, param_axes, mesh=mesh, rules=rules,
+                          shardings=shardings, overrides=overrides, check_tensors=check_qkv_rows)
 
 
 def save_pretrained(model: FalconLM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
