@@ -79,7 +79,7 @@ def make_train_step(graphdef, structure, tx: optax.GradientTransformation, sched
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         grads, losses = jax.lax.scan(microbatch, zeros, batch)
-        loss, grad_norm = jnp.sum(losses), optax.global_norm(grads)
+        loss, grad_norm = jnp.sum(losses), optax.tree_utils.tree_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
