@@ -8,12 +8,14 @@ when one is missing or misshapen; export yields (name, array) pairs one at a tim
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from runtime.safetensors_io import CheckpointError
+from runtime.safetensors_io import CheckpointError, open_checkpoint_lazy
 
 # Layout changes between HF (torch) and our parameters.
 #   identity: same array.  linear: torch Linear weight (out, in) <-> our kernel (in, out).
@@ -206,7 +208,6 @@ def load_weights_streaming(module: Any, tensors: Mapping[str, Any], specs: list[
 
 def _leaves_with_paths(module: Any):
     import jax
-    from flax import nnx
 
     state = nnx.state(module)
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
@@ -268,12 +269,6 @@ def load_directory(path, config_cls, model_cls, weight_specs, param_axes, *, mes
     straight into its device array, placed as ``resolve_shardings`` says with the family's
     ``param_axes(config, mesh, rules)`` table. ``check_tensors(tensors, config, source)`` may reject a
     checkpoint before anything is read."""
-    from pathlib import Path
-
-    from flax import nnx
-
-    from runtime.safetensors_io import open_checkpoint_lazy
-
     config = read_config(Path(path), config_cls, overrides)
     model = nnx.eval_shape(lambda: model_cls(config))
     tensors = open_checkpoint_lazy(path)
@@ -290,7 +285,6 @@ def write_directory(model: Any, path, specs: list[WeightSpec], max_shard_bytes: 
     each written atomically."""
     import json
     import os
-    from pathlib import Path
 
     from configs.hf import model_config_to_hf
     from runtime.safetensors_io import write_checkpoint

@@ -29,7 +29,6 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-
 def param_axes(config: FalconMambaConfig, mesh=None, rules=None) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """The parameter -> logical axes table (the same for every config: each array's own divisibility, checked
     by runtime.partitioning.spec_for, is all a mesh needs)."""
