@@ -234,8 +234,7 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
          mode: str = "training", dtype: str | None = None, batch: int | None = None, seq_len: int | None = None,
          optimizer: str = "adamw", activations: str = "auto", chunk: int | None = None) -> dict:
     """The plan as a dict: {"params": N, "devices": N, "per_device_bytes": {...}, ...}."""
-    from experiments.train import make_train_step, prepare
-    from experiments.optim import learning_rate_schedule
+    from experiments.train import jit_train_step, prepare
 
     if mode not in MODES:
         raise ConfigError(f"plan option 'mode': expected one of {list(MODES)}, got {mode!r}")
@@ -298,10 +297,7 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
             abstract_batch = {"inputs": jax.ShapeDtypeStruct(b_shape, jnp.int32),
                               "targets": jax.ShapeDtypeStruct(b_shape, jnp.int32),
                               "mask": jax.ShapeDtypeStruct(b_shape, jnp.float32)}
-            step = jax.jit(make_train_step(setup.graphdef, setup.structure, tx,
-                                           learning_rate_schedule(run.optim, run.steps), run.remat),
-                           in_shardings=(state_shardings, setup.batch_sharding),
-                           out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+            step = jit_train_step(setup._replace(tx=tx, state_shardings=state_shardings), run)
             analysis = step.lower(abstract_state, abstract_batch).compile().memory_analysis()
             bytes_["activations"] = int(analysis.temp_size_in_bytes)
             result["activations_method"] = ("compiled: memory_analysis().temp_size_in_bytes of the jitted train "

@@ -141,11 +141,20 @@ def prepare(run: RunConfig, mesh: Mesh | None = None) -> Setup:
     return Setup(mesh, graphdef, structure, tx, init_state, state_shardings, b_sharding)
 
 
+def jit_train_step(setup: Setup, run: RunConfig, donate: bool = True):
+    """The jitted train step of ``run`` on ``setup``'s mesh: state and batch in their shardings, metrics
+    replicated; ``donate`` lets XLA reuse the input state's buffers for the output state."""
+    step = make_train_step(setup.graphdef, setup.structure, setup.tx, learning_rate_schedule(run.optim, run.steps),
+                           run.remat)
+    return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
+                   out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
+                   donate_argnums=0 if donate else ())
+
+
 def train(run: RunConfig) -> list[dict]:
     """Trains (or resumes) the run; returns the metrics rows this call logged."""
     setup = prepare(run)
     state_shardings, b_sharding = setup.state_shardings, setup.batch_sharding
-    replicated = NamedSharding(setup.mesh, PartitionSpec())
     output_dir = Path(run.output_dir)
     if jax.process_index() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -159,10 +168,7 @@ def train(run: RunConfig) -> list[dict]:
         target = abstract_with_shardings(jax.eval_shape(setup.init_state), state_shardings)
         state, position = checkpointer.restore(start, target)
         start = int(position["step"])
-    step_fn = jax.jit(make_train_step(setup.graphdef, setup.structure, setup.tx,
-                                      learning_rate_schedule(run.optim, run.steps), run.remat),
-                      in_shardings=(state_shardings, b_sharding), out_shardings=(state_shardings, replicated),
-                      donate_argnums=0)
+    step_fn = jit_train_step(setup, run)
     writer = MetricsWriter(output_dir, start, run.steps)
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)

@@ -24,6 +24,13 @@ def logical_axes(table, path: str) -> tuple[str, ...]:
     raise MeshError(f"parameter {path!r}: no entry in the family's PARAM_AXES table")
 
 
+def split_over(mesh: Mesh, mesh_axes) -> tuple[tuple[str, ...], int, str]:
+    """The axes of ``mesh_axes`` that split anything (size > 1), how many parts they make, and how an error
+    message names them ("fsdp=2 x tensor=4")."""
+    axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+    return axes, math.prod(mesh.shape[a] for a in axes), " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+
+
 def spec_for(name: str, shape: tuple[int, ...], logical: tuple[str, ...], mesh: Mesh,
              rules: Mapping[str, tuple[str, ...]]) -> PartitionSpec:
     """The PartitionSpec of an array whose dimensions have the given logical names; checks divisibility."""
@@ -35,14 +42,12 @@ def spec_for(name: str, shape: tuple[int, ...], logical: tuple[str, ...], mesh: 
         if axis_name not in rules:
             raise MeshError(f"{name}: logical axis {axis_name!r} has no entry in mesh.rules "
                             f"(known: {sorted(rules)})")
-        axes = tuple(a for a in rules[axis_name] if mesh.shape[a] > 1)
+        axes, parts, across = split_over(mesh, rules[axis_name])
         if used & set(axes):
             raise MeshError(f"{name}: mesh axes {sorted(used & set(axes))} would split two dimensions "
                             f"(logical axes {logical}, mesh.rules)")
         used |= set(axes)
-        parts = math.prod(mesh.shape[a] for a in axes)
         if size % parts:
-            across = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
             raise MeshError(f"{name}: dimension {dim} ({axis_name!r}) has size {size}, which is not divisible "
                             f"by mesh axes {across} (mesh.rules.{axis_name} = {list(rules[axis_name])})")
         spec.append(axes[0] if len(axes) == 1 else (axes or None))

@@ -118,20 +118,15 @@ def test_params_and_optimizer_state_follow_the_rules_on_8_devices(tmp_path):
 COLLECTIVES_CHECK = textwrap.dedent("""
     import re, sys
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
     from configs import load_config
     from experiments import data as data_lib
-    from experiments.optim import learning_rate_schedule
-    from experiments.train import make_train_step, prepare
+    from experiments.train import jit_train_step, prepare
 
     def permutes(*overrides):
         run = load_config("tiny_falcon", ["model.num_hidden_layers=1", "data.seq_len=32", "data.batch_size=8",
                                           "mesh.data=4", "mesh.tensor=2", *overrides])
         setup = prepare(run)
-        step = jax.jit(make_train_step(setup.graphdef, setup.structure, setup.tx,
-                                       learning_rate_schedule(run.optim, run.steps), run.remat),
-                       in_shardings=(setup.state_shardings, setup.batch_sharding),
-                       out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())))
+        step = jit_train_step(setup, run, donate=False)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                  for k, v in data_lib.batch_at(run.data, run.model.vocab_size, run.seed, 0).items()}
         hlo = step.lower(jax.eval_shape(setup.init_state), batch).compile().as_text()

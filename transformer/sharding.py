@@ -11,10 +11,8 @@ layer, forward and backward (tests/test_sharding.py counts the collective-permut
 
 from __future__ import annotations
 
-import math
-
 from configs.schema import FalconConfig, merged_rules
-from runtime.partitioning import MeshError
+from runtime.partitioning import MeshError, split_over
 
 _NORM = r"(input_layernorm|post_attention_layernorm|ln_attn|ln_mlp)"
 
@@ -46,12 +44,10 @@ def param_axes(config: FalconConfig, mesh=None, rules=None) -> tuple[tuple[str, 
     if config.qkv_layout == "multi_query":
         return MULTI_QUERY_PARAM_AXES
     if mesh is not None:
-        axes = [a for a in merged_rules(rules)["heads"] if mesh.shape[a] > 1]
-        parts = math.prod(mesh.shape[a] for a in axes)
+        axes, parts, across = split_over(mesh, merged_rules(rules)["heads"])
         field, groups = (("num_kv_heads", config.num_kv_heads) if config.qkv_layout == "grouped"
                          else ("num_attention_heads", config.num_attention_heads))
         if groups % parts:
-            across = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
             raise MeshError(f"model.{field}: {groups} {config.qkv_layout} head groups of query_key_value are not "
                             f"divisible by mesh axes {across} (mesh.rules.heads = {list(axes)}); a shard "
                             f"would hold part of a group and GSPMD would reshuffle q, k and v every layer")

@@ -21,17 +21,14 @@ import numpy as np
 from configs import load_config
 from experiments.mesh import put_global_batch
 from experiments.timing import time_call, versions
-from experiments.train import make_train_step, prepare
-from experiments.optim import learning_rate_schedule
+from experiments.train import jit_train_step, prepare
 
 
 def bench(preset: str, overrides: list[str], steps: int, peak_tflops: float | None) -> dict:
     run = load_config(preset, overrides)
     setup = prepare(run)
     state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
-    step_fn = jax.jit(make_train_step(setup.graphdef, setup.structure, setup.tx,
-                                      learning_rate_schedule(run.optim, run.steps), run.remat),
-                      in_shardings=(setup.state_shardings, setup.batch_sharding))
+    step_fn = jit_train_step(setup, run, donate=False)
     shape = (run.data.grad_accum, run.data.batch_size // run.data.grad_accum, run.data.seq_len)
     rng = np.random.default_rng(0)
     host = {"inputs": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
