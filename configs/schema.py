@@ -290,11 +290,14 @@ class MeshConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup to ``learning_rate`` then cosine decay to ``learning_rate * end_lr_ratio``
-    at the last step, after clipping gradients to global norm ``clip_norm`` (0: no clipping)."""
+    at the last step, after clipping gradients to global norm ``clip_norm`` (0: no clipping).
+    ``decay_steps`` > 0 holds the learning rate constant after warmup and decays it only over the last
+    ``decay_steps`` steps (warmup-stable-decay); 0: the decay spans every step after warmup."""
 
     learning_rate: float = 1e-3
     warmup_steps: int = 0
     end_lr_ratio: float = 0.1
+    decay_steps: int = 0
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -311,8 +314,9 @@ class OptimConfig:
         for name in ("b1", "b2"):
             value = getattr(self, name)
             _require(isinstance(value, float) and 0 <= value < 1, name, "a number in [0, 1)", value)
-        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an integer >= 0",
-                 self.warmup_steps)
+        for name in ("warmup_steps", "decay_steps"):
+            value = getattr(self, name)
+            _require(_is_int(value) and value >= 0, name, "an integer >= 0", value)
 
 
 @dataclass(frozen=True)
@@ -414,6 +418,8 @@ class RunConfig:
         _choice(self, "remat", REMAT_POLICIES)
         _require(self.optim.warmup_steps < self.steps, "optim.warmup_steps", f"< steps ({self.steps})",
                  self.optim.warmup_steps)
+        _require(self.optim.decay_steps <= self.steps - self.optim.warmup_steps, "optim.decay_steps",
+                 f"<= steps - optim.warmup_steps ({self.steps} - {self.optim.warmup_steps})", self.optim.decay_steps)
         curriculum_steps = sum(stage[1] for stage in self.data.length_curriculum)
         _require(curriculum_steps < self.steps, "data.length_curriculum",
                  f"stages totalling fewer than steps ({self.steps}) steps, so that the run reaches data.seq_len",

@@ -14,10 +14,17 @@ from configs.schema import OptimConfig
 
 
 def learning_rate_schedule(config: OptimConfig, steps: int) -> optax.Schedule:
-    """0 -> learning_rate linearly over warmup_steps, then cosine to learning_rate * end_lr_ratio at ``steps``."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps, decay_steps=steps,
-        end_value=config.learning_rate * config.end_lr_ratio)
+    """0 -> learning_rate linearly over warmup_steps, then cosine to learning_rate * end_lr_ratio at ``steps``;
+    with decay_steps > 0, constant at learning_rate until the cosine's last decay_steps steps."""
+    end_value = config.learning_rate * config.end_lr_ratio
+    if config.decay_steps == 0:
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps, decay_steps=steps,
+            end_value=end_value)
+    warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+    stable = optax.constant_schedule(config.learning_rate)
+    decay = optax.cosine_decay_schedule(config.learning_rate, config.decay_steps, alpha=config.end_lr_ratio)
+    return optax.join_schedules([warmup, stable, decay], [config.warmup_steps, steps - config.decay_steps])
 
 
 NO_DECAY_SUFFIXES = (".A_log",)

@@ -46,6 +46,8 @@ def test_overrides_and_base_inheritance():
     ("model.family=llama", r"model.family: expected one of \['falcon', 'falcon_mamba'\], got 'llama'"),
     ("mesh.data=0", r"'mesh.data': expected a positive integer or -1, got 0"),
     ("model.time_step_min=0.5", r"'model.time_step_min': expected <= time_step_max"),
+    ("optim.decay_steps=-1", r"'optim.decay_steps': expected an integer >= 0, got -1"),
+    ("optim.decay_steps=100000", r"'optim.decay_steps': expected <= steps - optim.warmup_steps"),
 ])
 def test_bad_keys_and_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):

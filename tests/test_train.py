@@ -151,3 +151,25 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_uninterrupted(tmp_path, ca
     resumed, straight = losses(stopped), losses(tmp_path / "straight")
     assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == list(range(1, 2001))
     np.testing.assert_array_equal(resumed, straight)
+
+
+@pytest.mark.parametrize("decay_steps", [0, 600])
+def test_learning_rate_schedule_warmup_stable_cosine(decay_steps):
+    """Linear warmup from 0, then (decay_steps > 0) constant, then cosine to lr * end_lr_ratio at the last step,
+    written out here from the formula."""
+    from configs.schema import OptimConfig
+    from experiments.optim import learning_rate_schedule
+
+    lr, end_ratio, warmup, steps = 3e-3, 0.02, 100, 1000
+    config = OptimConfig(learning_rate=lr, warmup_steps=warmup, end_lr_ratio=end_ratio, decay_steps=decay_steps)
+    schedule = learning_rate_schedule(config, steps)
+    start = warmup if decay_steps == 0 else steps - decay_steps
+    for step in [0, 1, 50, 99, 100, 101, 250, 399, 400, 401, 700, 999, 1000]:
+        if step < warmup:
+            want = lr * step / warmup
+        elif step < start:
+            want = lr
+        else:
+            progress = (step - start) / (steps - start)
+            want = lr * (end_ratio + (1 - end_ratio) * 0.5 * (1 + np.cos(np.pi * progress)))
+        np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-5, err_msg=f"step {step}")
