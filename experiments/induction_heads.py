@@ -36,9 +36,6 @@ from experiments.data import TRIGGER_TOKEN, batch_at
 from experiments.evaluate import EVAL_SEED_OFFSET
 from experiments.models import n_params
 from experiments.train import load_trained_model, train
-from runtime.layers import rms_normalize
-from ssm.conv import causal_conv1d
-from ssm.scan import softplus
 
 MODELS = {"falcon_mamba": "Falcon Mamba", "falcon": "Falcon (RoPE attention)"}
 
@@ -169,27 +166,17 @@ def ssm_state_norms(model, input_ids, chunk_size: int) -> dict:
 
 @nnx.jit
 def _dt_per_layer(model, input_ids):
-    cfg = model.config
-    n, rank = cfg.state_size, cfg.time_step_rank
     h = model.embeddings(input_ids)
     dts = []
     for layer in model.layers:
-        mixer = layer.mixer
-        xs = mixer.in_proj(layer.norm(h))[..., 0, :]
-        xc, _ = causal_conv1d(xs, mixer.conv_kernel[...], None if mixer.conv_bias is None else mixer.conv_bias[...])
-        xc = jax.nn.silu(xc.astype(jnp.float32))
-        dt, _, _ = jnp.split(mixer.x_proj(xc), [rank, rank + n], axis=-1)
-        if cfg.use_mixer_norms:
-            dt = rms_normalize(dt, cfg.mixer_rms_eps)
-        dts.append(softplus(dt @ mixer.dt_proj.kernel[...] + mixer.dt_proj.bias[...]))
+        dts.append(layer.mixer.step_sizes(layer.norm(h)))
         h, _ = layer(h)
     return jnp.stack(dts)
 
 
 def mixer_dt(model, input_ids) -> np.ndarray:
-    """The selective step size dt = softplus(dt_proj(x) + bias) of every layer's mixer, recomputed from the
-    mixer's own parameters (in_proj -> causal conv -> silu -> x_proj -> RMS norm -> dt_proj): float32
-    (n_layers, batch, seq, d_inner)."""
+    """The selective step size dt = softplus(dt_proj(x) + bias) of every layer's mixer along a plain forward
+    (ssm.model.MambaMixer.step_sizes): float32 (n_layers, batch, seq, d_inner)."""
     return np.asarray(_dt_per_layer(model, jnp.asarray(input_ids, jnp.int32)))
 
 

@@ -17,7 +17,7 @@ from configs.schema import FalconMambaConfig
 from runtime.interface import CausalLM, DecodeState, call_layer, check_batch_size
 from runtime.layers import Dense, Embed, RMSNorm, StackedDense, dtype_of, matmul_precision, rms_normalize
 from ssm.conv import causal_conv1d
-from ssm.scan import selective_scan, softplus
+from ssm.scan import discretization_dt, selective_scan
 
 
 class LayerState(NamedTuple):
@@ -74,11 +74,25 @@ class MambaMixer(nnx.Module):
                  n_valid: jax.Array | None = None) -> tuple[jax.Array, LayerState]:
         """x (batch, seq, d_model) -> (out, new state). ``n_valid`` (batch,): only each row's first n_valid
         tokens are real; the rest (right padding) leave the conv and SSM states exactly as they were."""
-        cfg = self.config
-        n, rank = cfg.state_size, cfg.time_step_rank
+        xc, z, conv_state = self._conv_branch(x, state, n_valid)
+        dt, B, C = self._selection(xc)
+        delta_bias, delta_softplus = self.dt_proj.bias[...], True
+        valid = _valid_mask(x.shape[1], n_valid)
+        if valid is not None:  # delta = 0 at padding: exp(0 * A) = 1 and 0 * B * u = 0 keep the state exact
+            dt = jnp.where(valid[..., None], discretization_dt(dt, delta_bias, True), 0.0)
+            delta_bias, delta_softplus = None, False
+        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        y, ssm_state = selective_scan(
+            xc, dt, A, B[:, :, None, :], C[:, :, None, :], self.D[...], z, delta_bias,
+            delta_softplus=delta_softplus, initial_state=None if state is None else state.ssm,
+            impl=self.config.scan_impl, chunk_size=self.config.scan_chunk_size)
+        return self.out_proj(y), LayerState(conv_state, ssm_state)
+
+    def _conv_branch(self, x, state, n_valid):
+        """in_proj -> causal conv (carrying the conv state) -> silu: (xc, z, new conv state)."""
         xz = self.in_proj(x)
         xs, z = xz[..., 0, :], xz[..., 1, :]
-        valid = None if n_valid is None else (jnp.arange(x.shape[1])[None, :] < n_valid[:, None])
+        valid = _valid_mask(x.shape[1], n_valid)
         if valid is not None:
             xs = jnp.where(valid[..., None], xs, 0)
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
@@ -86,28 +100,36 @@ class MambaMixer(nnx.Module):
         xc, conv_state = causal_conv1d(xs, self.conv_kernel[...], conv_bias, previous)
         if valid is not None:  # the conv state is the last kernel-1 inputs up to each row's last real token
             conv_state = conv_state_at(previous if previous is not None else jnp.zeros_like(conv_state), xs, n_valid)
-        xc = jax.nn.silu(xc.astype(jnp.float32)).astype(self.dtype)
+        return jax.nn.silu(xc.astype(jnp.float32)).astype(self.dtype), z, conv_state
+
+    def _selection(self, xc):
+        """x_proj -> (dt, B, C), the Falcon Mamba RMS norms, dt_proj without its bias: (dt, B, C)."""
+        cfg = self.config
+        n, rank = cfg.state_size, cfg.time_step_rank
         dt, B, C = jnp.split(self.x_proj(xc), [rank, rank + n], axis=-1)
         if cfg.use_mixer_norms:  # the Falcon Mamba difference: weightless RMS norms on dt, B and C
             dt, B, C = (rms_normalize(v, cfg.mixer_rms_eps) for v in (dt, B, C))
         # dt_proj without its bias; the bias is added in fp32 before the softplus, as mamba_ssm does.
         dt = jnp.dot(dt, self.dt_proj.kernel[...].astype(self.dtype), precision=matmul_precision(self.dtype),
                      preferred_element_type=jnp.float32).astype(self.dtype)
-        delta_bias, delta_softplus = self.dt_proj.bias[...], True
-        if valid is not None:  # delta = 0 at padding: exp(0 * A) = 1 and 0 * B * u = 0 keep the state exact
-            dt = jnp.where(valid[..., None], softplus(dt.astype(jnp.float32) + delta_bias.astype(jnp.float32)), 0.0)
-            delta_bias, delta_softplus = None, False
-        A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        y, ssm_state = selective_scan(
-            xc, dt, A, B[:, :, None, :], C[:, :, None, :], self.D[...], z, delta_bias,
-            delta_softplus=delta_softplus, initial_state=None if state is None else state.ssm,
-            impl=cfg.scan_impl, chunk_size=cfg.scan_chunk_size)
-        return self.out_proj(y), LayerState(conv_state, ssm_state)
+        return dt, B, C
+
+    def step_sizes(self, x: jax.Array) -> jax.Array:
+        """The scan's step size softplus(dt_proj(x) + bias) along a sequence from zero states: fp32
+        (batch, seq, d_inner). For analysis (experiments.induction_heads.mixer_dt)."""
+        xc, _, _ = self._conv_branch(x, None, None)
+        dt, _, _ = self._selection(xc)
+        return discretization_dt(dt, self.dt_proj.bias[...], True)
 
     def init_state(self, batch_size: int) -> LayerState:
         cfg = self.config
         return LayerState(jnp.zeros((batch_size, cfg.conv_kernel - 1, cfg.intermediate_size), self.dtype),
                           jnp.zeros((batch_size, cfg.intermediate_size, cfg.state_size), jnp.float32))
+
+
+def _valid_mask(length: int, n_valid):
+    """(batch, length) True at each row's first n_valid positions; None when every position is real."""
+    return None if n_valid is None else jnp.arange(length)[None, :] < n_valid[:, None]
 
 
 class MambaBlock(nnx.Module):

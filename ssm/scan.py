@@ -60,6 +60,14 @@ def softplus(x: jax.Array) -> jax.Array:
     return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
 
 
+def discretization_dt(delta: jax.Array, bias: jax.Array | None, apply_softplus: bool) -> jax.Array:
+    """The step size in fp32: delta (+ bias) (then softplus), as both mamba_ssm kernels compute it."""
+    dt = delta.astype(_F32)
+    if bias is not None:
+        dt = dt + bias.astype(_F32)
+    return softplus(dt) if apply_softplus else dt
+
+
 def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {list(IMPLS)}, got {impl!r}")
@@ -234,11 +242,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     groups, dstate = B.shape[2], B.shape[3]
     per_group = dim // groups
 
-    dt = delta.astype(_F32)
-    if delta_bias is not None:
-        dt = dt + delta_bias.astype(_F32)
-    if delta_softplus:
-        dt = softplus(dt)
+    dt = discretization_dt(delta, delta_bias, delta_softplus)
     u32 = u.astype(_F32)
 
     def to_time_major(x, last):  # (b, l, ...) -> (l, b, ...) with the channel axis split into groups
@@ -416,11 +420,7 @@ def state_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=
     """Unchecked one-step update for the models. B, C: (batch, groups, dstate). Returns (new_state, out)."""
     batch, dim, dstate = state.shape
     groups = B.shape[1]
-    dt = dt.astype(_F32)
-    if dt_bias is not None:
-        dt = dt + dt_bias.astype(_F32)
-    if dt_softplus:
-        dt = softplus(dt)
+    dt = discretization_dt(dt, dt_bias, dt_softplus)
     x32 = x.astype(_F32)
     grouped = lambda v: v.reshape(batch, groups, dim // groups)  # noqa: E731
     h, y = _recurrence_step(_to_grouped(state.astype(_F32), groups), grouped(dt), grouped(dt * x32),

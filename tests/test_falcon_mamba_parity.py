@@ -154,3 +154,31 @@ def test_token_ids_outside_vocab_raise(case):
         model(np.zeros((1, 3), np.float32))
     with pytest.raises(ValueError, match=r"input_ids: expected an integer array of shape \(batch, seq\)"):
         model(np.zeros((3,), np.int32))
+
+
+def test_step_sizes_match_the_dt_transformers_scans_with(case, monkeypatch):
+    """experiments.induction_heads.mixer_dt (the notebook's selectivity plot: MambaMixer.step_sizes of every
+    layer) against softplus(dt + dt_bias) captured at the input of transformers' own selective scan."""
+    import torch
+    import transformers.models.falcon_mamba.modeling_falcon_mamba as modeling
+
+    from experiments.induction_heads import mixer_dt
+
+    name, torch_model, path, kwargs = case
+    if not name.startswith("falcon"):
+        pytest.skip("the dt capture wraps transformers' falcon_mamba scan; Mamba models run another module")
+    captured = []
+    original = modeling.mamba_selective_scan
+
+    def capture(hidden_states, dt, *args, delta_bias=None, delta_softplus=False, **kw):
+        assert delta_softplus and delta_bias is not None
+        captured.append(torch.nn.functional.softplus(dt.float() + delta_bias[:, None]).transpose(1, 2).numpy())
+        return original(hidden_states, dt, *args, delta_bias=delta_bias, delta_softplus=delta_softplus, **kw)
+
+    monkeypatch.setattr(modeling, "mamba_selective_scan", capture)
+    ids = _ids(kwargs["vocab_size"], (2, 45), seed=2)
+    torch_logits(torch_model, ids)
+    assert len(captured) == kwargs["num_hidden_layers"]
+    got = mixer_dt(ssm.from_pretrained(path), ids)
+    assert got.shape == (len(captured),) + captured[0].shape
+    np.testing.assert_allclose(got, np.stack(captured), rtol=1e-5, atol=1e-6)
