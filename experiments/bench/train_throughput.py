@@ -6,8 +6,10 @@
 For each preset the real train step of experiments.train (same mesh, shardings, optimizer and remat) is
 compiled and timed on random-token batches. FLOPs per step come from XLA's own cost analysis of the
 compiled step (forward, backward and optimizer); MFU = FLOPs per second / (peak FLOP/s of one device x
-devices). --peak-tflops is the device's dense peak in the compute dtype (H100 SXM bf16: 989); without it
-on CPU no MFU is printed. Also printed: 6 x params x tokens, the usual model-FLOPs estimate, for comparison.
+devices). --peak-tflops is the device's dense peak in the compute dtype (H100 SXM bf16: 989), or "measured":
+the FLOP/s of a large square matmul in the compute dtype timed in the same run on one device (what this
+machine's XLA reaches at best; the figure to use on a CPU, whose datasheet peak XLA does not approach).
+Without it no MFU is printed. Also printed: 6 x params x tokens, the usual model-FLOPs estimate.
 """
 
 from __future__ import annotations
@@ -16,12 +18,20 @@ import argparse
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import load_config
 from experiments.mesh import put_global_batch
 from experiments.timing import time_call, versions
 from experiments.train import jit_train_step, prepare
+
+
+def matmul_tflops(dtype: str, size: int = 4096, repeats: int = 5) -> float:
+    """Measured TFLOP/s of a (size x size) @ (size x size) matmul in ``dtype`` on the default device."""
+    a = jnp.ones((size, size), dtype)
+    seconds = time_call(jax.jit(lambda x: x @ x), a, repeats=repeats)
+    return 2 * size ** 3 / seconds / 1e12
 
 
 def bench(preset: str, overrides: list[str], steps: int, peak_tflops: float | None) -> dict:
@@ -57,16 +67,29 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("presets", nargs="+", help="preset names or YAML paths, then key=value overrides")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--peak-tflops", default=None,
+                        help='dense peak TFLOP/s of one device, or "measured" (a large matmul, timed here)')
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     presets = [p for p in args.presets if "=" not in p]
     overrides = [p for p in args.presets if "=" in p]
-    rows = [bench(preset, overrides, args.steps, args.peak_tflops) for preset in presets]
+    peak, peak_source = args.peak_tflops, "given"
+    if peak == "measured":
+        dtype = load_config(presets[0], overrides).model.compute_dtype
+        peak, peak_source = matmul_tflops(dtype), f"measured: {dtype} 4096^3 matmul on one device"
+    elif peak is not None:
+        try:
+            peak = float(peak)
+        except ValueError:
+            parser.error(f'--peak-tflops: expected a number or "measured", got {peak!r}')
+    rows = [bench(preset, overrides, args.steps, peak) for preset in presets]
     if args.json:
-        print(json.dumps({"versions": versions(), "rows": rows}, indent=2))
+        print(json.dumps({"versions": versions(), "peak_tflops": peak, "peak_source": peak_source, "rows": rows},
+                         indent=2))
         return
     print(f"versions: {versions()}")
+    if peak is not None:
+        print(f"peak: {peak:.3f} TFLOP/s per device ({peak_source})")
     for r in rows:
         mfu = f", MFU {r['mfu_xla_flops']:.1%} (XLA FLOPs) / {r['mfu_6n']:.1%} (6N)" if "mfu_xla_flops" in r else ""
         print(f"{r['preset']:24s} {r['params'] / 1e6:8.2f}M params on {r['devices']} {r['backend']} device(s), "

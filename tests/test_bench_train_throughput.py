@@ -1,0 +1,38 @@
+"""The training-throughput benchmark runs end to end on both families at toy sizes (timings are not asserted:
+benchmarks are scripts, not tests); its FLOP count and MFU arithmetic are checked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.bench import train_throughput
+
+TOY = ["data.seq_len=32", "data.batch_size=2", "model.num_hidden_layers=1"]
+
+
+@pytest.mark.parametrize("preset", ["tiny_falcon_mamba", "tiny_falcon"])
+def test_row_is_consistent(preset):
+    row = train_throughput.bench(preset, TOY, steps=1, peak_tflops=0.5)
+    assert row["tokens_per_step"] == 64 and row["step_seconds"] > 0 and row["devices"] == 1
+    assert row["tokens_per_s"] == pytest.approx(64 / row["step_seconds"])
+    # XLA's count of forward + backward + AdamW is at least the forward's 2 x params x tokens
+    assert row["xla_flops_per_step"] > 2 * row["params"] * row["tokens_per_step"]
+    assert row["mfu_xla_flops"] == pytest.approx(row["xla_flops_per_step"] / row["step_seconds"] / 0.5e12)
+    assert row["mfu_6n"] == pytest.approx(row["six_n_flops_per_step"] / row["step_seconds"] / 0.5e12)
+
+
+def test_cli_measured_peak_and_bad_peak(capsys, monkeypatch):
+    monkeypatch.setattr(train_throughput, "matmul_tflops", lambda dtype: 0.25)  # the 4096^3 matmul is slow here
+    train_throughput.main(["tiny_falcon_mamba", *TOY, "--steps", "1", "--peak-tflops", "measured", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["peak_tflops"] == 0.25 and out["peak_source"].startswith("measured: float32")
+    assert 0 < out["rows"][0]["mfu_xla_flops"]
+    with pytest.raises(SystemExit):
+        train_throughput.main(["tiny_falcon_mamba", "--peak-tflops", "fast"])
+    assert '--peak-tflops: expected a number or "measured", got \'fast\'' in capsys.readouterr().err
+
+
+def test_matmul_tflops_is_positive():
+    assert train_throughput.matmul_tflops("float32", size=128, repeats=1) > 0
