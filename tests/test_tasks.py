@@ -94,7 +94,8 @@ def test_task_settings_that_cannot_fit_are_named():
 @pytest.mark.parametrize("preset,task", [("induction_heads_falcon_mamba", "induction"),
                                          ("induction_heads_falcon", "induction"),
                                          ("selective_copying_falcon_mamba", "selective_copying"),
-                                         ("mqar_falcon_mamba", "mqar")])
+                                         ("mqar_falcon_mamba", "mqar"),
+                                         ("mqar_falcon", "mqar")])
 def test_task_presets_load_and_make_batches(preset, task):
     run = load_config(preset, ["data.batch_size=2"])
     assert run.data.task == task and task in TASKS
