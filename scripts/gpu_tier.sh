@@ -55,6 +55,9 @@ step bench_gpu_scan "$PYTHON" -m experiments.bench.gpu_scan --out "$RESULTS"
 step bench_train_falcon_1b "$PYTHON" -m experiments.bench.train_throughput falcon_rw_1b --steps 5 --peak-tflops 989
 step bench_train_falcon_mamba_7b_8_layers "$PYTHON" -m experiments.bench.train_throughput falcon_mamba_7b \
   model.num_hidden_layers=8 --steps 5 --peak-tflops 989
+# The same 8-layer 7B-shaped Falcon Mamba trained in PyTorch with mamba_ssm's kernels (goal: JAX within 1.5x).
+step bench_train_falcon_mamba_vs_torch "$PYTHON" -m experiments.bench.torch_train_step falcon_mamba_7b \
+  model.num_hidden_layers=8 data.batch_size=1 data.seq_len=2048 --steps 5 --bf16
 # Issue 4 on 7B shapes (random weights): prompt 2^14 .. 2^20 and generation 2^10 .. 2^12, last (the longest).
 step bench_long_context_7b timeout 1200 "$PYTHON" -m experiments.bench.long_context --mamba-preset falcon_mamba_7b \
   --falcon-preset falcon_7b --min-log2 14 --max-log2 20 --falcon-max-log2 16 --generate-max-log2 12 \

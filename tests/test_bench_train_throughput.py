@@ -36,3 +36,15 @@ def test_cli_measured_peak_and_bad_peak(capsys, monkeypatch):
 
 def test_matmul_tflops_is_positive():
     assert train_throughput.matmul_tflops("float32", size=128, repeats=1) > 0
+
+
+def test_torch_train_step_bench_runs_the_same_model(capsys):
+    """The PyTorch side of the mamba_ssm comparison builds the same model (same parameter count) from the
+    preset and reports a step time for both frameworks."""
+    from experiments.bench import torch_train_step
+
+    torch_train_step.main(["tiny_falcon_mamba", *TOY, "--steps", "1", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["torch"]["params"] == out["jax"]["params"] > 0
+    assert out["torch"]["step_seconds"] > 0 and out["jax"]["step_seconds"] > 0
+    assert out["torch_over_jax_seconds"] == pytest.approx(out["torch"]["step_seconds"] / out["jax"]["step_seconds"])
