@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from configs import load_config
 from configs.hf import model_config_to_hf
 from experiments.bench.train_throughput import bench as jax_bench
-from experiments.timing import versions
+from experiments.timing import time_call, versions
 
 
 def torch_bench(preset: str, overrides: list[str], steps: int, bf16: bool) -> dict:
@@ -53,13 +52,7 @@ def torch_bench(preset: str, overrides: list[str], steps: int, bf16: bool) -> di
             torch.cuda.synchronize()
         return float(loss)
 
-    synced()  # warm-up (kernel selection, allocator)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        synced()
-        times.append(time.perf_counter() - start)
-    seconds = sorted(times)[len(times) // 2]
+    seconds = time_call(synced, repeats=steps)  # median after one warm-up step (kernel selection, allocator)
     tokens = shape[0] * shape[1]
     return {"framework": "torch", "device": device, "bf16_autocast": bf16, "step_seconds": seconds,
             "tokens_per_s": tokens / seconds, "params": sum(p.numel() for p in model.parameters())}
