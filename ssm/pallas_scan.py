@@ -31,29 +31,37 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 DEFAULT_TILE = 64
 MAX_BLOCK_DIM = 32
 _F32 = jnp.float32
+DEFAULT_NUM_WARPS = 1
 
 
 def _softplus(x):
     return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
 
 
-def _block_dim(per_group: int) -> int:
-    """The largest power of two <= MAX_BLOCK_DIM dividing dim // groups (a block never straddles two groups)."""
-    return math.gcd(per_group, MAX_BLOCK_DIM)
+def _block_dim(per_group: int, largest: int) -> int:
+    """The largest power of two <= ``largest`` dividing dim // groups (a block never straddles two groups)."""
+    return math.gcd(per_group, largest)
 
 
 class _Config:
     """The static shape and option set of one call (hashable, so it can be a custom_vjp nondiff argument)."""
 
-    def __init__(self, *, length, tile, block_dim, groups, has_D, has_z, has_bias, softplus, interpret):
+    def __init__(self, *, length, tile, block_dim, groups, has_D, has_z, has_bias, softplus, interpret, num_warps):
         self.length, self.tile, self.block_dim, self.groups = length, tile, block_dim, groups
+        self.num_warps = num_warps
         self.has_D, self.has_z, self.has_bias, self.softplus, self.interpret = has_D, has_z, has_bias, softplus, interpret
         self.n_tiles = -(-length // tile)
         self.padded = self.n_tiles * tile
+
+    def compiler_params(self):
+        """Pallas' Triton backend, explicitly: JAX's default GPU lowering is Mosaic GPU, which wants memory accesses
+        in multiples of 128 elements and warpgroup-level programs; these kernels are written per Triton program."""
+        return pl_triton.CompilerParams(num_warps=self.num_warps, num_stages=1)
 
     def _key(self):
         return tuple(sorted(vars(self).items()))
@@ -150,6 +158,7 @@ def _forward(cfg: _Config, u, delta, A_t, B, C, h0, D, z, bias):
         out_shape=[_out(u.shape, u.dtype, u), _out((batch, dstate, dim), _F32, u),
                    _out((batch, cfg.n_tiles, dstate, dim), _F32, u)],
         interpret=cfg.interpret,
+        compiler_params=cfg.compiler_params(),
         name="selective_scan_fwd",
     )(u, delta, A_t, B, C, h0, *[x for x, _ in optional])
 
@@ -241,6 +250,7 @@ def _backward(cfg: _Config, res, dout, dlast):
                    s["partial_chan"], s["partial_chan"], s["state"], s["work"]],
         out_shape=[rows, rows, rows, state, partial_cols, partial_cols, partial_chan, partial_chan, state, work],
         interpret=cfg.interpret,
+        compiler_params=cfg.compiler_params(),
         name="selective_scan_bwd",
     )(u, delta, A_t, B, C, ckpt, dout, dlast, *[x for x, _ in optional])
     du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, _ = grads
@@ -275,17 +285,23 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
-                          initial_state=None, tile=None, interpret=None):
+                          initial_state=None, tile=None, interpret=None, block_dim=MAX_BLOCK_DIM,
+                          num_warps=DEFAULT_NUM_WARPS):
     """ssm.scan.selective_scan's contract (channels-last u, delta, z (b, l, d); B, C (b, l, g, n)) on the
     Pallas kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen); interpret: run
-    the kernels in the Pallas interpreter (default: on the CPU backend only)."""
+    the kernels in the Pallas interpreter (default: on the CPU backend only). block_dim (a power of two: the
+    channels of one program, capped by the channels per B/C group) and num_warps (per program) are the GPU
+    tuning knobs that experiments/bench/gpu_scan.py sweeps."""
+    if block_dim < 1 or block_dim & (block_dim - 1):
+        raise ValueError(f"block_dim: expected a power of two, got {block_dim}")
     batch, length, dim = u.shape
     groups, dstate = B.shape[2], B.shape[3]
     tile = min(tile or DEFAULT_TILE, length)
-    cfg = _Config(length=length, tile=tile, block_dim=_block_dim(dim // groups), groups=groups,
+    cfg = _Config(length=length, tile=tile, block_dim=_block_dim(dim // groups, block_dim), groups=groups,
                   has_D=D is not None, has_z=z is not None, has_bias=delta_bias is not None,
                   softplus=bool(delta_softplus),
-                  interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret))
+                  interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
+                  num_warps=int(num_warps))
     pad = cfg.padded - length
     rows = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # noqa: E731
     cols = lambda x: jnp.pad(jnp.moveaxis(x, 1, 3), ((0, 0), (0, 0), (0, 0), (0, pad)))  # noqa: E731

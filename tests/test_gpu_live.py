@@ -7,6 +7,8 @@ not import. scripts/gpu_tier.sh installs the kernels and runs this file on the G
   last_state vs mamba_ssm.selective_scan_fn; gradients of every input vs mamba_ssm's backward;
 * selective_state_update vs mamba_ssm's Triton selective_state_update;
 * causal_conv1d_fn / causal_conv1d_update vs causal_conv1d's;
+* a whole tiny Falcon Mamba in transformers on CUDA, running mamba_ssm's kernels (the test checks that the CUDA
+  scan was called), vs the JAX model loaded from the same safetensors, on the GPU, for every scan impl;
 * the JAX Falcon Mamba model on the GPU vs the same model on the CPU.
 Tolerances are mamba_ssm's / causal_conv1d's own (REFERENCE.md).
 """
@@ -63,7 +65,7 @@ SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("seqlen, bc", SCAN_CASES)
-@pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
+@pytest.mark.parametrize("impl", ["reference", "sequential", "chunked", "pallas"])
 def test_scan_matches_mamba_ssm(impl, seqlen, bc, dtype):
     import torch
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan
@@ -151,4 +153,33 @@ def test_model_on_gpu_matches_cpu():
     with jax.default_device(jax.devices("cpu")[0]):
         want = np.asarray(FalconMambaLM(config, seed=0)(ids))
     got = np.asarray(FalconMambaLM(config, seed=0)(ids))
+    np.testing.assert_allclose(got, want, **TOL["scan", "float32"])
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+def test_falcon_mamba_matches_transformers_on_cuda_kernels(impl, tmp_path, monkeypatch):
+    """transformers' FalconMambaForCausalLM on CUDA takes its kernel path (mamba_inner_fn: causal_conv1d's and
+    mamba_ssm's CUDA kernels, checked by counting calls of the CUDA scan); our model, loaded from the same
+    safetensors, on the GPU: fp32 logits within mamba_ssm's fp32 scan tolerance. fp32 matmuls on both sides at
+    full precision (no TF32)."""
+    import selective_scan_cuda
+    import torch
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    import ssm
+    from tests.hf_models import build_and_save
+
+    kwargs = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2, conv_kernel=4,
+                  time_step_rank=8, tie_word_embeddings=False)
+    model = build_and_save(FalconMambaConfig, FalconMambaForCausalLM, tmp_path, seed=11, **kwargs).cuda()
+    calls = []
+    cuda_forward = selective_scan_cuda.fwd
+    monkeypatch.setattr(selective_scan_cuda, "fwd", lambda *args: calls.append(1) or cuda_forward(*args))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = np.random.default_rng(1).integers(0, kwargs["vocab_size"], (2, 300))
+    with torch.no_grad():
+        want = model(torch.tensor(ids, device="cuda")).logits.float().cpu().numpy()
+    assert calls, "transformers did not call mamba_ssm's CUDA selective scan (its kernel path was not taken)"
+    with jax.default_matmul_precision("highest"):
+        got = np.asarray(ssm.from_pretrained(tmp_path, scan_impl=impl)(ids))
     np.testing.assert_allclose(got, want, **TOL["scan", "float32"])

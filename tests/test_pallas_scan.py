@@ -119,6 +119,52 @@ def test_gradients_match_reference(case):
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), **GRAD_TOL, err_msg=name)
 
 
+def test_tuning_knobs_compute_the_same_function():
+    """block_dim and num_warps (the GPU sweep's knobs) change the tiling, not the result; bad block_dim named."""
+    from ssm.pallas_scan import selective_scan_pallas
+
+    k = to_jax(make_inputs(9, 2, 64, 4, 40, bc="g1", initial_state=True))
+    u, delta, z = (jnp.swapaxes(k[n], 1, 2) for n in ("u", "delta", "z"))
+    B, C = (jnp.moveaxis(k[n], 3, 1) for n in ("B", "C"))
+    args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], True)
+    want_out, want_last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16)
+    for block_dim, num_warps in ((8, 1), (64, 4)):
+        out, last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16, block_dim=block_dim,
+                                          num_warps=num_warps)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), **FWD_TOL)
+        np.testing.assert_allclose(np.asarray(last), np.asarray(want_last), **FWD_TOL)
+    with pytest.raises(ValueError, match="block_dim: expected a power of two, got 48"):
+        selective_scan_pallas(*args, block_dim=48)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernels_lower_to_triton_for_cuda(dtype):
+    """Forward and backward kernels lower through Pallas' Triton backend for a CUDA target, on this CPU machine
+    (jax.export for platform "cuda"): one Triton custom call forward, two with the gradient. Catches lowering
+    errors (JAX's default GPU backend, Mosaic GPU, rejects these kernels) without a GPU; compiling the Triton
+    IR to PTX still happens on the GPU (tests/test_gpu_live.py)."""
+    from jax import export
+
+    from ssm.pallas_scan import selective_scan_pallas
+
+    b, l, d, n = 1, 200, 64, 16  # length not a multiple of the tile
+    S, low, f32 = jax.ShapeDtypeStruct, jnp.dtype(dtype), jnp.float32
+    shapes = (S((b, l, d), low), S((b, l, d), low), S((d, n), f32), S((b, l, 1, n), low), S((b, l, 1, n), low),
+              S((d,), f32), S((b, l, d), low), S((d,), f32))
+
+    def scan(*args):
+        return selective_scan_pallas(*args, True, interpret=False)
+
+    def loss(*args):
+        out, last = scan(*args)
+        return jnp.sum(out.astype(f32)) + jnp.sum(last)
+
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for fn, calls in ((scan, 1), (jax.grad(loss, argnums=tuple(range(8))), 2)):
+        text = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(*shapes).mlir_module()
+        assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == calls
+
+
 def test_backward_saves_only_tile_boundary_states():
     """The VJP's residuals: inputs and (batch, n_tiles, dstate, dim) states, nothing of size batch*seqlen*dim*dstate."""
     batch, dim, dstate, seqlen, tile = 1, 8, 8, 96, 16
