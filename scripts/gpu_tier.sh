@@ -6,8 +6,8 @@
 # Brought along (all git-ignored): vendor/gpu_sdists/ (scripts/fetch_gpu_sdists.sh: mamba_ssm-2.3.2.post1 and
 # causal_conv1d-1.7.0 sdists), optionally vendor/gpu_prebuilt/sm_XX/ (scripts/prebuild_gpu_kernels.sh: their CUDA
 # sources compiled for this GPU's architecture on a machine with nvcc), optionally .whl/*.whl (pure-Python wheels
-# of this project's dependencies that the machine's image lacks or has in another version: flax, tensorboardX),
-# installed with --no-deps into /tmp/site ahead of the image's packages. RESULTS_DIR defaults to results/gpu;
+# of this project's dependencies that the machine's image lacks or has too old: tensorboardX, flax), installed
+# with --no-deps into /tmp/site ahead of the image's packages. RESULTS_DIR defaults to results/gpu;
 # where $OUT is set (the device tool), RESULTS_DIR is packed into $OUT/gpu_tier.tar.gz at the end.
 #
 # The kernels are installed in the background while the JAX-only steps run: with prebuilt objects, only the two
@@ -47,9 +47,16 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: runs COMMAND with a timeout, log
 
 CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' ')
 ARCH=${CC/./}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
-fi
+# Carried wheels fill in what the image lacks (tensorboardX); a carried flax is used only where the image's flax
+# is older than the 0.12 this project is tested with (a newer one matches the image's newer jax better).
+for wheel in .whl/*.whl; do
+  [ -e "$wheel" ] || continue
+  case $(basename "$wheel") in
+    flax-*) "$PYTHON" -c "import flax, sys; sys.exit(tuple(map(int, flax.__version__.split('.')[:2])) < (0, 12))" \
+              2>/dev/null && continue ;;
+  esac
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$wheel"
+done
 { nvidia-smi; nvcc --version; "$PYTHON" -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|jax-cuda|flax|optax|orbax|torch|transformers|triton|numpy) ";
   "$PYTHON" -c "import torch, jax; print('torch', torch.__version__, torch.version.cuda); print('jax', jax.__version__, jax.devices())"; } >"$RESULTS/environment.log" 2>&1
 echo "GPU compute capability $CC (sm_$ARCH); results in $RESULTS"

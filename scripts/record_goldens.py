@@ -4,7 +4,9 @@
     python scripts/record_goldens.py cuda   [--out tests/golden]   # mamba_ssm's / causal_conv1d's CUDA kernels, on a GPU
 
 Writes <out>/<backend>/<case>.npz (inputs as ``in_<name>``, outputs as ``out_<name>``, options as ``opt_<name>``)
-and <out>/<backend>/provenance.json. Inputs come from fixed seeds and are identical for both backends; bf16
+and <out>/<backend>/provenance.json. The cuda backend also records the scan's backward pass: a seeded cotangent
+of ``out`` as ``cot_out`` and mamba_ssm's gradient of sum(out * cot_out) for every input as ``grad_<name>``
+(the float64 oracle has no backward; our gradients are checked against the reference impl there). Inputs come from fixed seeds and are identical for both backends; bf16
 cases store their inputs already rounded to bf16 (as float32), so every implementation sees the same values.
 """
 
@@ -191,6 +193,17 @@ class CudaBackend:
                                       low.get("z"), low.get("delta_bias"), softplus, True)
         return dict(out=self._np(out), last_state=self._np(last))
 
+    def scan_grads(self, inputs, softplus, dtype, cot):
+        """mamba_ssm's backward kernel: d sum(out.float() * cot) / d every input, in each input's dtype."""
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        low = {k: self._t(v, dtype if k in ("u", "delta", "B", "C", "z") else "float32").requires_grad_()
+               for k, v in inputs.items()}
+        out = selective_scan_fn(low["u"], low["delta"], low["A"], low["B"], low["C"], low.get("D"), low.get("z"),
+                                low.get("delta_bias"), softplus, False)
+        (out.float() * self._t(cot, "float32")).sum().backward()
+        return {k: self._np(v.grad) for k, v in low.items()}
+
     def state_update(self, inputs, softplus, dtype):
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
@@ -233,9 +246,10 @@ def record(backend, out_dir: Path) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
-    def save(name, kind, inputs, options, outputs):
+    def save(name, kind, inputs, options, outputs, extra=None):
         arrays = {f"in_{k}": np.asarray(v, np.float32) for k, v in inputs.items()}
         arrays.update({f"out_{k}": np.asarray(v, np.float32) for k, v in outputs.items()})
+        arrays.update({k: np.asarray(v, np.float32) for k, v in (extra or {}).items()})
         arrays.update({f"opt_{k}": np.asarray(v) for k, v in options.items()})
         arrays["opt_kind"] = np.asarray(kind)
         np.savez_compressed(out_dir / f"{name}.npz", **arrays)
@@ -243,7 +257,13 @@ def record(backend, out_dir: Path) -> list[str]:
 
     for seed, (name, dtype, batch, dim, dstate, seqlen, bc, D, z, bias, softplus) in enumerate(SCAN_CASES):
         inputs = scan_inputs(100 + seed, dtype, batch, dim, dstate, seqlen, bc, D, z, bias, softplus)
-        save(name, "scan", inputs, dict(dtype=dtype, softplus=softplus), backend.scan(inputs, softplus, dtype))
+        extra = None
+        if hasattr(backend, "scan_grads"):  # out has u's shape
+            cot = np.random.default_rng(500 + seed).standard_normal(inputs["u"].shape).astype(np.float32)
+            grads = backend.scan_grads(inputs, softplus, dtype, cot)
+            extra = {"cot_out": cot, **{f"grad_{k}": v for k, v in grads.items()}}
+        save(name, "scan", inputs, dict(dtype=dtype, softplus=softplus), backend.scan(inputs, softplus, dtype),
+             extra)
     for seed, (name, dtype, batch, dim, dstate, groups, D, z, bias, softplus) in enumerate(STATE_UPDATE_CASES):
         inputs = state_update_inputs(200 + seed, dtype, batch, dim, dstate, groups, D, z, bias, softplus)
         save(name, "state_update", inputs, dict(dtype=dtype, softplus=softplus),

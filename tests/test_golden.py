@@ -8,8 +8,8 @@ Golden sets (each folder has a provenance.json saying how, where and when it was
     tests then run on every machine, CPU included.
 
 Cases: the selective scan (fp32 and bf16 inputs; variable and grouped B/C; D, z, delta_bias, softplus; out and
-last_state) through selective_scan_fn with every impl; selective_state_update; causal_conv1d_fn and
-causal_conv1d_update. Tolerances are mamba_ssm's / causal_conv1d's own test tolerances (REFERENCE.md).
+last_state, and where recorded (cuda) the gradients of every input) through selective_scan_fn with every impl;
+selective_state_update; causal_conv1d_fn and causal_conv1d_update. Tolerances are mamba_ssm's / causal_conv1d's own test tolerances (REFERENCE.md).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from ssm.conv import causal_conv1d_fn, causal_conv1d_update
 from ssm.scan import selective_scan_fn, selective_state_update
 
 GOLDEN = Path(__file__).parent / "golden"
-SCAN_IMPLS = ("reference", "chunked", "pallas")
+SCAN_IMPLS = ("reference", "sequential", "chunked", "pallas")
 TOL = {  # mamba_ssm test_selective_scan / test_selective_state_update, causal_conv1d test_causal_conv1d
     ("scan", "float32"): dict(rtol=6e-4, atol=2e-3), ("scan", "bfloat16"): dict(rtol=3e-2, atol=5e-2),
     ("state_update", "float32"): dict(rtol=3e-4, atol=1e-3), ("state_update", "bfloat16"): dict(rtol=1e-2, atol=5e-2),
@@ -34,6 +35,28 @@ TOL = {  # mamba_ssm test_selective_scan / test_selective_state_update, causal_c
 # Inputs cast to the case's dtype (the others stay float32, as mamba_ssm takes them).
 LOW_PRECISION = {"scan": ("u", "delta", "B", "C", "z"), "state_update": ("x", "dt", "B", "C", "z"),
                  "conv_fn": ("x", "weight", "bias"), "conv_update": ("x", "conv_state", "weight", "bias")}
+
+
+# mamba_ssm's test_selective_scan checks gradients at 2x the forward tolerances, du and ddelta at a further
+# rtol x5, atol x10.
+GRAD_SCALE = dict(rtol=2, atol=2)
+DELTA_GRAD_SCALE = dict(rtol=10, atol=20)
+
+
+def _check_scan_grads(data, inputs, impl, tol):
+    cot = jnp.asarray(data["cot_out"])
+
+    def loss(diff):
+        out = selective_scan_fn(**{**inputs, **diff}, delta_softplus=bool(data["opt_softplus"]), impl=impl,
+                                chunk_size=64)
+        return jnp.sum(out.astype(jnp.float32) * cot)
+
+    grads = jax.jit(jax.grad(loss))(inputs)
+    for name, value in grads.items():
+        scale = DELTA_GRAD_SCALE if name in ("u", "delta") else GRAD_SCALE
+        np.testing.assert_allclose(np.asarray(value.astype(jnp.float32)), data[f"grad_{name}"],
+                                   rtol=tol["rtol"] * scale["rtol"], atol=tol["atol"] * scale["atol"],
+                                   err_msg=f"d{name}")
 
 
 def _cases():
@@ -65,6 +88,8 @@ def test_matches_golden(path, impl):
         out, last = selective_scan_fn(**inputs, delta_softplus=bool(data["opt_softplus"]), return_last_state=True,
                                       impl=impl, chunk_size=64)
         got, tol = dict(out=out, last_state=last), TOL["scan", dtype]
+        if "cot_out" in data:  # the CUDA backward kernel's gradients, recorded with the outputs
+            _check_scan_grads(data, inputs, impl, tol)
     elif kind == "state_update":
         out, state = selective_state_update(**inputs, dt_softplus=bool(data["opt_softplus"]))
         got, tol = dict(out=out, state=state), TOL["state_update", dtype]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_golden import TOL
+from tests.test_golden import DELTA_GRAD_SCALE, GRAD_SCALE, TOL
 
 
 def _why_skip() -> str | None:
@@ -42,8 +42,6 @@ def _why_skip() -> str | None:
 
 _SKIP = _why_skip()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
-GRAD_SCALE = dict(rtol=2, atol=2)          # mamba_ssm: gradients at 2x the forward tolerances ...
-DELTA_GRAD_SCALE = dict(rtol=10, atol=20)  # ... and du, ddelta at rtol x5, atol x10 on top of that
 
 
 def _torch(x, dtype):
