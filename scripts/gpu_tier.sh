@@ -91,17 +91,17 @@ build_sdist() {  # build_sdist SDIST: unpack, restrict -gencode to sm_ARCH, pip 
 kernels_import() {
   "$PYTHON" -c "import selective_scan_cuda, causal_conv1d_cuda, mamba_ssm, causal_conv1d; print('mamba_ssm', mamba_ssm.__version__, 'causal_conv1d', causal_conv1d.__version__, mamba_ssm.__file__)"
 }
-install_kernels() {
-  local t0=$SECONDS
-  if [ -d "$PREBUILT" ] && link_prebuilt "$SDISTS/causal_conv1d-1.7.0.tar.gz" causal_conv1d_cuda csrc/causal_conv1d.cpp \
-     && link_prebuilt "$SDISTS/mamba_ssm-2.3.2.post1.tar.gz" selective_scan_cuda csrc/selective_scan/selective_scan.cpp \
-     && kernels_import; then
-    echo "KERNELS: prebuilt objects linked ($((SECONDS - t0))s; $(head -2 "$PREBUILT/build.txt" | tr '\n' ' '))"
-    return 0
-  fi
-  echo "KERNELS: prebuilt path unavailable or failed; building from source for sm_$ARCH"
-  (build_sdist "$SDISTS/causal_conv1d-1.7.0.tar.gz") && (build_sdist "$SDISTS/mamba_ssm-2.3.2.post1.tar.gz") \
-    && kernels_import && echo "KERNELS: built from source ($((SECONDS - t0))s)"
+install_one() {  # install_one SDIST EXT CPP: link carried objects where there are any, else build from source
+  if [ -d "$PREBUILT/$2" ] && link_prebuilt "$@"; then echo "KERNELS: $2 linked from prebuilt objects"; return 0; fi
+  echo "KERNELS: $2 has no prebuilt objects or their link failed; building its sdist for sm_$ARCH"
+  (build_sdist "$1") && echo "KERNELS: $2 built from source"
+}
+install_kernels() {  # both extensions at once: a from-source build of one overlaps the link of the other
+  local t0=$SECONDS pid rc=0
+  install_one "$SDISTS/causal_conv1d-1.7.0.tar.gz" causal_conv1d_cuda csrc/causal_conv1d.cpp & pid=$!
+  install_one "$SDISTS/mamba_ssm-2.3.2.post1.tar.gz" selective_scan_cuda csrc/selective_scan/selective_scan.cpp || rc=1
+  wait "$pid" || rc=1
+  [ "$rc" = 0 ] && kernels_import && echo "KERNELS: ready after $((SECONDS - t0))s"
 }
 install_kernels >"$RESULTS/install_kernels.log" 2>&1 &
 KERNELS_PID=$!

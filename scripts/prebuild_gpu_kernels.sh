@@ -12,6 +12,11 @@
 # with -gencode restricted to sm_SM. The .cu files include only header-only parts of torch (c10 Half/BFloat16,
 # CUDAException.h's check macro, ATen's Atomic.cuh), so objects compiled against this venv's torch headers link
 # against the GPU machine's torch; the .cpp files (pybind11, at::Tensor) are compiled there, against its torch.
+#
+# Sizes for sm_90: selective_scan_cuda's 9 objects 40 MB, causal_conv1d_cuda's 3 objects 30 MB (its backward alone
+# 24 MB, and fatbins do not compress). The device tool carries 64 MiB in all, so carry selective_scan_cuda's
+# objects only (move vendor/gpu_prebuilt/sm_90/causal_conv1d_cuda away): gpu_tier.sh builds causal_conv1d from
+# its sdist, in parallel with the link, where it finds no objects for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SM=${1:-90}
