@@ -37,6 +37,7 @@ DEFAULT_TILE = 64
 MAX_BLOCK_DIM = 32
 _F32 = jnp.float32
 DEFAULT_NUM_WARPS = 1
+KERNELS = ("triton", "mosaic_tpu")
 
 
 def _softplus(x):
@@ -51,9 +52,10 @@ def _block_dim(per_group: int, largest: int) -> int:
 class _Config:
     """The static shape and option set of one call (hashable, so it can be a custom_vjp nondiff argument)."""
 
-    def __init__(self, *, length, tile, block_dim, groups, has_D, has_z, has_bias, softplus, interpret, num_warps):
+    def __init__(self, *, length, tile, block_dim, groups, has_D, has_z, has_bias, softplus, interpret, num_warps,
+                 kernel):
         self.length, self.tile, self.block_dim, self.groups = length, tile, block_dim, groups
-        self.num_warps = num_warps
+        self.num_warps, self.kernel = num_warps, kernel
         self.has_D, self.has_z, self.has_bias, self.softplus, self.interpret = has_D, has_z, has_bias, softplus, interpret
         self.n_tiles = -(-length // tile)
         self.padded = self.n_tiles * tile
@@ -265,20 +267,29 @@ def _backward(cfg: _Config, res, dout, dlast):
             None if bias is None else dbias.sum(0).astype(bias.dtype), dh0)
 
 
+def _kernels(cfg: _Config):
+    """(forward, backward) of cfg.kernel: this module's Triton kernels or ssm/pallas_scan_tpu.py's Mosaic ones."""
+    if cfg.kernel == "mosaic_tpu":
+        from ssm import pallas_scan_tpu  # imports this module's helpers
+
+        return pallas_scan_tpu.forward, pallas_scan_tpu.backward
+    return _forward, _backward
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(cfg, u, delta, A_t, B, C, D, z, bias, h0):
-    out, last, _ = _forward(cfg, u, delta, A_t, B, C, h0, D, z, bias)
+    out, last, _ = _kernels(cfg)[0](cfg, u, delta, A_t, B, C, h0, D, z, bias)
     return out, last
 
 
 def _scan_fwd(cfg, u, delta, A_t, B, C, D, z, bias, h0):
-    out, last, ckpt = _forward(cfg, u, delta, A_t, B, C, h0, D, z, bias)
+    out, last, ckpt = _kernels(cfg)[0](cfg, u, delta, A_t, B, C, h0, D, z, bias)
     return (out, last), (u, delta, A_t, B, C, D, z, bias, ckpt)
 
 
 def _scan_bwd(cfg, res, cotangents):
     dout, dlast = cotangents
-    return _backward(cfg, res, dout, dlast)
+    return _kernels(cfg)[1](cfg, res, dout, dlast)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
@@ -286,25 +297,38 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
                           initial_state=None, tile=None, interpret=None, block_dim=MAX_BLOCK_DIM,
-                          num_warps=DEFAULT_NUM_WARPS):
+                          num_warps=DEFAULT_NUM_WARPS, kernel=None):
     """ssm.scan.selective_scan's contract (channels-last u, delta, z (b, l, d); B, C (b, l, g, n)) on the
-    Pallas kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen); interpret: run
-    the kernels in the Pallas interpreter (default: on the CPU backend only). block_dim (a power of two: the
-    channels of one program, capped by the channels per B/C group) and num_warps (per program) are the GPU
-    tuning knobs that experiments/bench/gpu_scan.py sweeps."""
+    Pallas kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen; rounded up to a
+    multiple of 16 for the TPU kernel); interpret: run the kernels in the Pallas interpreter (default: on the
+    CPU backend only). kernel: "triton" (GPU, this module) or "mosaic_tpu" (ssm/pallas_scan_tpu.py); default
+    "mosaic_tpu" on a TPU backend, else "triton". block_dim (a power of two: the channels of one program, capped
+    by the channels per B/C group) and num_warps (per program) are the Triton kernel's tuning knobs that
+    experiments/bench/gpu_scan.py sweeps."""
     if block_dim < 1 or block_dim & (block_dim - 1):
         raise ValueError(f"block_dim: expected a power of two, got {block_dim}")
+    kernel = kernel or ("mosaic_tpu" if jax.default_backend() == "tpu" else "triton")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     batch, length, dim = u.shape
     groups, dstate = B.shape[2], B.shape[3]
     tile = min(tile or DEFAULT_TILE, length)
+    if kernel == "mosaic_tpu":
+        from ssm.pallas_scan_tpu import check_shapes
+
+        check_shapes(dim, groups)
+        tile = -(-tile // 16) * 16  # whole (16, 128) bf16 / (8, 128) fp32 register tiles
     cfg = _Config(length=length, tile=tile, block_dim=_block_dim(dim // groups, block_dim), groups=groups,
                   has_D=D is not None, has_z=z is not None, has_bias=delta_bias is not None,
                   softplus=bool(delta_softplus),
                   interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
-                  num_warps=int(num_warps))
+                  num_warps=int(num_warps), kernel=kernel)
     pad = cfg.padded - length
     rows = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # noqa: E731
-    cols = lambda x: jnp.pad(jnp.moveaxis(x, 1, 3), ((0, 0), (0, 0), (0, 0), (0, pad)))  # noqa: E731
+    if kernel == "mosaic_tpu":  # (b, g, Lp, n): a tile of B is a (tile, n) block
+        cols = lambda x: jnp.pad(jnp.moveaxis(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))  # noqa: E731
+    else:  # (b, g, n, Lp): a step of B is an (n, 1) column
+        cols = lambda x: jnp.pad(jnp.moveaxis(x, 1, 3), ((0, 0), (0, 0), (0, 0), (0, pad)))  # noqa: E731
     chan = lambda x: None if x is None else x.reshape(1, dim)  # noqa: E731
     if initial_state is None:
         h0 = jnp.zeros((batch, dstate, dim), _F32)

@@ -137,32 +137,39 @@ def test_tuning_knobs_compute_the_same_function():
         selective_scan_pallas(*args, block_dim=48)
 
 
+LOWERINGS = {"triton": ("cuda", "stablehlo.custom_call @__gpu$xla.gpu.triton", "__gpu$xla.gpu.triton"),
+             "mosaic_tpu": ("tpu", "stablehlo.custom_call @tpu_custom_call", None)}
+
+
+@pytest.mark.parametrize("kernel", sorted(LOWERINGS))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_kernels_lower_to_triton_for_cuda(dtype):
-    """Forward and backward kernels lower through Pallas' Triton backend for a CUDA target, on this CPU machine
-    (jax.export for platform "cuda"): one Triton custom call forward, two with the gradient. Catches lowering
-    errors (JAX's default GPU backend, Mosaic GPU, rejects these kernels) without a GPU; compiling the Triton
-    IR to PTX still happens on the GPU (tests/test_gpu_live.py)."""
+def test_kernels_lower_for_their_accelerator(dtype, kernel):
+    """Forward and backward kernels lower for their target on this CPU machine (jax.export for platform "cuda"
+    through Pallas' Triton backend, "tpu" through Mosaic): one kernel call forward, two with the gradient.
+    Catches lowering errors without the accelerator (JAX's default GPU backend, Mosaic GPU, rejects the Triton
+    kernels; a Python // in a TPU index map needs a TPU to lower); compiling the Triton IR to PTX, and Mosaic's
+    own compiler passes, still happen on the device only."""
     from jax import export
 
     from ssm.pallas_scan import selective_scan_pallas
 
-    b, l, d, n = 1, 200, 64, 16  # length not a multiple of the tile
+    platform, call, unsafe = LOWERINGS[kernel]
+    b, l, d, n = 1, 200, 256, 16  # length not a multiple of the tile; two 128-lane blocks on TPU
     S, low, f32 = jax.ShapeDtypeStruct, jnp.dtype(dtype), jnp.float32
     shapes = (S((b, l, d), low), S((b, l, d), low), S((d, n), f32), S((b, l, 1, n), low), S((b, l, 1, n), low),
               S((d,), f32), S((b, l, d), low), S((d,), f32))
 
     def scan(*args):
-        return selective_scan_pallas(*args, True, interpret=False)
+        return selective_scan_pallas(*args, True, interpret=False, kernel=kernel)
 
     def loss(*args):
         out, last = scan(*args)
         return jnp.sum(out.astype(f32)) + jnp.sum(last)
 
-    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    allow = [export.DisabledSafetyCheck.custom_call(unsafe)] if unsafe else []
     for fn, calls in ((scan, 1), (jax.grad(loss, argnums=tuple(range(8))), 2)):
-        text = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(*shapes).mlir_module()
-        assert text.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == calls
+        text = export.export(jax.jit(fn), platforms=[platform], disabled_checks=allow)(*shapes).mlir_module()
+        assert text.count(call) == calls
 
 
 def test_backward_saves_only_tile_boundary_states():
@@ -237,3 +244,104 @@ def test_runs_under_shard_map_on_two_devices():
     result = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], cwd=root, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the TPU (Mosaic) kernels of ssm/pallas_scan_tpu.py, in the Pallas TPU interpreter
+
+
+def tpu_scan(kwargs, tile, **overrides):
+    """selective_scan_fn's mamba-layout keyword arguments through the Mosaic kernels; returns (out (b, d, l),
+    last_state (b, d, n))."""
+    from ssm.pallas_scan import selective_scan_pallas
+
+    k = {**kwargs, **overrides}
+    rows = {name: None if k.get(name) is None else jnp.swapaxes(k[name], 1, 2) for name in ("u", "delta", "z")}
+    cols = {name: jnp.moveaxis(k[name] if k[name].ndim == 4 else k[name][:, None], 3, 1) for name in ("B", "C")}
+    out, last = selective_scan_pallas(rows["u"], rows["delta"], k["A"], cols["B"], cols["C"], k.get("D"), rows["z"],
+                                      k.get("delta_bias"), k.get("delta_softplus", False),
+                                      initial_state=k.get("initial_state"), tile=tile, kernel="mosaic_tpu")
+    return jnp.swapaxes(out, 1, 2), last
+
+
+# (seqlen, dim, dstate, bc, D, z, delta_bias, softplus, A_kind, tile): one step; fewer channels than lanes;
+# two groups of 128 channels; two 128-lane blocks in one group, seqlen not a multiple of the tile
+TPU_FWD_CASES = [
+    (1, 128, 4, "bnl", True, True, True, True, "exp", 16),
+    (50, 8, 8, "g1", True, False, False, False, "range", 16),
+    (100, 256, 8, "g2", True, True, True, True, "exp", 32),
+    (40, 256, 16, "bnl|g1", False, True, False, True, "exp", 16),
+]
+
+
+@pytest.mark.parametrize("case", TPU_FWD_CASES, ids=_case_id)
+def test_tpu_forward_matches_oracle(case):
+    seqlen, dim, dstate, bc, D, z, bias, softplus, A_kind, tile = case
+    kwargs = make_inputs(seqlen * 7 + dim, 2, dim, dstate, seqlen, bc=bc, D=D, z=z, bias=bias, softplus=softplus,
+                         A_kind=A_kind, initial_state=True)
+    out, last = tpu_scan(to_jax(kwargs), tile)
+    want_out, want_last = oracle(kwargs)
+    np.testing.assert_allclose(np.asarray(out), want_out, **FWD_TOL)
+    np.testing.assert_allclose(np.asarray(last), want_last, **FWD_TOL)
+
+
+def test_tpu_forward_bf16_matches_oracle_on_rounded_inputs():
+    low = ("u", "delta", "B", "C", "z")
+    inputs = to_jax(make_inputs(12, 2, 128, 8, 70, bc="g1"), jnp.bfloat16, low)
+    out, last = tpu_scan(inputs, 32)
+    assert out.dtype == jnp.bfloat16 and last.dtype == jnp.float32
+    rounded = {k: (np.asarray(v.astype(jnp.float32), np.float64) if isinstance(v, jax.Array) else v)
+               for k, v in inputs.items()}
+    want_out, want_last = oracle(rounded)
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), want_out, **BF16_TOL)
+    np.testing.assert_allclose(np.asarray(last), want_last, **BF16_TOL)
+
+
+TPU_GRAD_CASES = [(50, 256, 8, "g2", True, True, 16), (37, 128, 4, "bnl", False, False, 16),
+                  (40, 256, 4, "g1", True, True, 16)]
+
+
+@pytest.mark.parametrize("case", TPU_GRAD_CASES, ids=lambda c: f"l{c[0]}-d{c[1]}-{c[3]}-sp{c[4]}-opt{c[5]}")
+def test_tpu_gradients_match_reference(case):
+    seqlen, dim, dstate, bc, softplus, optional, tile = case
+    kwargs = to_jax(make_inputs(15, 2, dim, dstate, seqlen, bc=bc, softplus=softplus, D=optional, z=optional,
+                                bias=optional, initial_state=True))
+    names = [name for name in GRAD_ARGS if kwargs.get(name) is not None]
+    rng = np.random.default_rng(16)
+    g_out = jnp.asarray(rng.standard_normal(kwargs["u"].shape), jnp.float32)
+    g_last = jnp.asarray(rng.standard_normal(kwargs["initial_state"].shape), jnp.float32)
+
+    def loss_tpu(diff):
+        out, last = tpu_scan({**kwargs, **diff}, tile)
+        return jnp.sum(out * g_out) + jnp.sum(last * g_last)
+
+    def loss_reference(diff):
+        out, last = selective_scan_fn(**{**kwargs, **diff}, return_last_state=True, impl="reference")
+        return jnp.sum(out * g_out) + jnp.sum(last * g_last)
+
+    diff = {name: kwargs[name] for name in names}
+    want, got = jax.jit(jax.grad(loss_reference))(diff), jax.jit(jax.grad(loss_tpu))(diff)
+    for name in names:
+        assert got[name].shape == kwargs[name].shape and got[name].dtype == kwargs[name].dtype, name
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), **GRAD_TOL, err_msg=name)
+
+
+def test_tpu_backward_saves_only_tile_boundary_states():
+    batch, dim, dstate, seqlen, tile = 1, 128, 8, 96, 16
+    kwargs = to_jax(make_inputs(17, batch, dim, dstate, seqlen, initial_state=True))
+    _, vjp = jax.vjp(lambda u: tpu_scan({**kwargs, "u": u}, tile)[0], kwargs["u"])
+    sizes = sorted(leaf.size for leaf in jax.tree_util.tree_leaves(vjp) if hasattr(leaf, "size"))
+    assert batch * (seqlen // tile) * dim * dstate in sizes, sizes
+    assert max(sizes) < batch * seqlen * dim * dstate, sizes
+
+
+def test_tpu_kernel_names_unsupported_widths():
+    kwargs = to_jax(make_inputs(18, 1, 64, 4, 10, bc="g2"))
+    with pytest.raises(ValueError, match=r"dim: the TPU Pallas kernel needs dim // groups a multiple of 128 .*got "
+                                         r"dim 64 with 2 group"):
+        tpu_scan(kwargs, 16)
+    from ssm.pallas_scan import selective_scan_pallas
+
+    x, bc = jnp.zeros((1, 4, 8)), jnp.zeros((1, 4, 1, 4))
+    with pytest.raises(ValueError, match=r"kernel: expected one of \('triton', 'mosaic_tpu'\), got 'cuda'"):
+        selective_scan_pallas(x, x, jnp.zeros((8, 4)), bc, bc, kernel="cuda")
