@@ -6,6 +6,9 @@
 #
 #     scripts/prebuild_gpu_kernels.sh [SM] [JOBS]      # SM default 90 (H100/H200), JOBS default nproc
 #
+# EXTENSIONS (default "selective_scan_cuda") picks what to compile: "selective_scan_cuda causal_conv1d_cuda" for
+# both. On this project's 2-core build machine the scan's 9 objects take about 17 minutes (2 at a time).
+#
 # Reads vendor/gpu_sdists/ (scripts/fetch_gpu_sdists.sh), writes vendor/gpu_prebuilt/sm_SM/ (git-ignored):
 # NAME/*.o per extension plus build.txt (nvcc version, flags, date). The flags are the sdists' own setup.py
 # flags (-O3, --use_fast_math, the -U__CUDA_NO_*__ set, ...) after torch.utils.cpp_extension's defaults,
@@ -14,9 +17,8 @@
 # against the GPU machine's torch; the .cpp files (pybind11, at::Tensor) are compiled there, against its torch.
 #
 # Sizes for sm_90: selective_scan_cuda's 9 objects 40 MB, causal_conv1d_cuda's 3 objects 30 MB (its backward alone
-# 24 MB, and fatbins do not compress). The device tool carries 64 MiB in all, so carry selective_scan_cuda's
-# objects only (move vendor/gpu_prebuilt/sm_90/causal_conv1d_cuda away): gpu_tier.sh builds causal_conv1d from
-# its sdist, in parallel with the link, where it finds no objects for it.
+# 24 MB, and fatbins do not compress). The device tool carries 64 MiB in all, hence the default: gpu_tier.sh
+# builds causal_conv1d from its sdist (a few small files), in parallel with the scan's link.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SM=${1:-90}
@@ -26,7 +28,6 @@ NVCC=${NVCC:-nvcc}
 OUTDIR=$PWD/vendor/gpu_prebuilt/sm_$SM
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-rm -rf "$OUTDIR" && mkdir -p "$OUTDIR"
 tar xzf vendor/gpu_sdists/mamba_ssm-2.3.2.post1.tar.gz -C "$WORK"
 tar xzf vendor/gpu_sdists/causal_conv1d-1.7.0.tar.gz -C "$WORK"
 TORCH_INC=$("$PYTHON" -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
@@ -44,9 +45,16 @@ COMMON="-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_
  -U__CUDA_NO_BFLOAT16_OPERATORS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__ -U__CUDA_NO_BFLOAT162_OPERATORS__
  -U__CUDA_NO_BFLOAT162_CONVERSIONS__ --expt-extended-lambda --use_fast_math -lineinfo
  -gencode=arch=compute_$SM,code=sm_$SM"
+EXTENSIONS=${EXTENSIONS:-selective_scan_cuda}
 jobs=()
-for src in "$WORK"/mamba_ssm-*/csrc/selective_scan/*.cu; do jobs+=("selective_scan_cuda $src"); done
-for src in "$WORK"/causal_conv1d-*/csrc/*.cu; do jobs+=("causal_conv1d_cuda $src"); done
+for ext in $EXTENSIONS; do
+  case $ext in
+    selective_scan_cuda) for src in "$WORK"/mamba_ssm-*/csrc/selective_scan/*.cu; do jobs+=("$ext $src"); done ;;
+    causal_conv1d_cuda) for src in "$WORK"/causal_conv1d-*/csrc/*.cu; do jobs+=("$ext $src"); done ;;
+    *) echo "EXTENSIONS: expected selective_scan_cuda and/or causal_conv1d_cuda, got '$ext'" >&2; exit 2 ;;
+  esac
+done
+rm -rf "$OUTDIR" && mkdir -p "$OUTDIR"
 compile() {  # compile EXT SRC
   local ext=$1 src=$2 obj
   obj=$OUTDIR/$ext/$(basename "${src%.cu}").o
