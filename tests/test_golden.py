@@ -8,7 +8,8 @@ Golden sets (each folder has a provenance.json saying how, where and when it was
     tests then run on every machine, CPU included.
 
 Cases: the selective scan (fp32 and bf16 inputs; variable and grouped B/C; D, z, delta_bias, softplus; out and
-last_state, and where recorded (cuda) the gradients of every input) through selective_scan_fn with every impl;
+last_state, and where recorded (cuda) the gradients of every input) through selective_scan_fn with every impl,
+and through the TPU kernel where its shape limit allows;
 selective_state_update; causal_conv1d_fn and causal_conv1d_update. Tolerances are mamba_ssm's / causal_conv1d's own test tolerances (REFERENCE.md).
 """
 
@@ -43,12 +44,21 @@ GRAD_SCALE = dict(rtol=2, atol=2)
 DELTA_GRAD_SCALE = dict(rtol=10, atol=20)
 
 
+def _scan(inputs, impl, softplus):
+    """(out, last_state) of one golden scan case through ``impl``; "pallas_tpu" is the TPU (Mosaic) kernel run
+    in its interpreter (on CPU; on a GPU machine too), through tests/test_pallas_scan.tpu_scan."""
+    if impl == "pallas_tpu":
+        from tests.test_pallas_scan import tpu_scan
+
+        return tpu_scan({**inputs, "delta_softplus": softplus}, 64)
+    return selective_scan_fn(**inputs, delta_softplus=softplus, return_last_state=True, impl=impl, chunk_size=64)
+
+
 def _check_scan_grads(data, inputs, impl, tol):
     cot = jnp.asarray(data["cot_out"])
 
     def loss(diff):
-        out = selective_scan_fn(**{**inputs, **diff}, delta_softplus=bool(data["opt_softplus"]), impl=impl,
-                                chunk_size=64)
+        out, _ = _scan({**inputs, **diff}, impl, bool(data["opt_softplus"]))
         return jnp.sum(out.astype(jnp.float32) * cot)
 
     grads = jax.jit(jax.grad(loss))(inputs)
@@ -63,8 +73,11 @@ def _cases():
     params = []
     for folder in sorted(p for p in GOLDEN.iterdir() if (p / "provenance.json").exists()) if GOLDEN.exists() else []:
         for path in sorted(folder.glob("*.npz")):
-            kind = str(np.load(path)["opt_kind"])
+            data = np.load(path)
+            kind = str(data["opt_kind"])
             impls = SCAN_IMPLS if kind == "scan" else (None,)
+            if kind == "scan" and (data["in_B"].ndim == 3 or data["in_B"].shape[1] == 1):
+                impls += ("pallas_tpu",)  # its shape limit: one B/C group of at most 128 channels here
             params += [pytest.param(path, impl, id=f"{folder.name}-{path.stem}" + (f"-{impl}" if impl else ""))
                        for impl in impls]
     return params
@@ -85,8 +98,7 @@ def test_matches_golden(path, impl):
               for k, v in data.items() if k.startswith("in_")}
     want = {k[4:]: v for k, v in data.items() if k.startswith("out_")}
     if kind == "scan":
-        out, last = selective_scan_fn(**inputs, delta_softplus=bool(data["opt_softplus"]), return_last_state=True,
-                                      impl=impl, chunk_size=64)
+        out, last = _scan(inputs, impl, bool(data["opt_softplus"]))
         got, tol = dict(out=out, last_state=last), TOL["scan", dtype]
         if "cot_out" in data:  # the CUDA backward kernel's gradients, recorded with the outputs
             _check_scan_grads(data, inputs, impl, tol)
