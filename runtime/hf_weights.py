@@ -7,6 +7,8 @@ when one is missing or misshapen; export yields (name, array) pairs one at a tim
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -15,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from runtime.safetensors_io import CheckpointError, open_checkpoint_lazy
+from configs.hf import model_config_to_hf
+from runtime.safetensors_io import CheckpointError, open_checkpoint_lazy, write_checkpoint
 
 # Layout changes between HF (torch) and our parameters.
 #   identity: same array.  linear: torch Linear weight (out, in) <-> our kernel (in, out).
@@ -283,12 +286,6 @@ def load_directory(path, config_cls, model_cls, weight_specs, param_axes, *, mes
 def write_directory(model: Any, path, specs: list[WeightSpec], max_shard_bytes: int) -> None:
     """A HF directory: safetensors (sharded past max_shard_bytes, streamed tensor by tensor) + config.json,
     each written atomically."""
-    import json
-    import os
-
-    from configs.hf import model_config_to_hf
-    from runtime.safetensors_io import write_checkpoint
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_checkpoint(path, export_weights(model, specs), max_shard_bytes=max_shard_bytes)

@@ -74,10 +74,10 @@ class MambaMixer(nnx.Module):
                  n_valid: jax.Array | None = None) -> tuple[jax.Array, LayerState]:
         """x (batch, seq, d_model) -> (out, new state). ``n_valid`` (batch,): only each row's first n_valid
         tokens are real; the rest (right padding) leave the conv and SSM states exactly as they were."""
-        xc, z, conv_state = self._conv_branch(x, state, n_valid)
+        valid = _valid_mask(x.shape[1], n_valid)
+        xc, z, conv_state = self._conv_branch(x, state, n_valid, valid)
         dt, B, C = self._selection(xc)
         delta_bias, delta_softplus = self.dt_proj.bias[...], True
-        valid = _valid_mask(x.shape[1], n_valid)
         if valid is not None:  # delta = 0 at padding: exp(0 * A) = 1 and 0 * B * u = 0 keep the state exact
             dt = jnp.where(valid[..., None], discretization_dt(dt, delta_bias, True), 0.0)
             delta_bias, delta_softplus = None, False
@@ -88,11 +88,11 @@ class MambaMixer(nnx.Module):
             impl=self.config.scan_impl, chunk_size=self.config.scan_chunk_size)
         return self.out_proj(y), LayerState(conv_state, ssm_state)
 
-    def _conv_branch(self, x, state, n_valid):
-        """in_proj -> causal conv (carrying the conv state) -> silu: (xc, z, new conv state)."""
+    def _conv_branch(self, x, state, n_valid, valid):
+        """in_proj -> causal conv (carrying the conv state) -> silu: (xc, z, new conv state). ``valid`` is
+        _valid_mask(seq, n_valid)."""
         xz = self.in_proj(x)
         xs, z = xz[..., 0, :], xz[..., 1, :]
-        valid = _valid_mask(x.shape[1], n_valid)
         if valid is not None:
             xs = jnp.where(valid[..., None], xs, 0)
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
@@ -117,7 +117,7 @@ class MambaMixer(nnx.Module):
     def step_sizes(self, x: jax.Array) -> jax.Array:
         """The scan's step size softplus(dt_proj(x) + bias) along a sequence from zero states: fp32
         (batch, seq, d_inner). For analysis (experiments.induction_heads.mixer_dt)."""
-        xc, _, _ = self._conv_branch(x, None, None)
+        xc, _, _ = self._conv_branch(x, None, None, None)
         dt, _, _ = self._selection(xc)
         return discretization_dt(dt, self.dt_proj.bias[...], True)
 
