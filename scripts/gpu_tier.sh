@@ -125,7 +125,7 @@ step tests_golden_cuda 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_
 
 # ---- 4. scan benchmark at 7B layer shapes ------------------------------------------------------------------
 step bench_gpu_scan 180 "$PYTHON" -m experiments.bench.gpu_scan --out "$RESULTS" --lengths ${SCAN_LENGTHS:-2048 8192} \
-  --batches ${SCAN_BATCHES:-1 4} --variants 64:32:1 32:32:1 128:32:1 64:16:1 64:64:2 64:128:4
+  --batches ${SCAN_BATCHES:-1 4} --variants 64:32:1 64:32:1:rows 32:32:1:rows 128:32:1:rows 64:64:2:rows 64:128:4:rows 64:16:1
 
 # ---- 5. training steps (issue 5), long context (issue 4) ---------------------------------------------------
 # H100/H200 dense bf16 peak: 989 TFLOP/s. The 8-layer 7B-shaped Falcon Mamba, also in PyTorch with mamba_ssm's

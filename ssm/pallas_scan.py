@@ -53,9 +53,9 @@ class _Config:
     """The static shape and option set of one call (hashable, so it can be a custom_vjp nondiff argument)."""
 
     def __init__(self, *, length, tile, block_dim, groups, has_D, has_z, has_bias, softplus, interpret, num_warps,
-                 kernel):
+                 kernel, bc_rows=False):
         self.length, self.tile, self.block_dim, self.groups = length, tile, block_dim, groups
-        self.num_warps, self.kernel = num_warps, kernel
+        self.num_warps, self.kernel, self.bc_rows = num_warps, kernel, bc_rows
         self.has_D, self.has_z, self.has_bias, self.softplus, self.interpret = has_D, has_z, has_bias, softplus, interpret
         self.n_tiles = -(-length // tile)
         self.padded = self.n_tiles * tile
@@ -78,7 +78,8 @@ class _Config:
 # ----------------------------------------------------------------------------------------------------------
 # block specs. Arrays the kernels see (batch axis squeezed):
 #   rows  u, delta, z, dout, du, ddelta, dz: (b, padded, dim)       -> (padded, block_dim)
-#   cols  B, C, dB, dC partials:              (b, groups|blocks, n, padded) -> (n, padded)
+#   cols  B, C, dB, dC partials:              (b, groups|blocks, n, padded) -> (n, padded); with bc_rows
+#         (b, groups|blocks, padded, n) -> (padded, n), a step's n values contiguous
 #   state h0, last, dlast, dh0, dA partials:  (b, n, dim)           -> (n, block_dim)
 #   chan  A^T: (n, dim) -> (n, block_dim); D, delta_bias: (1, dim) -> (1, block_dim); dD, dbias partials
 #         (b, 1, dim) -> (1, block_dim)
@@ -89,8 +90,8 @@ def _specs(cfg: _Config, dim: int, dstate: int):
     blocks_per_group = dim // cfg.groups // P
     return dict(
         rows=pl.BlockSpec((None, L, P), lambda b, j: (b, 0, j)),
-        cols=pl.BlockSpec((None, None, dstate, L), lambda b, j: (b, j // blocks_per_group, 0, 0)),
-        partial_cols=pl.BlockSpec((None, None, dstate, L), lambda b, j: (b, j, 0, 0)),
+        cols=pl.BlockSpec((None, None) + _bc_block(cfg, dstate), lambda b, j: (b, j // blocks_per_group, 0, 0)),
+        partial_cols=pl.BlockSpec((None, None) + _bc_block(cfg, dstate), lambda b, j: (b, j, 0, 0)),
         state=pl.BlockSpec((None, dstate, P), lambda b, j: (b, 0, j)),
         A=pl.BlockSpec((dstate, P), lambda b, j: (0, j)),
         chan=pl.BlockSpec((1, P), lambda b, j: (0, j)),
@@ -100,6 +101,25 @@ def _specs(cfg: _Config, dim: int, dstate: int):
     )
 
 
+def _bc_block(cfg, dstate):
+    return (cfg.padded, dstate) if cfg.bc_rows else (dstate, cfg.padded)
+
+
+def _column(cfg, ref, t):
+    """Step t of B or C as an (n, 1) fp32 column, from either layout."""
+    if cfg.bc_rows:
+        return ref[pl.ds(t, 1), :].astype(_F32).reshape(-1, 1)
+    return ref[:, pl.ds(t, 1)].astype(_F32)
+
+
+def _set_column(cfg, ref, t, value):
+    """Writes an (n, 1) column as step t of dB or dC."""
+    if cfg.bc_rows:
+        ref[pl.ds(t, 1), :] = value.reshape(1, -1)
+    else:
+        ref[:, pl.ds(t, 1)] = value
+
+
 def _step_inputs(cfg, t, delta_ref, bias_ref, A_ref, B_ref):
     """dt (1, P) after bias / softplus / padding mask, decay exp(dt A) (n, P), and the B column (n, 1)."""
     dt = delta_ref[pl.ds(t, 1), :].astype(_F32)
@@ -107,7 +127,7 @@ def _step_inputs(cfg, t, delta_ref, bias_ref, A_ref, B_ref):
     dt = _softplus(pre) if cfg.softplus else pre
     dt = jnp.where(t < cfg.length, dt, 0.0)  # padding steps leave the state as it is
     decay = jnp.exp(dt * A_ref[...].astype(_F32))
-    return pre, dt, decay, B_ref[:, pl.ds(t, 1)].astype(_F32)
+    return pre, dt, decay, _column(cfg, B_ref, t)
 
 
 def _optional(refs, flags):
@@ -129,7 +149,7 @@ def _forward_kernel(cfg: _Config, *refs):
         _, dt, decay, B = _step_inputs(cfg, t, delta_ref, bias_ref, A_ref, B_ref)
         u = u_ref[pl.ds(t, 1), :].astype(_F32)
         h = decay * h + B * (dt * u)
-        y = jnp.sum(h * C_ref[:, pl.ds(t, 1)].astype(_F32), axis=0, keepdims=True)
+        y = jnp.sum(h * _column(cfg, C_ref, t), axis=0, keepdims=True)
         if cfg.has_D:
             y = y + D_ref[...].astype(_F32) * u
         if cfg.has_z:
@@ -188,7 +208,7 @@ def _backward_kernel(cfg: _Config, *refs):
         t = start + i
         pre, dt, decay, B = _step_inputs(cfg, t, delta_ref, bias_ref, A_ref, B_ref)
         u = u_ref[pl.ds(t, 1), :].astype(_F32)
-        C = C_ref[:, pl.ds(t, 1)].astype(_F32)
+        C = _column(cfg, C_ref, t)
         h_prev = work_ref[i]
         h = decay * h_prev + B * (dt * u)
         dy = dout_ref[pl.ds(t, 1), :].astype(_F32)              # d loss / d out, (1, P)
@@ -202,8 +222,8 @@ def _backward_kernel(cfg: _Config, *refs):
         if cfg.has_D:
             dD = dD + dy * u
         g = g + C * dy                                           # adjoint of h_t, (n, P)
-        dC_ref[:, pl.ds(t, 1)] = jnp.sum(h * dy, axis=1, keepdims=True)
-        dB_ref[:, pl.ds(t, 1)] = jnp.sum(g * (dt * u), axis=1, keepdims=True)
+        _set_column(cfg, dC_ref, t, jnp.sum(h * dy, axis=1, keepdims=True))
+        _set_column(cfg, dB_ref, t, jnp.sum(g * (dt * u), axis=1, keepdims=True))
         dx = jnp.sum(g * B, axis=0, keepdims=True)               # d loss / d (dt u), (1, P)
         dlog = g * decay * h_prev                                # d loss / d (dt A), (n, P)
         ddt = dx * u + jnp.sum(dlog * A, axis=0, keepdims=True)
@@ -239,7 +259,7 @@ def _backward(cfg: _Config, res, dout, dlast):
     s = _specs(cfg, dim, dstate)
     optional = [(x, spec) for x, spec in ((D, s["chan"]), (z, s["rows"]), (bias, s["chan"])) if x is not None]
     rows = _out((batch, padded, dim), _F32, u)
-    partial_cols = _out((batch, n_blocks, dstate, padded), _F32, u)
+    partial_cols = _out((batch, n_blocks) + _bc_block(cfg, dstate), _F32, u)
     state = _out((batch, dstate, dim), _F32, u)
     partial_chan = _out((batch, 1, dim), _F32, u)
     work = _out((batch, n_blocks, cfg.tile, dstate, cfg.block_dim), _F32, u)
@@ -257,11 +277,8 @@ def _backward(cfg: _Config, res, dout, dlast):
     )(u, delta, A_t, B, C, ckpt, dout, dlast, *[x for x, _ in optional])
     du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, _ = grads
 
-    def per_group(x):  # (b, n_blocks, n, Lp) partials -> (b, groups, n, Lp), summing a group's blocks
-        return x.reshape(batch, cfg.groups, n_blocks // cfg.groups, dstate, padded).sum(axis=2)
-
     return (du.astype(u.dtype), ddelta.astype(delta.dtype), dA.sum(0).astype(A_t.dtype),
-            per_group(dB).astype(B.dtype), per_group(dC).astype(C.dtype),
+            sum_per_group(dB, cfg.groups).astype(B.dtype), sum_per_group(dC, cfg.groups).astype(C.dtype),
             None if D is None else dD.sum(0).astype(D.dtype),
             None if z is None else dz.astype(z.dtype),
             None if bias is None else dbias.sum(0).astype(bias.dtype), dh0)
@@ -297,13 +314,14 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
                           initial_state=None, tile=None, interpret=None, block_dim=MAX_BLOCK_DIM,
-                          num_warps=DEFAULT_NUM_WARPS, kernel=None):
+                          num_warps=DEFAULT_NUM_WARPS, kernel=None, bc_rows=False):
     """ssm.scan.selective_scan's contract (channels-last u, delta, z (b, l, d); B, C (b, l, g, n)) on the
     Pallas kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen; rounded up to a
     multiple of 16 for the TPU kernel); interpret: run the kernels in the Pallas interpreter (default: on the
     CPU backend only). kernel: "triton" (GPU, this module) or "mosaic_tpu" (ssm/pallas_scan_tpu.py); default
     "mosaic_tpu" on a TPU backend, else "triton". block_dim (a power of two: the channels of one program, capped
-    by the channels per B/C group) and num_warps (per program) are the Triton kernel's tuning knobs that
+    by the channels per B/C group), num_warps (per program) and bc_rows (B and C laid out (padded, n), one
+    contiguous load per step, instead of (n, padded), n strided loads) are the Triton kernel's tuning knobs that
     experiments/bench/gpu_scan.py sweeps."""
     if block_dim < 1 or block_dim & (block_dim - 1):
         raise ValueError(f"block_dim: expected a power of two, got {block_dim}")
@@ -322,10 +340,10 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                   has_D=D is not None, has_z=z is not None, has_bias=delta_bias is not None,
                   softplus=bool(delta_softplus),
                   interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
-                  num_warps=int(num_warps), kernel=kernel)
+                  num_warps=int(num_warps), kernel=kernel, bc_rows=bool(bc_rows) and kernel == "triton")
     pad = cfg.padded - length
     rows = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # noqa: E731
-    if kernel == "mosaic_tpu":  # (b, g, Lp, n): a tile of B is a (tile, n) block
+    if kernel == "mosaic_tpu" or cfg.bc_rows:  # (b, g, Lp, n): a tile of B is a (tile, n) block
         cols = lambda x: jnp.pad(jnp.moveaxis(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))  # noqa: E731
     else:  # (b, g, n, Lp): a step of B is an (n, 1) column
         cols = lambda x: jnp.pad(jnp.moveaxis(x, 1, 3), ((0, 0), (0, 0), (0, 0), (0, pad)))  # noqa: E731
@@ -346,6 +364,11 @@ def _vary_alike(*arrays):
     varying = set().union(*(jax.typeof(x).manual_axis_type.varying for x in arrays if x is not None))
     return [None if x is None else lax.pcast(x, tuple(sorted(varying - jax.typeof(x).manual_axis_type.varying)), to="varying")
             for x in arrays]
+
+
+def sum_per_group(x, groups):
+    """(b, n_blocks, ...) per-channel-block partials of dB or dC -> (b, groups, ...), summing a group's blocks."""
+    return x.reshape((x.shape[0], groups, x.shape[1] // groups) + x.shape[2:]).sum(axis=2)
 
 
 def _out(shape, dtype, like):

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ssm.pallas_scan import _F32, _optional, _out, _softplus
+from ssm.pallas_scan import _F32, _optional, _out, _softplus, sum_per_group
 
 LANES = 128
 
@@ -264,11 +264,8 @@ def backward(cfg, res, dout, dlast):
         **_params(cfg),
     )(u, delta, A_t, B, C, ckpt, dout, dlast[:, :, None, :], *[x for x, _ in optional])
 
-    def per_group(x):  # (b, n_blocks, Lp, n) partials -> (b, groups, Lp, n), summing a group's blocks
-        return x.reshape(batch, cfg.groups, n_blocks // cfg.groups, padded, dstate).sum(axis=2)
-
     return (du.astype(u.dtype), ddelta.astype(delta.dtype), dA.sum(0)[:, 0, :].astype(A_t.dtype),
-            per_group(dB).astype(B.dtype), per_group(dC).astype(C.dtype),
+            sum_per_group(dB, cfg.groups).astype(B.dtype), sum_per_group(dC, cfg.groups).astype(C.dtype),
             None if D is None else dD.sum(0).astype(D.dtype),
             None if z is None else dz.astype(z.dtype),
             None if bias is None else dbias.sum(0).astype(bias.dtype), dh0[:, :, 0, :])

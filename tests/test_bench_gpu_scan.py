@@ -25,7 +25,8 @@ def test_variant_times_the_kernel(monkeypatch):
     kw = gpu_scan.inputs(1, 24)
     assert kw["u"].shape == (1, 32, 24) and kw["B"].shape == (1, gpu_scan.DSTATE, 24)
     for backward in (False, True):
-        assert gpu_scan.time_variant("16:8:1", kw, backward, repeats=1) > 0
+        for variant in ("16:8:1", "16:8:1:rows"):
+            assert gpu_scan.time_variant(variant, kw, backward, repeats=1) > 0
 
 
 def test_variant_computes_what_selective_scan_fn_does(monkeypatch):
@@ -49,7 +50,10 @@ def test_variant_computes_what_selective_scan_fn_does(monkeypatch):
 def test_cli_checks(capsys):
     with pytest.raises(SystemExit):
         gpu_scan.main(["--out", "x", "--variants", "64:32"])
-    assert "--variants: expected TILE:BLOCK_DIM:NUM_WARPS positive integers, got '64:32'" in capsys.readouterr().err
+    assert "--variants: expected TILE:BLOCK_DIM:NUM_WARPS positive integers, optionally :rows, got '64:32'" \
+        in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_scan.main(["--out", "x", "--variants", "64:32:1:cols"])
     if jax.default_backend() == "cpu":
         with pytest.raises(SystemExit, match="backend: expected a GPU"):
             gpu_scan.main(["--out", "x"])

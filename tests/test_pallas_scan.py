@@ -128,16 +128,26 @@ def test_tuning_knobs_compute_the_same_function():
     B, C = (jnp.moveaxis(k[n], 3, 1) for n in ("B", "C"))
     args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], True)
     want_out, want_last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16)
-    for block_dim, num_warps in ((8, 1), (64, 4)):
+    for block_dim, num_warps, bc_rows in ((8, 1, False), (64, 4, False), (32, 1, True)):
         out, last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16, block_dim=block_dim,
-                                          num_warps=num_warps)
+                                          num_warps=num_warps, bc_rows=bc_rows)
         np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), **FWD_TOL)
         np.testing.assert_allclose(np.asarray(last), np.asarray(want_last), **FWD_TOL)
+
+    def grads(**knobs):  # every input's gradient, the bc_rows layout's backward included
+        def loss(*a):
+            out, last = selective_scan_pallas(*a[:-1], True, initial_state=a[-1], tile=16, **knobs)
+            return jnp.sum(out * jnp.sin(out)) + jnp.sum(last)
+        return jax.grad(loss, argnums=tuple(range(9)))(*args[:-1], k["initial_state"])
+
+    for want, got in zip(grads(), grads(bc_rows=True, block_dim=16)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **GRAD_TOL)
     with pytest.raises(ValueError, match="block_dim: expected a power of two, got 48"):
         selective_scan_pallas(*args, block_dim=48)
 
 
 LOWERINGS = {"triton": ("cuda", "stablehlo.custom_call @__gpu$xla.gpu.triton", "__gpu$xla.gpu.triton"),
+             "triton-bc_rows": ("cuda", "stablehlo.custom_call @__gpu$xla.gpu.triton", "__gpu$xla.gpu.triton"),
              "mosaic_tpu": ("tpu", "stablehlo.custom_call @tpu_custom_call", None)}
 
 
@@ -160,7 +170,8 @@ def test_kernels_lower_for_their_accelerator(dtype, kernel):
               S((d,), f32), S((b, l, d), low), S((d,), f32))
 
     def scan(*args):
-        return selective_scan_pallas(*args, True, interpret=False, kernel=kernel)
+        return selective_scan_pallas(*args, True, interpret=False, kernel=kernel.split("-")[0],
+                                     bc_rows=kernel.endswith("bc_rows"))
 
     def loss(*args):
         out, last = scan(*args)

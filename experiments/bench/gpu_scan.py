@@ -1,7 +1,7 @@
 """GPU benchmark of the selective scan at Falcon Mamba 7B layer shapes (dim 8192, dstate 16, bf16 inputs).
 
     python -m experiments.bench.gpu_scan --out DIR [--lengths 2048 4096 8192 16384] [--batches 1 2 4 8]
-                                         [--variants TILE:BLOCK_DIM:NUM_WARPS ...]
+                                         [--variants TILE:BLOCK_DIM:NUM_WARPS[:rows] ...]
 
 Measures in one run, forward and forward+backward: our impls ("chunked", "pallas") and mamba_ssm's CUDA
 selective_scan_fn (when it imports), plus the bytes-moved floor: inputs read once and outputs written once
@@ -10,8 +10,9 @@ dz, dB, dC written) over the device-to-device copy bandwidth measured in the sam
 each time over the floor and over mamba_ssm's, and writes DIR/gpu_scan.json.
 
 --variants sweeps the Pallas kernel's tuning knobs (ssm.pallas_scan.selective_scan_pallas: sequence tile,
-channels per program, warps per program) at the first batch and length, timing the kernel call alone on
-channels-last inputs (no layout transposes), forward and forward+backward.
+channels per program, warps per program, and ":rows" for B and C laid out (seqlen, n)) at the first batch and
+length, timing the kernel call alone on channels-last inputs (no layout transposes), forward and
+forward+backward.
 """
 
 from __future__ import annotations
@@ -85,10 +86,12 @@ def time_mamba(kw: dict, backward: bool, repeats: int) -> float:
 
 
 def time_variant(variant: str, kw: dict, backward: bool, repeats: int) -> float:
-    """The Pallas kernel alone with tuning knobs TILE:BLOCK_DIM:NUM_WARPS, on channels-last inputs."""
+    """The Pallas kernel alone with tuning knobs TILE:BLOCK_DIM:NUM_WARPS[:rows], on channels-last inputs."""
     from ssm.pallas_scan import selective_scan_pallas
 
-    tile, block_dim, num_warps = (int(x) for x in variant.split(":"))
+    parts = variant.split(":")
+    tile, block_dim, num_warps = (int(x) for x in parts[:3])
+    bc_rows = parts[3:] == ["rows"]
     last = {"u": jnp.swapaxes(kw["u"], 1, 2), "delta": jnp.swapaxes(kw["delta"], 1, 2),
             "z": jnp.swapaxes(kw["z"], 1, 2), "B": jnp.swapaxes(kw["B"], 1, 2)[:, :, None],
             "C": jnp.swapaxes(kw["C"], 1, 2)[:, :, None]}
@@ -96,7 +99,8 @@ def time_variant(variant: str, kw: dict, backward: bool, repeats: int) -> float:
 
     def forward(a):
         out, _ = selective_scan_pallas(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"],
-                                       a["delta_bias"], True, tile=tile, block_dim=block_dim, num_warps=num_warps)
+                                       a["delta_bias"], True, tile=tile, block_dim=block_dim, num_warps=num_warps,
+                                       bc_rows=bc_rows)
         return out
 
     if not backward:
@@ -120,13 +124,15 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--impls", nargs="+", default=["chunked", "pallas"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", nargs="*", default=[], metavar="TILE:BLOCK_DIM:NUM_WARPS",
+    parser.add_argument("--variants", nargs="*", default=[], metavar="TILE:BLOCK_DIM:NUM_WARPS[:rows]",
                         help="Pallas tuning knobs to sweep at the first batch and length (kernel call alone)")
     args = parser.parse_args(argv)
     for variant in args.variants:
         parts = variant.split(":")
-        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            parser.error(f"--variants: expected TILE:BLOCK_DIM:NUM_WARPS positive integers, got {variant!r}")
+        if len(parts) not in (3, 4) or not all(p.isdigit() and int(p) > 0 for p in parts[:3]) \
+                or parts[3:] not in ([], ["rows"]):
+            parser.error(f"--variants: expected TILE:BLOCK_DIM:NUM_WARPS positive integers, optionally :rows, "
+                         f"got {variant!r}")
     if jax.default_backend() != "gpu":
         raise SystemExit(f"backend: expected a GPU (this benchmark times kernels at 7B shapes), got "
                          f"{jax.default_backend()!r}")
@@ -178,11 +184,11 @@ def main(argv=None):
         print(line)
     if sweep:
         print(f"\nPallas kernel sweep at batch {sweep[0]['batch']}, length {sweep[0]['length']} (kernel alone)")
-        print(f"{'variant':>12} {'pass':>8} {'ms':>9} {'x floor':>8}")
+        print(f"{'variant':>14} {'pass':>8} {'ms':>9} {'x floor':>8}")
         for row in sweep:
             ms = f"{row['pallas_kernel_s'] * 1e3:9.3f}" if "pallas_kernel_s" in row else f"{'error':>9}"
             ratio = f"{row['pallas_kernel_s'] / row['floor_s']:8.2f}" if "pallas_kernel_s" in row else ""
-            print(f"{row['variant']:>12} {row['pass_']:>8} {ms} {ratio}")
+            print(f"{row['variant']:>14} {row['pass_']:>8} {ms} {ratio}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = dict(versions=versions(), dim=DIM, dstate=DSTATE, copy_bandwidth_bytes_per_s=bandwidth,
                   mamba_ssm=with_mamba, rows=rows, pallas_sweep=sweep, date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
