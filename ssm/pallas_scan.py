@@ -1,8 +1,9 @@
-"""The selective scan as a Pallas kernel (impl="pallas"), with a custom VJP whose backward is a Pallas kernel too.
+"""The selective scan as Pallas kernels (impl="pallas"), with a custom VJP whose backward is a Pallas kernel too.
 
 Same function as ssm.scan.selective_scan (see its docstring for the math); this module is what
-``selective_scan(..., impl="pallas")`` dispatches to. Written for Pallas' GPU (Triton) backend; on CPU the same
-kernels run with ``interpret=True`` so that the tier-1 tests check their logic against the float64 oracle.
+``selective_scan(..., impl="pallas")`` dispatches to: the entry point, the custom VJP, and the kernels for
+Pallas' GPU (Triton) backend; the TPU (Mosaic) kernels are in ssm/pallas_scan_tpu.py. On CPU the kernels run in
+the Pallas interpreters so that the tier-1 tests check their logic against the float64 oracle.
 
 Tiling. The grid is (batch, dim // block_dim): one program per (batch row, block of ``block_dim`` consecutive
 channels inside one B/C group). A program walks the sequence in tiles of ``tile`` steps (an outer in-kernel
@@ -18,8 +19,8 @@ workspace of (tile, dstate, block_dim) fp32 values, then runs the reverse-time a
 tile. dA, dB, dC, dD and d(delta_bias) sum over programs (over batch rows and over the channel blocks of a
 group): the kernel writes per-program partials and XLA sums them after the call.
 
-TPU: the same kernel structure maps to Mosaic with the workspace as a VMEM scratch buffer (``scratch_shapes``)
-instead of an HBM output (the Triton backend has no scratch memory); not done yet.
+B and C: by default (b, groups, n, seqlen), a step's column being n strided loads; ``bc_rows=True`` lays them out
+(b, groups, seqlen, n), one contiguous load reshaped to a column (which is faster is for the GPU benchmark).
 """
 
 from __future__ import annotations
