@@ -1,14 +1,17 @@
-"""impl="pallas" (ssm/pallas_scan.py) against the float64 oracle and the "reference" impl, mirroring test_scan.py.
+"""impl="pallas": both kernel sets, the GPU (Triton) kernels of ssm/pallas_scan.py and the TPU (Mosaic) kernels of
+ssm/pallas_scan_tpu.py, against the float64 oracle and the "reference" impl, mirroring test_scan.py.
 
-On CPU the Pallas kernels run in the Pallas interpreter (interpret=True), so these tests check the kernels'
-logic (tiling, padding, the group/block mapping, the custom VJP's reverse-time kernel) but not their GPU
-compilation; tests/test_gpu_live.py runs them compiled. Shapes are tiny because the interpreter is slow.
+On CPU the kernels run in the Pallas interpreters (interpret=True / pltpu.InterpretParams), so these tests check
+their logic (tiling, padding, the group/block mapping, the custom VJP's reverse-time kernels) but not their
+compilation for a device; both are lowered for their accelerator with jax.export here, and
+tests/test_gpu_live.py runs the Triton ones compiled. Shapes are small because the interpreters are slow.
 
 * forward: out and last state vs ``selective_scan_oracle``, fp32 (mamba_ssm's fp32 tolerances) and bf16;
   seqlen not a multiple of the tile, several channel blocks per B/C group, every optional input on and off;
 * initial_state: vs the oracle, and a scan split in pieces == the whole scan;
 * gradients: every differentiable input == "reference"'s gradients;
 * what the custom VJP saves: no residual holds a state per step (only the per-tile boundary states);
+* the Triton kernel's tuning knobs compute the same function; bad knobs and shapes are named;
 * shard_map: batch split on "data", channels on "tensor" (2 fake CPU devices, in a subprocess) == unsharded.
 """
 
@@ -28,15 +31,47 @@ import pytest
 from ssm.scan import selective_scan_fn
 from tests.test_scan import BF16_TOL, FWD_TOL, GRAD_TOL, make_inputs, oracle, to_jax
 
-# (seqlen, dim, dstate, bc, D, z, delta_bias, softplus, A_kind, tile)
-FWD_CASES = [
-    (1, 8, 4, "bnl", True, True, True, True, "exp", 16),
-    (7, 8, 8, "g2", False, False, False, False, "range", 16),
-    (50, 8, 4, "g1", True, False, True, False, "exp", 16),
-    (50, 8, 8, "bnl|g2", False, True, False, True, "exp", 32),
-    (100, 8, 8, "g2", True, True, True, True, "range", 32),
-    (64, 128, 4, "g2", True, True, True, True, "exp", 16),   # 64 channels per group: 2 blocks of 32 each
-]
+def tpu_scan(kwargs, tile, **overrides):
+    """selective_scan_fn's mamba-layout keyword arguments through the Mosaic kernels; returns (out (b, d, l),
+    last_state (b, d, n))."""
+    from ssm.pallas_scan import selective_scan_pallas
+
+    k = {**kwargs, **overrides}
+    rows = {name: None if k.get(name) is None else jnp.swapaxes(k[name], 1, 2) for name in ("u", "delta", "z")}
+    cols = {name: jnp.moveaxis(k[name] if k[name].ndim == 4 else k[name][:, None], 3, 1) for name in ("B", "C")}
+    out, last = selective_scan_pallas(rows["u"], rows["delta"], k["A"], cols["B"], cols["C"], k.get("D"), rows["z"],
+                                      k.get("delta_bias"), k.get("delta_softplus", False),
+                                      initial_state=k.get("initial_state"), tile=tile, kernel="mosaic_tpu")
+    return jnp.swapaxes(out, 1, 2), last
+
+
+def pallas_scan(kwargs, kernel, tile):
+    """(out, last_state) of selective_scan_fn's keyword arguments through one of the Pallas kernels."""
+    if kernel == "mosaic_tpu":
+        return tpu_scan(kwargs, tile)
+    return selective_scan_fn(**kwargs, return_last_state=True, impl="pallas", chunk_size=tile)
+
+
+# (seqlen, dim, dstate, bc, D, z, delta_bias, softplus, A_kind, tile) per kernel. Triton: one step, seqlen
+# not a multiple of the tile, grouped and mixed layouts, several 32-channel blocks per group. TPU: one step;
+# fewer channels than lanes; two groups of 128 channels; two 128-lane blocks in one group.
+FWD_CASES = {
+    "triton": [
+        (1, 8, 4, "bnl", True, True, True, True, "exp", 16),
+        (7, 8, 8, "g2", False, False, False, False, "range", 16),
+        (50, 8, 4, "g1", True, False, True, False, "exp", 16),
+        (50, 8, 8, "bnl|g2", False, True, False, True, "exp", 32),
+        (100, 8, 8, "g2", True, True, True, True, "range", 32),
+        (64, 128, 4, "g2", True, True, True, True, "exp", 16),   # 64 channels per group: 2 blocks of 32 each
+    ],
+    "mosaic_tpu": [
+        (1, 128, 4, "bnl", True, True, True, True, "exp", 16),
+        (50, 8, 8, "g1", True, False, False, False, "range", 16),
+        (100, 256, 8, "g2", True, True, True, True, "exp", 32),
+        (40, 256, 16, "bnl|g1", False, True, False, True, "exp", 16),
+    ],
+}
+KERNELS = sorted(FWD_CASES)
 
 
 def _case_id(case):
@@ -45,12 +80,13 @@ def _case_id(case):
     return f"l{seqlen}-d{dim}-n{dstate}-{bc.replace('|', '.')}-{flags or 'none'}-A{A_kind}-t{tile}"
 
 
-@pytest.mark.parametrize("case", FWD_CASES, ids=_case_id)
-def test_forward_matches_oracle(case):
+@pytest.mark.parametrize("kernel, case", [(k, c) for k in KERNELS for c in FWD_CASES[k]],
+                         ids=[f"{k}-{_case_id(c)}" for k in KERNELS for c in FWD_CASES[k]])
+def test_forward_matches_oracle(kernel, case):
     seqlen, dim, dstate, bc, D, z, bias, softplus, A_kind, tile = case
     kwargs = make_inputs(seqlen * 100 + dim, 2, dim, dstate, seqlen, bc=bc, D=D, z=z, bias=bias,
-                         softplus=softplus, A_kind=A_kind)
-    out, last = selective_scan_fn(**to_jax(kwargs), return_last_state=True, impl="pallas", chunk_size=tile)
+                         softplus=softplus, A_kind=A_kind, initial_state=kernel == "mosaic_tpu")
+    out, last = pallas_scan(to_jax(kwargs), kernel, tile)
     want_out, want_last = oracle(kwargs)
     assert out.shape == (2, dim, seqlen) and out.dtype == jnp.float32
     assert last.shape == (2, dim, dstate) and last.dtype == jnp.float32
@@ -58,10 +94,11 @@ def test_forward_matches_oracle(case):
     np.testing.assert_allclose(np.asarray(last), want_last, **FWD_TOL)
 
 
-def test_forward_bf16_matches_oracle_on_rounded_inputs():
+@pytest.mark.parametrize("kernel, dim, bc", [("triton", 8, "g2"), ("mosaic_tpu", 128, "g1")])
+def test_forward_bf16_matches_oracle_on_rounded_inputs(kernel, dim, bc):
     low = ("u", "delta", "B", "C", "z")
-    inputs = to_jax(make_inputs(2, 2, 8, 8, 70, bc="g2"), jnp.bfloat16, low)
-    out, last = selective_scan_fn(**inputs, return_last_state=True, impl="pallas", chunk_size=32)
+    inputs = to_jax(make_inputs(2, 2, dim, 8, 70, bc=bc), jnp.bfloat16, low)
+    out, last = pallas_scan(inputs, kernel, 32)
     assert out.dtype == jnp.bfloat16 and last.dtype == jnp.float32
     rounded = {k: (np.asarray(v.astype(jnp.float32), np.float64) if isinstance(v, jax.Array) else v)
                for k, v in inputs.items()}
@@ -92,13 +129,16 @@ def test_initial_state_and_pieces_match_oracle():
 GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 # (seqlen, dim, dstate, bc, softplus, optional inputs on, tile): grouped with softplus and every optional
 # input; plain B, C with none of D, z, delta_bias; two channel blocks per group (partials summed per group).
-GRAD_CASES = [(50, 8, 8, "g2", True, True, 16), (37, 8, 4, "bnl", False, False, 16),
-              (40, 128, 4, "g1", True, True, 16)]
+GRAD_CASES = {"triton": [(50, 8, 8, "g2", True, True, 16), (37, 8, 4, "bnl", False, False, 16),
+                         (40, 128, 4, "g1", True, True, 16)],
+              "mosaic_tpu": [(50, 256, 8, "g2", True, True, 16), (37, 128, 4, "bnl", False, False, 16),
+                             (40, 256, 4, "g1", True, True, 16)]}
 
 
-@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"l{c[0]}-d{c[1]}-{c[3].replace('|', '.')}-sp{c[4]}"
-                         f"-opt{c[5]}-t{c[6]}")
-def test_gradients_match_reference(case):
+@pytest.mark.parametrize("kernel, case", [(k, c) for k in KERNELS for c in GRAD_CASES[k]],
+                         ids=[f"{k}-l{c[0]}-d{c[1]}-{c[3]}-sp{c[4]}-opt{c[5]}" for k in KERNELS
+                              for c in GRAD_CASES[k]])
+def test_gradients_match_reference(kernel, case):
     seqlen, dim, dstate, bc, softplus, optional, tile = case
     kwargs = to_jax(make_inputs(5, 2, dim, dstate, seqlen, bc=bc, softplus=softplus, D=optional, z=optional,
                                 bias=optional, initial_state=True))
@@ -107,13 +147,14 @@ def test_gradients_match_reference(case):
     g_out = jnp.asarray(rng.standard_normal(kwargs["u"].shape), jnp.float32)
     g_last = jnp.asarray(rng.standard_normal(kwargs["initial_state"].shape), jnp.float32)
 
-    def grads(impl):
+    def grads(run):
         def loss(diff):
-            out, last = selective_scan_fn(**{**kwargs, **diff}, return_last_state=True, impl=impl, chunk_size=tile)
+            out, last = run({**kwargs, **diff})
             return jnp.sum(out * g_out) + jnp.sum(last * g_last)
         return jax.jit(jax.grad(loss))({name: kwargs[name] for name in names})
 
-    want, got = grads("reference"), grads("pallas")
+    want = grads(lambda k: selective_scan_fn(**k, return_last_state=True, impl="reference"))
+    got = grads(lambda k: pallas_scan(k, kernel, tile))
     for name in names:
         assert got[name].shape == kwargs[name].shape and got[name].dtype == kwargs[name].dtype, name
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), **GRAD_TOL, err_msg=name)
@@ -183,11 +224,12 @@ def test_kernels_lower_for_their_accelerator(dtype, kernel):
         assert text.count(call) == calls
 
 
-def test_backward_saves_only_tile_boundary_states():
+@pytest.mark.parametrize("kernel, dim", [("triton", 8), ("mosaic_tpu", 128)])
+def test_backward_saves_only_tile_boundary_states(kernel, dim):
     """The VJP's residuals: inputs and (batch, n_tiles, dstate, dim) states, nothing of size batch*seqlen*dim*dstate."""
-    batch, dim, dstate, seqlen, tile = 1, 8, 8, 96, 16
+    batch, dstate, seqlen, tile = 1, 8, 96, 16
     kwargs = to_jax(make_inputs(7, batch, dim, dstate, seqlen, initial_state=True))
-    _, vjp = jax.vjp(lambda u: selective_scan_fn(**{**kwargs, "u": u}, impl="pallas", chunk_size=tile), kwargs["u"])
+    _, vjp = jax.vjp(lambda u: pallas_scan({**kwargs, "u": u}, kernel, tile)[0], kwargs["u"])
     sizes = sorted(leaf.size for leaf in jax.tree_util.tree_leaves(vjp) if hasattr(leaf, "size"))
     assert batch * (seqlen // tile) * dim * dstate in sizes, sizes
     assert max(sizes) < batch * seqlen * dim * dstate, sizes
@@ -262,95 +304,6 @@ def test_runs_under_shard_map_on_two_devices(kernel):
     result = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], cwd=root, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the TPU (Mosaic) kernels of ssm/pallas_scan_tpu.py, in the Pallas TPU interpreter
-
-
-def tpu_scan(kwargs, tile, **overrides):
-    """selective_scan_fn's mamba-layout keyword arguments through the Mosaic kernels; returns (out (b, d, l),
-    last_state (b, d, n))."""
-    from ssm.pallas_scan import selective_scan_pallas
-
-    k = {**kwargs, **overrides}
-    rows = {name: None if k.get(name) is None else jnp.swapaxes(k[name], 1, 2) for name in ("u", "delta", "z")}
-    cols = {name: jnp.moveaxis(k[name] if k[name].ndim == 4 else k[name][:, None], 3, 1) for name in ("B", "C")}
-    out, last = selective_scan_pallas(rows["u"], rows["delta"], k["A"], cols["B"], cols["C"], k.get("D"), rows["z"],
-                                      k.get("delta_bias"), k.get("delta_softplus", False),
-                                      initial_state=k.get("initial_state"), tile=tile, kernel="mosaic_tpu")
-    return jnp.swapaxes(out, 1, 2), last
-
-
-# (seqlen, dim, dstate, bc, D, z, delta_bias, softplus, A_kind, tile): one step; fewer channels than lanes;
-# two groups of 128 channels; two 128-lane blocks in one group, seqlen not a multiple of the tile
-TPU_FWD_CASES = [
-    (1, 128, 4, "bnl", True, True, True, True, "exp", 16),
-    (50, 8, 8, "g1", True, False, False, False, "range", 16),
-    (100, 256, 8, "g2", True, True, True, True, "exp", 32),
-    (40, 256, 16, "bnl|g1", False, True, False, True, "exp", 16),
-]
-
-
-@pytest.mark.parametrize("case", TPU_FWD_CASES, ids=_case_id)
-def test_tpu_forward_matches_oracle(case):
-    seqlen, dim, dstate, bc, D, z, bias, softplus, A_kind, tile = case
-    kwargs = make_inputs(seqlen * 7 + dim, 2, dim, dstate, seqlen, bc=bc, D=D, z=z, bias=bias, softplus=softplus,
-                         A_kind=A_kind, initial_state=True)
-    out, last = tpu_scan(to_jax(kwargs), tile)
-    want_out, want_last = oracle(kwargs)
-    np.testing.assert_allclose(np.asarray(out), want_out, **FWD_TOL)
-    np.testing.assert_allclose(np.asarray(last), want_last, **FWD_TOL)
-
-
-def test_tpu_forward_bf16_matches_oracle_on_rounded_inputs():
-    low = ("u", "delta", "B", "C", "z")
-    inputs = to_jax(make_inputs(12, 2, 128, 8, 70, bc="g1"), jnp.bfloat16, low)
-    out, last = tpu_scan(inputs, 32)
-    assert out.dtype == jnp.bfloat16 and last.dtype == jnp.float32
-    rounded = {k: (np.asarray(v.astype(jnp.float32), np.float64) if isinstance(v, jax.Array) else v)
-               for k, v in inputs.items()}
-    want_out, want_last = oracle(rounded)
-    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), want_out, **BF16_TOL)
-    np.testing.assert_allclose(np.asarray(last), want_last, **BF16_TOL)
-
-
-TPU_GRAD_CASES = [(50, 256, 8, "g2", True, True, 16), (37, 128, 4, "bnl", False, False, 16),
-                  (40, 256, 4, "g1", True, True, 16)]
-
-
-@pytest.mark.parametrize("case", TPU_GRAD_CASES, ids=lambda c: f"l{c[0]}-d{c[1]}-{c[3]}-sp{c[4]}-opt{c[5]}")
-def test_tpu_gradients_match_reference(case):
-    seqlen, dim, dstate, bc, softplus, optional, tile = case
-    kwargs = to_jax(make_inputs(15, 2, dim, dstate, seqlen, bc=bc, softplus=softplus, D=optional, z=optional,
-                                bias=optional, initial_state=True))
-    names = [name for name in GRAD_ARGS if kwargs.get(name) is not None]
-    rng = np.random.default_rng(16)
-    g_out = jnp.asarray(rng.standard_normal(kwargs["u"].shape), jnp.float32)
-    g_last = jnp.asarray(rng.standard_normal(kwargs["initial_state"].shape), jnp.float32)
-
-    def loss_tpu(diff):
-        out, last = tpu_scan({**kwargs, **diff}, tile)
-        return jnp.sum(out * g_out) + jnp.sum(last * g_last)
-
-    def loss_reference(diff):
-        out, last = selective_scan_fn(**{**kwargs, **diff}, return_last_state=True, impl="reference")
-        return jnp.sum(out * g_out) + jnp.sum(last * g_last)
-
-    diff = {name: kwargs[name] for name in names}
-    want, got = jax.jit(jax.grad(loss_reference))(diff), jax.jit(jax.grad(loss_tpu))(diff)
-    for name in names:
-        assert got[name].shape == kwargs[name].shape and got[name].dtype == kwargs[name].dtype, name
-        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), **GRAD_TOL, err_msg=name)
-
-
-def test_tpu_backward_saves_only_tile_boundary_states():
-    batch, dim, dstate, seqlen, tile = 1, 128, 8, 96, 16
-    kwargs = to_jax(make_inputs(17, batch, dim, dstate, seqlen, initial_state=True))
-    _, vjp = jax.vjp(lambda u: tpu_scan({**kwargs, "u": u}, tile)[0], kwargs["u"])
-    sizes = sorted(leaf.size for leaf in jax.tree_util.tree_leaves(vjp) if hasattr(leaf, "size"))
-    assert batch * (seqlen // tile) * dim * dstate in sizes, sizes
-    assert max(sizes) < batch * seqlen * dim * dstate, sizes
 
 
 def test_tpu_kernel_names_unsupported_widths():
