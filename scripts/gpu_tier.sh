@@ -107,7 +107,9 @@ install_kernels >"$RESULTS/install_kernels.log" 2>&1 &
 KERNELS_PID=$!
 
 # ---- 1. JAX alone: the Pallas kernels compiled for this GPU ------------------------------------------------
-step tests_pallas_on_gpu 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_pallas_scan.py tests/test_golden.py
+# (the TPU kernels' interpreter tests and the CPU-only shard_map subprocesses are tier 1's, not run here)
+step tests_pallas_on_gpu 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_pallas_scan.py tests/test_golden.py \
+  -k "not mosaic_tpu and not pallas_tpu and not shard_map"
 
 # ---- kernels ready? ---------------------------------------------------------------------------------------
 t0=$SECONDS
