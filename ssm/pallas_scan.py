@@ -57,7 +57,8 @@ class _Config:
                  kernel, bc_rows=False):
         self.length, self.tile, self.block_dim, self.groups = length, tile, block_dim, groups
         self.num_warps, self.kernel, self.bc_rows = num_warps, kernel, bc_rows
-        self.has_D, self.has_z, self.has_bias, self.softplus, self.interpret = has_D, has_z, has_bias, softplus, interpret
+        self.has_D, self.has_z, self.has_bias = has_D, has_z, has_bias
+        self.softplus, self.interpret = softplus, interpret
         self.n_tiles = -(-length // tile)
         self.padded = self.n_tiles * tile
 
@@ -363,7 +364,8 @@ def _vary_alike(*arrays):
     so that the kernels' outputs have one well-defined variance; the cotangent of that cast is a psum, which
     sums the per-shard partial gradients of the inputs that were not varying (A, D over the batch axes)."""
     varying = set().union(*(jax.typeof(x).manual_axis_type.varying for x in arrays if x is not None))
-    return [None if x is None else lax.pcast(x, tuple(sorted(varying - jax.typeof(x).manual_axis_type.varying)), to="varying")
+    return [None if x is None else
+            lax.pcast(x, tuple(sorted(varying - jax.typeof(x).manual_axis_type.varying)), to="varying")
             for x in arrays]
 
 

@@ -55,5 +55,5 @@ def test_cli_checks(capsys):
     with pytest.raises(SystemExit):
         gpu_scan.main(["--out", "x", "--variants", "64:32:1:cols"])
     if jax.default_backend() == "cpu":
-        with pytest.raises(SystemExit, match="backend: expected a GPU"):
+        with pytest.raises(SystemExit, match="backend: expected a GPU or TPU .* got 'cpu'"):
             gpu_scan.main(["--out", "x"])

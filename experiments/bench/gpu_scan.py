@@ -1,4 +1,4 @@
-"""GPU benchmark of the selective scan at Falcon Mamba 7B layer shapes (dim 8192, dstate 16, bf16 inputs).
+"""GPU (or TPU) benchmark of the selective scan at Falcon Mamba 7B layer shapes (dim 8192, dstate 16, bf16 inputs).
 
     python -m experiments.bench.gpu_scan --out DIR [--lengths 2048 4096 8192 16384] [--batches 1 2 4 8]
                                          [--variants TILE:BLOCK_DIM:NUM_WARPS[:rows] ...]
@@ -12,7 +12,8 @@ each time over the floor and over mamba_ssm's, and writes DIR/gpu_scan.json.
 --variants sweeps the Pallas kernel's tuning knobs (ssm.pallas_scan.selective_scan_pallas: sequence tile,
 channels per program, warps per program, and ":rows" for B and C laid out (seqlen, n)) at the first batch and
 length, timing the kernel call alone on channels-last inputs (no layout transposes), forward and
-forward+backward.
+forward+backward. On a TPU the same command times the Mosaic kernels (only TILE matters there; mamba_ssm is
+absent).
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ def main(argv=None):
                 or parts[3:] not in ([], ["rows"]):
             parser.error(f"--variants: expected TILE:BLOCK_DIM:NUM_WARPS positive integers, optionally :rows, "
                          f"got {variant!r}")
-    if jax.default_backend() != "gpu":
-        raise SystemExit(f"backend: expected a GPU (this benchmark times kernels at 7B shapes), got "
+    if jax.default_backend() not in ("gpu", "tpu"):
+        raise SystemExit(f"backend: expected a GPU or TPU (this benchmark times kernels at 7B shapes), got "
                          f"{jax.default_backend()!r}")
     bandwidth = copy_bandwidth()
     with_mamba = mamba_available()
