@@ -9,9 +9,8 @@ Golden sets (each folder has a provenance.json saying how, where and when it was
 
 Cases: the selective scan (fp32 and bf16 inputs; variable and grouped B/C; D, z, delta_bias, softplus; out and
 last_state, and where recorded (cuda) the gradients of every input) through selective_scan_fn with every impl,
-and through the TPU kernel where its shape limit allows;
-selective_state_update; causal_conv1d_fn and causal_conv1d_update. Tolerances are mamba_ssm's / causal_conv1d's
-own test tolerances (REFERENCE.md).
+and through the TPU kernel where its shape limit allows; selective_state_update; causal_conv1d_fn and
+causal_conv1d_update. Tolerances are mamba_ssm's / causal_conv1d's own test tolerances (REFERENCE.md).
 """
 
 from __future__ import annotations
