@@ -17,7 +17,8 @@
 #   1. the Pallas kernels compiled for the GPU vs the float64 oracle (tests/test_pallas_scan.py, test_golden.py);
 #   2. the live tier (tests/test_gpu_live.py, pytest -m gpu) against mamba_ssm / causal_conv1d / transformers;
 #   3. CUDA goldens recorded into tests/golden/cuda/ (copied to RESULTS_DIR/golden_cuda/) and checked;
-#   4. experiments/bench/gpu_scan.py (7B layer shapes, ratios against mamba_ssm, Pallas tuning sweep);
+#   4. experiments/bench/gpu_scan.py (7B layer shapes, ratios against mamba_ssm, Pallas tuning sweep) and
+#      experiments/bench/gpu_layer.py (a whole 7B-shaped mixer layer against transformers + mamba_ssm);
 #   5. training step benchmarks (issue 5) and 7B long-context, as far as the time allows.
 # GPU_TIER_SECONDS (default 3600) is the whole run's budget: each step's timeout is cut to what is left, a step
 # that cannot start with 20 s left is skipped, and the results are packed before the budget ends. Every step
@@ -129,6 +130,9 @@ step tests_golden_cuda 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_
 step bench_gpu_scan 180 "$PYTHON" -m experiments.bench.gpu_scan --out "$RESULTS" --lengths ${SCAN_LENGTHS:-2048 8192} \
   --batches ${SCAN_BATCHES:-1 4} --variants 64:32:1 64:32:1:rows 32:32:1:rows 128:32:1:rows 64:64:2:rows 64:128:4:rows 64:16:1
 
+step bench_gpu_layer 150 "$PYTHON" -m experiments.bench.gpu_layer falcon_mamba_7b --lengths 2048 8192 --batches 1 4 \
+  --out "$RESULTS"
+
 # ---- 5. training steps (issue 5), long context (issue 4) ---------------------------------------------------
 # H100/H200 dense bf16 peak: 989 TFLOP/s. The 8-layer 7B-shaped Falcon Mamba, also in PyTorch with mamba_ssm's
 # kernels (goal: JAX within 1.5x).
@@ -146,6 +150,7 @@ step bench_long_context_7b 1200 "$PYTHON" -m experiments.bench.long_context --ma
 for log in tests_pallas_on_gpu tests_gpu_live tests_golden_cuda; do
   echo "-- $log: $(grep -E "passed|failed|error" "$RESULTS/$log.log" 2>/dev/null | tail -1)"; done
 sed -n '/^copy bandwidth/,$p' "$RESULTS/bench_gpu_scan.log" 2>/dev/null
+sed -n '/^ *impl batch/,$p' "$RESULTS/bench_gpu_layer.log" 2>/dev/null
 echo "failed steps: $failed; $((SECONDS - START))s" | tee "$RESULTS/summary.txt"
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_tier.tar.gz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"; fi
 exit $failed

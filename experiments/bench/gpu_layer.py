@@ -1,0 +1,142 @@
+"""One Falcon Mamba mixer layer (in_proj, causal conv, x_proj, the dt/B/C norms, dt_proj, selective scan, gate,
+out_proj) in JAX beside transformers' FalconMambaMixer, same weights, same run: forward and forward+backward.
+
+    python -m experiments.bench.gpu_layer falcon_mamba_7b [--lengths 2048 8192] [--batches 1 4]
+                                          [--impls chunked pallas] [--out DIR]
+
+On a GPU with mamba_ssm and causal_conv1d installed, transformers' mixer takes its kernel path (mamba_inner_fn:
+the fused CUDA conv + scan); without them (or on CPU) it runs its PyTorch path, which the smoke test uses. Both
+sides hold bf16 weights and compute in bf16 with the fp32 scan state (model.param_dtype / compute_dtype
+bfloat16 on our side, module.to(bfloat16) on theirs). The layer is the preset's with num_hidden_layers=1, saved
+by transformers and loaded by ssm.from_pretrained, so before timing the script checks that both layers compute
+the same function (max |difference| relative to max |output|, printed). Prints per shape each side's
+milliseconds and the ratio torch / JAX (above 1: JAX faster); --out writes DIR/gpu_layer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs import load_model_config
+from configs.hf import model_config_to_hf
+from experiments.timing import time_call, versions
+
+
+def build_theirs(preset: str, overrides: list[str], path: str):
+    """transformers' one-layer ``preset`` model saved to ``path``; returns its bf16 mixer and the torch device."""
+    import torch
+    import transformers
+
+    config = load_model_config(preset, [*overrides, "num_hidden_layers=1"])
+    hf_config = transformers.AutoConfig.for_model(**model_config_to_hf(config))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    model.save_pretrained(path, safe_serialization=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.backbone.layers[0].mixer.to(device=device, dtype=torch.bfloat16), device
+
+
+def load_ours(path: str, impl: str):
+    """Our bf16 mixer from the same safetensors, scanning with ``impl``."""
+    import ssm
+
+    return ssm.from_pretrained(path, compute_dtype="bfloat16", param_dtype="bfloat16", scan_impl=impl).layers[0].mixer
+
+
+def jax_layer(mixer, backward: bool):
+    graphdef, params = nnx.split(mixer)
+
+    def forward(params, x):
+        return nnx.merge(graphdef, params)(x)[0]
+
+    if not backward:
+        return jax.jit(forward), params
+    return jax.jit(jax.grad(lambda p, x: jnp.sum(forward(p, x).astype(jnp.float32)), argnums=(0, 1))), params
+
+
+def torch_layer(mixer, backward: bool):
+    import torch
+
+    def run(x):
+        if backward:
+            mixer.zero_grad(set_to_none=True)
+            x = x.detach().requires_grad_()
+            mixer(x).float().sum().backward()
+        else:
+            with torch.no_grad():
+                mixer(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    return run
+
+
+def bench(preset: str, overrides: list[str], lengths, batches, impls, repeats: int) -> list[dict]:
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as path:
+        theirs, device = build_theirs(preset, overrides, path)
+        mixers = {impl: load_ours(path, impl) for impl in impls}
+    for impl, ours in mixers.items():
+        hidden = ours.config.hidden_size
+        for batch in batches:
+            for length in lengths:
+                x = np.random.default_rng(batch * length).standard_normal((batch, length, hidden), np.float32)
+                x_jax = jnp.asarray(x, jnp.bfloat16)
+                x_torch = torch.tensor(x, device=device).to(torch.bfloat16)
+                forward, params = jax_layer(ours, False)
+                got = np.asarray(forward(params, x_jax).astype(jnp.float32))
+                with torch.no_grad():
+                    want = theirs(x_torch).float().cpu().numpy()
+                row = dict(impl=impl, batch=batch, length=length, device=device,
+                           max_abs_diff_over_max_abs=float(np.max(np.abs(got - want)) / np.max(np.abs(want))))
+                for backward in (False, True):
+                    name = "fwd+bwd" if backward else "fwd"
+                    fn, params = jax_layer(ours, backward)
+                    row[f"jax_{name}_ms"] = 1e3 * time_call(fn, params, x_jax, repeats=repeats)
+                    row[f"torch_{name}_ms"] = 1e3 * time_call(torch_layer(theirs, backward), x_torch,
+                                                              repeats=repeats)
+                    row[f"torch_over_jax_{name}"] = row[f"torch_{name}_ms"] / row[f"jax_{name}_ms"]
+                rows.append(row)
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset")
+    parser.add_argument("overrides", nargs="*", help="model config overrides, key=value (hidden_size=64)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--impls", nargs="+", default=["chunked", "pallas"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    rows = bench(args.preset, args.overrides, args.lengths, args.batches, args.impls, args.repeats)
+    print(f"\n{'impl':>8} {'batch':>5} {'len':>6} {'jax fwd ms':>11} {'torch fwd ms':>13} {'ratio':>6} "
+          f"{'jax f+b ms':>11} {'torch f+b ms':>13} {'ratio':>6} {'rel diff':>9}")
+    for r in rows:
+        print(f"{r['impl']:>8} {r['batch']:>5} {r['length']:>6} {r['jax_fwd_ms']:11.3f} {r['torch_fwd_ms']:13.3f} "
+              f"{r['torch_over_jax_fwd']:6.2f} {r['jax_fwd+bwd_ms']:11.3f} {r['torch_fwd+bwd_ms']:13.3f} "
+              f"{r['torch_over_jax_fwd+bwd']:6.2f} {r['max_abs_diff_over_max_abs']:9.2e}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = dict(preset=args.preset, overrides=args.overrides, versions=versions(), rows=rows,
+                      date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
+        (args.out / "gpu_layer.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out / 'gpu_layer.json'}")
+
+
+if __name__ == "__main__":
+    main()

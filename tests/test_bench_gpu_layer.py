@@ -1,0 +1,21 @@
+"""experiments/bench/gpu_layer.py runs end to end on CPU at toy size (transformers' PyTorch path; timings not
+asserted): both sides hold the same weights and compute the same layer (bf16 agreement), the row is complete."""
+
+from __future__ import annotations
+
+import json
+
+from experiments.bench import gpu_layer
+
+
+def test_layer_rows_agree_and_are_complete(tmp_path, capsys):
+    gpu_layer.main(["tiny_falcon_mamba", "--lengths", "24", "--batches", "2", "--impls", "chunked", "--repeats", "1",
+                    "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "gpu_layer.json").read_text())["rows"]
+    assert [(r["impl"], r["batch"], r["length"]) for r in rows] == [("chunked", 2, 24)]
+    row = rows[0]
+    assert row["max_abs_diff_over_max_abs"] < 1e-2  # bf16 weights and activations on both sides
+    for name in ("fwd", "fwd+bwd"):
+        assert row[f"jax_{name}_ms"] > 0 and row[f"torch_{name}_ms"] > 0
+        assert row[f"torch_over_jax_{name}"] == row[f"torch_{name}_ms"] / row[f"jax_{name}_ms"]
+    assert "torch f+b ms" in capsys.readouterr().out
