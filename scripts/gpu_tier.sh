@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tier in one command, on a CUDA machine without network (e.g. the device tool's nvidia-h200):
 #
-#     GPU_TIER_SECONDS=570 scripts/gpu_tier.sh [RESULTS_DIR]
+#     GPU_TIER_SECONDS=578 bash scripts/gpu_tier.sh [RESULTS_DIR]     # docs/GPU.md: the device call
 #
 # Brought along (all git-ignored): vendor/gpu_sdists/ (scripts/fetch_gpu_sdists.sh: mamba_ssm-2.3.2.post1 and
 # causal_conv1d-1.7.0 sdists), optionally vendor/gpu_prebuilt/sm_XX/ (scripts/prebuild_gpu_kernels.sh: their CUDA
@@ -10,10 +10,10 @@
 # with --no-deps into /tmp/site ahead of the image's packages. RESULTS_DIR defaults to results/gpu;
 # where $OUT is set (the device tool), RESULTS_DIR is packed into $OUT/gpu_tier.tar.gz at the end.
 #
-# The kernels are installed in the background while the JAX-only steps run: with prebuilt objects, only the two
-# C++ binding files are compiled here (torch.utils.cpp_extension, against this machine's torch) and linked with
-# them; without them, or when that fails, both sdists are built from source for this GPU only (their setup.py
-# -gencode lists are rewritten to the one nvidia-smi reports). Then, in order of what matters most:
+# The kernels are installed in the background while the JAX-only steps run: an extension with prebuilt objects
+# has only its C++ binding compiled here (torch.utils.cpp_extension, against this machine's torch) and linked
+# with them; one without them, or whose link fails, is built from its sdist for this GPU only (the setup.py
+# -gencode list rewritten to the one nvidia-smi reports). Then, in order of what matters most:
 #   1. the Pallas kernels compiled for the GPU vs the float64 oracle (tests/test_pallas_scan.py, test_golden.py);
 #   2. the live tier (tests/test_gpu_live.py, pytest -m gpu) against mamba_ssm / causal_conv1d / transformers;
 #   3. CUDA goldens recorded into tests/golden/cuda/ (copied to RESULTS_DIR/golden_cuda/) and checked;
@@ -43,7 +43,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: runs COMMAND with a timeout, log
   [ "$limit" -gt "$remaining" ] && limit=$remaining
   echo "== $name (limit ${limit}s): $*"
   if timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1; then echo "   ok ($((SECONDS - t0))s)"
-  else echo "   FAILED ($((SECONDS - t0))s, see $name.log)"; tail -15 "$RESULTS/$name.log"; failed=$((failed + 1)); fi
+  else echo "   FAILED ($((SECONDS - t0))s, see $name.log)"; tail -15 "$RESULTS/$name.log"; echo; failed=$((failed + 1)); fi
 }
 
 CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' ')
