@@ -145,7 +145,7 @@ def _forward_kernel(cfg, *refs):
 def forward(cfg, u, delta, A_t, B, C, h0, D, z, bias):
     """Padded channels-last u, delta, z (b, Lp, d); A_t (n, d); B, C (b, g, Lp, n); h0 (b, n, d) fp32; D, bias
     (1, d). Returns out (b, Lp, d) in u's dtype, last (b, n, d) and the tile-boundary states (b, nt, n, 1, d)."""
-    batch, padded, dim = u.shape
+    batch, _, dim = u.shape
     dstate = A_t.shape[0]
     s = _specs(cfg, dim, dstate, reverse=False)
     optional = [(x, spec) for x, spec in ((D, s["chan"]), (z, s["rows"]), (bias, s["chan"])) if x is not None]
