@@ -50,7 +50,7 @@ def torch_bench(preset: str, overrides: list[str], steps: int, bf16: bool) -> di
         loss = step()
         if device == "cuda":
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
     seconds = time_call(synced, repeats=steps)  # median after one warm-up step (kernel selection, allocator)
     tokens = shape[0] * shape[1]
