@@ -144,8 +144,14 @@ def prepare(run: RunConfig, mesh: Mesh | None = None) -> Setup:
 def jit_train_step(setup: Setup, run: RunConfig, donate: bool = True):
     """The jitted train step of ``run`` on ``setup``'s mesh: state and batch in their shardings, metrics
     replicated; ``donate`` lets XLA reuse the input state's buffers for the output state."""
-    step = make_train_step(setup.graphdef, setup.structure, setup.tx, learning_rate_schedule(run.optim, run.steps),
-                           run.remat)
+    train_step = make_train_step(setup.graphdef, setup.structure, setup.tx,
+                                 learning_rate_schedule(run.optim, run.steps), run.remat)
+    mesh = setup.mesh if isinstance(setup.mesh, jax.sharding.AbstractMesh) else setup.mesh.abstract_mesh
+
+    def step(state, batch):  # traced under the mesh: impl="pallas" wraps its kernels in shard_map (ssm.scan)
+        with jax.sharding.use_abstract_mesh(mesh):
+            return train_step(state, batch)
+
     return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
                    out_shardings=(setup.state_shardings, NamedSharding(setup.mesh, PartitionSpec())),
                    donate_argnums=0 if donate else ())

@@ -47,6 +47,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, PartitionSpec as P
 
 from ssm.pallas_scan import selective_scan_pallas
 
@@ -228,6 +229,52 @@ def _scan_chunked(dt, du, B, C, A, h0, chunk_size):
     return y.reshape((-1,) + y.shape[2:])[:length], h_last
 
 
+BATCH_MESH_AXES, CHANNEL_MESH_AXES = ("data", "fsdp"), ("tensor",)  # DEFAULT_SHARDING_RULES' batch, d_inner
+
+
+def _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, tile):
+    """The Pallas kernels, inside jax.shard_map when traced under a mesh (jax.sharding.use_abstract_mesh, as the
+    trainer's step is) whose data/fsdp axes split the batch and tensor axis the channels: a kernel is one XLA
+    custom call, which the SPMD partitioner would otherwise run whole on every device (all-gathering its
+    inputs). Each device scans its own (batch rows, channels) block; B and C (one group per channel block, or
+    shared) follow. Without such a mesh (or with Explicit axes, whose shardings the arrays carry themselves), or
+    where a dimension does not divide, the call is left as it is."""
+    def scan(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        return selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state=initial_state,
+                                     tile=tile)
+
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return scan(*args)
+    batch_axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape.get(a, 1) > 1)
+    chan_axes = tuple(a for a in CHANNEL_MESH_AXES if mesh.shape.get(a, 1) > 1)
+    n_batch = math.prod(mesh.shape[a] for a in batch_axes)
+    n_chan = math.prod(mesh.shape[a] for a in chan_axes)
+    groups = B.shape[2]
+    auto = all(t == AxisType.Auto for a, t in zip(mesh.axis_names, mesh.axis_types) if a in batch_axes + chan_axes)
+    if not (batch_axes or chan_axes) or not auto or u.shape[0] % n_batch or u.shape[2] % n_chan \
+            or (groups > 1 and groups % n_chan):
+        return scan(*args)
+    bt, ch = batch_axes or None, chan_axes or None
+    row = P(bt, None, ch)
+    bc = P(bt, None, ch if groups > 1 else None, None)
+    specs = (row, row, P(ch, None), bc, bc, P(ch), row, P(ch), P(bt, ch, None))
+    present = [i for i, x in enumerate(args) if x is not None]
+
+    def local(*xs):  # the absent optional inputs stay None inside
+        full = [None] * len(args)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return scan(*full)
+
+    # check_vma off: JAX's Pallas interpreter (the CPU path) fails vma checking inside shard_map; the gradients
+    # of inputs replicated over a mesh axis (A, D, delta_bias over the batch axes) are summed by shard_map's
+    # transpose all the same.
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs[i] for i in present),
+                         out_specs=(row, P(bt, ch, None)), check_vma=False)(*(args[i] for i in present))
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
                    initial_state=None, impl="auto", chunk_size=None):
     """Channels-last selective scan: u, delta, z (b, l, d); B, C (b, l, g, n); A (d, n); D, delta_bias (d,).
@@ -237,8 +284,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     impl = resolve_impl(impl)
     if impl == "pallas":
-        return selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                     initial_state=initial_state, tile=chunk_size)
+        return _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
     batch, length, dim = u.shape
     groups, dstate = B.shape[2], B.shape[3]
     per_group = dim // groups

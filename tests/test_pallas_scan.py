@@ -306,6 +306,50 @@ def test_runs_under_shard_map_on_two_devices(kernel):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 
+MESH_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from ssm.scan import selective_scan
+    from tests.test_scan import FWD_TOL, GRAD_TOL, make_inputs, to_jax
+
+    assert jax.device_count() == 8, jax.devices()
+    k = to_jax(make_inputs(8, 4, 64, 4, 40, bc="g1", initial_state=True))
+    u, delta, z = (jnp.swapaxes(k[n], 1, 2) for n in ("u", "delta", "z"))
+    B, C = (jnp.moveaxis(k[n], 3, 1) for n in ("B", "C"))
+    args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], k["initial_state"])
+
+    def loss(args):
+        u, delta, A, B, C, D, z, bias, h0 = args
+        out, last = selective_scan(u, delta, A, B, C, D, z, bias, True, initial_state=h0, impl="pallas",
+                                   chunk_size=16)
+        return jnp.sum(out * out) + jnp.sum(last), out
+
+    grad = jax.jit(jax.grad(loss, has_aux=True))
+    assert "shard_map" not in str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(args))
+    want_grads, want_out = grad(args)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert "shard_map" in str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(args))
+        got_grads, got_out = grad(jax.device_put(args, NamedSharding(mesh, P())))
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
+    for got, want in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **GRAD_TOL)
+    print("ok")
+""")
+
+
+def test_selective_scan_shards_the_kernels_under_a_mesh():
+    """impl="pallas" traced under a (data 2, fsdp 2, tensor 2) mesh, as the trainer traces its step: the kernels
+    run inside shard_map (batch on data x fsdp, channels on tensor), and out and every gradient equal the
+    unsharded call's; without a mesh no shard_map."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
 def test_tpu_kernel_names_unsupported_widths():
     kwargs = to_jax(make_inputs(18, 1, 64, 4, 10, bc="g2"))
     with pytest.raises(ValueError, match=r"dim: the TPU Pallas kernel needs dim // groups a multiple of 128 .*got "

@@ -56,6 +56,19 @@ def test_one_device_equals_8_device_mesh_and_restores_onto_another_device_count(
     assert yaml.safe_load((moved / "config.yaml").read_text())["mesh"]["data"] == -1
 
 
+def test_pallas_scan_on_a_mesh_equals_chunked_on_one_device(tmp_path, cache_dir):
+    """model.scan_impl=pallas trained on a 2x2x2 mesh (the step traced under the mesh, so the kernels run in
+    shard_map: ssm.scan) gives the losses of the chunked scan on one device."""
+    common = ["steps=4", "seed=3", "optim.learning_rate=0.01", "optim.warmup_steps=2", "data.task=bytes"]
+    run_train("tiny_falcon_mamba", tmp_path / "chunked", *common, "model.scan_impl=chunked", devices=1,
+              cache_dir=cache_dir)
+    run_train("tiny_falcon_mamba", tmp_path / "pallas", *common, "model.scan_impl=pallas", "mesh.data=2",
+              "mesh.fsdp=2", "mesh.tensor=2", devices=8, cache_dir=cache_dir)
+    chunked, pallas = losses(tmp_path / "chunked"), losses(tmp_path / "pallas")
+    assert len(chunked) == len(pallas) == 4
+    np.testing.assert_allclose(pallas, chunked, rtol=0, atol=LOSS_ATOL)
+
+
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path, cache_dir):
     preset, common = "tiny_falcon_mamba", ["steps=60", "checkpoint_every=10", "keep_checkpoints=2"]
     run_train(preset, tmp_path / "straight", *common, cache_dir=cache_dir)
