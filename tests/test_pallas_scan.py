@@ -249,7 +249,7 @@ SHARD_SCRIPT = textwrap.dedent("""
     # check_vma=True bookkeeping is traced (not run) below with make_jaxpr. The TPU interpreter runs with it.
     check_vma = kernel == "mosaic_tpu"
     dim = 256 if kernel == "mosaic_tpu" else 8  # two 128-lane blocks, split on "tensor"
-    k = to_jax(make_inputs(8, 2, dim, 4, 40, bc="g1", initial_state=True))
+    k = to_jax(make_inputs(8, 2, dim, 4, 24, bc="g1", initial_state=True))  # 2 tiles of 16
     # channels-last inputs as the models pass them
     u, delta, z = (jnp.swapaxes(k[n], 1, 2) for n in ("u", "delta", "z"))
     B, C = (jnp.moveaxis(k[n], 3, 1) for n in ("B", "C"))
