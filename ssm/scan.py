@@ -49,6 +49,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, PartitionSpec as P
 
+from configs.schema import DEFAULT_SHARDING_RULES
+from runtime.partitioning import split_over
 from ssm.pallas_scan import selective_scan_pallas
 
 IMPLS = ("auto", "reference", "sequential", "chunked", "pallas")
@@ -229,9 +231,6 @@ def _scan_chunked(dt, du, B, C, A, h0, chunk_size):
     return y.reshape((-1,) + y.shape[2:])[:length], h_last
 
 
-BATCH_MESH_AXES, CHANNEL_MESH_AXES = ("data", "fsdp"), ("tensor",)  # DEFAULT_SHARDING_RULES' batch, d_inner
-
-
 def _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, tile):
     """The Pallas kernels, inside jax.shard_map when traced under a mesh (jax.sharding.use_abstract_mesh, as the
     trainer's step is) whose data/fsdp axes split the batch and tensor axis the channels: a kernel is one XLA
@@ -247,10 +246,9 @@ def _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return scan(*args)
-    batch_axes = tuple(a for a in BATCH_MESH_AXES if mesh.shape.get(a, 1) > 1)
-    chan_axes = tuple(a for a in CHANNEL_MESH_AXES if mesh.shape.get(a, 1) > 1)
-    n_batch = math.prod(mesh.shape[a] for a in batch_axes)
-    n_chan = math.prod(mesh.shape[a] for a in chan_axes)
+    # the mesh axes the default rules give the batch and the channels (d_inner) that exist here and split
+    batch_axes, n_batch, _ = split_over(mesh, [a for a in DEFAULT_SHARDING_RULES["batch"] if a in mesh.shape])
+    chan_axes, n_chan, _ = split_over(mesh, [a for a in DEFAULT_SHARDING_RULES["d_inner"] if a in mesh.shape])
     groups = B.shape[2]
     auto = all(t == AxisType.Auto for a, t in zip(mesh.axis_names, mesh.axis_types) if a in batch_axes + chan_axes)
     if not (batch_axes or chan_axes) or not auto or u.shape[0] % n_batch or u.shape[2] % n_chan \
