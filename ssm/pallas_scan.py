@@ -132,6 +132,13 @@ def _step_inputs(cfg, t, delta_ref, bias_ref, A_ref, B_ref):
     return pre, dt, decay, _column(cfg, B_ref, t)
 
 
+def _optional_inputs(specs, D, z, bias):
+    """The optional inputs present (in the kernels' order D, z, delta_bias) and their block specs."""
+    present = [(x, spec) for x, spec in ((D, specs["chan"]), (z, specs["rows"]), (bias, specs["chan"]))
+               if x is not None]
+    return [x for x, _ in present], [spec for _, spec in present]
+
+
 def _optional(refs, flags):
     """Splits a flat ref list into one entry per flag: the next ref where the flag is set, else None."""
     refs = list(refs)
@@ -173,18 +180,18 @@ def _forward(cfg: _Config, u, delta, A_t, B, C, h0, D, z, bias):
     batch, _, dim = u.shape
     dstate = A_t.shape[0]
     s = _specs(cfg, dim, dstate)
-    optional = [(x, spec) for x, spec in ((D, s["chan"]), (z, s["rows"]), (bias, s["chan"])) if x is not None]
+    opt_args, opt_specs = _optional_inputs(s, D, z, bias)
     return pl.pallas_call(
         functools.partial(_forward_kernel, cfg),
         grid=(batch, dim // cfg.block_dim),
-        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["state"]] + [sp for _, sp in optional],
+        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["state"]] + opt_specs,
         out_specs=[s["rows"], s["state"], s["ckpt"]],
         out_shape=[_out(u.shape, u.dtype, u), _out((batch, dstate, dim), _F32, u),
                    _out((batch, cfg.n_tiles, dstate, dim), _F32, u)],
         interpret=cfg.interpret,
         compiler_params=cfg.compiler_params(),
         name="selective_scan_fwd",
-    )(u, delta, A_t, B, C, h0, *[x for x, _ in optional])
+    )(u, delta, A_t, B, C, h0, *opt_args)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,7 +266,7 @@ def _backward(cfg: _Config, res, dout, dlast):
     dstate = A_t.shape[0]
     n_blocks = dim // cfg.block_dim
     s = _specs(cfg, dim, dstate)
-    optional = [(x, spec) for x, spec in ((D, s["chan"]), (z, s["rows"]), (bias, s["chan"])) if x is not None]
+    opt_args, opt_specs = _optional_inputs(s, D, z, bias)
     rows = _out((batch, padded, dim), _F32, u)
     partial_cols = _out((batch, n_blocks) + _bc_block(cfg, dstate), _F32, u)
     state = _out((batch, dstate, dim), _F32, u)
@@ -269,14 +276,14 @@ def _backward(cfg: _Config, res, dout, dlast):
         functools.partial(_backward_kernel, cfg),
         grid=(batch, n_blocks),
         in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["ckpt"], s["rows"], s["state"]]
-        + [sp for _, sp in optional],
+        + opt_specs,
         out_specs=[s["rows"], s["rows"], s["rows"], s["state"], s["partial_cols"], s["partial_cols"],
                    s["partial_chan"], s["partial_chan"], s["state"], s["work"]],
         out_shape=[rows, rows, rows, state, partial_cols, partial_cols, partial_chan, partial_chan, state, work],
         interpret=cfg.interpret,
         compiler_params=cfg.compiler_params(),
         name="selective_scan_bwd",
-    )(u, delta, A_t, B, C, ckpt, dout, dlast, *[x for x, _ in optional])
+    )(u, delta, A_t, B, C, ckpt, dout, dlast, *opt_args)
     du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, _ = grads
 
     return (du.astype(u.dtype), ddelta.astype(delta.dtype), dA.sum(0).astype(A_t.dtype),

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ssm.pallas_scan import _F32, _optional, _out, _softplus, sum_per_group
+from ssm.pallas_scan import _F32, _optional, _optional_inputs, _out, _softplus, sum_per_group
 
 LANES = 128
 
@@ -148,19 +148,19 @@ def forward(cfg, u, delta, A_t, B, C, h0, D, z, bias):
     batch, _, dim = u.shape
     dstate = A_t.shape[0]
     s = _specs(cfg, dim, dstate, reverse=False)
-    optional = [(x, spec) for x, spec in ((D, s["chan"]), (z, s["rows"]), (bias, s["chan"])) if x is not None]
+    opt_args, opt_specs = _optional_inputs(s, D, z, bias)
     slab = pltpu.VMEM((dstate, cfg.tile, _lanes(dim)), _F32)
     out, last, ckpt = pl.pallas_call(
         functools.partial(_forward_kernel, cfg),
         grid=(batch, dim // _lanes(dim), cfg.n_tiles),
-        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["state"]] + [sp for _, sp in optional],
+        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["state"]] + opt_specs,
         out_specs=[s["rows"], s["state"], s["ckpt"]],
         out_shape=[_out(u.shape, u.dtype, u), _out((batch, dstate, 1, dim), _F32, u),
                    _out((batch, cfg.n_tiles, dstate, 1, dim), _F32, u)],
         scratch_shapes=[pltpu.VMEM((dstate, 1, _lanes(dim)), _F32), slab, slab, slab],
         name="selective_scan_fwd_tpu",
         **_params(cfg),
-    )(u, delta, A_t, B, C, h0[:, :, None, :], *[x for x, _ in optional])
+    )(u, delta, A_t, B, C, h0[:, :, None, :], *opt_args)
     return out, last[:, :, 0, :], ckpt
 
 
@@ -244,7 +244,7 @@ def backward(cfg, res, dout, dlast):
     P = _lanes(dim)
     n_blocks = dim // P
     s = _specs(cfg, dim, dstate, reverse=True)
-    optional = [(x, spec) for x, spec in ((D, s["chan"]), (z, s["rows"]), (bias, s["chan"])) if x is not None]
+    opt_args, opt_specs = _optional_inputs(s, D, z, bias)
     rows = _out((batch, padded, dim), _F32, u)
     state = _out((batch, dstate, 1, dim), _F32, u)
     partial_cols = _out((batch, n_blocks, padded, dstate), _F32, u)
@@ -254,7 +254,7 @@ def backward(cfg, res, dout, dlast):
         functools.partial(_backward_kernel, cfg),
         grid=(batch, n_blocks, cfg.n_tiles),
         in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["ckpt"], s["rows"], s["state"]]
-        + [sp for _, sp in optional],
+        + opt_specs,
         out_specs=[s["rows"], s["rows"], s["rows"], s["state"], s["partial_cols"], s["partial_cols"],
                    s["partial_chan"], s["partial_chan"], s["state"]],
         out_shape=[rows, rows, rows, state, partial_cols, partial_cols, partial_chan, partial_chan, state],
@@ -262,7 +262,7 @@ def backward(cfg, res, dout, dlast):
                         pltpu.VMEM((1, P), _F32), pltpu.VMEM((1, P), _F32), slab, slab, slab, slab, slab],
         name="selective_scan_bwd_tpu",
         **_params(cfg),
-    )(u, delta, A_t, B, C, ckpt, dout, dlast[:, :, None, :], *[x for x, _ in optional])
+    )(u, delta, A_t, B, C, ckpt, dout, dlast[:, :, None, :], *opt_args)
 
     return (du.astype(u.dtype), ddelta.astype(delta.dtype), dA.sum(0)[:, 0, :].astype(A_t.dtype),
             sum_per_group(dB, cfg.groups).astype(B.dtype), sum_per_group(dC, cfg.groups).astype(C.dtype),
