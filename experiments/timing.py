@@ -6,6 +6,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 
 def time_call(fn: Callable, *args, repeats: int = 3, warmup: int = 1) -> float:
@@ -18,6 +19,16 @@ def time_call(fn: Callable, *args, repeats: int = 3, warmup: int = 1) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def format_row(row: dict) -> str:
+    """One benchmark row as ``key=value`` pairs on a line, floats to 4 significant digits."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def random_array(shape, dtype, seed: int = 0) -> jax.Array:
+    """Standard-normal data to time on: constant data (zeros, ones) can run faster than real data does."""
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
 
 
 def versions() -> dict[str, str]:

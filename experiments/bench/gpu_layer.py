@@ -28,7 +28,7 @@ from flax import nnx
 
 from configs import load_model_config
 from configs.hf import model_config_to_hf
-from experiments.timing import time_call, versions
+from experiments.timing import format_row, time_call, versions
 
 
 def build_theirs(preset: str, overrides: list[str], path: str):
@@ -52,15 +52,16 @@ def load_ours(path: str, impl: str):
     return ssm.from_pretrained(path, compute_dtype="bfloat16", param_dtype="bfloat16", scan_impl=impl).layers[0].mixer
 
 
-def jax_layer(mixer, backward: bool):
+def jax_layer(mixer):
+    """(params, jitted forward(params, x), jitted gradient of sum(forward) in params and x): compiled once per
+    input shape, reused for the agreement check and the timings."""
     graphdef, params = nnx.split(mixer)
 
     def forward(params, x):
         return nnx.merge(graphdef, params)(x)[0]
 
-    if not backward:
-        return jax.jit(forward), params
-    return jax.jit(jax.grad(lambda p, x: jnp.sum(forward(p, x).astype(jnp.float32)), argnums=(0, 1))), params
+    grad = jax.grad(lambda p, x: jnp.sum(forward(p, x).astype(jnp.float32)), argnums=(0, 1))
+    return params, jax.jit(forward), jax.jit(grad)
 
 
 def torch_layer(mixer, backward: bool):
@@ -89,27 +90,24 @@ def bench(preset: str, overrides: list[str], lengths, batches, impls, repeats: i
         mixers = {impl: load_ours(path, impl) for impl in impls}
     for impl, ours in mixers.items():
         hidden = ours.config.hidden_size
+        params, forward, grad = jax_layer(ours)
         for batch in batches:
             for length in lengths:
                 x = np.random.default_rng(batch * length).standard_normal((batch, length, hidden), np.float32)
                 x_jax = jnp.asarray(x, jnp.bfloat16)
                 x_torch = torch.tensor(x, device=device).to(torch.bfloat16)
-                forward, params = jax_layer(ours, False)
                 got = np.asarray(forward(params, x_jax).astype(jnp.float32))
                 with torch.no_grad():
                     want = theirs(x_torch).float().cpu().numpy()
                 row = dict(impl=impl, batch=batch, length=length, device=device,
                            max_abs_diff_over_max_abs=float(np.max(np.abs(got - want)) / np.max(np.abs(want))))
-                for backward in (False, True):
-                    name = "fwd+bwd" if backward else "fwd"
-                    fn, params = jax_layer(ours, backward)
+                for name, fn, backward in (("fwd", forward, False), ("fwd+bwd", grad, True)):
                     row[f"jax_{name}_ms"] = 1e3 * time_call(fn, params, x_jax, repeats=repeats)
                     row[f"torch_{name}_ms"] = 1e3 * time_call(torch_layer(theirs, backward), x_torch,
                                                               repeats=repeats)
                     row[f"torch_over_jax_{name}"] = row[f"torch_{name}_ms"] / row[f"jax_{name}_ms"]
                 rows.append(row)
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                      flush=True)
+                print(format_row(row), flush=True)
     return rows
 
 

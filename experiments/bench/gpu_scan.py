@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.timing import time_call, versions
+from experiments.timing import format_row, random_array, time_call, versions
 from ssm.scan import selective_scan_fn
 
 DIM, DSTATE = 8192, 16
@@ -35,7 +35,7 @@ DIM, DSTATE = 8192, 16
 
 def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
     """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    x = random_array((n_bytes // 4,), jnp.float32)
     copy = jax.jit(lambda x: x + 0.0)
     return 2 * n_bytes / time_call(copy, x, repeats=10, warmup=2)
 
@@ -152,8 +152,7 @@ def main(argv=None):
                 except Exception as error:  # noqa: BLE001 - recorded in the results, the sweep goes on
                     row["pallas_kernel_error"] = f"{type(error).__name__}: {error}"[:500]
                 sweep.append(row)
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                      flush=True)
+                print(format_row(row), flush=True)
         del kw
     for batch in args.batches:
         for length in args.lengths:
@@ -169,8 +168,7 @@ def main(argv=None):
                     except Exception as error:  # noqa: BLE001 - recorded in the results, the run goes on
                         row[f"{impl}_error"] = f"{type(error).__name__}: {error}"[:500]
                 rows.append(row)
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                      flush=True)
+                print(format_row(row), flush=True)
             del kw
     names = (["mamba_ssm"] if with_mamba else []) + list(args.impls)
     print(f"\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s; times as ratios (lower is better)")

@@ -18,18 +18,17 @@ import argparse
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import load_config
 from experiments.mesh import put_global_batch
-from experiments.timing import time_call, versions
+from experiments.timing import random_array, time_call, versions
 from experiments.train import jit_train_step, prepare
 
 
 def matmul_tflops(dtype: str, size: int = 4096, repeats: int = 5) -> float:
     """Measured TFLOP/s of a (size x size) @ (size x size) matmul in ``dtype`` on the default device."""
-    a = jnp.ones((size, size), dtype)
+    a = random_array((size, size), dtype)
     seconds = time_call(jax.jit(lambda x: x @ x), a, repeats=repeats)
     return 2 * size ** 3 / seconds / 1e12
 
