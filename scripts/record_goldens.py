@@ -6,8 +6,9 @@
 Writes <out>/<backend>/<case>.npz (inputs as ``in_<name>``, outputs as ``out_<name>``, options as ``opt_<name>``)
 and <out>/<backend>/provenance.json. The cuda backend also records the scan's backward pass: a seeded cotangent
 of ``out`` as ``cot_out`` and mamba_ssm's gradient of sum(out * cot_out) for every input as ``grad_<name>``
-(the float64 oracle has no backward; our gradients are checked against the reference impl there). Inputs come from fixed seeds and are identical for both backends; bf16
-cases store their inputs already rounded to bf16 (as float32), so every implementation sees the same values.
+(the float64 oracle has no backward; our gradients are checked against the reference impl there). Inputs come
+from fixed seeds and are identical for both backends; bf16 cases store their inputs already rounded to bf16 (as
+float32), so every implementation sees the same values.
 """
 
 from __future__ import annotations
@@ -185,24 +186,26 @@ class CudaBackend:
     def _np(self, x):
         return x.float().cpu().numpy()
 
-    def scan(self, inputs, softplus, dtype):
+    def _scan(self, inputs, softplus, dtype, requires_grad):
+        """mamba_ssm's selective_scan_fn on the inputs (u, delta, B, C, z in ``dtype``, the rest fp32):
+        (the input tensors, out, last_state)."""
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-        low = {k: self._t(v, dtype if k in ("u", "delta", "B", "C", "z") else "float32") for k, v in inputs.items()}
-        out, last = selective_scan_fn(low["u"], low["delta"], low["A"], low["B"], low["C"], low.get("D"),
-                                      low.get("z"), low.get("delta_bias"), softplus, True)
+        t = {k: self._t(v, dtype if k in ("u", "delta", "B", "C", "z") else "float32").requires_grad_(requires_grad)
+             for k, v in inputs.items()}
+        out, last = selective_scan_fn(t["u"], t["delta"], t["A"], t["B"], t["C"], t.get("D"), t.get("z"),
+                                      t.get("delta_bias"), softplus, True)
+        return t, out, last
+
+    def scan(self, inputs, softplus, dtype):
+        _, out, last = self._scan(inputs, softplus, dtype, requires_grad=False)
         return dict(out=self._np(out), last_state=self._np(last))
 
     def scan_grads(self, inputs, softplus, dtype, cot):
         """mamba_ssm's backward kernel: d sum(out.float() * cot) / d every input, in each input's dtype."""
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-
-        low = {k: self._t(v, dtype if k in ("u", "delta", "B", "C", "z") else "float32").requires_grad_()
-               for k, v in inputs.items()}
-        out = selective_scan_fn(low["u"], low["delta"], low["A"], low["B"], low["C"], low.get("D"), low.get("z"),
-                                low.get("delta_bias"), softplus, False)
+        t, out, _ = self._scan(inputs, softplus, dtype, requires_grad=True)
         (out.float() * self._t(cot, "float32")).sum().backward()
-        return {k: self._np(v.grad) for k, v in low.items()}
+        return {k: self._np(v.grad) for k, v in t.items()}
 
     def state_update(self, inputs, softplus, dtype):
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
