@@ -72,14 +72,14 @@ link_prebuilt() {  # link_prebuilt SDIST EXT CPP: the sdist's Python package, it
   MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
     "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE" "$src" || return 1
   # shellcheck disable=SC2086
-  "$PYTHON" - "$2" "$src/$3" "$work/build" $objs <<'EOF' || return 1
-import shutil, sys
+  "$PYTHON" - "$2" "$src/$3" "$work/build" "$SITE" $objs <<'EOF' || return 1
+import os, shutil, sys
 from torch.utils.cpp_extension import load
-ext, cpp, build, objs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-import os; os.makedirs(build, exist_ok=True)
+ext, cpp, build, site, objs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+os.makedirs(build, exist_ok=True)
 load(name=ext, sources=[cpp], extra_include_paths=[os.path.dirname(cpp)], extra_cflags=["-O3", "-std=c++17"],
      extra_ldflags=objs, with_cuda=True, build_directory=build, verbose=True)
-shutil.copy(os.path.join(build, ext + ".so"), os.path.join("/tmp/site", ext + ".so"))
+shutil.copy(os.path.join(build, ext + ".so"), os.path.join(site, ext + ".so"))
 EOF
 }
 build_sdist() {  # build_sdist SDIST: unpack, restrict -gencode to sm_ARCH, pip install without network
