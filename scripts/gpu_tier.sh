@@ -128,7 +128,7 @@ step tests_golden_cuda 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_
 
 # ---- 4. scan benchmark at 7B layer shapes ------------------------------------------------------------------
 step bench_gpu_scan 180 "$PYTHON" -m experiments.bench.gpu_scan --out "$RESULTS" --lengths ${SCAN_LENGTHS:-2048 8192} \
-  --batches ${SCAN_BATCHES:-1 4} --variants 64:32:1 64:32:1:rows 32:32:1:rows 128:32:1:rows 64:64:2:rows 64:128:4:rows 64:16:1
+  --batches ${SCAN_BATCHES:-1 4} --sweep
 
 step bench_gpu_layer 150 "$PYTHON" -m experiments.bench.gpu_layer falcon_mamba_7b --lengths 2048 8192 --batches 1 4 \
   --out "$RESULTS"

@@ -10,7 +10,10 @@ channels inside one B/C group). A program walks the sequence in tiles of ``tile`
 ``fori_loop`` over tiles, an inner one over the steps of a tile) and keeps its fp32 state on chip as a
 (dstate, block_dim) value: one step reads a (1, block_dim) row of u, delta, z (channels-last, contiguous) and a
 (dstate, 1) column of B and C ((batch, groups, dstate, seqlen) layout), and the softplus / delta_bias, D skip
-and silu(z) gate are fused in.
+and silu(z) gate are fused in. A, D and delta_bias are read once per program. ``unroll`` groups the steps: a
+group's loads are all issued before its steps run, so that they wait for memory once per group rather than once
+per step (a step's loads never depend on the state, but in a one-step loop they are issued only after the previous
+step's arithmetic); a group costs registers, as experiments/bench/triton_compile.py reports.
 
 Saved for the backward pass: the inputs and the fp32 state at each tile boundary, (batch, n_tiles, dstate,
 dim): O(batch x seqlen/tile x dim x dstate), not the state of every step. The backward kernel walks the tiles
@@ -54,9 +57,9 @@ class _Config:
     """The static shape and option set of one call (hashable, so it can be a custom_vjp nondiff argument)."""
 
     def __init__(self, *, length, tile, block_dim, groups, has_D, has_z, has_bias, softplus, interpret, num_warps,
-                 kernel, bc_rows=False):
+                 kernel, bc_rows=False, unroll=1):
         self.length, self.tile, self.block_dim, self.groups = length, tile, block_dim, groups
-        self.num_warps, self.kernel, self.bc_rows = num_warps, kernel, bc_rows
+        self.num_warps, self.kernel, self.bc_rows, self.unroll = num_warps, kernel, bc_rows, unroll
         self.has_D, self.has_z, self.has_bias = has_D, has_z, has_bias
         self.softplus, self.interpret = softplus, interpret
         self.n_tiles = -(-length // tile)
@@ -122,14 +125,40 @@ def _set_column(cfg, ref, t, value):
         ref[:, pl.ds(t, 1)] = value
 
 
-def _step_inputs(cfg, t, delta_ref, bias_ref, A_ref, B_ref):
-    """dt (1, P) after bias / softplus / padding mask, decay exp(dt A) (n, P), and the B column (n, 1)."""
-    dt = delta_ref[pl.ds(t, 1), :].astype(_F32)
-    pre = dt + bias_ref[...].astype(_F32) if cfg.has_bias else dt
+def _channel_constants(cfg, A_ref, D_ref, bias_ref):
+    """A (n, P), D and delta_bias (1, P) as fp32 values, read once per program: a ref read inside the step loop
+    is a global load (and, for A, a register-layout conversion) on every step."""
+    return (A_ref[...].astype(_F32), D_ref[...].astype(_F32) if cfg.has_D else None,
+            bias_ref[...].astype(_F32) if cfg.has_bias else None)
+
+
+def _row(ref, t):
+    """Step t of a (padded, P) block as a (1, P) fp32 row."""
+    return ref[pl.ds(t, 1), :].astype(_F32)
+
+
+def _step_inputs(cfg, t, delta, bias, A):
+    """From step t's delta row (1, P): dt before and after bias / softplus / padding mask, and the decay exp(dt A)
+    (n, P)."""
+    pre = delta + bias if cfg.has_bias else delta
     dt = _softplus(pre) if cfg.softplus else pre
     dt = jnp.where(t < cfg.length, dt, 0.0)  # padding steps leave the state as it is
-    decay = jnp.exp(dt * A_ref[...].astype(_F32))
-    return pre, dt, decay, _column(cfg, B_ref, t)
+    return pre, dt, jnp.exp(dt * A)
+
+
+def _grouped_steps(cfg, count, step_of, load, body, carry):
+    """A loop over ``count`` sequence steps (the k-th being step_of(k)) in groups of cfg.unroll: each group's loads,
+    load(t), are all issued before its steps, body(t, loaded, carry), run. A step's loads do not depend on the
+    recurrence, but in a one-step loop each waits for the previous step's arithmetic; grouped, a group pays about
+    one memory latency instead of cfg.unroll of them (at the cost of the registers that hold the group's inputs)."""
+    def group(k, carry):
+        steps = [step_of(k * cfg.unroll + i) for i in range(cfg.unroll)]
+        loaded = [load(t) for t in steps]
+        for t, inputs in zip(steps, loaded):
+            carry = body(t, inputs, carry)
+        return carry
+
+    return lax.fori_loop(0, count // cfg.unroll, group, carry)
 
 
 def _optional_inputs(specs, D, z, bias):
@@ -153,23 +182,28 @@ def _forward_kernel(cfg: _Config, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, *rest = refs
     D_ref, z_ref, bias_ref = _optional(rest[:-3], (cfg.has_D, cfg.has_z, cfg.has_bias))
     out_ref, last_ref, ckpt_ref = rest[-3:]
+    A, D, bias = _channel_constants(cfg, A_ref, D_ref, bias_ref)
 
-    def step(t, h):
-        _, dt, decay, B = _step_inputs(cfg, t, delta_ref, bias_ref, A_ref, B_ref)
-        u = u_ref[pl.ds(t, 1), :].astype(_F32)
+    def load(t):
+        return (_row(delta_ref, t), _row(u_ref, t), _column(cfg, B_ref, t), _column(cfg, C_ref, t),
+                _row(z_ref, t) if cfg.has_z else None)
+
+    def step(t, inputs, h):
+        delta, u, B, C, z = inputs
+        _, dt, decay = _step_inputs(cfg, t, delta, bias, A)
         h = decay * h + B * (dt * u)
-        y = jnp.sum(h * _column(cfg, C_ref, t), axis=0, keepdims=True)
+        y = jnp.sum(h * C, axis=0, keepdims=True)
         if cfg.has_D:
-            y = y + D_ref[...].astype(_F32) * u
+            y = y + D * u
         if cfg.has_z:
-            y = y * jax.nn.silu(z_ref[pl.ds(t, 1), :].astype(_F32))
+            y = y * jax.nn.silu(z)
         out_ref[pl.ds(t, 1), :] = y.astype(out_ref.dtype)
         return h
 
     def tile(k, h):
         ckpt_ref[k] = h
         start = k * cfg.tile
-        return lax.fori_loop(start, start + cfg.tile, step, h)
+        return _grouped_steps(cfg, cfg.tile, lambda i: start + i, load, step, h)
 
     last_ref[...] = lax.fori_loop(0, cfg.n_tiles, tile, h0_ref[...].astype(_F32))
 
@@ -202,27 +236,31 @@ def _backward_kernel(cfg: _Config, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, ckpt_ref, dout_ref, dlast_ref, *rest = refs
     D_ref, z_ref, bias_ref = _optional(rest[:-10], (cfg.has_D, cfg.has_z, cfg.has_bias))
     du_ref, ddelta_ref, dz_ref, dA_ref, dB_ref, dC_ref, dD_ref, dbias_ref, dh0_ref, work_ref = rest[-10:]
-    A = A_ref[...].astype(_F32)
-    D = D_ref[...].astype(_F32) if cfg.has_D else None
+    A, D, bias = _channel_constants(cfg, A_ref, D_ref, bias_ref)
 
-    def recompute(i, carry):  # work[i] = the state before step start + i
-        start, h = carry
-        _, dt, decay, B = _step_inputs(cfg, start + i, delta_ref, bias_ref, A_ref, B_ref)
-        work_ref[i] = h
-        return start, decay * h + B * (dt * u_ref[pl.ds(start + i, 1), :].astype(_F32))
+    def recompute_inputs(t):
+        return _row(delta_ref, t), _row(u_ref, t), _column(cfg, B_ref, t)
 
-    def reverse_step(r, carry):
-        start, g, dA, dD, dbias = carry
-        i = cfg.tile - 1 - r
-        t = start + i
-        pre, dt, decay, B = _step_inputs(cfg, t, delta_ref, bias_ref, A_ref, B_ref)
-        u = u_ref[pl.ds(t, 1), :].astype(_F32)
-        C = _column(cfg, C_ref, t)
-        h_prev = work_ref[i]
+    def recompute(start):
+        def step(t, inputs, h):  # work[t - start] = the state before step t
+            delta, u, B = inputs
+            _, dt, decay = _step_inputs(cfg, t, delta, bias, A)
+            work_ref[t - start] = h
+            return decay * h + B * (dt * u)
+        return step
+
+    def reverse_inputs(start):
+        def load(t):
+            return (_row(delta_ref, t), _row(u_ref, t), _column(cfg, B_ref, t), _column(cfg, C_ref, t),
+                    work_ref[t - start], _row(dout_ref, t), _row(z_ref, t) if cfg.has_z else None)
+        return load
+
+    def reverse_step(t, inputs, carry):
+        g, dA, dD, dbias = carry
+        delta, u, B, C, h_prev, dy, zt = inputs                  # dy: d loss / d out, (1, P)
+        pre, dt, decay = _step_inputs(cfg, t, delta, bias, A)
         h = decay * h_prev + B * (dt * u)
-        dy = dout_ref[pl.ds(t, 1), :].astype(_F32)              # d loss / d out, (1, P)
         if cfg.has_z:
-            zt = z_ref[pl.ds(t, 1), :].astype(_F32)
             gate = jax.nn.sigmoid(zt)
             y = jnp.sum(h * C, axis=0, keepdims=True) + (D * u if cfg.has_D else 0.0)
             dz_ref[pl.ds(t, 1), :] = (dy * y * gate * (1.0 + zt * (1.0 - gate))).astype(dz_ref.dtype)
@@ -245,12 +283,14 @@ def _backward_kernel(cfg: _Config, *refs):
             dbias = dbias + ddt
         du_ref[pl.ds(t, 1), :] = du.astype(du_ref.dtype)
         ddelta_ref[pl.ds(t, 1), :] = ddt.astype(ddelta_ref.dtype)
-        return start, g * decay, dA, dD, dbias
+        return g * decay, dA, dD, dbias
 
     def tile(r, carry):
         start = (cfg.n_tiles - 1 - r) * cfg.tile
-        lax.fori_loop(0, cfg.tile, recompute, (start, ckpt_ref[cfg.n_tiles - 1 - r]))
-        return lax.fori_loop(0, cfg.tile, reverse_step, (start,) + carry)[1:]
+        _grouped_steps(cfg, cfg.tile, lambda i: start + i, recompute_inputs, recompute(start),
+                       ckpt_ref[cfg.n_tiles - 1 - r])
+        return _grouped_steps(cfg, cfg.tile, lambda i: start + cfg.tile - 1 - i, reverse_inputs(start), reverse_step,
+                              carry)
 
     row = jnp.zeros((1, cfg.block_dim), _F32)
     g, dA, dD, dbias = lax.fori_loop(0, cfg.n_tiles, tile, (dlast_ref[...].astype(_F32), jnp.zeros_like(A), row, row))
@@ -323,17 +363,19 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
                           initial_state=None, tile=None, interpret=None, block_dim=MAX_BLOCK_DIM,
-                          num_warps=DEFAULT_NUM_WARPS, kernel=None, bc_rows=False):
+                          num_warps=DEFAULT_NUM_WARPS, kernel=None, bc_rows=False, unroll=1):
     """ssm.scan.selective_scan's contract (channels-last u, delta, z (b, l, d); B, C (b, l, g, n)) on the
     Pallas kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen; rounded up to a
     multiple of 16 for the TPU kernel); interpret: run the kernels in the Pallas interpreter (default: on the
     CPU backend only). kernel: "triton" (GPU, this module) or "mosaic_tpu" (ssm/pallas_scan_tpu.py); default
     "mosaic_tpu" on a TPU backend, else "triton". block_dim (a power of two: the channels of one program, capped
-    by the channels per B/C group), num_warps (per program) and bc_rows (B and C laid out (padded, n), one
-    contiguous load per step, instead of (n, padded), n strided loads) are the Triton kernel's tuning knobs that
+    by the channels per B/C group), num_warps (per program), bc_rows (B and C laid out (padded, n), one
+    contiguous load per step, instead of (n, padded), n strided loads) and unroll (a power of two: steps whose
+    loads are issued together; capped to divide the tile) are the Triton kernel's tuning knobs that
     experiments/bench/gpu_scan.py sweeps."""
-    if block_dim < 1 or block_dim & (block_dim - 1):
-        raise ValueError(f"block_dim: expected a power of two, got {block_dim}")
+    for name, value in (("block_dim", block_dim), ("unroll", unroll)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name}: expected a power of two, got {value}")
     kernel = kernel or ("mosaic_tpu" if jax.default_backend() == "tpu" else "triton")
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
@@ -349,7 +391,8 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                   has_D=D is not None, has_z=z is not None, has_bias=delta_bias is not None,
                   softplus=bool(delta_softplus),
                   interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
-                  num_warps=int(num_warps), kernel=kernel, bc_rows=bool(bc_rows) and kernel == "triton")
+                  num_warps=int(num_warps), kernel=kernel, bc_rows=bool(bc_rows) and kernel == "triton",
+                  unroll=math.gcd(int(unroll), tile) if kernel == "triton" else 1)
     pad = cfg.padded - length
     rows = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # noqa: E731
     if kernel == "mosaic_tpu" or cfg.bc_rows:  # (b, g, Lp, n): a tile of B is a (tile, n) block

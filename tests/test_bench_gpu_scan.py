@@ -50,7 +50,7 @@ def test_variant_computes_what_selective_scan_fn_does(monkeypatch):
 def test_cli_checks(capsys):
     with pytest.raises(SystemExit):
         gpu_scan.main(["--out", "x", "--variants", "64:32"])
-    assert "--variants: expected TILE:BLOCK_DIM:NUM_WARPS positive integers, optionally :rows, got '64:32'" \
+    assert "--variants: expected TILE:BLOCK_DIM:NUM_WARPS[:UNROLL] positive integers, optionally :rows, got '64:32'" \
         in capsys.readouterr().err
     with pytest.raises(SystemExit):
         gpu_scan.main(["--out", "x", "--variants", "64:32:1:cols"])

@@ -161,7 +161,8 @@ def test_gradients_match_reference(kernel, case):
 
 
 def test_tuning_knobs_compute_the_same_function():
-    """block_dim and num_warps (the GPU sweep's knobs) change the tiling, not the result; bad block_dim named."""
+    """block_dim, num_warps, bc_rows and unroll (the GPU sweep's knobs) change the tiling, not the result; bad
+    block_dim / unroll named."""
     from ssm.pallas_scan import selective_scan_pallas
 
     k = to_jax(make_inputs(9, 2, 64, 4, 40, bc="g1", initial_state=True))
@@ -169,22 +170,27 @@ def test_tuning_knobs_compute_the_same_function():
     B, C = (jnp.moveaxis(k[n], 3, 1) for n in ("B", "C"))
     args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], True)
     want_out, want_last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16)
-    for block_dim, num_warps, bc_rows in ((8, 1, False), (64, 4, False), (32, 1, True)):
+    for block_dim, num_warps, bc_rows, unroll in ((8, 1, False, 1), (64, 4, False, 4), (32, 1, True, 8),
+                                                  (32, 1, False, 32)):  # unroll 32 > tile: one group per tile
         out, last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16, block_dim=block_dim,
-                                          num_warps=num_warps, bc_rows=bc_rows)
+                                          num_warps=num_warps, bc_rows=bc_rows, unroll=unroll)
         np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), **FWD_TOL)
         np.testing.assert_allclose(np.asarray(last), np.asarray(want_last), **FWD_TOL)
 
-    def grads(**knobs):  # every input's gradient, the bc_rows layout's backward included
+    def grads(**knobs):  # every input's gradient, the bc_rows layout's and the grouped steps' backward included
         def loss(*a):
             out, last = selective_scan_pallas(*a[:-1], True, initial_state=a[-1], tile=16, **knobs)
             return jnp.sum(out * jnp.sin(out)) + jnp.sum(last)
         return jax.grad(loss, argnums=tuple(range(9)))(*args[:-1], k["initial_state"])
 
-    for want, got in zip(grads(), grads(bc_rows=True, block_dim=16)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **GRAD_TOL)
+    want = grads()
+    for knobs in (dict(bc_rows=True, block_dim=16), dict(unroll=4)):
+        for w, got in zip(want, grads(**knobs)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(w), **GRAD_TOL, err_msg=str(knobs))
     with pytest.raises(ValueError, match="block_dim: expected a power of two, got 48"):
         selective_scan_pallas(*args, block_dim=48)
+    with pytest.raises(ValueError, match="unroll: expected a power of two, got 3"):
+        selective_scan_pallas(*args, unroll=3)
 
 
 LOWERINGS = {"triton": ("cuda", "stablehlo.custom_call @__gpu$xla.gpu.triton", "__gpu$xla.gpu.triton"),

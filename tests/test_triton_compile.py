@@ -1,0 +1,44 @@
+"""The Pallas scan's Triton kernels compile to an sm_90 (H100/H200) cubin on this CPU machine, through pip's triton
+(experiments/bench/triton_compile.py): what the jax.export test in test_pallas_scan.py cannot see (Triton IR to
+PTX to SASS, register allocation) is checked here on every run. The GPU compiles the same IR with the Triton its
+jaxlib bundles, a close but not identical compiler; nothing here is timed."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments.bench import gpu_scan, triton_compile
+
+triton = pytest.importorskip("triton", reason="pip's triton is in the test extra (pyproject.toml)")
+
+
+def compiled(variant):
+    kernels = triton_compile.scan_kernels(variant)
+    assert [k.name for k in kernels] == ["selective_scan_fwd", "selective_scan_bwd"]
+    return {k.name: triton_compile.compile_kernel(k, arch=90) for k in kernels}
+
+
+def test_default_kernels_compile_for_hopper_without_spills():
+    """The default knobs (64-step tiles, 32 channels per 1-warp program, one step per load group): both kernels
+    compile, within the 255-register limit and with no spills (a spill is a local-memory round trip on every
+    step of the recurrence)."""
+    from ssm.pallas_scan import DEFAULT_NUM_WARPS, DEFAULT_TILE, MAX_BLOCK_DIM
+
+    for name, kernel in compiled(f"{DEFAULT_TILE}:{MAX_BLOCK_DIM}:{DEFAULT_NUM_WARPS}").items():
+        assert kernel.spill_bytes == 0, kernel
+        assert 0 < kernel.registers <= 255, kernel
+
+
+def test_grouped_loads_compile_and_issue_a_groups_loads_together():
+    """unroll=4 (the sweep's grouped variant): both kernels compile; the forward's grouped code is about four
+    steps long per loop iteration (its PTX longer than the one-step loop's by more than 2x), without spills."""
+    grouped = compiled("64:32:1:4:rows")
+    single = compiled("64:32:1:rows")
+    assert grouped["selective_scan_fwd"].spill_bytes == 0, grouped
+    assert grouped["selective_scan_fwd"].ptx_lines > 2 * single["selective_scan_fwd"].ptx_lines
+    assert grouped["selective_scan_bwd"].registers <= 255
+
+
+def test_every_sweep_variant_parses():
+    for variant in gpu_scan.SWEEP_VARIANTS:
+        gpu_scan.parse_variant(variant)
