@@ -401,17 +401,22 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size: expected a positive integer or None, got {chunk_size!r}")
 
-    def channels_last_bc(x, groups):
-        x = x if x.ndim == 4 else x[:, None]
-        return jnp.moveaxis(x, 3, 1).reshape(batch, length, groups, dstate)
-
-    out, last_state = _selective_scan_jit(
-        jnp.swapaxes(u, 1, 2), jnp.swapaxes(delta, 1, 2), A,
-        channels_last_bc(B, groups_b), channels_last_bc(C, groups_c),
-        D, None if z is None else jnp.swapaxes(z, 1, 2), delta_bias, bool(delta_softplus),
-        initial_state, impl, chunk_size, groups_b, groups_c)
+    u_t, delta_t, B_t, C_t, z_t = to_channels_last(u, delta, B, C, z)
+    out, last_state = _selective_scan_jit(u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias, bool(delta_softplus),
+                                          initial_state, impl, chunk_size, groups_b, groups_c)
     out = jnp.swapaxes(out, 1, 2)
     return (out, last_state) if return_last_state else out
+
+
+def to_channels_last(u, delta, B, C, z=None):
+    """mamba_ssm's layout -> the one selective_scan and the kernels take: u, delta, z (batch, dim, seqlen) ->
+    (batch, seqlen, dim); B, C (batch, dstate, seqlen) or (batch, groups, dstate, seqlen) -> (batch, seqlen,
+    groups, dstate). z may be None."""
+    def bc(x):
+        return jnp.moveaxis(x if x.ndim == 4 else x[:, None], 3, 1)
+
+    rows = [None if x is None else jnp.swapaxes(x, 1, 2) for x in (u, delta, z)]
+    return rows[0], rows[1], bc(B), bc(C), rows[2]
 
 
 @functools.partial(jax.jit, static_argnums=(8, 10, 11, 12, 13))

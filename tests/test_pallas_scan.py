@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssm.scan import selective_scan_fn
+from ssm.scan import selective_scan_fn, to_channels_last
 from tests.test_scan import BF16_TOL, FWD_TOL, GRAD_TOL, make_inputs, oracle, to_jax
 
 def tpu_scan(kwargs, tile, **overrides):
@@ -37,10 +37,9 @@ def tpu_scan(kwargs, tile, **overrides):
     from ssm.pallas_scan import selective_scan_pallas
 
     k = {**kwargs, **overrides}
-    rows = {name: None if k.get(name) is None else jnp.swapaxes(k[name], 1, 2) for name in ("u", "delta", "z")}
-    cols = {name: jnp.moveaxis(k[name] if k[name].ndim == 4 else k[name][:, None], 3, 1) for name in ("B", "C")}
-    out, last = selective_scan_pallas(rows["u"], rows["delta"], k["A"], cols["B"], cols["C"], k.get("D"), rows["z"],
-                                      k.get("delta_bias"), k.get("delta_softplus", False),
+    u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k.get("z"))
+    out, last = selective_scan_pallas(u, delta, k["A"], B, C, k.get("D"), z, k.get("delta_bias"),
+                                      k.get("delta_softplus", False),
                                       initial_state=k.get("initial_state"), tile=tile, kernel="mosaic_tpu")
     return jnp.swapaxes(out, 1, 2), last
 
@@ -166,8 +165,7 @@ def test_tuning_knobs_compute_the_same_function():
     from ssm.pallas_scan import selective_scan_pallas
 
     k = to_jax(make_inputs(9, 2, 64, 4, 40, bc="g1", initial_state=True))
-    u, delta, z = (jnp.swapaxes(k[n], 1, 2) for n in ("u", "delta", "z"))
-    B, C = (jnp.moveaxis(k[n], 3, 1) for n in ("B", "C"))
+    u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
     args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], True)
     want_out, want_last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16)
     for block_dim, num_warps, bc_rows, unroll in ((8, 1, False, 1), (64, 4, False, 4), (32, 1, True, 8),
@@ -246,6 +244,7 @@ SHARD_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
     from ssm.pallas_scan import selective_scan_pallas
+    from ssm.scan import to_channels_last
     from tests.test_scan import FWD_TOL, make_inputs, to_jax
 
     assert jax.device_count() == 2, jax.devices()
@@ -257,8 +256,7 @@ SHARD_SCRIPT = textwrap.dedent("""
     dim = 256 if kernel == "mosaic_tpu" else 8  # two 128-lane blocks, split on "tensor"
     k = to_jax(make_inputs(8, 2, dim, 4, 24, bc="g1", initial_state=True))  # 2 tiles of 16
     # channels-last inputs as the models pass them
-    u, delta, z = (jnp.swapaxes(k[n], 1, 2) for n in ("u", "delta", "z"))
-    B, C = (jnp.moveaxis(k[n], 3, 1) for n in ("B", "C"))
+    u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
     args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], k["initial_state"])
 
     def scan(u, delta, A, B, C, D, z, bias, h0):
@@ -315,13 +313,12 @@ def test_runs_under_shard_map_on_two_devices(kernel):
 MESH_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from ssm.scan import selective_scan
+    from ssm.scan import selective_scan, to_channels_last
     from tests.test_scan import FWD_TOL, GRAD_TOL, make_inputs, to_jax
 
     assert jax.device_count() == 8, jax.devices()
     k = to_jax(make_inputs(8, 4, 64, 4, 40, bc="g1", initial_state=True))
-    u, delta, z = (jnp.swapaxes(k[n], 1, 2) for n in ("u", "delta", "z"))
-    B, C = (jnp.moveaxis(k[n], 3, 1) for n in ("B", "C"))
+    u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
     args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], k["initial_state"])
 
     def loss(args):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.timing import format_row, random_array, time_call, versions
-from ssm.scan import selective_scan_fn
+from ssm.scan import selective_scan_fn, to_channels_last
 
 DIM, DSTATE = 8192, 16
 # The Triton kernel's knobs that the GPU tier sweeps (--sweep), TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows]; also what
@@ -108,10 +108,8 @@ def time_variant(variant: str, kw: dict, backward: bool, repeats: int) -> float:
     from ssm.pallas_scan import selective_scan_pallas
 
     knobs = parse_variant(variant)
-    last = {"u": jnp.swapaxes(kw["u"], 1, 2), "delta": jnp.swapaxes(kw["delta"], 1, 2),
-            "z": jnp.swapaxes(kw["z"], 1, 2), "B": jnp.swapaxes(kw["B"], 1, 2)[:, :, None],
-            "C": jnp.swapaxes(kw["C"], 1, 2)[:, :, None]}
-    args = {**kw, **last}
+    args = dict(kw, **dict(zip(("u", "delta", "B", "C", "z"),
+                                to_channels_last(kw["u"], kw["delta"], kw["B"], kw["C"], kw["z"]))))
 
     def forward(a):
         out, _ = selective_scan_pallas(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"],
