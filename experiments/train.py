@@ -35,6 +35,7 @@ from experiments.mesh import (batch_sharding, build_mesh, flatten_params, opt_st
 from experiments.metrics import MetricsWriter
 from experiments.models import family_of
 from experiments.optim import learning_rate_schedule, make_optimizer
+from runtime.partitioning import use_rules
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -148,8 +149,8 @@ def jit_train_step(setup: Setup, run: RunConfig, donate: bool = True):
                                  learning_rate_schedule(run.optim, run.steps), run.remat)
     mesh = setup.mesh if isinstance(setup.mesh, jax.sharding.AbstractMesh) else setup.mesh.abstract_mesh
 
-    def step(state, batch):  # traced under the mesh: impl="pallas" wraps its kernels in shard_map (ssm.scan)
-        with jax.sharding.use_abstract_mesh(mesh):
+    def step(state, batch):  # traced under the mesh and the run's rules (runtime.partitioning.traced_axes)
+        with jax.sharding.use_abstract_mesh(mesh), use_rules(run.mesh.rules):
             return train_step(state, batch)
 
     return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),

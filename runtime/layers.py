@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from runtime.partitioning import constrain
+
 
 def dtype_of(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
@@ -75,7 +77,13 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Under a traced mesh, the table whole along its features (an all-gather of its FSDP shards) before the
+        # gather: gathered from the sharded table, the rows came out split over features and XLA could bring
+        # them (and their gradient) to the batch-split activations only by replicating them first
+        # ("involuntary full rematerialization"): 2.7x (Falcon Mamba) and 4.1x (Falcon) the collective bytes in
+        # the tiny presets' steps on a 2x2x2 mesh (docs/TRAINING.md, experiments/bench/collectives.py).
+        table = constrain(self.embedding[...], ("vocab", None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: fp32 logits x @ embedding^T."""

@@ -5,11 +5,16 @@ with mesh.rules). The one mapping the trainer (experiments.mesh) and the checkpo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
 from typing import Mapping
 
-from jax.sharding import Mesh, PartitionSpec
+import jax
+from jax.sharding import AxisType, Mesh, PartitionSpec
+
+from configs.schema import DEFAULT_SHARDING_RULES
 
 
 class MeshError(ValueError):
@@ -52,3 +57,43 @@ def spec_for(name: str, shape: tuple[int, ...], logical: tuple[str, ...], mesh: 
                             f"by mesh axes {across} (mesh.rules.{axis_name} = {list(rules[axis_name])})")
         spec.append(axes[0] if len(axes) == 1 else (axes or None))
     return PartitionSpec(*spec)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what a model's trace reads of the mesh it is traced under
+
+_RULES: contextvars.ContextVar = contextvars.ContextVar("sharding_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_rules(rules: Mapping[str, tuple[str, ...]]):
+    """Within: the logical -> mesh axis rules (the run's, mesh.rules applied) that ``traced_axes`` reads while
+    a model is traced; outside, configs.schema.DEFAULT_SHARDING_RULES. The trainer sets them together with the
+    abstract mesh it traces its step under."""
+    token = _RULES.set(dict(rules))
+    try:
+        yield
+    finally:
+        _RULES.reset(token)
+
+
+def traced_axes(logical: str) -> tuple[tuple[str, ...], int]:
+    """The mesh axes that split logical axis ``logical`` in the mesh the current trace runs under
+    (jax.sharding.use_abstract_mesh), and how many parts they make. ((), 1) without a mesh, or where the mesh
+    has axes that are not Auto (Explicit axes carry their shardings in the arrays' types: nothing to add)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t != AxisType.Auto for t in mesh.axis_types):
+        return (), 1
+    rules = _RULES.get() or DEFAULT_SHARDING_RULES
+    axes, parts, _ = split_over(mesh, [a for a in rules[logical] if a in mesh.shape])
+    return axes, parts
+
+
+def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
+    """``x`` constrained to the sharding its dimensions' logical axes (None: not split) give under the traced mesh;
+    the identity without one, and along a dimension its axes do not divide (left to XLA)."""
+    spec = []
+    for size, name in zip(x.shape, logical):
+        axes, parts = traced_axes(name) if name else ((), 1)
+        spec.append(None if not axes or size % parts else axes[0] if len(axes) == 1 else axes)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec)) if any(spec) else x

@@ -47,10 +47,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from configs.schema import DEFAULT_SHARDING_RULES
-from runtime.partitioning import split_over
+from runtime.partitioning import traced_axes
 from ssm.pallas_scan import selective_scan_pallas
 
 IMPLS = ("auto", "reference", "sequential", "chunked", "pallas")
@@ -243,15 +242,11 @@ def _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state
                                      tile=tile)
 
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return scan(*args)
-    # the mesh axes the default rules give the batch and the channels (d_inner) that exist here and split
-    batch_axes, n_batch, _ = split_over(mesh, [a for a in DEFAULT_SHARDING_RULES["batch"] if a in mesh.shape])
-    chan_axes, n_chan, _ = split_over(mesh, [a for a in DEFAULT_SHARDING_RULES["d_inner"] if a in mesh.shape])
+    # the mesh axes that split the batch and the channels (d_inner) under the traced mesh and the run's rules
+    batch_axes, n_batch = traced_axes("batch")
+    chan_axes, n_chan = traced_axes("d_inner")
     groups = B.shape[2]
-    auto = all(t == AxisType.Auto for a, t in zip(mesh.axis_names, mesh.axis_types) if a in batch_axes + chan_axes)
-    if not (batch_axes or chan_axes) or not auto or u.shape[0] % n_batch or u.shape[2] % n_chan \
+    if not (batch_axes or chan_axes) or u.shape[0] % n_batch or u.shape[2] % n_chan \
             or (groups > 1 and groups % n_chan):
         return scan(*args)
     bt, ch = batch_axes or None, chan_axes or None
@@ -269,7 +264,7 @@ def _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state
     # check_vma off: JAX's Pallas interpreter (the CPU path) fails vma checking inside shard_map; the gradients
     # of inputs replicated over a mesh axis (A, D, delta_bias over the batch axes) are summed by shard_map's
     # transpose all the same.
-    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs[i] for i in present),
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=tuple(specs[i] for i in present),
                          out_specs=(row, P(bt, ch, None)), check_vma=False)(*(args[i] for i in present))
 
 

@@ -116,21 +116,13 @@ def test_params_and_optimizer_state_follow_the_rules_on_8_devices(tmp_path):
 
 
 COLLECTIVES_CHECK = textwrap.dedent("""
-    import re, sys
-    import jax
     from configs import load_config
-    from experiments import data as data_lib
-    from experiments.train import jit_train_step, prepare
+    from experiments.bench.collectives import collectives, compiled_step_hlo
 
     def permutes(*overrides):
         run = load_config("tiny_falcon", ["model.num_hidden_layers=1", "data.seq_len=32", "data.batch_size=8",
                                           "mesh.data=4", "mesh.tensor=2", *overrides])
-        setup = prepare(run)
-        step = jit_train_step(setup, run, donate=False)
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                 for k, v in data_lib.batch_at(run.data, run.model.vocab_size, run.seed, 0).items()}
-        hlo = step.lower(jax.eval_shape(setup.init_state), batch).compile().as_text()
-        return len(re.findall(r"collective-permute(-start)?\\(", hlo))
+        return collectives(compiled_step_hlo(run)).get("collective-permute", (0, 0))[0]
 
     grouped = ["model.multi_query=false", "model.new_decoder_architecture=true", "model.num_kv_heads=2"]
     print("multi_query", permutes())
@@ -155,3 +147,57 @@ def test_falcon_heads_split_without_reshuffling_q_k_v(tmp_path):
     assert int(counts["multi_query_forced"]) > 0, proc.stdout  # the check can see a reshuffle when there is one
     assert ("ERROR: model.num_kv_heads: 2 grouped head groups of query_key_value are not divisible by mesh axes "
             "tensor=4") in proc.stdout, proc.stdout
+
+
+REMAT_CHECK = textwrap.dedent("""
+    import sys
+    import runtime.layers
+    from configs import load_config
+    from experiments.bench.collectives import compiled_step_hlo
+
+    if sys.argv[1] == "unconstrained":  # the embedding table left as it is stored (FSDP-split features)
+        runtime.layers.constrain = lambda x, logical: x
+    for preset in sys.argv[2:]:
+        compiled_step_hlo(load_config(preset, ["model.num_hidden_layers=1", "data.seq_len=16", "data.batch_size=8",
+                                               "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]))
+    print("compiled")
+""")
+
+
+def test_embedding_lookup_compiles_without_replicating_activations(tmp_path):
+    """On a data x fsdp x tensor mesh the embedding table's features are FSDP-split; gathered from it as stored,
+    the rows (and their gradient) come out feature-split and XLA can bring them to the batch-split activations
+    only by replicating them ("Involuntary full rematerialization"). Embed gathers from the table all-gathered
+    along features (runtime.partitioning.constrain under the trainer's mesh): no such warning for either family,
+    and the check sees the warning when that constraint is taken out."""
+    def compile_steps(mode, *presets):
+        proc = subprocess.run([sys.executable, "-c", REMAT_CHECK, mode, *presets], env=cli_env(8, tmp_path / mode),
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+        return proc.stderr
+
+    assert "Involuntary full rematerialization" not in compile_steps("constrained", "tiny_falcon_mamba",
+                                                                     "tiny_falcon")
+    assert "Involuntary full rematerialization" in compile_steps("unconstrained", "tiny_falcon_mamba")
+
+
+def test_traced_axes_follow_the_traced_mesh_and_the_runs_rules():
+    """What a model's trace reads of its mesh (runtime.partitioning): nothing without a mesh or with Explicit
+    axes; under the trainer's Auto mesh the default rules, or the run's mesh.rules where the trainer sets them."""
+    import jax
+    import jax.numpy as jnp
+
+    from configs.schema import merged_rules
+    from runtime.partitioning import constrain, traced_axes, use_rules
+
+    x = jnp.ones((8, 4))
+    assert traced_axes("batch") == ((), 1) and constrain(x, ("batch", None)) is x
+    with jax.sharding.use_abstract_mesh(MESH_2X2X2):
+        assert traced_axes("batch") == (("data", "fsdp"), 4) and traced_axes("d_inner") == (("tensor",), 2)
+        assert traced_axes("d_state") == ((), 1)
+        with use_rules(merged_rules({"batch": "data", "d_inner": None})):
+            assert traced_axes("batch") == (("data",), 2) and traced_axes("d_inner") == ((), 1)
+        assert traced_axes("batch") == (("data", "fsdp"), 4)  # the rules end with their block
+    explicit = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 3)
+    with jax.sharding.use_abstract_mesh(explicit):
+        assert traced_axes("batch") == ((), 1)
