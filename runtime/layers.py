@@ -28,10 +28,14 @@ class Dense(nnx.Module):
     (in, *out) maps (..., in) to (..., *out) (StackedDense)."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
-                 init_scale: float | None = None, init_std: float | None = None):
+                 init_scale: float | None = None, init_std: float | None = None,
+                 use_axes: tuple[str | None, ...] | None = None):
         """Init: torch.nn.Linear's default U(-1/sqrt(in), 1/sqrt(in)) for weight and bias; ``init_scale`` sets
         that uniform bound; ``init_std`` instead draws the weight from N(0, init_std^2) with a zero bias
-        (transformers' Falcon init)."""
+        (transformers' Falcon init). ``use_axes``: the kernel's logical axes where it is used (None: whole),
+        which it is constrained to under a traced mesh (runtime.partitioning.constrain) before the matmul: for
+        a kernel split only over "embed" (FSDP) as stored, an explicit all-gather, where XLA otherwise moved its
+        shards between devices with collective-permutes, forward, backward and in the optimizer update."""
         key = rngs.params()
         bias_key = rngs.params()
         if init_std is not None:
@@ -44,10 +48,12 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(bias) if use_bias else None
         self.dtype = dtype
+        self.use_axes = use_axes
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         """Accumulates in fp32; returns the compute dtype, or ``out_dtype`` (fp32 logits)."""
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=1,
+        kernel = self.kernel[...] if self.use_axes is None else constrain(self.kernel[...], self.use_axes)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=1,
                           precision=matmul_precision(self.dtype), preferred_element_type=jnp.float32)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
@@ -69,6 +75,7 @@ class StackedDense(Dense):
         self.bias = nnx.Param(jax.random.uniform(rngs.params(), (parts, out_features), param_dtype, -bound, bound)
                               ) if use_bias else None
         self.dtype = dtype
+        self.use_axes = None
 
 
 class Embed(nnx.Module):
@@ -80,8 +87,7 @@ class Embed(nnx.Module):
         # Under a traced mesh, the table whole along its features (an all-gather of its FSDP shards) before the
         # gather: gathered from the sharded table, the rows came out split over features and XLA could bring
         # them (and their gradient) to the batch-split activations only by replicating them first
-        # ("involuntary full rematerialization"): 2.7x (Falcon Mamba) and 4.1x (Falcon) the collective bytes in
-        # the tiny presets' steps on a 2x2x2 mesh (docs/TRAINING.md, experiments/bench/collectives.py).
+        # ("involuntary full rematerialization"; docs/TRAINING.md, Sharding).
         table = constrain(self.embedding[...], ("vocab", None))
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 

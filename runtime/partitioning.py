@@ -90,10 +90,14 @@ def traced_axes(logical: str) -> tuple[tuple[str, ...], int]:
 
 
 def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
-    """``x`` constrained to the sharding its dimensions' logical axes (None: not split) give under the traced mesh;
-    the identity without one, and along a dimension its axes do not divide (left to XLA)."""
+    """``x`` constrained, under the traced mesh, to the sharding its dimensions' logical axes give (None: whole on
+    every device); a dimension its axes do not divide is left to XLA. The identity without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t != AxisType.Auto for t in mesh.axis_types):
+        return x
     spec = []
     for size, name in zip(x.shape, logical):
         axes, parts = traced_axes(name) if name else ((), 1)
-        spec.append(None if not axes or size % parts else axes[0] if len(axes) == 1 else axes)
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec)) if any(spec) else x
+        spec.append(PartitionSpec.UNCONSTRAINED if size % parts else None if not axes
+                    else axes[0] if len(axes) == 1 else axes)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))

@@ -126,6 +126,7 @@ COLLECTIVES_CHECK = textwrap.dedent("""
 
     grouped = ["model.multi_query=false", "model.new_decoder_architecture=true", "model.num_kv_heads=2"]
     print("multi_query", permutes())
+    print("multi_query_fsdp", permutes("mesh.data=2", "mesh.fsdp=2"))  # kernels split over "embed" only
     print("multi_query_forced", permutes("mesh.rules.multi_query_heads=tensor"))
     print("grouped", permutes(*grouped))
     try:
@@ -143,7 +144,7 @@ def test_falcon_heads_split_without_reshuffling_q_k_v(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = dict(line.split() for line in proc.stdout.splitlines() if not line.startswith("ERROR"))
-    assert counts["multi_query"] == "0" and counts["grouped"] == "0", proc.stdout
+    assert counts["multi_query"] == counts["multi_query_fsdp"] == counts["grouped"] == "0", proc.stdout
     assert int(counts["multi_query_forced"]) > 0, proc.stdout  # the check can see a reshuffle when there is one
     assert ("ERROR: model.num_kv_heads: 2 grouped head groups of query_key_value are not divisible by mesh axes "
             "tensor=4") in proc.stdout, proc.stdout
@@ -155,13 +156,14 @@ REMAT_CHECK = textwrap.dedent("""
     from configs import load_config
     from experiments.bench.collectives import compiled_step_hlo
 
-    def compile_step(preset):
+    def compile_step(preset, tensor=2):
         compiled_step_hlo(load_config(preset, ["model.num_hidden_layers=1", "data.seq_len=8", "data.batch_size=8",
-                                               "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]))
+                                               "mesh.data=2", f"mesh.fsdp={8 // 2 // tensor}", f"mesh.tensor={tensor}"]))
         os.write(2, f"=== compiled {preset}\\n".encode())  # after XLA's own stderr lines of this compile
 
     compile_step("tiny_falcon_mamba")
     compile_step("tiny_falcon")
+    compile_step("tiny_falcon_mamba", tensor=1)  # the table split over fsdp only
     runtime.layers.constrain = lambda x, logical: x  # the table gathered from as it is stored (FSDP-split)
     compile_step("tiny_falcon_mamba")
 """)
@@ -172,12 +174,12 @@ def test_embedding_lookup_compiles_without_replicating_activations(tmp_path):
     the rows (and their gradient) come out feature-split and XLA can bring them to the batch-split activations
     only by replicating them ("Involuntary full rematerialization"). Embed gathers from the table all-gathered
     along features (runtime.partitioning.constrain under the trainer's mesh): no such warning for either family,
-    and the check sees the warning when that constraint is taken out."""
+    also on a mesh without a tensor axis, and the check sees the warning when that constraint is taken out."""
     proc = subprocess.run([sys.executable, "-c", REMAT_CHECK], env=cli_env(8, tmp_path), cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    mamba, falcon, unconstrained, _ = proc.stderr.split("=== compiled ")
-    assert "Involuntary full rematerialization" not in mamba + falcon, proc.stderr[-3000:]
+    mamba, falcon, fsdp_only, unconstrained, _ = proc.stderr.split("=== compiled ")
+    assert "Involuntary full rematerialization" not in mamba + falcon + fsdp_only, proc.stderr[-3000:]
     assert "Involuntary full rematerialization" in unconstrained, proc.stderr[-3000:]
 
 
@@ -193,6 +195,10 @@ def test_traced_axes_follow_the_traced_mesh_and_the_runs_rules():
     x = jnp.ones((8, 4))
     assert traced_axes("batch") == ((), 1) and constrain(x, ("batch", None)) is x
     with jax.sharding.use_abstract_mesh(MESH_2X2X2):
+        # constrained even where nothing splits (whole on every device), left to XLA where a size does not divide
+        assert "sharding_constraint" in str(jax.make_jaxpr(lambda x: constrain(x, (None, None)))(x))
+        odd = jnp.ones((8, 3))  # 3 rows do not divide over data x fsdp
+        assert "unconstrained_dims=frozenset({1})" in str(jax.make_jaxpr(lambda x: constrain(x, (None, "batch")))(odd))
         assert traced_axes("batch") == (("data", "fsdp"), 4) and traced_axes("d_inner") == (("tensor",), 2)
         assert traced_axes("d_state") == ((), 1)
         with use_rules(merged_rules({"batch": "data", "d_inner": None})):

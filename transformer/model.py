@@ -44,10 +44,14 @@ class FalconAttention(nnx.Module):
         dtype, pdtype = dtype_of(config.compute_dtype), dtype_of(config.param_dtype)
         qkv_out = (config.num_attention_heads + 2 * config.kv_heads) * config.head_dim
         init = config.initializer_range
+        # multi-query layout: the attention kernels are split only over "embed" (FSDP; transformer.sharding), and
+        # are gathered whole along it for use
+        heads = "multi_query_heads" if config.qkv_layout == "multi_query" else None
         self.query_key_value = Dense(config.hidden_size, qkv_out, use_bias=config.bias, dtype=dtype,
-                                     param_dtype=pdtype, rngs=rngs, init_std=init)
+                                     param_dtype=pdtype, rngs=rngs, init_std=init,
+                                     use_axes=(None, heads) if heads else None)
         self.dense = Dense(config.hidden_size, config.hidden_size, use_bias=config.bias, dtype=dtype,
-                           param_dtype=pdtype, rngs=rngs, init_std=init)
+                           param_dtype=pdtype, rngs=rngs, init_std=init, use_axes=(heads, None) if heads else None)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, key_bias: jax.Array | None,
                  cache: tuple[jax.Array, jax.Array] | None = None, start: jax.Array | None = None,
