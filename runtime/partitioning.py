@@ -77,12 +77,18 @@ def use_rules(rules: Mapping[str, tuple[str, ...]]):
         _RULES.reset(token)
 
 
-def traced_axes(logical: str) -> tuple[tuple[str, ...], int]:
-    """The mesh axes that split logical axis ``logical`` in the mesh the current trace runs under
-    (jax.sharding.use_abstract_mesh), and how many parts they make. ((), 1) without a mesh, or where the mesh
-    has axes that are not Auto (Explicit axes carry their shardings in the arrays' types: nothing to add)."""
+def _traced_auto_mesh():
+    """The mesh the current trace runs under (jax.sharding.use_abstract_mesh), or None without one or where it has
+    axes that are not Auto (Explicit axes carry their shardings in the arrays' types: nothing to add)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or any(t != AxisType.Auto for t in mesh.axis_types):
+    return None if mesh.empty or any(t != AxisType.Auto for t in mesh.axis_types) else mesh
+
+
+def traced_axes(logical: str) -> tuple[tuple[str, ...], int]:
+    """The mesh axes that split logical axis ``logical`` in the mesh the current trace runs under, and how many
+    parts they make; ((), 1) without such a mesh (_traced_auto_mesh)."""
+    mesh = _traced_auto_mesh()
+    if mesh is None:
         return (), 1
     rules = _RULES.get() or DEFAULT_SHARDING_RULES
     axes, parts, _ = split_over(mesh, [a for a in rules[logical] if a in mesh.shape])
@@ -92,8 +98,7 @@ def traced_axes(logical: str) -> tuple[tuple[str, ...], int]:
 def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     """``x`` constrained, under the traced mesh, to the sharding its dimensions' logical axes give (None: whole on
     every device); a dimension its axes do not divide is left to XLA. The identity without a mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or any(t != AxisType.Auto for t in mesh.axis_types):
+    if _traced_auto_mesh() is None:
         return x
     spec = []
     for size, name in zip(x.shape, logical):

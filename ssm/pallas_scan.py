@@ -113,7 +113,7 @@ def _bc_block(cfg, dstate):
 def _column(cfg, ref, t):
     """Step t of B or C as an (n, 1) fp32 column, from either layout."""
     if cfg.bc_rows:
-        return ref[pl.ds(t, 1), :].astype(_F32).reshape(-1, 1)
+        return _row(ref, t).reshape(-1, 1)
     return ref[:, pl.ds(t, 1)].astype(_F32)
 
 

@@ -232,7 +232,8 @@ def _scan_chunked(dt, du, B, C, A, h0, chunk_size):
 
 def _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, tile):
     """The Pallas kernels, inside jax.shard_map when traced under a mesh (jax.sharding.use_abstract_mesh, as the
-    trainer's step is) whose data/fsdp axes split the batch and tensor axis the channels: a kernel is one XLA
+    trainer's step is) whose axes, by the rules (runtime.partitioning.traced_axes), split the batch (default: data
+    x fsdp) or the channels (d_inner, default: tensor): a kernel is one XLA
     custom call, which the SPMD partitioner would otherwise run whole on every device (all-gathering its
     inputs). Each device scans its own (batch rows, channels) block; B and C (one group per channel block, or
     shared) follow. Without such a mesh (or with Explicit axes, whose shardings the arrays carry themselves), or

@@ -31,6 +31,7 @@ import pytest
 from ssm.scan import selective_scan_fn, to_channels_last
 from tests.test_scan import BF16_TOL, FWD_TOL, GRAD_TOL, make_inputs, oracle, to_jax
 
+
 def tpu_scan(kwargs, tile, **overrides):
     """selective_scan_fn's mamba-layout keyword arguments through the Mosaic kernels; returns (out (b, d, l),
     last_state (b, d, n))."""

@@ -11,8 +11,8 @@ each time over the floor and over mamba_ssm's, and writes DIR/gpu_scan.json.
 
 --variants sweeps the Pallas kernel's tuning knobs (ssm.pallas_scan.selective_scan_pallas: sequence tile,
 channels per program, warps per program, steps per load group (default 1), and ":rows" for B and C laid out
-(seqlen, n)) at the first batch and length, timing the kernel call alone on channels-last inputs (no layout transposes), forward and
-forward+backward. On a TPU the same command times the Mosaic kernels (only TILE matters there; mamba_ssm is
+(seqlen, n)) at the first batch and length, timing the kernel call alone on channels-last inputs (no layout
+transposes), forward and forward+backward. On a TPU the same command times the Mosaic kernels (only TILE matters there; mamba_ssm is
 absent).
 """
 
@@ -103,6 +103,15 @@ def parse_variant(variant: str, name: str = "variant") -> dict:
     return dict(tile=tile, block_dim=block_dim, num_warps=num_warps, unroll=unroll, bc_rows=bc_rows)
 
 
+def check_variants(parser: argparse.ArgumentParser, variants) -> None:
+    """parser.error naming --variants where one of them does not parse."""
+    for variant in variants:
+        try:
+            parse_variant(variant, "--variants")
+        except ValueError as e:
+            parser.error(str(e))
+
+
 def time_variant(variant: str, kw: dict, backward: bool, repeats: int) -> float:
     """The Pallas kernel alone with tuning knobs TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows], on channels-last inputs."""
     from ssm.pallas_scan import selective_scan_pallas
@@ -143,11 +152,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.sweep:
         args.variants = list(SWEEP_VARIANTS) + args.variants
-    for variant in args.variants:
-        try:
-            parse_variant(variant, "--variants")
-        except ValueError as e:
-            parser.error(str(e))
+    check_variants(parser, args.variants)
     if jax.default_backend() not in ("gpu", "tpu"):
         raise SystemExit(f"backend: expected a GPU or TPU (this benchmark times kernels at 7B shapes), got "
                          f"{jax.default_backend()!r}")

@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from experiments.bench.gpu_scan import SWEEP_VARIANTS, parse_variant
+from experiments.bench.gpu_scan import SWEEP_VARIANTS, check_variants, parse_variant
 from experiments.timing import format_row
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -129,13 +129,10 @@ def scan_kernels(variant: str, *, length: int = 256, groups: int = 1, dim: int |
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
-    parser.add_argument("--variants", nargs="+", default=list(SWEEP_VARIANTS), metavar="TILE:BLOCK_DIM:NUM_WARPS[:rows]")
+    parser.add_argument("--variants", nargs="+", default=list(SWEEP_VARIANTS),
+                        metavar="TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows]")
     args = parser.parse_args(argv)
-    for variant in args.variants:
-        try:
-            parse_variant(variant, "--variants")
-        except ValueError as e:
-            parser.error(str(e))
+    check_variants(parser, args.variants)
     import triton
 
     print(f"triton {triton.__version__}, jax {jax.__version__}, sm_{args.arch}")
