@@ -15,6 +15,10 @@ $(VENV)/.installed-test: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	# libtpu (the version jax[tpu] pins) outside site-packages: experiments/bench/tpu_compile.py compiles the
+	# TPU kernels with it; no other process loads a TPU plugin
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/libtpu \
+		"$$($(PY) -c 'from experiments.bench.tpu_compile import libtpu_requirement as r; print(r())')"
 	touch $@ $(VENV)/.installed-base
 
 demo: $(VENV)/.installed-base

@@ -4,29 +4,35 @@ ssm/pallas_scan.py holds the entry point, the custom VJP and the GPU (Triton) ke
 ``backward`` here where the kernel is "mosaic_tpu" (the default on a TPU backend). On CPU these kernels run in
 the Pallas TPU interpreter (``pltpu.InterpretParams``), which the tier-1 tests use.
 
-Layout. Channels on the 128 lanes, sequence steps on sublanes, the state dimension ``n`` leading. The grid is
-(batch, dim // 128, n_tiles): the last axis walks the sequence tiles in order ("arbitrary": sequential on one
-core), and the fp32 state (n, 1, 128) stays in a VMEM scratch buffer from one tile to the next; Pallas
-double-buffers the (tile, 128) input and output blocks between HBM and VMEM. B and C come in (batch, groups,
-seqlen, n) blocks of (tile, n).
+Forward (channel-dense). A program owns R rows of 128 channels (R <= 8: one full (8, 128) fp32 register per
+dstate row at 1024 channels) of one batch row; the grid is (batch, dim // (R * 128), n_tiles), the last axis
+walking the sequence tiles in order ("arbitrary": sequential on one core) with the fp32 state in a VMEM scratch
+between tiles, and Pallas double-buffering the (tile, R * 128) input and output blocks between HBM and VMEM. Per
+tile: dt (softplus, delta_bias) and dt * u for the whole tile, relaid out so that each step's channels are one
+(R, 128) value; B[t, k] and C[t, k] broadcast along a row of lanes; then the recurrence, one step being, for each
+of the n state rows, h = exp2(dt * A log2 e) * h + B[t, k] * dt u and y += C[t, k] * h on whole registers; then
+y (+ D u, * silu(z)) for the whole tile. The step loop is unrolled FORWARD_UNROLL times so that the compiler can
+overlap one step's exponentials with the previous step's products. libtpu's static estimate on v6e (the
+compiler's, experiments/bench/tpu_compile.py; no TPU has run this): 7 cycles per step of 128 channels, against
+51 for the channel-sparse layout the backward still uses.
 
-One tile, forward: dt, dt * u and the decays exp(dt A) for all the tile's steps at once into VMEM, as n
-(tile, 128) slabs (a static lane slice B[:, k] broadcast over the lanes); then the recurrence over the tile's
-steps, one (n, 1, 128) state update per step (row ``t`` of each slab), the states written to a third slab; then
-out = sum_k C[:, k] * states[k] (+ D u, * silu(z)) for the whole tile at once. Backward, tiles in reverse: the
-tile's states recomputed from the boundary state the forward saved, the adjoint recurrence over the steps in
-reverse, then every gradient for the whole tile at once; dA, dD, d(delta_bias) accumulate in VMEM over the tiles
+Backward (channel-sparse, tiles in reverse). Channels on the 128 lanes, sequence steps on sublanes, the state
+dimension ``n`` leading; grid (batch, dim // 128, n_tiles). One tile: dt, dt * u and the decays exp(dt A) for all
+the tile's steps into VMEM, as n (tile, 128) slabs (a static lane slice B[:, k] broadcast over the lanes); the
+tile's states recomputed from the boundary state the forward saved, one (n, 1, 128) update per step (one sublane
+of n registers: simple and layout-safe, an eighth of the vector unit); the adjoint recurrence over the steps in
+reverse; then every gradient for the whole tile at once. dA, dD, d(delta_bias) accumulate in VMEM over the tiles
 of a (batch row, channel block) and dB, dC are written per channel block (summed per group after the call).
 
 Limits: dim // groups must be a multiple of 128, or groups == 1 with dim <= 128 (one block of all channels).
-The per-step update works on (n, 1, 128) values (one sublane of n registers): simple and layout-safe, not yet
-the densest use of the vector unit. Lowering for TPU is checked on CPU (jax.export); Mosaic's own compiler runs
-on a TPU only, and no TPU has run these kernels yet.
+Both kernels compile for TPU v5e, v5p and v6e through Mosaic and XLA's TPU compiler on a CPU
+(experiments/bench/tpu_compile.py, tests/test_tpu_compile.py); no TPU has run them yet.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +43,8 @@ from jax.experimental.pallas import tpu as pltpu
 from ssm.pallas_scan import _F32, _optional, _optional_inputs, _out, _softplus, sum_per_group
 
 LANES = 128
+LOG2E = 1.4426950408889634
+FORWARD_UNROLL = 8  # steps per iteration of the forward's step loop (static estimate: docs/GPU.md)
 
 
 def check_shapes(dim: int, groups: int) -> None:
@@ -50,11 +58,12 @@ def _lanes(dim: int) -> int:
     return min(dim, LANES)
 
 
-def _specs(cfg, dim: int, dstate: int, reverse: bool):
-    """Block specs over the grid (batch b, channel block j, tile step k); ``reverse`` walks the tiles backwards."""
+def _backward_specs(cfg, dim: int, dstate: int):
+    """The backward's block specs over the grid (batch b, channel block j, tile step k), walking the tiles
+    backwards."""
     P, T, nt = _lanes(dim), cfg.tile, cfg.n_tiles
     blocks_per_group = dim // cfg.groups // P
-    tile = (lambda k: nt - 1 - k) if reverse else (lambda k: k)
+    tile = lambda k: nt - 1 - k  # noqa: E731
     return dict(
         rows=pl.BlockSpec((None, T, P), lambda b, j, k: (b, tile(k), j)),
         # lax.div, not //: Python's floor division lowers through sign(), whose Mosaic rule asks for a TPU
@@ -76,9 +85,9 @@ def _params(cfg):
     )
 
 
-def _tile_inputs(cfg, tile_index, delta_ref, bias_ref, u_ref, A_ref, B_ref, dA_s, dBu_s):
-    """For the whole tile: pre-softplus dt, dt (0 on padding steps), u; fills dA_s[k] = exp(dt A[k]) and
-    dBu_s[k] = B[:, k] dt u, each (tile, 128)."""
+def _tile_inputs(cfg, tile_index, delta_ref, bias_ref, u_ref):
+    """For the whole tile, (tile, channels) fp32: pre-softplus dt, dt (0 on padding steps), u, dt u, and the
+    steps' positions."""
     pre = delta_ref[...].astype(_F32)
     if cfg.has_bias:
         pre = pre + bias_ref[...].astype(_F32)
@@ -86,25 +95,27 @@ def _tile_inputs(cfg, tile_index, delta_ref, bias_ref, u_ref, A_ref, B_ref, dA_s
     step = tile_index * cfg.tile + lax.broadcasted_iota(jnp.int32, (cfg.tile, 1), 0)
     dt = jnp.where(step < cfg.length, dt, 0.0)
     u = u_ref[...].astype(_F32)
-    x = dt * u
+    return pre, dt, u, dt * u, step
+
+
+def _decays(dt, x, A_ref, B_ref, dA_s, dBu_s):
+    """Fills dA_s[k] = exp(dt A[k]) and dBu_s[k] = B[:, k] dt u, each (tile, 128)."""
     for k in range(A_ref.shape[0]):
         dA_s[k] = jnp.exp(dt * A_ref[k:k + 1, :].astype(_F32))
         dBu_s[k] = B_ref[:, k:k + 1].astype(_F32) * x
-    return pre, dt, u, x, step
 
 
-def _recompute_states(cfg, h, dA_s, dBu_s, H_s, Hprev_s=None):
-    """The recurrence over the tile's steps from state h (n, 1, 128): H_s[:, t] = state after step t (and
-    Hprev_s[:, t] = before it). Returns the state after the tile."""
+def _recompute_states(cfg, h, dA_s, dBu_s, H_s, Hprev_s):
+    """The recurrence over the tile's steps from state h (n, 1, 128): H_s[:, t] = state after step t and
+    Hprev_s[:, t] = before it."""
     def step(t, h):
         row = pl.ds(t, 1)
-        if Hprev_s is not None:
-            Hprev_s[:, row, :] = h
+        Hprev_s[:, row, :] = h
         h = dA_s[:, row, :] * h + dBu_s[:, row, :]
         H_s[:, row, :] = h
         return h
 
-    return lax.fori_loop(0, cfg.tile, step, h)
+    lax.fori_loop(0, cfg.tile, step, h)
 
 
 def _gated_output(cfg, C_ref, H_s, u, D_ref):
@@ -114,25 +125,65 @@ def _gated_output(cfg, C_ref, H_s, u, D_ref):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# forward
+# forward: channel-dense steps
 
 
-def _forward_kernel(cfg, *refs):
+def rows_per_block(dim: int, groups: int) -> int:
+    """The forward's 128-lane rows per program (a program's channels fill an (R, 128) register: R <= 8, and a
+    block never straddles two B/C groups)."""
+    return 1 if dim <= LANES else math.gcd(dim // groups // LANES, 8)
+
+
+def _to_steps(value, ref, R):
+    """(tile, R * P) -> ref (tile * R, P): rows t * R .. t * R + R - 1 hold step t's channels, one per row."""
+    P = value.shape[1] // R
+    for r in range(R):
+        ref[pl.ds(r, value.shape[0], stride=R), :] = value[:, r * P:(r + 1) * P]
+
+
+def _from_steps(ref, R, tile):
+    """_to_steps' inverse: ref (tile * R, P) -> (tile, R * P)."""
+    parts = [ref[pl.ds(r, tile, stride=R), :] for r in range(R)]
+    return parts[0] if R == 1 else jnp.concatenate(parts, axis=1)
+
+
+def _forward_kernel(cfg, R, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, *rest = refs
     n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
     D_ref, z_ref, bias_ref = _optional(rest[:n_opt], (cfg.has_D, cfg.has_z, cfg.has_bias))
-    out_ref, last_ref, ckpt_ref, h_s, dA_s, dBu_s, H_s = rest[n_opt:]
+    out_ref, last_ref, ckpt_ref, h_s, dt_s, x_s, y_s, Bb_s, Cb_s = rest[n_opt:]
     k = pl.program_id(2)
+    n, P = A_ref.shape[0], A_ref.shape[2]
 
     @pl.when(k == 0)
     def _():
         h_s[...] = h0_ref[...].astype(_F32)
 
     ckpt_ref[...] = h_s[...]
-    _, _, u, _, _ = _tile_inputs(cfg, k, delta_ref, bias_ref, u_ref, A_ref, B_ref, dA_s, dBu_s)
-    h = _recompute_states(cfg, h_s[...], dA_s, dBu_s, H_s)
+    _, dt, u, x, _ = _tile_inputs(cfg, k, delta_ref, bias_ref, u_ref)
+    _to_steps(dt, dt_s, R)
+    _to_steps(x, x_s, R)
+    B, C = B_ref[...].astype(_F32), C_ref[...].astype(_F32)
+    for i in range(n):  # B[t, i] and C[t, i] broadcast over a row of lanes
+        Bb_s[i] = jnp.broadcast_to(B[:, i:i + 1], (cfg.tile, P))
+        Cb_s[i] = jnp.broadcast_to(C[:, i:i + 1], (cfg.tile, P))
+    A = A_ref[...].astype(_F32) * LOG2E  # exp(dt A) = exp2(dt A log2(e))
+
+    def step(t, h):
+        rows, row = pl.ds(pl.multiple_of(t * R, R), R), pl.ds(t, 1)
+        dt_t, x_t = dt_s[rows, :], x_s[rows, :]
+        h = tuple(jnp.exp2(dt_t * A[i]) * h[i] + Bb_s[i, row, :] * x_t for i in range(n))
+        y = h[0] * Cb_s[0, row, :]
+        for i in range(1, n):
+            y = y + h[i] * Cb_s[i, row, :]
+        y_s[rows, :] = y
+        return h
+
+    h = jnp.stack(lax.fori_loop(0, cfg.tile, step, tuple(h_s[i] for i in range(n)), unroll=FORWARD_UNROLL))
     h_s[...] = h
-    y = _gated_output(cfg, C_ref, H_s, u, D_ref)
+    y = _from_steps(y_s, R, cfg.tile)
+    if cfg.has_D:
+        y = y + D_ref[...].astype(_F32) * u
     if cfg.has_z:
         y = y * jax.nn.silu(z_ref[...].astype(_F32))
     out_ref[...] = y.astype(out_ref.dtype)
@@ -146,22 +197,31 @@ def forward(cfg, u, delta, A_t, B, C, h0, D, z, bias):
     """Padded channels-last u, delta, z (b, Lp, d); A_t (n, d); B, C (b, g, Lp, n); h0 (b, n, d) fp32; D, bias
     (1, d). Returns out (b, Lp, d) in u's dtype, last (b, n, d) and the tile-boundary states (b, nt, n, 1, d)."""
     batch, _, dim = u.shape
-    dstate = A_t.shape[0]
-    s = _specs(cfg, dim, dstate, reverse=False)
-    opt_args, opt_specs = _optional_inputs(s, D, z, bias)
-    slab = pltpu.VMEM((dstate, cfg.tile, _lanes(dim)), _F32)
-    out, last, ckpt = pl.pallas_call(
-        functools.partial(_forward_kernel, cfg),
-        grid=(batch, dim // _lanes(dim), cfg.n_tiles),
-        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["state"]] + opt_specs,
-        out_specs=[s["rows"], s["state"], s["ckpt"]],
-        out_shape=[_out(u.shape, u.dtype, u), _out((batch, dstate, 1, dim), _F32, u),
-                   _out((batch, cfg.n_tiles, dstate, 1, dim), _F32, u)],
-        scratch_shapes=[pltpu.VMEM((dstate, 1, _lanes(dim)), _F32), slab, slab, slab],
+    n, P = A_t.shape[0], _lanes(dim)
+    R = rows_per_block(dim, cfg.groups)
+    W, T, nt = R * P, cfg.tile, cfg.n_tiles
+    blocks_per_group = max(dim // cfg.groups // W, 1)
+    rows = pl.BlockSpec((None, T, W), lambda b, j, k: (b, k, j))
+    # lax.div, not //: Python's floor division lowers through sign(), whose Mosaic rule asks for a TPU
+    cols = pl.BlockSpec((None, None, T, n), lambda b, j, k: (b, lax.div(j, blocks_per_group), k, 0))
+    state = pl.BlockSpec((None, n, R, P), lambda b, j, k: (b, 0, j, 0))
+    ckpt = pl.BlockSpec((None, None, n, R, P), lambda b, j, k: (b, k, 0, j, 0))
+    opt_args, opt_specs = _optional_inputs(dict(rows=rows, chan=pl.BlockSpec((1, W), lambda b, j, k: (0, j))),
+                                           D, z, bias)
+    split = lambda x: x.reshape(x.shape[:-1] + (dim // P, P))  # noqa: E731  (..., d) -> (..., d / P, P)
+    steps, lanes = pltpu.VMEM((T * R, P), _F32), pltpu.VMEM((n, T, P), _F32)
+    out, last, ckpt_states = pl.pallas_call(
+        functools.partial(_forward_kernel, cfg, R),
+        grid=(batch, dim // W, nt),
+        in_specs=[rows, rows, pl.BlockSpec((n, R, P), lambda b, j, k: (0, j, 0)), cols, cols, state] + opt_specs,
+        out_specs=[rows, state, ckpt],
+        out_shape=[_out(u.shape, u.dtype, u), _out((batch, n, dim // P, P), _F32, u),
+                   _out((batch, nt, n, dim // P, P), _F32, u)],
+        scratch_shapes=[pltpu.VMEM((n, R, P), _F32), steps, steps, steps, lanes, lanes],
         name="selective_scan_fwd_tpu",
         **_params(cfg),
-    )(u, delta, A_t, B, C, h0[:, :, None, :], *opt_args)
-    return out, last[:, :, 0, :], ckpt
+    )(u, delta, split(A_t), B, C, split(h0), *opt_args)
+    return out, last.reshape(batch, n, dim), ckpt_states.reshape(batch, nt, n, 1, dim)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,7 +245,8 @@ def _backward_kernel(cfg, *refs):
         dbias_acc[...] = jnp.zeros_like(dbias_acc)
 
     tile_index = cfg.n_tiles - 1 - r
-    pre, dt, u, x, step = _tile_inputs(cfg, tile_index, delta_ref, bias_ref, u_ref, A_ref, B_ref, dA_s, dBu_s)
+    pre, dt, u, x, step = _tile_inputs(cfg, tile_index, delta_ref, bias_ref, u_ref)
+    _decays(dt, x, A_ref, B_ref, dA_s, dBu_s)
     _recompute_states(cfg, ckpt_ref[...], dA_s, dBu_s, H_s, Hprev_s)
     dy = dout_ref[...].astype(_F32)                     # d loss / d out
     if cfg.has_z:
@@ -243,7 +304,7 @@ def backward(cfg, res, dout, dlast):
     dstate = A_t.shape[0]
     P = _lanes(dim)
     n_blocks = dim // P
-    s = _specs(cfg, dim, dstate, reverse=True)
+    s = _backward_specs(cfg, dim, dstate)
     opt_args, opt_specs = _optional_inputs(s, D, z, bias)
     rows = _out((batch, padded, dim), _F32, u)
     state = _out((batch, dstate, 1, dim), _F32, u)

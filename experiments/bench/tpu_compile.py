@@ -1,0 +1,156 @@
+"""Compile the Pallas scan's TPU (Mosaic) kernels for a TPU on a machine without one; report the compiler's static
+cycle estimates.
+
+    python -m experiments.bench.tpu_compile [--chip v6e] [--batch 1] [--seqlen 256] [--dim 1024] [--dstate 16]
+                                            [--tile 64] [--json PATH]
+
+JAX compiles ahead of time for a TPU topology it does not have (``jax.experimental.topologies``) when libtpu is
+installed: the kernels go through Mosaic's whole pipeline (layout inference, apply-vector-layout, lowering to LLO)
+and XLA's TPU backend, so a kernel Mosaic rejects fails here, not in a TPU lease. libtpu's static LLO profile
+(``--xla_jf_dump_static_llo_profile_to``) then gives each HLO op's estimated cycles; for a Pallas kernel (one
+custom call) that covers its whole grid and its in-kernel loops, so it compares kernel variants. It is the
+compiler's model, not a measurement: no memory stalls beyond what it models, no timing; XLA's own loops (the
+"chunked" and "sequential" impls) are not multiplied by their trip counts, so they cannot be compared this way.
+The estimate's cost grows with the grid (libtpu walks it), hence the small default shape: the kernels' cost per
+program and step does not depend on it.
+
+libtpu: the version the installed jax asks for (``jax[tpu]``); ``make test`` puts it in .venv/libtpu (outside the
+environment's site-packages, so that no other process sees a TPU plugin). Found through TPU_LIBRARY_PATH, that
+folder, or an importable ``libtpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+# chip -> (topology name, TPU_ACCELERATOR_TYPE for one chip)
+CHIPS = {"v5e": ("v5e:1x1", "v5litepod-1"), "v6e": ("v6e:1x1", "v6e-1"), "v5p": ("v5p:1x1x1", "v5p-8")}
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED_LIBTPU = ROOT / ".venv" / "libtpu" / "libtpu" / "libtpu.so"
+
+
+def libtpu_requirement() -> str:
+    """The libtpu requirement of the installed jax's "tpu" extra, e.g. 'libtpu==0.0.42.*'."""
+    from importlib import metadata
+
+    for requirement in metadata.requires("jax") or []:
+        spec, _, marker = requirement.partition(";")
+        if spec.strip().startswith("libtpu") and "tpu" in marker:
+            return spec.strip().replace(" ", "")
+    raise RuntimeError(f"jax {metadata.version('jax')} names no libtpu in its 'tpu' extra")
+
+
+def libtpu_path() -> str | None:
+    if os.environ.get("TPU_LIBRARY_PATH"):
+        return os.environ["TPU_LIBRARY_PATH"]
+    if BUNDLED_LIBTPU.is_file():
+        return str(BUNDLED_LIBTPU)
+    try:
+        import libtpu
+    except ImportError:
+        return None
+    return libtpu.get_library_path()
+
+
+def start_tpu_compiler(chip: str, profile_dir: str):
+    """Loads libtpu for a one-chip ``chip`` topology that dumps static profiles into ``profile_dir``; returns the
+    topology's device. Call once per process, before anything else initialises the TPU plugin."""
+    if chip not in CHIPS:
+        raise ValueError(f"chip: expected one of {sorted(CHIPS)}, got {chip!r}")
+    path = libtpu_path()
+    if path is None:
+        raise RuntimeError("libtpu is not installed: `make test` puts it in .venv/libtpu, or pip install "
+                           f"'{libtpu_requirement()}' (or set TPU_LIBRARY_PATH)")
+    topology, accelerator = CHIPS[chip]
+    os.environ.update(TPU_LIBRARY_PATH=path, TPU_ACCELERATOR_TYPE=accelerator, TPU_WORKER_HOSTNAMES="localhost",
+                      TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+                      LIBTPU_INIT_ARGS=f"--xla_jf_dump_static_llo_profile_to={profile_dir}")
+    from jax.experimental import topologies
+
+    description = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
+                                               chips_per_host_bounds=(1, 1, 1), num_slices=1)
+    return description.devices[0]
+
+
+def estimated_cycles(profile_dir: str) -> dict[str, int]:
+    """HLO op name -> estimated cycles, from the static profiles in ``profile_dir``."""
+    cycles = {}
+    for path in glob.glob(os.path.join(profile_dir, "*static_llo_profile*")):
+        text = Path(path).read_text()
+        for name, count in re.findall(r'hlo_op_name: "([^"]+)"\s+estimated_cycles: (\d+)', text):
+            cycles[name] = int(count)
+    return cycles
+
+
+def kernel_cycles(device, profile_dir, batch, seqlen, dim, dstate, tile) -> dict[str, int]:
+    """Compiles the forward and the gradient of the Pallas TPU scan at a Falcon Mamba layer's options (bf16
+    inputs, D, z, delta_bias, softplus, one B/C group) for ``device``; returns the kernels' estimated cycles."""
+    import jax
+    import jax.numpy as jnp
+
+    from ssm.pallas_scan import selective_scan_pallas
+
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+
+    def S(shape, dtype=bf16):  # noqa: N802
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    args = (S((batch, seqlen, dim)), S((batch, seqlen, dim)), S((dim, dstate), f32), S((batch, seqlen, 1, dstate)),
+            S((batch, seqlen, 1, dstate)), S((dim,), f32), S((batch, seqlen, dim)), S((dim,), f32))
+
+    def scan(*a):
+        return selective_scan_pallas(*a, True, tile=tile, kernel="mosaic_tpu", interpret=False)[0]
+
+    def loss(*a):
+        return scan(*a).astype(f32).sum()
+
+    found = {}
+    for fn in (scan, jax.grad(loss, argnums=tuple(range(len(args))))):
+        for path in glob.glob(os.path.join(profile_dir, "*")):
+            os.remove(path)
+        jax.jit(fn).lower(*args).compile()
+        for name, count in estimated_cycles(profile_dir).items():
+            for kernel in ("selective_scan_fwd_tpu", "selective_scan_bwd_tpu"):
+                if kernel in name:
+                    found[kernel] = count
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chip", default="v6e", choices=sorted(CHIPS))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--dstate", type=int, default=16)
+    parser.add_argument("--tile", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as profile_dir:
+        device = start_tpu_compiler(args.chip, profile_dir)
+        cycles = kernel_cycles(device, profile_dir, args.batch, args.seqlen, args.dim, args.dstate, args.tile)
+    lane_steps = args.batch * args.seqlen * args.dim / 128  # one step of 128 channels
+    print(f"{args.chip} ({device.device_kind}), batch {args.batch}, seqlen {args.seqlen}, dim {args.dim}, "
+          f"dstate {args.dstate}, tile {args.tile}; libtpu static estimates, not measurements")
+    for kernel, count in sorted(cycles.items()):
+        print(f"  {kernel:24s} {count:>12,d} cycles  {count / lane_steps:7.2f} per step of 128 channels")
+    if args.json:
+        args.json.write_text(json.dumps(dict(vars(args), json=None, device_kind=device.device_kind,
+                                             cycles=cycles), indent=1))
+    missing = {"selective_scan_fwd_tpu", "selective_scan_bwd_tpu"} - set(cycles)
+    if missing:
+        print(f"no static estimate for {sorted(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
