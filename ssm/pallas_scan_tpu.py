@@ -4,25 +4,28 @@ ssm/pallas_scan.py holds the entry point, the custom VJP and the GPU (Triton) ke
 ``backward`` here where the kernel is "mosaic_tpu" (the default on a TPU backend). On CPU these kernels run in
 the Pallas TPU interpreter (``pltpu.InterpretParams``), which the tier-1 tests use.
 
-Forward (channel-dense). A program owns R rows of 128 channels (R <= 8: one full (8, 128) fp32 register per
-dstate row at 1024 channels) of one batch row; the grid is (batch, dim // (R * 128), n_tiles), the last axis
-walking the sequence tiles in order ("arbitrary": sequential on one core) with the fp32 state in a VMEM scratch
-between tiles, and Pallas double-buffering the (tile, R * 128) input and output blocks between HBM and VMEM. Per
-tile: dt (softplus, delta_bias) and dt * u for the whole tile, relaid out so that each step's channels are one
-(R, 128) value; B[t, k] and C[t, k] broadcast along a row of lanes; then the recurrence, one step being, for each
-of the n state rows, h = exp2(dt * A log2 e) * h + B[t, k] * dt u and y += C[t, k] * h on whole registers; then
-y (+ D u, * silu(z)) for the whole tile. The step loop is unrolled FORWARD_UNROLL times so that the compiler can
-overlap one step's exponentials with the previous step's products. libtpu's static estimate on v6e (the
-compiler's, experiments/bench/tpu_compile.py; no TPU has run this): 7 cycles per step of 128 channels, against
-51 for the channel-sparse layout the backward still uses.
+Layout (both kernels). A program owns R rows of 128 channels (R <= 8: at 1024 channels one dstate row of the
+state is one full (8, 128) fp32 register) of one batch row; the grid is (batch, dim // (R * 128), n_tiles), the
+last axis walking the sequence tiles in order ("arbitrary": sequential on one core; the backward in reverse) with
+the fp32 state in VMEM scratch between tiles, and Pallas double-buffering the (tile, R * 128) blocks between HBM
+and VMEM. Per tile, for all its steps at once: dt (delta_bias, softplus) and dt * u, relaid out so that a step's
+channels are one (R, 128) value (_to_steps), and B[t, k], C[t, k] broadcast along a row of lanes. A step is then,
+for each of the n state rows, h = exp2(dt * A log2 e) * h + B[t, k] * dt u and y += C[t, k] * h on whole
+registers (_advance); D u and the z gate again for the whole tile.
 
-Backward (channel-sparse, tiles in reverse). Channels on the 128 lanes, sequence steps on sublanes, the state
-dimension ``n`` leading; grid (batch, dim // 128, n_tiles). One tile: dt, dt * u and the decays exp(dt A) for all
-the tile's steps into VMEM, as n (tile, 128) slabs (a static lane slice B[:, k] broadcast over the lanes); the
-tile's states recomputed from the boundary state the forward saved, one (n, 1, 128) update per step (one sublane
-of n registers: simple and layout-safe, an eighth of the vector unit); the adjoint recurrence over the steps in
-reverse; then every gradient for the whole tile at once. dA, dD, d(delta_bias) accumulate in VMEM over the tiles
-of a (batch row, channel block) and dB, dC are written per channel block (summed per group after the call).
+Forward: the step loop unrolled FORWARD_UNROLL times (the compiler overlaps a step's exponentials with the
+previous step's products); saves the state at each tile boundary. Backward, per tile in reverse: the tile's
+states recomputed from the saved boundary state into VMEM (the state before each step, and after the last), y
+with them (for the z gate's gradient), then the adjoint recurrence step by step in reverse: g = C[t, k] dy + the
+later steps' part, and from g and the stored states every per-step gradient; dB[t, k] and dC[t, k] (sums over
+the program's channels) are summed over sublanes in the step and over lanes for the whole tile on the MXU (ones
+against the rows, in fp32: precision HIGHEST), which lays them out lane-dense. dA, dD and d(delta_bias)
+accumulate over a (batch row, channel block)'s tiles; dB and dC are written per channel block and tile and
+summed per group after the call.
+
+libtpu's static cycle estimates (the compiler's, not measurements: experiments/bench/tpu_compile.py, figures in
+docs/GPU.md): about 7x (forward) and 4.6x (backward) fewer cycles than the channel-sparse layout these kernels
+replaced (one sublane of n registers per step).
 
 Limits: dim // groups must be a multiple of 128, or groups == 1 with dim <= 128 (one block of all channels).
 Both kernels compile for TPU v5e, v5p and v6e through Mosaic and XLA's TPU compiler on a CPU
@@ -44,7 +47,7 @@ from ssm.pallas_scan import _F32, _optional, _optional_inputs, _out, _softplus, 
 
 LANES = 128
 LOG2E = 1.4426950408889634
-FORWARD_UNROLL = 8  # steps per iteration of the forward's step loop (static estimate: docs/GPU.md)
+FORWARD_UNROLL = 8  # steps per iteration of the forward step loops (static estimate: docs/GPU.md)
 
 
 def check_shapes(dim: int, groups: int) -> None:
@@ -58,22 +61,30 @@ def _lanes(dim: int) -> int:
     return min(dim, LANES)
 
 
-def _backward_specs(cfg, dim: int, dstate: int):
-    """The backward's block specs over the grid (batch b, channel block j, tile step k), walking the tiles
-    backwards."""
-    P, T, nt = _lanes(dim), cfg.tile, cfg.n_tiles
-    blocks_per_group = dim // cfg.groups // P
-    tile = lambda k: nt - 1 - k  # noqa: E731
+def rows_per_block(dim: int, groups: int) -> int:
+    """The 128-lane rows of a program's channels (they fill an (R, 128) register: R <= 8, and a block never
+    straddles two B/C groups)."""
+    return 1 if dim <= LANES else math.gcd(dim // groups // LANES, 8)
+
+
+def _specs(cfg, dim: int, n: int, reverse: bool):
+    """Block specs over the grid (batch b, channel block j, tile step k); ``reverse`` walks the tiles backwards.
+    A block is R rows of P lanes: (tile, R * P) of u, delta, z; (n, R, P) of a state and of A."""
+    P, R = _lanes(dim), rows_per_block(dim, cfg.groups)
+    W, T, nt = R * P, cfg.tile, cfg.n_tiles
+    blocks_per_group = max(dim // cfg.groups // W, 1)
+    tile = (lambda k: nt - 1 - k) if reverse else (lambda k: k)
     return dict(
-        rows=pl.BlockSpec((None, T, P), lambda b, j, k: (b, tile(k), j)),
+        rows=pl.BlockSpec((None, T, W), lambda b, j, k: (b, tile(k), j)),
         # lax.div, not //: Python's floor division lowers through sign(), whose Mosaic rule asks for a TPU
-        cols=pl.BlockSpec((None, None, T, dstate), lambda b, j, k: (b, lax.div(j, blocks_per_group), tile(k), 0)),
-        partial_cols=pl.BlockSpec((None, None, T, dstate), lambda b, j, k: (b, j, tile(k), 0)),
-        state=pl.BlockSpec((None, dstate, 1, P), lambda b, j, k: (b, 0, 0, j)),
-        ckpt=pl.BlockSpec((None, None, dstate, 1, P), lambda b, j, k: (b, tile(k), 0, 0, j)),
-        A=pl.BlockSpec((dstate, P), lambda b, j, k: (0, j)),
-        chan=pl.BlockSpec((1, P), lambda b, j, k: (0, j)),
-        partial_chan=pl.BlockSpec((None, 1, P), lambda b, j, k: (b, 0, j)),
+        cols=pl.BlockSpec((None, None, T, n), lambda b, j, k: (b, lax.div(j, blocks_per_group), tile(k), 0)),
+        state=pl.BlockSpec((None, n, R, P), lambda b, j, k: (b, 0, j, 0)),
+        ckpt=pl.BlockSpec((None, None, n, R, P), lambda b, j, k: (b, tile(k), 0, j, 0)),
+        A=pl.BlockSpec((n, R, P), lambda b, j, k: (0, j, 0)),
+        chan=pl.BlockSpec((1, W), lambda b, j, k: (0, j)),
+        partial_chan=pl.BlockSpec((None, 1, W), lambda b, j, k: (b, 0, j)),
+        # dB, dC of one (batch row, channel block, tile): a lane-dense row of tile * n, (t, k) -> t * n + k
+        partial_cols=pl.BlockSpec((None, None, None, 1, T * n), lambda b, j, k: (b, j, tile(k), 0, 0)),
     )
 
 
@@ -83,6 +94,12 @@ def _params(cfg):
         compiler_params=None if cfg.interpret else pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
     )
+
+
+def _split(x, dim):
+    """(..., dim) -> (..., dim / P, P): the layout of states and A, a block being (R, P) registers."""
+    P = _lanes(dim)
+    return x.reshape(x.shape[:-1] + (dim // P, P))
 
 
 def _tile_inputs(cfg, tile_index, delta_ref, bias_ref, u_ref):
@@ -98,42 +115,6 @@ def _tile_inputs(cfg, tile_index, delta_ref, bias_ref, u_ref):
     return pre, dt, u, dt * u, step
 
 
-def _decays(dt, x, A_ref, B_ref, dA_s, dBu_s):
-    """Fills dA_s[k] = exp(dt A[k]) and dBu_s[k] = B[:, k] dt u, each (tile, 128)."""
-    for k in range(A_ref.shape[0]):
-        dA_s[k] = jnp.exp(dt * A_ref[k:k + 1, :].astype(_F32))
-        dBu_s[k] = B_ref[:, k:k + 1].astype(_F32) * x
-
-
-def _recompute_states(cfg, h, dA_s, dBu_s, H_s, Hprev_s):
-    """The recurrence over the tile's steps from state h (n, 1, 128): H_s[:, t] = state after step t and
-    Hprev_s[:, t] = before it."""
-    def step(t, h):
-        row = pl.ds(t, 1)
-        Hprev_s[:, row, :] = h
-        h = dA_s[:, row, :] * h + dBu_s[:, row, :]
-        H_s[:, row, :] = h
-        return h
-
-    lax.fori_loop(0, cfg.tile, step, h)
-
-
-def _gated_output(cfg, C_ref, H_s, u, D_ref):
-    """y = sum_k C[:, k] * H_s[k] (+ D u), (tile, 128), before the z gate."""
-    y = sum(C_ref[:, k:k + 1].astype(_F32) * H_s[k] for k in range(H_s.shape[0]))
-    return y + D_ref[...].astype(_F32) * u if cfg.has_D else y
-
-
-# ----------------------------------------------------------------------------------------------------------
-# forward: channel-dense steps
-
-
-def rows_per_block(dim: int, groups: int) -> int:
-    """The forward's 128-lane rows per program (a program's channels fill an (R, 128) register: R <= 8, and a
-    block never straddles two B/C groups)."""
-    return 1 if dim <= LANES else math.gcd(dim // groups // LANES, 8)
-
-
 def _to_steps(value, ref, R):
     """(tile, R * P) -> ref (tile * R, P): rows t * R .. t * R + R - 1 hold step t's channels, one per row."""
     P = value.shape[1] // R
@@ -147,13 +128,49 @@ def _from_steps(ref, R, tile):
     return parts[0] if R == 1 else jnp.concatenate(parts, axis=1)
 
 
+def _steps_layout(R, dt, x, B_ref, C_ref, dt_s, x_s, Bb_s, Cb_s):
+    """A tile's inputs in the step loops' layout: dt and dt u by step (_to_steps); Bb_s[k, t] = B[t, k] and
+    Cb_s[k, t] = C[t, k] broadcast over a row of lanes."""
+    _to_steps(dt, dt_s, R)
+    _to_steps(x, x_s, R)
+    B, C = B_ref[...].astype(_F32), C_ref[...].astype(_F32)
+    for k in range(Bb_s.shape[0]):
+        Bb_s[k] = jnp.broadcast_to(B[:, k:k + 1], Bb_s.shape[1:])
+        Cb_s[k] = jnp.broadcast_to(C[:, k:k + 1], Cb_s.shape[1:])
+
+
+def _step_rows(t, R):
+    """Step t's rows in the step layout, and its row of the lane-broadcast B and C."""
+    return pl.ds(pl.multiple_of(t * R, R), R), pl.ds(t, 1)
+
+
+def _advance(h, dt_t, x_t, A2, Bb_s, Cb_s, row):
+    """One step on whole (R, P) registers: each state row h[k] <- exp(dt A[k]) h[k] + B[t, k] dt u (A2 = A log2 e,
+    exp2 being the exponential the hardware has); returns the new state and y = sum_k C[t, k] h[k]."""
+    h = tuple(jnp.exp2(dt_t * A2[k]) * h[k] + Bb_s[k, row, :] * x_t for k in range(len(h)))
+    y = h[0] * Cb_s[0, row, :]
+    for k in range(1, len(h)):
+        y = y + h[k] * Cb_s[k, row, :]
+    return h, y
+
+
+def _step_scratch(cfg, n, R, P):
+    """Scratch for a tile in the step layout: dt, dt u, y (tile * R, P); B and C broadcast (n, tile, P)."""
+    steps, lanes = pltpu.VMEM((cfg.tile * R, P), _F32), pltpu.VMEM((n, cfg.tile, P), _F32)
+    return [steps, steps, steps, lanes, lanes]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward
+
+
 def _forward_kernel(cfg, R, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, *rest = refs
     n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
     D_ref, z_ref, bias_ref = _optional(rest[:n_opt], (cfg.has_D, cfg.has_z, cfg.has_bias))
     out_ref, last_ref, ckpt_ref, h_s, dt_s, x_s, y_s, Bb_s, Cb_s = rest[n_opt:]
     k = pl.program_id(2)
-    n, P = A_ref.shape[0], A_ref.shape[2]
+    n = A_ref.shape[0]
 
     @pl.when(k == 0)
     def _():
@@ -161,22 +178,12 @@ def _forward_kernel(cfg, R, *refs):
 
     ckpt_ref[...] = h_s[...]
     _, dt, u, x, _ = _tile_inputs(cfg, k, delta_ref, bias_ref, u_ref)
-    _to_steps(dt, dt_s, R)
-    _to_steps(x, x_s, R)
-    B, C = B_ref[...].astype(_F32), C_ref[...].astype(_F32)
-    for i in range(n):  # B[t, i] and C[t, i] broadcast over a row of lanes
-        Bb_s[i] = jnp.broadcast_to(B[:, i:i + 1], (cfg.tile, P))
-        Cb_s[i] = jnp.broadcast_to(C[:, i:i + 1], (cfg.tile, P))
-    A = A_ref[...].astype(_F32) * LOG2E  # exp(dt A) = exp2(dt A log2(e))
+    _steps_layout(R, dt, x, B_ref, C_ref, dt_s, x_s, Bb_s, Cb_s)
+    A2 = A_ref[...].astype(_F32) * LOG2E
 
     def step(t, h):
-        rows, row = pl.ds(pl.multiple_of(t * R, R), R), pl.ds(t, 1)
-        dt_t, x_t = dt_s[rows, :], x_s[rows, :]
-        h = tuple(jnp.exp2(dt_t * A[i]) * h[i] + Bb_s[i, row, :] * x_t for i in range(n))
-        y = h[0] * Cb_s[0, row, :]
-        for i in range(1, n):
-            y = y + h[i] * Cb_s[i, row, :]
-        y_s[rows, :] = y
+        rows, row = _step_rows(t, R)
+        h, y_s[rows, :] = _advance(h, dt_s[rows, :], x_s[rows, :], A2, Bb_s, Cb_s, row)
         return h
 
     h = jnp.stack(lax.fori_loop(0, cfg.tile, step, tuple(h_s[i] for i in range(n)), unroll=FORWARD_UNROLL))
@@ -195,47 +202,47 @@ def _forward_kernel(cfg, R, *refs):
 
 def forward(cfg, u, delta, A_t, B, C, h0, D, z, bias):
     """Padded channels-last u, delta, z (b, Lp, d); A_t (n, d); B, C (b, g, Lp, n); h0 (b, n, d) fp32; D, bias
-    (1, d). Returns out (b, Lp, d) in u's dtype, last (b, n, d) and the tile-boundary states (b, nt, n, 1, d)."""
+    (1, d). Returns out (b, Lp, d) in u's dtype, last (b, n, d) and the tile-boundary states
+    (b, n_tiles, n, d / P, P) fp32."""
     batch, _, dim = u.shape
-    n, P = A_t.shape[0], _lanes(dim)
-    R = rows_per_block(dim, cfg.groups)
-    W, T, nt = R * P, cfg.tile, cfg.n_tiles
-    blocks_per_group = max(dim // cfg.groups // W, 1)
-    rows = pl.BlockSpec((None, T, W), lambda b, j, k: (b, k, j))
-    # lax.div, not //: Python's floor division lowers through sign(), whose Mosaic rule asks for a TPU
-    cols = pl.BlockSpec((None, None, T, n), lambda b, j, k: (b, lax.div(j, blocks_per_group), k, 0))
-    state = pl.BlockSpec((None, n, R, P), lambda b, j, k: (b, 0, j, 0))
-    ckpt = pl.BlockSpec((None, None, n, R, P), lambda b, j, k: (b, k, 0, j, 0))
-    opt_args, opt_specs = _optional_inputs(dict(rows=rows, chan=pl.BlockSpec((1, W), lambda b, j, k: (0, j))),
-                                           D, z, bias)
-    split = lambda x: x.reshape(x.shape[:-1] + (dim // P, P))  # noqa: E731  (..., d) -> (..., d / P, P)
-    steps, lanes = pltpu.VMEM((T * R, P), _F32), pltpu.VMEM((n, T, P), _F32)
-    out, last, ckpt_states = pl.pallas_call(
+    n, P, R = A_t.shape[0], _lanes(dim), rows_per_block(dim, cfg.groups)
+    s = _specs(cfg, dim, n, reverse=False)
+    opt_args, opt_specs = _optional_inputs(s, D, z, bias)
+    out, last, ckpt = pl.pallas_call(
         functools.partial(_forward_kernel, cfg, R),
-        grid=(batch, dim // W, nt),
-        in_specs=[rows, rows, pl.BlockSpec((n, R, P), lambda b, j, k: (0, j, 0)), cols, cols, state] + opt_specs,
-        out_specs=[rows, state, ckpt],
+        grid=(batch, dim // (R * P), cfg.n_tiles),
+        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["state"]] + opt_specs,
+        out_specs=[s["rows"], s["state"], s["ckpt"]],
         out_shape=[_out(u.shape, u.dtype, u), _out((batch, n, dim // P, P), _F32, u),
-                   _out((batch, nt, n, dim // P, P), _F32, u)],
-        scratch_shapes=[pltpu.VMEM((n, R, P), _F32), steps, steps, steps, lanes, lanes],
+                   _out((batch, cfg.n_tiles, n, dim // P, P), _F32, u)],
+        scratch_shapes=[pltpu.VMEM((n, R, P), _F32)] + _step_scratch(cfg, n, R, P),
         name="selective_scan_fwd_tpu",
         **_params(cfg),
-    )(u, delta, split(A_t), B, C, split(h0), *opt_args)
-    return out, last.reshape(batch, n, dim), ckpt_states.reshape(batch, nt, n, 1, dim)
+    )(u, delta, _split(A_t, dim), B, C, _split(h0, dim), *opt_args)
+    return out, last.reshape(batch, n, dim), ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------
 # backward
 
 
-def _backward_kernel(cfg, *refs):
+def _lane_sums(ref):
+    """(rows, P) -> (1, rows): each row summed over its lanes, on the MXU (ones (8, P) against the rows), which
+    lays the sums out along lanes."""
+    ones = jnp.ones((8, ref.shape[1]), _F32)
+    sums = lax.dot_general(ones, ref[...], (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=_F32)
+    return sums[0:1, :]
+
+
+def _backward_kernel(cfg, R, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, ckpt_ref, dout_ref, dlast_ref, *rest = refs
     n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
     D_ref, z_ref, bias_ref = _optional(rest[:n_opt], (cfg.has_D, cfg.has_z, cfg.has_bias))
     (du_ref, ddelta_ref, dz_ref, dA_ref, dB_ref, dC_ref, dD_ref, dbias_ref, dh0_ref,
-     g_s, dA_acc, dD_acc, dbias_acc, dA_s, dBu_s, Hprev_s, H_s, G_s) = rest[n_opt:]
+     g_s, dA_acc, dD_acc, dbias_acc, dt_s, x_s, y_s, Bb_s, Cb_s, H_s, dB_s, dC_s) = rest[n_opt:]
     r = pl.program_id(2)
-    n = A_ref.shape[0]
+    n, T = A_ref.shape[0], cfg.tile
 
     @pl.when(r == 0)
     def _():
@@ -244,39 +251,67 @@ def _backward_kernel(cfg, *refs):
         dD_acc[...] = jnp.zeros_like(dD_acc)
         dbias_acc[...] = jnp.zeros_like(dbias_acc)
 
-    tile_index = cfg.n_tiles - 1 - r
-    pre, dt, u, x, step = _tile_inputs(cfg, tile_index, delta_ref, bias_ref, u_ref)
-    _decays(dt, x, A_ref, B_ref, dA_s, dBu_s)
-    _recompute_states(cfg, ckpt_ref[...], dA_s, dBu_s, H_s, Hprev_s)
+    pre, dt, u, x, step = _tile_inputs(cfg, cfg.n_tiles - 1 - r, delta_ref, bias_ref, u_ref)
+    _steps_layout(R, dt, x, B_ref, C_ref, dt_s, x_s, Bb_s, Cb_s)
+    A2 = A_ref[...].astype(_F32) * LOG2E
+
+    def state_rows(t, k):  # H_s rows of state row k before step t (after step t - 1)
+        return pl.ds(pl.multiple_of((t * n + k) * R, R), R)
+
+    def recompute(t, h):  # the tile's states from the saved boundary state, and y
+        rows, row = _step_rows(t, R)
+        for k in range(n):
+            H_s[state_rows(t, k), :] = h[k]
+        h, y_s[rows, :] = _advance(h, dt_s[rows, :], x_s[rows, :], A2, Bb_s, Cb_s, row)
+        return h
+
+    h = lax.fori_loop(0, T, recompute, tuple(ckpt_ref[k] for k in range(n)), unroll=FORWARD_UNROLL)
+    for k in range(n):
+        H_s[state_rows(T, k), :] = h[k]
     dy = dout_ref[...].astype(_F32)                     # d loss / d out
+    y = _from_steps(y_s, R, T)
+    if cfg.has_D:
+        y = y + D_ref[...].astype(_F32) * u
     if cfg.has_z:
         zt = z_ref[...].astype(_F32)
         gate = jax.nn.sigmoid(zt)
-        y = _gated_output(cfg, C_ref, H_s, u, D_ref)
         dz_ref[...] = (dy * y * gate * (1.0 + zt * (1.0 - gate))).astype(dz_ref.dtype)
         dy = dy * zt * gate                             # d loss / d (y + D u)
     else:
         dz_ref[...] = jnp.zeros_like(dz_ref)
-    for k in range(n):                                  # dC, and C[:, k] dy into G_s as the adjoint's input
-        dC_ref[:, k:k + 1] = jnp.sum(H_s[k] * dy, axis=1, keepdims=True)
-        G_s[k] = C_ref[:, k:k + 1].astype(_F32) * dy
+    _to_steps(dy, y_s, R)                               # y_s now holds dy by step
 
-    def reverse_step(i, g):                             # G_s[:, t] = d loss / d state after step t
-        row = pl.ds(cfg.tile - 1 - i, 1)
-        g = g + G_s[:, row, :]
-        G_s[:, row, :] = g
-        return g * dA_s[:, row, :]
+    def reverse_step(i, carry):  # g: d loss / d state after step t, through the later steps
+        g_later, dA_part = carry
+        t = T - 1 - i
+        rows, row = _step_rows(t, R)
+        dt_t, x_t, dy_t = dt_s[rows, :], x_s[rows, :], y_s[rows, :]
+        dx = ddt = None
+        g_before, dA_new = [], []
+        for k in range(n):
+            decay = jnp.exp2(dt_t * A2[k])
+            h_prev, h = H_s[state_rows(t, k), :], H_s[state_rows(t + 1, k), :]
+            b = Bb_s[k, row, :]
+            g = g_later[k] + Cb_s[k, row, :] * dy_t
+            dC_s[pl.ds(t * n + k, 1), :] = jnp.sum(h * dy_t, axis=0, keepdims=True)
+            dB_s[pl.ds(t * n + k, 1), :] = jnp.sum(g * x_t, axis=0, keepdims=True)
+            dlog = g * decay * h_prev                   # d loss / d (dt A[k])
+            dx = g * b if dx is None else dx + g * b    # d loss / d (dt u)
+            ddt = dlog * A_ref[k] if ddt is None else ddt + dlog * A_ref[k]
+            dA_new.append(dA_part[k] + dlog * dt_t)
+            g_before.append(g * decay)
+        x_s[rows, :] = dx                               # x_s, dt_s now hold d(dt u) and the dt A part of d dt
+        dt_s[rows, :] = ddt
+        return tuple(g_before), tuple(dA_new)
 
-    g_s[...] = lax.fori_loop(0, cfg.tile, reverse_step, g_s[...])
-    dx = jnp.zeros_like(dt)                             # d loss / d (dt u)
-    ddt = jnp.zeros_like(dt)
-    for k in range(n):
-        dx = dx + B_ref[:, k:k + 1].astype(_F32) * G_s[k]
-        dlog = G_s[k] * dA_s[k] * Hprev_s[k]            # d loss / d (dt A[k])
-        ddt = ddt + dlog * A_ref[k:k + 1, :].astype(_F32)
-        dA_acc[k] = dA_acc[k] + jnp.sum(dlog * dt, axis=0, keepdims=True)
-        dB_ref[:, k:k + 1] = jnp.sum(G_s[k] * x, axis=1, keepdims=True)
-    ddt = ddt + dx * u
+    zeros = tuple(jnp.zeros(A_ref.shape[1:], _F32) for _ in range(n))
+    g, dA_tile = lax.fori_loop(0, T, reverse_step, (tuple(g_s[k] for k in range(n)), zeros))
+    g_s[...] = jnp.stack(g)
+    dA_acc[...] += jnp.stack(dA_tile)
+    dC_ref[...] = _lane_sums(dC_s)
+    dB_ref[...] = _lane_sums(dB_s)
+    dx = _from_steps(x_s, R, T)
+    ddt = _from_steps(dt_s, R, T) + dx * u
     du = dx * dt
     if cfg.has_D:
         du = du + dy * D_ref[...].astype(_F32)
@@ -301,32 +336,34 @@ def backward(cfg, res, dout, dlast):
     """The VJP of ``forward``: gradients in the layouts of its inputs (dA partials summed, dB, dC per group)."""
     u, delta, A_t, B, C, D, z, bias, ckpt = res
     batch, padded, dim = u.shape
-    dstate = A_t.shape[0]
-    P = _lanes(dim)
-    n_blocks = dim // P
-    s = _backward_specs(cfg, dim, dstate)
+    n, P, R = A_t.shape[0], _lanes(dim), rows_per_block(dim, cfg.groups)
+    n_blocks, T = dim // (R * P), cfg.tile
+    s = _specs(cfg, dim, n, reverse=True)
     opt_args, opt_specs = _optional_inputs(s, D, z, bias)
     rows = _out((batch, padded, dim), _F32, u)
-    state = _out((batch, dstate, 1, dim), _F32, u)
-    partial_cols = _out((batch, n_blocks, padded, dstate), _F32, u)
+    state = _out((batch, n, dim // P, P), _F32, u)
+    partial_cols = _out((batch, n_blocks, cfg.n_tiles, 1, T * n), _F32, u)
     partial_chan = _out((batch, 1, dim), _F32, u)
-    slab = pltpu.VMEM((dstate, cfg.tile, P), _F32)
     du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = pl.pallas_call(
-        functools.partial(_backward_kernel, cfg),
+        functools.partial(_backward_kernel, cfg, R),
         grid=(batch, n_blocks, cfg.n_tiles),
         in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["ckpt"], s["rows"], s["state"]]
         + opt_specs,
         out_specs=[s["rows"], s["rows"], s["rows"], s["state"], s["partial_cols"], s["partial_cols"],
                    s["partial_chan"], s["partial_chan"], s["state"]],
         out_shape=[rows, rows, rows, state, partial_cols, partial_cols, partial_chan, partial_chan, state],
-        scratch_shapes=[pltpu.VMEM((dstate, 1, P), _F32), pltpu.VMEM((dstate, 1, P), _F32),
-                        pltpu.VMEM((1, P), _F32), pltpu.VMEM((1, P), _F32), slab, slab, slab, slab, slab],
+        scratch_shapes=[pltpu.VMEM((n, R, P), _F32), pltpu.VMEM((n, R, P), _F32), pltpu.VMEM((1, R * P), _F32),
+                        pltpu.VMEM((1, R * P), _F32)] + _step_scratch(cfg, n, R, P)
+        + [pltpu.VMEM(((T + 1) * n * R, P), _F32), pltpu.VMEM((T * n, P), _F32), pltpu.VMEM((T * n, P), _F32)],
         name="selective_scan_bwd_tpu",
         **_params(cfg),
-    )(u, delta, A_t, B, C, ckpt, dout, dlast[:, :, None, :], *opt_args)
+    )(u, delta, _split(A_t, dim), B, C, ckpt, dout, _split(dlast, dim), *opt_args)
 
-    return (du.astype(u.dtype), ddelta.astype(delta.dtype), dA.sum(0)[:, 0, :].astype(A_t.dtype),
-            sum_per_group(dB, cfg.groups).astype(B.dtype), sum_per_group(dC, cfg.groups).astype(C.dtype),
+    def per_group(partial):  # (b, n_blocks, n_tiles, 1, tile * n) -> (b, groups, padded, n)
+        return sum_per_group(partial.reshape(batch, n_blocks, padded, n), cfg.groups)
+
+    return (du.astype(u.dtype), ddelta.astype(delta.dtype), dA.sum(0).reshape(n, dim).astype(A_t.dtype),
+            per_group(dB).astype(B.dtype), per_group(dC).astype(C.dtype),
             None if D is None else dD.sum(0).astype(D.dtype),
             None if z is None else dz.astype(z.dtype),
-            None if bias is None else dbias.sum(0).astype(bias.dtype), dh0[:, :, 0, :])
+            None if bias is None else dbias.sum(0).astype(bias.dtype), dh0.reshape(batch, n, dim))

@@ -12,7 +12,8 @@ custom call) that covers its whole grid and its in-kernel loops, so it compares 
 compiler's model, not a measurement: no memory stalls beyond what it models, no timing; XLA's own loops (the
 "chunked" and "sequential" impls) are not multiplied by their trip counts, so they cannot be compared this way.
 The estimate's cost grows with the grid (libtpu walks it), hence the small default shape: the kernels' cost per
-program and step does not depend on it.
+program and step does not depend on it. EXTRA_LIBTPU_ARGS (e.g. "--xla_jf_dump_to=DIR --xla_jf_dump_llo_text=true",
+which dumps the scheduled VLIW bundles) is appended to the flags libtpu starts with.
 
 libtpu: the version the installed jax asks for (``jax[tpu]``); ``make test`` puts it in .venv/libtpu (outside the
 environment's site-packages, so that no other process sees a TPU plugin). Found through TPU_LIBRARY_PATH, that
@@ -71,7 +72,7 @@ def start_tpu_compiler(chip: str, profile_dir: str):
     topology, accelerator = CHIPS[chip]
     os.environ.update(TPU_LIBRARY_PATH=path, TPU_ACCELERATOR_TYPE=accelerator, TPU_WORKER_HOSTNAMES="localhost",
                       TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-                      LIBTPU_INIT_ARGS=f"--xla_jf_dump_static_llo_profile_to={profile_dir}")
+                      LIBTPU_INIT_ARGS=f"--xla_jf_dump_static_llo_profile_to={profile_dir} " + os.environ.get("EXTRA_LIBTPU_ARGS", ""))
     from jax.experimental import topologies
 
     description = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
