@@ -120,8 +120,8 @@ def kernel_cycles(device, profile_dir, batch, seqlen, dim, dstate, tile) -> dict
         jax.jit(fn).lower(*args).compile()
         for name, count in estimated_cycles(profile_dir).items():
             for kernel in ("selective_scan_fwd_tpu", "selective_scan_bwd_tpu"):
-                if kernel in name:
-                    found[kernel] = count
+                if kernel in name:  # the kernel's custom call; XLA may name a small copy of its output after it
+                    found[kernel] = max(count, found.get(kernel, 0))
     return found
 
 
@@ -142,7 +142,10 @@ def main(argv=None) -> int:
     print(f"{args.chip} ({device.device_kind}), batch {args.batch}, seqlen {args.seqlen}, dim {args.dim}, "
           f"dstate {args.dstate}, tile {args.tile}; libtpu static estimates, not measurements")
     for kernel, count in sorted(cycles.items()):
-        print(f"  {kernel:24s} {count:>12,d} cycles  {count / lane_steps:7.2f} per step of 128 channels")
+        # under a cycle per step cannot be: libtpu's profile missed the kernel's loops (its v5p profile of the
+        # backward does, while the compile itself succeeds)
+        note = "  (implausible: the static profile missed the loops)" if count < lane_steps else ""
+        print(f"  {kernel:24s} {count:>12,d} cycles  {count / lane_steps:7.2f} per step of 128 channels{note}")
     if args.json:
         args.json.write_text(json.dumps(dict(vars(args), json=None, device_kind=device.device_kind,
                                              cycles=cycles), indent=1))
