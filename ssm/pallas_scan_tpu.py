@@ -139,6 +139,11 @@ def _steps_layout(R, dt, x, B_ref, C_ref, dt_s, x_s, Bb_s, Cb_s):
         Cb_s[k] = jnp.broadcast_to(C[:, k:k + 1], Cb_s.shape[1:])
 
 
+def _unroll(cfg):
+    """FORWARD_UNROLL compiled; 1 in the interpreter, where unrolling only makes the traced program longer."""
+    return 1 if cfg.interpret else FORWARD_UNROLL
+
+
 def _step_rows(t, R):
     """Step t's rows in the step layout, and its row of the lane-broadcast B and C."""
     return pl.ds(pl.multiple_of(t * R, R), R), pl.ds(t, 1)
@@ -186,7 +191,7 @@ def _forward_kernel(cfg, R, *refs):
         h, y_s[rows, :] = _advance(h, dt_s[rows, :], x_s[rows, :], A2, Bb_s, Cb_s, row)
         return h
 
-    h = jnp.stack(lax.fori_loop(0, cfg.tile, step, tuple(h_s[i] for i in range(n)), unroll=FORWARD_UNROLL))
+    h = jnp.stack(lax.fori_loop(0, cfg.tile, step, tuple(h_s[i] for i in range(n)), unroll=_unroll(cfg)))
     h_s[...] = h
     y = _from_steps(y_s, R, cfg.tile)
     if cfg.has_D:
@@ -265,7 +270,7 @@ def _backward_kernel(cfg, R, *refs):
         h, y_s[rows, :] = _advance(h, dt_s[rows, :], x_s[rows, :], A2, Bb_s, Cb_s, row)
         return h
 
-    h = lax.fori_loop(0, T, recompute, tuple(ckpt_ref[k] for k in range(n)), unroll=FORWARD_UNROLL)
+    h = lax.fori_loop(0, T, recompute, tuple(ckpt_ref[k] for k in range(n)), unroll=_unroll(cfg))
     for k in range(n):
         H_s[state_rows(T, k), :] = h[k]
     dy = dout_ref[...].astype(_F32)                     # d loss / d out
