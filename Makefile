@@ -15,16 +15,19 @@ $(VENV)/.installed-test: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
-	# libtpu (the version jax[tpu] pins) outside site-packages: experiments/bench/tpu_compile.py compiles the
-	# TPU kernels with it; no other process loads a TPU plugin
-	$(PY) -m pip install --quiet --no-deps --target $(VENV)/libtpu \
-		"$$($(PY) -c 'from experiments.bench.tpu_compile import libtpu_requirement as r; print(r())')"
 	touch $@ $(VENV)/.installed-base
+
+# libtpu (the version jax[tpu] pins) outside site-packages: experiments/bench/tpu_compile.py compiles the TPU
+# kernels with it for a TPU this machine does not have; no other process loads a TPU plugin
+$(VENV)/.installed-libtpu: $(VENV)/.installed-test
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/libtpu \
+		"$$($(PY) -c 'from experiments.bench.tpu_compile import libtpu_requirement as r; print(r())')"
+	touch $@
 
 demo: $(VENV)/.installed-base
 	$(PY) -m experiments.induction_heads
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(VENV)/.installed-libtpu
 	$(PY) -m pytest -q -n 2 tests
 
 bench: $(VENV)/.installed-test
