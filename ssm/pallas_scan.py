@@ -38,7 +38,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 DEFAULT_TILE = 64
-MAX_TPU_TILE = 64
 MAX_BLOCK_DIM = 32
 _F32 = jnp.float32
 DEFAULT_NUM_WARPS = 1
@@ -367,13 +366,13 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                           num_warps=DEFAULT_NUM_WARPS, kernel=None, bc_rows=False, unroll=1):
     """ssm.scan.selective_scan's contract (channels-last u, delta, z (b, l, d); B, C (b, l, g, n)) on the
     Pallas kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen; for the TPU kernel at
-    most MAX_TPU_TILE, rounded up to a multiple of 16); interpret: run the kernels in the Pallas interpreter (default: on the
-    CPU backend only). kernel: "triton" (GPU, this module) or "mosaic_tpu" (ssm/pallas_scan_tpu.py); default
-    "mosaic_tpu" on a TPU backend, else "triton". block_dim (a power of two: the channels of one program, capped
-    by the channels per B/C group), num_warps (per program), bc_rows (B and C laid out (padded, n), one
-    contiguous load per step, instead of (n, padded), n strided loads) and unroll (a power of two: steps whose
-    loads are issued together; capped to divide the tile) are the Triton kernel's tuning knobs that
-    experiments/bench/gpu_scan.py sweeps."""
+    most pallas_scan_tpu.MAX_TILE, rounded up to a multiple of 16); interpret: run the kernels in the Pallas
+    interpreter (default: on the CPU backend only). kernel: "triton" (GPU, this module) or "mosaic_tpu"
+    (ssm/pallas_scan_tpu.py); default "mosaic_tpu" on a TPU backend, else "triton". block_dim (a power of two:
+    the channels of one program, capped by the channels per B/C group), num_warps (per program), bc_rows (B and
+    C laid out (padded, n), one contiguous load per step, instead of (n, padded), n strided loads) and unroll (a
+    power of two: steps whose loads are issued together; capped to divide the tile) are the Triton kernel's
+    tuning knobs that experiments/bench/gpu_scan.py sweeps."""
     for name, value in (("block_dim", block_dim), ("unroll", unroll)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name}: expected a power of two, got {value}")
@@ -384,12 +383,10 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     groups, dstate = B.shape[2], B.shape[3]
     tile = min(tile or DEFAULT_TILE, length)
     if kernel == "mosaic_tpu":
-        from ssm.pallas_scan_tpu import check_shapes
+        from ssm.pallas_scan_tpu import MAX_TILE, check_shapes
 
         check_shapes(dim, groups)
-        # whole (16, 128) bf16 / (8, 128) fp32 register tiles; at most MAX_TPU_TILE steps, whose backward fits the
-        # 16 MiB of scoped VMEM of a v5e / v5p (a 128-step tile needs 19 MiB: experiments/bench/tpu_compile.py)
-        tile = -(-min(tile, MAX_TPU_TILE) // 16) * 16
+        tile = -(-min(tile, MAX_TILE) // 16) * 16  # whole (16, 128) bf16 / (8, 128) fp32 register tiles
     cfg = _Config(length=length, tile=tile, block_dim=_block_dim(dim // groups, block_dim), groups=groups,
                   has_D=D is not None, has_z=z is not None, has_bias=delta_bias is not None,
                   softplus=bool(delta_softplus),

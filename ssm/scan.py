@@ -27,8 +27,8 @@ Implementations (``impl``), all computing the same function and checked against 
     only the state at chunk boundaries: O(batch x seqlen x dim + batch x seqlen/chunk x dim x dstate).
   * "pallas": Pallas kernels, Triton on GPU (ssm/pallas_scan.py) and Mosaic on TPU (ssm/pallas_scan_tpu.py,
     which needs dim // groups a multiple of 128): the fp32 state on chip, the sequence walked in tiles of
-    ``chunk_size`` steps (at most 64 on TPU, for VMEM); the custom VJP keeps only the state at tile boundaries and recomputes inside each
-    tile. Runs in the Pallas interpreter on CPU (slow: for tests).
+    ``chunk_size`` steps (at most 64 on TPU, for VMEM); the custom VJP keeps only the state at tile boundaries
+    and recomputes inside each tile. Runs in the Pallas interpreter on CPU (slow: for tests).
   * "auto": "sequential" on CPU, "chunked" on GPU/TPU.
 
 Channels are split into ``groups`` blocks of ``dim // groups`` consecutive channels sharing B and C

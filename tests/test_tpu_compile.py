@@ -1,4 +1,4 @@
-"""The Pallas scan's TPU kernels through Mosaic's and XLA's TPU compilers, on this CPU (experiments/bench/tpu_compile.py).
+"""The Pallas scan's TPU kernels through Mosaic's and XLA's TPU compilers on this CPU (experiments/bench/tpu_compile).
 
 Compiled ahead of time for one-chip v6e and v5p topologies with libtpu (``make test`` installs it in .venv/libtpu): a
 construct Mosaic's layout passes reject fails here. The kernels' static cycle estimates are held to the
@@ -47,8 +47,9 @@ def test_tpu_kernels_compile_channel_dense(tmp_path):
 
 @needs_libtpu
 def test_long_tiles_are_capped_to_fit_scoped_vmem(tmp_path):
-    """Tile 256 (the models' default scan_chunk_size) is capped at MAX_TPU_TILE: a 128-step tile's backward needs
-    19 MiB of scoped VMEM, over a v5p's 16 MiB, and the compile fails (RESOURCE_EXHAUSTED) without the cap."""
+    """Tile 256 (the models' default scan_chunk_size) is capped at pallas_scan_tpu.MAX_TILE: a 128-step tile's
+    backward needs 19 MiB of scoped VMEM, over a v5p's 16 MiB, and the compile fails (RESOURCE_EXHAUSTED) without
+    the cap."""
     report = compile_report(tmp_path, "v5p", "--seqlen", "128", "--tile", "256")
     assert report["device_kind"] == "TPU v5"
     assert set(report["cycles"]) == {"selective_scan_fwd_tpu", "selective_scan_bwd_tpu"}
