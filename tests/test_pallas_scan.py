@@ -201,8 +201,8 @@ def test_kernels_lower_for_their_accelerator(dtype, kernel):
     """Forward and backward kernels lower for their target on this CPU machine (jax.export for platform "cuda"
     through Pallas' Triton backend, "tpu" through Mosaic): one kernel call forward, two with the gradient.
     Catches lowering errors without the accelerator (JAX's default GPU backend, Mosaic GPU, rejects the Triton
-    kernels; a Python // in a TPU index map needs a TPU to lower); compiling the Triton IR to PTX, and Mosaic's
-    own compiler passes, still happen on the device only."""
+    kernels; a Python // in a TPU index map needs a TPU to lower); the compilers past the lowering run in
+    tests/test_triton_compile.py (Triton IR to a cubin) and tests/test_tpu_compile.py (Mosaic, libtpu)."""
     from jax import export
 
     from ssm.pallas_scan import selective_scan_pallas
