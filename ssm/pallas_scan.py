@@ -40,6 +40,8 @@ from jax.experimental.pallas import triton as pl_triton
 DEFAULT_TILE = 64
 MAX_BLOCK_DIM = 32
 _F32 = jnp.float32
+# The kernels' decay is exp2(dt A log2 e): on a GPU one MUFU.EX2, where exp is ~9 instructions (as mamba_ssm's kernel)
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 DEFAULT_NUM_WARPS = 1
 KERNELS = ("triton", "mosaic_tpu")
 
@@ -57,9 +59,10 @@ class _Config:
     """The static shape and option set of one call (hashable, so it can be a custom_vjp nondiff argument)."""
 
     def __init__(self, *, length, tile, block_dim, groups, has_D, has_z, has_bias, softplus, interpret, num_warps,
-                 kernel, bc_rows=False, unroll=1):
+                 kernel, bc_rows=False, unroll=1, prefetch=False):
         self.length, self.tile, self.block_dim, self.groups = length, tile, block_dim, groups
         self.num_warps, self.kernel, self.bc_rows, self.unroll = num_warps, kernel, bc_rows, unroll
+        self.prefetch = prefetch
         self.has_D, self.has_z, self.has_bias = has_D, has_z, has_bias
         self.softplus, self.interpret = softplus, interpret
         self.n_tiles = -(-length // tile)
@@ -126,9 +129,9 @@ def _set_column(cfg, ref, t, value):
 
 
 def _channel_constants(cfg, A_ref, D_ref, bias_ref):
-    """A (n, P), D and delta_bias (1, P) as fp32 values, read once per program: a ref read inside the step loop
-    is a global load (and, for A, a register-layout conversion) on every step."""
-    return (A_ref[...].astype(_F32), D_ref[...].astype(_F32) if cfg.has_D else None,
+    """A log2 e (n, P), D and delta_bias (1, P) as fp32 values, read once per program: a ref read inside the step
+    loop is a global load (and, for A, a register-layout conversion) on every step."""
+    return (A_ref[...].astype(_F32) * LOG2E, D_ref[...].astype(_F32) if cfg.has_D else None,
             bias_ref[...].astype(_F32) if cfg.has_bias else None)
 
 
@@ -137,28 +140,42 @@ def _row(ref, t):
     return ref[pl.ds(t, 1), :].astype(_F32)
 
 
-def _step_inputs(cfg, t, delta, bias, A):
-    """From step t's delta row (1, P): dt before and after bias / softplus / padding mask, and the decay exp(dt A)
-    (n, P)."""
+def _step_inputs(cfg, t, delta, bias, A2):
+    """From step t's delta row (1, P): dt before and after bias / softplus / padding mask, and the decay
+    exp(dt A) = exp2(dt A2) (n, P), A2 = A log2 e."""
     pre = delta + bias if cfg.has_bias else delta
     dt = _softplus(pre) if cfg.softplus else pre
     dt = jnp.where(t < cfg.length, dt, 0.0)  # padding steps leave the state as it is
-    return pre, dt, jnp.exp(dt * A)
+    return pre, dt, jnp.exp2(dt * A2)
 
 
 def _grouped_steps(cfg, count, step_of, load, body, carry):
     """A loop over ``count`` sequence steps (the k-th being step_of(k)) in groups of cfg.unroll: each group's loads,
     load(t), are all issued before its steps, body(t, loaded, carry), run. A step's loads do not depend on the
     recurrence, but in a one-step loop each waits for the previous step's arithmetic; grouped, a group pays about
-    one memory latency instead of cfg.unroll of them (at the cost of the registers that hold the group's inputs)."""
-    def group(k, carry):
-        steps = [step_of(k * cfg.unroll + i) for i in range(cfg.unroll)]
-        loaded = [load(t) for t in steps]
-        for t, inputs in zip(steps, loaded):
+    one memory latency instead of cfg.unroll of them (at the cost of the registers that hold the group's inputs).
+    With cfg.prefetch, the loads run one group ahead (software pipelining): group k+1's loads are issued before
+    group k's steps and carried into the next iteration, so that their latency overlaps a group of arithmetic
+    (the last iteration reloads its own group rather than reading past the loop's steps)."""
+    n_groups = count // cfg.unroll
+
+    def steps(k):
+        return [step_of(k * cfg.unroll + i) for i in range(cfg.unroll)]
+
+    def run(k, loaded, carry):
+        for t, inputs in zip(steps(k), loaded):
             carry = body(t, inputs, carry)
         return carry
 
-    return lax.fori_loop(0, count // cfg.unroll, group, carry)
+    if not cfg.prefetch:
+        return lax.fori_loop(0, n_groups, lambda k, carry: run(k, [load(t) for t in steps(k)], carry), carry)
+
+    def group(k, state):
+        carry, loaded = state
+        ahead = [load(t) for t in steps(jnp.minimum(k + 1, n_groups - 1))]
+        return run(k, loaded, carry), ahead
+
+    return lax.fori_loop(0, n_groups, group, (carry, [load(t) for t in steps(0)]))[0]
 
 
 def _optional_inputs(specs, D, z, bias):
@@ -182,7 +199,7 @@ def _forward_kernel(cfg: _Config, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, *rest = refs
     D_ref, z_ref, bias_ref = _optional(rest[:-3], (cfg.has_D, cfg.has_z, cfg.has_bias))
     out_ref, last_ref, ckpt_ref = rest[-3:]
-    A, D, bias = _channel_constants(cfg, A_ref, D_ref, bias_ref)
+    A2, D, bias = _channel_constants(cfg, A_ref, D_ref, bias_ref)
 
     def load(t):
         return (_row(delta_ref, t), _row(u_ref, t), _column(cfg, B_ref, t), _column(cfg, C_ref, t),
@@ -190,7 +207,7 @@ def _forward_kernel(cfg: _Config, *refs):
 
     def step(t, inputs, h):
         delta, u, B, C, z = inputs
-        _, dt, decay = _step_inputs(cfg, t, delta, bias, A)
+        _, dt, decay = _step_inputs(cfg, t, delta, bias, A2)
         h = decay * h + B * (dt * u)
         y = jnp.sum(h * C, axis=0, keepdims=True)
         if cfg.has_D:
@@ -236,7 +253,7 @@ def _backward_kernel(cfg: _Config, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, ckpt_ref, dout_ref, dlast_ref, *rest = refs
     D_ref, z_ref, bias_ref = _optional(rest[:-10], (cfg.has_D, cfg.has_z, cfg.has_bias))
     du_ref, ddelta_ref, dz_ref, dA_ref, dB_ref, dC_ref, dD_ref, dbias_ref, dh0_ref, work_ref = rest[-10:]
-    A, D, bias = _channel_constants(cfg, A_ref, D_ref, bias_ref)
+    A2, D, bias = _channel_constants(cfg, A_ref, D_ref, bias_ref)
 
     def recompute_inputs(t):
         return _row(delta_ref, t), _row(u_ref, t), _column(cfg, B_ref, t)
@@ -244,7 +261,7 @@ def _backward_kernel(cfg: _Config, *refs):
     def recompute(start):
         def step(t, inputs, h):  # work[t - start] = the state before step t
             delta, u, B = inputs
-            _, dt, decay = _step_inputs(cfg, t, delta, bias, A)
+            _, dt, decay = _step_inputs(cfg, t, delta, bias, A2)
             work_ref[t - start] = h
             return decay * h + B * (dt * u)
         return step
@@ -258,7 +275,7 @@ def _backward_kernel(cfg: _Config, *refs):
     def reverse_step(t, inputs, carry):
         g, dA, dD, dbias = carry
         delta, u, B, C, h_prev, dy, zt = inputs                  # dy: d loss / d out, (1, P)
-        pre, dt, decay = _step_inputs(cfg, t, delta, bias, A)
+        pre, dt, decay = _step_inputs(cfg, t, delta, bias, A2)
         h = decay * h_prev + B * (dt * u)
         if cfg.has_z:
             gate = jax.nn.sigmoid(zt)
@@ -273,7 +290,7 @@ def _backward_kernel(cfg: _Config, *refs):
         _set_column(cfg, dB_ref, t, jnp.sum(g * (dt * u), axis=1, keepdims=True))
         dx = jnp.sum(g * B, axis=0, keepdims=True)               # d loss / d (dt u), (1, P)
         dlog = g * decay * h_prev                                # d loss / d (dt A), (n, P)
-        ddt = dx * u + jnp.sum(dlog * A, axis=0, keepdims=True)
+        ddt = dx * u + jnp.sum(dlog * A2, axis=0, keepdims=True) * LN2   # A = A2 ln 2
         dA = dA + dlog * dt
         du = du + dx * dt
         if cfg.softplus:
@@ -293,7 +310,7 @@ def _backward_kernel(cfg: _Config, *refs):
                               carry)
 
     row = jnp.zeros((1, cfg.block_dim), _F32)
-    g, dA, dD, dbias = lax.fori_loop(0, cfg.n_tiles, tile, (dlast_ref[...].astype(_F32), jnp.zeros_like(A), row, row))
+    g, dA, dD, dbias = lax.fori_loop(0, cfg.n_tiles, tile, (dlast_ref[...].astype(_F32), jnp.zeros_like(A2), row, row))
     dh0_ref[...] = g
     dA_ref[...] = dA
     dD_ref[...] = dD
@@ -363,16 +380,16 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
                           initial_state=None, tile=None, interpret=None, block_dim=MAX_BLOCK_DIM,
-                          num_warps=DEFAULT_NUM_WARPS, kernel=None, bc_rows=False, unroll=1):
+                          num_warps=DEFAULT_NUM_WARPS, kernel=None, bc_rows=False, unroll=1, prefetch=False):
     """ssm.scan.selective_scan's contract (channels-last u, delta, z (b, l, d); B, C (b, l, g, n)) on the
     Pallas kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen; for the TPU kernel at
     most pallas_scan_tpu.MAX_TILE, rounded up to a multiple of 16); interpret: run the kernels in the Pallas
     interpreter (default: on the CPU backend only). kernel: "triton" (GPU, this module) or "mosaic_tpu"
     (ssm/pallas_scan_tpu.py); default "mosaic_tpu" on a TPU backend, else "triton". block_dim (a power of two:
     the channels of one program, capped by the channels per B/C group), num_warps (per program), bc_rows (B and
-    C laid out (padded, n), one contiguous load per step, instead of (n, padded), n strided loads) and unroll (a
-    power of two: steps whose loads are issued together; capped to divide the tile) are the Triton kernel's
-    tuning knobs that experiments/bench/gpu_scan.py sweeps."""
+    C laid out (padded, n), one contiguous load per step, instead of (n, padded), n strided loads), unroll (a
+    power of two: steps whose loads are issued together; capped to divide the tile) and prefetch (loads issued one
+    group of steps ahead) are the Triton kernel's tuning knobs that experiments/bench/gpu_scan.py sweeps."""
     for name, value in (("block_dim", block_dim), ("unroll", unroll)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name}: expected a power of two, got {value}")
@@ -392,7 +409,8 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                   softplus=bool(delta_softplus),
                   interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
                   num_warps=int(num_warps), kernel=kernel, bc_rows=bool(bc_rows) and kernel == "triton",
-                  unroll=math.gcd(int(unroll), tile) if kernel == "triton" else 1)
+                  unroll=math.gcd(int(unroll), tile) if kernel == "triton" else 1,
+                  prefetch=bool(prefetch) and kernel == "triton")
     pad = cfg.padded - length
     rows = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # noqa: E731
     if kernel == "mosaic_tpu" or cfg.bc_rows:  # (b, g, Lp, n): a tile of B is a (tile, n) block
@@ -404,6 +422,8 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         h0 = jnp.zeros((batch, dstate, dim), _F32)
     else:
         h0 = jnp.swapaxes(initial_state.astype(_F32), 1, 2)
+    if kernel == "triton":  # every thread of a program reads a step's whole B and C columns: in fp32, rather than
+        B, C = B.astype(_F32), C.astype(_F32)  # each thread unpacking 2n bf16 values (a fifth of a forward step)
     args = _vary_alike(rows(u), rows(delta), A.T, cols(B), cols(C), chan(D), rows(z), chan(delta_bias), h0)
     out, last = _scan(cfg, *args)
     return out[:, :length], jnp.swapaxes(last, 1, 2)

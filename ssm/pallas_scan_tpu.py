@@ -43,10 +43,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ssm.pallas_scan import _F32, _optional, _optional_inputs, _out, _softplus, sum_per_group
+from ssm.pallas_scan import _F32, LOG2E, _optional, _optional_inputs, _out, _softplus, sum_per_group
 
 LANES = 128
-LOG2E = 1.4426950408889634
 FORWARD_UNROLL = 8  # steps per iteration of the forward step loops (static estimate: docs/GPU.md)
 # Steps per tile at most: the backward keeps a tile's states in VMEM, and a 128-step tile needs 19 MiB of scoped
 # VMEM, over the 16 MiB of a v5e / v5p (experiments/bench/tpu_compile.py reports RESOURCE_EXHAUSTED)

@@ -161,18 +161,19 @@ def test_gradients_match_reference(kernel, case):
 
 
 def test_tuning_knobs_compute_the_same_function():
-    """block_dim, num_warps, bc_rows and unroll (the GPU sweep's knobs) change the tiling, not the result; bad
-    block_dim / unroll named."""
+    """block_dim, num_warps, bc_rows, unroll and prefetch (the GPU sweep's knobs) change the tiling and the order of
+    the loads, not the result; bad block_dim / unroll named."""
     from ssm.pallas_scan import selective_scan_pallas
 
     k = to_jax(make_inputs(9, 2, 64, 4, 40, bc="g1", initial_state=True))
     u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
     args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], True)
     want_out, want_last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16)
-    for block_dim, num_warps, bc_rows, unroll in ((8, 1, False, 1), (64, 4, True, 4),
-                                                  (32, 1, False, 32)):  # unroll 32 > tile: one group per tile
+    for block_dim, num_warps, bc_rows, unroll, prefetch in (
+            (8, 1, False, 1, False), (64, 4, True, 4, False), (32, 1, False, 32, False),  # 32 > tile: 1 group a tile
+            (32, 1, True, 1, True), (16, 1, False, 4, True)):  # loads a step / group ahead, the last tile padded
         out, last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16, block_dim=block_dim,
-                                          num_warps=num_warps, bc_rows=bc_rows, unroll=unroll)
+                                          num_warps=num_warps, bc_rows=bc_rows, unroll=unroll, prefetch=prefetch)
         np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), **FWD_TOL)
         np.testing.assert_allclose(np.asarray(last), np.asarray(want_last), **FWD_TOL)
 
@@ -182,8 +183,10 @@ def test_tuning_knobs_compute_the_same_function():
             return jnp.sum(out * jnp.sin(out)) + jnp.sum(last)
         return jax.grad(loss, argnums=tuple(range(9)))(*args[:-1], k["initial_state"])
 
-    for want, got in zip(grads(), grads(bc_rows=True, block_dim=16, unroll=4)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **GRAD_TOL)
+    want = grads()
+    for knobs in (dict(bc_rows=True, block_dim=16, unroll=4), dict(unroll=2, prefetch=True)):
+        for expected, got in zip(want, grads(**knobs)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(expected), **GRAD_TOL, err_msg=str(knobs))
     with pytest.raises(ValueError, match="block_dim: expected a power of two, got 48"):
         selective_scan_pallas(*args, block_dim=48)
     with pytest.raises(ValueError, match="unroll: expected a power of two, got 3"):

@@ -1,7 +1,7 @@
 """GPU (or TPU) benchmark of the selective scan at Falcon Mamba 7B layer shapes (dim 8192, dstate 16, bf16 inputs).
 
     python -m experiments.bench.gpu_scan --out DIR [--lengths 2048 4096 8192 16384] [--batches 1 2 4 8]
-                                         [--variants TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows] ...] [--sweep]
+                                         [--variants TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf] ...] [--sweep]
 
 Measures in one run, forward and forward+backward: our impls ("chunked", "pallas") and mamba_ssm's CUDA
 selective_scan_fn (when it imports), plus the bytes-moved floor: inputs read once and outputs written once
@@ -10,10 +10,10 @@ dz, dB, dC written) over the device-to-device copy bandwidth measured in the sam
 each time over the floor and over mamba_ssm's, and writes DIR/gpu_scan.json.
 
 --variants sweeps the Pallas kernel's tuning knobs (ssm.pallas_scan.selective_scan_pallas: sequence tile,
-channels per program, warps per program, steps per load group (default 1), and ":rows" for B and C laid out
-(seqlen, n)) at the first batch and length, timing the kernel call alone on channels-last inputs (no layout
-transposes), forward and forward+backward. On a TPU the same command times the Mosaic kernels (only TILE matters there; mamba_ssm is
-absent).
+channels per program, warps per program, steps per load group (default 1), ":rows" for B and C laid out
+(seqlen, n), ":pf" for loads issued a group of steps ahead) at the first batch and length, timing the kernel call
+alone on channels-last inputs (no layout transposes), forward and forward+backward. On a TPU the same command times
+the Mosaic kernels (only TILE matters there; mamba_ssm is absent).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from experiments.timing import format_row, random_array, time_call, versions
 from ssm.scan import selective_scan_fn, to_channels_last
 
 DIM, DSTATE = 8192, 16
-# The Triton kernel's knobs that the GPU tier sweeps (--sweep), TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows]; also what
-# experiments/bench/triton_compile.py compiles offline by default.
-SWEEP_VARIANTS = ("64:32:1", "64:32:1:rows", "64:32:1:4:rows", "64:32:1:8:rows", "128:32:1:4:rows",
-                  "64:64:2:4:rows", "64:128:4:rows", "64:16:1:4:rows")
+# The Triton kernel's knobs that the GPU tier sweeps (--sweep), TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf]; also
+# what experiments/bench/triton_compile.py compiles offline by default.
+SWEEP_VARIANTS = ("64:32:1", "64:32:1:rows", "64:32:1:rows:pf", "16:32:1:rows:pf", "64:32:1:4:rows",
+                  "128:32:1:4:rows", "64:64:2:4:rows", "64:128:4:rows", "64:16:1:4:rows")
 
 
 def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
@@ -91,16 +91,19 @@ def time_mamba(kw: dict, backward: bool, repeats: int) -> float:
 
 
 def parse_variant(variant: str, name: str = "variant") -> dict:
-    """TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows] -> selective_scan_pallas's knobs (tile, block_dim, num_warps, unroll,
-    bc_rows)."""
+    """TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf] -> selective_scan_pallas's knobs (tile, block_dim, num_warps,
+    unroll, bc_rows, prefetch)."""
     parts = variant.split(":")
+    prefetch = parts[-1:] == ["pf"]
+    parts = parts[:-1] if prefetch else parts
     bc_rows = parts[-1:] == ["rows"]
     numbers = parts[:-1] if bc_rows else parts
     if len(numbers) not in (3, 4) or not all(p.isdigit() and int(p) > 0 for p in numbers):
         raise ValueError(f"{name}: expected TILE:BLOCK_DIM:NUM_WARPS[:UNROLL] positive integers, optionally :rows, "
-                         f"got {variant!r}")
+                         f"then optionally :pf, got {variant!r}")
     tile, block_dim, num_warps, unroll = (int(x) for x in numbers + ["1"] * (4 - len(numbers)))
-    return dict(tile=tile, block_dim=block_dim, num_warps=num_warps, unroll=unroll, bc_rows=bc_rows)
+    return dict(tile=tile, block_dim=block_dim, num_warps=num_warps, unroll=unroll, bc_rows=bc_rows,
+                prefetch=prefetch)
 
 
 def check_variants(parser: argparse.ArgumentParser, variants) -> None:
@@ -113,7 +116,8 @@ def check_variants(parser: argparse.ArgumentParser, variants) -> None:
 
 
 def time_variant(variant: str, kw: dict, backward: bool, repeats: int) -> float:
-    """The Pallas kernel alone with tuning knobs TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows], on channels-last inputs."""
+    """The Pallas kernel alone with tuning knobs TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf], on channels-last
+    inputs."""
     from ssm.pallas_scan import selective_scan_pallas
 
     knobs = parse_variant(variant)
@@ -146,7 +150,8 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--impls", nargs="+", default=["chunked", "pallas"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", nargs="*", default=[], metavar="TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows]",
+    parser.add_argument("--variants", nargs="*", default=[],
+                        metavar="TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf]",
                         help="Pallas tuning knobs to sweep at the first batch and length (kernel call alone)")
     parser.add_argument("--sweep", action="store_true", help=f"--variants {' '.join(SWEEP_VARIANTS)}")
     args = parser.parse_args(argv)

@@ -1,11 +1,15 @@
 """Compile the Pallas scan's Triton kernels for a GPU on a machine without one; report ptxas' resource counts.
 
-    python -m experiments.bench.triton_compile [--arch 90] [--variants TILE:BLOCK_DIM:NUM_WARPS[:rows] ...]
+    python -m experiments.bench.triton_compile [--arch 90]
+        [--variants TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf] ...]
 
 For each variant (default: the sweep of experiments/bench/gpu_scan.py) the forward and backward kernels are
 lowered for "cuda" at a 7B-layer channel block (bf16 inputs, D, z, delta_bias, softplus), their Triton IR is
 compiled by pip's triton down to a cubin for sm_ARCH, and ptxas' register, spill and shared-memory counts are
-printed. A kernel that cannot compile, or spills, shows here rather than in a 15-minute GPU lease.
+printed, with the SASS instruction count of each step loop (cuobjdump; the forward has one, the backward two: the
+recomputation and the reverse pass). A kernel that cannot compile, or spills, shows here rather than in a
+15-minute GPU lease; a step loop's instruction count is its issue cost, one warp instruction per cycle per
+scheduler, which bounds the kernel's speed where memory latency is hidden.
 
 How: JAX 0.10's Pallas Triton lowering leaves each kernel as Triton IR (MLIR bytecode) in the backend config of an
 XLA custom call (``__gpu$xla.gpu.triton``); this reads it out of a CPU-side lowering, prints it as text in a context
@@ -47,6 +51,7 @@ class CompiledKernel:
     spill_bytes: int     # spill stores + spill loads, per thread
     shared_bytes: int    # Triton's shared memory (layout conversions, reductions)
     ptx_lines: int
+    loop_instructions: tuple[int, ...]  # SASS instructions in each innermost loop, in code order (step loops)
 
 
 def kernel_irs(fn, *args, **kwargs) -> list[KernelIR]:
@@ -97,12 +102,29 @@ def compile_kernel(kernel: KernelIR, arch: int) -> CompiledKernel:
         ptx = compiled.asm["ptx"]
         Path(tmp, "k.ptx").write_text(ptx)
         suffix = "a" if arch >= 90 else ""
-        report = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", "-o",
-                                 str(Path(tmp, "k.cubin")), str(Path(tmp, "k.ptx"))],
-                                capture_output=True, text=True, check=True).stderr
+        ptxas = get_ptxas(arch).path
+        report = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", "-o", str(Path(tmp, "k.cubin")),
+                                 str(Path(tmp, "k.ptx"))], capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([str(Path(ptxas).with_name("cuobjdump")), "-sass", str(Path(tmp, "k.cubin"))],
+                              capture_output=True, text=True, check=True).stdout
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-    return CompiledKernel(kernel.name, registers, spills, compiled.metadata.shared, ptx.count("\n"))
+    return CompiledKernel(kernel.name, registers, spills, compiled.metadata.shared, ptx.count("\n"),
+                          innermost_loop_sizes(sass))
+
+
+def innermost_loop_sizes(sass: str) -> tuple[int, ...]:
+    """Instruction counts of the innermost loops in cuobjdump's SASS listing: a loop is a branch back to a lower
+    address, innermost when no other loop lies inside it. In these kernels the innermost loops are the step loops
+    (one step, or one group of ``unroll`` steps, per iteration), so their size is the issue cost of a step."""
+    addresses = [int(a, 16) for a in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+\S", sass, flags=re.M)]
+    loops = [(int(target, 16), int(at, 16))
+             for at, target in re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+0x([0-9a-f]+)",
+                                          sass, flags=re.M)
+             if int(target, 16) < int(at, 16)]
+    innermost = [(start, end) for start, end in loops
+                 if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in loops)]
+    return tuple(sum(start <= a <= end for a in addresses) for start, end in sorted(innermost))
 
 
 def scan_kernels(variant: str, *, length: int = 256, groups: int = 1, dim: int | None = None) -> list[KernelIR]:
@@ -130,7 +152,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--variants", nargs="+", default=list(SWEEP_VARIANTS),
-                        metavar="TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows]")
+                        metavar="TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf]")
     args = parser.parse_args(argv)
     check_variants(parser, args.variants)
     import triton
@@ -140,7 +162,8 @@ def main(argv=None):
         for kernel in scan_kernels(variant):
             c = compile_kernel(kernel, args.arch)
             print(format_row(dict(variant=variant, kernel=c.name, warps=kernel.num_warps, registers=c.registers,
-                                  spill_bytes=c.spill_bytes, shared_bytes=c.shared_bytes, ptx_lines=c.ptx_lines)))
+                                  spill_bytes=c.spill_bytes, shared_bytes=c.shared_bytes, ptx_lines=c.ptx_lines,
+                                  step_loop_instructions="/".join(map(str, c.loop_instructions)))))
 
 
 if __name__ == "__main__":
