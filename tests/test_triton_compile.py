@@ -41,6 +41,16 @@ def test_step_loops_issue_no_more_instructions_than_measured():
     assert 120 < recompute < 180 and 600 < reverse < 830, backward
 
 
+def test_prefetch_compiles_without_spills():
+    """":pf" (loads carried one step ahead): both kernels compile without spills, the forward's step loop one step
+    long (the loads of the next step, not a second step's arithmetic: under 1.3x the plain loop's instructions)."""
+    prefetch, plain = compiled("64:32:1:rows:pf"), compiled("64:32:1:rows")
+    for kernel in prefetch.values():
+        assert kernel.spill_bytes == 0, kernel
+    assert plain["selective_scan_fwd"].loop_instructions[0] < prefetch["selective_scan_fwd"].loop_instructions[0] \
+        < 1.3 * plain["selective_scan_fwd"].loop_instructions[0]
+
+
 def test_grouped_loads_compile_unrolled():
     """unroll=4 (grouped loads): both kernels compile, their loop bodies four steps long (the PTX of each more
     than twice the one-step kernel's), the forward without spills."""
