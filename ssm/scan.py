@@ -27,8 +27,11 @@ Implementations (``impl``), all computing the same function and checked against 
     only the state at chunk boundaries: O(batch x seqlen x dim + batch x seqlen/chunk x dim x dstate).
   * "pallas": Pallas kernels, Triton on GPU (ssm/pallas_scan.py) and Mosaic on TPU (ssm/pallas_scan_tpu.py,
     which needs dim // groups a multiple of 128): the fp32 state on chip, the sequence walked in tiles of
-    ``chunk_size`` steps (at most 64 on TPU, for VMEM); the custom VJP keeps only the state at tile boundaries
-    and recomputes inside each tile. Runs in the Pallas interpreter on CPU (slow: for tests).
+    ``chunk_size`` steps, at most the kernels' DEFAULT_TILE (64: the backward holds a tile's states, in VMEM on a
+    TPU, in a per-program workspace on a GPU that at 64 steps stays within an H100's L2 at 7B shapes; the
+    chunked scan's 256 would not); the custom VJP keeps only the state at tile boundaries and recomputes inside
+    each tile (``ssm.pallas_scan.selective_scan_pallas(tile=)`` sets a tile past that, for benchmarks). Runs in
+    the Pallas interpreter on CPU (slow: for tests).
   * "auto": "sequential" on CPU, "chunked" on GPU/TPU.
 
 Channels are split into ``groups`` blocks of ``dim // groups`` consecutive channels sharing B and C
@@ -50,7 +53,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from runtime.partitioning import traced_axes
-from ssm.pallas_scan import selective_scan_pallas
+from ssm.pallas_scan import DEFAULT_TILE, selective_scan_pallas
 
 IMPLS = ("auto", "reference", "sequential", "chunked", "pallas")
 DEFAULT_CHUNK_SIZE = 256
@@ -278,7 +281,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     impl = resolve_impl(impl)
     if impl == "pallas":
-        return _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, chunk_size)
+        tile = min(chunk_size or DEFAULT_TILE, DEFAULT_TILE)
+        return _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tile)
     batch, length, dim = u.shape
     groups, dstate = B.shape[2], B.shape[3]
     per_group = dim // groups

@@ -241,6 +241,19 @@ def test_backward_saves_only_tile_boundary_states(kernel, dim):
     assert max(sizes) < batch * seqlen * dim * dstate, sizes
 
 
+def test_chunk_size_past_the_kernel_tile_is_capped():
+    """selective_scan's chunk_size (the models pass scan_chunk_size, 256, tuned for "chunked") is capped at the
+    kernels' DEFAULT_TILE for impl="pallas": the forward saves (batch, seqlen / 64, dstate, dim) states at seqlen
+    256, not one tile's."""
+    from ssm.pallas_scan import DEFAULT_TILE
+
+    batch, dim, dstate, seqlen = 1, 8, 4, 256
+    kwargs = to_jax(make_inputs(3, batch, dim, dstate, seqlen))
+    text = str(jax.make_jaxpr(lambda u: selective_scan_fn(**{**kwargs, "u": u}, impl="pallas", chunk_size=256))(
+        kwargs["u"]))
+    assert f"f32[{batch},{seqlen // DEFAULT_TILE},{dstate},{dim}]" in text, text[-2000:]
+
+
 SHARD_SCRIPT = textwrap.dedent("""
     import os
     import jax, jax.numpy as jnp, numpy as np
