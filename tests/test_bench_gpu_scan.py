@@ -47,6 +47,25 @@ def test_variant_computes_what_selective_scan_fn_does(monkeypatch):
                                np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)  # bf16 outputs
 
 
+def test_main_writes_the_table_and_the_sweep(monkeypatch, tmp_path, capsys):
+    """main() end to end with time_call stubbed (nothing is timed on a CPU): the table against the floor first, then
+    the sweep, both in gpu_scan.json, which is rewritten after every row (a run cut short keeps its rows)."""
+    import json
+
+    monkeypatch.setattr(gpu_scan, "DIM", 16)
+    monkeypatch.setattr(gpu_scan.jax, "default_backend", lambda: "gpu")
+    calls = []
+    monkeypatch.setattr(gpu_scan, "time_call", lambda fn, args, repeats, **kw: calls.append(fn) or 1e-3)
+    gpu_scan.main(["--out", str(tmp_path), "--lengths", "16", "--batches", "1", "--variants", "16:8:1", "16:8:1:pf"])
+    result = json.loads((tmp_path / "gpu_scan.json").read_text())
+    assert [(r["pass_"], set(r) >= {"chunked_s", "pallas_s"}) for r in result["rows"]] == [("fwd", True),
+                                                                                           ("fwd+bwd", True)]
+    assert [(r["variant"], r["pass_"]) for r in result["pallas_sweep"]] == [
+        ("16:8:1", "fwd"), ("16:8:1:pf", "fwd"), ("16:8:1", "fwd+bwd"), ("16:8:1:pf", "fwd+bwd")]
+    out = capsys.readouterr().out
+    assert out.index("times as ratios") < out.index("Pallas kernel sweep")
+
+
 def test_cli_checks(capsys):
     with pytest.raises(SystemExit):
         gpu_scan.main(["--out", "x", "--variants", "64:32"])

@@ -164,21 +164,15 @@ def main(argv=None):
     bandwidth = copy_bandwidth()
     with_mamba = mamba_available()
     rows, sweep = [], []
-    if args.variants:
-        batch, length = args.batches[0], args.lengths[0]
-        kw = inputs(batch, length)
-        for backward in (False, True):
-            for variant in args.variants:
-                row = dict(batch=batch, length=length, pass_="fwd+bwd" if backward else "fwd", variant=variant,
-                           floor_s=floor_bytes(batch, length, backward) / bandwidth)
-                try:
-                    row["pallas_kernel_s"] = time_variant(variant, kw, backward, args.repeats)
-                except Exception as error:  # noqa: BLE001 - recorded in the results, the sweep goes on
-                    row["pallas_kernel_error"] = f"{type(error).__name__}: {error}"[:500]
-                sweep.append(row)
-                print(format_row(row), flush=True)
-        del kw
-    for batch in args.batches:
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every row: a run cut short by its time limit keeps what it measured
+        result = dict(versions=versions(), dim=DIM, dstate=DSTATE, copy_bandwidth_bytes_per_s=bandwidth,
+                      mamba_ssm=with_mamba, rows=rows, pallas_sweep=sweep,
+                      date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
+        (args.out / "gpu_scan.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    for batch in args.batches:  # the table against mamba_ssm first, the sweep after it
         for length in args.lengths:
             kw = inputs(batch, length)
             for backward in (False, True):
@@ -192,8 +186,24 @@ def main(argv=None):
                     except Exception as error:  # noqa: BLE001 - recorded in the results, the run goes on
                         row[f"{impl}_error"] = f"{type(error).__name__}: {error}"[:500]
                 rows.append(row)
+                save()
                 print(format_row(row), flush=True)
             del kw
+    if args.variants:
+        batch, length = args.batches[0], args.lengths[0]
+        kw = inputs(batch, length)
+        for backward in (False, True):
+            for variant in args.variants:
+                row = dict(batch=batch, length=length, pass_="fwd+bwd" if backward else "fwd", variant=variant,
+                           floor_s=floor_bytes(batch, length, backward) / bandwidth)
+                try:
+                    row["pallas_kernel_s"] = time_variant(variant, kw, backward, args.repeats)
+                except Exception as error:  # noqa: BLE001 - recorded in the results, the sweep goes on
+                    row["pallas_kernel_error"] = f"{type(error).__name__}: {error}"[:500]
+                sweep.append(row)
+                save()
+                print(format_row(row), flush=True)
+        del kw
     names = (["mamba_ssm"] if with_mamba else []) + list(args.impls)
     print(f"\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s; times as ratios (lower is better)")
     print(f"{'batch':>5} {'len':>6} {'pass':>8} " + " ".join(f"{n + '/floor':>16}" for n in names)
@@ -212,10 +222,7 @@ def main(argv=None):
             ms = f"{row['pallas_kernel_s'] * 1e3:9.3f}" if "pallas_kernel_s" in row else f"{'error':>9}"
             ratio = f"{row['pallas_kernel_s'] / row['floor_s']:8.2f}" if "pallas_kernel_s" in row else ""
             print(f"{row['variant']:>14} {row['pass_']:>8} {ms} {ratio}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = dict(versions=versions(), dim=DIM, dstate=DSTATE, copy_bandwidth_bytes_per_s=bandwidth,
-                  mamba_ssm=with_mamba, rows=rows, pallas_sweep=sweep, date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
-    (args.out / "gpu_scan.json").write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(f"wrote {args.out / 'gpu_scan.json'}")
 
 
