@@ -53,9 +53,10 @@ def test_main_writes_the_table_and_the_sweep(monkeypatch, tmp_path, capsys):
     import json
 
     monkeypatch.setattr(gpu_scan, "DIM", 16)
-    monkeypatch.setattr(gpu_scan.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(gpu_scan, "TIMED_BACKENDS", ("cpu",))
     calls = []
     monkeypatch.setattr(gpu_scan, "time_call", lambda fn, args, repeats, **kw: calls.append(fn) or 1e-3)
+    monkeypatch.setattr(gpu_scan, "versions", lambda: {})
     gpu_scan.main(["--out", str(tmp_path), "--lengths", "16", "--batches", "1", "--variants", "16:8:1", "16:8:1:pf"])
     result = json.loads((tmp_path / "gpu_scan.json").read_text())
     assert [(r["pass_"], set(r) >= {"chunked_s", "pallas_s"}) for r in result["rows"]] == [("fwd", True),

@@ -31,6 +31,7 @@ from experiments.timing import format_row, random_array, time_call, versions
 from ssm.scan import selective_scan_fn, to_channels_last
 
 DIM, DSTATE = 8192, 16
+TIMED_BACKENDS = ("gpu", "tpu")  # where main() runs (a test adds "cpu", with the timer stubbed)
 # The Triton kernel's knobs that the GPU tier sweeps (--sweep), TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf]; also
 # what experiments/bench/triton_compile.py compiles offline by default.
 SWEEP_VARIANTS = ("64:32:1", "64:32:1:rows", "64:32:1:rows:pf", "16:32:1:rows:pf", "64:32:1:4:rows",
@@ -158,7 +159,7 @@ def main(argv=None):
     if args.sweep:
         args.variants = list(SWEEP_VARIANTS) + args.variants
     check_variants(parser, args.variants)
-    if jax.default_backend() not in ("gpu", "tpu"):
+    if jax.default_backend() not in TIMED_BACKENDS:
         raise SystemExit(f"backend: expected a GPU or TPU (this benchmark times kernels at 7B shapes), got "
                          f"{jax.default_backend()!r}")
     bandwidth = copy_bandwidth()
