@@ -164,11 +164,11 @@ def main(argv=None):
                          f"{jax.default_backend()!r}")
     bandwidth = copy_bandwidth()
     with_mamba = mamba_available()
-    rows, sweep = [], []
+    rows, sweep, environment = [], [], versions()
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save():  # after every row: a run cut short by its time limit keeps what it measured
-        result = dict(versions=versions(), dim=DIM, dstate=DSTATE, copy_bandwidth_bytes_per_s=bandwidth,
+        result = dict(versions=environment, dim=DIM, dstate=DSTATE, copy_bandwidth_bytes_per_s=bandwidth,
                       mamba_ssm=with_mamba, rows=rows, pallas_sweep=sweep,
                       date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
         (args.out / "gpu_scan.json").write_text(json.dumps(result, indent=2) + "\n")
