@@ -40,7 +40,7 @@ from jax.experimental.pallas import triton as pl_triton
 DEFAULT_TILE = 64
 MAX_BLOCK_DIM = 32
 _F32 = jnp.float32
-# The kernels' decay is exp2(dt A log2 e): on a GPU one MUFU.EX2, where exp is ~9 instructions (as mamba_ssm's kernel)
+# The kernels' exponentials are exp2 (_exp); the decay's A is scaled by LOG2E once per program
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 DEFAULT_NUM_WARPS = 1
 KERNELS = ("triton", "mosaic_tpu")
