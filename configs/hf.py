@@ -139,7 +139,9 @@ def _falcon_from_hf(hf: Mapping[str, Any], model_type: str) -> FalconConfig:
                    "num_ln_in_parallel_attn", "ffn_hidden_size", "layer_norm_epsilon", "max_position_embeddings",
                    "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range"}
     # Other keys (use_cache, dropout, architectures, torch_dtype, ...) carry no math and are not ours to reject.
-    kwargs.update({key: value for key, value in hf.items() if key in passthrough and value is not None})
+    # null means "derive it" for the sizes, but "no such token" for a token id (transformers keeps the None)
+    kwargs.update({key: value for key, value in hf.items()
+                   if key in passthrough and (value is not None or key.endswith("_token_id"))})
     if model_type == "RefinedWeb" and not kwargs["new_decoder_architecture"]:
         raise ConfigError("config.json new_decoder_architecture: expected true for model_type 'RefinedWeb', got false")
     kwargs.update(_falcon_rope(hf))
@@ -228,6 +230,10 @@ def model_config_to_hf(config: Any) -> dict[str, Any]:
             "activation": "gelu",
             "layer_norm_epsilon": config.layer_norm_epsilon,
             "rope_parameters": rope,
+            # transformers 4.x reads rope_theta and rope_scaling instead (Falcon2-11B's theta 500042 included)
+            "rope_theta": config.rope_theta,
+            **({"rope_scaling": {"type": config.rope_scaling_type, "factor": config.rope_scaling_factor}}
+               if config.rope_scaling_type else {}),
             "max_position_embeddings": config.max_position_embeddings,
             "tie_word_embeddings": config.tie_word_embeddings,
             "bos_token_id": config.bos_token_id,

@@ -131,6 +131,8 @@ def to_dict(config: Any) -> dict[str, Any]:
     if type(config) in MODEL_CONFIGS.values():
         out["family"] = config.family
     for f in dataclasses.fields(config):
+        if not f.init:  # bookkeeping such as FalconConfig.derived, not a setting
+            continue
         value = getattr(config, f.name)
         out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
     return out
@@ -210,11 +212,14 @@ def load_model_config(name_or_path: str | Path, overrides: list[str] | tuple[str
 
 
 def replace(config: Any, **changes: Any) -> Any:
-    """dataclasses.replace with the same key checks and nearest-name messages as the loader."""
+    """dataclasses.replace with the same key checks and nearest-name messages as the loader. Fields the config
+    derived from others (FalconConfig's num_kv_heads, ffn_hidden_size, ... left None) are derived again from the
+    changed ones, unless changed themselves."""
     data = to_dict(config)
     for key in changes:
         if key not in data:
             raise ConfigError(f"unknown config key {key!r}{_nearest(key, list(data))}")
+    data.update({name: None for name in getattr(config, "derived", ())})
     data.update(changes)
     if type(config) in MODEL_CONFIGS.values():
         return model_config_from_dict(data, prefix="")

@@ -8,6 +8,7 @@ name the field, what was expected and what came.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -68,7 +69,10 @@ class FalconMambaConfig:
     pad_token_id: int | None = 11
     bos_token_id: int | None = 0
     eos_token_id: int | None = 11
-    # Initialisation (mamba_ssm's scheme); used when a model is built from scratch.
+    # Initialisation, used when a model is built from scratch: mamba_ssm's scheme (the time_step_* fields for
+    # dt_proj, rescale_prenorm_residual for out_proj; embeddings N(0, 0.02), as mamba_ssm's _init_weights).
+    # initializer_range is transformers' field (its own init draws the embeddings and Linear layers from
+    # N(0, initializer_range)), carried through config.json import/export and not used by ours.
     initializer_range: float = 0.1
     time_step_scale: float = 1.0
     time_step_min: float = 1e-3
@@ -155,8 +159,13 @@ class FalconConfig:
     param_dtype: str = "float32"
     attention_impl: str = "auto"
     attention_block_size: int = 1024
+    # The fields above that were None and got their derived value (configs.loader.replace derives them anew).
+    derived: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "derived", tuple(name for name in ("num_kv_heads", "num_ln_in_parallel_attn",
+                                                                    "ffn_hidden_size")
+                                                  if getattr(self, name) is None))
         _positive_int(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                       "max_position_embeddings", "attention_block_size")
         heads = self.num_attention_heads
@@ -256,6 +265,11 @@ def merged_rules(rules: dict[str, Any] | None) -> dict[str, tuple[str, ...]]:
     replicated) applied on top; every value checked."""
     merged = dict(DEFAULT_SHARDING_RULES)
     for logical, axes in (rules or {}).items():
+        if logical not in DEFAULT_SHARDING_RULES:  # a misspelled axis would be a rule nothing reads
+            close = difflib.get_close_matches(str(logical), list(DEFAULT_SHARDING_RULES), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config field 'rules.{logical}': expected a logical axis, one of "
+                              f"{list(DEFAULT_SHARDING_RULES)}, got {logical!r}{hint}")
         axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
         _require(isinstance(axes, (list, tuple)) and all(a in MESH_AXES for a in axes)
                  and len(set(axes)) == len(axes), f"rules.{logical}",

@@ -5,7 +5,8 @@
 
 Loads the run's checkpoint (default: the newest) and its config.yaml, draws ``--sequences`` sequences of the
 run's task (data.task, data.seq_len, data.num_items; key=value overrides change them, e.g. a longer
-data.seq_len) from seeds no training batch uses, and compares argmax of the logits with the targets wherever
+data.seq_len) from seeds no training batch uses (for data.task "bytes", which reads its corpus rather than a
+seed, from text the run did not train on: data.text_dir=DIR is required), and compares argmax of the logits with the targets wherever
 the task's loss mask is set. Prints and returns {"token_accuracy", "sequence_accuracy" (every masked token of
 the sequence right), "sequences", "tokens", "task", "seq_len", "step"}; ``--json PATH`` also writes it.
 """
@@ -28,6 +29,17 @@ from experiments.train import load_trained_model
 
 # Evaluation batches are drawn with seed run.seed + EVAL_SEED_OFFSET: never a (seed, step) of a training batch.
 EVAL_SEED_OFFSET = 1_000_003
+
+
+def check_held_out(trained, evaluated) -> None:
+    """The seed offset keeps the synthetic tasks' evaluation sequences out of training; the bytes task reads
+    its corpus whatever the seed, and a run trains on all of it: its evaluation needs other text."""
+    if evaluated.task == "bytes" and (evaluated.text_dir, evaluated.text_glob) == (trained.text_dir,
+                                                                                  trained.text_glob):
+        raise ConfigError(f"config field 'data.text_dir': the bytes task trains on every byte of its corpus, so "
+                          f"held-out text must come from elsewhere: expected a data.text_dir (or data.text_glob) "
+                          f"other than the run's, got the run's own {evaluated.text_dir!r} / "
+                          f"{evaluated.text_glob!r}")
 
 
 def masked_accuracy(model, data_config, *, sequences: int, batch_size: int, seed: int) -> dict:
@@ -69,8 +81,13 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: overrides: expected data.KEY=VALUE items, got {bad}")
     try:
         model, step = load_trained_model(args.output_dir, args.step)  # checks that output_dir is a run
+        trained = load_config(Path(args.output_dir) / "config.yaml", [])
         run = load_config(Path(args.output_dir) / "config.yaml", args.overrides)
     except (ConfigError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}")
+    try:
+        check_held_out(trained.data, run.data)
+    except ConfigError as err:
         raise SystemExit(f"error: {err}")
     result = masked_accuracy(model, run.data, sequences=args.sequences, batch_size=args.batch_size,
                              seed=run.seed + EVAL_SEED_OFFSET)

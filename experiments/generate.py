@@ -52,9 +52,12 @@ def main(argv=None) -> None:
     if (Path(args.path) / "config.yaml").is_file():
         from experiments.train import load_trained_model
 
-        model, step = load_trained_model(args.path, args.step)
+        model, step = load_trained_model(args.path, args.step, args.compute_dtype)
         print(f"[loaded checkpoint step {step} of {args.path}]", file=sys.stderr)
     else:
+        if args.step is not None:
+            raise SystemExit(f"--step: expected only with a training run's output_dir (config.yaml + checkpoints/), "
+                             f"got {args.step} with {args.path!r}, which has no config.yaml")
         overrides = {"compute_dtype": args.compute_dtype} if args.compute_dtype else {}
         model = load_pretrained(args.path, **overrides)
     tokenizer = None

@@ -378,7 +378,13 @@ def parse_argv(argv: list[str]) -> tuple[str, list[str], dict, bool]:
             raise ConfigError(f"argument {item!r}: expected key=value")
         if key in OPTIONS:
             key = "seq_len" if key == "seq" else key
-            options[key] = int(value) if key in ("devices", "batch", "seq_len", "chunk") else value
+            if key in ("devices", "batch", "seq_len", "chunk"):
+                try:
+                    options[key] = int(value)
+                except ValueError:
+                    raise ConfigError(f"option {key!r}: expected an integer, got {value!r}") from None
+            else:
+                options[key] = value
         else:
             overrides.append(item)
     return argv[0], overrides, options, as_json

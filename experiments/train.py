@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import yaml
 from flax import nnx
@@ -101,6 +102,45 @@ class _StopFlag:
     def __call__(self, signum, frame):
         self.requested = True
 
+    def agreed(self) -> bool:
+        """Whether any process got SIGTERM: every process asks at every step boundary, so all of them stop at the
+        same step (one stopping alone would leave the others waiting in the next step's collectives, and its
+        checkpoint save, itself collective, would never complete). A scalar all-gather: the loop already waits
+        for each step's metrics."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+# Model fields a resumed run may change: how the same parameters are computed with, not what they are.
+RESUMABLE_MODEL_FIELDS = ("compute_dtype", "scan_impl", "scan_chunk_size", "attention_impl", "attention_block_size")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume(previous: RunConfig, run: RunConfig, output_dir) -> None:
+    """A resumed run continues its checkpoint's model on the same data stream: seed, data.* and the model's
+    fields (but RESUMABLE_MODEL_FIELDS) must equal those in the run's config.yaml. steps, optim, mesh,
+    logging and checkpointing may change (steps= raised resumes a run into its decay; any mesh restores)."""
+    before, after = _flat(_plain(to_dict(previous))), _flat(_plain(to_dict(run)))
+    for key in sorted(set(before) | set(after), key=lambda k: (k != "seed", k)):
+        section, _, name = key.partition(".")
+        fixed = key == "seed" or section == "data" or (section == "model" and name not in RESUMABLE_MODEL_FIELDS)
+        if fixed and before.get(key) != after.get(key):
+            raise ConfigError(f"config field '{key}': resuming {str(output_dir)!r} needs the value its checkpoints "
+                              f"were trained with, {before.get(key)!r}; got {after.get(key)!r} (a new output_dir "
+                              f"starts a new run)")
+
 
 class Setup(NamedTuple):
     """What the training loop needs, built from the config alone (nothing is computed on devices yet)."""
@@ -163,11 +203,13 @@ def train(run: RunConfig) -> list[dict]:
     setup = prepare(run)
     state_shardings, b_sharding = setup.state_shardings, setup.batch_sharding
     output_dir = Path(run.output_dir)
+    checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
+    start = checkpointer.latest_step()
+    if start is not None and (output_dir / "config.yaml").is_file():
+        check_resume(load_config(output_dir / "config.yaml", []), run, output_dir)
     if jax.process_index() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
-    checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
-    start = checkpointer.latest_step()
     if start is None:
         start = 0
         state = jax.jit(setup.init_state, out_shardings=state_shardings)()
@@ -182,8 +224,10 @@ def train(run: RunConfig) -> list[dict]:
     logged, last_saved, tokens = [], start, 0
     try:
         last_time = time.perf_counter()
+        stopping = False
         for step in range(start, run.steps):
-            if stop.requested:
+            if stop.agreed():
+                stopping = True
                 break
             host_batch = data_lib.batch_at(run.data, run.model.vocab_size, run.seed, step)
             batch = {name: put_global_batch(array, b_sharding) for name, array in host_batch.items()}
@@ -214,7 +258,7 @@ def train(run: RunConfig) -> list[dict]:
         done = int(jax.device_get(state["step"]))
         if done != last_saved:
             checkpointer.save(done, state, {"step": done, "task": run.data.task, "seed": run.seed})
-        if stop.requested:
+        if stopping:
             print(f"SIGTERM: saved checkpoint step {done} in {output_dir / 'checkpoints'}; stopping", flush=True)
     finally:
         checkpointer.wait()
@@ -224,23 +268,25 @@ def train(run: RunConfig) -> list[dict]:
     return logged
 
 
-def load_trained_model(output_dir: str | Path, step: int | None = None):
+def load_trained_model(output_dir: str | Path, step: int | None = None, compute_dtype: str | None = None):
     """The model of a training run's output_dir at checkpoint ``step`` (default: the newest), on the local
-    devices whatever mesh it was trained on. Returns (model, step)."""
+    devices whatever mesh it was trained on, computing in ``compute_dtype`` (default: the run's). Returns
+    (model, step)."""
     output_dir = Path(output_dir)
     config_path = output_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"output_dir: {str(output_dir)!r} has no config.yaml (not a training run)")
-    run = load_config(config_path, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "distributed.initialize=false"])
+    run = load_config(config_path, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "distributed.initialize=false"]
+                      + ([f"model.compute_dtype={compute_dtype}"] if compute_dtype else []))
     checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"output_dir: {str(output_dir)!r} has no checkpoint yet")
     setup = prepare(run)
-    target = abstract_with_shardings(jax.eval_shape(setup.init_state), setup.state_shardings)
-    state, _ = checkpointer.restore(step, target)
+    abstract = jax.eval_shape(setup.init_state)["params"]
+    params = checkpointer.restore_params(step, abstract_with_shardings(abstract, setup.state_shardings["params"]))
     checkpointer.close()
-    return nnx.merge(setup.graphdef, unflatten_params(state["params"], setup.structure)), step
+    return nnx.merge(setup.graphdef, unflatten_params(params, setup.structure)), step
 
 
 def _plain(value):

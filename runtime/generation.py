@@ -133,6 +133,8 @@ def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.
     """Decodes up to max_new_tokens in one jit-compiled loop from a prefilled (logits, state): prefill's
     last-position logits (batch, vocab) and its DecodeState (a KV cache needs room for max_new_tokens more)."""
     sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens)
+    model._check_state(state, logits.shape[0])
+    model._check_fits(state, max_new_tokens, name="max_new_tokens")  # the loop's writes past the cache would clamp
     return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)
 
 

@@ -265,19 +265,37 @@ def read_config(path, expected_cls, overrides: Mapping[str, Any]):
     return loader.replace(config, **overrides) if overrides else config
 
 
+def check_all_tensors_used(tensors: Mapping[str, Any], specs: list[WeightSpec], config, source: str) -> None:
+    """Refuses a checkpoint holding tensors that no spec reads: the sign of a config that does not describe it
+    (a missing num_hidden_layers falling back to its default, say), which would otherwise load a cut-down model.
+    Ignored, as transformers ignores them: rotary inv_freq buffers, and lm_head.weight when the config ties the
+    output projection to the embeddings."""
+    used = {_tensor_name(tensors, spec, source) for spec in specs}
+    left = sorted(name for name in set(tensors) - used if not name.endswith(".rotary_emb.inv_freq")
+                  and not (name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)))
+    if left:
+        shown = ", ".join(repr(n) for n in left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
+        raise CheckpointError(f"{source}: {len(left)} tensor(s) that the config does not use: {shown}; "
+                              f"does config.json describe this checkpoint (num_hidden_layers "
+                              f"{getattr(config, 'num_hidden_layers', '?')})?")
+
+
 def load_directory(path, config_cls, model_cls, weight_specs, param_axes, *, mesh=None, rules=None,
                    shardings=None, overrides: Mapping[str, Any], check_tensors=None) -> Any:
     """A family's from_pretrained: the config of a local HF directory (``read_config``), the model built
     abstractly (nnx.eval_shape: no random init), then each parameter read tensor by tensor from memory maps
     straight into its device array, placed as ``resolve_shardings`` says with the family's
-    ``param_axes(config, mesh, rules)`` table. ``check_tensors(tensors, config, source)`` may reject a
-    checkpoint before anything is read."""
+    ``param_axes(config, mesh, rules)`` table. A checkpoint with tensors the config does not use (more layers
+    than num_hidden_layers, say) is refused before anything is read (``check_all_tensors_used``), as is one that
+    ``check_tensors(tensors, config, source)`` rejects."""
     config = read_config(Path(path), config_cls, overrides)
     model = nnx.eval_shape(lambda: model_cls(config))
     tensors = open_checkpoint_lazy(path)
+    specs = weight_specs(config)
+    check_all_tensors_used(tensors, specs, config, str(path))
     if check_tensors is not None:
         check_tensors(tensors, config, str(path))
-    load_weights_streaming(model, tensors, weight_specs(config),
+    load_weights_streaming(model, tensors, specs,
                            resolve_shardings(mesh, rules, shardings, param_axes(config, mesh, rules)),
                            source=str(path))
     return model

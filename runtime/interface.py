@@ -165,12 +165,17 @@ class CausalLM(nnx.Module):
     def state_capacity(self, state) -> int | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _check_fits(self, state, new_tokens: int) -> None:
+    def _check_state(self, state, batch: int) -> None:
+        if state is None or not isinstance(state, DecodeState) or state.lengths.shape != (batch,):
+            got = type(state).__name__ if not isinstance(state, DecodeState) else f"batch {state.lengths.shape[0]}"
+            raise ValueError(f"state: expected a DecodeState for batch {batch} from init_state, got {got}")
+
+    def _check_fits(self, state, new_tokens: int, name: str = "input_ids") -> None:
         capacity = self.state_capacity(state)
         if capacity is not None:
             used = int(jnp.max(state.lengths))
             if used + new_tokens > capacity:
-                raise ValueError(f"input_ids: {new_tokens} new tokens after {used} cached ones need {used + new_tokens}"
+                raise ValueError(f"{name}: {new_tokens} new tokens after {used} cached ones need {used + new_tokens}"
                                  f" positions, but the KV cache holds max_len={capacity}; init_state with a "
                                  f"larger max_len")
 
@@ -185,9 +190,7 @@ class CausalLM(nnx.Module):
         input_ids = check_token_ids(input_ids, self.config.vocab_size)
         batch, seq = input_ids.shape
         input_ids, row_lengths = normalize_padding(input_ids, attention_mask, lengths)
-        if state is None or not isinstance(state, DecodeState) or state.lengths.shape != (batch,):
-            got = type(state).__name__ if not isinstance(state, DecodeState) else f"batch {state.lengths.shape[0]}"
-            raise ValueError(f"state: expected a DecodeState for batch {batch} from init_state, got {got}")
+        self._check_state(state, batch)
         self._check_fits(state, seq)
         logits = jnp.zeros((batch, self.config.vocab_size), jnp.float32)
         for start, end in self._chunks(seq, chunk_size):
@@ -199,7 +202,8 @@ class CausalLM(nnx.Module):
         """One decode step: token_ids (batch,) -> (logits (batch, vocab), state); each row continues at its own
         length."""
         token_ids = check_token_ids(token_ids, self.config.vocab_size, name="token_ids", ndim=1)
-        self._check_fits(state, 1)
+        self._check_state(state, token_ids.shape[0])
+        self._check_fits(state, 1, name="token_ids")
         return _jit_step(self, token_ids, state)
 
     def log_likelihood(self, input_ids, chunk_size=None):
@@ -209,12 +213,12 @@ class CausalLM(nnx.Module):
         batch, length = input_ids.shape
         if length < 2:
             raise ValueError(f"input_ids: expected at least 2 tokens per row for a likelihood, got {length}")
-        state = self.init_state(batch, max_len=length)
+        chunks = [(start, end) for start, end in self._chunks(length, chunk_size) if start + 1 < length]
+        # one chunk: a plain forward, no state (and so no KV cache, which dynamic RoPE scaling cannot have)
+        state = None if len(chunks) == 1 else self.init_state(batch, max_len=length)
         pieces = []
-        for start, end in self._chunks(length, chunk_size):
+        for start, end in chunks:
             targets = input_ids[:, start + 1:end + 1]
-            if targets.shape[1] == 0:
-                break
             logp, state = _jit_chunk_log_likelihood(self, input_ids[:, start:end], targets, state)
             pieces.append(logp)
         return jnp.concatenate(pieces, axis=1)

@@ -167,6 +167,21 @@ def _silu64(x):
     return x / (1.0 + np.exp(-x))
 
 
+def mamba_state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus):
+    """mamba_ssm's Triton selective_state_update on ssm.selective_state_update's layout (torch tensors; state
+    updated in place). Its 3-D form takes only B, C (batch, dstate); grouped B, C (batch, groups, dstate), groups
+    of dim / groups channels, go through its head form with nheads = dim and headdim 1 (head h reads group
+    h // (nheads / groups)), on views of the same tensors."""
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+
+    if B.dim() == 2:
+        return selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus)
+    heads = lambda t: None if t is None else t.unsqueeze(-1)  # noqa: E731  (..., dim) -> (..., nheads, 1)
+    out = selective_state_update(state.unsqueeze(2), heads(x), heads(dt), A.unsqueeze(1), B, C, heads(D), heads(z),
+                                 heads(dt_bias), softplus)
+    return out.squeeze(-1)
+
+
 class CudaBackend:
     """mamba_ssm's selective_scan_fn and Triton selective_state_update, causal_conv1d's CUDA kernels."""
 
@@ -208,12 +223,10 @@ class CudaBackend:
         return {k: self._np(v.grad) for k, v in t.items()}
 
     def state_update(self, inputs, softplus, dtype):
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-
         state = self._t(inputs["state"], "float32")
         low = {k: self._t(v, dtype if k in ("x", "dt", "B", "C", "z") else "float32") for k, v in inputs.items()}
-        out = selective_state_update(state, low["x"], low["dt"], low["A"], low["B"], low["C"], low.get("D"),
-                                     low.get("z"), low.get("dt_bias"), softplus)
+        out = mamba_state_update(state, low["x"], low["dt"], low["A"], low["B"], low["C"], low.get("D"),
+                                 low.get("z"), low.get("dt_bias"), softplus)
         return dict(out=self._np(out), state=self._np(state))
 
     def conv_fn(self, inputs, activation, dtype):

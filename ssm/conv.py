@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 
 
-def causal_conv1d(x, weight, bias=None, state=None):
-    """Returns (out (batch, seqlen, dim) in x's dtype, new_state (batch, kernel-1, dim) in x's dtype)."""
+def causal_conv1d(x, weight, bias=None, state=None, silu=False):
+    """Returns (out (batch, seqlen, dim) in x's dtype, new_state (batch, kernel-1, dim) in x's dtype). ``silu``
+    applies SiLU to the fp32 sum before the one rounding to x's dtype, as causal_conv1d's kernels do."""
     kernel = weight.shape[0]
     batch, length, dim = x.shape
     if state is None:
@@ -22,44 +23,61 @@ def causal_conv1d(x, weight, bias=None, state=None):
     out = sum(full[:, j:j + length].astype(jnp.float32) * w[j] for j in range(kernel))
     if bias is not None:
         out = out + bias.astype(jnp.float32)
+    if silu:
+        out = jax.nn.silu(out)
     return out.astype(x.dtype), full[:, length:]
 
 
-def _check_conv_args(x, ndim: int, layout: str, weight, bias, activation) -> None:
-    """Checks of causal_conv1d's public entry points: x's rank, weight (dim, kernel), bias (dim,)."""
+def _shape(x):
+    return tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+
+
+def _check_float(name: str, x) -> None:
+    if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+
+
+def _check_conv_args(x, ranks: tuple, layout: str, weight, bias, activation) -> None:
+    """Checks of causal_conv1d's public entry points: x's rank, weight (dim, kernel), bias (dim,), dtypes."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
-    if not hasattr(x, "shape") or x.ndim != ndim:
-        raise ValueError(f"x: expected shape {layout}, got {getattr(x, 'shape', type(x).__name__)}")
+    if not hasattr(x, "shape") or x.ndim not in ranks:
+        raise ValueError(f"x: expected shape {layout}, got {_shape(x)}")
     dim = x.shape[1]
     if not hasattr(weight, "shape") or weight.ndim != 2 or weight.shape[0] != dim:
-        raise ValueError(f"weight: expected shape (dim, kernel) with dim={dim}, got "
-                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+        raise ValueError(f"weight: expected shape (dim, kernel) with dim={dim}, got {_shape(weight)}")
     if bias is not None and tuple(getattr(bias, "shape", ())) != (dim,):
-        raise ValueError(f"bias: expected shape ({dim},), got {getattr(bias, 'shape', type(bias).__name__)}")
+        raise ValueError(f"bias: expected shape ({dim},), got {_shape(bias)}")
+    for name, value in (("x", x), ("weight", weight), ("bias", bias)):
+        _check_float(name, value)
 
 
 def causal_conv1d_fn(x, weight, bias=None, activation=None):
-    """causal_conv1d's layout: x (batch, dim, seqlen), weight (dim, kernel); activation None or "silu"."""
-    _check_conv_args(x, 3, "(batch, dim, seqlen)", weight, bias, activation)
-    out, _ = causal_conv1d(jnp.swapaxes(x, 1, 2), weight.T, bias)
-    if activation is not None:
-        out = jax.nn.silu(out.astype(jnp.float32)).astype(x.dtype)
+    """causal_conv1d's layout: x (batch, dim, seqlen), weight (dim, kernel); activation None, "silu" or
+    "swish"."""
+    _check_conv_args(x, (3,), "(batch, dim, seqlen)", weight, bias, activation)
+    out, _ = causal_conv1d(jnp.swapaxes(x, 1, 2), weight.T, bias, silu=activation is not None)
     return jnp.swapaxes(out, 1, 2)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
-    """One decode step in causal_conv1d's layout: x (batch, dim), conv_state (batch, dim, kernel) holding the
-    last ``kernel`` inputs (oldest first). Functional: returns (out (batch, dim), new_conv_state)."""
-    _check_conv_args(x, 2, "(batch, dim)", weight, bias, activation)
-    batch, dim = x.shape
+    """Decode steps in causal_conv1d's layout: x (batch, dim) or (batch, dim, seqlen); conv_state (batch, dim,
+    state_len) holding the last state_len >= kernel - 1 inputs (oldest first), as causal_conv1d_update's
+    (without its circular-buffer and index options). Functional: returns (out like x, new_conv_state in
+    conv_state's dtype) instead of writing conv_state in place."""
+    _check_conv_args(x, (2, 3), "(batch, dim) or (batch, dim, seqlen)", weight, bias, activation)
+    batch, dim = x.shape[:2]
     kernel = weight.shape[-1]
-    if tuple(conv_state.shape) != (batch, dim, kernel):
-        raise ValueError(f"conv_state: expected shape {(batch, dim, kernel)}, got {tuple(conv_state.shape)}")
-    new_state = jnp.concatenate([conv_state[:, :, 1:], x[:, :, None].astype(conv_state.dtype)], axis=-1)
-    out = jnp.sum(new_state.astype(jnp.float32) * weight.astype(jnp.float32), axis=-1)
-    if bias is not None:
-        out = out + bias.astype(jnp.float32)
-    if activation is not None:
-        out = jax.nn.silu(out)
-    return out.astype(x.dtype), new_state
+    if not hasattr(conv_state, "shape") or conv_state.ndim != 3 or conv_state.shape[:2] != (batch, dim) \
+            or conv_state.shape[2] < kernel - 1:
+        raise ValueError(f"conv_state: expected shape (batch, dim, state_len) = ({batch}, {dim}, >= {kernel - 1}), "
+                         f"got {_shape(conv_state)}")
+    _check_float("conv_state", conv_state)
+    rows = x[:, :, None] if x.ndim == 2 else x
+    state_len = conv_state.shape[2]
+    window = conv_state[:, :, state_len - (kernel - 1):]           # the inputs the next output still sees
+    out, _ = causal_conv1d(jnp.swapaxes(rows, 1, 2), weight.T, bias, jnp.swapaxes(window, 1, 2),
+                           silu=activation is not None)
+    out = jnp.swapaxes(out, 1, 2)
+    new_state = jnp.concatenate([conv_state, rows.astype(conv_state.dtype)], axis=-1)[:, :, rows.shape[2]:]
+    return (out[:, :, 0] if x.ndim == 2 else out), new_state

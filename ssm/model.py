@@ -97,10 +97,10 @@ class MambaMixer(nnx.Module):
             xs = jnp.where(valid[..., None], xs, 0)
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
         previous = None if state is None else state.conv
-        xc, conv_state = causal_conv1d(xs, self.conv_kernel[...], conv_bias, previous)
+        xc, conv_state = causal_conv1d(xs, self.conv_kernel[...], conv_bias, previous, silu=True)
         if valid is not None:  # the conv state is the last kernel-1 inputs up to each row's last real token
             conv_state = conv_state_at(previous if previous is not None else jnp.zeros_like(conv_state), xs, n_valid)
-        return jax.nn.silu(xc.astype(jnp.float32)).astype(self.dtype), z, conv_state
+        return xc.astype(self.dtype), z, conv_state
 
     def _selection(self, xc):
         """x_proj -> (dt, B, C), the Falcon Mamba RMS norms, dt_proj without its bias: (dt, B, C)."""

@@ -408,6 +408,12 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     batch, length, dim = u.shape
     groups, dstate = B.shape[2], B.shape[3]
+    if tuple(C.shape) != tuple(B.shape):
+        raise ValueError(f"C: expected shape {tuple(B.shape)} like B (the kernels read both with one group index), "
+                         f"got {tuple(C.shape)}")
+    if length == 0:  # no steps: nothing for a kernel to do
+        last = jnp.zeros((batch, dim, dstate), _F32) if initial_state is None else initial_state.astype(_F32)
+        return jnp.zeros((batch, 0, dim), u.dtype), last
     tile = min(tile or DEFAULT_TILE, length)
     if kernel == "mosaic_tpu":
         from ssm.pallas_scan_tpu import MAX_TILE, check_shapes

@@ -45,10 +45,12 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -276,10 +278,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    initial_state=None, impl="auto", chunk_size=None):
     """Channels-last selective scan: u, delta, z (b, l, d); B, C (b, l, g, n); A (d, n); D, delta_bias (d,).
 
-    Returns (out (b, l, d) in u's dtype, last_state (b, d, n) fp32). No argument checking: this is the
+    B and C may have different numbers of groups when one refines the other's (both are repeated to the finer
+    one). Returns (out (b, l, d) in u's dtype, last_state (b, d, n) fp32). No argument checking: this is the
     inner function the models call under jit; ``selective_scan_fn`` is the checked public entry point.
     """
     impl = resolve_impl(impl)
+    if B.shape[2] != C.shape[2]:
+        B, C = _to_common_grouping(B, C, axis=2)
     if impl == "pallas":
         tile = min(chunk_size or DEFAULT_TILE, DEFAULT_TILE)
         return _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tile)
@@ -336,15 +341,15 @@ def _check(name: str, x: Any, shape: tuple, what: str) -> None:
         raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
 
 
-def _check_bc(name: str, x: Any, batch: int, dim: int, length: int, dstate: int) -> int:
-    """Checks a variable B or C; returns its number of groups."""
-    if not hasattr(x, "shape") or x.ndim not in (3, 4):
+def _check_bc(name: str, x: Any, batch: int, dim: int, trailing: tuple, layout: str) -> int:
+    """Checks a B or C of shape (batch, *trailing) or (batch, groups, *trailing); returns its number of groups."""
+    rank = 1 + len(trailing)
+    if not hasattr(x, "shape") or x.ndim not in (rank, rank + 1):
         got = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-        raise ValueError(f"{name}: expected shape (batch, dstate, seqlen) = {(batch, dstate, length)} or "
-                         f"(batch, groups, dstate, seqlen), got {got}")
-    groups = 1 if x.ndim == 3 else x.shape[1]
-    expected = (batch, dstate, length) if x.ndim == 3 else (batch, groups, dstate, length)
-    _check(name, x, expected, "(batch, [groups,] dstate, seqlen)")
+        raise ValueError(f"{name}: expected shape {layout} = {(batch,) + trailing} or with groups after batch, "
+                         f"got {got}")
+    groups = 1 if x.ndim == rank else x.shape[1]
+    _check(name, x, (batch,) + trailing if x.ndim == rank else (batch, groups) + trailing, layout)
     if dim % groups:
         raise ValueError(f"{name}: groups ({groups}) must divide dim ({dim})")
     return groups
@@ -360,6 +365,18 @@ def _to_common_grouping(B, C, axis):
     """Repeats B's and C's groups to the finest grouping both refine to (channel d keeps its B and C)."""
     groups = math.lcm(B.shape[axis], C.shape[axis])
     return (jnp.repeat(B, groups // B.shape[axis], axis=axis), jnp.repeat(C, groups // C.shape[axis], axis=axis))
+
+
+def _positive_int_or_none(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, (bool, np.bool_)) or number <= 0:
+        raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
+    return number
 
 
 def _check_u_dim(u):
@@ -387,23 +404,23 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                          f"{tuple(A.shape) if hasattr(A, 'shape') else type(A).__name__}")
     if jnp.iscomplexobj(A):
         raise TypeError("A: expected a real array (complex A is not supported), got a complex one")
+    _check("A", A, A.shape, "(dim, dstate)")
     dstate = A.shape[1]
     if dstate > 256:
         raise ValueError(f"A: expected dstate <= 256 (mamba_ssm's limit), got {dstate}")
-    groups_b = _check_bc("B", B, batch, dim, length, dstate)
-    groups_c = _check_bc("C", C, batch, dim, length, dstate)
+    groups_b = _check_bc("B", B, batch, dim, (dstate, length), "(batch, [groups,] dstate, seqlen)")
+    groups_c = _check_bc("C", C, batch, dim, (dstate, length), "(batch, [groups,] dstate, seqlen)")
     _check_common_grouping(dim, groups_b, groups_c)
     _check("D", D, (dim,), "(dim,)")
     _check("z", z, (batch, dim, length), "(batch, dim, seqlen) like u")
     _check("delta_bias", delta_bias, (dim,), "(dim,)")
     _check("initial_state", initial_state, (batch, dim, dstate), "(batch, dim, dstate)")
     resolve_impl(impl)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size: expected a positive integer or None, got {chunk_size!r}")
+    chunk_size = _positive_int_or_none("chunk_size", chunk_size)
 
     u_t, delta_t, B_t, C_t, z_t = to_channels_last(u, delta, B, C, z)
     out, last_state = _selective_scan_jit(u_t, delta_t, A, B_t, C_t, D, z_t, delta_bias, bool(delta_softplus),
-                                          initial_state, impl, chunk_size, groups_b, groups_c)
+                                          initial_state, impl, chunk_size)
     out = jnp.swapaxes(out, 1, 2)
     return (out, last_state) if return_last_state else out
 
@@ -419,11 +436,8 @@ def to_channels_last(u, delta, B, C, z=None):
     return rows[0], rows[1], bc(B), bc(C), rows[2]
 
 
-@functools.partial(jax.jit, static_argnums=(8, 10, 11, 12, 13))
-def _selective_scan_jit(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, impl, chunk_size,
-                        groups_b, groups_c):
-    if groups_b != groups_c:
-        B, C = _to_common_grouping(B, C, axis=2)
+@functools.partial(jax.jit, static_argnums=(8, 10, 11))
+def _selective_scan_jit(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, impl, chunk_size):
     return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state=initial_state,
                           impl=impl, chunk_size=chunk_size)
 
@@ -433,24 +447,21 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
     state: (batch, dim, dstate); x, dt, z: (batch, dim); A: (dim, dstate); B, C: (batch, dstate) or
     (batch, groups, dstate); D, dt_bias: (dim,). out has x's dtype, new_state has state's dtype; the math
-    is fp32.
+    is fp32. Groups are blocks of dim / groups channels, as in selective_scan_fn. mamba_ssm's 3-D form takes
+    only (batch, dstate); its head form computes the same grouping with nheads = dim and headdim 1 (state
+    (batch, dim, 1, dstate), B (batch, groups, dstate)), which is how the GPU tier compares the two.
     """
     if not hasattr(state, "shape") or state.ndim != 3:
         raise ValueError(f"state: expected shape (batch, dim, dstate), got "
                          f"{tuple(state.shape) if hasattr(state, 'shape') else type(state).__name__}")
     batch, dim, dstate = state.shape
+    _check("state", state, (batch, dim, dstate), "(batch, dim, dstate)")
     _check("x", x, (batch, dim), "(batch, dim)")
     _check("dt", dt, (batch, dim), "(batch, dim)")
     _check("A", A, (dim, dstate), "(dim, dstate)")
-    for name, value in (("B", B), ("C", C)):
-        if not hasattr(value, "shape") or value.ndim not in (2, 3):
-            raise ValueError(f"{name}: expected shape (batch, dstate) or (batch, groups, dstate), got "
-                             f"{tuple(value.shape) if hasattr(value, 'shape') else type(value).__name__}")
-        expected = (batch, dstate) if value.ndim == 2 else (batch, value.shape[1], dstate)
-        _check(name, value, expected, "(batch, [groups,] dstate)")
-        if value.ndim == 3 and dim % value.shape[1]:
-            raise ValueError(f"{name}: groups ({value.shape[1]}) must divide dim ({dim})")
-    _check_common_grouping(dim, B.shape[1] if B.ndim == 3 else 1, C.shape[1] if C.ndim == 3 else 1)
+    groups_b = _check_bc("B", B, batch, dim, (dstate,), "(batch, [groups,] dstate)")
+    groups_c = _check_bc("C", C, batch, dim, (dstate,), "(batch, [groups,] dstate)")
+    _check_common_grouping(dim, groups_b, groups_c)
     _check("D", D, (dim,), "(dim,)")
     _check("z", z, (batch, dim), "(batch, dim)")
     _check("dt_bias", dt_bias, (dim,), "(dim,)")
@@ -462,13 +473,7 @@ def _state_update_jit(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     B = B if B.ndim == 3 else B[:, None]
     C = C if C.ndim == 3 else C[:, None]
     B, C = _to_common_grouping(B, C, axis=1)
-    new_state, out = state_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return out, new_state
-
-
-def state_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """Unchecked one-step update for the models. B, C: (batch, groups, dstate). Returns (new_state, out)."""
-    batch, dim, dstate = state.shape
+    batch, dim, _ = state.shape
     groups = B.shape[1]
     dt = discretization_dt(dt, dt_bias, dt_softplus)
     x32 = x.astype(_F32)
@@ -480,4 +485,4 @@ def state_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=
         y = y + D.astype(_F32) * x32
     if z is not None:
         y = y * jax.nn.silu(z.astype(_F32))
-    return _from_grouped(h).astype(state.dtype), y.astype(x.dtype)
+    return y.astype(x.dtype), _from_grouped(h).astype(state.dtype)

@@ -78,6 +78,19 @@ def test_replace_checks_keys():
         configs.replace(cfg, scan_iml="chunked")
 
 
+def test_replace_derives_again_what_the_config_derived():
+    """ffn_hidden_size and num_kv_heads left None derive from hidden_size and num_attention_heads: replacing
+    those derives them anew (from_pretrained's overrides go through replace); set ones stay set."""
+    tiny = load_model_config("tiny_falcon")
+    assert configs.replace(tiny, hidden_size=128).ffn_hidden_size == 512
+    rw = configs.replace(load_model_config("falcon_rw_1b"), num_attention_heads=16)
+    assert rw.num_kv_heads == 16
+    explicit = configs.replace(tiny, ffn_hidden_size=100)
+    assert configs.replace(explicit, hidden_size=128).ffn_hidden_size == 100
+    assert configs.replace(tiny, hidden_size=128, ffn_hidden_size=300).ffn_hidden_size == 300
+    assert configs.from_dict(type(tiny), configs.to_dict(tiny)) == tiny and "derived" not in configs.to_dict(tiny)
+
+
 def test_hf_import_falcon_mamba_7b_style():
     # the published file's keys (abridged to what matters): expand 16 AND intermediate_size 8192
     published = {
@@ -116,6 +129,23 @@ def test_hf_export_is_read_back_identically(tmp_path):
     hf = AutoConfig.from_pretrained(tmp_path)
     assert (hf.model_type, hf.intermediate_size, hf.time_step_rank, hf.state_size) == ("falcon_mamba", 192, 6, 16)
     assert model_config_from_hf(tmp_path) == cfg
+
+
+def test_falcon_export_keeps_null_token_ids_and_writes_4x_rope_keys(tmp_path):
+    """A null token id stays null through export and import (transformers keeps None; our default is 11); RoPE
+    is written both as transformers 5's rope_parameters and as 4.x's rope_theta / rope_scaling."""
+    from transformers import AutoConfig
+
+    cfg = load_model_config("tiny_falcon", ["bos_token_id=null", "eos_token_id=null", "rope_theta=500042.0",
+                                            "rope_scaling_type=dynamic", "rope_scaling_factor=2.0"])
+    hf = configs.model_config_to_hf(cfg)
+    assert hf["rope_theta"] == 500042.0 and hf["rope_scaling"] == {"type": "dynamic", "factor": 2.0}
+    assert model_config_from_hf(hf) == cfg
+    assert model_config_from_hf({k: v for k, v in hf.items() if k != "rope_parameters"}) == cfg  # as 4.x reads it
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert (loaded.bos_token_id, loaded.eos_token_id) == (None, None)
+    assert loaded.rope_parameters["rope_theta"] == 500042.0 and loaded.rope_parameters["rope_type"] == "dynamic"
 
 
 def test_dataclass_validation_direct():

@@ -6,9 +6,10 @@ against each other.
 * state chaining: the conv over a sequence == the conv over pieces carrying the state (pieces of length 1
   and pieces shorter than kernel - 1 included);
 * causal_conv1d_fn (causal_conv1d's (batch, dim, seqlen) layout, activation None / "silu") vs the oracle;
-* causal_conv1d_update stepped from a zero conv_state == causal_conv1d_fn over the sequence, and the
-  conv_state holds the last ``kernel`` inputs, oldest first;
-* argument checking: bad shapes / activation raise naming the argument.
+* causal_conv1d_update stepped from a zero conv_state (any state_len >= kernel - 1, one token or several a call)
+  == causal_conv1d_fn over the sequence, and the conv_state holds the last state_len inputs, oldest first;
+* bf16 with silu: rounded once, as causal_conv1d's kernels;
+* argument checking: bad shapes, dtypes and activation raise naming the argument.
 """
 
 from __future__ import annotations
@@ -90,22 +91,62 @@ def test_causal_conv1d_fn_without_bias_matches_oracle():
                                np.swapaxes(want, 1, 2), **TOL)
 
 
+@pytest.mark.parametrize("extra", [-1, 0, 2], ids=["state_len=kernel-1", "state_len=kernel", "state_len=kernel+2"])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("kernel", [2, 4])
-def test_causal_conv1d_update_steps_equal_fn(kernel, activation):
+def test_causal_conv1d_update_steps_equal_fn(kernel, activation, extra):
+    """causal_conv1d's conv_state is (batch, dim, state_len) for any state_len >= kernel - 1."""
     rng = np.random.default_rng(40 + kernel)
     x, weight, bias = (jnp.asarray(a) for a in (normal(rng, BATCH, DIM, SEQLEN), normal(rng, DIM, kernel),
                                                 normal(rng, DIM)))
     want = causal_conv1d_fn(x, weight, bias, activation=activation)
-    conv_state = jnp.zeros((BATCH, DIM, kernel), jnp.float32)
+    state_len = kernel + extra
+    conv_state = jnp.zeros((BATCH, DIM, state_len), jnp.float32)
     for t in range(SEQLEN):
         out, conv_state = causal_conv1d_update(x[:, :, t], conv_state, weight, bias, activation=activation)
-        assert out.shape == (BATCH, DIM) and conv_state.shape == (BATCH, DIM, kernel)
+        assert out.shape == (BATCH, DIM) and conv_state.shape == (BATCH, DIM, state_len)
         np.testing.assert_allclose(np.asarray(out), np.asarray(want[:, :, t]), **TOL, err_msg=f"step {t}")
-        # the last `kernel` inputs, oldest first, zeros before the sequence start
-        seen = np.asarray(x[:, :, max(0, t + 1 - kernel):t + 1])
-        expected_state = np.concatenate([np.zeros((BATCH, DIM, kernel - seen.shape[-1]), np.float32), seen], -1)
+        # the last state_len inputs, oldest first, zeros before the sequence start
+        seen = np.asarray(x[:, :, max(0, t + 1 - state_len):t + 1])
+        expected_state = np.concatenate([np.zeros((BATCH, DIM, state_len - seen.shape[-1]), np.float32), seen], -1)
         np.testing.assert_array_equal(np.asarray(conv_state), expected_state, err_msg=f"step {t}")
+
+
+@pytest.mark.parametrize("state_len", [3, 6])
+def test_causal_conv1d_update_takes_several_tokens(state_len):
+    """x (batch, dim, seqlen): the update over pieces of 1, 5 and 7 tokens == the conv over the sequence."""
+    rng = np.random.default_rng(45)
+    x, weight, bias = (jnp.asarray(a) for a in (normal(rng, BATCH, DIM, SEQLEN), normal(rng, DIM, 4),
+                                                normal(rng, DIM)))
+    conv_state, outs, start = jnp.zeros((BATCH, DIM, state_len), jnp.float32), [], 0
+    for length in (1, 5, 7):
+        out, conv_state = causal_conv1d_update(x[:, :, start:start + length], conv_state, weight, bias, "silu")
+        assert out.shape == (BATCH, DIM, length)
+        outs.append(out)
+        start += length
+    np.testing.assert_allclose(np.concatenate(outs, -1), causal_conv1d_fn(x, weight, bias, "silu"), **TOL)
+    np.testing.assert_array_equal(conv_state, x[:, :, -state_len:])
+
+
+def test_bf16_silu_is_rounded_once():
+    """causal_conv1d's kernels round the fp32 silu(conv) once to bf16: so do causal_conv1d_fn and the stepped
+    update (bit for bit the same), against the float64 oracle rounded once (a rare tie between fp32 and float64
+    sums aside). Rounding the conv to bf16 before silu as well would change ~1/4 of the outputs."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(46)
+    x = jnp.asarray(normal(rng, 2, 64, 64), jnp.bfloat16)
+    weight, bias = jnp.asarray(normal(rng, 64, 4), jnp.bfloat16), jnp.asarray(normal(rng, 64), jnp.bfloat16)
+    out = causal_conv1d_fn(x, weight, bias, activation="silu")
+    state, steps = jnp.zeros((2, 64, 3), jnp.bfloat16), []
+    for t in range(64):
+        step, state = causal_conv1d_update(x[:, :, t], state, weight, bias, activation="silu")
+        steps.append(step)
+    np.testing.assert_array_equal(np.asarray(jnp.stack(steps, -1), np.float32), np.asarray(out, np.float32))
+    f64 = [np.asarray(a, np.float64) for a in (x, weight, bias)]
+    conv, _ = causal_conv1d_oracle(np.swapaxes(f64[0], 1, 2), f64[1].T, f64[2])
+    want = silu64(np.swapaxes(conv, 1, 2)).astype(ml_dtypes.bfloat16).astype(np.float32)
+    assert np.mean(np.asarray(out, np.float32) != want) < 0.002
 
 
 def test_causal_conv1d_update_keeps_dtypes():
@@ -136,8 +177,9 @@ def _update_bad_inputs():
     x, s, w = jnp.zeros((BATCH, DIM)), jnp.zeros((BATCH, DIM, 4)), jnp.zeros((DIM, 4))
     P = pytest.param
     return [
-        P("x", dict(x=jnp.zeros((BATCH, DIM, 1)), conv_state=s, weight=w), id="x-ndim"),
-        P("conv_state", dict(x=x, conv_state=jnp.zeros((BATCH, DIM, 3)), weight=w), id="conv_state-kernel"),
+        P("x", dict(x=jnp.zeros((DIM,)), conv_state=s, weight=w), id="x-ndim"),
+        P("conv_state", dict(x=x, conv_state=jnp.zeros((BATCH, DIM, 2)), weight=w), id="conv_state-short"),
+        P("conv_state", dict(x=x, conv_state=jnp.zeros((BATCH, DIM)), weight=w), id="conv_state-ndim"),
         P("conv_state", dict(x=x, conv_state=jnp.zeros((BATCH + 1, DIM, 4)), weight=w), id="conv_state-batch"),
         P("activation", dict(x=x, conv_state=s, weight=w, activation="gelu"), id="activation-unknown"),
         # causal_conv1d's own causal_conv1d_update checks weight (dim, width) and bias (dim,)
@@ -151,6 +193,21 @@ def _update_bad_inputs():
 def test_causal_conv1d_update_bad_arguments_raise_naming_them(name, kwargs):
     with pytest.raises(ValueError, match=f"^{name}:"):
         causal_conv1d_update(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "conv_state"])
+def test_integer_arrays_raise_naming_them(name):
+    """An integer array would be truncated on the way out (x) or into the state: refused, naming it."""
+    args = dict(x=jnp.zeros((BATCH, DIM)), conv_state=jnp.zeros((BATCH, DIM, 4)), weight=jnp.zeros((DIM, 4)),
+                bias=jnp.zeros((DIM,)))
+    args[name] = args[name].astype(jnp.int32)
+    with pytest.raises(TypeError, match=f"^{name}: expected a floating-point array, got dtype int32"):
+        causal_conv1d_update(**args)
+    if name != "conv_state":
+        args.pop("conv_state")
+        args["x"] = args["x"][:, :, None]
+        with pytest.raises(TypeError, match=f"^{name}:"):
+            causal_conv1d_fn(**args)
 
 
 def test_causal_conv1d_is_jittable():

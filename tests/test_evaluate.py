@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from configs.schema import DataConfig
+from configs.schema import ConfigError, DataConfig
 from experiments.data import NOISE_TOKEN, SEPARATOR_TOKEN
-from experiments.evaluate import masked_accuracy
+from experiments.evaluate import check_held_out, masked_accuracy
 
 VOCAB = 16
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,3 +77,15 @@ def test_command_line_on_a_trained_run(tmp_path):
     missing = subprocess.run([*evaluate[:-1], str(tmp_path / "nowhere")], capture_output=True, text=True,
                              timeout=300, cwd=ROOT)
     assert missing.returncode != 0 and "has no config.yaml" in missing.stderr
+
+
+def test_bytes_task_needs_text_the_run_did_not_train_on():
+    """Every byte of a bytes run's corpus is training data (its batches ignore the seed): evaluating it on the
+    same files would score the training set."""
+    trained = DataConfig(task="bytes", text_dir="", text_glob="*.py")
+    with pytest.raises(ConfigError, match=r"data\.text_dir.*got the run's own '' / '\*\.py'"):
+        check_held_out(trained, trained)
+    check_held_out(trained, DataConfig(task="bytes", text_dir="/elsewhere", text_glob="*.py"))
+    check_held_out(trained, DataConfig(task="bytes", text_dir="", text_glob="*.txt"))
+    check_held_out(DataConfig(task="copy"), DataConfig(task="copy"))  # the seed offset holds the synthetic ones out
+

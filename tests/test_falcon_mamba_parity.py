@@ -142,6 +142,19 @@ def test_misshapen_tensor_is_named(tmp_path):
         ssm.from_pretrained(tmp_path)
 
 
+def test_tensors_the_config_does_not_use_are_refused(tmp_path):
+    """A config.json with fewer layers than the checkpoint (a missing num_hidden_layers falls back to its default
+    the same way) would load a cut-down model: refused, naming the tensors left over."""
+    config_cls, model_cls, kwargs = CASES["falcon_untied"]
+    build_and_save(config_cls, model_cls, tmp_path, seed=1, **kwargs)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = kwargs["num_hidden_layers"] - 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    last = kwargs["num_hidden_layers"] - 1
+    with pytest.raises(CheckpointError, match=rf"tensor\(s\) that the config does not use: 'backbone\.layers\.{last}\."):
+        ssm.from_pretrained(tmp_path)
+
+
 def test_token_ids_outside_vocab_raise(case):
     _, _, path, kwargs = case
     model = ssm.from_pretrained(path)

@@ -89,6 +89,22 @@ def test_export_round_trip(case, tmp_path):
         np.testing.assert_array_equal(array, original[tensor_name], err_msg=tensor_name)
 
 
+def test_dynamic_rope_log_likelihood_is_one_full_forward(tmp_path):
+    """Dynamic NTK scaling has no KV cache (its frequencies depend on the whole length), so log_likelihood of
+    one chunk runs a plain forward: transformers' log-probabilities; several chunks are refused, naming why."""
+    torch_model = _build("rope_dynamic", tmp_path, seed=4)
+    kwargs, seq = CASES["rope_dynamic"]
+    ids = _ids(kwargs["vocab_size"], (2, seq), seed=4)
+    logits = torch_logits(torch_model, ids).astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    want = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+    model = transformer.from_pretrained(tmp_path)
+    np.testing.assert_allclose(np.asarray(model.log_likelihood(ids)), want, rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match=r"rope_scaling: 'dynamic'.*log_likelihood with chunk_size=None"):
+        model.log_likelihood(ids, chunk_size=seq // 2)
+
+
 @pytest.mark.parametrize("name", ["nda_2ln", "rw_alibi"])
 def test_bf16_compute_close_to_fp32(name, tmp_path):
     _build(name, tmp_path, seed=2)
@@ -127,6 +143,15 @@ def test_wrong_qkv_row_count_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"'transformer\.h\.0\.self_attention\.query_key_value\.weight' has "
                                               r"48 rows.*interleaved layout needs 96"):
+        transformer.from_pretrained(tmp_path)
+
+
+def test_tensors_the_config_does_not_use_are_refused(tmp_path):
+    _build("mqa_parallel", tmp_path, seed=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] -= 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"tensor\(s\) that the config does not use: 'transformer\.h\.1\."):
         transformer.from_pretrained(tmp_path)
 
 

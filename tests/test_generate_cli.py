@@ -84,3 +84,17 @@ def test_generate_from_a_training_run(tmp_path):
     assert step == 3
     expected = generate(model, np.array([[5, 6, 7]]), max_new_tokens=4, temperature=0).row(0)
     assert [int(t) for t in result.stdout.split()] == expected
+    bf16, _ = load_trained_model(out, compute_dtype="bfloat16")  # what --compute-dtype passes for a run
+    assert bf16.config.compute_dtype == "bfloat16" and model.config.compute_dtype == "float32"
+    np.testing.assert_array_equal(bf16.embeddings.embedding[...], model.embeddings.embedding[...])
+    # resuming with another data stream would continue the checkpoint on other data: refused before any step
+    resumed = subprocess.run([sys.executable, "-m", "experiments.train", "tiny_falcon_mamba", "steps=4", "seed=5",
+                              "model.num_hidden_layers=1", "data.seq_len=16", "data.batch_size=4",
+                              f"output_dir={out}"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode != 0 and "config field 'seed': resuming" in resumed.stderr, resumed.stderr[-2000:]
+    assert "seed: 0" in (out / "config.yaml").read_text()  # the run's record is kept
+
+
+def test_step_is_refused_for_a_hf_directory(checkpoint):
+    result = _run(checkpoint, "--ids", "1,2", "--step", "2")
+    assert result.returncode != 0 and "--step: expected only with a training run's output_dir" in result.stderr

@@ -109,3 +109,25 @@ def test_sample_logits_filters():
 def test_bad_arguments(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(model, np.ones((1, 3), np.int32), **{"max_new_tokens": 2, **kwargs})
+
+
+def test_decode_refuses_a_cache_without_room(model):
+    """decode's loop writes max_new_tokens positions; past a KV cache's max_len the writes would clamp onto its
+    last slot, so it refuses first, naming max_new_tokens (a Mamba state has no max_len: nothing to refuse)."""
+    prompts = np.ones((1, 4), np.int32)
+    logits, state = model.prefill(prompts, model.init_state(1, max_len=6))
+    if model.state_capacity(state) is None:
+        assert decode(model, logits, state, max_new_tokens=5, temperature=0).tokens.shape == (1, 5)
+        return
+    with pytest.raises(ValueError, match=r"^max_new_tokens: 3 new tokens after 4 cached ones need 7 positions, "
+                                         r"but the KV cache holds max_len=6"):
+        decode(model, logits, state, max_new_tokens=3, temperature=0)
+    assert decode(model, logits, state, max_new_tokens=2, temperature=0).tokens.shape == (1, 2)
+
+
+def test_step_checks_its_state(model):
+    state = model.init_state(2, max_len=8)
+    with pytest.raises(ValueError, match=r"^state: expected a DecodeState for batch 3 from init_state, got batch 2"):
+        model.step(np.ones(3, np.int32), state)
+    with pytest.raises(ValueError, match=r"^state: expected a DecodeState for batch 2 from init_state, got NoneType"):
+        model.step(np.ones(2, np.int32), None)

@@ -99,16 +99,14 @@ def test_scan_matches_mamba_ssm(impl, seqlen, bc, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("groups", [0, 2])
 def test_state_update_matches_mamba_ssm_triton(groups, dtype):
-    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as mamba_update
-
-    from scripts.record_goldens import state_update_inputs
+    from scripts.record_goldens import mamba_state_update, state_update_inputs
     from ssm.scan import selective_state_update
 
     inputs = state_update_inputs(7 + groups, dtype, 4, 256, 16, groups, True, True, True, True)
     low = ("x", "dt", "B", "C", "z")
     theirs = {k: _torch(v, dtype if k in low else "float32") for k, v in inputs.items()}
-    out_t = mamba_update(theirs["state"], theirs["x"], theirs["dt"], theirs["A"], theirs["B"], theirs["C"],
-                         theirs["D"], theirs["z"], theirs["dt_bias"], True)
+    out_t = mamba_state_update(theirs["state"], theirs["x"], theirs["dt"], theirs["A"], theirs["B"], theirs["C"],
+                               theirs["D"], theirs["z"], theirs["dt_bias"], True)
     ours = {k: jnp.asarray(v, jnp.bfloat16 if dtype == "bfloat16" and k in low else jnp.float32)
             for k, v in inputs.items()}
     out, state = selective_state_update(**ours, dt_softplus=True)

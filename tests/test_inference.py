@@ -134,3 +134,14 @@ def test_state_size_and_cache_capacity():
         falcon.step(np.ones((1,), np.int32), cache)
     with pytest.raises(ValueError, match=r"max_len: expected a positive integer \(the KV cache length\)"):
         falcon.init_state(1)
+
+
+def test_bf16_compute_keeps_the_ssm_state_in_fp32():
+    """DESIGN: fp32 state. With bf16 compute the SSM state stays fp32 through prefill and decode steps (the conv
+    state holds the last inputs in the compute dtype, as causal_conv1d's state has x's dtype)."""
+    model = FalconMambaLM(load_model_config("tiny_falcon_mamba", ["num_hidden_layers=1", f"vocab_size={VOCAB}",
+                                                                  "compute_dtype=bfloat16"]), seed=1)
+    _, state = model.prefill(np.ones((2, 9), np.int32), model.init_state(2), chunk_size=4)
+    _, state = model.step(np.ones(2, np.int32), state)
+    layer = state.layers[0]
+    assert layer.ssm.dtype == np.float32 and layer.conv.dtype == jax.numpy.bfloat16

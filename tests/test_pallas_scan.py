@@ -368,6 +368,45 @@ def test_selective_scan_shards_the_kernels_under_a_mesh():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("bc", ["g1|g2", "g2|g1"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
+def test_channels_last_scan_takes_b_and_c_in_different_groups(impl, bc):
+    """ssm.scan.selective_scan (the models' unchecked entry point) with B and C in 1 and 2 groups == the oracle:
+    every impl repeats them to the finer grouping (the Pallas kernels read both with one group index)."""
+    from ssm.scan import selective_scan
+
+    kwargs = make_inputs(19, 2, 8, 4, 20, bc=bc)
+    want, want_last = oracle(kwargs)
+    k = to_jax(kwargs)
+    u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
+    out, last = selective_scan(u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], True, impl=impl)
+    np.testing.assert_allclose(jnp.swapaxes(out, 1, 2), want, **FWD_TOL)
+    np.testing.assert_allclose(last, want_last, **FWD_TOL)
+
+
+def test_kernel_entry_refuses_b_and_c_of_different_shapes():
+    from ssm.pallas_scan import selective_scan_pallas
+
+    x = jnp.zeros((1, 4, 8))
+    with pytest.raises(ValueError, match=r"^C: expected shape \(1, 4, 1, 4\) like B .*got \(1, 4, 2, 4\)"):
+        selective_scan_pallas(x, x, jnp.zeros((8, 4)), jnp.zeros((1, 4, 1, 4)), jnp.zeros((1, 4, 2, 4)))
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_empty_sequence_returns_empty_out_and_the_initial_state(with_state):
+    """Zero steps, as the other impls: out (batch, dim, 0) and the initial state (zeros without one); its
+    gradient passes through."""
+    kwargs = to_jax(make_inputs(20, 2, 8, 4, 0, initial_state=with_state))
+    out, last = selective_scan_fn(**kwargs, return_last_state=True, impl="pallas")
+    want_out, want_last = selective_scan_fn(**kwargs, return_last_state=True, impl="reference")
+    assert out.shape == want_out.shape == (2, 8, 0)
+    np.testing.assert_array_equal(last, want_last)
+    if with_state:
+        grad = jax.grad(lambda h: jnp.sum(selective_scan_fn(**{**kwargs, "initial_state": h}, return_last_state=True,
+                                                            impl="pallas")[1]))(kwargs["initial_state"])
+        np.testing.assert_array_equal(grad, jnp.ones_like(grad))
+
+
 def test_tpu_kernel_names_unsupported_widths():
     kwargs = to_jax(make_inputs(18, 1, 64, 4, 10, bc="g2"))
     with pytest.raises(ValueError, match=r"dim: the TPU Pallas kernel needs dim // groups a multiple of 128 .*got "

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from configs.schema import ConfigError
 from experiments import plan as plan_lib
+from runtime.partitioning import MeshError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,9 +124,13 @@ def test_falcon_kv_cache_grows_with_context():
     assert small["per_device_bytes"]["cache"] == 32 * 2 * 1024 * 64 * 2 + 4
 
 
-def test_bad_options():
-    with pytest.raises(Exception, match="mode"):
+def test_bad_options(capsys):
+    with pytest.raises(ConfigError, match=r"^plan option 'mode': expected one of \['training', 'inference'\], "
+                                          r"got 'serving'"):
         plan_lib.plan("tiny_falcon", mode="serving")
-    with pytest.raises(Exception, match="mesh"):
+    with pytest.raises(MeshError, match=r"^mesh: data=3 x fsdp=1 x tensor=1 needs 3 devices, but 8 are available"):
         plan_lib.plan("tiny_falcon", ["mesh.data=3"], devices=8)
     assert plan_lib.main(["tiny_falcon", "bogus"]) == 1
+    assert "argument 'bogus': expected key=value" in capsys.readouterr().err
+    assert plan_lib.main(["tiny_falcon", "devices=two"]) == 1
+    assert "option 'devices': expected an integer, got 'two'" in capsys.readouterr().err

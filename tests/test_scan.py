@@ -300,6 +300,7 @@ def _bad_inputs():
         P("impl", dict(impl="fast"), id="impl-unknown"),
         P("chunk_size", dict(chunk_size=0), id="chunk_size-zero"),
         P("chunk_size", dict(chunk_size=2.5), id="chunk_size-float"),
+        P("chunk_size", dict(chunk_size=True), id="chunk_size-bool"),
     ]
 
 
@@ -310,10 +311,50 @@ def test_bad_arguments_raise_naming_them(name, bad):
         selective_scan_fn(**{**kwargs, **bad})
 
 
-def test_integer_u_raises_type_error():
+@pytest.mark.parametrize("name", ["u", "A"])
+def test_integer_arrays_raise_type_error(name):
     kwargs = to_jax(make_inputs(13, 2, 4, 8, 10))
-    with pytest.raises(TypeError, match="^u:"):
-        selective_scan_fn(**{**kwargs, "u": jnp.zeros((2, 4, 10), jnp.int32)})
+    with pytest.raises(TypeError, match=f"^{name}: expected a floating-point array, got dtype int32"):
+        selective_scan_fn(**{**kwargs, name: kwargs[name].astype(jnp.int32)})
+
+
+def test_numpy_integer_chunk_size_is_a_chunk_size():
+    kwargs = to_jax(make_inputs(14, 2, 4, 8, 10))
+    np.testing.assert_array_equal(selective_scan_fn(**kwargs, impl="chunked", chunk_size=np.int64(4)),
+                                  selective_scan_fn(**kwargs, impl="chunked", chunk_size=4))
+
+
+def _state_update_bad_inputs():
+    b, d, n = 2, 4, 8
+    z = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+    P = pytest.param
+    return [
+        P("state", dict(state=z(b, d)), ValueError, id="state-ndim"),
+        P("state", dict(state=z(b, d, n).astype(jnp.int32)), TypeError, id="state-int"),
+        P("x", dict(x=z(b, d + 1)), ValueError, id="x-dim"),
+        P("dt", dict(dt=z(b + 1, d)), ValueError, id="dt-batch"),
+        P("A", dict(A=z(d, n + 1)), ValueError, id="A-dstate"),
+        P("B", dict(B=z(b, n + 1)), ValueError, id="B-dstate"),
+        P("B", dict(B=z(b, 3, n), C=z(b, 3, n)), ValueError, id="B-groups-not-dividing-dim"),
+        P("C", dict(C=z(b, n, 1, 1)), ValueError, id="C-ndim"),
+        P("B, C", dict(B=jnp.ones((b, 2, n))), None, id="B-C-groups-compatible"),
+        P("D", dict(D=z(d, 1)), ValueError, id="D-ndim"),
+        P("z", dict(z=z(b, d, 1)), ValueError, id="z-ndim"),
+        P("dt_bias", dict(dt_bias=z(d + 1)), ValueError, id="dt_bias-length"),
+    ]
+
+
+@pytest.mark.parametrize("name, bad, error", _state_update_bad_inputs())
+def test_state_update_bad_arguments_raise_naming_them(name, bad, error):
+    b, d, n = 2, 4, 8
+    args = dict(state=jnp.zeros((b, d, n)), x=jnp.ones((b, d)), dt=jnp.ones((b, d)), A=-jnp.ones((d, n)),
+                B=jnp.ones((b, n)), C=jnp.ones((b, n)), D=jnp.ones(d), z=jnp.ones((b, d)), dt_bias=jnp.ones(d))
+    if error is None:  # B in 2 groups, C in 1: both refine to 2 groups of 2 channels; accepted
+        out, _ = selective_state_update(**{**args, **bad})
+        np.testing.assert_array_equal(out, selective_state_update(**args)[0])
+        return
+    with pytest.raises(error, match=f"^{name}:"):
+        selective_state_update(**{**args, **bad})
 
 
 # ------------------------------------------------------------------------------------------------------

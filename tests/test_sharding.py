@@ -37,6 +37,9 @@ def test_rules_are_config_data_with_checked_values():
     with pytest.raises(ConfigError, match=r"'mesh.rules.embed': expected null, one of \['data', 'fsdp', "
                                           r"'tensor'\] or a list of distinct ones, got \('model',\)"):
         load_config("tiny_falcon", ["mesh.rules.embed=model"])
+    with pytest.raises(ConfigError, match=r"'mesh.rules.head': expected a logical axis, one of \['batch', .*got "
+                                          r"'head'; did you mean 'heads'\?"):  # a rule nothing would read
+        load_config("tiny_falcon", ["mesh.rules.head=tensor"])
 
 
 def test_family_tables_map_parameters_to_mesh_axes():

@@ -186,3 +186,21 @@ def test_learning_rate_schedule_warmup_stable_cosine(decay_steps):
             progress = (step - start) / (steps - start)
             want = lr * (end_ratio + (1 - end_ratio) * 0.5 * (1 + np.cos(np.pi * progress)))
         np.testing.assert_allclose(float(schedule(step)), want, rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_resume_keeps_the_model_and_the_data_stream():
+    """check_resume: the seed, data.* and the model's parameters-defining fields must match the run's
+    config.yaml; how the model computes (compute_dtype, scan_impl, ...), steps, optim and the mesh may change."""
+    from configs import load_config
+    from configs.schema import ConfigError
+    from experiments.train import check_resume
+
+    run = load_config("tiny_falcon_mamba", ["steps=10"])
+    for allowed in (["steps=20"], ["model.compute_dtype=bfloat16", "model.scan_impl=sequential"],
+                    ["optim.learning_rate=0.1", "mesh.data=2", "log_every=5", "remat=full"]):
+        check_resume(run, load_config("tiny_falcon_mamba", ["steps=10", *allowed]), "runs/x")
+    for key, value in (("seed", 3), ("data.task", "copy"), ("data.seq_len", 128), ("model.hidden_size", 32),
+                       ("model.num_hidden_layers", 1)):
+        with pytest.raises(ConfigError, match=rf"^config field '{key}': resuming 'runs/x' needs the value its "
+                                              rf"checkpoints were trained with"):
+            check_resume(run, load_config("tiny_falcon_mamba", ["steps=10", f"{key}={value}"]), "runs/x")

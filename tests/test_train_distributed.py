@@ -35,3 +35,31 @@ def test_two_processes_match_one_process(tmp_path):
     assert len(multi) == 4
     np.testing.assert_allclose(multi, single, rtol=0, atol=1e-5)
     assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
+STOP_SCRIPT = """
+import sys
+import jax
+from experiments.train import _StopFlag
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+flags = []
+for signalled in ([], [1], [0, 1], []):  # which processes got SIGTERM before each step boundary
+    stop = _StopFlag()
+    stop.requested = jax.process_index() in signalled
+    flags.append(stop.agreed())
+print("agreed", flags)
+"""
+
+
+def test_sigterm_on_one_process_stops_every_process(tmp_path):
+    """The training loop's stop decision is taken together: SIGTERM on any one process stops all of them at the
+    same step boundary (one stopping alone would leave the others blocked in the next step's collectives)."""
+    import sys
+
+    address = f"localhost:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", STOP_SCRIPT, address, str(i)], env=cli_env(1, tmp_path / "cache"),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-2000:] for out in outputs)
+    for out in outputs:
+        assert "agreed [False, True, True, False]" in out, out[-2000:]

@@ -52,6 +52,18 @@ def floor_bytes(batch: int, length: int, backward: bool) -> int:
     return forward + (4 * rows + cols + params if backward else 0)  # + dout in; du, ddelta, dz, dB, dC, dA.. out
 
 
+def channels_last_shapes(batch: int, length: int, dim: int = DIM, groups: int = 1, dstate: int = DSTATE,
+                         sharding=None) -> tuple:
+    """selective_scan_pallas's arguments u, delta, A, B, C, D, z, delta_bias at a Falcon Mamba layer's dtypes (bf16
+    u, delta, z, B, C; fp32 A, D, delta_bias), channels-last, as jax.ShapeDtypeStructs: what the offline
+    compiles (triton_compile, tpu_compile) lower the kernels for."""
+    def S(shape, dtype=jnp.bfloat16):  # noqa: N802
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    rows, bc, chan = S((batch, length, dim)), S((batch, length, groups, dstate)), S((dim,), jnp.float32)
+    return rows, rows, S((dim, dstate), jnp.float32), bc, bc, chan, rows, chan
+
+
 def inputs(batch: int, length: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     bf16 = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), jnp.bfloat16)  # noqa: E731

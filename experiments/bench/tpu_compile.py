@@ -96,22 +96,16 @@ def kernel_cycles(device, profile_dir, batch, seqlen, dim, dstate, tile) -> dict
     import jax
     import jax.numpy as jnp
 
+    from experiments.bench.gpu_scan import channels_last_shapes
     from ssm.pallas_scan import selective_scan_pallas
 
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    bf16, f32 = jnp.bfloat16, jnp.float32
-
-    def S(shape, dtype=bf16):  # noqa: N802
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-    args = (S((batch, seqlen, dim)), S((batch, seqlen, dim)), S((dim, dstate), f32), S((batch, seqlen, 1, dstate)),
-            S((batch, seqlen, 1, dstate)), S((dim,), f32), S((batch, seqlen, dim)), S((dim,), f32))
+    args = channels_last_shapes(batch, seqlen, dim, 1, dstate, jax.sharding.SingleDeviceSharding(device))
 
     def scan(*a):
         return selective_scan_pallas(*a, True, tile=tile, kernel="mosaic_tpu", interpret=False)[0]
 
     def loss(*a):
-        return scan(*a).astype(f32).sum()
+        return scan(*a).astype(jnp.float32).sum()
 
     found = {}
     for fn in (scan, jax.grad(loss, argnums=tuple(range(len(args))))):

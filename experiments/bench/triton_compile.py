@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from experiments.bench.gpu_scan import SWEEP_VARIANTS, check_variants, parse_variant
+from experiments.bench.gpu_scan import SWEEP_VARIANTS, channels_last_shapes, check_variants, parse_variant
 from experiments.timing import format_row
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -134,18 +134,14 @@ def scan_kernels(variant: str, *, length: int = 256, groups: int = 1, dim: int |
     from ssm.pallas_scan import selective_scan_pallas
 
     knobs = parse_variant(variant)
-    dim = dim or 2 * knobs["block_dim"] * groups
-    rows = jax.ShapeDtypeStruct((1, length, dim), jnp.bfloat16)
-    bc = jax.ShapeDtypeStruct((1, length, groups, 16), jnp.bfloat16)
-    chan = jax.ShapeDtypeStruct((dim,), jnp.float32)
-    A = jax.ShapeDtypeStruct((dim, 16), jnp.float32)
+    args = channels_last_shapes(1, length, dim or 2 * knobs["block_dim"] * groups, groups)
 
     def loss(u, delta, A, B, C, D, z, bias):
         out, last = selective_scan_pallas(u, delta, A, B, C, D, z, bias, True, interpret=False, kernel="triton",
                                           **knobs)
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(last)
 
-    return kernel_irs(jax.grad(loss, argnums=tuple(range(8))), rows, rows, A, bc, bc, chan, rows, chan)
+    return kernel_irs(jax.grad(loss, argnums=tuple(range(8))), *args)
 
 
 def main(argv=None):
