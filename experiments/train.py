@@ -206,7 +206,11 @@ def train(run: RunConfig) -> list[dict]:
     checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is not None and (output_dir / "config.yaml").is_file():
-        check_resume(load_config(output_dir / "config.yaml", []), run, output_dir)
+        try:
+            check_resume(load_config(output_dir / "config.yaml", []), run, output_dir)
+        except ConfigError:
+            checkpointer.close()
+            raise
     if jax.process_index() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))

@@ -72,11 +72,12 @@ def test_command_line_on_a_trained_run(tmp_path):
     assert printed == json.loads((tmp_path / "acc.json").read_text())
     assert printed["step"] == 2 and printed["seq_len"] == 40 and printed["sequences"] == 5
     assert printed["tokens"] == 20 and 0.0 <= printed["token_accuracy"] <= 1.0
-    bad = subprocess.run([*evaluate, "model.hidden_size=8"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert bad.returncode != 0 and "expected data.KEY=VALUE items" in bad.stderr
-    missing = subprocess.run([*evaluate[:-1], str(tmp_path / "nowhere")], capture_output=True, text=True,
-                             timeout=300, cwd=ROOT)
-    assert missing.returncode != 0 and "has no config.yaml" in missing.stderr
+    from experiments import evaluate as evaluate_lib
+
+    with pytest.raises(SystemExit, match="expected data.KEY=VALUE items"):
+        evaluate_lib.main([str(out), "model.hidden_size=8"])
+    with pytest.raises(SystemExit, match="has no config.yaml"):
+        evaluate_lib.main([str(tmp_path / "nowhere")])
 
 
 def test_bytes_task_needs_text_the_run_did_not_train_on():
