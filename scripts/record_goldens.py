@@ -172,8 +172,13 @@ def mamba_state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus):
     updated in place). Its 3-D form takes only B, C (batch, dstate); grouped B, C (batch, groups, dstate), groups
     of dim / groups channels, go through its head form with nheads = dim and headdim 1 (head h reads group
     h // (nheads / groups)), on views of the same tensors."""
+    import torch
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
 
+    # 2.3.2's launch reads D's and dt_bias's strides even when they are None (`*(...) if x is not None else 0`
+    # raises): zeros add nothing
+    zeros = torch.zeros(x.shape[1], device=x.device, dtype=torch.float32)
+    D, dt_bias = (zeros if t is None else t for t in (D, dt_bias))
     if B.dim() == 2:
         return selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus)
     heads = lambda t: None if t is None else t.unsqueeze(-1)  # noqa: E731  (..., dim) -> (..., nheads, 1)

@@ -44,6 +44,7 @@ _F32 = jnp.float32
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 DEFAULT_NUM_WARPS = 1
 KERNELS = ("triton", "mosaic_tpu")
+KERNEL_BACKENDS = {"triton": "gpu", "mosaic_tpu": "tpu"}  # where each compiles; elsewhere it is interpreted
 
 
 def _exp(x):
@@ -394,12 +395,13 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     """ssm.scan.selective_scan's contract (channels-last u, delta, z (b, l, d); B, C (b, l, g, n)) on the
     Pallas kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen; for the TPU kernel at
     most pallas_scan_tpu.MAX_TILE, rounded up to a multiple of 16); interpret: run the kernels in the Pallas
-    interpreter (default: on the CPU backend only). kernel: "triton" (GPU, this module) or "mosaic_tpu"
-    (ssm/pallas_scan_tpu.py); default "mosaic_tpu" on a TPU backend, else "triton". block_dim (a power of two:
-    the channels of one program, capped by the channels per B/C group), num_warps (per program), bc_rows (B and
-    C laid out (padded, n), one contiguous load per step, instead of (n, padded), n strided loads), unroll (a
-    power of two: steps whose loads are issued together; capped to divide the tile) and prefetch (loads issued one
-    group of steps ahead) are the Triton kernel's tuning knobs that experiments/bench/gpu_scan.py sweeps."""
+    interpreter (default: where the backend is not the kernel's own, KERNEL_BACKENDS). kernel: "triton" (GPU,
+    this module) or "mosaic_tpu" (ssm/pallas_scan_tpu.py); default "mosaic_tpu" on a TPU backend, else
+    "triton". block_dim (a power of two: the channels of one program, capped by the channels per B/C group),
+    num_warps (per program), bc_rows (B and C laid out (padded, n), one contiguous load per step, instead of
+    (n, padded), n strided loads), unroll (a power of two: steps whose loads are issued together; capped to
+    divide the tile) and prefetch (loads issued one group of steps ahead) are the Triton kernel's tuning knobs
+    that experiments/bench/gpu_scan.py sweeps."""
     for name, value in (("block_dim", block_dim), ("unroll", unroll)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name}: expected a power of two, got {value}")
@@ -423,7 +425,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     cfg = _Config(length=length, tile=tile, block_dim=_block_dim(dim // groups, block_dim), groups=groups,
                   has_D=D is not None, has_z=z is not None, has_bias=delta_bias is not None,
                   softplus=bool(delta_softplus),
-                  interpret=jax.default_backend() == "cpu" if interpret is None else bool(interpret),
+                  interpret=jax.default_backend() != KERNEL_BACKENDS[kernel] if interpret is None else bool(interpret),
                   num_warps=int(num_warps), kernel=kernel, bc_rows=bool(bc_rows) and kernel == "triton",
                   unroll=math.gcd(int(unroll), tile) if kernel == "triton" else 1,
                   prefetch=bool(prefetch) and kernel == "triton")

@@ -4,8 +4,10 @@ out_proj) in JAX beside transformers' FalconMambaMixer, same weights, same run: 
     python -m experiments.bench.gpu_layer falcon_mamba_7b [--lengths 2048 8192] [--batches 1 4]
                                           [--impls chunked pallas] [--out DIR]
 
-On a GPU with mamba_ssm and causal_conv1d installed, transformers' mixer takes its kernel path (mamba_inner_fn:
-the fused CUDA conv + scan); without them (or on CPU) it runs its PyTorch path, which the smoke test uses. Both
+On a GPU with mamba_ssm and causal_conv1d installed, transformers' mixer takes its kernel path: in eval mode, which
+this script uses, causal_conv1d_fn and mamba_ssm's selective_scan_fn (backward included); its training mode would
+fuse them in mamba_inner_fn, which puts the dt norm after dt_proj and so computes another function (REFERENCE.md).
+Without the kernels (or on CPU) it runs its PyTorch path, which the smoke test uses. Both
 sides hold bf16 weights and compute in bf16 with the fp32 scan state (model.param_dtype / compute_dtype
 bfloat16 on our side, module.to(bfloat16) on theirs). The layer is the preset's with num_hidden_layers=1, saved
 by transformers and loaded by ssm.from_pretrained, so before timing the script checks that both layers compute
@@ -42,7 +44,8 @@ def build_theirs(preset: str, overrides: list[str], path: str):
     model = transformers.AutoModelForCausalLM.from_config(hf_config)
     model.save_pretrained(path, safe_serialization=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.backbone.layers[0].mixer.to(device=device, dtype=torch.bfloat16), device
+    mixer = model.backbone.layers[0].mixer.to(device=device, dtype=torch.bfloat16)
+    return mixer.eval(), device  # eval: Falcon Mamba's function (see the module docstring)
 
 
 def load_ours(path: str, impl: str):

@@ -3,8 +3,9 @@
     python -m experiments.bench.gpu_scan --out DIR [--lengths 2048 4096 8192 16384] [--batches 1 2 4 8]
                                          [--variants TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf] ...] [--sweep]
 
-Measures in one run, forward and forward+backward: our impls ("chunked", "pallas") and mamba_ssm's CUDA
-selective_scan_fn (when it imports), plus the bytes-moved floor: inputs read once and outputs written once
+Measures in one run, forward and forward+backward: our impls ("chunked", "pallas") through selective_scan_fn
+(mamba_ssm's (batch, dim, seqlen) layout, so our times include its transposes to the channels-last layout the
+models use natively) and mamba_ssm's CUDA selective_scan_fn (when it imports), plus the bytes-moved floor: inputs read once and outputs written once
 (u, delta, z, out in bf16; B, C in bf16; A, D, delta_bias fp32; for the backward also dout read and du, ddelta,
 dz, dB, dC written) over the device-to-device copy bandwidth measured in the same run. Prints a table with
 each time over the floor and over mamba_ssm's, and writes DIR/gpu_scan.json.
@@ -94,10 +95,12 @@ def time_mamba(kw: dict, backward: bool, repeats: int) -> float:
         for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"):
             t[name].requires_grad_()
 
+    inputs = [t[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+
     def run():
-        out = mamba_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
-        if backward:
-            out.float().sum().backward()
+        out = mamba_scan(*inputs, True)
+        if backward:  # the gradients returned, not accumulated into .grad (no extra work per repeat)
+            torch.autograd.grad(out.float().sum(), inputs)
         torch.cuda.synchronize()
 
     return time_call(run, repeats=repeats)  # run() synchronises CUDA itself
