@@ -1,6 +1,6 @@
 """Induction heads, the Mamba paper's length-extrapolation experiment (Gu & Dao 2023, section 4.1.2, Table 2).
 
-    python -m experiments.induction_heads                       # what `make demo` runs (2-core CPU: 21 minutes)
+    python -m experiments.induction_heads                       # what `make demo` runs (2-core CPU: about 20 minutes)
     python -m experiments.induction_heads --steps 3000 --eval-sequences 256 --min-sequences 16
 
 Trains a 2-layer Falcon Mamba (d_model 64, configs/induction_heads_falcon_mamba.yaml) and a 2-layer Falcon
