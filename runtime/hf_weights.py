@@ -268,10 +268,10 @@ def read_config(path, expected_cls, overrides: Mapping[str, Any]):
 def check_all_tensors_used(tensors: Mapping[str, Any], specs: list[WeightSpec], config, source: str) -> None:
     """Refuses a checkpoint holding tensors that no spec reads: the sign of a config that does not describe it
     (a missing num_hidden_layers falling back to its default, say), which would otherwise load a cut-down model.
-    Ignored, as transformers ignores them: rotary inv_freq buffers, and lm_head.weight when the config ties the
-    output projection to the embeddings."""
+    Ignored, as transformers ignores them: rotary inv_freq buffers (rotary_emb, TII's maybe_rotary), and
+    lm_head.weight when the config ties the output projection to the embeddings."""
     used = {_tensor_name(tensors, spec, source) for spec in specs}
-    left = sorted(name for name in set(tensors) - used if not name.endswith(".rotary_emb.inv_freq")
+    left = sorted(name for name in set(tensors) - used if not name.endswith(".inv_freq")
                   and not (name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)))
     if left:
         shown = ", ".join(repr(n) for n in left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")

@@ -16,7 +16,7 @@ import pytest
 from transformers import FalconConfig, FalconForCausalLM
 
 import transformer
-from runtime.safetensors_io import CheckpointError, open_checkpoint
+from runtime.safetensors_io import CheckpointError, open_checkpoint, write_file
 from tests.hf_models import build_and_save, torch_logits
 
 ATOL = 1e-4
@@ -153,6 +153,20 @@ def test_tensors_the_config_does_not_use_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"tensor\(s\) that the config does not use: 'transformer\.h\.1\."):
         transformer.from_pretrained(tmp_path)
+
+
+def test_tensors_transformers_ignores_are_ignored(tmp_path):
+    """A tied model's stored lm_head.weight and a rotary inv_freq buffer (TII's older checkpoints) load as
+    transformers loads them: ignored; the logits do not change."""
+    _build("mqa_parallel", tmp_path, seed=1)
+    ids = _ids(CASES["mqa_parallel"][0]["vocab_size"], (1, 20), seed=5)
+    want = np.asarray(transformer.from_pretrained(tmp_path)(ids))
+    tensors = {n: np.array(a) for n, a in open_checkpoint(tmp_path).items()}
+    assert json.loads((tmp_path / "config.json").read_text()).get("tie_word_embeddings", True)
+    tensors["lm_head.weight"] = tensors["transformer.word_embeddings.weight"]
+    tensors["transformer.h.0.self_attention.maybe_rotary.inv_freq"] = np.ones(4, np.float32)
+    write_file(tmp_path / "model.safetensors", tensors)
+    np.testing.assert_array_equal(np.asarray(transformer.from_pretrained(tmp_path)(ids)), want)
 
 
 def test_token_ids_outside_vocab_raise(tmp_path):
