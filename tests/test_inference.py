@@ -141,7 +141,7 @@ def test_bf16_compute_keeps_the_ssm_state_in_fp32():
     state holds the last inputs in the compute dtype, as causal_conv1d's state has x's dtype)."""
     model = FalconMambaLM(load_model_config("tiny_falcon_mamba", ["num_hidden_layers=1", f"vocab_size={VOCAB}",
                                                                   "compute_dtype=bfloat16"]), seed=1)
-    _, state = model.prefill(np.ones((2, 9), np.int32), model.init_state(2), chunk_size=4)
+    _, state = model.prefill(np.ones((2, 8), np.int32), model.init_state(2), chunk_size=4)
     _, state = model.step(np.ones(2, np.int32), state)
     layer = state.layers[0]
     assert layer.ssm.dtype == np.float32 and layer.conv.dtype == jax.numpy.bfloat16

@@ -369,7 +369,7 @@ def test_selective_scan_shards_the_kernels_under_a_mesh():
 
 
 @pytest.mark.parametrize("bc", ["g1|g2", "g2|g1"])
-@pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
 def test_channels_last_scan_takes_b_and_c_in_different_groups(impl, bc):
     """ssm.scan.selective_scan (the models' unchecked entry point) with B and C in 1 and 2 groups == the oracle:
     every impl repeats them to the finer grouping (the Pallas kernels read both with one group index)."""
