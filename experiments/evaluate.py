@@ -6,9 +6,10 @@
 Loads the run's checkpoint (default: the newest) and its config.yaml, draws ``--sequences`` sequences of the
 run's task (data.task, data.seq_len, data.num_items; key=value overrides change them, e.g. a longer
 data.seq_len) from seeds no training batch uses (for data.task "bytes", which reads its corpus rather than a
-seed, from text the run did not train on: data.text_dir=DIR is required), and compares argmax of the logits with the targets wherever
-the task's loss mask is set. Prints and returns {"token_accuracy", "sequence_accuracy" (every masked token of
-the sequence right), "sequences", "tokens", "task", "seq_len", "step"}; ``--json PATH`` also writes it.
+seed, from text the run did not train on: data.text_dir=DIR is required), and compares argmax of the logits with
+the targets wherever the task's loss mask is set. Prints and returns {"token_accuracy", "sequence_accuracy"
+(every masked token of the sequence right), "sequences", "tokens", "task", "seq_len", "step"}; ``--json PATH``
+also writes it.
 """
 
 from __future__ import annotations
