@@ -6,9 +6,10 @@
 Measures in one run, forward and forward+backward: our impls ("chunked", "pallas") through selective_scan_fn
 (mamba_ssm's (batch, dim, seqlen) layout, so our times include its transposes to the channels-last layout the
 models use natively) and mamba_ssm's CUDA selective_scan_fn (when it imports), plus the bytes-moved floor:
-inputs read once and outputs written once (u, delta, z, out in bf16; B, C in bf16; A, D, delta_bias fp32; for the backward also dout read and du, ddelta,
-dz, dB, dC written) over the device-to-device copy bandwidth measured in the same run. Prints a table with
-each time over the floor and over mamba_ssm's, and writes DIR/gpu_scan.json.
+inputs read once and outputs written once (u, delta, z, out in bf16; B, C in bf16; A, D, delta_bias fp32; for
+the backward also dout read and du, ddelta, dz, dB, dC written) over the device-to-device copy bandwidth
+measured in the same run. Prints a table with each time over the floor and over mamba_ssm's, and writes
+DIR/gpu_scan.json.
 
 --variants sweeps the Pallas kernel's tuning knobs (ssm.pallas_scan.selective_scan_pallas: sequence tile,
 channels per program, warps per program, steps per load group (default 1), ":rows" for B and C laid out
