@@ -9,7 +9,8 @@ Math (mamba_ssm's, all in fp32 whatever the input dtype):
 
 Two layouts:
   * ``selective_scan_fn`` / ``selective_state_update``: mamba_ssm's public layout and argument names,
-    u, delta, z: (batch, dim, seqlen); B, C: (batch, dstate, seqlen) or (batch, groups, dstate, seqlen).
+    u, delta, z: (batch, dim, seqlen); B, C: (batch, dstate, seqlen) or (batch, groups, dstate, seqlen);
+    the state update also in mamba_ssm's head form (state (batch, nheads, headdim, dstate)).
   * ``selective_scan``: channels-last, what the models call: u, delta, z: (batch, seqlen, dim);
     B, C: (batch, seqlen, groups, dstate).
 
@@ -447,12 +448,17 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
     state: (batch, dim, dstate); x, dt, z: (batch, dim); A: (dim, dstate); B, C: (batch, dstate) or
     (batch, groups, dstate); D, dt_bias: (dim,). out has x's dtype, new_state has state's dtype; the math
-    is fp32. Groups are blocks of dim / groups channels, as in selective_scan_fn. mamba_ssm's 3-D form takes
-    only (batch, dstate); its head form computes the same grouping with nheads = dim and headdim 1 (state
-    (batch, dim, 1, dstate), B (batch, groups, dstate)), which is how the GPU tier compares the two.
+    is fp32. Groups are blocks of dim / groups channels, as in selective_scan_fn (mamba_ssm's 3-D form takes
+    only (batch, dstate)).
+
+    mamba_ssm's head form is taken too: state (batch, nheads, headdim, dstate); x, dt, z (batch, nheads,
+    headdim); A (nheads, headdim, dstate); B, C (batch, ngroups, dstate) with head h reading group
+    h // (nheads / ngroups); D, dt_bias (nheads, headdim). It is the 3-D form over nheads * headdim channels.
     """
+    if hasattr(state, "shape") and state.ndim == 4:
+        return _state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     if not hasattr(state, "shape") or state.ndim != 3:
-        raise ValueError(f"state: expected shape (batch, dim, dstate), got "
+        raise ValueError(f"state: expected shape (batch, dim, dstate) or (batch, nheads, headdim, dstate), got "
                          f"{tuple(state.shape) if hasattr(state, 'shape') else type(state).__name__}")
     batch, dim, dstate = state.shape
     _check("state", state, (batch, dim, dstate), "(batch, dim, dstate)")
@@ -466,6 +472,29 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     _check("z", z, (batch, dim), "(batch, dim)")
     _check("dt_bias", dt_bias, (dim,), "(dim,)")
     return _state_update_jit(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+
+
+def _state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    """selective_state_update's head form, checked, as its 3-D form over nheads * headdim channels."""
+    batch, nheads, headdim, dstate = state.shape
+    heads = (batch, nheads, headdim)
+    for name, value, shape, what in (("x", x, heads, "(batch, nheads, headdim)"),
+                                     ("dt", dt, heads, "(batch, nheads, headdim)"),
+                                     ("A", A, (nheads, headdim, dstate), "(nheads, headdim, dstate)"),
+                                     ("z", z, heads, "(batch, nheads, headdim)"),
+                                     ("D", D, (nheads, headdim), "(nheads, headdim)"),
+                                     ("dt_bias", dt_bias, (nheads, headdim), "(nheads, headdim)")):
+        _check(name, value, shape, what)
+    for name, value in (("B", B), ("C", C)):
+        groups = value.shape[1] if hasattr(value, "ndim") and value.ndim == 3 else 1
+        if nheads % groups:
+            raise ValueError(f"{name}: expected a number of groups dividing nheads ({nheads}), got {groups}")
+    dim = nheads * headdim
+    flat = lambda v, shape: None if v is None else v.reshape(shape)  # noqa: E731
+    out, new_state = selective_state_update(
+        state.reshape(batch, dim, dstate), flat(x, (batch, dim)), flat(dt, (batch, dim)), flat(A, (dim, dstate)),
+        B, C, flat(D, (dim,)), flat(z, (batch, dim)), flat(dt_bias, (dim,)), dt_softplus)
+    return out.reshape(heads), new_state.reshape(state.shape)
 
 
 @functools.partial(jax.jit, static_argnums=(9,))

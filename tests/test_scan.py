@@ -324,6 +324,31 @@ def test_numpy_integer_chunk_size_is_a_chunk_size():
                                   selective_scan_fn(**kwargs, impl="chunked", chunk_size=4))
 
 
+def test_state_update_head_form_matches_mamba_ssm_formula():
+    """mamba_ssm's head form: state (b, h, p, n), B/C (b, g, n), head h reading group h // (h / g), written out in
+    float64 as mamba_ssm's selective_state_update_ref computes it."""
+    rng = np.random.default_rng(15)
+    b, h, p, n, g = 2, 4, 3, 8, 2
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    state, x, dt, z = f(b, h, p, n), f(b, h, p), f(b, h, p), f(b, h, p)
+    A, B, C, D, dt_bias = -np.exp(f(h, p, n)), f(b, g, n), f(b, g, n), f(h, p), f(h, p)
+    out, new_state = selective_state_update(*map(jnp.asarray, (state, x, dt, A, B, C, D, z, dt_bias)),
+                                            dt_softplus=True)
+    d = dt.astype(np.float64) + dt_bias
+    d = np.where(d > 20, d, np.log1p(np.exp(np.minimum(d, 20))))
+    Bh, Ch = np.repeat(B, h // g, axis=1), np.repeat(C, h // g, axis=1)             # (b, h, n)
+    want_state = state * np.exp(d[..., None] * A) + (d * x)[..., None] * Bh[:, :, None, :]
+    want = (want_state * Ch[:, :, None, :]).sum(-1) + D * x
+    want = want * z / (1 + np.exp(-z.astype(np.float64)))
+    assert out.shape == (b, h, p) and new_state.shape == (b, h, p, n)
+    np.testing.assert_allclose(new_state, want_state, **STEP_TOL)
+    np.testing.assert_allclose(out, want, **STEP_TOL)
+    with pytest.raises(ValueError, match=r"^B: expected a number of groups dividing nheads \(4\), got 3"):
+        selective_state_update(*map(jnp.asarray, (state, x, dt, A, f(b, 3, n), f(b, 3, n))))
+    with pytest.raises(ValueError, match=r"^A: expected shape \(4, 3, 8\) \(nheads, headdim, dstate\)"):
+        selective_state_update(*map(jnp.asarray, (state, x, dt, A[:, :, :4], B, C)))
+
+
 def _state_update_bad_inputs():
     b, d, n = 2, 4, 8
     z = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
