@@ -92,11 +92,7 @@ def time_mamba(kw: dict, backward: bool, repeats: int) -> float:
 
     t = {k: torch.from_numpy(np.asarray(v.astype(jnp.float32))).cuda().to(torch.bfloat16 if v.dtype == jnp.bfloat16
                                                                            else torch.float32) for k, v in kw.items()}
-    if backward:
-        for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"):
-            t[name].requires_grad_()
-
-    inputs = [t[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    inputs = [t[name].requires_grad_(backward) for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
 
     def run():
         out = mamba_scan(*inputs, True)
