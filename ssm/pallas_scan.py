@@ -16,11 +16,13 @@ per step (a step's loads never depend on the state, but in a one-step loop they 
 step's arithmetic); a group costs registers, as experiments/bench/triton_compile.py reports.
 
 Saved for the backward pass: the inputs and the fp32 state at each tile boundary, (batch, n_tiles, dstate,
-dim): O(batch x seqlen/tile x dim x dstate), not the state of every step. The backward kernel walks the tiles
+dim): O(batch x seqlen/tile x dim x dstate), not the state of every step; a forward that is not differentiated
+writes none of them. The backward kernel walks the tiles
 in reverse; for each tile it recomputes the tile's states from the saved boundary state into a per-program
 workspace of (tile, dstate, block_dim) fp32 values, then runs the reverse-time adjoint recurrence over the
 tile. dA, dB, dC, dD and d(delta_bias) sum over programs (over batch rows and over the channel blocks of a
-group): the kernel writes per-program partials and XLA sums them after the call.
+group): the kernel writes per-program partials and XLA sums them after the call. du, ddelta and dz are stored in
+the inputs' dtypes.
 
 B and C: by default (b, groups, n, seqlen), a step's column being n strided loads; ``bc_rows=True`` lays them out
 (b, groups, seqlen, n), one contiguous load reshaped to a column (which is faster is for the GPU benchmark).
@@ -206,10 +208,12 @@ def _optional(refs, flags):
 # forward kernel
 
 
-def _forward_kernel(cfg: _Config, *refs):
+def _forward_kernel(cfg: _Config, checkpoints: bool, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, *rest = refs
-    D_ref, z_ref, bias_ref = _optional(rest[:-3], (cfg.has_D, cfg.has_z, cfg.has_bias))
-    out_ref, last_ref, ckpt_ref = rest[-3:]
+    n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
+    D_ref, z_ref, bias_ref = _optional(rest[:n_opt], (cfg.has_D, cfg.has_z, cfg.has_bias))
+    out_ref, last_ref, *ckpt_ref = rest[n_opt:]
+    ckpt_ref = ckpt_ref[0] if checkpoints else None
     A2, D, bias = _channel_constants(cfg, A_ref, D_ref, bias_ref)
 
     def load(t):
@@ -229,31 +233,36 @@ def _forward_kernel(cfg: _Config, *refs):
         return h
 
     def tile(k, h):
-        ckpt_ref[k] = h
+        if checkpoints:
+            ckpt_ref[k] = h
         start = k * cfg.tile
         return _grouped_steps(cfg, cfg.tile, lambda i: start + i, load, step, h)
 
     last_ref[...] = lax.fori_loop(0, cfg.n_tiles, tile, h0_ref[...].astype(_F32))
 
 
-def _forward(cfg: _Config, u, delta, A_t, B, C, h0, D, z, bias):
+def _forward(cfg: _Config, u, delta, A_t, B, C, h0, D, z, bias, checkpoints=True):
     """Padded channels-last u, delta, z (b, Lp, d); A_t (n, d); B, C (b, g, n, Lp); h0 (b, n, d) fp32;
-    D, bias (1, d). Returns out (b, Lp, d) in u's dtype, last (b, n, d) and checkpoints (b, n_tiles, n, d)."""
+    D, bias (1, d). Returns out (b, Lp, d) in u's dtype, last (b, n, d) and, with ``checkpoints`` (what the
+    backward needs), the tile-boundary states (b, n_tiles, n, d), else None."""
     batch, _, dim = u.shape
     dstate = A_t.shape[0]
     s = _specs(cfg, dim, dstate)
     opt_args, opt_specs = _optional_inputs(s, D, z, bias)
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, cfg),
+    out_specs = [s["rows"], s["state"]] + ([s["ckpt"]] if checkpoints else [])
+    out_shape = [_out(u.shape, u.dtype, u), _out((batch, dstate, dim), _F32, u)]
+    out_shape += [_out((batch, cfg.n_tiles, dstate, dim), _F32, u)] if checkpoints else []
+    out, last, *ckpt = pl.pallas_call(
+        functools.partial(_forward_kernel, cfg, checkpoints),
         grid=(batch, dim // cfg.block_dim),
         in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["state"]] + opt_specs,
-        out_specs=[s["rows"], s["state"], s["ckpt"]],
-        out_shape=[_out(u.shape, u.dtype, u), _out((batch, dstate, dim), _F32, u),
-                   _out((batch, cfg.n_tiles, dstate, dim), _F32, u)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=cfg.interpret,
         compiler_params=cfg.compiler_params(),
         name="selective_scan_fwd",
     )(u, delta, A_t, B, C, h0, *opt_args)
+    return out, last, (ckpt + [None])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,7 +344,7 @@ def _backward(cfg: _Config, res, dout, dlast):
     n_blocks = dim // cfg.block_dim
     s = _specs(cfg, dim, dstate)
     opt_args, opt_specs = _optional_inputs(s, D, z, bias)
-    rows = _out((batch, padded, dim), _F32, u)
+    rows = backward_rows(u, delta, z)
     partial_cols = _out((batch, n_blocks) + _bc_block(cfg, dstate), _F32, u)
     state = _out((batch, dstate, dim), _F32, u)
     partial_chan = _out((batch, 1, dim), _F32, u)
@@ -347,17 +356,17 @@ def _backward(cfg: _Config, res, dout, dlast):
         + opt_specs,
         out_specs=[s["rows"], s["rows"], s["rows"], s["state"], s["partial_cols"], s["partial_cols"],
                    s["partial_chan"], s["partial_chan"], s["state"], s["work"]],
-        out_shape=[rows, rows, rows, state, partial_cols, partial_cols, partial_chan, partial_chan, state, work],
+        out_shape=rows + [state, partial_cols, partial_cols, partial_chan, partial_chan, state, work],
         interpret=cfg.interpret,
         compiler_params=cfg.compiler_params(),
         name="selective_scan_bwd",
     )(u, delta, A_t, B, C, ckpt, dout, dlast, *opt_args)
     du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, _ = grads
 
-    return (du.astype(u.dtype), ddelta.astype(delta.dtype), dA.sum(0).astype(A_t.dtype),
+    return (du, ddelta, dA.sum(0).astype(A_t.dtype),
             sum_per_group(dB, cfg.groups).astype(B.dtype), sum_per_group(dC, cfg.groups).astype(C.dtype),
             None if D is None else dD.sum(0).astype(D.dtype),
-            None if z is None else dz.astype(z.dtype),
+            None if z is None else dz,
             None if bias is None else dbias.sum(0).astype(bias.dtype), dh0)
 
 
@@ -371,8 +380,8 @@ def _kernels(cfg: _Config):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan(cfg, u, delta, A_t, B, C, D, z, bias, h0):
-    out, last, _ = _kernels(cfg)[0](cfg, u, delta, A_t, B, C, h0, D, z, bias)
+def _scan(cfg, u, delta, A_t, B, C, D, z, bias, h0):  # not differentiated: no tile-boundary states written
+    out, last, _ = _kernels(cfg)[0](cfg, u, delta, A_t, B, C, h0, D, z, bias, checkpoints=False)
     return out, last
 
 
@@ -455,6 +464,13 @@ def _vary_alike(*arrays):
     return [None if x is None else
             lax.pcast(x, tuple(sorted(varying - jax.typeof(x).manual_axis_type.varying)), to="varying")
             for x in arrays]
+
+
+def backward_rows(u, delta, z):
+    """The backward kernels' du, ddelta, dz outputs (b, padded, d): in u's, delta's and z's dtypes, rounded once
+    from the kernels' fp32 values as they are stored (an fp32 output cast afterwards would round the same and
+    move 5x the bytes of a bf16 one)."""
+    return [_out(x.shape, x.dtype, u) for x in (u, delta, u if z is None else z)]
 
 
 def sum_per_group(x, groups):

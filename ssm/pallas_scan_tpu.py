@@ -14,7 +14,7 @@ for each of the n state rows, h = exp2(dt * A log2 e) * h + B[t, k] * dt u and y
 registers (_advance); D u and the z gate again for the whole tile.
 
 Forward: the step loop unrolled FORWARD_UNROLL times (the compiler overlaps a step's exponentials with the
-previous step's products); saves the state at each tile boundary. Backward, per tile in reverse: the tile's
+previous step's products); under differentiation, saves the state at each tile boundary. Backward, per tile in reverse: the tile's
 states recomputed from the saved boundary state into VMEM (the state before each step, and after the last), y
 with them (for the z gate's gradient), then the adjoint recurrence step by step in reverse: g = C[t, k] dy + the
 later steps' part, and from g and the stored states every per-step gradient; dB[t, k] and dC[t, k] (sums over
@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ssm.pallas_scan import _F32, LOG2E, _optional, _optional_inputs, _out, _softplus, sum_per_group
+from ssm.pallas_scan import _F32, LOG2E, _optional, _optional_inputs, _out, _softplus, backward_rows, sum_per_group
 
 LANES = 128
 FORWARD_UNROLL = 8  # steps per iteration of the forward step loops (static estimate: docs/GPU.md)
@@ -171,11 +171,13 @@ def _step_scratch(cfg, n, R, P):
 # forward
 
 
-def _forward_kernel(cfg, R, *refs):
+def _forward_kernel(cfg, R, checkpoints, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, *rest = refs
     n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
     D_ref, z_ref, bias_ref = _optional(rest[:n_opt], (cfg.has_D, cfg.has_z, cfg.has_bias))
-    out_ref, last_ref, ckpt_ref, h_s, dt_s, x_s, y_s, Bb_s, Cb_s = rest[n_opt:]
+    out_ref, last_ref, *rest = rest[n_opt:]
+    ckpt_ref = rest.pop(0) if checkpoints else None
+    h_s, dt_s, x_s, y_s, Bb_s, Cb_s = rest
     k = pl.program_id(2)
     n = A_ref.shape[0]
 
@@ -183,7 +185,8 @@ def _forward_kernel(cfg, R, *refs):
     def _():
         h_s[...] = h0_ref[...].astype(_F32)
 
-    ckpt_ref[...] = h_s[...]
+    if checkpoints:
+        ckpt_ref[...] = h_s[...]
     _, dt, u, x, _ = _tile_inputs(cfg, k, delta_ref, bias_ref, u_ref)
     _steps_layout(R, dt, x, B_ref, C_ref, dt_s, x_s, Bb_s, Cb_s)
     A2 = A_ref[...].astype(_F32) * LOG2E
@@ -207,26 +210,28 @@ def _forward_kernel(cfg, R, *refs):
         last_ref[...] = h
 
 
-def forward(cfg, u, delta, A_t, B, C, h0, D, z, bias):
+def forward(cfg, u, delta, A_t, B, C, h0, D, z, bias, checkpoints=True):
     """Padded channels-last u, delta, z (b, Lp, d); A_t (n, d); B, C (b, g, Lp, n); h0 (b, n, d) fp32; D, bias
-    (1, d). Returns out (b, Lp, d) in u's dtype, last (b, n, d) and the tile-boundary states
-    (b, n_tiles, n, d / P, P) fp32."""
+    (1, d). Returns out (b, Lp, d) in u's dtype, last (b, n, d) and, with ``checkpoints`` (what the backward
+    needs), the tile-boundary states (b, n_tiles, n, d / P, P) fp32, else None."""
     batch, _, dim = u.shape
     n, P, R = A_t.shape[0], _lanes(dim), rows_per_block(dim, cfg.groups)
     s = _specs(cfg, dim, n, reverse=False)
     opt_args, opt_specs = _optional_inputs(s, D, z, bias)
-    out, last, ckpt = pl.pallas_call(
-        functools.partial(_forward_kernel, cfg, R),
+    out_specs = [s["rows"], s["state"]] + ([s["ckpt"]] if checkpoints else [])
+    out_shape = [_out(u.shape, u.dtype, u), _out((batch, n, dim // P, P), _F32, u)]
+    out_shape += [_out((batch, cfg.n_tiles, n, dim // P, P), _F32, u)] if checkpoints else []
+    out, last, *ckpt = pl.pallas_call(
+        functools.partial(_forward_kernel, cfg, R, checkpoints),
         grid=(batch, dim // (R * P), cfg.n_tiles),
         in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["state"]] + opt_specs,
-        out_specs=[s["rows"], s["state"], s["ckpt"]],
-        out_shape=[_out(u.shape, u.dtype, u), _out((batch, n, dim // P, P), _F32, u),
-                   _out((batch, cfg.n_tiles, n, dim // P, P), _F32, u)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((n, R, P), _F32)] + _step_scratch(cfg, n, R, P),
         name="selective_scan_fwd_tpu",
         **_params(cfg),
     )(u, delta, _split(A_t, dim), B, C, _split(h0, dim), *opt_args)
-    return out, last.reshape(batch, n, dim), ckpt
+    return out, last.reshape(batch, n, dim), (ckpt + [None])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,7 +352,7 @@ def backward(cfg, res, dout, dlast):
     n_blocks, T = dim // (R * P), cfg.tile
     s = _specs(cfg, dim, n, reverse=True)
     opt_args, opt_specs = _optional_inputs(s, D, z, bias)
-    rows = _out((batch, padded, dim), _F32, u)
+    rows = backward_rows(u, delta, z)
     state = _out((batch, n, dim // P, P), _F32, u)
     partial_cols = _out((batch, n_blocks, cfg.n_tiles, 1, T * n), _F32, u)
     partial_chan = _out((batch, 1, dim), _F32, u)
@@ -358,7 +363,7 @@ def backward(cfg, res, dout, dlast):
         + opt_specs,
         out_specs=[s["rows"], s["rows"], s["rows"], s["state"], s["partial_cols"], s["partial_cols"],
                    s["partial_chan"], s["partial_chan"], s["state"]],
-        out_shape=[rows, rows, rows, state, partial_cols, partial_cols, partial_chan, partial_chan, state],
+        out_shape=rows + [state, partial_cols, partial_cols, partial_chan, partial_chan, state],
         scratch_shapes=[pltpu.VMEM((n, R, P), _F32), pltpu.VMEM((n, R, P), _F32), pltpu.VMEM((1, R * P), _F32),
                         pltpu.VMEM((1, R * P), _F32)] + _step_scratch(cfg, n, R, P)
         + [pltpu.VMEM(((T + 1) * n * R, P), _F32), pltpu.VMEM((T * n, P), _F32), pltpu.VMEM((T * n, P), _F32)],
@@ -369,8 +374,8 @@ def backward(cfg, res, dout, dlast):
     def per_group(partial):  # (b, n_blocks, n_tiles, 1, tile * n) -> (b, groups, padded, n)
         return sum_per_group(partial.reshape(batch, n_blocks, padded, n), cfg.groups)
 
-    return (du.astype(u.dtype), ddelta.astype(delta.dtype), dA.sum(0).reshape(n, dim).astype(A_t.dtype),
+    return (du, ddelta, dA.sum(0).reshape(n, dim).astype(A_t.dtype),
             per_group(dB).astype(B.dtype), per_group(dC).astype(C.dtype),
             None if D is None else dD.sum(0).astype(D.dtype),
-            None if z is None else dz.astype(z.dtype),
+            None if z is None else dz,
             None if bias is None else dbias.sum(0).astype(bias.dtype), dh0.reshape(batch, n, dim))

@@ -10,7 +10,8 @@ tests/test_gpu_live.py runs the Triton ones compiled. Shapes are small because t
   seqlen not a multiple of the tile, several channel blocks per B/C group, every optional input on and off;
 * initial_state: vs the oracle, and a scan split in pieces == the whole scan;
 * gradients: every differentiable input == "reference"'s gradients;
-* what the custom VJP saves: no residual holds a state per step (only the per-tile boundary states);
+* what the custom VJP saves: no residual holds a state per step (only the per-tile boundary states); the forward
+  alone writes none, and the backward writes its row gradients in the inputs' dtype;
 * the Triton kernel's tuning knobs compute the same function; bad knobs and shapes are named;
 * shard_map: batch split on "data", channels on "tensor" (2 fake CPU devices, in a subprocess) == unsharded.
 """
@@ -24,6 +25,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -249,9 +251,45 @@ def test_chunk_size_past_the_kernel_tile_is_capped():
 
     batch, dim, dstate, seqlen = 1, 8, 4, 256
     kwargs = to_jax(make_inputs(3, batch, dim, dstate, seqlen))
-    text = str(jax.make_jaxpr(lambda u: selective_scan_fn(**{**kwargs, "u": u}, impl="pallas", chunk_size=256))(
-        kwargs["u"]))
+    loss = lambda u: selective_scan_fn(**{**kwargs, "u": u}, impl="pallas", chunk_size=256).sum()  # noqa: E731
+    text = str(jax.make_jaxpr(jax.grad(loss))(kwargs["u"]))
     assert f"f32[{batch},{seqlen // DEFAULT_TILE},{dstate},{dim}]" in text, text[-2000:]
+
+
+def _pallas_calls(jaxpr):
+    """The pallas_call equations of a (closed) jaxpr, in order, looking inside nested jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _pallas_calls(sub)
+    return found
+
+
+@pytest.mark.parametrize("kernel, dim", [("triton", 8), ("mosaic_tpu", 128)])
+def test_kernels_write_only_what_is_used(kernel, dim):
+    """Without differentiation the forward kernel writes out and the last state, not the tile-boundary states
+    (which only the backward reads); under jax.grad it writes them, and the backward kernel stores du, ddelta and
+    dz in the inputs' dtype (bf16 here) rather than in fp32 that XLA would cast afterwards."""
+    from ssm.pallas_scan import selective_scan_pallas
+
+    rng = np.random.default_rng(0)
+    batch, length, dstate = 1, 32, 4
+    u, delta, z = (jnp.asarray(rng.standard_normal((batch, length, dim)), jnp.bfloat16) for _ in range(3))
+    B, C = (jnp.asarray(rng.standard_normal((batch, length, 1, dstate)), jnp.bfloat16) for _ in range(2))
+    A = -jnp.ones((dim, dstate), jnp.float32)
+
+    def scan(u, delta, z):
+        return selective_scan_pallas(u, delta, A, B, C, None, z, None, True, tile=16, kernel=kernel)[0]
+
+    forward = _pallas_calls(jax.make_jaxpr(scan)(u, delta, z).jaxpr)
+    assert len(forward) == 1 and len(forward[0].outvars) == 2, forward
+    grad = jax.grad(lambda *x: scan(*x).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    forward, backward = _pallas_calls(jax.make_jaxpr(grad)(u, delta, z).jaxpr)
+    assert [v.aval.shape for v in forward.outvars][2:] == [(batch, 2, dstate, dim) if kernel == "triton"
+                                                            else (batch, 2, dstate, dim // 128, 128)]
+    assert [v.aval.dtype for v in backward.outvars[:3]] == [jnp.dtype(jnp.bfloat16)] * 3
 
 
 SHARD_SCRIPT = textwrap.dedent("""
