@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from runtime.checks import shape_of
+
 
 class DecodeState(NamedTuple):
     """The recurrent state of either family: per-layer state (SSM: conv + SSM states; Falcon: the KV cache)
@@ -56,8 +58,7 @@ def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids", ndim: i
         input_ids = np.asarray(input_ids)
     if not hasattr(input_ids, "shape") or input_ids.ndim != ndim:
         layout = "(batch, seq)" if ndim == 2 else "(batch,)"
-        got = tuple(input_ids.shape) if hasattr(input_ids, "shape") else type(input_ids).__name__
-        raise ValueError(f"{name}: expected an integer array of shape {layout}, got shape {got}")
+        raise ValueError(f"{name}: expected an integer array of shape {layout}, got shape {shape_of(input_ids)}")
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise TypeError(f"{name}: expected an integer dtype, got {input_ids.dtype}")
     if any(s == 0 for s in input_ids.shape):

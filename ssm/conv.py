@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from runtime.checks import check_float, check_rank, shape_of
+
 
 def causal_conv1d(x, weight, bias=None, state=None, silu=False):
     """Returns (out (batch, seqlen, dim) in x's dtype, new_state (batch, kernel-1, dim) in x's dtype). ``silu``
@@ -28,28 +30,18 @@ def causal_conv1d(x, weight, bias=None, state=None, silu=False):
     return out.astype(x.dtype), full[:, length:]
 
 
-def _shape(x):
-    return tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-
-
-def _check_float(name: str, x) -> None:
-    if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
-
-
 def _check_conv_args(x, ranks: tuple, layout: str, weight, bias, activation) -> None:
     """Checks of causal_conv1d's public entry points: x's rank, weight (dim, kernel), bias (dim,), dtypes."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
-    if not hasattr(x, "shape") or x.ndim not in ranks:
-        raise ValueError(f"x: expected shape {layout}, got {_shape(x)}")
+    check_rank("x", x, ranks, layout)
     dim = x.shape[1]
     if not hasattr(weight, "shape") or weight.ndim != 2 or weight.shape[0] != dim:
-        raise ValueError(f"weight: expected shape (dim, kernel) with dim={dim}, got {_shape(weight)}")
+        raise ValueError(f"weight: expected shape (dim, kernel) with dim={dim}, got {shape_of(weight)}")
     if bias is not None and tuple(getattr(bias, "shape", ())) != (dim,):
-        raise ValueError(f"bias: expected shape ({dim},), got {_shape(bias)}")
+        raise ValueError(f"bias: expected shape ({dim},), got {shape_of(bias)}")
     for name, value in (("x", x), ("weight", weight), ("bias", bias)):
-        _check_float(name, value)
+        check_float(name, value)
 
 
 def causal_conv1d_fn(x, weight, bias=None, activation=None):
@@ -71,8 +63,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     if not hasattr(conv_state, "shape") or conv_state.ndim != 3 or conv_state.shape[:2] != (batch, dim) \
             or conv_state.shape[2] < kernel - 1:
         raise ValueError(f"conv_state: expected shape (batch, dim, state_len) = ({batch}, {dim}, >= {kernel - 1}), "
-                         f"got {_shape(conv_state)}")
-    _check_float("conv_state", conv_state)
+                         f"got {shape_of(conv_state)}")
+    check_float("conv_state", conv_state)
     rows = x[:, :, None] if x.ndim == 2 else x
     state_len = conv_state.shape[2]
     window = conv_state[:, :, state_len - (kernel - 1):]           # the inputs the next output still sees

@@ -55,6 +55,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from runtime.checks import check_float, check_rank, shape_of
 from runtime.partitioning import traced_axes
 from ssm.pallas_scan import DEFAULT_TILE, selective_scan_pallas
 
@@ -328,27 +329,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 # mamba_ssm-compatible public entry points (checked arguments, (batch, dim, seqlen) layout)
 
 
-def _is_float(x) -> bool:
-    return jnp.issubdtype(jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, jnp.floating)
-
-
 def _check(name: str, x: Any, shape: tuple, what: str) -> None:
     if x is None:
         return
     if not hasattr(x, "shape") or tuple(x.shape) != tuple(shape):
-        got = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-        raise ValueError(f"{name}: expected shape {tuple(shape)} {what}, got {got}")
-    if not _is_float(x):
-        raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+        raise ValueError(f"{name}: expected shape {tuple(shape)} {what}, got {shape_of(x)}")
+    check_float(name, x)
 
 
 def _check_bc(name: str, x: Any, batch: int, dim: int, trailing: tuple, layout: str) -> int:
     """Checks a B or C of shape (batch, *trailing) or (batch, groups, *trailing); returns its number of groups."""
     rank = 1 + len(trailing)
-    if not hasattr(x, "shape") or x.ndim not in (rank, rank + 1):
-        got = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-        raise ValueError(f"{name}: expected shape {layout} = {(batch,) + trailing} or with groups after batch, "
-                         f"got {got}")
+    check_rank(name, x, (rank, rank + 1), f"{layout} = {(batch,) + trailing} or with groups after batch")
     groups = 1 if x.ndim == rank else x.shape[1]
     _check(name, x, (batch,) + trailing if x.ndim == rank else (batch, groups) + trailing, layout)
     if dim % groups:
@@ -381,11 +373,8 @@ def _positive_int_or_none(name: str, value: Any) -> int | None:
 
 
 def _check_u_dim(u):
-    if not hasattr(u, "shape") or u.ndim != 3:
-        got = tuple(u.shape) if hasattr(u, "shape") else type(u).__name__
-        raise ValueError(f"u: expected shape (batch, dim, seqlen), got {got}")
-    if not _is_float(u):
-        raise TypeError(f"u: expected a floating-point array, got dtype {u.dtype}")
+    check_rank("u", u, (3,), "(batch, dim, seqlen)")
+    check_float("u", u)
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -401,8 +390,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     batch, dim, length = u.shape
     _check("delta", delta, (batch, dim, length), "(batch, dim, seqlen) like u")
     if not hasattr(A, "shape") or A.ndim != 2 or A.shape[0] != dim:
-        raise ValueError(f"A: expected shape (dim, dstate) with dim={dim}, got "
-                         f"{tuple(A.shape) if hasattr(A, 'shape') else type(A).__name__}")
+        raise ValueError(f"A: expected shape (dim, dstate) with dim={dim}, got {shape_of(A)}")
     if jnp.iscomplexobj(A):
         raise TypeError("A: expected a real array (complex A is not supported), got a complex one")
     _check("A", A, A.shape, "(dim, dstate)")
@@ -457,9 +445,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """
     if hasattr(state, "shape") and state.ndim == 4:
         return _state_update_heads(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    if not hasattr(state, "shape") or state.ndim != 3:
-        raise ValueError(f"state: expected shape (batch, dim, dstate) or (batch, nheads, headdim, dstate), got "
-                         f"{tuple(state.shape) if hasattr(state, 'shape') else type(state).__name__}")
+    check_rank("state", state, (3,), "(batch, dim, dstate) or (batch, nheads, headdim, dstate)")
     batch, dim, dstate = state.shape
     _check("state", state, (batch, dim, dstate), "(batch, dim, dstate)")
     _check("x", x, (batch, dim), "(batch, dim)")
