@@ -57,12 +57,14 @@ def test_main_writes_the_table_and_the_sweep(monkeypatch, tmp_path, capsys):
     calls = []
     monkeypatch.setattr(gpu_scan, "time_call", lambda fn, args, repeats, **kw: calls.append(fn) or 1e-3)
     monkeypatch.setattr(gpu_scan, "versions", lambda: {})
-    gpu_scan.main(["--out", str(tmp_path), "--lengths", "16", "--batches", "1", "--variants", "16:8:1", "16:8:1:pf"])
+    gpu_scan.main(["--out", str(tmp_path), "--lengths", "16", "--batches", "1", "2",
+                   "--variants", "16:8:1", "16:8:1:pf"])
     result = json.loads((tmp_path / "gpu_scan.json").read_text())
-    assert [(r["pass_"], set(r) >= {"chunked_s", "pallas_s"}) for r in result["rows"]] == [("fwd", True),
-                                                                                           ("fwd+bwd", True)]
-    assert [(r["variant"], r["pass_"]) for r in result["pallas_sweep"]] == [
-        ("16:8:1", "fwd"), ("16:8:1:pf", "fwd"), ("16:8:1", "fwd+bwd"), ("16:8:1:pf", "fwd+bwd")]
+    assert [(r["batch"], r["pass_"], set(r) >= {"chunked_s", "pallas_s"}) for r in result["rows"]] == [
+        (1, "fwd", True), (1, "fwd+bwd", True), (2, "fwd", True), (2, "fwd+bwd", True)]
+    one_shape = [("16:8:1", "fwd"), ("16:8:1:pf", "fwd"), ("16:8:1", "fwd+bwd"), ("16:8:1:pf", "fwd+bwd")]
+    assert [(r["batch"], r["variant"], r["pass_"]) for r in result["pallas_sweep"]] == [
+        (batch, *row) for batch in (1, 2) for row in one_shape]  # the first shape, then the largest batch
     out = capsys.readouterr().out
     assert out.index("times as ratios") < out.index("Pallas kernel sweep")
 

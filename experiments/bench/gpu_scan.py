@@ -128,6 +128,14 @@ def check_variants(parser: argparse.ArgumentParser, variants) -> None:
             parser.error(str(e))
 
 
+def sweep_shapes(batches, lengths) -> list[tuple[int, int]]:
+    """Where the sweep times the variants: the first (batch, length), where a batch row's channel blocks are the
+    only parallelism (at batch 1, 256 one-warp programs for 528 warp schedulers on an H100/H200), then the
+    largest batch at that length, where every scheduler has programs and the backward's per-program workspaces
+    (tile x dstate x block_dim fp32 each) exceed the L2 cache together."""
+    return list(dict.fromkeys([(batches[0], lengths[0]), (max(batches), lengths[0])]))
+
+
 def time_variant(variant: str, kw: dict, backward: bool, repeats: int) -> float:
     """The Pallas kernel alone with tuning knobs TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf], on channels-last
     inputs."""
@@ -202,8 +210,7 @@ def main(argv=None):
                 save()
                 print(format_row(row), flush=True)
             del kw
-    if args.variants:
-        batch, length = args.batches[0], args.lengths[0]
+    for batch, length in sweep_shapes(args.batches, args.lengths) if args.variants else ():
         kw = inputs(batch, length)
         for backward in (False, True):
             for variant in args.variants:
@@ -229,12 +236,12 @@ def main(argv=None):
             line += " " + " ".join(ratio(f"{n}_s", row["mamba_ssm_s"]) for n in args.impls)
         print(line)
     if sweep:
-        print(f"\nPallas kernel sweep at batch {sweep[0]['batch']}, length {sweep[0]['length']} (kernel alone)")
-        print(f"{'variant':>14} {'pass':>8} {'ms':>9} {'x floor':>8}")
+        print("\nPallas kernel sweep (kernel alone)")
+        print(f"{'batch':>5} {'len':>6} {'variant':>16} {'pass':>8} {'ms':>9} {'x floor':>8}")
         for row in sweep:
             ms = f"{row['pallas_kernel_s'] * 1e3:9.3f}" if "pallas_kernel_s" in row else f"{'error':>9}"
             ratio = f"{row['pallas_kernel_s'] / row['floor_s']:8.2f}" if "pallas_kernel_s" in row else ""
-            print(f"{row['variant']:>14} {row['pass_']:>8} {ms} {ratio}")
+            print(f"{row['batch']:>5} {row['length']:>6} {row['variant']:>16} {row['pass_']:>8} {ms} {ratio}")
     save()
     print(f"wrote {args.out / 'gpu_scan.json'}")
 
