@@ -24,6 +24,14 @@ tile. dA, dB, dC, dD and d(delta_bias) sum over programs (over batch rows and ov
 group): the kernel writes per-program partials and XLA sums them after the call. du, ddelta and dz are stored in
 the inputs' dtypes.
 
+Sequence splits (``splits`` > 1, the forward only): the grid has batch x dim / block_dim one-warp programs, 256 at
+batch 1 and dim 8192, under an H100's 528 warp schedulers. With S splits, a first kernel runs each of the first
+S - 1 parts of the sequence (whole tiles) from a zero state and writes its end state and its sum of dt; XLA
+chains them into each part's starting state (start[s + 1] = exp(A sum dt[s]) start[s] + end[s], exact by the
+recurrence's linearity); then the forward kernel runs the S parts side by side, S times the programs. The cost is
+the first pass over (S - 1) / S of the steps (its step three quarters of a forward step); the backward is
+unchanged. Off by default until the GPU benchmark says where it pays.
+
 B and C: by default (b, groups, n, seqlen), a step's column being n strided loads; ``bc_rows=True`` lays them out
 (b, groups, seqlen, n), one contiguous load reshaped to a column (which is faster is for the GPU benchmark).
 """
@@ -72,7 +80,7 @@ class _Config:
     """The static shape and option set of one call (hashable, so it can be a custom_vjp nondiff argument)."""
 
     def __init__(self, *, length, tile, block_dim, groups, has_D, has_z, has_bias, softplus, interpret, num_warps,
-                 kernel, bc_rows=False, unroll=1, prefetch=False):
+                 kernel, bc_rows=False, unroll=1, prefetch=False, splits=1):
         self.length, self.tile, self.block_dim, self.groups = length, tile, block_dim, groups
         self.num_warps, self.kernel, self.bc_rows, self.unroll = num_warps, kernel, bc_rows, unroll
         self.prefetch = prefetch
@@ -80,6 +88,8 @@ class _Config:
         self.softplus, self.interpret = softplus, interpret
         self.n_tiles = -(-length // tile)
         self.padded = self.n_tiles * tile
+        self.splits = math.gcd(splits, self.n_tiles)  # the forward's sequence splits, whole tiles each
+        self.split_tiles = self.n_tiles // self.splits
 
     def compiler_params(self):
         """Pallas' Triton backend, explicitly: JAX's default GPU lowering is Mosaic GPU, which wants memory accesses
@@ -110,15 +120,17 @@ def _specs(cfg: _Config, dim: int, dstate: int):
     P, L = cfg.block_dim, cfg.padded
     blocks_per_group = dim // cfg.groups // P
     return dict(
-        rows=pl.BlockSpec((None, L, P), lambda b, j: (b, 0, j)),
-        cols=pl.BlockSpec((None, None) + _bc_block(cfg, dstate), lambda b, j: (b, j // blocks_per_group, 0, 0)),
+        rows=pl.BlockSpec((None, L, P), lambda b, j, *_: (b, 0, j)),
+        cols=pl.BlockSpec((None, None) + _bc_block(cfg, dstate), lambda b, j, *_: (b, j // blocks_per_group, 0, 0)),
         partial_cols=pl.BlockSpec((None, None) + _bc_block(cfg, dstate), lambda b, j: (b, j, 0, 0)),
-        state=pl.BlockSpec((None, dstate, P), lambda b, j: (b, 0, j)),
-        A=pl.BlockSpec((dstate, P), lambda b, j: (0, j)),
-        chan=pl.BlockSpec((1, P), lambda b, j: (0, j)),
+        state=pl.BlockSpec((None, dstate, P), lambda b, j, *_: (b, 0, j)),
+        A=pl.BlockSpec((dstate, P), lambda b, j, *_: (0, j)),
+        chan=pl.BlockSpec((1, P), lambda b, j, *_: (0, j)),
         partial_chan=pl.BlockSpec((None, 1, P), lambda b, j: (b, 0, j)),
-        ckpt=pl.BlockSpec((None, cfg.n_tiles, dstate, P), lambda b, j: (b, 0, 0, j)),
+        ckpt=pl.BlockSpec((None, cfg.n_tiles, dstate, P), lambda b, j, *_: (b, 0, 0, j)),
         work=pl.BlockSpec((None, None, cfg.tile, dstate, P), lambda b, j: (b, j, 0, 0, 0)),
+        split_state=pl.BlockSpec((None, None, dstate, P), lambda b, j, s: (b, s, 0, j)),
+        split_chan=pl.BlockSpec((None, None, 1, P), lambda b, j, s: (b, s, 0, j)),
     )
 
 
@@ -153,13 +165,15 @@ def _row(ref, t):
     return ref[pl.ds(t, 1), :].astype(_F32)
 
 
-def _step_inputs(cfg, t, delta, bias, A2):
-    """From step t's delta row (1, P): dt before and after bias / softplus / padding mask, and the decay
-    exp(dt A) = exp2(dt A2) (n, P), A2 = A log2 e."""
+def _advance(cfg, t, delta, u, B, bias, A2, h):
+    """Step t of the recurrence from its delta, u rows (1, P) and B column (n, 1): dt after bias / softplus /
+    padding mask, the decay exp(dt A) = exp2(dt A2) (n, P) (A2 = A log2 e) and h <- decay h + B dt u. Returns
+    (dt before bias and softplus, dt, decay, the new h)."""
     pre = delta + bias if cfg.has_bias else delta
     dt = _softplus(pre) if cfg.softplus else pre
     dt = jnp.where(t < cfg.length, dt, 0.0)  # padding steps leave the state as it is
-    return pre, dt, jnp.exp2(dt * A2)
+    decay = jnp.exp2(dt * A2)
+    return pre, dt, decay, decay * h + B * (dt * u)
 
 
 def _grouped_steps(cfg, count, step_of, load, body, carry):
@@ -208,6 +222,50 @@ def _optional(refs, flags):
 # forward kernel
 
 
+def _split_ends_kernel(cfg: _Config, *refs):
+    """The forward's first pass where the sequence is split (cfg.splits > 1): program (b, j, s) runs split s's
+    steps from a zero state and writes its end state and its sum of dt (the split's decay is exp(A sum dt))."""
+    u_ref, delta_ref, A_ref, B_ref, *rest = refs
+    bias_ref = rest[0] if cfg.has_bias else None
+    end_ref, dt_sum_ref = rest[-2:]
+    A2 = A_ref[...].astype(_F32) * LOG2E
+    bias = bias_ref[...].astype(_F32) if cfg.has_bias else None
+
+    def step(t, inputs, carry):
+        h, dt_sum = carry
+        _, dt, _, h = _advance(cfg, t, *inputs, bias, A2, h)
+        return h, dt_sum + dt
+
+    steps = cfg.split_tiles * cfg.tile
+    start = pl.program_id(2) * steps
+    h, dt_sum = _grouped_steps(cfg, steps, lambda i: start + i,
+                               lambda t: (_row(delta_ref, t), _row(u_ref, t), _column(cfg, B_ref, t)), step,
+                               (jnp.zeros_like(A2), jnp.zeros((1, cfg.block_dim), _F32)))
+    end_ref[...] = h
+    dt_sum_ref[...] = dt_sum
+
+
+def _split_starts(cfg: _Config, specs, u, delta, A_t, B, h0, bias):
+    """(b, splits, n, d): the state each sequence split starts from, from the splits' end states and decays
+    (_split_ends_kernel) chained in order: start[s + 1] = exp(A sum dt[s]) start[s] + end[s]."""
+    batch, _, dim = u.shape
+    others = cfg.splits - 1
+    ends, dt_sums = pl.pallas_call(
+        functools.partial(_split_ends_kernel, cfg),
+        grid=(batch, dim // cfg.block_dim, others),
+        in_specs=[specs["rows"], specs["rows"], specs["A"], specs["cols"]] + ([specs["chan"]] if cfg.has_bias else []),
+        out_specs=[specs["split_state"], specs["split_chan"]],
+        out_shape=[_out((batch, others) + A_t.shape, _F32, u), _out((batch, others, 1, dim), _F32, u)],
+        interpret=cfg.interpret,
+        compiler_params=cfg.compiler_params(),
+        name="selective_scan_split_ends",
+    )(u, delta, A_t, B, *([bias] if cfg.has_bias else []))
+    starts = [h0]
+    for split in range(others):
+        starts.append(jnp.exp(A_t.astype(_F32) * dt_sums[:, split]) * starts[-1] + ends[:, split])
+    return jnp.stack(starts, axis=1)
+
+
 def _forward_kernel(cfg: _Config, checkpoints: bool, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, *rest = refs
     n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
@@ -222,8 +280,7 @@ def _forward_kernel(cfg: _Config, checkpoints: bool, *refs):
 
     def step(t, inputs, h):
         delta, u, B, C, z = inputs
-        _, dt, decay = _step_inputs(cfg, t, delta, bias, A2)
-        h = decay * h + B * (dt * u)
+        *_, h = _advance(cfg, t, delta, u, B, bias, A2, h)
         y = jnp.sum(h * C, axis=0, keepdims=True)
         if cfg.has_D:
             y = y + D * u
@@ -238,7 +295,15 @@ def _forward_kernel(cfg: _Config, checkpoints: bool, *refs):
         start = k * cfg.tile
         return _grouped_steps(cfg, cfg.tile, lambda i: start + i, load, step, h)
 
-    last_ref[...] = lax.fori_loop(0, cfg.n_tiles, tile, h0_ref[...].astype(_F32))
+    if cfg.splits == 1:
+        last_ref[...] = lax.fori_loop(0, cfg.n_tiles, tile, h0_ref[...].astype(_F32))
+        return
+    split = pl.program_id(2)  # this program's tiles: split s's, from the state it starts from (_split_starts)
+    h = lax.fori_loop(0, cfg.split_tiles, lambda r, h: tile(split * cfg.split_tiles + r, h), h0_ref[...])
+
+    @pl.when(split == cfg.splits - 1)
+    def _():
+        last_ref[...] = h
 
 
 def _forward(cfg: _Config, u, delta, A_t, B, C, h0, D, z, bias, checkpoints=True):
@@ -252,10 +317,13 @@ def _forward(cfg: _Config, u, delta, A_t, B, C, h0, D, z, bias, checkpoints=True
     out_specs = [s["rows"], s["state"]] + ([s["ckpt"]] if checkpoints else [])
     out_shape = [_out(u.shape, u.dtype, u), _out((batch, dstate, dim), _F32, u)]
     out_shape += [_out((batch, cfg.n_tiles, dstate, dim), _F32, u)] if checkpoints else []
+    grid, h0_spec = (batch, dim // cfg.block_dim), s["state"]
+    if cfg.splits > 1:
+        h0, grid, h0_spec = _split_starts(cfg, s, u, delta, A_t, B, h0, bias), grid + (cfg.splits,), s["split_state"]
     out, last, *ckpt = pl.pallas_call(
         functools.partial(_forward_kernel, cfg, checkpoints),
-        grid=(batch, dim // cfg.block_dim),
-        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["state"]] + opt_specs,
+        grid=grid,
+        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], h0_spec] + opt_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=cfg.interpret,
@@ -280,10 +348,8 @@ def _backward_kernel(cfg: _Config, *refs):
 
     def recompute(start):
         def step(t, inputs, h):  # work[t - start] = the state before step t
-            delta, u, B = inputs
-            _, dt, decay = _step_inputs(cfg, t, delta, bias, A2)
             work_ref[t - start] = h
-            return decay * h + B * (dt * u)
+            return _advance(cfg, t, *inputs, bias, A2, h)[-1]
         return step
 
     def reverse_inputs(start):
@@ -295,8 +361,7 @@ def _backward_kernel(cfg: _Config, *refs):
     def reverse_step(t, inputs, carry):
         g, dA, dD, dbias = carry
         delta, u, B, C, h_prev, dy, zt = inputs                  # dy: d loss / d out, (1, P)
-        pre, dt, decay = _step_inputs(cfg, t, delta, bias, A2)
-        h = decay * h_prev + B * (dt * u)
+        pre, dt, decay, h = _advance(cfg, t, delta, u, B, bias, A2, h_prev)
         if cfg.has_z:
             gate = _sigmoid(zt)
             y = jnp.sum(h * C, axis=0, keepdims=True) + (D * u if cfg.has_D else 0.0)
@@ -400,7 +465,8 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
                           initial_state=None, tile=None, interpret=None, block_dim=MAX_BLOCK_DIM,
-                          num_warps=DEFAULT_NUM_WARPS, kernel=None, bc_rows=False, unroll=1, prefetch=False):
+                          num_warps=DEFAULT_NUM_WARPS, kernel=None, bc_rows=False, unroll=1, prefetch=False,
+                          splits=1):
     """ssm.scan.selective_scan's contract (channels-last u, delta, z (b, l, d); B, C (b, l, g, n)) on the
     Pallas kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen; for the TPU kernel at
     most pallas_scan_tpu.MAX_TILE, rounded up to a multiple of 16); interpret: run the kernels in the Pallas
@@ -409,11 +475,14 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     "triton". block_dim (a power of two: the channels of one program, capped by the channels per B/C group),
     num_warps (per program), bc_rows (B and C laid out (padded, n), one contiguous load per step, instead of
     (n, padded), n strided loads), unroll (a power of two: steps whose loads are issued together; capped to
-    divide the tile) and prefetch (loads issued one group of steps ahead) are the Triton kernel's tuning knobs
+    divide the tile), prefetch (loads issued one group of steps ahead) and splits (the forward's sequence
+    splits, capped to divide the number of tiles: see the module docstring) are the Triton kernel's tuning knobs
     that experiments/bench/gpu_scan.py sweeps."""
     for name, value in (("block_dim", block_dim), ("unroll", unroll)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name}: expected a power of two, got {value}")
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits: expected a positive integer, got {splits!r}")
     kernel = kernel or ("mosaic_tpu" if jax.default_backend() == "tpu" else "triton")
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
@@ -437,7 +506,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                   interpret=jax.default_backend() != KERNEL_BACKENDS[kernel] if interpret is None else bool(interpret),
                   num_warps=int(num_warps), kernel=kernel, bc_rows=bool(bc_rows) and kernel == "triton",
                   unroll=math.gcd(int(unroll), tile) if kernel == "triton" else 1,
-                  prefetch=bool(prefetch) and kernel == "triton")
+                  prefetch=bool(prefetch) and kernel == "triton", splits=splits if kernel == "triton" else 1)
     pad = cfg.padded - length
     rows = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, pad), (0, 0)))  # noqa: E731
     if kernel == "mosaic_tpu" or cfg.bc_rows:  # (b, g, Lp, n): a tile of B is a (tile, n) block

@@ -13,15 +13,15 @@ channels are one (R, 128) value (_to_steps), and B[t, k], C[t, k] broadcast alon
 for each of the n state rows, h = exp2(dt * A log2 e) * h + B[t, k] * dt u and y += C[t, k] * h on whole
 registers (_advance); D u and the z gate again for the whole tile.
 
-Forward: the step loop unrolled FORWARD_UNROLL times (the compiler overlaps a step's exponentials with the
-previous step's products); under differentiation, saves the state at each tile boundary. Backward, per tile in reverse: the tile's
-states recomputed from the saved boundary state into VMEM (the state before each step, and after the last), y
-with them (for the z gate's gradient), then the adjoint recurrence step by step in reverse: g = C[t, k] dy + the
-later steps' part, and from g and the stored states every per-step gradient; dB[t, k] and dC[t, k] (sums over
-the program's channels) are summed over sublanes in the step and over lanes for the whole tile on the MXU (ones
-against the rows, in fp32: precision HIGHEST), which lays them out lane-dense. dA, dD and d(delta_bias)
-accumulate over a (batch row, channel block)'s tiles; dB and dC are written per channel block and tile and
-summed per group after the call.
+Forward: the step loop unrolled FORWARD_UNROLL times (the compiler overlaps a step's exponentials with the previous
+step's products); under differentiation, saves the state at each tile boundary. Backward, per tile in reverse: the
+tile's states recomputed from the saved boundary state into VMEM (the state before each step, and after the last),
+y with them (for the z gate's gradient), then the adjoint recurrence step by step in reverse: g = C[t, k] dy + the
+later steps' part, and from g and the stored states every per-step gradient; dB[t, k] and dC[t, k] (sums over the
+program's channels) are summed over sublanes in the step and over lanes for the whole tile on the MXU (ones against
+the rows, in fp32: precision HIGHEST), which lays them out lane-dense. dA, dD and d(delta_bias) accumulate over a
+(batch row, channel block)'s tiles; dB and dC are written per channel block and tile and summed per group after the
+call.
 
 libtpu's static cycle estimates (the compiler's, not measurements: experiments/bench/tpu_compile.py, figures in
 docs/GPU.md): about 7x (forward) and 4.6x (backward) fewer cycles than the channel-sparse layout these kernels

@@ -73,12 +73,14 @@ def test_cli_checks(capsys):
     with pytest.raises(SystemExit):
         gpu_scan.main(["--out", "x", "--variants", "64:32"])
     assert "--variants: expected TILE:BLOCK_DIM:NUM_WARPS[:UNROLL] positive integers, optionally :rows, then " \
-           "optionally :pf, got '64:32'" in capsys.readouterr().err
-    for bad in ("64:32:1:cols", "64:32:1:pf:rows"):
+           "optionally :pf, then optionally :s<splits>, got '64:32'" in capsys.readouterr().err
+    for bad in ("64:32:1:cols", "64:32:1:pf:rows", "64:32:1:s0", "64:32:1:s4:rows"):
         with pytest.raises(SystemExit):
             gpu_scan.main(["--out", "x", "--variants", bad])
     assert gpu_scan.parse_variant("16:32:1:2:rows:pf") == dict(tile=16, block_dim=32, num_warps=1, unroll=2,
-                                                               bc_rows=True, prefetch=True)
+                                                               bc_rows=True, prefetch=True, splits=1)
+    assert gpu_scan.parse_variant("64:32:1:rows:s8") == dict(tile=64, block_dim=32, num_warps=1, unroll=1,
+                                                             bc_rows=True, prefetch=False, splits=8)
     if jax.default_backend() == "cpu":
         with pytest.raises(SystemExit, match="backend: expected a GPU or TPU .* got 'cpu'"):
             gpu_scan.main(["--out", "x"])

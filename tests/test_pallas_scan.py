@@ -163,19 +163,19 @@ def test_gradients_match_reference(kernel, case):
 
 
 def test_tuning_knobs_compute_the_same_function():
-    """block_dim, num_warps, bc_rows, unroll and prefetch (the GPU sweep's knobs) change the tiling and the order of
-    the loads, not the result; bad block_dim / unroll named."""
+    """block_dim, num_warps, bc_rows, unroll, prefetch and splits (the GPU sweep's knobs) change the tiling, the
+    order of the loads and the forward's parallelism over the sequence, not the result; bad knobs named."""
     from ssm.pallas_scan import selective_scan_pallas
 
     k = to_jax(make_inputs(9, 2, 64, 4, 40, bc="g1", initial_state=True))
     u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
     args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], True)
     want_out, want_last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16)
-    for block_dim, num_warps, bc_rows, unroll, prefetch in (
-            (8, 1, False, 1, False), (64, 4, True, 4, False), (32, 1, False, 32, False),  # 32 > tile: 1 group a tile
-            (16, 1, True, 4, True)):  # loads a group ahead, the last tile padded (and the backward: below)
-        out, last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16, block_dim=block_dim,
-                                          num_warps=num_warps, bc_rows=bc_rows, unroll=unroll, prefetch=prefetch)
+    for knobs in (dict(block_dim=8), dict(block_dim=64, num_warps=4, bc_rows=True, unroll=4),
+                  dict(block_dim=32, unroll=32),  # 32 > tile: one group a tile
+                  dict(block_dim=16, bc_rows=True, unroll=4, prefetch=True),  # loads a group ahead, last tile padded
+                  dict(splits=3), dict(splits=3, unroll=4, bc_rows=True)):  # 3 tiles: one a split, the last padded
+        out, last = selective_scan_pallas(*args, initial_state=k["initial_state"], tile=16, **knobs)
         np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), **FWD_TOL)
         np.testing.assert_allclose(np.asarray(last), np.asarray(want_last), **FWD_TOL)
 
@@ -186,13 +186,16 @@ def test_tuning_knobs_compute_the_same_function():
         return jax.grad(loss, argnums=tuple(range(9)))(*args[:-1], k["initial_state"])
 
     want = grads()
-    for knobs in (dict(bc_rows=True, block_dim=16, unroll=4), dict(unroll=2, prefetch=True)):
+    for knobs in (dict(bc_rows=True, block_dim=16, unroll=4), dict(unroll=2, prefetch=True), dict(splits=3)):
         for expected, got in zip(want, grads(**knobs)):
             np.testing.assert_allclose(np.asarray(got), np.asarray(expected), **GRAD_TOL, err_msg=str(knobs))
     with pytest.raises(ValueError, match="block_dim: expected a power of two, got 48"):
         selective_scan_pallas(*args, block_dim=48)
     with pytest.raises(ValueError, match="unroll: expected a power of two, got 3"):
         selective_scan_pallas(*args, unroll=3)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"splits: expected a positive integer, got {bad!r}"):
+            selective_scan_pallas(*args, splits=bad)
 
 
 LOWERINGS = {"triton": ("cuda", "stablehlo.custom_call @__gpu$xla.gpu.triton", "__gpu$xla.gpu.triton"),

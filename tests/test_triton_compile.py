@@ -12,9 +12,9 @@ from experiments.bench import gpu_scan, triton_compile
 triton = pytest.importorskip("triton", reason="pip's triton is in the test extra (pyproject.toml)")
 
 
-def compiled(variant):
+def compiled(variant, names=("selective_scan_fwd", "selective_scan_bwd")):
     kernels = triton_compile.scan_kernels(variant)
-    assert [k.name for k in kernels] == ["selective_scan_fwd", "selective_scan_bwd"]
+    assert [k.name for k in kernels] == list(names)
     return {k.name: triton_compile.compile_kernel(k, arch=90) for k in kernels}
 
 
@@ -31,7 +31,7 @@ def test_default_kernels_compile_for_hopper_without_spills():
 
 def test_step_loops_issue_no_more_instructions_than_measured():
     """The step loops' SASS instruction counts (64:32:1:rows, the bf16 Falcon Mamba case) stay at the level of
-    2026-11-30, 175 (forward) and 156 / 734 (backward: recomputation / reverse pass) per step, from 364 and
+    2026-11-30, 175 (forward) and 151 / 738 (backward: recomputation / reverse pass) per step, from 364 and
     309 / 934 before the exponentials became exp2 (libdevice's expf is ~9 instructions around its MUFU.EX2) and
     B, C were handed to the kernels in fp32 (every thread unpacked a step's 2n bf16 values): a regression shows
     here."""
@@ -65,3 +65,15 @@ def test_grouped_loads_compile_unrolled():
 def test_every_sweep_variant_parses():
     for variant in gpu_scan.SWEEP_VARIANTS:
         gpu_scan.parse_variant(variant)
+
+
+def test_sequence_splits_compile():
+    """":s4" (the forward split over the sequence in 4): a first kernel for the splits' end states, then the
+    forward (a grid axis more) and the same backward, none spilling; the first kernel's step loop (no output,
+    no C, no gate) shorter than the forward's, whose step is unchanged (within 5%)."""
+    split = compiled("64:32:1:rows:s4", ("selective_scan_split_ends", "selective_scan_fwd", "selective_scan_bwd"))
+    plain = compiled("64:32:1:rows")
+    for kernel in split.values():
+        assert kernel.spill_bytes == 0, kernel
+    ends, forward = (split[k].loop_instructions[0] for k in ("selective_scan_split_ends", "selective_scan_fwd"))
+    assert ends < forward < 1.05 * plain["selective_scan_fwd"].loop_instructions[0], split

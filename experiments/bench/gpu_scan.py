@@ -1,7 +1,7 @@
 """GPU (or TPU) benchmark of the selective scan at Falcon Mamba 7B layer shapes (dim 8192, dstate 16, bf16 inputs).
 
     python -m experiments.bench.gpu_scan --out DIR [--lengths 2048 4096 8192 16384] [--batches 1 2 4 8]
-                                         [--variants TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf] ...] [--sweep]
+        [--variants TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS] ...] [--sweep]
 
 Measures in one run, forward and forward+backward: our impls ("chunked", "pallas") through selective_scan_fn
 (mamba_ssm's (batch, dim, seqlen) layout, so our times include its transposes to the channels-last layout the
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -34,10 +35,12 @@ from ssm.scan import selective_scan_fn, to_channels_last
 
 DIM, DSTATE = 8192, 16
 TIMED_BACKENDS = ("gpu", "tpu")  # where main() runs (a test adds "cpu", with the timer stubbed)
-# The Triton kernel's knobs that the GPU tier sweeps (--sweep), TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf]; also
-# what experiments/bench/triton_compile.py compiles offline by default.
-SWEEP_VARIANTS = ("64:32:1", "64:32:1:rows", "64:32:1:rows:pf", "16:32:1:rows:pf", "64:32:1:4:rows",
-                  "128:32:1:4:rows", "64:64:2:4:rows", "64:128:4:rows", "64:16:1:4:rows")
+# The Triton kernel's knobs that the GPU tier sweeps (--sweep),
+# TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS]; also what experiments/bench/triton_compile.py compiles
+# offline by default. The forward's sequence splits (s4, s8) are for small batches: see ssm/pallas_scan.py.
+SWEEP_VARIANTS = ("64:32:1", "64:32:1:rows", "64:32:1:rows:s4", "64:32:1:rows:s8", "64:32:1:rows:pf",
+                  "16:32:1:rows:pf", "64:32:1:4:rows", "128:32:1:4:rows", "64:64:2:4:rows", "64:128:4:rows",
+                  "64:16:1:4:rows")
 
 
 def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
@@ -104,19 +107,21 @@ def time_mamba(kw: dict, backward: bool, repeats: int) -> float:
 
 
 def parse_variant(variant: str, name: str = "variant") -> dict:
-    """TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf] -> selective_scan_pallas's knobs (tile, block_dim, num_warps,
-    unroll, bc_rows, prefetch)."""
+    """TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS] -> selective_scan_pallas's knobs (tile, block_dim,
+    num_warps, unroll, bc_rows, prefetch, splits)."""
     parts = variant.split(":")
+    split = re.fullmatch(r"s([1-9]\d*)", parts[-1])
+    parts = parts[:-1] if split else parts
     prefetch = parts[-1:] == ["pf"]
     parts = parts[:-1] if prefetch else parts
     bc_rows = parts[-1:] == ["rows"]
     numbers = parts[:-1] if bc_rows else parts
     if len(numbers) not in (3, 4) or not all(p.isdigit() and int(p) > 0 for p in numbers):
         raise ValueError(f"{name}: expected TILE:BLOCK_DIM:NUM_WARPS[:UNROLL] positive integers, optionally :rows, "
-                         f"then optionally :pf, got {variant!r}")
+                         f"then optionally :pf, then optionally :s<splits>, got {variant!r}")
     tile, block_dim, num_warps, unroll = (int(x) for x in numbers + ["1"] * (4 - len(numbers)))
     return dict(tile=tile, block_dim=block_dim, num_warps=num_warps, unroll=unroll, bc_rows=bc_rows,
-                prefetch=prefetch)
+                prefetch=prefetch, splits=int(split.group(1)) if split else 1)
 
 
 def check_variants(parser: argparse.ArgumentParser, variants) -> None:
@@ -137,8 +142,8 @@ def sweep_shapes(batches, lengths) -> list[tuple[int, int]]:
 
 
 def time_variant(variant: str, kw: dict, backward: bool, repeats: int) -> float:
-    """The Pallas kernel alone with tuning knobs TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf], on channels-last
-    inputs."""
+    """The Pallas kernel alone with tuning knobs TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS], on
+    channels-last inputs."""
     from ssm.pallas_scan import selective_scan_pallas
 
     knobs = parse_variant(variant)
@@ -172,7 +177,7 @@ def main(argv=None):
     parser.add_argument("--impls", nargs="+", default=["chunked", "pallas"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="*", default=[],
-                        metavar="TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf]",
+                        metavar="TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS]",
                         help="Pallas tuning knobs to sweep at the first batch and length (kernel call alone)")
     parser.add_argument("--sweep", action="store_true", help=f"--variants {' '.join(SWEEP_VARIANTS)}")
     args = parser.parse_args(argv)

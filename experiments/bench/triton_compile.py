@@ -1,7 +1,7 @@
 """Compile the Pallas scan's Triton kernels for a GPU on a machine without one; report ptxas' resource counts.
 
     python -m experiments.bench.triton_compile [--arch 90]
-        [--variants TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf] ...]
+        [--variants TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS] ...]
 
 For each variant (default: the sweep of experiments/bench/gpu_scan.py) the forward and backward kernels are
 lowered for "cuda" at a 7B-layer channel block (bf16 inputs, D, z, delta_bias, softplus), their Triton IR is
@@ -148,7 +148,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--variants", nargs="+", default=list(SWEEP_VARIANTS),
-                        metavar="TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf]")
+                        metavar="TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS]")
     args = parser.parse_args(argv)
     check_variants(parser, args.variants)
     import triton
