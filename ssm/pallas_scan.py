@@ -17,12 +17,11 @@ step's arithmetic); a group costs registers, as experiments/bench/triton_compile
 
 Saved for the backward pass: the inputs and the fp32 state at each tile boundary, (batch, n_tiles, dstate,
 dim): O(batch x seqlen/tile x dim x dstate), not the state of every step; a forward that is not differentiated
-writes none of them. The backward kernel walks the tiles
-in reverse; for each tile it recomputes the tile's states from the saved boundary state into a per-program
-workspace of (tile, dstate, block_dim) fp32 values, then runs the reverse-time adjoint recurrence over the
-tile. dA, dB, dC, dD and d(delta_bias) sum over programs (over batch rows and over the channel blocks of a
-group): the kernel writes per-program partials and XLA sums them after the call. du, ddelta and dz are stored in
-the inputs' dtypes.
+writes none of them. The backward kernel walks the tiles in reverse; for each tile it recomputes the tile's
+states from the saved boundary state into a per-program workspace of (tile, dstate, block_dim) fp32 values, then
+runs the reverse-time adjoint recurrence over the tile. dA, dB, dC, dD and d(delta_bias) sum over programs (over
+batch rows and over the channel blocks of a group): the kernel writes per-program partials and XLA sums them
+after the call. du, ddelta and dz are stored in the inputs' dtypes.
 
 Sequence splits (``splits`` > 1, the forward only): the grid has batch x dim / block_dim one-warp programs, 256 at
 batch 1 and dim 8192, under an H100's 528 warp schedulers. With S splits, a first kernel runs each of the first
