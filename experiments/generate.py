@@ -82,12 +82,17 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     if args.stream:
         produced: list[int] = []
-        for step_tokens in stream(model, prompt, **kwargs):
-            if step_tokens[0] >= 0:
+        shown = ""  # the text printed so far: each step prints what decoding all the tokens adds to it (a
+        for step_tokens in stream(model, prompt, **kwargs):  # token alone loses the spaces and bytes that
+            if step_tokens[0] >= 0:                             # tokenizers join across tokens)
                 produced.append(int(step_tokens[0]))
-                sys.stdout.write(decode([produced[-1]]) + ("" if tokenizer else " "))
-                sys.stdout.flush()
-        print()
+                text = decode(produced)
+                if text.startswith(shown) and not text.endswith("\ufffd"):  # not inside a multi-byte character
+                    sys.stdout.write(text[len(shown):])
+                    sys.stdout.flush()
+                    shown = text
+        text = decode(produced)
+        print(text[len(shown):] if text.startswith(shown) else "\n" + text)
     else:
         produced = generate(model, prompt, **kwargs).row(0)
         print(decode(produced))

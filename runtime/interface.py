@@ -215,8 +215,9 @@ class CausalLM(nnx.Module):
         if length < 2:
             raise ValueError(f"input_ids: expected at least 2 tokens per row for a likelihood, got {length}")
         chunks = [(start, end) for start, end in self._chunks(length, chunk_size) if start + 1 < length]
-        # one chunk: a plain forward, no state (and so no KV cache, which dynamic RoPE scaling cannot have)
-        state = None if len(chunks) == 1 else self.init_state(batch, max_len=length)
+        if len(chunks) == 1:  # one chunk (a last one-token chunk has no target): a plain forward over all the
+            chunks = [(0, length)]  # tokens, as chunk_size=None, with no state (so no KV cache, which dynamic
+        state = None if len(chunks) == 1 else self.init_state(batch, max_len=length)  # RoPE scaling cannot have)
         pieces = []
         for start, end in chunks:
             targets = input_ids[:, start + 1:end + 1]

@@ -101,6 +101,8 @@ def test_dynamic_rope_log_likelihood_is_one_full_forward(tmp_path):
     want = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
     model = transformer.from_pretrained(tmp_path)
     np.testing.assert_allclose(np.asarray(model.log_likelihood(ids)), want, rtol=0, atol=ATOL)
+    # seq - 1: the one-token last chunk has no target, which leaves one chunk, still over all seq tokens
+    np.testing.assert_allclose(np.asarray(model.log_likelihood(ids, chunk_size=seq - 1)), want, rtol=0, atol=ATOL)
     with pytest.raises(ValueError, match=r"rope_scaling: 'dynamic'.*log_likelihood with chunk_size=None"):
         model.log_likelihood(ids, chunk_size=seq // 2)
 

@@ -59,6 +59,16 @@ def test_stream_prints_the_same_tokens(checkpoint):
     assert streamed.stdout.split() == plain.stdout.split()
 
 
+def test_stream_prints_the_same_text(checkpoint):
+    """With a tokenizer, the streamed text is the text of all the tokens (decoded token by token, the word-level
+    tokenizer's spaces between tokens were lost: 'w3w3w3')."""
+    args = (checkpoint, "--prompt", "w1 w2", "--max-new-tokens", "4", "--temperature", "0.9", "--seed", "3",
+            "--stop")
+    plain, streamed = _run(*args), _run(*args, "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == plain.stdout and len(plain.stdout.split()) == 4, (plain.stdout, streamed.stdout)
+
+
 def test_missing_tokenizer_is_named(tmp_path, checkpoint):
     result = _run(checkpoint, "--prompt", "w1", "--tokenizer", tmp_path / "nope.json")
     assert result.returncode != 0 and "--tokenizer" in result.stderr and "nope.json" in result.stderr

@@ -97,10 +97,26 @@ def test_sample_logits_filters():
     free = np.asarray(sample_logits(logits, keys, Sampling(1.0)))
     assert abs((free == 3).mean() - 0.05) < 0.02
     assert (np.asarray(sample_logits(logits, keys, Sampling(0.0))) == 0).all()
+    # a tiny temperature is greedy: logits / 1e-38 overflowed to inf, and categorical took the first of the infs
+    shuffled = logits[:, ::-1]
+    assert (np.asarray(sample_logits(shuffled, keys, Sampling(1e-38))) == 3).all()
+    assert Sampling(1.0, top_k=np.int64(2)).top_k == 2
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -1}, "temperature: expected a number >= 0"),
+    ({"temperature": float("nan")}, "temperature: expected a finite number >= 0, got nan"),
+    ({"temperature": float("inf")}, "temperature: expected a finite number >= 0, got inf"),
+    ({"temperature": True}, "temperature: expected a finite number >= 0, got True"),
+    ({"top_k": True}, "top_k: expected None or an integer >= 0, got True"),
+    ({"top_p": float("nan")}, r"top_p: expected None or a number in \(0, 1\], got nan"),
+])
+def test_sampling_refuses_non_finite_and_bool_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Sampling(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -1}, "temperature: expected a finite number >= 0"),
     ({"top_p": 0.0}, r"top_p: expected None or a number in \(0, 1\]"),
     ({"top_k": -2}, "top_k: expected None or an integer >= 0"),
     ({"max_new_tokens": 0}, "max_new_tokens: expected a positive integer"),
