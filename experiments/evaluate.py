@@ -25,7 +25,7 @@ import numpy as np
 
 from configs import load_config
 from configs.schema import ConfigError
-from experiments.data import batch_at
+from experiments.data import batch_at, corpus_files
 from experiments.train import load_trained_model
 
 # Evaluation batches are drawn with seed run.seed + EVAL_SEED_OFFSET: never a (seed, step) of a training batch.
@@ -35,12 +35,14 @@ EVAL_SEED_OFFSET = 1_000_003
 def check_held_out(trained, evaluated) -> None:
     """The seed offset keeps the synthetic tasks' evaluation sequences out of training; the bytes task reads
     its corpus whatever the seed, and a run trains on all of it: its evaluation needs other text."""
-    if evaluated.task == "bytes" and (evaluated.text_dir, evaluated.text_glob) == (trained.text_dir,
-                                                                                  trained.text_glob):
+    def files(data):  # the files themselves: "" is the standard library's directory, paths may be spelt apart
+        return {path.resolve() for path in corpus_files(data.text_dir, data.text_glob)}
+
+    if evaluated.task == "bytes" and files(evaluated) & files(trained):
         raise ConfigError(f"config field 'data.text_dir': the bytes task trains on every byte of its corpus, so "
-                          f"held-out text must come from elsewhere: expected a data.text_dir (or data.text_glob) "
-                          f"other than the run's, got the run's own {evaluated.text_dir!r} / "
-                          f"{evaluated.text_glob!r}")
+                          f"held-out text must come from elsewhere: expected a data.text_dir / data.text_glob "
+                          f"sharing no file with the run's ({trained.text_dir!r} / {trained.text_glob!r}), got "
+                          f"{evaluated.text_dir!r} / {evaluated.text_glob!r}")
 
 
 def masked_accuracy(model, data_config, *, sequences: int, batch_size: int, seed: int) -> dict:
@@ -51,9 +53,11 @@ def masked_accuracy(model, data_config, *, sequences: int, batch_size: int, seed
     vocab = model.config.vocab_size
     right = total = seq_right = done = index = 0
     while done < sequences:
+        # the last batch is generated whole and cut: at a smaller batch_size, the bytes task's windows would start
+        # inside the previous batch's
         rows = min(batch_size, sequences - done)
-        config = dataclasses.replace(data_config, batch_size=rows, grad_accum=1, length_curriculum=())
-        batch = {name: array[0] for name, array in batch_at(config, vocab, seed, index).items()}
+        config = dataclasses.replace(data_config, batch_size=batch_size, grad_accum=1, length_curriculum=())
+        batch = {name: array[0, :rows] for name, array in batch_at(config, vocab, seed, index).items()}
         predicted = np.asarray(jnp.argmax(model(batch["inputs"]), axis=-1))
         mask = batch["mask"] > 0
         hit = (predicted == batch["targets"]) & mask

@@ -39,6 +39,7 @@ def make_optimizer(config: OptimConfig, steps: int) -> optax.GradientTransformat
     """Over flat parameter dicts (experiments.mesh.flatten_params)."""
     adamw = optax.adamw(learning_rate_schedule(config, steps), b1=config.b1, b2=config.b2, eps=config.eps,
                         weight_decay=config.weight_decay, mask=decay_mask)
-    if config.clip_norm == 0:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw)
+    # clip_norm 0 keeps the chain's shape (identity's state is clipping's, empty), so that a run resumes with
+    # clipping switched on or off (optim.* may change on resume)
+    clip = optax.identity() if config.clip_norm == 0 else optax.clip_by_global_norm(config.clip_norm)
+    return optax.chain(clip, adamw)

@@ -211,9 +211,6 @@ def train(run: RunConfig) -> list[dict]:
         except ConfigError:
             checkpointer.close()
             raise
-    if jax.process_index() == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
     if start is None:
         start = 0
         state = jax.jit(setup.init_state, out_shardings=state_shardings)()
@@ -221,6 +218,9 @@ def train(run: RunConfig) -> list[dict]:
         target = abstract_with_shardings(jax.eval_shape(setup.init_state), state_shardings)
         state, position = checkpointer.restore(start, target)
         start = int(position["step"])
+    if jax.process_index() == 0:  # after a restore: a run that cannot resume leaves its config.yaml as it was
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
     step_fn = jit_train_step(setup, run)
     writer = MetricsWriter(output_dir, start, run.steps)
     stop = _StopFlag()

@@ -3,6 +3,7 @@ and the command line on a real (tiny) training run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -83,10 +84,38 @@ def test_command_line_on_a_trained_run(tmp_path):
 def test_bytes_task_needs_text_the_run_did_not_train_on():
     """Every byte of a bytes run's corpus is training data (its batches ignore the seed): evaluating it on the
     same files would score the training set."""
+    import os
+
     trained = DataConfig(task="bytes", text_dir="", text_glob="*.py")
-    with pytest.raises(ConfigError, match=r"data\.text_dir.*got the run's own '' / '\*\.py'"):
-        check_held_out(trained, trained)
+    stdlib = os.path.dirname(os.__file__)
+    for same in (trained, DataConfig(task="bytes", text_dir=stdlib, text_glob="*.py"),  # "" is this directory
+                 DataConfig(task="bytes", text_dir=stdlib + "/./", text_glob="o*.py")):  # a part of the files
+        with pytest.raises(ConfigError, match=r"data\.text_dir.*sharing no file with the run's \('' / '\*\.py'\)"):
+            check_held_out(trained, same)
     check_held_out(trained, DataConfig(task="bytes", text_dir="/elsewhere", text_glob="*.py"))
     check_held_out(trained, DataConfig(task="bytes", text_dir="", text_glob="*.txt"))
     check_held_out(DataConfig(task="copy"), DataConfig(task="copy"))  # the seed offset holds the synthetic ones out
+
+
+def test_sequences_are_the_streams_first_ones():
+    """masked_accuracy scores the first ``sequences`` sequences of the evaluation stream, each once: the last,
+    partial batch is the head of a whole batch (at a smaller batch size, the bytes task's windows started inside
+    the previous batch's: 28 of 100 sequences were scored twice)."""
+    from experiments.data import batch_at
+
+    class Recorder:  # stands in for a model: records the inputs, predicts token 0
+        config = SimpleNamespace(vocab_size=300)
+
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, inputs):
+            self.seen.append(np.asarray(inputs))
+            return np.zeros(inputs.shape + (300,), np.float32)
+
+    data = DataConfig(task="bytes", text_dir="", text_glob="*.py", seq_len=16)
+    model = Recorder()
+    masked_accuracy(model, data, sequences=5, batch_size=2, seed=0)
+    whole = dataclasses.replace(data, batch_size=6)
+    np.testing.assert_array_equal(np.concatenate(model.seen), batch_at(whole, 300, 0, 0)["inputs"][0, :5])
 

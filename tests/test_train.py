@@ -117,6 +117,24 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_di
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
+def test_clipping_on_or_off_keeps_the_optimizer_state_shape():
+    """optim.* may change on resume: the optimizer state of clip_norm 0 has the structure of a clipped one (it was
+    AdamW's alone, and Orbax refused to restore a checkpoint across the change)."""
+    import jax
+    import jax.numpy as jnp
+
+    from configs.schema import OptimConfig
+    from experiments.optim import make_optimizer
+
+    params = {"w": jnp.ones((2, 3)), "b": jnp.ones((3,))}
+    states = [make_optimizer(OptimConfig(clip_norm=clip), 10).init(params) for clip in (0.0, 1.0)]
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+    grads = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([3.0, -1.0, 0.5])}
+    off, never = (make_optimizer(OptimConfig(clip_norm=clip, warmup_steps=0), 10) for clip in (0.0, 1e9))
+    for name, update in off.update(grads, off.init(params), params)[0].items():  # 0: no clipping at all
+        np.testing.assert_array_equal(update, never.update(grads, never.init(params), params)[0][name])
+
+
 def test_weight_decay_spares_a_log_d_biases_and_norms():
     """With zero gradients, an AdamW step changes only the decayed parameters (weight matrices), by exactly
     lr * weight_decay * value; A_log, D, the dt bias, conv bias and norm scales stay as they were."""
