@@ -3,13 +3,15 @@
 A preset is a YAML file in this folder (or any path). Its top level is a RunConfig: ``model:`` (a mapping
 with ``family:`` naming the model family), ``mesh:`` and the run's own fields. ``base: other_preset`` at
 the top level deep-merges this file over another preset. Overrides are ``dotted.key=value`` strings whose
-values are parsed as YAML scalars (``yaml.safe_load``), e.g. ``model.hidden_size=64 mesh.data=2``.
+values are read as YAML 1.2 scalars (``parse_value``: 010 is ten, *.py a string), e.g.
+``model.hidden_size=64 mesh.data=2 mesh.rules.d_inner=[tensor]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -178,8 +180,32 @@ def load_preset_dict(name_or_path: str | Path, _seen: tuple[str, ...] = ()) -> d
     return data
 
 
+_INT = re.compile(r"[-+]?[0-9]+(_[0-9]+)*")
+_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)")
+_WORDS = {"~": None, "null": None, "Null": None, "NULL": None, "true": True, "True": True, "TRUE": True,
+          "false": False, "False": False, "FALSE": False}
+
+
+def parse_value(raw: str, item: str) -> Any:
+    """An override's value, as YAML 1.2 reads a scalar: decimal integers (010 is 10, not YAML 1.1's octal 8;
+    1:30 a string, not base-60 90), floats, null, true / false, anything else a string (*.py included);
+    a value opening with [ { " ' is YAML (lists, mappings, quoted strings)."""
+    if raw[:1] in ('[', '{', '"', "'"):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: expected a YAML list, mapping or quoted string, got {raw!r} "
+                              f"({str(err).splitlines()[0]})") from None
+    if _INT.fullmatch(raw):
+        return int(raw.replace("_", ""))
+    if _FLOAT.fullmatch(raw):
+        text = raw.lower()
+        return float(text.replace(".", "", 1) if text.lstrip("+-") in (".inf", ".nan") else raw)
+    return _WORDS.get(raw, raw)
+
+
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are YAML scalars."""
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values read by parse_value."""
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -187,7 +213,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         if not key:
             raise ConfigError(f"override {item!r}: empty key")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_value(raw, item)
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:

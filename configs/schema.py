@@ -321,10 +321,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         for name in ("learning_rate", "eps"):
             value = getattr(self, name)
-            _require(isinstance(value, float) and value > 0, name, "a positive number", value)
+            _require(isinstance(value, float) and 0 < value < math.inf, name, "a finite positive number", value)
         for name in ("end_lr_ratio", "weight_decay", "clip_norm"):
             value = getattr(self, name)
-            _require(isinstance(value, float) and value >= 0, name, "a non-negative number", value)
+            _require(isinstance(value, float) and 0 <= value < math.inf, name, "a finite non-negative number",
+                     value)
         for name in ("b1", "b2"):
             value = getattr(self, name)
             _require(isinstance(value, float) and 0 <= value < 1, name, "a number in [0, 1)", value)
@@ -425,7 +426,9 @@ class RunConfig:
                  "a model config (" + " or ".join(f"{cls.__name__}, family {name!r}"
                                                   for name, cls in sorted(MODEL_CONFIGS.items())) + ")",
                  self.model)
-        _require(_is_int(self.seed), "seed", "an integer", self.seed)
+        _require(_is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        _require(isinstance(self.output_dir, str) and self.output_dir.strip() != "", "output_dir",
+                 "a non-empty path", self.output_dir)
         _positive_int(self, "steps", "log_every", "keep_checkpoints")
         _require(_is_int(self.checkpoint_every) and self.checkpoint_every >= 0, "checkpoint_every",
                  "an integer >= 0", self.checkpoint_every)

@@ -34,6 +34,19 @@ def test_overrides_and_base_inheritance():
     assert load_model_config("tiny_falcon_mamba", ["scan_impl=chunked"]).scan_impl == "chunked"
 
 
+def test_override_values_are_yaml_1_2_scalars():
+    """010 is ten and 1:30 a string (YAML 1.1, which yaml.safe_load reads, has octal and base-60 integers: 8 and
+    90); a glob is a string (in YAML, *.py is an alias, a parse error); lists and mappings stay YAML."""
+    run = load_config("tiny_falcon_mamba", ["seed=010", "steps=1_000", "data.text_glob=*.py",
+                                            "mesh.rules.d_inner=[tensor]", "optim.clip_norm=0", "remat=full"])
+    assert (run.seed, run.steps, run.data.text_glob, run.optim.clip_norm) == (10, 1000, "*.py", 0.0)
+    assert run.mesh.rules["d_inner"] == ("tensor",) and run.remat == "full"
+    with pytest.raises(ConfigError, match=r"'steps': expected an integer, got '1:30'"):
+        load_config("tiny_falcon_mamba", ["steps=1:30"])
+    with pytest.raises(ConfigError, match=r"override 'mesh.rules.d_inner=\[tensor': expected a YAML list"):
+        load_config("tiny_falcon_mamba", ["mesh.rules.d_inner=[tensor"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.hiden_size=3", r"unknown config key 'model.hiden_size'; did you mean 'hidden_size'"),
     ("sed=1", r"unknown config key 'sed'; did you mean 'seed'"),
@@ -48,6 +61,10 @@ def test_overrides_and_base_inheritance():
     ("model.time_step_min=0.5", r"'model.time_step_min': expected <= time_step_max"),
     ("optim.decay_steps=-1", r"'optim.decay_steps': expected an integer >= 0, got -1"),
     ("optim.decay_steps=100000", r"'optim.decay_steps': expected <= steps - optim.warmup_steps"),
+    ("optim.learning_rate=.inf", r"'optim.learning_rate': expected a finite positive number, got inf"),
+    ("optim.clip_norm=.nan", r"'optim.clip_norm': expected a finite non-negative number, got nan"),
+    ("seed=-1", r"'seed': expected an integer >= 0, got -1"),
+    ("output_dir=", r"'output_dir': expected a non-empty path, got ''"),
 ])
 def test_bad_keys_and_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
