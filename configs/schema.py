@@ -365,6 +365,14 @@ class DataConfig:
             _require(stage[0] <= self.seq_len, f"length_curriculum[{i}]",
                      f"a seq_len <= data.seq_len ({self.seq_len})", list(stage))
 
+    def positions_before(self, step: int) -> int:
+        """The tokens a row has read before training step ``step``: the sum of seq_len_at over earlier steps."""
+        total = 0
+        for length, stage_steps in self.length_curriculum:
+            taken = min(step, stage_steps)
+            total, step = total + taken * length, step - taken
+        return total + step * self.seq_len
+
     def seq_len_at(self, step: int) -> int:
         """The sequence length of training step ``step`` (0-based)."""
         for length, stage_steps in self.length_curriculum:

@@ -2,8 +2,10 @@
 
 ``batch_at(config, vocab_size, seed, step)`` returns numpy arrays of shape (grad_accum, batch_size /
 grad_accum, seq_len): "inputs" (int32), "targets" (int32, the next tokens) and "mask" (float32, where the
-loss counts). TASKS maps a task name (``data.task``) to a function (config, vocab_size, rng, step) -> those
-three arrays with a leading batch dimension of batch_size; add a task by adding an entry.
+loss counts). TASKS maps a task name (``data.task``) to a function (config, vocab_size, rng, position) -> those
+three arrays with a leading batch dimension of batch_size, where rng is seeded by (seed, step) and position is
+how many tokens each row has read before the step (the bytes stream's place: with a length curriculum, not
+step * seq_len); add a task by adding an entry.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _shifted(seq: np.ndarray, mask: np.ndarray) -> Batch:
             "mask": mask[:, 1:].astype(np.float32)}
 
 
-def induction_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
+def induction_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:
     """Induction heads as in the Mamba paper (section 4.1.2): seq_len random content tokens, except that the
     special token TRIGGER_TOKEN appears once at a uniformly random position p in [0, seq_len - 3] and again as
     the last input; the answer is the token that followed it at p + 1. The loss is only on that answer
@@ -54,7 +56,7 @@ def induction_task(config: DataConfig, vocab_size: int, rng: np.random.Generator
     return _shifted(seq, mask)
 
 
-def copy_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
+def copy_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:
     """Plain copying (the Mamba paper's "Copying", Figure 2 left): a random first half, a separator, then the
     first half again; the loss is on the copy."""
     batch, length = config.batch_size, config.seq_len + 1
@@ -67,7 +69,8 @@ def copy_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, ste
     return _shifted(seq, mask)
 
 
-def selective_copying_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
+def selective_copying_task(config: DataConfig, vocab_size: int, rng: np.random.Generator,
+                           position: int) -> Batch:
     """Selective copying (Mamba paper, Table 1): num_items content tokens scattered at random positions, in
     order, among NOISE_TOKEN fillers over the first seq_len - num_items positions; then SEPARATOR_TOKEN and the
     content tokens again in order. The loss is on the num_items copied tokens."""
@@ -89,7 +92,7 @@ def selective_copying_task(config: DataConfig, vocab_size: int, rng: np.random.G
     return _shifted(seq, mask)
 
 
-def mqar_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
+def mqar_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:
     """Multi-query associative recall (Zoology, Arora et al. 2023): num_items key-value pairs k1 v1 k2 v2 ...
     (distinct keys from the lower half of the content tokens, values from the upper half), then every key is
     queried once, in random order, at random positions among NOISE_TOKEN fillers; a query is the key followed by
@@ -138,9 +141,10 @@ def load_corpus(text_dir: str, text_glob: str) -> np.ndarray:
     return np.frombuffer(b"\n".join(p.read_bytes() for p in files), np.uint8)
 
 
-def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, step: int) -> Batch:
-    """A byte-level LM stream: step s reads the corpus sequentially from byte s * batch * seq_len, each row
-    one contiguous window (wrapping around at the end)."""
+def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:
+    """A byte-level LM stream read sequentially: a step whose rows have each read ``position`` tokens before it
+    starts at byte batch * position, row i at i * seq_len after that, each row one contiguous window (wrapping
+    around at the end); a length curriculum's shorter steps leave no gap."""
     if vocab_size < 256:
         raise ConfigError(f"config field 'model.vocab_size': expected >= 256 for data.task 'bytes', "
                           f"got {vocab_size}")
@@ -149,7 +153,7 @@ def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, st
     if corpus.size < window:
         raise ConfigError(f"config field 'data.seq_len': expected < the corpus size ({corpus.size} bytes), "
                           f"got {config.seq_len}")
-    starts = ((step * config.batch_size + np.arange(config.batch_size)) * config.seq_len) % (corpus.size - window)
+    starts = (config.batch_size * position + np.arange(config.batch_size) * config.seq_len) % (corpus.size - window)
     seq = corpus[starts[:, None] + np.arange(window)[None, :]]
     return _shifted(seq, np.ones(seq.shape, np.float32))
 
@@ -172,9 +176,11 @@ def batch_at(config: DataConfig, vocab_size: int, seed: int, step: int) -> Batch
         raise ConfigError(f"config field 'model.vocab_size': expected > {FIRST_CONTENT_TOKEN} for training "
                           f"data, got {vocab_size}")
     length = config.seq_len_at(step)
+    config_at_step = config
     if length != config.seq_len:
-        config = dataclasses.replace(config, seq_len=length, length_curriculum=())
+        config_at_step = dataclasses.replace(config, seq_len=length, length_curriculum=())
     rng = np.random.default_rng([seed, step])
-    batch = TASKS[config.task](config, vocab_size, rng, step)
+    position = config.positions_before(step)
+    batch = TASKS[config.task](config_at_step, vocab_size, rng, position)
     micro = config.batch_size // config.grad_accum
     return {name: array.reshape(config.grad_accum, micro, length) for name, array in batch.items()}

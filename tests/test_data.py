@@ -47,6 +47,16 @@ def test_byte_stream_reads_the_stdlib_sequentially():
     np.testing.assert_array_equal(batch_at(config, 256, seed=9, step=1)["inputs"][0, 0], corpus[16:24])
 
 
+def test_byte_stream_under_a_length_curriculum_leaves_no_gap():
+    """Steps of 4-byte windows, then 16, then 32: each step starts where the previous one ended (it jumped to
+    step * batch * seq_len of the step's own length, skipping text)."""
+    corpus = load_corpus("", "*.py")
+    config = DataConfig(task="bytes", batch_size=2, seq_len=32, length_curriculum=((4, 3), (16, 2)))
+    assert [config.positions_before(step) for step in range(7)] == [0, 4, 8, 12, 28, 44, 76]
+    read = np.concatenate([batch_at(config, 256, 0, step)["inputs"][0].reshape(-1) for step in range(7)])
+    np.testing.assert_array_equal(read, corpus[:read.size])
+
+
 def test_bad_data_settings_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"'data.task': expected one of \['bytes', 'copy', 'induction', 'mqar', "
                                           r"'selective_copying'\], "
