@@ -269,8 +269,15 @@ def check_all_tensors_used(tensors: Mapping[str, Any], specs: list[WeightSpec], 
     """Refuses a checkpoint holding tensors that no spec reads: the sign of a config that does not describe it
     (a missing num_hidden_layers falling back to its default, say), which would otherwise load a cut-down model.
     Ignored, as transformers ignores them: rotary inv_freq buffers (rotary_emb, TII's maybe_rotary), and
-    lm_head.weight when the config ties the output projection to the embeddings."""
+    lm_head.weight when the config ties the output projection to the embeddings and it equals them (one that
+    differs is refused: transformers 5 then loads the two untied, another model than the tied one)."""
     used = {_tensor_name(tensors, spec, source) for spec in specs}
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in tensors:
+        embedding = _tensor_name(tensors, next(spec for spec in specs if spec.path[-1] == "embedding"), source)
+        if not _same_values(tensors["lm_head.weight"], tensors[embedding]):
+            raise CheckpointError(f"{source}: 'lm_head.weight' differs from {embedding!r}, but config.json ties "
+                                  f"them (tie_word_embeddings true, transformers' default); transformers loads a "
+                                  f"stored head that differs untied: pass tie_word_embeddings=False to load it")
     left = sorted(name for name in set(tensors) - used if not name.endswith(".inv_freq")
                   and not (name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)))
     if left:
@@ -278,6 +285,14 @@ def check_all_tensors_used(tensors: Mapping[str, Any], specs: list[WeightSpec], 
         raise CheckpointError(f"{source}: {len(left)} tensor(s) that the config does not use: {shown}; "
                               f"does config.json describe this checkpoint (num_hidden_layers "
                               f"{getattr(config, 'num_hidden_layers', '?')})?")
+
+
+def _same_values(a, b, rows: int = 4096) -> bool:
+    """Whether two (lazy) 2-D tensors are equal, compared a block of rows at a time (bounded host memory)."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    a, b = (x.open() if hasattr(x, "open") else np.asarray(x) for x in (a, b))
+    return all(np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, a.shape[0], rows))
 
 
 def load_directory(path, config_cls, model_cls, weight_specs, param_axes, *, mesh=None, rules=None,

@@ -94,19 +94,20 @@ def write_file(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]] | Map
 
 
 def iter_checkpoint_files(directory: str | Path) -> Iterator[Path]:
-    """The safetensors files of a HF directory: model.safetensors, or the shards its index lists."""
+    """The safetensors files of a HF directory: model.safetensors, else the shards its index lists (transformers'
+    order: its save_pretrained leaves a stale index beside a single file saved over shards)."""
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
-    if index.is_file():
+    if single.is_file():
+        yield single
+    elif index.is_file():
         with open(index) as fh:
             weight_map = json.load(fh).get("weight_map", {})
         for shard in sorted(set(weight_map.values())):
             if not (directory / shard).is_file():
                 raise CheckpointError(f"{str(index)!r} lists shard {shard!r}, which is missing")
             yield directory / shard
-    elif single.is_file():
-        yield single
     else:
         found = sorted(p.name for p in directory.glob("*.safetensors"))
         if found:

@@ -171,6 +171,39 @@ def test_tensors_transformers_ignores_are_ignored(tmp_path):
     np.testing.assert_array_equal(np.asarray(transformer.from_pretrained(tmp_path)(ids)), want)
 
 
+def test_model_safetensors_wins_over_a_stale_index(tmp_path):
+    """transformers reads model.safetensors before an index; its save_pretrained, saving one file over shards,
+    leaves the old index behind (whose shards were deleted, or still there with old weights)."""
+    _build("mqa_parallel", tmp_path, seed=1)
+    ids = _ids(CASES["mqa_parallel"][0]["vocab_size"], (1, 20), seed=5)
+    want = np.asarray(transformer.from_pretrained(tmp_path)(ids))
+    stale = {n: np.array(a) * 0 for n, a in open_checkpoint(tmp_path).items()}
+    write_file(tmp_path / "model-00001-of-00001.safetensors", stale)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {name: "model-00001-of-00001.safetensors" for name in stale}}))
+    np.testing.assert_array_equal(np.asarray(transformer.from_pretrained(tmp_path)(ids)), want)
+
+
+def test_a_tied_config_with_a_different_lm_head_is_refused_or_loaded_untied(tmp_path):
+    """transformers 5 loads a stored lm_head.weight that differs from the embeddings untied, whatever
+    tie_word_embeddings says: ignoring it loaded another model (logits 19 apart). It is refused, naming the way to
+    load it, tie_word_embeddings=False, which gives transformers' logits."""
+    _build("mqa_parallel", tmp_path, seed=1)
+    ids = _ids(CASES["mqa_parallel"][0]["vocab_size"], (1, 20), seed=5)
+    tensors = {n: np.array(a) for n, a in open_checkpoint(tmp_path).items()}
+    tensors["lm_head.weight"] = tensors["transformer.word_embeddings.weight"] * 0.5
+    write_file(tmp_path / "model.safetensors", tensors)
+    with pytest.raises(CheckpointError, match=r"'lm_head.weight' differs from 'transformer.word_embeddings.weight'.*"
+                                              r"tie_word_embeddings=False"):
+        transformer.from_pretrained(tmp_path)
+    import torch
+
+    untied_torch = FalconForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert untied_torch.lm_head.weight.data_ptr() != untied_torch.transformer.word_embeddings.weight.data_ptr()
+    model = transformer.from_pretrained(tmp_path, tie_word_embeddings=False)
+    np.testing.assert_allclose(np.asarray(model(ids)), torch_logits(untied_torch, ids), rtol=0, atol=ATOL)
+
+
 def test_token_ids_outside_vocab_raise(tmp_path):
     _build("mqa_parallel", tmp_path, seed=1)
     vocab = CASES["mqa_parallel"][0]["vocab_size"]
