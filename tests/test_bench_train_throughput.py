@@ -19,8 +19,21 @@ def test_row_is_consistent(preset):
     assert row["tokens_per_s"] == pytest.approx(64 / row["step_seconds"])
     # XLA's count of forward + backward + AdamW is at least the forward's 2 x params x tokens
     assert row["xla_flops_per_step"] > 2 * row["params"] * row["tokens_per_step"]
-    assert row["mfu_xla_flops"] == pytest.approx(row["xla_flops_per_step"] / row["step_seconds"] / 0.5e12)
-    assert row["mfu_6n"] == pytest.approx(row["six_n_flops_per_step"] / row["step_seconds"] / 0.5e12)
+    assert row["mfu"] == pytest.approx(row["model_flops_per_step"] / row["step_seconds"] / 0.5e12)
+
+
+def test_model_flops_follow_palm():
+    """6 x the weights a token meets (an untied input embedding is a lookup, not counted; tied, it is the output
+    projection) + 12 x layers x d_model x seq_len of attention for the transformer; none for Falcon Mamba."""
+    from configs import load_model_config
+
+    mamba = load_model_config("falcon_mamba_7b")  # untied: its 65024 x 4096 input embedding is not a matmul
+    assert not mamba.tie_word_embeddings
+    assert train_throughput.model_flops_per_token(mamba, 7_272_665_088, 2048) == 6 * (7_272_665_088 - 65024 * 4096)
+    falcon = load_model_config("falcon_7b")  # tied: all parameters, and attention at 2048 tokens
+    assert falcon.tie_word_embeddings
+    assert train_throughput.model_flops_per_token(falcon, 6_921_720_704, 2048) == \
+        6 * 6_921_720_704 + 12 * 32 * 4544 * 2048
 
 
 def test_cli_measured_peak_and_bad_peak(capsys, monkeypatch):
@@ -28,7 +41,7 @@ def test_cli_measured_peak_and_bad_peak(capsys, monkeypatch):
     train_throughput.main(["tiny_falcon_mamba", *TOY, "--steps", "1", "--peak-tflops", "measured", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["peak_tflops"] == 0.25 and out["peak_source"].startswith("measured: float32")
-    assert 0 < out["rows"][0]["mfu_xla_flops"]
+    assert 0 < out["rows"][0]["mfu"]
     with pytest.raises(SystemExit):
         train_throughput.main(["tiny_falcon_mamba", "--peak-tflops", "fast"])
     assert '--peak-tflops: expected a number or "measured", got \'fast\'' in capsys.readouterr().err

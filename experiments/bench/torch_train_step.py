@@ -67,10 +67,12 @@ def main(argv=None) -> None:
     parser.add_argument("preset")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, for both steps")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--bf16", action="store_true", help="torch autocast bf16; JAX model.compute_dtype=bfloat16")
+    parser.add_argument("--bf16", action="store_true", help="torch autocast bf16 and JAX model.compute_dtype=bfloat16 "
+                        "(without it both fp32, whatever the preset's compute_dtype)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    jax_overrides = args.overrides + (["model.compute_dtype=bfloat16"] if args.bf16 else [])
+    # the JAX step in the torch step's dtype either way (the 7B presets compute in bf16 by themselves)
+    jax_overrides = args.overrides + [f"model.compute_dtype={'bfloat16' if args.bf16 else 'float32'}"]
     jax_row = jax_bench(args.preset, jax_overrides, args.steps, None)
     if not args.json:  # printed now: a time limit reached during the torch step keeps this row
         print(f"jax    {jax_row['params'] / 1e6:8.2f}M params: {jax_row['step_seconds'] * 1000:9.1f} ms/step, "
