@@ -30,6 +30,17 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _eos_ids(value: Any) -> Any:
+    """config.json's eos_token_id: an id, null, or a list of ids (kept whole as a tuple; one id as itself)."""
+    if isinstance(value, list):
+        return None if not value else value[0] if len(value) == 1 else tuple(value)
+    return value
+
+
+def _eos_to_hf(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _mamba_from_transformers(hf: Mapping[str, Any], falcon: bool) -> FalconMambaConfig:
     hidden = hf.get("hidden_size", 768)
     expand = hf.get("expand", 2)
@@ -56,8 +67,7 @@ def _mamba_from_transformers(hf: Mapping[str, Any], falcon: bool) -> FalconMamba
                    "rescale_prenorm_residual"}
     # Other keys (use_cache, architectures, torch_dtype, ...) carry no math and are not ours to reject.
     kwargs.update({key: value for key, value in hf.items() if key in passthrough})
-    if isinstance(kwargs["eos_token_id"], list):
-        kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
+    kwargs["eos_token_id"] = _eos_ids(kwargs["eos_token_id"])
     from configs.loader import from_dict  # local: loader imports schema only
 
     return from_dict(FalconMambaConfig, kwargs, prefix="config.json:")
@@ -145,8 +155,8 @@ def _falcon_from_hf(hf: Mapping[str, Any], model_type: str) -> FalconConfig:
     if model_type == "RefinedWeb" and not kwargs["new_decoder_architecture"]:
         raise ConfigError("config.json new_decoder_architecture: expected true for model_type 'RefinedWeb', got false")
     kwargs.update(_falcon_rope(hf))
-    if isinstance(kwargs.get("eos_token_id"), list):
-        kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
+    if "eos_token_id" in kwargs:
+        kwargs["eos_token_id"] = _eos_ids(kwargs["eos_token_id"])
     from configs.loader import from_dict
 
     return from_dict(FalconConfig, kwargs, prefix="config.json:")
@@ -193,7 +203,7 @@ def model_config_to_hf(config: Any) -> dict[str, Any]:
             "hidden_act": config.hidden_act,
             "pad_token_id": config.pad_token_id,
             "bos_token_id": config.bos_token_id,
-            "eos_token_id": config.eos_token_id,
+            "eos_token_id": _eos_to_hf(config.eos_token_id),
             "initializer_range": config.initializer_range,
             "time_step_scale": config.time_step_scale,
             "time_step_min": config.time_step_min,
@@ -237,7 +247,7 @@ def model_config_to_hf(config: Any) -> dict[str, Any]:
             "max_position_embeddings": config.max_position_embeddings,
             "tie_word_embeddings": config.tie_word_embeddings,
             "bos_token_id": config.bos_token_id,
-            "eos_token_id": config.eos_token_id,
+            "eos_token_id": _eos_to_hf(config.eos_token_id),
             "pad_token_id": config.pad_token_id,
             "initializer_range": config.initializer_range,
             "torch_dtype": config.param_dtype,

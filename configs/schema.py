@@ -35,6 +35,19 @@ def _positive_int(obj: Any, *names: str) -> None:
                  "a positive integer", value)
 
 
+def _check_token_ids(config: Any) -> None:
+    """pad / bos / eos ids: None or non-negative integers; eos_token_id may be several (a list in config.json,
+    kept as a tuple: generation stops at any of them)."""
+    if isinstance(config.eos_token_id, list):
+        object.__setattr__(config, "eos_token_id", tuple(config.eos_token_id))
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, name)
+        ids = value if name == "eos_token_id" and isinstance(value, tuple) and value else (value,)
+        _require(value is None or all(_is_int(i) and i >= 0 for i in ids), name,
+                 "None or a non-negative integer" + (" or a non-empty list of them" if name == "eos_token_id" else ""),
+                 value)
+
+
 def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     _require(value in choices, name, f"one of {list(choices)}", value)
@@ -68,7 +81,7 @@ class FalconMambaConfig:
     hidden_act: str = "silu"
     pad_token_id: int | None = 11
     bos_token_id: int | None = 0
-    eos_token_id: int | None = 11
+    eos_token_id: int | tuple[int, ...] | None = 11  # a tuple: several end-of-sequence tokens
     # Initialisation, used when a model is built from scratch: mamba_ssm's scheme (the time_step_* fields for
     # dt_proj, rescale_prenorm_residual for out_proj; embeddings N(0, 0.02), as mamba_ssm's _init_weights).
     # initializer_range is transformers' field (its own init draws the embeddings and Linear layers from
@@ -103,10 +116,7 @@ class FalconMambaConfig:
         _choice(self, "compute_dtype", COMPUTE_DTYPES)
         _choice(self, "param_dtype", COMPUTE_DTYPES)
         _choice(self, "scan_impl", SCAN_IMPLS)
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            _require(value is None or (isinstance(value, int) and 0 <= value),
-                     name, "None or a non-negative integer", value)
+        _check_token_ids(self)
 
     @property
     def d_inner(self) -> int:
@@ -151,7 +161,7 @@ class FalconConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
     bos_token_id: int | None = 11
-    eos_token_id: int | None = 11
+    eos_token_id: int | tuple[int, ...] | None = 11  # a tuple: several end-of-sequence tokens
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     # Ours: numerics and kernels.
@@ -207,10 +217,7 @@ class FalconConfig:
         _choice(self, "compute_dtype", COMPUTE_DTYPES)
         _choice(self, "param_dtype", COMPUTE_DTYPES)
         _choice(self, "attention_impl", ATTENTION_IMPLS)
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            _require(value is None or (isinstance(value, int) and 0 <= value),
-                     name, "None or a non-negative integer", value)
+        _check_token_ids(self)
 
     @property
     def head_dim(self) -> int:

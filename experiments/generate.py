@@ -72,8 +72,8 @@ def main(argv=None) -> None:
         ids = tokenizer.encode(args.prompt).ids
     else:
         ids = _parse_ids(args.ids)
-    stop = args.stop if args.stop is not None else (
-        [model.config.eos_token_id] if model.config.eos_token_id is not None else [])
+    eos = model.config.eos_token_id  # None, an id or a tuple of ids
+    stop = args.stop if args.stop is not None else list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
     decode = (lambda toks: tokenizer.decode(toks)) if tokenizer else (lambda toks: " ".join(map(str, toks)))
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, chunk_size=args.chunk_size)

@@ -165,6 +165,24 @@ def test_falcon_export_keeps_null_token_ids_and_writes_4x_rope_keys(tmp_path):
     assert loaded.rope_parameters["rope_theta"] == 500042.0 and loaded.rope_parameters["rope_type"] == "dynamic"
 
 
+@pytest.mark.parametrize("family", ["falcon", "falcon_mamba"])
+def test_several_eos_ids_are_kept(family, tmp_path):
+    """config.json's eos_token_id may be a list (transformers keeps it; generation stops at any): imported whole
+    (it was cut to its first id), exported as a list that transformers reads back, and refused when not ids."""
+    from transformers import AutoConfig
+
+    cfg = load_model_config(f"tiny_{family}", ["eos_token_id=[11, 7]"])
+    assert cfg.eos_token_id == (11, 7)
+    hf = configs.model_config_to_hf(cfg)
+    assert hf["eos_token_id"] == [11, 7] and model_config_from_hf(hf) == cfg
+    assert model_config_from_hf({**hf, "eos_token_id": [5]}).eos_token_id == 5
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert AutoConfig.from_pretrained(tmp_path).eos_token_id == [11, 7]
+    for bad in ("[]", "[11, -1]", "[x]"):
+        with pytest.raises(ConfigError, match="eos_token_id"):
+            load_model_config(f"tiny_{family}", [f"eos_token_id={bad}"])
+
+
 def test_dataclass_validation_direct():
     with pytest.raises(ConfigError, match=r"'state_size': expected <= 256"):
         FalconMambaConfig(state_size=300)
