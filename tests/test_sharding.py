@@ -210,3 +210,12 @@ def test_traced_axes_follow_the_traced_mesh_and_the_runs_rules():
     explicit = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 3)
     with jax.sharding.use_abstract_mesh(explicit):
         assert traced_axes("batch") == ((), 1)
+
+
+def test_collectives_cli_help_and_bad_preset(capsys):
+    """--help prints the usage (it was read as a preset name: a traceback); a bad preset is one named line."""
+    from experiments.bench.collectives import main
+
+    assert main(["--help"]) == 0 and "python -m experiments.bench.collectives" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^error: .*'tiny_falcn'"):
+        main(["tiny_falcn"])

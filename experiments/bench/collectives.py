@@ -49,9 +49,13 @@ def main(argv=None):
     from configs import load_config
 
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        raise SystemExit(__doc__)
-    run = load_config(argv[0], argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        run = load_config(argv[0], argv[1:])
+    except ValueError as err:  # ConfigError: an unknown preset or key, a bad value, named
+        raise SystemExit(f"error: {err}") from None
     found = collectives(compiled_step_hlo(run))
     mesh = " x ".join(f"{axis}={getattr(run.mesh, axis)}" for axis in ("data", "fsdp", "tensor"))
     print(f"{argv[0]}, mesh {mesh} ({jax.device_count()} {jax.default_backend()} devices)")
@@ -59,7 +63,8 @@ def main(argv=None):
         print(f"{kind:>20} {count:5d} ops {nbytes / 1e6:10.3f} MB")
     print(f"{'total':>20} {sum(c for c, _ in found.values()):5d} ops "
           f"{sum(b for _, b in found.values()) / 1e6:10.3f} MB")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
