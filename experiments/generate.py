@@ -82,9 +82,11 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     if args.stream:
         produced: list[int] = []
-        shown = ""  # the text printed so far: each step prints what decoding all the tokens adds to it (a
-        for step_tokens in stream(model, prompt, **kwargs):  # token alone loses the spaces and bytes that
-            if step_tokens[0] >= 0:                             # tokenizers join across tokens)
+        # each step prints what decoding all the tokens so far adds to the text shown (a token decoded alone
+        # loses the spaces and the multi-byte characters that a tokenizer joins across tokens)
+        shown = ""
+        for step_tokens in stream(model, prompt, **kwargs):
+            if step_tokens[0] >= 0:
                 produced.append(int(step_tokens[0]))
                 text = decode(produced)
                 if text.startswith(shown) and not text.endswith("\ufffd"):  # not inside a multi-byte character
