@@ -111,16 +111,18 @@ def cache_shardings(model_config, abstract_state, mesh, rules):
 
 def tensor_split_sizes(config, mesh, rules) -> dict[int, int]:
     """Feature sizes that the parameter sharding splits over the mesh (the activations along them are split
-    the same way by GSPMD): Falcon's head count, qkv rows and ffn width (rules 'heads', 'mlp'); Falcon Mamba's
-    d_inner and 2 * d_inner (rule 'd_inner'). Size -> number of parts. The hidden size (the residual stream)
-    is never counted as split."""
+    the same way by GSPMD): the vocabulary (rule 'vocab': the logits); Falcon's head count, qkv rows and ffn
+    width (rules 'heads', 'mlp'); Falcon Mamba's d_inner and 2 * d_inner (rule 'd_inner'). Size -> number of
+    parts. The hidden size (the residual stream) is never counted as split."""
     def parts(logical):
         return math.prod(mesh.shape[a] for a in rules.get(logical, ()) if mesh.shape[a] > 1)
+    sizes = {config.vocab_size: parts("vocab")}
     if isinstance(config, FalconMambaConfig):
-        sizes = {config.intermediate_size: parts("d_inner"), 2 * config.intermediate_size: parts("d_inner")}
+        sizes |= {config.intermediate_size: parts("d_inner"), 2 * config.intermediate_size: parts("d_inner")}
     else:
         rows = (config.num_attention_heads + 2 * config.kv_heads) * config.head_dim
-        sizes = {config.num_attention_heads: parts("heads"), rows: parts("heads"), config.ffn_hidden_size: parts("mlp")}
+        sizes |= {config.num_attention_heads: parts("heads"), rows: parts("heads"),
+                  config.ffn_hidden_size: parts("mlp")}
         if config.qkv_layout == "grouped":  # attention runs per kv group: (batch, kv_heads, heads / kv_heads, ..)
             sizes[config.kv_heads] = parts("heads")
     return {size: n for size, n in sizes.items() if n > 1 and size % n == 0 and size != config.hidden_size}

@@ -106,6 +106,22 @@ def test_abstract_mesh_equals_real_mesh_numbers():
     assert one["per_device_bytes"]["params"] < full["per_device_bytes"]["params"] / 2
 
 
+def test_logits_are_split_over_the_vocab_sharding():
+    """The lm_head's vocabulary is sharded over "tensor" (rule 'vocab'), and so are the logits GSPMD computes:
+    the head's saved residuals (logits and the cross entropy's) per device shrink with tensor, as the layers'
+    d_inner ones do (they were counted whole)."""
+    from configs import load_config
+    from experiments.plan import tensor_split_sizes
+
+    run = load_config("falcon_mamba_7b", [])
+    mesh = type("Mesh", (), {"shape": {"data": 1, "fsdp": 1, "tensor": 8}})
+    assert tensor_split_sizes(run.model, mesh, run.mesh.rules) == {65024: 8, 8192: 8, 16384: 8}
+    one, eight = (plan_lib.plan("tiny_falcon_mamba", ["mesh.data=1", f"mesh.tensor={t}"], devices=t, batch=1,
+                                seq_len=64, activations="estimate")["activations_method"] for t in (1, 8))
+    head = [int(text.split(" B lm_head")[0].split()[-1]) for text in (one, eight)]
+    assert head[0] - head[1] == 7 * (1 * 64 * 256 * 4) // 8, (one, eight)  # the fp32 logits, now 1/8 a device
+
+
 def test_cli_json_and_cache_growth(capsys):
     assert plan_lib.main(["falcon_mamba_7b", "mode=inference", "dtype=bfloat16", "devices=1", "batch=1",
                           "seq_len=1048576", "--json"]) == 0
