@@ -123,11 +123,15 @@ def mqar_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, pos
     return _shifted(seq, mask)
 
 
+def _corpus_root(text_dir: str) -> Path:
+    """The bytes task's corpus directory: ``text_dir``, or Python's standard library directory where it is empty."""
+    return Path(text_dir) if text_dir else Path(os.__file__).parent
+
+
 def corpus_files(text_dir: str, text_glob: str) -> list[Path]:
-    """The files of the bytes task's corpus: those matching ``text_glob`` under ``text_dir``, sorted by name; an
-    empty ``text_dir`` means Python's standard library directory."""
-    root = Path(text_dir) if text_dir else Path(os.__file__).parent
-    return sorted(p for p in root.glob(text_glob) if p.is_file())
+    """The files of the bytes task's corpus: those matching ``text_glob`` under _corpus_root(text_dir), sorted by
+    name."""
+    return sorted(p for p in _corpus_root(text_dir).glob(text_glob) if p.is_file())
 
 
 @functools.lru_cache(maxsize=4)
@@ -135,9 +139,8 @@ def load_corpus(text_dir: str, text_glob: str) -> np.ndarray:
     """The bytes of corpus_files(text_dir, text_glob), one newline between files, as uint8."""
     files = corpus_files(text_dir, text_glob)
     if not files:
-        root = Path(text_dir) if text_dir else Path(os.__file__).parent
         raise ConfigError(f"config field 'data.text_dir': expected a directory with files matching "
-                          f"{text_glob!r} (data.text_glob), got {str(root)!r} with none")
+                          f"{text_glob!r} (data.text_glob), got {str(_corpus_root(text_dir))!r} with none")
     return np.frombuffer(b"\n".join(p.read_bytes() for p in files), np.uint8)
 
 

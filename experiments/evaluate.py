@@ -88,11 +88,8 @@ def main(argv=None) -> dict:
         model, step = load_trained_model(args.output_dir, args.step)  # checks that output_dir is a run
         trained = load_config(Path(args.output_dir) / "config.yaml", [])
         run = load_config(Path(args.output_dir) / "config.yaml", args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}")
-    try:
         check_held_out(trained.data, run.data)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}")
     result = masked_accuracy(model, run.data, sequences=args.sequences, batch_size=args.batch_size,
                              seed=run.seed + EVAL_SEED_OFFSET)

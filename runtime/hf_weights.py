@@ -272,14 +272,15 @@ def check_all_tensors_used(tensors: Mapping[str, Any], specs: list[WeightSpec], 
     lm_head.weight when the config ties the output projection to the embeddings and it equals them (one that
     differs is refused: transformers 5 then loads the two untied, another model than the tied one)."""
     used = {_tensor_name(tensors, spec, source) for spec in specs}
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in tensors:
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied and "lm_head.weight" in tensors:
         embedding = _tensor_name(tensors, next(spec for spec in specs if spec.path[-1] == "embedding"), source)
         if not _same_values(tensors["lm_head.weight"], tensors[embedding]):
             raise CheckpointError(f"{source}: 'lm_head.weight' differs from {embedding!r}, but config.json ties "
                                   f"them (tie_word_embeddings true, transformers' default); transformers loads a "
                                   f"stored head that differs untied: pass tie_word_embeddings=False to load it")
     left = sorted(name for name in set(tensors) - used if not name.endswith(".inv_freq")
-                  and not (name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)))
+                  and not (name == "lm_head.weight" and tied))
     if left:
         shown = ", ".join(repr(n) for n in left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else "")
         raise CheckpointError(f"{source}: {len(left)} tensor(s) that the config does not use: {shown}; "

@@ -214,10 +214,12 @@ class CausalLM(nnx.Module):
         batch, length = input_ids.shape
         if length < 2:
             raise ValueError(f"input_ids: expected at least 2 tokens per row for a likelihood, got {length}")
+        # a last one-token chunk has no target; one chunk left is a plain forward over all the tokens, as
+        # chunk_size=None, with no state (so no KV cache, which dynamic RoPE scaling cannot have)
         chunks = [(start, end) for start, end in self._chunks(length, chunk_size) if start + 1 < length]
-        if len(chunks) == 1:  # one chunk (a last one-token chunk has no target): a plain forward over all the
-            chunks = [(0, length)]  # tokens, as chunk_size=None, with no state (so no KV cache, which dynamic
-        state = None if len(chunks) == 1 else self.init_state(batch, max_len=length)  # RoPE scaling cannot have)
+        if len(chunks) == 1:
+            chunks = [(0, length)]
+        state = None if len(chunks) == 1 else self.init_state(batch, max_len=length)
         pieces = []
         for start, end in chunks:
             targets = input_ids[:, start + 1:end + 1]

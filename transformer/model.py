@@ -191,8 +191,8 @@ class FalconLM(CausalLM):
             raise ValueError(f"max_len: expected a positive integer (the KV cache length), got {max_len!r}")
         if cfg.rope_scaling_type == "dynamic":
             raise ValueError("rope_scaling: 'dynamic' frequencies depend on the total sequence length, which a "
-                             "KV cache does not know in advance; use a full forward (log_likelihood with chunk_size=None runs one) "
-                             "or 'linear' scaling")
+                             "KV cache does not know in advance; use a full forward (log_likelihood with "
+                             "chunk_size=None runs one) or 'linear' scaling")
         shape = (batch_size, max_len, cfg.kv_heads, cfg.head_dim)
         dtype = dtype_of(cfg.compute_dtype)
         layers = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]

@@ -62,6 +62,11 @@ def torch_bench(preset: str, overrides: list[str], steps: int, bf16: bool) -> di
             "tokens_per_s": tokens / seconds, "params": sum(p.numel() for p in model.parameters())}
 
 
+def _row_line(name: str, row: dict) -> str:
+    return (f"{name:6s} {row['params'] / 1e6:8.2f}M params: {row['step_seconds'] * 1000:9.1f} ms/step, "
+            f"{row['tokens_per_s']:10,.0f} tokens/s")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset")
@@ -75,8 +80,7 @@ def main(argv=None) -> None:
     jax_overrides = args.overrides + [f"model.compute_dtype={'bfloat16' if args.bf16 else 'float32'}"]
     jax_row = jax_bench(args.preset, jax_overrides, args.steps, None)
     if not args.json:  # printed now: a time limit reached during the torch step keeps this row
-        print(f"jax    {jax_row['params'] / 1e6:8.2f}M params: {jax_row['step_seconds'] * 1000:9.1f} ms/step, "
-              f"{jax_row['tokens_per_s']:10,.0f} tokens/s", flush=True)
+        print(_row_line("jax", jax_row), flush=True)
     torch_row = torch_bench(args.preset, args.overrides, args.steps, args.bf16)
     result = {"versions": versions(), "preset": args.preset, "overrides": args.overrides, "jax": jax_row,
               "torch": torch_row, "torch_over_jax_seconds": torch_row["step_seconds"] / jax_row["step_seconds"]}
@@ -84,8 +88,7 @@ def main(argv=None) -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"versions: {result['versions']}")
-    print(f"torch  {torch_row['params'] / 1e6:8.2f}M params: {torch_row['step_seconds'] * 1000:9.1f} ms/step, "
-          f"{torch_row['tokens_per_s']:10,.0f} tokens/s")
+    print(_row_line("torch", torch_row))
     print(f"torch / jax step time: {result['torch_over_jax_seconds']:.2f}x (above 1: JAX faster)")
 
 
