@@ -48,6 +48,7 @@ from configs import load_config
 from configs.schema import MESH_AXES, ConfigError, FalconMambaConfig, RunConfig
 from experiments.mesh import (MeshError, batch_sharding, build_mesh, flatten_params, mesh_shape,
                               opt_state_shardings, param_shardings, unflatten_params)
+from experiments.cli import run_config_command
 from experiments.models import family_of
 
 OPTIONS = ("devices", "mode", "dtype", "batch", "seq_len", "seq", "optimizer", "activations", "chunk")
@@ -393,18 +394,13 @@ def parse_argv(argv: list[str]) -> tuple[str, list[str], dict, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    try:
+    def command(argv):
         config, overrides, options, as_json = parse_argv(argv)
         result = plan(config, overrides, **options)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2) if as_json else format_table(result))
-    return 0
+        print(json.dumps(result, indent=2) if as_json else format_table(result))
+        return 0
+
+    return run_config_command(__doc__, argv, command)
 
 
 if __name__ == "__main__":

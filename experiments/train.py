@@ -1,7 +1,7 @@
 """Sharded training for either model family.
 
     python -m experiments.train CONFIG [key=value ...]
-    python -m experiments.train tiny_falcon_mamba steps=20 seed=0 output_dir=runs/a \
+    python -m experiments.train tiny_falcon_mamba steps=20 seed=0 output_dir=runs/a \\
         mesh.data=2 mesh.fsdp=2 mesh.tensor=2 checkpoint_every=10
 
 CONFIG is a preset name in configs/ or a YAML path. The run writes to output_dir: config.yaml (the resolved
@@ -31,6 +31,7 @@ from configs import load_config, to_dict
 from configs.schema import ConfigError, DistributedConfig, RunConfig
 from experiments import data as data_lib
 from experiments.checkpointing import Checkpointer, abstract_with_shardings
+from experiments.cli import run_config_command
 from experiments.mesh import (batch_sharding, build_mesh, flatten_params, opt_state_shardings, param_shardings,
                               put_global_batch, unflatten_params)
 from experiments.metrics import MetricsWriter
@@ -226,17 +227,25 @@ def train(run: RunConfig) -> list[dict]:
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)
     logged, last_saved, tokens = [], start, 0
+
+    def load_batch(step):  # (host arrays, global arrays in the batch sharding) of ``step``
+        host_batch = data_lib.batch_at(run.data, run.model.vocab_size, run.seed, step)
+        return host_batch, {name: put_global_batch(array, b_sharding) for name, array in host_batch.items()}
+
     try:
         last_time = time.perf_counter()
         stopping = False
+        next_batch = load_batch(start) if start < run.steps else None
         for step in range(start, run.steps):
             if stop.agreed():
                 stopping = True
                 break
-            host_batch = data_lib.batch_at(run.data, run.model.vocab_size, run.seed, step)
-            batch = {name: put_global_batch(array, b_sharding) for name, array in host_batch.items()}
+            host_batch, batch = next_batch
             state, metrics = step_fn(state, batch)
             tokens += host_batch["inputs"].size
+            # the next batch is made and sent while the devices run this step (the step is dispatched
+            # asynchronously; reading its metrics below is what waits for it)
+            next_batch = load_batch(step + 1) if step + 1 < run.steps else None
             metrics = jax.device_get(metrics)
             if not metrics["finite"]:
                 checkpointer.wait()
@@ -303,18 +312,13 @@ def _plain(value):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    try:
+    def command(argv):
         run = load_config(argv[0], argv[1:])
         initialize_distributed(run.distributed)
         train(run)
-    except (ConfigError, ValueError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_config_command(__doc__, argv, command, errors=(NonFiniteLossError,))
 
 
 if __name__ == "__main__":

@@ -223,3 +223,17 @@ def test_resume_keeps_the_model_and_the_data_stream():
         with pytest.raises(ConfigError, match=rf"^config field '{key}': resuming 'runs/x' needs the value its "
                                               rf"checkpoints were trained with"):
             check_resume(run, load_config("tiny_falcon_mamba", ["steps=10", f"{key}={value}"]), "runs/x")
+
+
+def test_cli_usage_and_bad_arguments_are_one_error_line(capsys):
+    """train, plan and collectives share experiments.cli: usage for --help (0) or no argument (2); a bad preset,
+    key or mesh is one 'error:' line with status 1, before anything is trained or written."""
+    from experiments.train import main
+
+    assert main(["--help"]) == 0 and "python -m experiments.train CONFIG" in capsys.readouterr().out
+    assert main([]) == 2 and "python -m experiments.train CONFIG" in capsys.readouterr().out
+    for argv, named in ((["tiny_falcn"], "'tiny_falcn'"), (["tiny_falcon", "bogus=1"], "'bogus'"),
+                        (["tiny_falcon", "mesh.data=3"], "data=3")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and named in err and err.count("\n") == 1, err

@@ -1,6 +1,6 @@
 """The collectives in a run's compiled train step: how many of each kind, and the bytes of their results.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
         python -m experiments.bench.collectives tiny_falcon_mamba mesh.data=2 mesh.fsdp=2 mesh.tensor=2
 
 Compiles (does not run) the train step of the preset with its overrides on the run's mesh, where CPU devices
@@ -45,25 +45,22 @@ def collectives(hlo: str) -> dict[str, tuple[int, int]]:
     return found
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     from configs import load_config
+    from experiments.cli import run_config_command
 
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    try:
+    def command(argv):
         run = load_config(argv[0], argv[1:])
-    except ValueError as err:  # ConfigError: an unknown preset or key, a bad value, named
-        raise SystemExit(f"error: {err}") from None
-    found = collectives(compiled_step_hlo(run))
-    mesh = " x ".join(f"{axis}={getattr(run.mesh, axis)}" for axis in ("data", "fsdp", "tensor"))
-    print(f"{argv[0]}, mesh {mesh} ({jax.device_count()} {jax.default_backend()} devices)")
-    for kind, (count, nbytes) in sorted(found.items()):
-        print(f"{kind:>20} {count:5d} ops {nbytes / 1e6:10.3f} MB")
-    print(f"{'total':>20} {sum(c for c, _ in found.values()):5d} ops "
-          f"{sum(b for _, b in found.values()) / 1e6:10.3f} MB")
-    return 0
+        found = collectives(compiled_step_hlo(run))
+        mesh = " x ".join(f"{axis}={getattr(run.mesh, axis)}" for axis in ("data", "fsdp", "tensor"))
+        print(f"{argv[0]}, mesh {mesh} ({jax.device_count()} {jax.default_backend()} devices)")
+        for kind, (count, nbytes) in sorted(found.items()):
+            print(f"{kind:>20} {count:5d} ops {nbytes / 1e6:10.3f} MB")
+        print(f"{'total':>20} {sum(c for c, _ in found.values()):5d} ops "
+              f"{sum(b for _, b in found.values()) / 1e6:10.3f} MB")
+        return 0
+
+    return run_config_command(__doc__, argv, command)
 
 
 if __name__ == "__main__":
