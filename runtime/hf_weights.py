@@ -236,7 +236,9 @@ def resolve_shardings(mesh=None, rules=None, shardings=None, table=None):
         return lookup
     if mesh is not None:
         from configs.schema import merged_rules
+        from runtime.partitioning import check_mesh_axes
 
+        check_mesh_axes(mesh)
         merged = merged_rules(rules)
         return lambda name, path, shape: sharding_from_rules(name, path, shape, table, mesh, merged)
     device = SingleDeviceSharding(jax.devices()[0])

@@ -14,7 +14,7 @@ from typing import Mapping
 import jax
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
-from configs.schema import DEFAULT_SHARDING_RULES
+from configs.schema import DEFAULT_SHARDING_RULES, MESH_AXES
 
 
 class MeshError(ValueError):
@@ -29,10 +29,19 @@ def logical_axes(table, path: str) -> tuple[str, ...]:
     raise MeshError(f"parameter {path!r}: no entry in the family's PARAM_AXES table")
 
 
+def check_mesh_axes(mesh: Mesh) -> None:
+    """A mesh given by a caller (not built by experiments.mesh) splits only over the mesh axes the sharding rules
+    name (configs.schema.MESH_AXES); an axis of size > 1 under another name would silently split nothing."""
+    unknown = {a: n for a, n in mesh.shape.items() if a not in MESH_AXES and n > 1}
+    if unknown:
+        raise MeshError(f"mesh: axes {unknown} are not mesh axes the sharding rules use; expected names among "
+                        f"{list(MESH_AXES)} (axes the mesh lacks count as size 1), got mesh axes {dict(mesh.shape)}")
+
+
 def split_over(mesh: Mesh, mesh_axes) -> tuple[tuple[str, ...], int, str]:
-    """The axes of ``mesh_axes`` that split anything (size > 1), how many parts they make, and how an error
-    message names them ("fsdp=2 x tensor=4")."""
-    axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+    """The axes of ``mesh_axes`` that split anything (size > 1; an axis the mesh lacks splits nothing), how many
+    parts they make, and how an error message names them ("fsdp=2 x tensor=4")."""
+    axes = tuple(a for a in mesh_axes if mesh.shape.get(a, 1) > 1)
     return axes, math.prod(mesh.shape[a] for a in axes), " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
 
 
@@ -91,7 +100,7 @@ def traced_axes(logical: str) -> tuple[tuple[str, ...], int]:
     if mesh is None:
         return (), 1
     rules = _RULES.get() or DEFAULT_SHARDING_RULES
-    axes, parts, _ = split_over(mesh, [a for a in rules[logical] if a in mesh.shape])
+    axes, parts, _ = split_over(mesh, rules[logical])
     return axes, parts
 
 

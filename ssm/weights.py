@@ -49,10 +49,10 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings
     """Loads a local HF directory (config.json + model.safetensors or a sharded index).
 
     ``overrides`` change our own config fields (compute_dtype="bfloat16", scan_impl="chunked", ...).
-    Placement: ``shardings`` {param path: Sharding} (or a callable of the path), or ``mesh``
-    (jax.sharding.Mesh with axes data/fsdp/tensor) with ``rules`` (logical axis -> mesh axes over
-    configs.schema.DEFAULT_SHARDING_RULES); by default the default device. Each process reads only the slices
-    its own devices hold (runtime.hf_weights.load_directory).
+    Placement: ``shardings`` {param path: Sharding} (or a callable of the path), or ``mesh`` (jax.sharding.Mesh with
+    axes among data/fsdp/tensor; one it lacks splits nothing) with ``rules`` (logical axis -> mesh axes over
+    configs.schema.DEFAULT_SHARDING_RULES); by default the default device. Each process reads only the slices its
+    own devices hold (runtime.hf_weights.load_directory).
     """
     return load_directory(path, FalconMambaConfig, FalconMambaLM, weight_specs, param_axes, mesh=mesh, rules=rules,
                           shardings=shardings, overrides=overrides)

@@ -63,6 +63,20 @@ def test_dimension_not_divisible_names_parameter_axis_and_size():
                  DEFAULT_SHARDING_RULES)
 
 
+def test_a_callers_mesh_may_lack_axes_but_not_rename_them():
+    """A mesh built by the caller (from_pretrained(mesh=...)) with only some of data/fsdp/tensor: the axes it lacks
+    split nothing (a KeyError before); an axis of size > 1 under another name is refused, naming it."""
+    from runtime.hf_weights import resolve_shardings
+
+    tensor_only = AbstractMesh((4,), ("tensor",), axis_types=(AxisType.Auto,))
+    assert spec_for("lm_head.kernel", (64, 256), ("embed", "vocab"), tensor_only, DEFAULT_SHARDING_RULES) == \
+        PartitionSpec(None, "tensor")
+    renamed = AbstractMesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    with pytest.raises(MeshError, match=r"mesh: axes \{'model': 4\} are not mesh axes the sharding rules use; "
+                                        r"expected names among \['data', 'fsdp', 'tensor'\]"):
+        resolve_shardings(mesh=renamed, table=ssm.sharding.PARAM_AXES)
+
+
 def test_cli_reports_bad_mesh_and_indivisible_dims(tmp_path):
     bad_mesh = run_train("tiny_falcon_mamba", tmp_path / "a", "mesh.data=3", devices=8, cache_dir=tmp_path,
                          expect_ok=False)

@@ -69,11 +69,11 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings
     """Loads a local HF directory (config.json + model.safetensors or a sharded index).
 
     ``overrides`` change our own config fields (compute_dtype="bfloat16", attention_impl="blockwise", ...).
-    Placement: ``shardings`` {param path: Sharding} (or a callable of the path), or ``mesh``
-    (jax.sharding.Mesh with axes data/fsdp/tensor) with ``rules`` (logical axis -> mesh axes over
-    configs.schema.DEFAULT_SHARDING_RULES); by default the default device. Each process reads only the slices
-    its own devices hold (runtime.hf_weights.load_directory). The fused query_key_value must have the rows of
-    the config's layout.
+    Placement: ``shardings`` {param path: Sharding} (or a callable of the path), or ``mesh`` (jax.sharding.Mesh with
+    axes among data/fsdp/tensor; one it lacks splits nothing) with ``rules`` (logical axis -> mesh axes over
+    configs.schema.DEFAULT_SHARDING_RULES); by default the default device. Each process reads only the slices its
+    own devices hold (runtime.hf_weights.load_directory). The fused query_key_value must have the rows of the
+    config's layout.
     """
     return load_directory(path, FalconConfig, FalconLM, weight_specs, param_axes, mesh=mesh, rules=rules,
                           shardings=shardings, overrides=overrides, check_tensors=check_qkv_rows)
