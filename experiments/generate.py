@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -26,6 +27,25 @@ def _parse_ids(text: str) -> list[int]:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
         raise SystemExit(f"--ids: expected integers separated by commas, got {text!r}") from None
+
+
+def incremental_text(decode: Callable[[list[int]], str], tokens: Iterable[int]) -> Iterator[str]:
+    """The text of ``tokens`` as they come, in pieces that join to ``decode(all tokens)``: a token decoded alone
+    loses the spaces and the multi-byte characters a tokenizer joins across tokens, and decoding all tokens at
+    each step is quadratic. So the tokens from ``first`` on are decoded with and without those after ``shown``
+    (the text is printed up to there) and the difference is the piece; a piece ending inside a multi-byte
+    character (U+FFFD) waits for the next token."""
+    produced: list[int] = []
+    first = shown = 0
+    for token in tokens:
+        produced.append(token)
+        before, text = decode(produced[first:shown]), decode(produced[first:])
+        if text.startswith(before) and not text.endswith("\ufffd"):
+            yield text[len(before):]
+            first, shown = shown, len(produced)
+    before, text = decode(produced[first:shown]), decode(produced[first:])
+    if text != before:  # what waited: the end of the text (or, where a decoding rewrote earlier text, all of it)
+        yield text[len(before):] if text.startswith(before) else "\n" + decode(produced)
 
 
 def main(argv=None) -> None:
@@ -82,19 +102,17 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     if args.stream:
         produced: list[int] = []
-        # each step prints what decoding all the tokens so far adds to the text shown (a token decoded alone
-        # loses the spaces and the multi-byte characters that a tokenizer joins across tokens)
-        shown = ""
-        for step_tokens in stream(model, prompt, **kwargs):
-            if step_tokens[0] >= 0:
-                produced.append(int(step_tokens[0]))
-                text = decode(produced)
-                if text.startswith(shown) and not text.endswith("\ufffd"):  # not inside a multi-byte character
-                    sys.stdout.write(text[len(shown):])
-                    sys.stdout.flush()
-                    shown = text
-        text = decode(produced)
-        print(text[len(shown):] if text.startswith(shown) else "\n" + text)
+
+        def tokens():
+            for step_tokens in stream(model, prompt, **kwargs):
+                if step_tokens[0] >= 0:
+                    produced.append(int(step_tokens[0]))
+                    yield produced[-1]
+
+        for piece in incremental_text(decode, tokens()):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
     else:
         produced = generate(model, prompt, **kwargs).row(0)
         print(decode(produced))

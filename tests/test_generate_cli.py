@@ -102,3 +102,30 @@ def test_generate_from_a_training_run(tmp_path):
 def test_step_is_refused_for_a_hf_directory(checkpoint):
     result = _run(checkpoint, "--ids", "1,2", "--step", "2")
     assert result.returncode != 0 and "--step: expected only with a training run's output_dir" in result.stderr
+
+
+def test_incremental_text_joins_to_the_whole_decoding_in_linear_work():
+    """--stream's pieces, with a byte-level BPE tokenizer whose tokens split multi-byte characters: they join to
+    the decoding of all tokens, no piece ends inside a character, and each step decodes a few tokens (decoding
+    all tokens so far at every step was quadratic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from experiments.generate import incremental_text
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["hello world café naïve", "the cat sat"] * 10, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    ids = tokenizer.encode("café naïve 日本語 hello world 🙂 x " * 20).ids
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # the case: tokens that are parts of a character
+    decoded = []
+
+    def decode(tokens):
+        decoded.append(len(tokens))
+        return tokenizer.decode(tokens)
+
+    pieces = list(incremental_text(decode, iter(ids)))
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert not any("\ufffd" in piece for piece in pieces) and "日" in pieces and "🙂" in pieces
+    assert max(decoded) <= 8 and sum(decoded) < 8 * len(ids), (max(decoded), sum(decoded), len(ids))
