@@ -33,8 +33,9 @@ CASES = {
     "falcon2_1ln": (dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          num_kv_heads=2, new_decoder_architecture=True, num_ln_in_parallel_attn=1,
                          tie_word_embeddings=False, rope_theta=500042.0, ffn_hidden_size=72), 33),
-    # falcon-rw: multi-head, sequential, biases, ALiBi on 6 heads at 300 tokens (bf16 positions round above 256).
-    "rw_alibi": (dict(vocab_size=64, hidden_size=24, num_hidden_layers=2, num_attention_heads=6,
+    # falcon-rw: multi-head, sequential, biases, ALiBi at 300 tokens (bf16 positions round above 256) on 12 heads
+    # (4 of whose slopes are not powers of two, so the bf16 rounding of slope x position matters).
+    "rw_alibi": (dict(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=12,
                       multi_query=False, parallel_attn=False, bias=True, alibi=True), 300),
     "rope_linear": (dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          rope_scaling={"rope_type": "linear", "factor": 2.0}), 45),
