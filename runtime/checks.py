@@ -3,9 +3,11 @@ argument, what was expected and what was received."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def shape_of(x: Any):
@@ -26,3 +28,15 @@ def check_float(name: str, x: Any) -> None:
     dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name}: expected a floating-point array, got dtype {dtype}")
+
+
+def is_integer(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    """ValueError naming ``name`` unless value is a positive Python or NumPy integer (or None, where allowed)."""
+    if (value is None and allow_none) or (is_integer(value) and value > 0):
+        return
+    raise ValueError(f"{name}: expected a positive integer{' or None' if allow_none else ''}, got {value!r}")

@@ -15,13 +15,15 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+
+from runtime.checks import check_float, check_positive_int, check_rank, is_integer
 
 NO_TOKEN = -1
 
@@ -37,8 +39,7 @@ class Sampling:
     def __post_init__(self):
         if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature: expected a finite number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, numbers.Integral) or isinstance(self.top_k, bool)
-                                       or self.top_k < 0):
+        if self.top_k is not None and not (is_integer(self.top_k) and self.top_k >= 0):
             raise ValueError(f"top_k: expected None or an integer >= 0, got {self.top_k!r}")
         if self.top_p is not None and not (_is_real(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p: expected None or a number in (0, 1], got {self.top_p!r}")
@@ -111,8 +112,7 @@ class Generated:
 
 def _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens) -> tuple[Sampling, jax.Array]:
     """The decode arguments checked once, before any prefill: (Sampling, stop-token array)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    check_positive_int("max_new_tokens", max_new_tokens)
     return Sampling(temperature, top_k, top_p), _stop_array(stop_tokens, model.config.vocab_size)
 
 
@@ -125,9 +125,12 @@ def _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size
 
 
 def _stop_array(stop_tokens: Sequence[int], vocab_size: int) -> jax.Array:
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
+        raise ValueError(f"stop_tokens: expected a sequence of token ids, got {stop_tokens!r}")
+    stop_tokens = list(np.asarray(stop_tokens).ravel()) if hasattr(stop_tokens, "shape") else list(stop_tokens)
     for token in stop_tokens:
-        if not 0 <= int(token) < vocab_size:
-            raise ValueError(f"stop_tokens: expected ids in [0, {vocab_size}), got {token}")
+        if not is_integer(token) or not 0 <= token < vocab_size:
+            raise ValueError(f"stop_tokens: expected integer ids in [0, {vocab_size}), got {token!r}")
     return jnp.asarray(list(stop_tokens) or [NO_TOKEN], jnp.int32)
 
 
@@ -141,6 +144,11 @@ def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.
     """Decodes up to max_new_tokens in one jit-compiled loop from a prefilled (logits, state): prefill's
     last-position logits (batch, vocab) and its DecodeState (a KV cache needs room for max_new_tokens more)."""
     sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens)
+    check_rank("logits", logits, (2,), "(batch, vocab_size): prefill's last-position logits")
+    check_float("logits", logits)
+    if logits.shape[1] != model.config.vocab_size:
+        raise ValueError(f"logits: expected shape (batch, {model.config.vocab_size}) (vocab_size), got "
+                         f"{tuple(logits.shape)}")
     model._check_state(state, logits.shape[0])
     model._check_fits(state, max_new_tokens, name="max_new_tokens")  # the loop's writes past the cache would clamp
     return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from runtime.checks import shape_of
+from runtime.checks import check_positive_int, shape_of
 
 
 class DecodeState(NamedTuple):
@@ -47,11 +47,6 @@ def call_layer(layer, remat, *args):
     return nnx.remat(_call, policy=remat)(layer, *args)
 
 
-def check_batch_size(batch_size) -> None:
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size <= 0:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-
-
 def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids", ndim: int = 2) -> jax.Array:
     """Checks rank, integer dtype and the vocabulary range (jnp indexing would clamp silently)."""
     if isinstance(input_ids, (list, tuple)):
@@ -70,11 +65,6 @@ def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids", ndim: i
             bad = low if low < 0 else high
             raise ValueError(f"{name}: token ids must be in [0, {vocab_size}) (vocab_size), got {bad}")
     return jnp.asarray(input_ids, jnp.int32)
-
-
-def check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0):
-        raise ValueError(f"chunk_size: expected a positive integer or None, got {chunk_size!r}")
 
 
 @nnx.jit
@@ -136,6 +126,20 @@ def normalize_padding(input_ids, attention_mask=None, lengths=None):
     return shifted, jnp.asarray(counts, jnp.int32)
 
 
+_STATE_LAYOUTS: dict = {}
+
+
+def _state_layout(model, batch: int, capacity: int | None):
+    """The abstract DecodeState of model.init_state(batch, capacity), remembered per config (tracing init_state
+    takes ~0.1 s for 80 layers: too long to repeat at every step)."""
+    key = (type(model), model.config, batch, capacity)
+    if key not in _STATE_LAYOUTS:
+        if len(_STATE_LAYOUTS) >= 64:
+            _STATE_LAYOUTS.clear()
+        _STATE_LAYOUTS[key] = jax.eval_shape(lambda: model.init_state(batch, capacity))
+    return _STATE_LAYOUTS[key]
+
+
 class CausalLM(nnx.Module):
     """Base of both families' LMs. Subclasses set ``self.config`` and define run, logits, init_state."""
 
@@ -159,7 +163,7 @@ class CausalLM(nnx.Module):
         return _jit_forward(self, check_token_ids(input_ids, self.config.vocab_size))
 
     def _chunks(self, length: int, chunk_size):
-        check_chunk_size(chunk_size)
+        check_positive_int("chunk_size", chunk_size, allow_none=True)
         size = length if chunk_size is None else int(chunk_size)
         return [(start, min(start + size, length)) for start in range(0, length, size)]
 
@@ -167,9 +171,25 @@ class CausalLM(nnx.Module):
         raise NotImplementedError
 
     def _check_state(self, state, batch: int) -> None:
-        if state is None or not isinstance(state, DecodeState) or state.lengths.shape != (batch,):
-            got = type(state).__name__ if not isinstance(state, DecodeState) else f"batch {state.lengths.shape[0]}"
+        """``state`` is what this model's init_state(batch, capacity) makes: each array's shape and dtype (a state
+        of another model, with fewer layers say, would otherwise run silently on part of the layers)."""
+        if not isinstance(state, DecodeState) or getattr(state.lengths, "shape", None) != (batch,):
+            lengths = shape_of(state.lengths) if isinstance(state, DecodeState) else None
+            got = (type(state).__name__ if lengths is None else f"batch {lengths[0]}" if len(lengths) == 1 else
+                   f"lengths of shape {lengths}")
             raise ValueError(f"state: expected a DecodeState for batch {batch} from init_state, got {got}")
+        expected = _state_layout(self, batch, self.state_capacity(state))
+        got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(state)
+        want_leaves, want_tree = jax.tree_util.tree_flatten_with_path(expected)
+        if got_tree != want_tree:
+            layers = len(state.layers) if isinstance(state.layers, (list, tuple)) else type(state.layers).__name__
+            raise ValueError(f"state: expected the layout of this model's init_state, {len(expected.layers)} layers "
+                             f"of {jax.tree.structure(expected.layers[0])}, got {layers} layers of "
+                             f"{jax.tree.structure(state.layers[0]) if layers else 'nothing'}")
+        for (path, got), (_, want) in zip(got_leaves, want_leaves):
+            if (shape_of(got), getattr(got, "dtype", None)) != (want.shape, want.dtype):
+                raise ValueError(f"state{jax.tree_util.keystr(path)}: expected shape {want.shape} {want.dtype} (this "
+                                 f"model's init_state), got {shape_of(got)} {getattr(got, 'dtype', None)}")
 
     def _check_fits(self, state, new_tokens: int, name: str = "input_ids") -> None:
         capacity = self.state_capacity(state)

@@ -37,22 +37,40 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         (size,) = struct.unpack("<Q", raw)
         if size > 100_000_000:
             raise CheckpointError(f"{str(path)!r}: not a safetensors file (header of {size} bytes)")
-        header = json.loads(fh.read(size))
+        try:
+            header = json.loads(fh.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{str(path)!r}: not a safetensors file (its header is not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{str(path)!r}: not a safetensors file (expected a JSON object as the header, got "
+                              f"a {type(header).__name__})")
     header.pop("__metadata__", None)
     return header, 8 + size
 
 
-def _entry(path, name: str, info: dict) -> tuple[np.dtype, int, int, tuple[int, ...]]:
-    """A header entry's (dtype, begin, end, shape), checked: known dtype, byte count equal to the shape's."""
-    dtype = DTYPES.get(info["dtype"])
+def _entry(path, name: str, info: dict, start: int, file_size: int) -> tuple[np.dtype, int, int, tuple[int, ...]]:
+    """A header entry's (dtype, begin, end, shape), checked: its fields, a known dtype, a byte count equal to the
+    shape's, an end within the file (whose data section starts at ``start``)."""
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not (isinstance(info, dict) and isinstance(info.get("shape"), list) and all(map(count, info["shape"]))
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+            and all(map(count, info["data_offsets"])) and info["data_offsets"][0] <= info["data_offsets"][1]):
+        raise CheckpointError(f"{str(path)!r}: tensor {name!r}: expected a header entry {{dtype, shape: [sizes], "
+                              f"data_offsets: [begin, end]}}, got {info!r}")
+    dtype = DTYPES.get(info.get("dtype"))
     if dtype is None:
-        raise CheckpointError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+        raise CheckpointError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
     begin, end = info["data_offsets"]
     shape = tuple(info["shape"])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if end - begin != expected:
         raise CheckpointError(f"{str(path)!r}: tensor {name!r} has {end - begin} bytes, its shape {shape} "
                               f"and dtype {info['dtype']} need {expected}")
+    if start + end > file_size:
+        raise CheckpointError(f"{str(path)!r}: tensor {name!r} ends at byte {start + end}, past the end of the "
+                              f"file ({file_size} bytes)")
     return dtype, begin, end, shape
 
 
@@ -64,7 +82,7 @@ def open_tensors(path: str | Path) -> dict[str, np.ndarray]:
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = {}
     for name, info in header.items():
-        dtype, begin, end, shape = _entry(path, name, info)
+        dtype, begin, end, shape = _entry(path, name, info, start, mapped.size)
         tensors[name] = mapped[start + begin:start + end].view(dtype).reshape(shape)
     return tensors
 
@@ -163,10 +181,7 @@ def lazy_tensors(path: str | Path) -> dict[str, LazyTensor]:
     size = path.stat().st_size
     tensors = {}
     for name, info in header.items():
-        dtype, begin, end, shape = _entry(path, name, info)
-        if start + end > size:
-            raise CheckpointError(f"{str(path)!r}: tensor {name!r} ends at byte {start + end}, past the end of "
-                                  f"the file ({size} bytes)")
+        dtype, begin, end, shape = _entry(path, name, info, start, size)
         tensors[name] = LazyTensor(path, name, dtype, shape, start + begin)
     return tensors
 

@@ -16,8 +16,14 @@ from runtime.checks import check_float, check_rank, shape_of
 def causal_conv1d(x, weight, bias=None, state=None, silu=False):
     """Returns (out (batch, seqlen, dim) in x's dtype, new_state (batch, kernel-1, dim) in x's dtype). ``silu``
     applies SiLU to the fp32 sum before the one rounding to x's dtype, as causal_conv1d's kernels do."""
-    kernel = weight.shape[0]
+    check_rank("x", x, (3,), "(batch, seqlen, dim)")
     batch, length, dim = x.shape
+    if not hasattr(weight, "shape") or weight.ndim != 2 or weight.shape[1] != dim:
+        raise ValueError(f"weight: expected shape (kernel, dim) with dim={dim}, got {shape_of(weight)}")
+    kernel = weight.shape[0]
+    if state is not None and shape_of(state) != (batch, kernel - 1, dim):
+        raise ValueError(f"state: expected shape (batch, kernel-1, dim) = {(batch, kernel - 1, dim)} (the last "
+                         f"kernel-1 inputs), got {shape_of(state)}")
     if state is None:
         state = jnp.zeros((batch, kernel - 1, dim), x.dtype)
     full = jnp.concatenate([state.astype(x.dtype), x], axis=1)      # (batch, kernel-1+seqlen, dim)

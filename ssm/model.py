@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import FalconMambaConfig
-from runtime.interface import CausalLM, DecodeState, call_layer, check_batch_size
+from runtime.checks import check_positive_int
+from runtime.interface import CausalLM, DecodeState, call_layer
 from runtime.layers import Dense, Embed, RMSNorm, StackedDense, dtype_of, matmul_precision, rms_normalize
 from ssm.conv import causal_conv1d
 from ssm.scan import discretization_dt, selective_scan
@@ -183,7 +184,7 @@ class FalconMambaLM(CausalLM):
 
     def init_state(self, batch_size: int, max_len: int | None = None) -> DecodeState:
         """Zero conv and SSM states for every layer; their size does not depend on ``max_len`` (unused)."""
-        check_batch_size(batch_size)
+        check_positive_int("batch_size", batch_size)
         return DecodeState([layer.mixer.init_state(batch_size) for layer in self.layers],
                            jnp.zeros((batch_size,), jnp.int32))
 

@@ -329,8 +329,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 # mamba_ssm-compatible public entry points (checked arguments, (batch, dim, seqlen) layout)
 
 
+# the arguments of selective_scan_fn / selective_state_update that mamba_ssm lets be None
+_OPTIONAL_ARGS = ("D", "z", "delta_bias", "initial_state", "dt_bias")
+
+
 def _check(name: str, x: Any, shape: tuple, what: str) -> None:
-    if x is None:
+    if x is None and name in _OPTIONAL_ARGS:
         return
     if not hasattr(x, "shape") or tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)} {what}, got {shape_of(x)}")

@@ -210,6 +210,20 @@ def test_integer_arrays_raise_naming_them(name):
             causal_conv1d_fn(**args)
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    # transformers' conv_state holds kernel rows: passed as the carried state, it was accepted, shifting the conv
+    ("state", dict(state=jnp.zeros((BATCH, 4, DIM)))),
+    ("state", dict(state=jnp.zeros((BATCH, 3, DIM + 1)))),
+    ("weight", dict(weight=jnp.zeros((4, DIM + 1)))),
+    ("x", dict(x=jnp.zeros((SEQLEN, DIM)))),
+])
+def test_causal_conv1d_bad_arguments_raise_naming_them(name, kwargs):
+    args = dict(x=jnp.zeros((BATCH, SEQLEN, DIM)), weight=jnp.zeros((4, DIM)), state=jnp.zeros((BATCH, 3, DIM)))
+    causal_conv1d(**args)
+    with pytest.raises(ValueError, match=f"^{name}: expected shape"):
+        causal_conv1d(**{**args, **kwargs})
+
+
 def test_causal_conv1d_is_jittable():
     """The models call causal_conv1d under jit; the result matches eager."""
     rng = np.random.default_rng(50)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import load_model_config
+from configs.loader import replace
 from experiments.models import build_model
 from runtime.generation import NO_TOKEN, Sampling, decode, generate, sample_logits, stream
 
@@ -120,7 +121,10 @@ def test_sampling_refuses_non_finite_and_bool_values(kwargs, message):
     ({"top_p": 0.0}, r"top_p: expected None or a number in \(0, 1\]"),
     ({"top_k": -2}, "top_k: expected None or an integer >= 0"),
     ({"max_new_tokens": 0}, "max_new_tokens: expected a positive integer"),
-    ({"stop_tokens": [VOCAB]}, rf"stop_tokens: expected ids in \[0, {VOCAB}\)"),
+    ({"max_new_tokens": True}, "max_new_tokens: expected a positive integer, got True"),
+    ({"stop_tokens": [VOCAB]}, rf"stop_tokens: expected integer ids in \[0, {VOCAB}\), got {VOCAB}"),
+    ({"stop_tokens": [1.7]}, rf"stop_tokens: expected integer ids in \[0, {VOCAB}\), got 1.7"),  # was token 1
+    ({"stop_tokens": 11}, "stop_tokens: expected a sequence of token ids, got 11"),  # was a TypeError
 ])
 def test_bad_arguments(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -147,3 +151,27 @@ def test_step_checks_its_state(model):
         model.step(np.ones(3, np.int32), state)
     with pytest.raises(ValueError, match=r"^state: expected a DecodeState for batch 2 from init_state, got NoneType"):
         model.step(np.ones(2, np.int32), None)
+
+
+def test_a_state_of_another_model_is_refused(model):
+    """A state from a model with another layer count, width or compute dtype: named (with fewer layers, zip ran
+    the model's first layers only and returned wrong logits silently)."""
+    def other(**fields):
+        return build_model(replace(model.config, **fields), seed=2).init_state(2, max_len=8)
+
+    ids = np.ones(2, np.int32)
+    with pytest.raises(ValueError, match=r"^state: expected the layout of this model's init_state, 1 layers .* got "
+                                         r"2 layers"):
+        model.step(ids, other(num_hidden_layers=2))
+    with pytest.raises(ValueError, match=r"^state\.layers\[0\].*: expected shape .* float32 \(this model's "
+                                         r"init_state\), got .* bfloat16"):
+        model.prefill(np.ones((2, 3), np.int32), other(compute_dtype="bfloat16"))
+    wider = {"hidden_size": 2 * model.config.hidden_size} if model.config.family == "falcon" else \
+        {"intermediate_size": 2 * model.config.intermediate_size}
+    with pytest.raises(ValueError, match=r"^state\.layers\[0\].*: expected shape"):
+        model.step(ids, other(**wider))
+    logits, state = model.prefill(np.ones((2, 3), np.int32), model.init_state(2, max_len=8))
+    with pytest.raises(ValueError, match=r"^logits: expected shape \(batch, vocab_size\).*, got \(61,\)"):
+        decode(model, logits[0], state, max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"^logits: expected shape \(batch, {VOCAB}\) \(vocab_size\), got \(2, 5\)"):
+        decode(model, logits[:, :5], state, max_new_tokens=2)

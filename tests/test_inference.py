@@ -102,6 +102,9 @@ def test_bad_inputs(model, ids):
     state = model.init_state(2, max_len=MAX_LEN)
     with pytest.raises(ValueError, match="chunk_size: expected a positive integer"):
         model.prefill(ids, state, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size: expected a positive integer or None, got True"):
+        model.prefill(ids, state, chunk_size=True)  # ran with chunks of 1
+    assert model.init_state(2, max_len=np.int64(MAX_LEN)).lengths.shape == (2,)  # refused by the KV cache before
     with pytest.raises(ValueError, match=r"token_ids: expected an integer array of shape \(batch,\)"):
         model.step(ids, state)
     with pytest.raises(ValueError, match=rf"token_ids: token ids must be in \[0, {VOCAB}\)"):

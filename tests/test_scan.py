@@ -289,6 +289,7 @@ def _bad_inputs():
     P = pytest.param
     return [
         P("delta", dict(delta=z(b, d, l + 1)), id="delta-seqlen"),
+        P("delta", dict(delta=None), id="delta-none"),  # an AttributeError on None.astype before
         P("A", dict(A=z(d + 1, n)), id="A-dim"),
         P("B", dict(B=z(b, n, l + 1)), id="B-seqlen"),
         P("C", dict(C=z(b, n + 1, l)), id="C-dstate"),
@@ -357,6 +358,9 @@ def _state_update_bad_inputs():
         P("state", dict(state=z(b, d)), ValueError, id="state-ndim"),
         P("state", dict(state=z(b, d, n).astype(jnp.int32)), TypeError, id="state-int"),
         P("x", dict(x=z(b, d + 1)), ValueError, id="x-dim"),
+        P("x", dict(x=None), ValueError, id="x-none"),
+        P("dt", dict(dt=None), ValueError, id="dt-none"),
+        P("A", dict(A=None), ValueError, id="A-none"),
         P("dt", dict(dt=z(b + 1, d)), ValueError, id="dt-batch"),
         P("A", dict(A=z(d, n + 1)), ValueError, id="A-dstate"),
         P("B", dict(B=z(b, n + 1)), ValueError, id="B-dstate"),

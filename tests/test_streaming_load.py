@@ -147,3 +147,26 @@ def test_streaming_round_trip_single_device_and_shardings(tmp_path):
     assert sorted(original) == sorted(written)
     for name in original:
         np.testing.assert_array_equal(original[name], written[name])
+
+
+def _safetensors_bytes(header) -> bytes:
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"{not json", "its header is not JSON"),                        # a JSONDecodeError before
+    (["a", "list"], "expected a JSON object as the header, got a list"),  # a TypeError in dict.pop
+    ({"w": {"dtype": "F32", "shape": [2]}}, r"tensor 'w': expected a header entry"),  # KeyError 'data_offsets'
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, "8"]}}, r"tensor 'w': expected a header entry"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, r"tensor 'w' ends at byte \d+, past the end"),
+])
+def test_malformed_safetensors_files_are_named(tmp_path, header, message):
+    """Both readers (memory-mapped and lazy) raise CheckpointError naming the file (and the tensor)."""
+    from runtime.safetensors_io import CheckpointError, lazy_tensors, open_tensors
+
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_safetensors_bytes(header) + bytes(8))
+    for read in (open_tensors, lazy_tensors):
+        with pytest.raises(CheckpointError, match=rf"^'{path}': .*{message}"):
+            read(path)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import FalconConfig
-from runtime.interface import CausalLM, DecodeState, call_layer, check_batch_size
+from runtime.checks import check_positive_int, is_integer
+from runtime.interface import CausalLM, DecodeState, call_layer
 from runtime.layers import Dense, Embed, LayerNorm, dtype_of
 from transformer.attention import alibi_bias, apply_rope, attention, rope_cos_sin, rope_inv_freq
 
@@ -186,14 +187,14 @@ class FalconLM(CausalLM):
     def init_state(self, batch_size: int, max_len: int | None = None) -> DecodeState:
         """An empty KV cache of ``max_len`` positions per row; only the KV heads are stored."""
         cfg = self.config
-        check_batch_size(batch_size)
-        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0:
+        check_positive_int("batch_size", batch_size)
+        if not (is_integer(max_len) and max_len > 0):
             raise ValueError(f"max_len: expected a positive integer (the KV cache length), got {max_len!r}")
         if cfg.rope_scaling_type == "dynamic":
             raise ValueError("rope_scaling: 'dynamic' frequencies depend on the total sequence length, which a "
                              "KV cache does not know in advance; use a full forward (log_likelihood with "
                              "chunk_size=None runs one) or 'linear' scaling")
-        shape = (batch_size, max_len, cfg.kv_heads, cfg.head_dim)
+        shape = (int(batch_size), int(max_len), cfg.kv_heads, cfg.head_dim)
         dtype = dtype_of(cfg.compute_dtype)
         layers = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
         return DecodeState(layers, jnp.zeros((batch_size,), jnp.int32))
