@@ -50,12 +50,28 @@ def _check_conv_args(x, ranks: tuple, layout: str, weight, bias, activation) -> 
         check_float(name, value)
 
 
-def causal_conv1d_fn(x, weight, bias=None, activation=None):
-    """causal_conv1d's layout: x (batch, dim, seqlen), weight (dim, kernel); activation None, "silu" or
-    "swish"."""
+def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                     final_states_out=None, activation=None):
+    """causal_conv1d's signature and layout: x (batch, dim, seqlen), weight (dim, kernel); initial_states (batch,
+    dim, kernel-1): the inputs before x; activation None, "silu" or "swish". Returns out like x, and with
+    ``return_final_states`` also the last kernel-1 inputs (batch, dim, kernel-1) in x's dtype, which continue
+    the conv as a next call's initial_states. seq_idx (packed sequences) and final_states_out (an in-place
+    output) are refused: not supported here."""
+    for name, value in (("seq_idx", seq_idx), ("final_states_out", final_states_out)):
+        if value is not None:
+            raise ValueError(f"{name}: expected None (not supported by this causal_conv1d_fn), got {shape_of(value)}")
     _check_conv_args(x, (3,), "(batch, dim, seqlen)", weight, bias, activation)
-    out, _ = causal_conv1d(jnp.swapaxes(x, 1, 2), weight.T, bias, silu=activation is not None)
-    return jnp.swapaxes(out, 1, 2)
+    state = None
+    if initial_states is not None:
+        expected = (x.shape[0], x.shape[1], weight.shape[1] - 1)
+        if shape_of(initial_states) != expected:
+            raise ValueError(f"initial_states: expected shape (batch, dim, kernel-1) = {expected}, got "
+                             f"{shape_of(initial_states)}")
+        check_float("initial_states", initial_states)
+        state = jnp.swapaxes(initial_states, 1, 2)
+    out, final = causal_conv1d(jnp.swapaxes(x, 1, 2), weight.T, bias, state, silu=activation is not None)
+    out = jnp.swapaxes(out, 1, 2)
+    return (out, jnp.swapaxes(final, 1, 2)) if return_final_states else out
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):

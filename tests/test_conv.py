@@ -83,6 +83,28 @@ def test_causal_conv1d_fn_matches_oracle(kernel, activation):
     np.testing.assert_allclose(np.asarray(out), want, **TOL)
 
 
+@pytest.mark.parametrize("length", [1, 2, SEQLEN])
+@pytest.mark.parametrize("kernel", [2, 4])
+def test_causal_conv1d_fn_initial_and_final_states(kernel, length):
+    """causal_conv1d's initial_states / return_final_states: against the oracle, and two calls chained through
+    them equal one call (a piece shorter than kernel-1 keeps part of its initial state in the final one)."""
+    rng = np.random.default_rng(60 + kernel + length)
+    x, weight, bias = normal(rng, BATCH, DIM, length), normal(rng, DIM, kernel), normal(rng, DIM)
+    initial = normal(rng, BATCH, DIM, kernel - 1)
+    out, final = causal_conv1d_fn(*map(jnp.asarray, (x, weight, bias)), initial_states=jnp.asarray(initial),
+                                  return_final_states=True, activation="silu")
+    want, last = causal_conv1d_oracle(np.swapaxes(x, 1, 2), weight.T, bias, np.swapaxes(initial, 1, 2))
+    np.testing.assert_allclose(np.asarray(out), silu64(np.swapaxes(want, 1, 2)), **TOL)
+    np.testing.assert_array_equal(np.asarray(final), np.swapaxes(last, 1, 2))
+    assert final.shape == (BATCH, DIM, kernel - 1) and final.dtype == jnp.float32
+    more = normal(rng, BATCH, DIM, 3)
+    whole = causal_conv1d_fn(*map(jnp.asarray, (np.concatenate([x, more], axis=2), weight, bias)),
+                             initial_states=jnp.asarray(initial))
+    np.testing.assert_allclose(np.asarray(causal_conv1d_fn(jnp.asarray(more), jnp.asarray(weight), jnp.asarray(bias),
+                                                           initial_states=final)),
+                               np.asarray(whole)[:, :, length:], rtol=1e-6, atol=1e-6)
+
+
 def test_causal_conv1d_fn_without_bias_matches_oracle():
     rng = np.random.default_rng(30)
     x, weight = normal(rng, BATCH, DIM, SEQLEN), normal(rng, DIM, 4)
@@ -124,7 +146,7 @@ def test_causal_conv1d_update_takes_several_tokens(state_len):
         assert out.shape == (BATCH, DIM, length)
         outs.append(out)
         start += length
-    np.testing.assert_allclose(np.concatenate(outs, -1), causal_conv1d_fn(x, weight, bias, "silu"), **TOL)
+    np.testing.assert_allclose(np.concatenate(outs, -1), causal_conv1d_fn(x, weight, bias, activation="silu"), **TOL)
     np.testing.assert_array_equal(conv_state, x[:, :, -state_len:])
 
 
@@ -164,6 +186,8 @@ def _fn_bad_inputs():
         P("weight", dict(x=x, weight=jnp.zeros((DIM,))), id="weight-ndim"),
         P("bias", dict(x=x, weight=w, bias=jnp.zeros((DIM + 1,))), id="bias-length"),
         P("activation", dict(x=x, weight=w, bias=b, activation="relu"), id="activation-unknown"),
+        P("initial_states", dict(x=x, weight=w, initial_states=jnp.zeros((BATCH, DIM, 4))), id="initial-kernel"),
+        P("seq_idx", dict(x=x, weight=w, seq_idx=jnp.zeros((BATCH, SEQLEN), jnp.int32)), id="seq_idx"),
     ]
 
 

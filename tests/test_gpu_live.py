@@ -137,6 +137,20 @@ def test_causal_conv1d_matches_cuda(activation, dtype):
     out, state = causal_conv1d_update(**{k: jnp.asarray(v, low) for k, v in inputs.items()}, activation=activation)
     _close(out, want, tol, name="causal_conv1d_update out")
     _close(state, theirs["conv_state"], tol, name="causal_conv1d_update conv_state")
+    # initial_states / return_final_states, which causal_conv1d takes in the channel-last layout only (x and the
+    # states (batch, dim, L) with dim contiguous): the first 3 inputs of a sequence are the initial states
+    inputs = conv_inputs(5, dtype, 2, 256, 1003, 4, True)
+    initial, inputs["x"] = inputs["x"][:, :, :3], inputs["x"][:, :, 3:]
+    theirs = {k: _torch(v, dtype) for k, v in inputs.items()}
+    channel_last = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    want, want_final = cuda_fn(channel_last(theirs["x"]), theirs["weight"], theirs["bias"],
+                               initial_states=channel_last(_torch(initial, dtype)), return_final_states=True,
+                               activation=activation)
+    out, final = causal_conv1d_fn(**{k: jnp.asarray(v, low) for k, v in inputs.items()},
+                                  initial_states=jnp.asarray(initial, low), return_final_states=True,
+                                  activation=activation)
+    _close(out, want, tol, name="causal_conv1d_fn with initial_states")
+    _close(final, want_final, dict(rtol=0, atol=0), name="causal_conv1d_fn final_states")  # copies of inputs
 
 
 def test_model_on_gpu_matches_cpu():
