@@ -30,23 +30,21 @@ class Dense(nnx.Module):
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
                  init_scale: float | None = None, init_std: float | None = None,
                  use_axes: tuple[str | None, ...] | None = None):
-        """Init: torch.nn.Linear's default U(-1/sqrt(in), 1/sqrt(in)) for weight and bias; ``init_scale`` sets
-        that uniform bound; ``init_std`` instead draws the weight from N(0, init_std^2) with a zero bias
-        (transformers' Falcon init). ``use_axes``: the kernel's logical axes where it is used (None: whole),
+        """Init: torch.nn.Linear's default U(-1/sqrt(in), 1/sqrt(in)) for the weight and a zero bias (mamba_ssm's
+        and transformers' models zero their Linear biases); ``init_scale`` sets that uniform bound; ``init_std``
+        instead draws the weight from N(0, init_std^2) (transformers' Falcon init). ``use_axes``: the kernel's logical axes where it is used (None: whole),
         which it is constrained to under a traced mesh (runtime.partitioning.constrain) before the matmul: for
         a kernel split only over "embed" (FSDP) as stored, an explicit all-gather, where XLA otherwise moved its
         shards between devices with collective-permutes, forward, backward and in the optimizer update."""
         key = rngs.params()
-        bias_key = rngs.params()
+        rngs.params()  # the key the bias once drew from: every later parameter keeps its values
         if init_std is not None:
             kernel = init_std * jax.random.normal(key, (in_features, out_features), param_dtype)
-            bias = jnp.zeros((out_features,), param_dtype)
         else:
             bound = init_scale if init_scale is not None else in_features ** -0.5
             kernel = jax.random.uniform(key, (in_features, out_features), param_dtype, -bound, bound)
-            bias = jax.random.uniform(bias_key, (out_features,), param_dtype, -bound, bound)
         self.kernel = nnx.Param(kernel)
-        self.bias = nnx.Param(bias) if use_bias else None
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
         self.dtype = dtype
         self.use_axes = use_axes
 
@@ -64,16 +62,17 @@ class StackedDense(Dense):
     """``parts`` projections of the same input in one kernel (in, parts, out): (..., in) -> (..., parts, out).
 
     The HF form is one torch Linear with parts * out output rows (runtime.hf_weights "stacked_linear"); the
-    parts axis is kept separate so that sharding ``out`` gives every shard its slice of every part. Init:
-    torch.nn.Linear's default (fan_in = in); the forward is Dense's."""
+    parts axis is kept separate so that sharding ``out`` gives every shard its slice of every part. Init: Dense's
+    (fan_in = in, zero bias); the forward is Dense's."""
 
     def __init__(self, in_features: int, parts: int, out_features: int, *, use_bias: bool, dtype, param_dtype,
                  rngs: nnx.Rngs):
         bound = in_features ** -0.5
         self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (in_features, parts, out_features), param_dtype,
                                                    -bound, bound))
-        self.bias = nnx.Param(jax.random.uniform(rngs.params(), (parts, out_features), param_dtype, -bound, bound)
-                              ) if use_bias else None
+        if use_bias:
+            rngs.params()  # the key the bias once drew from: every later parameter keeps its values
+        self.bias = nnx.Param(jnp.zeros((parts, out_features), param_dtype)) if use_bias else None
         self.dtype = dtype
         self.use_axes = None
 

@@ -196,3 +196,22 @@ def test_step_sizes_match_the_dt_transformers_scans_with(case, monkeypatch):
     got = mixer_dt(ssm.from_pretrained(path), ids)
     assert got.shape == (len(captured),) + captured[0].shape
     np.testing.assert_allclose(got, np.stack(captured), rtol=1e-5, atol=1e-6)
+
+
+def test_from_scratch_init_follows_mamba_ssm():
+    """A new model's mixer: A = -(1..n), D = 1, dt = softplus(dt_proj bias) log-uniform in [time_step_min,
+    time_step_max], zero conv bias and zero in_proj/out_proj biases (mamba_ssm and transformers zero them; they
+    were drawn uniformly)."""
+    from configs import load_model_config
+
+    config = load_model_config("tiny_falcon_mamba", ["use_bias=true", "use_conv_bias=true"])
+    mixer = ssm.FalconMambaLM(config, seed=0).layers[0].mixer
+    n = config.state_size
+    np.testing.assert_allclose(np.exp(np.asarray(mixer.A_log[...])),
+                               np.broadcast_to(np.arange(1, n + 1), (config.intermediate_size, n)), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(mixer.D[...]), 1.0)
+    dt = np.log1p(np.exp(np.asarray(mixer.dt_proj.bias[...], np.float64)))
+    assert config.time_step_min * 0.999 <= dt.min() and dt.max() <= config.time_step_max * 1.001 and dt.std() > 0
+    for bias in (mixer.in_proj.bias, mixer.out_proj.bias, mixer.conv_bias):
+        np.testing.assert_array_equal(np.asarray(bias[...]), 0.0)
+    assert np.abs(np.asarray(mixer.conv_kernel[...])).max() <= config.conv_kernel ** -0.5
