@@ -42,7 +42,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: runs COMMAND with a timeout, log
   if [ "$remaining" -lt 20 ]; then echo "== $name: skipped (${remaining}s left)"; echo skipped >"$RESULTS/$name.log"; return; fi
   [ "$limit" -gt "$remaining" ] && limit=$remaining
   echo "== $name (limit ${limit}s): $*"
-  if timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1; then echo "   ok ($((SECONDS - t0))s)"
+  if timeout -k 10 "$limit" "$@" >"$RESULTS/$name.log" 2>&1; then echo "   ok ($((SECONDS - t0))s)"
   else echo "   FAILED ($((SECONDS - t0))s, see $name.log)"; tail -15 "$RESULTS/$name.log"; echo; failed=$((failed + 1)); fi
 }
 
@@ -104,6 +104,9 @@ install_kernels() {  # both extensions at once: a from-source build of one overl
   wait "$pid" || rc=1
   [ "$rc" = 0 ] && kernels_import && echo "KERNELS: ready after $((SECONDS - t0))s"
 }
+kill_tree() {  # kill_tree PID: the process and its descendants (pip, nvcc), which `kill PID` would leave running
+  local child; for child in $(pgrep -P "$1"); do kill_tree "$child"; done; kill "$1" 2>/dev/null
+}
 install_kernels >"$RESULTS/install_kernels.log" 2>&1 &
 KERNELS_PID=$!
 
@@ -116,7 +119,7 @@ step tests_pallas_on_gpu 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/te
 t0=$SECONDS
 while kill -0 "$KERNELS_PID" 2>/dev/null && [ "$(left)" -gt 60 ]; do sleep 2; done
 if kill -0 "$KERNELS_PID" 2>/dev/null; then
-  echo "== kernels: still building with $(left)s left; stopped"; kill "$KERNELS_PID"; failed=$((failed + 1))
+  echo "== kernels: still building with $(left)s left; stopped"; kill_tree "$KERNELS_PID"; failed=$((failed + 1))
 elif wait "$KERNELS_PID"; then echo "== kernels: waited $((SECONDS - t0))s; $(grep KERNELS: "$RESULTS/install_kernels.log" | tail -1)"
 else echo "== kernels: FAILED (install_kernels.log)"; tail -15 "$RESULTS/install_kernels.log"; failed=$((failed + 1)); fi
 

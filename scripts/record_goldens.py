@@ -204,7 +204,7 @@ class CudaBackend:
         return None if x is None else torch.tensor(np.asarray(x, np.float32), device="cuda").to(getattr(torch, dtype))
 
     def _np(self, x):
-        return x.float().cpu().numpy()
+        return x.detach().float().cpu().numpy()
 
     def _scan(self, inputs, softplus, dtype, requires_grad):
         """mamba_ssm's selective_scan_fn on the inputs (u, delta, B, C, z in ``dtype``, the rest fp32):

@@ -19,14 +19,22 @@ def test_floor_bytes_counts_each_tensor_once():
     assert gpu_scan.floor_bytes(b, l, backward=True) == 2 * (4 * rows + cols + params)
 
 
-def test_variant_times_the_kernel(monkeypatch):
-    """time_variant's layout change reaches the kernel with the channels-last shapes it expects."""
+def test_variant_times_the_kernel_after_checking_it(monkeypatch):
+    """time_variant runs the kernel on channels-last inputs and compares it with the chunked scan's result before
+    timing it (output, or every gradient): a correct variant is within bf16 rounding, a wrong one is far off."""
     monkeypatch.setattr(gpu_scan, "DIM", 32)
     kw = gpu_scan.inputs(1, 24)
     assert kw["u"].shape == (1, 32, 24) and kw["B"].shape == (1, gpu_scan.DSTATE, 24)
+    args = gpu_scan.channels_last_args(kw)
+    assert args["u"].shape == (1, 24, 32) and args["B"].shape == (1, 24, 1, gpu_scan.DSTATE)
     for backward in (False, True):
-        for variant in ("16:8:1", "16:8:1:rows"):
-            assert gpu_scan.time_variant(variant, kw, backward, repeats=1) > 0
+        reference = gpu_scan.kernel_call(backward, impl="chunked")(args)
+        for variant in ("16:8:1", "16:8:1:rows", "8:8:1:rows:s2"):
+            row = gpu_scan.time_variant(variant, args, backward, repeats=1, reference=reference)
+            assert row["pallas_kernel_s"] > 0 and row["max_rel_diff"] < gpu_scan.WRONG / 5, (variant, backward, row)
+        # one channel off by the largest value, as a race would give
+        wrong = jax.tree.map(lambda x: x.at[..., 0].add(jnp.max(jnp.abs(x))), reference)
+        assert gpu_scan.time_variant("16:8:1", args, backward, 1, wrong)["max_rel_diff"] >= gpu_scan.WRONG
 
 
 def test_variant_computes_what_selective_scan_fn_does(monkeypatch):
@@ -41,7 +49,7 @@ def test_variant_computes_what_selective_scan_fn_does(monkeypatch):
         return 1.0
 
     monkeypatch.setattr(gpu_scan, "time_call", capture)
-    gpu_scan.time_variant("8:8:1", kw, False, repeats=1)
+    gpu_scan.time_variant("8:8:1", gpu_scan.channels_last_args(kw), False, repeats=1)
     want = selective_scan_fn(**kw, delta_softplus=True, impl="reference")
     np.testing.assert_allclose(np.asarray(jnp.swapaxes(seen["out"], 1, 2), np.float32),
                                np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)  # bf16 outputs
@@ -65,8 +73,10 @@ def test_main_writes_the_table_and_the_sweep(monkeypatch, tmp_path, capsys):
     one_shape = [("16:8:1", "fwd"), ("16:8:1:pf", "fwd"), ("16:8:1", "fwd+bwd"), ("16:8:1:pf", "fwd+bwd")]
     assert [(r["batch"], r["variant"], r["pass_"]) for r in result["pallas_sweep"]] == [
         (batch, *row) for batch in (1, 2) for row in one_shape]  # the first shape, then the largest batch
+    assert all(r["max_rel_diff"] < gpu_scan.WRONG for r in result["pallas_sweep"])
     out = capsys.readouterr().out
     assert out.index("times as ratios") < out.index("Pallas kernel sweep")
+    assert not [line for line in out.splitlines() if line.endswith(" WRONG")]
 
 
 def test_cli_checks(capsys):

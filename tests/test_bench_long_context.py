@@ -30,3 +30,12 @@ def test_long_context_bench_writes_every_measurement(tmp_path):
     assert all(float(r["generate_ms_per_token"]) > 0 for r in rows if r["generated_tokens"])
     assert (tmp_path / "long_context.png").stat().st_size > 0
     assert (tmp_path / "generation.png").stat().st_size > 0
+
+
+def test_memory_is_the_devices_where_jax_reports_it():
+    """On a GPU the prompt's arrays and the KV cache live in device memory and the host RSS stays flat: the plots
+    and ratios read the device's peak where there is one (they read RSS alone before)."""
+    gpu = {"peak_rss_mb": 900.0, "device_peak_mb": 5000.0}
+    cpu = {"peak_rss_mb": 900.0, "device_peak_mb": None}
+    assert long_context.peak_mb(gpu) == 5000.0 and long_context.peak_mb(cpu) == 900.0
+    assert long_context.memory_label([gpu]) == "device peak memory" and long_context.memory_label([cpu]) == "peak RSS"

@@ -43,6 +43,11 @@ SWEEP_VARIANTS = ("64:32:1", "64:32:1:rows", "64:32:1:rows:s4", "64:32:1:rows:s8
                   "64:16:1:4:rows")
 
 
+# a sweep variant whose output or gradients differ from the chunked scan's by this much of their largest value is
+# wrong, not rounded differently (bf16 outputs and input gradients round at ~4e-3 of it)
+WRONG = 5e-2
+
+
 def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
     """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
     x = random_array((n_bytes // 4,), jnp.float32)
@@ -141,23 +146,45 @@ def sweep_shapes(batches, lengths) -> list[tuple[int, int]]:
     return list(dict.fromkeys([(batches[0], lengths[0]), (max(batches), lengths[0])]))
 
 
-def time_variant(variant: str, kw: dict, backward: bool, repeats: int) -> float:
-    """The Pallas kernel alone with tuning knobs TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS], on
-    channels-last inputs."""
-    from ssm.pallas_scan import selective_scan_pallas
+def channels_last_args(kw: dict) -> dict:
+    """inputs()'s (batch, dim, seqlen) arrays in the channels-last layout the kernels take."""
+    return dict(kw, **dict(zip(("u", "delta", "B", "C", "z"),
+                               to_channels_last(kw["u"], kw["delta"], kw["B"], kw["C"], kw["z"]))))
 
-    knobs = parse_variant(variant)
-    args = dict(kw, **dict(zip(("u", "delta", "B", "C", "z"),
-                                to_channels_last(kw["u"], kw["delta"], kw["B"], kw["C"], kw["z"]))))
+
+def kernel_call(backward: bool, **knobs):
+    """The jitted scan on channels-last args: forward, out; with ``backward``, the gradients of sum(out) for every
+    input. knobs: selective_scan_pallas's (a variant), or impl= for ssm.scan.selective_scan (the reference)."""
+    from ssm.pallas_scan import selective_scan_pallas
+    from ssm.scan import selective_scan
+
+    scan = selective_scan if "impl" in knobs else selective_scan_pallas
 
     def forward(a):
-        out, _ = selective_scan_pallas(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"],
-                                       a["delta_bias"], True, **knobs)
+        out, _ = scan(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True, **knobs)
         return out
 
-    if not backward:
-        return time_call(jax.jit(forward), args, repeats=repeats)
-    return time_call(jax.jit(jax.grad(lambda a: jnp.sum(forward(a).astype(jnp.float32)))), args, repeats=repeats)
+    return jax.jit(jax.grad(lambda a: jnp.sum(forward(a).astype(jnp.float32))) if backward else forward)
+
+
+def max_rel_diff(got, want) -> float:
+    """The largest max|got - want| / max|want| over the arrays of two results (an output, or a gradient dict)."""
+    return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
+                     / jnp.maximum(jnp.max(jnp.abs(w.astype(jnp.float32))), 1e-30))
+               for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+
+
+def time_variant(variant: str, args: dict, backward: bool, repeats: int, reference=None) -> dict:
+    """The Pallas kernel alone with tuning knobs TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS], on
+    channels-last ``args``: {"pallas_kernel_s"}, and with ``reference`` (kernel_call(impl="chunked")'s result on
+    the same args) also {"max_rel_diff"}: a variant is checked before it is timed, so that a fast wrong one (a
+    race in the backward's workspace, say) cannot pass for a speed-up."""
+    fn = kernel_call(backward, **parse_variant(variant))
+    row = {}
+    if reference is not None:
+        row["max_rel_diff"] = max_rel_diff(fn(args), reference)
+    row["pallas_kernel_s"] = time_call(fn, args, repeats=repeats)
+    return row
 
 
 def mamba_available() -> bool:
@@ -205,7 +232,10 @@ def main(argv=None):
                 floor = floor_bytes(batch, length, backward) / bandwidth
                 row = dict(batch=batch, length=length, pass_="fwd+bwd" if backward else "fwd", floor_s=floor)
                 if with_mamba:
-                    row["mamba_ssm_s"] = time_mamba(kw, backward, args.repeats)
+                    try:
+                        row["mamba_ssm_s"] = time_mamba(kw, backward, args.repeats)
+                    except Exception as error:  # noqa: BLE001 - recorded in the results, the run goes on
+                        row["mamba_ssm_error"] = f"{type(error).__name__}: {error}"[:500]
                 for impl in args.impls:
                     try:
                         row[f"{impl}_s"] = time_ours(impl, kw, backward, args.repeats)
@@ -216,37 +246,45 @@ def main(argv=None):
                 print(format_row(row), flush=True)
             del kw
     for batch, length in sweep_shapes(args.batches, args.lengths) if args.variants else ():
-        kw = inputs(batch, length)
+        kw = channels_last_args(inputs(batch, length))
         for backward in (False, True):
+            reference = kernel_call(backward, impl="chunked")(kw)
             for variant in args.variants:
                 row = dict(batch=batch, length=length, pass_="fwd+bwd" if backward else "fwd", variant=variant,
                            floor_s=floor_bytes(batch, length, backward) / bandwidth)
                 try:
-                    row["pallas_kernel_s"] = time_variant(variant, kw, backward, args.repeats)
+                    row.update(time_variant(variant, kw, backward, args.repeats, reference))
                 except Exception as error:  # noqa: BLE001 - recorded in the results, the sweep goes on
                     row["pallas_kernel_error"] = f"{type(error).__name__}: {error}"[:500]
                 sweep.append(row)
                 save()
                 print(format_row(row), flush=True)
+            del reference
         del kw
     names = (["mamba_ssm"] if with_mamba else []) + list(args.impls)
     print(f"\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s; times as ratios (lower is better)")
     print(f"{'batch':>5} {'len':>6} {'pass':>8} " + " ".join(f"{n + '/floor':>16}" for n in names)
           + (" " + " ".join(f"{n + '/mamba':>16}" for n in args.impls) if with_mamba else ""))
     for row in rows:
-        ratio = lambda key, ref: f"{row[key] / ref:16.2f}" if key in row else f"{'error':>16}"  # noqa: E731
+        def ratio(key, ref):
+            return f"{row[key] / row[ref]:16.2f}" if key in row and ref in row else f"{'error':>16}"
+
         line = f"{row['batch']:>5} {row['length']:>6} {row['pass_']:>8} "
-        line += " ".join(ratio(f"{n}_s", row["floor_s"]) for n in names)
+        line += " ".join(ratio(f"{n}_s", "floor_s") for n in names)
         if with_mamba:
-            line += " " + " ".join(ratio(f"{n}_s", row["mamba_ssm_s"]) for n in args.impls)
+            line += " " + " ".join(ratio(f"{n}_s", "mamba_ssm_s") for n in args.impls)
         print(line)
     if sweep:
-        print("\nPallas kernel sweep (kernel alone)")
-        print(f"{'batch':>5} {'len':>6} {'variant':>16} {'pass':>8} {'ms':>9} {'x floor':>8}")
+        print(f"\nPallas kernel sweep (kernel alone); rel diff: max |variant - chunked| / max |chunked| over the "
+              f"output or every gradient (WRONG from {WRONG:g})")
+        print(f"{'batch':>5} {'len':>6} {'variant':>16} {'pass':>8} {'ms':>9} {'x floor':>8} {'rel diff':>9}")
         for row in sweep:
             ms = f"{row['pallas_kernel_s'] * 1e3:9.3f}" if "pallas_kernel_s" in row else f"{'error':>9}"
-            ratio = f"{row['pallas_kernel_s'] / row['floor_s']:8.2f}" if "pallas_kernel_s" in row else ""
-            print(f"{row['batch']:>5} {row['length']:>6} {row['variant']:>16} {row['pass_']:>8} {ms} {ratio}")
+            ratio = f"{row['pallas_kernel_s'] / row['floor_s']:8.2f}" if "pallas_kernel_s" in row else f"{'':8}"
+            diff = f"{row['max_rel_diff']:9.1e}" if "max_rel_diff" in row else ""
+            wrong = " WRONG" if row.get("max_rel_diff", 0) >= WRONG else ""
+            print(f"{row['batch']:>5} {row['length']:>6} {row['variant']:>16} {row['pass_']:>8} {ms} {ratio} "
+                  f"{diff}{wrong}")
     save()
     print(f"wrote {args.out / 'gpu_scan.json'}")
 

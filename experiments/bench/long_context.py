@@ -8,7 +8,8 @@
     in the same loop (runtime.generation.decode from the prefilled state).
 
 Each point runs in a fresh process (python -m experiments.bench.long_context --worker ...) that reports its
-own peak resident memory, so points do not share allocator state. Writes CSV and PNG plots to --out.
+own peak memory, so points do not share allocator state: the device's peak where JAX reports one (GPU, TPU:
+the arrays live there), else the peak resident memory (CPU). Writes CSV and PNG plots to --out.
 
     python -m experiments.bench.long_context --out results/long_context            # tiny models, CPU
     python -m experiments.bench.long_context --mamba-preset falcon_mamba_7b --falcon-preset falcon_7b \\
@@ -45,6 +46,16 @@ def _device_peak_mb() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**20
+
+
+def peak_mb(row: dict) -> float:
+    """A point's peak memory: the device's (where the arrays live on an accelerator; JAX reports it) or else the
+    process's RSS (on CPU, where the arrays are in host memory)."""
+    return row["device_peak_mb"] if row.get("device_peak_mb") is not None else row["peak_rss_mb"]
+
+
+def memory_label(rows: list[dict]) -> str:
+    return "device peak memory" if any(r.get("device_peak_mb") is not None for r in rows) else "peak RSS"
 
 
 def _build(args):
@@ -152,13 +163,13 @@ def plot(rows: list[dict], out: Path) -> None:
         if not points:
             continue
         lengths = [p["length"] for p in points]
-        axes[0].plot(lengths, [p["peak_rss_mb"] for p in points], "o-", label=mode, color=COLORS[mode])
+        axes[0].plot(lengths, [peak_mb(p) for p in points], "o-", label=mode, color=COLORS[mode])
         axes[1].plot(lengths, [p["prefill_seconds"] for p in points], "o-", label=mode, color=COLORS[mode])
         decode = [p for p in points if p.get("decode_ms_per_token")]
         if decode:
             axes[2].plot([p["length"] for p in decode], [p["decode_ms_per_token"] for p in decode], "o-", label=mode,
                          color=COLORS[mode])
-    titles = ("peak memory (RSS, MB)", "prefill time (s)", "decode time per token (ms) vs context")
+    titles = (f"{memory_label(rows)} (MB)", "prefill time (s)", "decode time per token (ms) vs context")
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt / context length (tokens)")
@@ -178,8 +189,8 @@ def plot(rows: list[dict], out: Path) -> None:
         if points:
             counts = [p["generated_tokens"] for p in points]
             axes[0].plot(counts, [p["generate_ms_per_token"] for p in points], "o-", label=mode, color=COLORS[mode])
-            axes[1].plot(counts, [p["peak_rss_mb"] for p in points], "o-", label=mode, color=COLORS[mode])
-    for ax, title in zip(axes, ("time per generated token (ms)", "peak memory (RSS, MB)")):
+            axes[1].plot(counts, [peak_mb(p) for p in points], "o-", label=mode, color=COLORS[mode])
+    for ax, title in zip(axes, ("time per generated token (ms)", f"{memory_label(generated)} (MB)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("generated tokens")
         ax.set_title(title)
@@ -239,8 +250,8 @@ def main(argv=None) -> None:
             rows.append(row)
             extra = (f", decode {row['decode_ms_per_token']:.3f} ms/token (weights read at "
                      f"{row['decode_weight_read_gb_per_s']:.1f} GB/s)" if "decode_ms_per_token" in row else "")
-            print(f"  {mode:17s} 2^{log2:<2d} tokens: prefill {row['prefill_seconds']:8.2f} s, peak RSS "
-                  f"{row['peak_rss_mb']:8.0f} MB{extra}", flush=True)
+            print(f"  {mode:17s} 2^{log2:<2d} tokens: prefill {row['prefill_seconds']:8.2f} s, "
+                  f"{memory_label([row])} {peak_mb(row):8.0f} MB{extra}", flush=True)
     if args.generate_max_log2:
         generate_limits = {"mamba_generate": args.generate_max_log2,
                            "falcon_generate": min(args.falcon_generate_max_log2, args.generate_max_log2)}
@@ -250,8 +261,8 @@ def main(argv=None) -> None:
                 if row is None:
                     break
                 rows.append(row)
-                print(f"  {mode:17s} 2^{log2:<2d} generated: {row['generate_ms_per_token']:.3f} ms/token, peak RSS "
-                      f"{row['peak_rss_mb']:8.0f} MB", flush=True)
+                print(f"  {mode:17s} 2^{log2:<2d} generated: {row['generate_ms_per_token']:.3f} ms/token, "
+                      f"{memory_label([row])} {peak_mb(row):8.0f} MB", flush=True)
     with open(out / "long_context.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
         writer.writeheader()
@@ -259,8 +270,8 @@ def main(argv=None) -> None:
     plot(rows, out)
     sequential = {r["length"]: r for r in rows if r["mode"] == "mamba_sequential"}
     if 2**14 in sequential and 2 ** args.max_log2 in sequential:
-        ratio = sequential[2 ** args.max_log2]["peak_rss_mb"] / sequential[2**14]["peak_rss_mb"]
-        print(f"Falcon Mamba sequential prefill: peak memory at 2^{args.max_log2} / at 2^14 = {ratio:.3f}")
+        ratio = peak_mb(sequential[2 ** args.max_log2]) / peak_mb(sequential[2**14])
+        print(f"Falcon Mamba sequential prefill: {memory_label(rows)} at 2^{args.max_log2} / at 2^14 = {ratio:.3f}")
     decode = [r["decode_ms_per_token"] for r in sequential.values() if "decode_ms_per_token" in r]
     if decode:
         print(f"Falcon Mamba decode ms/token across contexts: min {min(decode):.4f}, max {max(decode):.4f} "
@@ -270,8 +281,8 @@ def main(argv=None) -> None:
         if len(points) > 1:
             first, last = points[0], points[-1]
             print(f"{mode}: {first['generated_tokens']} -> {last['generated_tokens']} generated tokens: ms/token "
-                  f"{first['generate_ms_per_token']:.3f} -> {last['generate_ms_per_token']:.3f}, peak RSS "
-                  f"{first['peak_rss_mb']:.0f} -> {last['peak_rss_mb']:.0f} MB")
+                  f"{first['generate_ms_per_token']:.3f} -> {last['generate_ms_per_token']:.3f}, "
+                  f"{memory_label(points)} {peak_mb(first):.0f} -> {peak_mb(last):.0f} MB")
     print(f"wrote {out / 'long_context.csv'}, {out / 'long_context.png'} and {out / 'generation.png'}")
 
 
