@@ -9,7 +9,6 @@ Handled formats: transformers' ``falcon_mamba``, ``mamba`` and ``falcon`` config
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -78,8 +77,12 @@ def _mamba_from_mamba_ssm(hf: Mapping[str, Any]) -> FalconMambaConfig:
     layer = ssm_cfg.pop("layer", "Mamba1")
     if layer != "Mamba1":
         raise ConfigError(f"config.json ssm_cfg.layer: expected 'Mamba1', got {layer!r}")
-    d_model = hf["d_model"]
-    vocab = hf["vocab_size"]
+    # mamba_ssm 2's hybrid layers (an MLP after each mixer, attention layers) are not Mamba-1 Falcon Mamba
+    for key, none in (("d_intermediate", 0), ("attn_layer_idx", [])):
+        if hf.get(key) not in (None, none):
+            raise ConfigError(f"config.json {key}: expected {none!r} (a plain Mamba-1 stack), got {hf[key]!r}")
+    d_model = hf["d_model"]  # this reader is chosen by d_model and n_layer being there
+    vocab = hf.get("vocab_size", 50277)  # mamba_ssm's MambaConfig default
     multiple = hf.get("pad_vocab_size_multiple", 8)
     if vocab % multiple:
         vocab += multiple - vocab % multiple
@@ -93,7 +96,7 @@ def _mamba_from_mamba_ssm(hf: Mapping[str, Any]) -> FalconMambaConfig:
         "state_size": ssm_cfg.get("d_state", 16),
         "intermediate_size": int(ssm_cfg.get("expand", 2) * d_model),
         "conv_kernel": ssm_cfg.get("d_conv", 4),
-        "time_step_rank": math.ceil(d_model / 16) if rank == "auto" else rank,
+        "time_step_rank": FalconMambaConfig.auto_time_step_rank(d_model) if rank == "auto" else rank,
         "use_bias": ssm_cfg.get("bias", False),
         "use_conv_bias": ssm_cfg.get("conv_bias", True),
         "layer_norm_epsilon": 1e-5,
@@ -154,7 +157,14 @@ def _falcon_from_hf(hf: Mapping[str, Any], model_type: str) -> FalconConfig:
                    if key in passthrough and (value is not None or key.endswith("_token_id"))})
     if model_type == "RefinedWeb" and not kwargs["new_decoder_architecture"]:
         raise ConfigError("config.json new_decoder_architecture: expected true for model_type 'RefinedWeb', got false")
-    kwargs.update(_falcon_rope(hf))
+    # settings transformers reads past: the layer norm count of a sequential block (it has input_layernorm and
+    # post_attention_layernorm whatever the count), RoPE scaling in an ALiBi model (no rotary embedding)
+    if not kwargs.get("new_decoder_architecture") and not kwargs.get("parallel_attn", True):
+        kwargs.pop("num_ln_in_parallel_attn", None)
+    rope = _falcon_rope(hf)
+    if kwargs.get("alibi"):
+        rope = {"rope_theta": rope["rope_theta"]}
+    kwargs.update(rope)
     if "eos_token_id" in kwargs:
         kwargs["eos_token_id"] = _eos_ids(kwargs["eos_token_id"])
     from configs.loader import from_dict

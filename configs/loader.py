@@ -98,8 +98,9 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if cls is RunConfig and key == "model":
-            kwargs["model"] = model_config_from_dict(value, prefix=f"{prefix}model.")
+        if cls is RunConfig and key == "model":  # a mapping, or a model config already built (replace)
+            kwargs["model"] = (value if type(value) in MODEL_CONFIGS.values() else
+                               model_config_from_dict(value, prefix=f"{prefix}model."))
             continue
         if key == "family" and cls in MODEL_CONFIGS.values():
             if value != cls.family:
@@ -175,8 +176,9 @@ def load_preset_dict(name_or_path: str | Path, _seen: tuple[str, ...] = ()) -> d
     if not isinstance(data, dict):
         raise ConfigError(f"preset {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)
-    if base is not None:
-        data = _deep_merge(load_preset_dict(base, _seen + (str(path),)), data)
+    if base is not None:  # a preset name, or a path relative to this file (else to the working directory)
+        beside = path.parent / str(base)
+        data = _deep_merge(load_preset_dict(beside if beside.is_file() else base, _seen + (str(path),)), data)
     return data
 
 

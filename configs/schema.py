@@ -35,6 +35,25 @@ def _positive_int(obj: Any, *names: str) -> None:
                  "a positive integer", value)
 
 
+def _positive_number(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                 and value > 0, name, "a finite positive number", value)
+
+
+def _check_types(obj: Any) -> None:
+    """The bool and str fields hold a bool / a str (None where the hint allows it): a config built in Python is
+    not read through the loader's type checks, and alibi='false' is truthy."""
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), str(f.type)
+        if hint == "bool":
+            _require(isinstance(value, bool), f.name, "true or false", value)
+        elif hint in ("str", "str | None"):
+            _require(isinstance(value, str) or (value is None and hint != "str"), f.name,
+                     "a string" + (" or null" if hint != "str" else ""), value)
+
+
 def _check_token_ids(config: Any) -> None:
     """pad / bos / eos ids: None or non-negative integers; eos_token_id may be several (a list in config.json,
     kept as a tuple: generation stops at any of them)."""
@@ -67,9 +86,9 @@ class FalconMambaConfig:
     hidden_size: int = 4096
     num_hidden_layers: int = 64
     state_size: int = 16
-    intermediate_size: int = 8192
+    intermediate_size: int | None = None  # None: 2 x hidden_size (transformers' expand 2)
     conv_kernel: int = 4
-    time_step_rank: int = 256
+    time_step_rank: int | None = None  # None: ceil(hidden_size / 16) (transformers' "auto")
     use_bias: bool = False
     use_conv_bias: bool = True
     layer_norm_epsilon: float = 1e-5
@@ -98,15 +117,22 @@ class FalconMambaConfig:
     param_dtype: str = "float32"
     scan_impl: str = "auto"
     scan_chunk_size: int = 256
+    # The fields above that were None and got their derived value (configs.loader.replace derives them anew).
+    derived: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "derived", tuple(name for name in ("intermediate_size", "time_step_rank")
+                                                  if getattr(self, name) is None))
+        _check_types(self)
+        _positive_int(self, "hidden_size")
+        if self.intermediate_size is None:
+            object.__setattr__(self, "intermediate_size", 2 * self.hidden_size)
+        if self.time_step_rank is None:
+            object.__setattr__(self, "time_step_rank", self.auto_time_step_rank(self.hidden_size))
         _positive_int(self, "vocab_size", "hidden_size", "num_hidden_layers", "state_size",
                       "intermediate_size", "conv_kernel", "time_step_rank", "scan_chunk_size")
-        for name in ("layer_norm_epsilon", "mixer_rms_eps", "time_step_min", "time_step_max",
-                     "time_step_floor", "initializer_range", "time_step_scale"):
-            value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name,
-                     "a positive number", value)
+        _positive_number(self, "layer_norm_epsilon", "mixer_rms_eps", "time_step_min", "time_step_max",
+                         "time_step_floor", "initializer_range", "time_step_scale")
         _require(self.time_step_min <= self.time_step_max, "time_step_min",
                  f"<= time_step_max ({self.time_step_max})", self.time_step_min)
         _require(self.state_size <= 256, "state_size", "<= 256 (mamba_ssm's limit)", self.state_size)
@@ -176,6 +202,7 @@ class FalconConfig:
         object.__setattr__(self, "derived", tuple(name for name in ("num_kv_heads", "num_ln_in_parallel_attn",
                                                                     "ffn_hidden_size")
                                                   if getattr(self, name) is None))
+        _check_types(self)
         _positive_int(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                       "max_position_embeddings", "attention_block_size")
         heads = self.num_attention_heads
@@ -204,10 +231,7 @@ class FalconConfig:
         if self.ffn_hidden_size is None:
             object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
         _positive_int(self, "ffn_hidden_size")
-        for name in ("layer_norm_epsilon", "rope_theta", "rope_scaling_factor", "initializer_range"):
-            value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, name,
-                     "a positive number", value)
+        _positive_number(self, "layer_norm_epsilon", "rope_theta", "rope_scaling_factor", "initializer_range")
         _require(self.rope_scaling_type in ROPE_SCALING_TYPES, "rope_scaling_type",
                  f"one of {list(ROPE_SCALING_TYPES)}", self.rope_scaling_type)
         _require(not (self.alibi and self.rope_scaling_type), "rope_scaling_type",
@@ -362,6 +386,7 @@ class DataConfig:
     text_glob: str = "*.py"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive_int(self, "batch_size", "seq_len", "grad_accum", "num_items")
         _require(self.batch_size % self.grad_accum == 0, "batch_size",
                  f"a multiple of grad_accum ({self.grad_accum})", self.batch_size)
@@ -400,6 +425,7 @@ class DistributedConfig:
     process_id: int | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _require(self.num_processes is None or (_is_int(self.num_processes) and self.num_processes > 0),
                  "num_processes", "null or a positive integer", self.num_processes)
         _require(self.process_id is None or (_is_int(self.process_id) and self.process_id >= 0),

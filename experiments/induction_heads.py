@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from configs import load_config
-from configs.schema import DataConfig
+from configs.schema import ConfigError, DataConfig
 from experiments.data import TRIGGER_TOKEN, batch_at
 from experiments.evaluate import EVAL_SEED_OFFSET
 from experiments.models import n_params
@@ -97,9 +97,16 @@ def run_config(preset: str, args: argparse.Namespace, name: str, steps: int | No
         stages = [] if args.curriculum == "none" else [
             [int(x) for x in stage.split(":")] for stage in args.curriculum.split(",")]
         overrides.append(f"data.length_curriculum={json.dumps(stages)}")
-    if steps is not None:
-        warmup = load_config(preset, overrides).optim.warmup_steps
-        overrides += [f"steps={steps}"] + ([f"optim.warmup_steps={steps // 10}"] if warmup >= steps else [])
+    if steps is not None:  # the preset's step counts that no longer fit scale with steps
+        run = load_config(preset, overrides)
+        scale = steps / run.steps
+        warmup = run.optim.warmup_steps if run.optim.warmup_steps < steps else steps // 10
+        overrides += [f"steps={steps}", f"optim.warmup_steps={warmup}"]
+        if run.optim.decay_steps > steps - warmup:
+            overrides.append(f"optim.decay_steps={min(int(run.optim.decay_steps * scale), steps - warmup)}")
+        if args.curriculum is None and sum(n for _, n in run.data.length_curriculum) >= steps:
+            stages = [[length, max(1, int(n * scale))] for length, n in run.data.length_curriculum]
+            overrides.append(f"data.length_curriculum={json.dumps(stages)}")
     return load_config(preset, overrides)
 
 
@@ -224,11 +231,16 @@ def plot(summary: dict, path: Path) -> bool:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    names = ["falcon_mamba"] + ([] if args.skip_falcon else ["falcon"])
+    presets = {"falcon_mamba": args.falcon_mamba_preset, "falcon": args.falcon_preset}
+    steps_of = {"falcon_mamba": args.steps, "falcon": args.steps if args.falcon_steps is None else args.falcon_steps}
+    try:  # every run's config checked before the first one trains
+        runs = {name: run_config(presets[name], args, name, steps_of[name]) for name in names}
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    names = ["falcon_mamba"] + ([] if args.skip_falcon else ["falcon"])
-    presets = {"falcon_mamba": args.falcon_mamba_preset, "falcon": args.falcon_preset}
     details: dict = {"train_length": args.train_length, "runs": {}, "points": {}, "eval": {
         k: getattr(args, k) for k in ("min_log2", "max_log2", "falcon_max_log2", "eval_sequences", "eval_tokens",
                                       "falcon_eval_tokens", "min_sequences", "eval_batch", "chunk_size",
@@ -236,8 +248,7 @@ def main(argv=None) -> dict:
         "backend": jax.default_backend(), "jax": jax.__version__}
     summary: dict = {"train_length": args.train_length, "falcon_mamba": {}, "falcon": {}}
     for name in names:
-        steps = args.falcon_steps if (name == "falcon" and args.falcon_steps is not None) else args.steps
-        run = run_config(presets[name], args, name, steps)
+        run = runs[name]
         t0 = time.perf_counter()
         curriculum = [list(stage) for stage in run.data.length_curriculum]
         stages = "".join(f"{steps_} x {length}, " for length, steps_ in curriculum)

@@ -201,6 +201,7 @@ def jit_train_step(setup: Setup, run: RunConfig, donate: bool = True):
 
 def train(run: RunConfig) -> list[dict]:
     """Trains (or resumes) the run; returns the metrics rows this call logged."""
+    data_lib.check_data(run.data, run.model.vocab_size)  # before anything is built or written
     setup = prepare(run)
     state_shardings, b_sharding = setup.state_shardings, setup.batch_sharding
     output_dir = Path(run.output_dir)

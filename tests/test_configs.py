@@ -64,6 +64,8 @@ def test_override_values_are_yaml_1_2_scalars():
     ("optim.learning_rate=.inf", r"'optim.learning_rate': expected a finite positive number, got inf"),
     ("optim.clip_norm=.nan", r"'optim.clip_norm': expected a finite non-negative number, got nan"),
     ("seed=-1", r"'seed': expected an integer >= 0, got -1"),
+    ("model.time_step_max=.inf", r"'model.time_step_max': expected a finite positive number, got inf"),  # NaN model
+    ("model.layer_norm_epsilon=.inf", r"'model.layer_norm_epsilon': expected a finite positive number, got inf"),
     ("output_dir=", r"'output_dir': expected a non-empty path, got ''"),
 ])
 def test_bad_keys_and_values_are_named(override, message):
@@ -76,11 +78,16 @@ def test_unknown_preset_suggests_nearest():
         load_config("tiny_falcon_mambo")
 
 
-def test_yaml_file_path(tmp_path):
+def test_yaml_file_path(tmp_path, monkeypatch):
     path = tmp_path / "mine.yaml"
     path.write_text("base: tiny_falcon_mamba\nmodel:\n  num_hidden_layers: 3\nseed: 4\n")
     run = load_config(str(path))
     assert run.model.num_hidden_layers == 3 and run.seed == 4 and run.model.hidden_size == 64
+    # a relative base path is found beside the file that names it, from any working directory
+    (tmp_path / "child.yaml").write_text("base: mine.yaml\nseed: 5\n")
+    monkeypatch.chdir(tmp_path.parent)
+    run = load_config(str(tmp_path / "child.yaml"))
+    assert run.seed == 5 and run.model.num_hidden_layers == 3
 
 
 def test_to_dict_round_trip():
@@ -108,6 +115,24 @@ def test_replace_derives_again_what_the_config_derived():
     assert configs.from_dict(type(tiny), configs.to_dict(tiny)) == tiny and "derived" not in configs.to_dict(tiny)
 
 
+def test_falcon_mamba_sizes_left_out_derive_from_hidden_size():
+    """intermediate_size and time_step_rank default to transformers' 2 x hidden_size and ceil(hidden_size / 16)
+    (they were the 7B's 8192 and 256 whatever hidden_size: 40 x the parameters for hidden_size 256), and derive
+    anew under replace; set ones stay set."""
+    cfg = FalconMambaConfig(hidden_size=256, vocab_size=256, num_hidden_layers=2)
+    assert (cfg.intermediate_size, cfg.time_step_rank) == (512, 16)
+    assert (configs.replace(cfg, hidden_size=128).intermediate_size, configs.replace(cfg, hidden_size=128)
+            .time_step_rank) == (256, 8)
+    tiny = load_model_config("tiny_falcon_mamba")  # sets both
+    assert configs.replace(tiny, hidden_size=128).intermediate_size == tiny.intermediate_size
+    assert configs.from_dict(FalconMambaConfig, configs.to_dict(cfg)) == cfg
+
+
+def test_replace_takes_a_built_model_config():
+    run = load_config("tiny_falcon")
+    assert configs.replace(run, model=configs.replace(run.model, hidden_size=128)).model.hidden_size == 128
+
+
 def test_hf_import_falcon_mamba_7b_style():
     # the published file's keys (abridged to what matters): expand 16 AND intermediate_size 8192
     published = {
@@ -127,6 +152,10 @@ def test_hf_import_defaults_and_mamba():
     cfg = model_config_from_hf({"model_type": "mamba", "hidden_size": 40})
     assert cfg.intermediate_size == 80 and cfg.time_step_rank == 3 and not cfg.use_mixer_norms
     assert cfg.tie_word_embeddings and cfg.vocab_size == 50280
+    # mamba_ssm's own config.json: vocab_size defaults to its 50277, padded to a multiple of 8 (a KeyError before)
+    assert model_config_from_hf({"d_model": 64, "n_layer": 2}).vocab_size == 50280
+    with pytest.raises(ConfigError, match=r"config.json d_intermediate: expected 0 \(a plain Mamba-1 stack\), got 256"):
+        model_config_from_hf({"d_model": 64, "n_layer": 2, "d_intermediate": 256})
 
 
 def test_hf_import_rejects_other_models_and_bad_values(tmp_path):
@@ -186,3 +215,12 @@ def test_several_eos_ids_are_kept(family, tmp_path):
 def test_dataclass_validation_direct():
     with pytest.raises(ConfigError, match=r"'state_size': expected <= 256"):
         FalconMambaConfig(state_size=300)
+    # built in Python, the bool and str fields were not checked: 'false' is truthy
+    from configs.schema import DistributedConfig, FalconConfig
+
+    with pytest.raises(ConfigError, match=r"'alibi': expected true or false, got 'false'"):
+        FalconConfig(alibi="false")
+    with pytest.raises(ConfigError, match=r"'use_mixer_norms': expected true or false, got None"):
+        FalconMambaConfig(use_mixer_norms=None)
+    with pytest.raises(ConfigError, match=r"'coordinator_address': expected a string or null, got 5"):
+        DistributedConfig(coordinator_address=5)

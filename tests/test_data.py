@@ -96,3 +96,13 @@ def test_length_curriculum_errors_name_the_field():
         load_config("tiny_falcon_mamba", ["steps=20", "data.seq_len=64", "data.length_curriculum=[[16, 20]]"])
     run = load_config("tiny_falcon_mamba", ["steps=30", "data.seq_len=64", "data.length_curriculum=[[16, 10]]"])
     assert run.data.length_curriculum == ((16, 10),)
+    # a stage too short for its task is named before step 0 (it failed at the step the stage started, naming
+    # data.seq_len, which was fine)
+    from experiments.data import check_data
+
+    run = load_config("mqar_falcon_mamba", ["data.length_curriculum=[[64, 10], [8, 10]]", "steps=300",
+                                            "optim.decay_steps=10"])
+    with pytest.raises(ConfigError, match=r"'data.length_curriculum\[1\]': stage length 8 fails the task's check: "
+                                          r"config field 'data.seq_len': expected >= 32"):
+        check_data(run.data, run.model.vocab_size)
+    check_data(load_config("mqar_falcon_mamba").data, 64)

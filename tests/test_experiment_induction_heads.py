@@ -86,3 +86,20 @@ def test_evaluate_margins_and_misses_match_a_full_forward():
     farther = np.argsort(distance, kind="stable")[n // 2:]  # the 6 sequences whose trigger is farthest back
     assert np.all(distance[farther].min() >= np.delete(distance, farther))
     assert point["misses_farther_half"] == int(np.sum(margin[farther] <= 0))
+
+
+def test_fewer_steps_scale_the_presets_step_counts(tmp_path):
+    """--steps below the preset's curriculum (2000 steps of stages for Falcon Mamba) was a ConfigError traceback
+    after nothing ran: the preset's stages, warm-up and decay now scale with the steps; an explicit --curriculum
+    that does not fit is one 'error:' line before anything trains."""
+    import pytest
+
+    args = induction_heads.parse_args(["--steps", "20", "--output-dir", str(tmp_path)])
+    run = induction_heads.run_config(args.falcon_mamba_preset, args, "falcon_mamba", args.steps)
+    assert run.steps == 20 and run.data.length_curriculum == ((32, 6), (64, 6)) and run.optim.warmup_steps == 2
+    falcon = induction_heads.run_config(args.falcon_preset, args, "falcon", 300)
+    assert falcon.data.length_curriculum == ((64, 166),) and falcon.optim.warmup_steps == 100
+    with pytest.raises(SystemExit, match=r"^error: config field 'data.length_curriculum': expected stages totalling "
+                                         r"fewer than steps \(20\)"):
+        induction_heads.main(["--steps", "20", "--curriculum", "32:30", "--output-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())

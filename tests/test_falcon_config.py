@@ -104,6 +104,17 @@ def test_bad_values_are_named(kwargs, message):
         FalconConfig(**kwargs)
 
 
+def test_hf_settings_transformers_reads_past_are_dropped():
+    """transformers builds and runs these: a sequential block ignores num_ln_in_parallel_attn, an ALiBi model its
+    RoPE scaling; they were refused."""
+    seq = model_config_from_hf({"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4,
+                                "parallel_attn": False, "num_ln_in_parallel_attn": 2})
+    assert seq.block_layout == "sequential" and seq.num_ln_in_parallel_attn is None
+    alibi = model_config_from_hf({"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4,
+                                  "alibi": True, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    assert alibi.alibi and alibi.rope_scaling_type is None
+
+
 def test_bad_hf_configs_are_named():
     with pytest.raises(ConfigError, match=r"config.json:num_attention_heads': expected a divisor of hidden_size"):
         model_config_from_hf({"model_type": "falcon", "hidden_size": 64, "num_attention_heads": 6})
