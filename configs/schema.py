@@ -350,9 +350,7 @@ class OptimConfig:
     clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("learning_rate", "eps"):
-            value = getattr(self, name)
-            _require(isinstance(value, float) and 0 < value < math.inf, name, "a finite positive number", value)
+        _positive_number(self, "learning_rate", "eps")
         for name in ("end_lr_ratio", "weight_decay", "clip_norm"):
             value = getattr(self, name)
             _require(isinstance(value, float) and 0 <= value < math.inf, name, "a finite non-negative number",
