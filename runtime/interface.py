@@ -178,14 +178,16 @@ class CausalLM(nnx.Module):
             got = (type(state).__name__ if lengths is None else f"batch {lengths[0]}" if len(lengths) == 1 else
                    f"lengths of shape {lengths}")
             raise ValueError(f"state: expected a DecodeState for batch {batch} from init_state, got {got}")
+        layers = self.config.num_hidden_layers
+        if not isinstance(state.layers, (list, tuple)) or len(state.layers) != layers:
+            got = len(state.layers) if isinstance(state.layers, (list, tuple)) else type(state.layers).__name__
+            raise ValueError(f"state: expected the {layers} layers of this model's init_state, got {got}")
         expected = _state_layout(self, batch, self.state_capacity(state))
         got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(state)
         want_leaves, want_tree = jax.tree_util.tree_flatten_with_path(expected)
         if got_tree != want_tree:
-            layers = len(state.layers) if isinstance(state.layers, (list, tuple)) else type(state.layers).__name__
-            raise ValueError(f"state: expected the layout of this model's init_state, {len(expected.layers)} layers "
-                             f"of {jax.tree.structure(expected.layers[0])}, got {layers} layers of "
-                             f"{jax.tree.structure(state.layers[0]) if layers else 'nothing'}")
+            raise ValueError(f"state: expected layers of this model's init_state, "
+                             f"{jax.tree.structure(expected.layers[0])}, got {jax.tree.structure(state.layers[0])}")
         for (path, got), (_, want) in zip(got_leaves, want_leaves):
             if (shape_of(got), getattr(got, "dtype", None)) != (want.shape, want.dtype):
                 raise ValueError(f"state{jax.tree_util.keystr(path)}: expected shape {want.shape} {want.dtype} (this "

@@ -160,9 +160,14 @@ def test_a_state_of_another_model_is_refused(model):
         return build_model(replace(model.config, **fields), seed=2).init_state(2, max_len=8)
 
     ids = np.ones(2, np.int32)
-    with pytest.raises(ValueError, match=r"^state: expected the layout of this model's init_state, 1 layers .* got "
-                                         r"2 layers"):
+    with pytest.raises(ValueError, match=r"^state: expected the 1 layers of this model's init_state, got 2"):
         model.step(ids, other(num_hidden_layers=2))
+    with pytest.raises(ValueError, match=r"^state: expected the 1 layers of this model's init_state, got 0"):
+        model.step(ids, other(num_hidden_layers=2)._replace(layers=[]))  # an IndexError for the transformer
+    family = "tiny_falcon" if model.config.family == "falcon_mamba" else "tiny_falcon_mamba"
+    with pytest.raises(ValueError, match=r"^state: expected layers of this model's init_state"):
+        model.step(ids, build_model(load_model_config(family, ["num_hidden_layers=1", f"vocab_size={VOCAB}"]))
+                   .init_state(2, max_len=8))
     with pytest.raises(ValueError, match=r"^state\.layers\[0\].*: expected shape .* float32 \(this model's "
                                          r"init_state\), got .* bfloat16"):
         model.prefill(np.ones((2, 3), np.int32), other(compute_dtype="bfloat16"))
