@@ -173,12 +173,12 @@ TASKS: dict[str, Callable[[DataConfig, int, np.random.Generator, int], Batch]] =
 def check_data(config: DataConfig, vocab_size: int) -> None:
     """Every sequence length the run reads (data.seq_len, each length_curriculum stage) makes a batch of its
     task: a task's limits are met before step 0, not at the step a curriculum stage starts; a stage that fails is
-    named. One row per length is generated."""
-    batch_at(dataclasses.replace(config, batch_size=config.grad_accum, length_curriculum=()), vocab_size, 0, 0)
+    named. One row per microbatch is generated at each length."""
+    one_row = dataclasses.replace(config, batch_size=config.grad_accum, length_curriculum=())
+    batch_at(one_row, vocab_size, 0, 0)
     for i, (length, _) in enumerate(config.length_curriculum):
         try:
-            TASKS[config.task](dataclasses.replace(config, batch_size=1, seq_len=length, length_curriculum=()),
-                               vocab_size, np.random.default_rng(0), 0)
+            batch_at(dataclasses.replace(one_row, seq_len=length), vocab_size, 0, 0)
         except ConfigError as err:
             raise ConfigError(f"config field 'data.length_curriculum[{i}]': stage length {length} fails the "
                               f"task's check: {err}") from None

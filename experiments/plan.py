@@ -46,9 +46,9 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from configs import load_config
 from configs.schema import MESH_AXES, ConfigError, FalconMambaConfig, RunConfig
+from experiments.cli import run_config_command
 from experiments.mesh import (MeshError, batch_sharding, build_mesh, flatten_params, mesh_shape,
                               opt_state_shardings, param_shardings, unflatten_params)
-from experiments.cli import run_config_command
 from experiments.models import family_of
 
 OPTIONS = ("devices", "mode", "dtype", "batch", "seq_len", "seq", "optimizer", "activations", "chunk")

@@ -131,7 +131,7 @@ def _stop_array(stop_tokens: Sequence[int], vocab_size: int) -> jax.Array:
     for token in stop_tokens:
         if not is_integer(token) or not 0 <= token < vocab_size:
             raise ValueError(f"stop_tokens: expected integer ids in [0, {vocab_size}), got {token!r}")
-    return jnp.asarray(list(stop_tokens) or [NO_TOKEN], jnp.int32)
+    return jnp.asarray(stop_tokens or [NO_TOKEN], jnp.int32)
 
 
 def _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens) -> Generated:

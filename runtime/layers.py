@@ -32,10 +32,11 @@ class Dense(nnx.Module):
                  use_axes: tuple[str | None, ...] | None = None):
         """Init: torch.nn.Linear's default U(-1/sqrt(in), 1/sqrt(in)) for the weight and a zero bias (mamba_ssm's
         and transformers' models zero their Linear biases); ``init_scale`` sets that uniform bound; ``init_std``
-        instead draws the weight from N(0, init_std^2) (transformers' Falcon init). ``use_axes``: the kernel's logical axes where it is used (None: whole),
-        which it is constrained to under a traced mesh (runtime.partitioning.constrain) before the matmul: for
-        a kernel split only over "embed" (FSDP) as stored, an explicit all-gather, where XLA otherwise moved its
-        shards between devices with collective-permutes, forward, backward and in the optimizer update."""
+        instead draws the weight from N(0, init_std^2) (transformers' Falcon init). ``use_axes``: the kernel's
+        logical axes where it is used (None: whole), which it is constrained to under a traced mesh
+        (runtime.partitioning.constrain) before the matmul: for a kernel split only over "embed" (FSDP) as stored,
+        an explicit all-gather, where XLA otherwise moved its shards between devices with collective-permutes,
+        forward, backward and in the optimizer update."""
         key = rngs.params()
         rngs.params()  # the key the bias once drew from: every later parameter keeps its values
         if init_std is not None:

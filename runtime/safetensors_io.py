@@ -16,6 +16,8 @@ from typing import Iterable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from runtime.checks import is_integer
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -52,7 +54,7 @@ def _entry(path, name: str, info: dict, start: int, file_size: int) -> tuple[np.
     """A header entry's (dtype, begin, end, shape), checked: its fields, a known dtype, a byte count equal to the
     shape's, an end within the file (whose data section starts at ``start``)."""
     def count(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return is_integer(value) and value >= 0
 
     if not (isinstance(info, dict) and isinstance(info.get("shape"), list) and all(map(count, info["shape"]))
             and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2

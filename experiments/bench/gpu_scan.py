@@ -84,14 +84,17 @@ def inputs(batch: int, length: int, seed: int = 0):
                 delta_bias=jnp.asarray(rng.standard_normal(DIM, np.float32)))
 
 
+def jitted(forward, backward: bool):
+    """``forward`` (inputs dict -> out) jitted, or with ``backward`` the jitted gradients of sum(out) in fp32 for
+    every input: what a forward or forward+backward timing calls."""
+    return jax.jit(jax.grad(lambda a: jnp.sum(forward(a).astype(jnp.float32))) if backward else forward)
+
+
 def time_ours(impl: str, kw: dict, backward: bool, repeats: int) -> float:
     def forward(kw):
         return selective_scan_fn(**kw, delta_softplus=True, impl=impl)
 
-    if not backward:
-        return time_call(jax.jit(forward), kw, repeats=repeats)
-    grad = jax.jit(jax.grad(lambda kw: jnp.sum(forward(kw).astype(jnp.float32))))
-    return time_call(grad, kw, repeats=repeats)
+    return time_call(jitted(forward, backward), kw, repeats=repeats)
 
 
 def time_mamba(kw: dict, backward: bool, repeats: int) -> float:
@@ -164,7 +167,7 @@ def kernel_call(backward: bool, **knobs):
         out, _ = scan(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True, **knobs)
         return out
 
-    return jax.jit(jax.grad(lambda a: jnp.sum(forward(a).astype(jnp.float32))) if backward else forward)
+    return jitted(forward, backward)
 
 
 def max_rel_diff(got, want) -> float:
