@@ -86,7 +86,10 @@ def make_train_step(graphdef, structure, tx: optax.GradientTransformation, sched
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                      "step": state["step"] + 1}
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # the new parameters too: a learning rate past float32's range (optim.learning_rate=1e39) turns finite
+        # gradients into inf/NaN parameters (leafwise: a norm of huge but finite values would overflow)
+        params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state["params"])]))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
                            "finite": finite}
@@ -95,13 +98,16 @@ def make_train_step(graphdef, structure, tx: optax.GradientTransformation, sched
 
 
 class _StopFlag:
-    """Set by SIGTERM; the loop checkpoints and stops at the next step boundary."""
+    """Set by SIGTERM or a first SIGINT (Ctrl-C); the loop checkpoints and stops at the next step boundary. A
+    second SIGINT raises KeyboardInterrupt at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.name = False, "SIGTERM"
 
     def __call__(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.name = True, signal.Signals(signum).name
 
     def agreed(self) -> bool:
         """Whether any process got SIGTERM: every process asks at every step boundary, so all of them stop at the
@@ -219,6 +225,12 @@ def train(run: RunConfig) -> list[dict]:
     else:
         target = abstract_with_shardings(jax.eval_shape(setup.init_state), state_shardings)
         state, position = checkpointer.restore(start, target)
+        # the data position records the stream; checked here too as config.yaml may be gone (then no check_resume)
+        for field, key, value in (("seed", "seed", run.seed), ("data.task", "task", run.data.task)):
+            if position.get(key, value) != value:
+                checkpointer.close()
+                raise ConfigError(f"config field '{field}': resuming {str(output_dir)!r} needs the value its "
+                                  f"checkpoint step {start} was trained with, {position[key]!r}; got {value!r}")
         start = int(position["step"])
     if jax.process_index() == 0:  # after a restore: a run that cannot resume leaves its config.yaml as it was
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -226,8 +238,14 @@ def train(run: RunConfig) -> list[dict]:
     step_fn = jit_train_step(setup, run)
     writer = MetricsWriter(output_dir, start, run.steps)
     stop = _StopFlag()
-    previous_handler = signal.signal(signal.SIGTERM, stop)
+    previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     logged, last_saved, tokens = [], start, 0
+
+    def save(step, state):  # checkpoint ``step`` (the state after that many updates) unless it is saved already
+        nonlocal last_saved
+        if step != last_saved:
+            checkpointer.save(step, state, {"step": step, "task": run.data.task, "seed": run.seed})
+            last_saved = step
 
     def load_batch(step):  # (host arrays, global arrays in the batch sharding) of ``step``
         host_batch = data_lib.batch_at(run.data, run.model.vocab_size, run.seed, step)
@@ -249,13 +267,14 @@ def train(run: RunConfig) -> list[dict]:
             next_batch = load_batch(step + 1) if step + 1 < run.steps else None
             metrics = jax.device_get(metrics)
             if not metrics["finite"]:
+                save(step, state)  # the state the bad step left unchanged: the last good one
                 checkpointer.wait()
                 latest = checkpointer.latest_step()
                 kept = ("no checkpoint was saved yet" if latest is None else
                         f"the last good checkpoint is step {latest} in {output_dir / 'checkpoints'}")
                 raise NonFiniteLossError(
                     f"step {step + 1}: loss {float(metrics['loss'])} / gradient norm {float(metrics['grad_norm'])} "
-                    f"is not finite; stopped without applying the step; {kept}")
+                    f"(or the parameters it would give) is not finite; stopped without applying the step; {kept}")
             done = step + 1
             if done % run.log_every == 0 or done == run.steps:
                 now = time.perf_counter()
@@ -267,18 +286,17 @@ def train(run: RunConfig) -> list[dict]:
                 writer.write(row)
                 logged.append(row)
             if run.checkpoint_every and done % run.checkpoint_every == 0:
-                checkpointer.save(done, state, {"step": done, "task": run.data.task, "seed": run.seed})
-                last_saved = done
+                save(done, state)
         done = int(jax.device_get(state["step"]))
-        if done != last_saved:
-            checkpointer.save(done, state, {"step": done, "task": run.data.task, "seed": run.seed})
+        save(done, state)
         if stopping:
-            print(f"SIGTERM: saved checkpoint step {done} in {output_dir / 'checkpoints'}; stopping", flush=True)
+            print(f"{stop.name}: saved checkpoint step {done} in {output_dir / 'checkpoints'}; stopping", flush=True)
     finally:
         checkpointer.wait()
         checkpointer.close()
         writer.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     return logged
 
 
@@ -290,7 +308,10 @@ def load_trained_model(output_dir: str | Path, step: int | None = None, compute_
     config_path = output_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"output_dir: {str(output_dir)!r} has no config.yaml (not a training run)")
-    run = load_config(config_path, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "distributed.initialize=false"]
+    # the training batch plays no part in loading, but prepare() shards one over the data axis: a microbatch
+    # smaller than the device count (batch_size 8, grad_accum 4 on 4 devices) failed with a MeshError
+    run = load_config(config_path, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "distributed.initialize=false",
+                                    f"data.batch_size={jax.device_count()}", "data.grad_accum=1"]
                       + ([f"model.compute_dtype={compute_dtype}"] if compute_dtype else []))
     checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
     step = checkpointer.latest_step() if step is None else step

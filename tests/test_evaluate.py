@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,15 +60,19 @@ def test_partial_errors_count_per_token_and_per_sequence():
 
 
 def test_command_line_on_a_trained_run(tmp_path):
+    """Trained on one device with microbatches of one sequence, evaluated on four devices (the training batch
+    plays no part in loading the model: it was sharded over the four, a MeshError)."""
     out = tmp_path / "run"
     train = subprocess.run([sys.executable, "-m", "experiments.train", "tiny_falcon_mamba", "steps=2",
                             f"output_dir={out}", "data.task=selective_copying", "data.seq_len=24",
-                            "data.num_items=4", "data.batch_size=2", "model.vocab_size=16"],
+                            "data.num_items=4", "data.batch_size=2", "data.grad_accum=2", "model.vocab_size=16"],
                            capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert train.returncode == 0, train.stderr[-2000:]
     evaluate = [sys.executable, "-m", "experiments.evaluate", str(out)]
+    four_devices = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([*evaluate, "--sequences", "5", "--batch-size", "2", "data.seq_len=40",
-                             "--json", str(tmp_path / "acc.json")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                             "--json", str(tmp_path / "acc.json")], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env=four_devices)
     assert result.returncode == 0, result.stderr[-2000:]
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed == json.loads((tmp_path / "acc.json").read_text())
@@ -84,8 +89,6 @@ def test_command_line_on_a_trained_run(tmp_path):
 def test_bytes_task_needs_text_the_run_did_not_train_on():
     """Every byte of a bytes run's corpus is training data (its batches ignore the seed): evaluating it on the
     same files would score the training set."""
-    import os
-
     trained = DataConfig(task="bytes", text_dir="", text_glob="*.py")
     stdlib = os.path.dirname(os.__file__)
     for same in (trained, DataConfig(task="bytes", text_dir=stdlib, text_glob="*.py"),  # "" is this directory

@@ -108,13 +108,20 @@ def test_metrics_config_and_tensorboard_files(tmp_path, cache_dir):
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 2
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
-    proc = run_train("tiny_falcon_mamba", tmp_path, "steps=6", "checkpoint_every=1", "optim.learning_rate=1e30",
-                     "optim.clip_norm=0", cache_dir=cache_dir, expect_ok=False)
+@pytest.mark.parametrize("overrides, kept, saved", [
+    # checkpoint_every=0: the good state before the bad step is saved as the error is raised
+    (["checkpoint_every=0", "optim.learning_rate=1e30"], "the last good checkpoint is step 1 in", ["1"]),
+    # a learning rate past float32's range: finite loss and gradients, inf parameters (not applied either)
+    (["checkpoint_every=1", "optim.learning_rate=1e39"], "no checkpoint was saved yet", []),
+])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(overrides, kept, saved, tmp_path, cache_dir):
+    proc = run_train("tiny_falcon_mamba", tmp_path, "steps=6", *overrides, "optim.clip_norm=0", cache_dir=cache_dir,
+                     expect_ok=False)
     assert proc.returncode == 1
     assert "is not finite; stopped without applying the step" in proc.stderr, proc.stderr[-2000:]
-    assert "the last good checkpoint is step 1 in" in proc.stderr, proc.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    assert kept in proc.stderr, proc.stderr[-2000:]
+    checkpoints = tmp_path / "checkpoints"
+    assert (sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []) == saved
 
 
 def test_clipping_on_or_off_keeps_the_optimizer_state_shape():
@@ -157,11 +164,23 @@ def test_weight_decay_spares_a_log_d_biases_and_norms():
         np.testing.assert_allclose(np.asarray(update), want, rtol=1e-6, atol=1e-9, err_msg=name)
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_equals_uninterrupted(tmp_path, cache_dir):
-    """checkpoint_every=0: the only mid-run checkpoint is the one SIGTERM writes at the next step boundary;
-    the process exits cleanly, and the same command resumes to the losses of a run never interrupted."""
-    # 400 steps of a few ms each: SIGTERM at step 5 leaves a wide margin before the run would end by itself
-    preset, common = "tiny_falcon_mamba", ["steps=400", "checkpoint_every=0", "log_every=1"]
+SIGNAL_RUN = "tiny_falcon_mamba", ["steps=400", "checkpoint_every=0", "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(tmp_path_factory, cache_dir):
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_train(SIGNAL_RUN[0], output_dir, *SIGNAL_RUN[1], cache_dir=cache_dir)
+    return losses(output_dir)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_resume_equals_uninterrupted(signal_name, tmp_path, cache_dir,
+                                                                    uninterrupted_losses):
+    """checkpoint_every=0: the only mid-run checkpoint is the one SIGTERM (or Ctrl-C) writes at the next step
+    boundary; the process exits cleanly, and the same command resumes to the losses of a run never interrupted."""
+    # 400 steps of a few ms each: the signal at step 5 leaves a wide margin before the run would end by itself
+    preset, common = SIGNAL_RUN
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen(train_command(preset, stopped, *common), env=cli_env(1, cache_dir), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -169,20 +188,26 @@ def test_sigterm_saves_a_checkpoint_and_resume_equals_uninterrupted(tmp_path, ca
     while time.time() < deadline and proc.poll() is None:
         rows = read_metrics(stopped / "metrics.jsonl") if (stopped / "metrics.jsonl").exists() else []
         if rows and rows[-1]["step"] >= 5:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(getattr(signal, signal_name))
             break
         time.sleep(0.005)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir() if p.name.isdigit())
     assert len(saved) == 1 and 5 <= saved[0] < 400, saved
-    assert f"SIGTERM: saved checkpoint step {saved[0]}" in out
+    assert f"{signal_name}: saved checkpoint step {saved[0]}" in out
+
+    if signal_name == "SIGINT":  # without config.yaml, the checkpoint's data position still names seed and task
+        alone = tmp_path / "alone"
+        shutil.copytree(stopped, alone)
+        (alone / "config.yaml").unlink()
+        proc = run_train(preset, alone, *common, "seed=9", cache_dir=cache_dir, expect_ok=False)
+        assert proc.returncode == 1 and (f"error: config field 'seed': resuming '{alone}' needs the value its "
+                                         f"checkpoint step {saved[0]} was trained with, 0; got 9") in proc.stderr
 
     run_train(preset, stopped, *common, cache_dir=cache_dir)
-    run_train(preset, tmp_path / "straight", *common, cache_dir=cache_dir)
-    resumed, straight = losses(stopped), losses(tmp_path / "straight")
     assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == list(range(1, 401))
-    np.testing.assert_array_equal(resumed, straight)
+    np.testing.assert_array_equal(losses(stopped), uninterrupted_losses)
 
 
 @pytest.mark.parametrize("decay_steps", [0, 600])
