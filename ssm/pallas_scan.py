@@ -46,6 +46,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from runtime.checks import check_positive_int, is_integer
+
 DEFAULT_TILE = 64
 MAX_BLOCK_DIM = 32
 _F32 = jnp.float32
@@ -478,10 +480,11 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     splits, capped to divide the number of tiles: see the module docstring) are the Triton kernel's tuning knobs
     that experiments/bench/gpu_scan.py sweeps."""
     for name, value in (("block_dim", block_dim), ("unroll", unroll)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"{name}: expected a power of two, got {value}")
-    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"splits: expected a positive integer, got {splits!r}")
+        if not is_integer(value) or value < 1 or value & (value - 1):
+            raise ValueError(f"{name}: expected a power of two, got {value!r}")
+    check_positive_int("splits", splits)
+    check_positive_int("tile", tile, allow_none=True)  # a negative one ran no step (uninitialised outputs)
+    check_positive_int("num_warps", num_warps)
     kernel = kernel or ("mosaic_tpu" if jax.default_backend() == "tpu" else "triton")
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")

@@ -287,6 +287,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     impl = resolve_impl(impl)
     if B.shape[2] != C.shape[2]:
         B, C = _to_common_grouping(B, C, axis=2)
+    # the padding steps of the chunked forms and kernels (dt = 0) rely on exp(0 * A) = 1, which an A of -inf
+    # (exp(A_log) past float32's range) makes NaN; any A below -1e38 decays a real step to 0 as -inf does
+    A = jnp.maximum(A.astype(jnp.promote_types(A.dtype, _F32)), -1e38)
     if impl == "pallas":
         tile = min(chunk_size or DEFAULT_TILE, DEFAULT_TILE)
         return _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tile)

@@ -193,9 +193,16 @@ def test_tuning_knobs_compute_the_same_function():
         selective_scan_pallas(*args, block_dim=48)
     with pytest.raises(ValueError, match="unroll: expected a power of two, got 3"):
         selective_scan_pallas(*args, unroll=3)
+    with pytest.raises(ValueError, match=r"unroll: expected a power of two, got 2\.0"):
+        selective_scan_pallas(*args, unroll=2.0)
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match=f"splits: expected a positive integer, got {bad!r}"):
             selective_scan_pallas(*args, splits=bad)
+    for bad in (-1, 0, 2.5):  # a negative tile ran no step: uninitialised outputs, no error
+        with pytest.raises(ValueError, match=rf"tile: expected a positive integer or None, got {bad!r}"):
+            selective_scan_pallas(*args, tile=bad)
+    with pytest.raises(ValueError, match="num_warps: expected a positive integer, got 0"):
+        selective_scan_pallas(*args, num_warps=0)
 
 
 LOWERINGS = {"triton": ("cuda", "stablehlo.custom_call @__gpu$xla.gpu.triton", "__gpu$xla.gpu.triton"),

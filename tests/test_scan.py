@@ -167,6 +167,22 @@ def test_initial_state_matches_oracle(impl):
     np.testing.assert_allclose(np.asarray(last_state), want_last, **FWD_TOL)
 
 
+@pytest.mark.parametrize("impl", IMPLS + ("pallas",))
+def test_minus_infinite_a_decays_to_zero_through_the_padding_steps(impl):
+    """A = -inf (exp(A_log) past float32's range) decays a step to 0, as in the oracle; the padding steps of the
+    chunked forms (dt = 0: exp(0 * A) is NaN for it) made the last state and every gradient NaN."""
+    kwargs = make_inputs(4, 1, 4, 2, 5, initial_state=True)
+    kwargs["A"][0, 0] = -np.inf
+    out, last_state = selective_scan_fn(**to_jax(kwargs), return_last_state=True, impl=impl, chunk_size=4)
+    want_out, want_last = oracle(kwargs)
+    np.testing.assert_allclose(np.asarray(out), want_out, **FWD_TOL)
+    np.testing.assert_allclose(np.asarray(last_state), want_last, **FWD_TOL)
+    args = to_jax(kwargs)
+    loss = lambda u: selective_scan_fn(**{**args, "u": u}, return_last_state=True, impl=impl,  # noqa: E731
+                                       chunk_size=4)[1].sum()
+    assert bool(jnp.isfinite(jax.grad(loss)(args["u"])).all())
+
+
 # Split points 1, 37, 64, 99: pieces of length 1 and pieces not a multiple of the chunk, and one split on a
 # chunk boundary (64).
 PIECES = (1, 36, 27, 35, 1)
