@@ -177,6 +177,17 @@ def test_hf_export_is_read_back_identically(tmp_path):
     assert model_config_from_hf(tmp_path) == cfg
 
 
+@pytest.mark.parametrize("preset, overrides", [
+    ("tiny_falcon", ["layer_norm_epsilon=0.001", "initializer_range=0.05", "max_position_embeddings=777"]),
+    ("tiny_falcon_mamba", ["layer_norm_epsilon=0.001", "mixer_rms_eps=0.0003", "time_step_scale=0.5",
+                           "time_step_min=0.002", "time_step_max=0.2", "initializer_range=0.05"]),
+])
+def test_hf_round_trip_keeps_values_other_than_the_defaults(preset, overrides):
+    """The presets' eps and init values are the defaults: a field dropped on import would fall back unseen."""
+    cfg = load_model_config(preset, overrides)
+    assert model_config_from_hf(configs.model_config_to_hf(cfg)) == cfg
+
+
 def test_falcon_export_keeps_null_token_ids_and_writes_4x_rope_keys(tmp_path):
     """A null token id stays null through export and import (transformers keeps None; our default is 11); RoPE
     is written both as transformers 5's rope_parameters and as 4.x's rope_theta / rope_scaling."""

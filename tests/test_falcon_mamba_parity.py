@@ -122,6 +122,21 @@ def test_bf16_compute_close_to_fp32(case):
     np.testing.assert_allclose(bf16, fp32, rtol=3e-2, atol=5e-2 * max(1.0, scale))
 
 
+def test_residual_stream_is_fp32_under_bf16_compute_where_asked():
+    """residual_in_fp32 (transformers' and mamba_ssm's flag): each block adds its bf16 mixer output to an fp32
+    residual and hands fp32 on; with it off, the stream is bf16."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs import load_model_config
+    from ssm.model import MambaBlock
+
+    for flag, want in ((True, jnp.float32), (False, jnp.bfloat16)):
+        config = load_model_config("tiny_falcon_mamba", ["compute_dtype=bfloat16", f"residual_in_fp32={flag}"])
+        out, _ = MambaBlock(config, rngs=nnx.Rngs(0))(jnp.ones((1, 3, config.hidden_size), jnp.bfloat16))
+        assert out.dtype == want, (flag, out.dtype)
+
+
 def test_missing_tensor_is_named(tmp_path):
     config_cls, model_cls, kwargs = CASES["falcon_untied"]
     build_and_save(config_cls, model_cls, tmp_path, seed=1, **kwargs)

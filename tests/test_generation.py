@@ -95,6 +95,12 @@ def test_sample_logits_filters():
     nucleus = np.asarray(sample_logits(logits, keys, Sampling(1.0, top_p=0.7)))  # 0.5 + 0.3 reaches 0.7
     assert set(np.unique(nucleus)) == {0, 1}
     assert set(np.unique(np.asarray(sample_logits(logits, keys, Sampling(1.0, top_p=0.5))))) == {0}
+    # the temperature comes first (as in transformers): at 2 the probabilities are sqrt(p) normalised,
+    # [.38 .29 .21 .12], and top_p 0.7 keeps three tokens, not the two of the untempered ones
+    tempered = np.asarray(sample_logits(logits, keys, Sampling(2.0, top_p=0.7)))
+    assert set(np.unique(tempered)) == {0, 1, 2}
+    kept = np.sqrt([0.5, 0.3, 0.15])
+    assert abs((tempered == 2).mean() - kept[2] / kept.sum()) < 0.03
     free = np.asarray(sample_logits(logits, keys, Sampling(1.0)))
     assert abs((free == 3).mean() - 0.05) < 0.02
     assert (np.asarray(sample_logits(logits, keys, Sampling(0.0))) == 0).all()

@@ -102,6 +102,7 @@ FWD_CASES = [
     (333, 8, 8, "g2|bnl", True, False, True, True, False, "range", 1),
     (1024, 4, 8, "g2", True, True, True, True, True, "exp", 64),
     (1024, 8, 8, "bnl", False, False, False, False, True, "range", None),
+    (17, 8, 8, "g2|g4", True, True, True, True, True, "exp", 5),  # repeated to 4 groups (tiling agrees at 1|2)
 ]
 
 
@@ -263,7 +264,7 @@ def test_reference_gradients_match_oracle_finite_differences():
 # ------------------------------------------------------------------------------------------------------
 # 4. selective_state_update
 
-@pytest.mark.parametrize("bc", ["bnl", "g2"])
+@pytest.mark.parametrize("bc", ["bnl", "g2", "g4|g2"])
 def test_state_update_steps_equal_scan(bc):
     seqlen = 20
     kwargs = to_jax(make_inputs(10, 2, 8, 8, seqlen, bc=bc, initial_state=True))

@@ -53,6 +53,12 @@ device_bytes = sum(s.data.nbytes for leaf in leaves for s in leaf.addressable_sh
 spec = str(model.h[0].mlp.dense_h_to_4h.kernel.get_value().sharding.spec)
 print("RESULT " + json.dumps({"before": before, "growth": after - before, "device_bytes": device_bytes,
                               "spec": spec, "n_devices": len(jax.devices())}))
+# after the measurement: each device read its own slice (the values of a load onto one device)
+plain = transformer.from_pretrained(sys.argv[1])
+for (path, sharded), whole in zip(jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0],
+                                  jax.tree.leaves(nnx.state(plain, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(sharded), np.asarray(whole), err_msg=jax.tree_util.keystr(path))
+print("VALUES EQUAL")
 '''
 
 
@@ -74,13 +80,15 @@ def test_streamed_sharded_load_peak_memory(tmp_path):
     result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
     print(f"checkpoint {size / 2**20:.0f} MiB, peak RSS growth {result['growth'] / 2**20:.0f} MiB "
           f"({result['growth'] / size:.2f}x), device arrays {result['device_bytes'] / 2**20:.0f} MiB")
-    assert result["n_devices"] == 8 and result["spec"] == "P('fsdp', 'tensor')"
+    assert result["n_devices"] == 8 and result["spec"] == "P('fsdp', 'tensor')" and "VALUES EQUAL" in proc.stdout
     assert result["device_bytes"] < 1.01 * size            # every matrix split over the 8 devices
     assert result["growth"] < 1.35 * size, (result, size)   # the model (~1x) plus little: well under 2x
 
 
 CHECKS = r'''
 import json, sys
+import jax, numpy as np
+from flax import nnx
 from configs import MeshConfig
 from experiments.mesh import build_mesh
 from runtime.safetensors_io import CheckpointError
@@ -91,6 +99,13 @@ try:
     ssm.from_pretrained(sys.argv[1], mesh=build_mesh(mesh_config), rules=mesh_config.rules)
 except CheckpointError as err:
     out["mesh"] = str(err)
+# a mesh it fits: each device reads its own slice (in_proj's x and z halves too), the values of a plain load
+mesh_config = MeshConfig(data=1, fsdp=4, tensor=2)
+sharded = ssm.from_pretrained(sys.argv[1], mesh=build_mesh(mesh_config), rules=mesh_config.rules)
+whole = jax.tree.leaves(nnx.state(ssm.from_pretrained(sys.argv[1]), nnx.Param))
+out["differ"] = [jax.tree_util.keystr(path) for (path, value), want
+                 in zip(jax.tree_util.tree_flatten_with_path(nnx.state(sharded, nnx.Param))[0], whole)
+                 if not np.array_equal(np.asarray(value), np.asarray(want))]
 print("RESULT " + json.dumps(out))
 '''
 
@@ -105,12 +120,13 @@ def _tiny_mamba(tmp_path, overrides=()):
     return path
 
 
-def test_checkpoint_not_fitting_mesh_names_tensor(tmp_path):
+def test_sharded_load_reads_each_slice_and_a_misfit_mesh_names_tensor(tmp_path):
     path = _tiny_mamba(tmp_path, ["model.vocab_size=260"])   # 260 rows do not split over tensor=8
     proc = _python(CHECKS, str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
     assert "'backbone.embeddings.weight'" in result["mesh"] and "tensor=8" in result["mesh"], result
+    assert result["differ"] == []
 
 
 def test_checkpoint_not_fitting_config_names_tensor(tmp_path):

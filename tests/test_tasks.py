@@ -46,6 +46,16 @@ def test_tasks_are_deterministic_in_seed_and_step(task):
     np.testing.assert_array_equal(a[0][:, 1:], a[1][:, :-1])    # targets are the next tokens
 
 
+def test_copy_task_loss_is_on_the_copy_alone():
+    """inputs: a random half, the separator, the half again; the masked targets are the copy, from the token
+    after the separator."""
+    half = 15
+    for inputs, targets, mask in zip(*_rows("copy", vocab=64, seq_len=2 * half + 1, batch=4)):
+        assert inputs[half] == SEPARATOR_TOKEN and (inputs[:half] >= FIRST_CONTENT_TOKEN).all()
+        np.testing.assert_array_equal(np.flatnonzero(mask), np.arange(half, 2 * half))
+        np.testing.assert_array_equal(targets[mask == 1], inputs[:half])
+
+
 @pytest.mark.parametrize("vocab,seq_len,n", [(16, 256, 16), (5, 10, 3), (100, 4096, 16)])
 def test_selective_copying_copies_the_scattered_tokens_in_order(vocab, seq_len, n):
     inputs, targets, mask = _rows("selective_copying", vocab, seq_len, batch=16, num_items=n)
