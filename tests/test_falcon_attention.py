@@ -41,10 +41,11 @@ def _reference(q, k, v, key_bias, q_offset, kv_length):
 
 
 @pytest.mark.parametrize("q_len, kv_len, q_offset, kv_length, with_bias", [
-    (300, 300, 0, 300, False), (300, 300, 0, 300, True), (5, 40, 27, 32, True)])
+    (300, 300, 0, 300, False), (300, 300, 0, 300, True), (5, 40, 27, 32, True), (6, 40, 27, 30, False)])
 def test_xla_and_blockwise_match_reference(q_len, kv_len, q_offset, kv_length, with_bias):
-    """Group 3 (6 heads on 2 kv heads); block 64 divides neither length; the second case is a KV cache of 40
-    slots holding 32 keys, with 5 queries at positions 27..31."""
+    """Group 3 (6 heads on 2 kv heads); block 64 divides neither length; the third case is a KV cache of 40
+    slots holding 32 keys, with 5 queries at positions 27..31; in the last, queries 30..32 (a padded row's) see
+    only the 30 valid keys, not every earlier slot."""
     q, k, v = _qkv(2, q_len, kv_len, 6, 2, 8)
     bias = alibi_bias(6, kv_len) / math.sqrt(8) if with_bias else None
     expected = _reference(q, k, v, bias, q_offset, kv_length)
