@@ -243,8 +243,9 @@ def _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state
     x fsdp) or the channels (d_inner, default: tensor): a kernel is one XLA
     custom call, which the SPMD partitioner would otherwise run whole on every device (all-gathering its
     inputs). Each device scans its own (batch rows, channels) block; B and C (one group per channel block, or
-    shared) follow. Without such a mesh (or with Explicit axes, whose shardings the arrays carry themselves), or
-    where a dimension does not divide, the call is left as it is."""
+    shared) follow. A dimension that does not divide over its axes is not split (a batch of 1 still has its
+    channels split); without such a mesh (or with Explicit axes, whose shardings the arrays carry themselves), or
+    where neither divides, the call is left as it is."""
     def scan(u, delta, A, B, C, D, z, delta_bias, initial_state):
         return selective_scan_pallas(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state=initial_state,
                                      tile=tile)
@@ -254,10 +255,10 @@ def _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state
     batch_axes, n_batch = traced_axes("batch")
     chan_axes, n_chan = traced_axes("d_inner")
     groups = B.shape[2]
-    if not (batch_axes or chan_axes) or u.shape[0] % n_batch or u.shape[2] % n_chan \
-            or (groups > 1 and groups % n_chan):
+    bt = batch_axes if batch_axes and u.shape[0] % n_batch == 0 else None
+    ch = chan_axes if chan_axes and u.shape[2] % n_chan == 0 and (groups == 1 or groups % n_chan == 0) else None
+    if bt is None and ch is None:
         return scan(*args)
-    bt, ch = batch_axes or None, chan_axes or None
     row = P(bt, None, ch)
     bc = P(bt, None, ch if groups > 1 else None, None)
     specs = (row, row, P(ch, None), bc, bc, P(ch), row, P(ch), P(bt, ch, None))

@@ -400,6 +400,17 @@ MESH_SCRIPT = textwrap.dedent("""
     np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
     for got, want in zip(got_grads, want_grads):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), **GRAD_TOL)
+
+    # one batch row (data x fsdp = 4 does not divide it): the channels are still split over tensor
+    row = tuple(a[:1] for a in args[:2]) + args[2:3] + tuple(a[:1] for a in args[3:5]) + args[5:6] \
+        + (args[6][:1],) + args[7:8] + (args[8][:1],)
+    forward = jax.jit(lambda args: loss(args)[1])
+    want_out = forward(row)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        jaxpr = str(jax.make_jaxpr(lambda args: loss(args)[1])(row))
+        assert "P(None, None, 'tensor')" in jaxpr and "'fsdp')" not in jaxpr, jaxpr[-2000:]
+        got_out = forward(jax.device_put(row, NamedSharding(mesh, P())))
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
     print("ok")
 """)
 
