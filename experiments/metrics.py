@@ -13,10 +13,21 @@ from tqdm import tqdm
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl ([] where there is none). A last line without its newline (a write cut short
+    by a crash) is skipped; any other line that is not JSON is an error naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.split("\n")  # the last item is "" after a complete last line
+    rows = []
+    for number, line in enumerate(lines[:-1], start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: expected a JSON metrics row, got {line[:80]!r} ({err})") from None
+    return rows
 
 
 class MetricsWriter:
@@ -27,7 +38,9 @@ class MetricsWriter:
             return
         self.path = Path(output_dir) / "metrics.jsonl"
         kept = [row for row in read_metrics(self.path) if row["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        partial = self.path.with_name(self.path.name + ".tmp")  # renamed over it whole: a crash keeps the rows
+        partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        partial.replace(self.path)
         self.file = open(self.path, "a")
         self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) \

@@ -4,6 +4,7 @@ another device count, kill -9 and resume, the NaN guard, metrics.jsonl."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,21 @@ def test_metrics_config_and_tensorboard_files(tmp_path, cache_dir):
     assert config["mesh"]["rules"]["d_inner"] == ["tensor"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 2
+
+
+def test_metrics_rows_survive_a_cut_last_line_and_a_bad_line_is_named(tmp_path):
+    """A crash mid-write leaves a last line without its newline: skipped (the resume rewrites from its checkpoint
+    step); the writer keeps the rows up to the resumed step; any other bad line names the file and line."""
+    from experiments.metrics import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    MetricsWriter(tmp_path, start_step=1, total_steps=4).close()
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n' and not list(tmp_path.glob("*.tmp"))
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2: expected a JSON metrics row"):
+        read_metrics(path)
 
 
 @pytest.mark.parametrize("overrides, kept, saved", [
