@@ -231,6 +231,10 @@ def train(run: RunConfig) -> list[dict]:
                 checkpointer.close()
                 raise ConfigError(f"config field '{field}': resuming {str(output_dir)!r} needs the value its "
                                   f"checkpoint step {start} was trained with, {position[key]!r}; got {value!r}")
+        if start > run.steps:
+            checkpointer.close()
+            raise ConfigError(f"config field 'steps': expected at least {start} (the newest checkpoint in "
+                              f"{str(output_dir)!r}; a resume continues it), got {run.steps}")
         start = int(position["step"])
     if jax.process_index() == 0:  # after a restore: a run that cannot resume leaves its config.yaml as it was
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +294,9 @@ def train(run: RunConfig) -> list[dict]:
         done = int(jax.device_get(state["step"]))
         save(done, state)
         if stopping:
-            print(f"{stop.name}: saved checkpoint step {done} in {output_dir / 'checkpoints'}; stopping", flush=True)
+            saved = (f"saved checkpoint step {done} in {output_dir / 'checkpoints'}" if done else
+                     "stopped before the first step, nothing to checkpoint")
+            print(f"{stop.name}: {saved}; stopping", flush=True)
     finally:
         checkpointer.wait()
         checkpointer.close()

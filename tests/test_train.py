@@ -221,6 +221,9 @@ def test_a_signal_saves_a_checkpoint_and_resume_equals_uninterrupted(signal_name
         assert proc.returncode == 1 and (f"error: config field 'seed': resuming '{alone}' needs the value its "
                                          f"checkpoint step {saved[0]} was trained with, 0; got 9") in proc.stderr
 
+    proc = run_train(preset, stopped, *common, "steps=3", cache_dir=cache_dir, expect_ok=False)
+    assert proc.returncode == 1 and (f"error: config field 'steps': expected at least {saved[0]} (the newest "
+                                     f"checkpoint in '{stopped}'; a resume continues it), got 3") in proc.stderr
     run_train(preset, stopped, *common, cache_dir=cache_dir)
     assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == list(range(1, 401))
     np.testing.assert_array_equal(losses(stopped), uninterrupted_losses)
