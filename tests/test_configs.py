@@ -235,3 +235,9 @@ def test_dataclass_validation_direct():
         FalconMambaConfig(use_mixer_norms=None)
     with pytest.raises(ConfigError, match=r"'coordinator_address': expected a string or null, got 5"):
         DistributedConfig(coordinator_address=5)
+
+
+def test_override_value_may_contain_an_equals_sign():
+    """Only the first '=' separates key and value: a run directory such as runs/lr=0.1 is a common value."""
+    run = load_config("tiny_falcon_mamba", ["output_dir=runs/lr=0.1,wd=0"])
+    assert run.output_dir == "runs/lr=0.1,wd=0"

@@ -230,3 +230,18 @@ def test_from_scratch_init_follows_mamba_ssm():
     for bias in (mixer.in_proj.bias, mixer.out_proj.bias, mixer.conv_bias):
         np.testing.assert_array_equal(np.asarray(bias[...]), 0.0)
     assert np.abs(np.asarray(mixer.conv_kernel[...])).max() <= config.conv_kernel ** -0.5
+
+
+def test_from_scratch_embedding_and_projection_scales():
+    """The embedding is N(0, 0.02^2) (mamba_ssm's init) and the plain projections (x_proj, out_proj) torch
+    Linear's U(-1/sqrt(fan_in), 1/sqrt(fan_in)): a scale drawn from the wrong fan or left at 1 trains another model
+    but passes every parity test (those load trained weights)."""
+    from configs import load_model_config
+
+    config = load_model_config("tiny_falcon_mamba", ["intermediate_size=256", "rescale_prenorm_residual=false"])
+    model = ssm.FalconMambaLM(config, seed=0)
+    np.testing.assert_allclose(np.std(np.asarray(model.embeddings.embedding[...])), 0.02, rtol=0.05)
+    mixer = model.layers[0].mixer
+    for dense, fan_in in ((mixer.x_proj, config.intermediate_size), (mixer.out_proj, config.intermediate_size)):
+        bound = np.abs(np.asarray(dense.kernel[...])).max()
+        assert 0.95 * fan_in ** -0.5 < bound <= fan_in ** -0.5, (bound, fan_in)

@@ -129,3 +129,14 @@ def test_incremental_text_joins_to_the_whole_decoding_in_linear_work():
     assert "".join(pieces) == tokenizer.decode(ids)
     assert not any("\ufffd" in piece for piece in pieces) and "日" in pieces and "🙂" in pieces
     assert max(decoded) <= 8 and sum(decoded) < 8 * len(ids), (max(decoded), sum(decoded), len(ids))
+
+
+def test_incremental_text_flushes_a_character_cut_by_the_last_token():
+    """A generation that stops inside a multi-byte character (max_new_tokens reached): the pieces still join to
+    the decoding of all tokens (the replacement character the cut bytes decode to comes out at the end)."""
+    from experiments.generate import incremental_text
+
+    decode = lambda tokens: bytes(tokens).decode("utf-8", errors="replace")  # noqa: E731  one token per byte
+    tokens = list("ab 日本".encode())[:-1]  # the last character's final byte is missing
+    pieces = list(incremental_text(decode, iter(tokens)))
+    assert "".join(pieces) == decode(tokens) and pieces[-1].endswith("\ufffd")

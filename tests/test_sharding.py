@@ -234,3 +234,42 @@ def test_collectives_cli_help_and_bad_preset(capsys):
     assert main(["tiny_falcn"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "'tiny_falcn'" in err and err.count("\n") == 1, err
+
+
+def test_one_mesh_axis_never_splits_two_dimensions():
+    """Rules mapping two logical axes of one array to the same mesh axis are refused, naming both."""
+    rules = {**DEFAULT_SHARDING_RULES, "embed": ("tensor",)}  # vocab is on tensor too
+    with pytest.raises(MeshError, match=r"embeddings.embedding: mesh axes \['tensor'\] would split two dimensions"):
+        spec_for("embeddings.embedding", (256, 64), ("vocab", "embed"), MESH_2X2X2, rules)
+
+
+@pytest.mark.parametrize("family", ["falcon_mamba", "falcon"])
+def test_param_axes_name_every_dimension_by_what_it_is(family):
+    """Each parameter dimension's logical axis is the one its size says (sizes all distinct here): a table entry
+    with two axes swapped still shards evenly and trains the same, only with extra communication, so nothing
+    else would notice."""
+    import jax
+    from flax import nnx
+
+    from configs import load_model_config
+    from experiments.mesh import flatten_params
+    from experiments.models import family_of
+
+    if family == "falcon_mamba":
+        cfg = load_model_config("tiny_falcon_mamba", ["vocab_size=96", "hidden_size=40", "intermediate_size=88",
+                                                      "state_size=6", "time_step_rank=5", "conv_kernel=3",
+                                                      "use_bias=true"])
+        names = {96: "vocab", 40: "embed", 88: "d_inner", 6: "d_state", 5: "dt_rank", 3: "conv", 2: "xz",
+                 5 + 2 * 6: "ssm_proj"}
+    else:
+        cfg = load_model_config("tiny_falcon", ["vocab_size=96", "hidden_size=40", "num_attention_heads=4",
+                                                "multi_query=false", "new_decoder_architecture=true",
+                                                "num_kv_heads=2", "ffn_hidden_size=88", "bias=true"])
+        names = {96: "vocab", 40: ("embed", "heads", "norm"), 88: "mlp", (4 + 2 * 2) * 10: "heads"}
+    model_cls, param_axes, _ = family_of(cfg)
+    params, _ = flatten_params(nnx.state(nnx.eval_shape(lambda: model_cls(cfg)), nnx.Param))
+    table = param_axes(cfg)
+    for path, leaf in params.items():
+        for size, axis in zip(leaf.shape, logical_axes(table, path)):
+            want = names[size]
+            assert axis in (want if isinstance(want, tuple) else (want,)) or axis == "norm", (path, leaf.shape, axis)

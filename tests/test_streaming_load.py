@@ -186,3 +186,39 @@ def test_malformed_safetensors_files_are_named(tmp_path, header, message):
     for read in (open_tensors, lazy_tensors):
         with pytest.raises(CheckpointError, match=rf"^'{path}': .*{message}"):
             read(path)
+
+
+def test_write_checkpoint_keeps_every_shard_under_the_limit_and_indexes_it(tmp_path):
+    """Shards hold at most max_shard_bytes of tensor data (a tensor larger than that alone); the index maps every
+    tensor to its file and records the total size."""
+    from runtime.safetensors_io import open_checkpoint, open_tensors, write_checkpoint
+
+    arrays = {f"t{i}": np.full((n,), i, np.float32) for i, n in enumerate([10, 10, 10, 30, 5, 5])}  # 40-120 bytes
+    write_checkpoint(tmp_path, iter(arrays.items()), max_shard_bytes=80)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in arrays.values())
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert files == sorted(set(index["weight_map"].values())) and len(files) == 4
+    for name in files:
+        tensors = open_tensors(tmp_path / name)
+        assert sum(t.nbytes for t in tensors.values()) <= 80 or len(tensors) == 1, (name, list(tensors))
+        assert all(index["weight_map"][t] == name for t in tensors)
+    loaded = open_checkpoint(tmp_path)
+    assert sorted(loaded) == sorted(arrays) and all(np.array_equal(loaded[k], v) for k, v in arrays.items())
+
+
+def test_load_converts_to_the_parameter_dtype(tmp_path):
+    """Tensors are stored in the checkpoint's dtype and loaded in the config's param_dtype, both ways (a bf16
+    checkpoint such as falcon-mamba-7b's loads as fp32 master weights by default)."""
+    import jax
+    from flax import nnx
+
+    import ssm
+    path = _tiny_mamba(tmp_path)
+    for dtype, expected in (("bfloat16", "bfloat16"), ("float32", "float32")):
+        model = ssm.from_pretrained(path, param_dtype=dtype)
+        assert {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {expected}, dtype
+    bf16 = tmp_path / "bf16"
+    ssm.save_pretrained(ssm.from_pretrained(path, param_dtype="bfloat16"), bf16)
+    assert {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(ssm.from_pretrained(bf16), nnx.Param))} == \
+        {"float32"}

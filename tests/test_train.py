@@ -281,3 +281,86 @@ def test_cli_usage_and_bad_arguments_are_one_error_line(capsys):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and named in err and err.count("\n") == 1, err
+
+
+def _step_setup(*overrides):
+    import jax
+
+    from configs import load_config
+    from experiments.optim import learning_rate_schedule
+    from experiments.train import make_train_step, prepare
+
+    run = load_config("tiny_falcon_mamba", ["model.num_hidden_layers=1", "steps=10", *overrides])
+    setup = prepare(run)
+    step = lambda remat="none": jax.jit(make_train_step(setup.graphdef, setup.structure, setup.tx,  # noqa: E731
+                                                        learning_rate_schedule(run.optim, run.steps), remat))
+    return run, setup, jax.jit(setup.init_state)(), step
+
+
+def test_train_step_loss_is_the_masked_mean_over_all_microbatches():
+    """The step's loss is sum(ce * mask) / sum(mask) over the whole batch (a hand-written reference on the model's
+    logits); split into 2 microbatches, the step gives the same loss, gradient norm and new parameters."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from experiments.mesh import unflatten_params
+
+    run, setup, state, make = _step_setup("optim.warmup_steps=0")
+    rng = np.random.default_rng(0)
+    shape = (1, 4, 8)
+    batch = {"inputs": rng.integers(0, 256, shape).astype(np.int32),
+             "targets": rng.integers(0, 256, shape).astype(np.int32),
+             "mask": (rng.random(shape) < 0.4).astype(np.float32)}
+    batch["mask"][0, 0] = 0.0  # a row without loss, another with some: the mean is over masked tokens only
+    batch["mask"][0, 1, :6] = 1.0
+
+    def reference(params):
+        model = nnx.merge(setup.graphdef, unflatten_params(params, setup.structure))
+        logp = jax.nn.log_softmax(model.forward(jnp.asarray(batch["inputs"][0])), axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.asarray(batch["targets"][0])[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * batch["mask"][0]) / jnp.sum(batch["mask"][0])
+
+    want_loss, want_grads = jax.value_and_grad(reference)(state["params"])
+    want_norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(g))) for g in want_grads.values())))
+    step = make()
+    one_state, one = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+    np.testing.assert_allclose(float(one["loss"]), float(want_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(one["grad_norm"]), want_norm, rtol=1e-4)
+    split = {k: jnp.asarray(v.reshape(2, 2, 8)) for k, v in batch.items()}  # grad_accum 2
+    two_state, two = step(state, split)
+    np.testing.assert_allclose(float(two["loss"]), float(one["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(two["grad_norm"]), float(one["grad_norm"]), rtol=1e-5)
+    for name, value in one_state["params"].items():
+        np.testing.assert_allclose(np.asarray(two_state["params"][name]), np.asarray(value), rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+
+
+def test_train_step_clips_the_gradient_by_its_global_norm_and_reports_the_applied_learning_rate():
+    """optim.clip_norm scales the whole gradient to that global norm before AdamW (Adam's first moment after one
+    step is (1 - b1) x the clipped gradient); the metrics' learning_rate is the one the step applied (0 at the first
+    warmup step); remat="full" reaches the step's loss (its layers under jax.checkpoint)."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import data as data_lib
+    from experiments.train import masked_loss
+
+    run, setup, state, make = _step_setup("optim.clip_norm=0.01", "optim.warmup_steps=4", "data.seq_len=8",
+                                          "data.batch_size=2")
+    batch = {k: jnp.asarray(v) for k, v in data_lib.batch_at(run.data, run.model.vocab_size, 0, 0).items()}
+    grads = jax.grad(masked_loss)(state["params"], {k: v[0] for k, v in batch.items()}, jnp.sum(batch["mask"]),
+                                  graphdef=setup.graphdef, structure=setup.structure)
+    step = make()
+    new_state, metrics = step(state, batch)
+    norm = float(metrics["grad_norm"])
+    assert norm > 0.1  # ten times the clip norm: clipping is active
+    mu = new_state["opt_state"][1][0].mu
+    for name, g in grads.items():
+        np.testing.assert_allclose(np.asarray(mu[name]), (1 - run.optim.b1) * np.asarray(g) * 0.01 / norm,
+                                   rtol=1e-4, atol=1e-10, err_msg=name)
+    assert float(metrics["learning_rate"]) == 0.0
+    _, metrics = step(new_state, batch)
+    np.testing.assert_allclose(float(metrics["learning_rate"]), run.optim.learning_rate / 4, rtol=1e-6)
+    assert "remat" in str(jax.make_jaxpr(make("full"))(state, batch))  # jax.checkpoint: the remat2 primitive
+    assert "remat" not in str(jax.make_jaxpr(step)(state, batch))
