@@ -102,7 +102,7 @@ class _StopFlag:
     second SIGINT raises KeyboardInterrupt at once."""
 
     def __init__(self):
-        self.requested, self.name = False, "SIGTERM"
+        self.requested, self.name = False, "SIGTERM"  # name: the signal this process got (another's: SIGTERM)
 
     def __call__(self, signum, frame):
         if signum == signal.SIGINT and self.requested:
@@ -110,7 +110,7 @@ class _StopFlag:
         self.requested, self.name = True, signal.Signals(signum).name
 
     def agreed(self) -> bool:
-        """Whether any process got SIGTERM: every process asks at every step boundary, so all of them stop at the
+        """Whether any process got the signal: every process asks at every step boundary, so all of them stop at the
         same step (one stopping alone would leave the others waiting in the next step's collectives, and its
         checkpoint save, itself collective, would never complete). A scalar all-gather: the loop already waits
         for each step's metrics."""
