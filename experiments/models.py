@@ -40,8 +40,16 @@ def n_params(model) -> int:
 
 
 def param_bytes(model) -> int:
-    """The bytes its parameters occupy (what batch-1 decode reads once per token)."""
+    """The bytes its parameters occupy."""
     return int(sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def decode_read_bytes(model) -> int:
+    """The parameter bytes batch-1 decode reads once per token: all of them but an untied input embedding, of which
+    a step gathers one row (tied, the table is read whole as the output projection)."""
+    table = getattr(model, "embeddings", None) or getattr(model, "word_embeddings", None)
+    untied = 0 if model.config.tie_word_embeddings or table is None else table.embedding[...].nbytes
+    return param_bytes(model) - int(untied)
 
 
 def load_pretrained(path: str | os.PathLike, **overrides):

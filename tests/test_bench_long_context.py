@@ -39,3 +39,14 @@ def test_memory_is_the_devices_where_jax_reports_it():
     cpu = {"peak_rss_mb": 900.0, "device_peak_mb": None}
     assert long_context.peak_mb(gpu) == 5000.0 and long_context.peak_mb(cpu) == 900.0
     assert long_context.memory_label([gpu]) == "device peak memory" and long_context.memory_label([cpu]) == "peak RSS"
+
+
+def test_decode_read_bytes_leave_out_an_untied_input_embedding():
+    """Batch-1 decode gathers one row of an untied input embedding; tied, the table is the output projection."""
+    from experiments.models import decode_read_bytes, param_bytes
+
+    tied = build_model(load_model_config("tiny_falcon_mamba"))
+    untied_config = load_model_config("tiny_falcon_mamba", ["tie_word_embeddings=false"])
+    untied = build_model(untied_config)
+    assert decode_read_bytes(tied) == param_bytes(tied)
+    assert decode_read_bytes(untied) == param_bytes(untied) - 4 * untied_config.vocab_size * untied_config.hidden_size

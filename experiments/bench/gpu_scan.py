@@ -6,8 +6,9 @@
 Measures in one run, forward and forward+backward: our impls ("chunked", "pallas") through selective_scan_fn
 (mamba_ssm's (batch, dim, seqlen) layout, so our times include its transposes to the channels-last layout the
 models use natively) and mamba_ssm's CUDA selective_scan_fn (when it imports), plus the bytes-moved floor:
-inputs read once and outputs written once (u, delta, z, out in bf16; B, C in bf16; A, D, delta_bias fp32; for
-the backward also dout read and du, ddelta, dz, dB, dC written) over the device-to-device copy bandwidth
+inputs read once and outputs written once per pass (u, delta, z, out in bf16; B, C in bf16; A, D, delta_bias fp32;
+the backward, a second pass, reads the inputs again and dout and writes du, ddelta, dz, dB, dC, dA, dD, ddelta_bias)
+over the device-to-device copy bandwidth
 measured in the same run. Prints a table with each time over the floor and over mamba_ssm's, and writes
 DIR/gpu_scan.json.
 
@@ -56,10 +57,15 @@ def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
 
 
 def floor_bytes(batch: int, length: int, backward: bool) -> int:
+    """Bytes a scan must move at least. Forward: u, delta, z, B, C, A, D, delta_bias read once, out written once.
+    The backward is a second pass over the sequence (its adjoint runs in reverse, after the forward has ended), so
+    it reads u, delta, z, B, C, A, D, delta_bias again plus dout and writes du, ddelta, dz, dB, dC, dA, dD,
+    ddelta_bias; saved or recomputed states and mamba_ssm's fp32 dB, dC are not counted."""
     rows, cols = batch * length * DIM * 2, batch * length * DSTATE * 2 * 2  # bf16 (b,d,l); B and C (b,n,l)
     params = DIM * DSTATE * 4 + 2 * DIM * 4
     forward = 4 * rows + cols + params            # u, delta, z in; out
-    return forward + (4 * rows + cols + params if backward else 0)  # + dout in; du, ddelta, dz, dB, dC, dA.. out
+    # backward: u, delta, z, dout, B, C, A, D, delta_bias in; du, ddelta, dz, dB, dC, dA, dD, ddelta_bias out
+    return forward + ((4 * rows + cols + params) + (3 * rows + cols + params) if backward else 0)
 
 
 def channels_last_shapes(batch: int, length: int, dim: int = DIM, groups: int = 1, dstate: int = DSTATE,
@@ -85,9 +91,22 @@ def inputs(batch: int, length: int, seed: int = 0):
 
 
 def jitted(forward, backward: bool):
-    """``forward`` (inputs dict -> out) jitted, or with ``backward`` the jitted gradients of sum(out) in fp32 for
-    every input: what a forward or forward+backward timing calls."""
-    return jax.jit(jax.grad(lambda a: jnp.sum(forward(a).astype(jnp.float32))) if backward else forward)
+    """``forward`` (inputs dict -> out) jitted, or with ``backward`` the gradients of sum(out) for every input:
+    what a forward or forward+backward timing calls. The cotangent of sum(out) (ones like out, which has u's shape
+    and dtype) is made once per shape and passed in, as mamba_ssm's timing passes its own: as a constant inside
+    the jitted function XLA would fold it away and never read it."""
+    if not backward:
+        return jax.jit(forward)
+    gradients = jax.jit(lambda a, dout: jax.vjp(forward, a)[1](dout)[0])
+    douts = {}
+
+    def call(a):
+        key = (a["u"].shape, a["u"].dtype)
+        if key not in douts:
+            douts[key] = jnp.ones(*key)
+        return gradients(a, douts[key])
+
+    return call
 
 
 def time_ours(impl: str, kw: dict, backward: bool, repeats: int) -> float:
@@ -104,11 +123,14 @@ def time_mamba(kw: dict, backward: bool, repeats: int) -> float:
     t = {k: torch.from_numpy(np.asarray(v.astype(jnp.float32))).cuda().to(torch.bfloat16 if v.dtype == jnp.bfloat16
                                                                            else torch.float32) for k, v in kw.items()}
     inputs = [t[name].requires_grad_(backward) for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    # the cotangent of sum(out), made once: out.float().sum() would time an fp32 copy of out, its sum and the cast of
+    # the cotangent back to bf16 on this side only (XLA fuses them on ours)
+    dout = torch.ones_like(t["u"])
 
     def run():
         out = mamba_scan(*inputs, True)
         if backward:  # the gradients returned, not accumulated into .grad (no extra work per repeat)
-            torch.autograd.grad(out.float().sum(), inputs)
+            torch.autograd.grad(out, inputs, grad_outputs=dout)
         torch.cuda.synchronize()
 
     return time_call(run, repeats=repeats)  # run() synchronises CUDA itself

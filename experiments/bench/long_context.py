@@ -116,7 +116,7 @@ def worker(args) -> dict:
     if args.decode_tokens:
         # decode_tokens greedy steps from the prefilled state in the jit-compiled loop (runtime.generation.decode);
         # the first call compiles it, then the median of DECODE_REPEATS calls from the same state is reported
-        from experiments.models import param_bytes
+        from experiments.models import decode_read_bytes, param_bytes
         from runtime.generation import decode
 
         decode(model, logits, state, max_new_tokens=args.decode_tokens, temperature=0.0)
@@ -130,7 +130,8 @@ def worker(args) -> dict:
         row["decode_ms_per_token"] = 1000 * sorted(times)[len(times) // 2] / args.decode_tokens
         # batch-1 decode reads every weight once per token: its floor is weight_bytes / memory bandwidth
         row["weight_bytes"] = param_bytes(model)
-        row["decode_weight_read_gb_per_s"] = row["weight_bytes"] / row["decode_ms_per_token"] / 1e6
+        row["decode_read_bytes"] = decode_read_bytes(model)  # an untied input embedding is gathered, not read
+        row["decode_weight_read_gb_per_s"] = row["decode_read_bytes"] / row["decode_ms_per_token"] / 1e6
         row["peak_rss_after_decode_mb"] = _peak_rss_mb()
     return row
 
