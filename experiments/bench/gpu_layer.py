@@ -56,25 +56,27 @@ def load_ours(path: str, impl: str):
 
 
 def jax_layer(mixer):
-    """(params, jitted forward(params, x), jitted gradient of sum(forward) in params and x): compiled once per
-    input shape, reused for the agreement check and the timings."""
+    """(params, jitted forward(params, x), jitted gradients(params, x, dout) in params and x for the output's
+    cotangent dout): compiled once per input shape, reused for the agreement check and the timings. Both sides'
+    backward passes take the same dout, ones like the output (the gradient of sum(out)), made before timing: as a
+    constant inside the jitted function XLA would fold it away."""
     graphdef, params = nnx.split(mixer)
 
     def forward(params, x):
         return nnx.merge(graphdef, params)(x)[0]
 
-    grad = jax.grad(lambda p, x: jnp.sum(forward(p, x).astype(jnp.float32)), argnums=(0, 1))
-    return params, jax.jit(forward), jax.jit(grad)
+    return params, jax.jit(forward), jax.jit(lambda p, x, dout: jax.vjp(forward, p, x)[1](dout))
 
 
-def torch_layer(mixer, backward: bool):
+def torch_layer(mixer, dout=None):
+    """The timed call of the PyTorch layer: its forward, or with ``dout`` its forward and backward."""
     import torch
 
     def run(x):
-        if backward:
+        if dout is not None:
             mixer.zero_grad(set_to_none=True)
             x = x.detach().requires_grad_()
-            mixer(x).float().sum().backward()
+            mixer(x).backward(dout)
         else:
             with torch.no_grad():
                 mixer(x)
@@ -93,7 +95,7 @@ def bench(preset: str, overrides: list[str], lengths, batches, impls, repeats: i
         mixers = {impl: load_ours(path, impl) for impl in impls}
     for impl, ours in mixers.items():
         hidden = ours.config.hidden_size
-        params, forward, grad = jax_layer(ours)
+        params, forward, gradients = jax_layer(ours)
         for batch in batches:
             for length in lengths:
                 x = np.random.default_rng(batch * length).standard_normal((batch, length, hidden), np.float32)
@@ -104,10 +106,11 @@ def bench(preset: str, overrides: list[str], lengths, batches, impls, repeats: i
                     want = theirs(x_torch).float().cpu().numpy()
                 row = dict(impl=impl, batch=batch, length=length, device=device,
                            max_abs_diff_over_max_abs=float(np.max(np.abs(got - want)) / np.max(np.abs(want))))
-                for name, fn, backward in (("fwd", forward, False), ("fwd+bwd", grad, True)):
-                    row[f"jax_{name}_ms"] = 1e3 * time_call(fn, params, x_jax, repeats=repeats)
-                    row[f"torch_{name}_ms"] = 1e3 * time_call(torch_layer(theirs, backward), x_torch,
-                                                              repeats=repeats)
+                dout_jax, dout_torch = jnp.ones_like(x_jax), torch.ones_like(x_torch)  # output shape = input's
+                timed = (("fwd", forward, (), None), ("fwd+bwd", gradients, (dout_jax,), dout_torch))
+                for name, fn, extra, dout in timed:
+                    row[f"jax_{name}_ms"] = 1e3 * time_call(fn, params, x_jax, *extra, repeats=repeats)
+                    row[f"torch_{name}_ms"] = 1e3 * time_call(torch_layer(theirs, dout), x_torch, repeats=repeats)
                     row[f"torch_over_jax_{name}"] = row[f"torch_{name}_ms"] / row[f"jax_{name}_ms"]
                 rows.append(row)
                 print(format_row(row), flush=True)
