@@ -25,9 +25,16 @@ def test_long_context_bench_writes_every_measurement(tmp_path):
     # fp32 weights: 4 bytes per parameter of the preset the bench builds
     assert int(prompt["falcon"]["weight_bytes"]) == 4 * n_params(build_model(load_model_config("tiny_falcon")))
     assert float(prompt["falcon"]["decode_weight_read_gb_per_s"]) > 0
+    for row in (prompt["falcon"], prompt["mamba_sequential"]):  # bytes per second of one decode step, in 1e9 bytes
+        seconds_per_token = float(row["decode_ms_per_token"]) / 1e3
+        assert abs(float(row["decode_weight_read_gb_per_s"]) * 1e9 * seconds_per_token
+                   / int(row["decode_read_bytes"]) - 1) < 1e-6
     generated = sorted((r["mode"], int(r["generated_tokens"])) for r in rows if r["generated_tokens"])
     assert generated == [(mode, n) for mode in sorted(long_context.GENERATE_MODES) for n in (8,)]
     assert all(float(r["generate_ms_per_token"]) > 0 for r in rows if r["generated_tokens"])
+    for r in (r for r in rows if r["generated_tokens"]):  # the timed call's seconds over the generated tokens only
+        assert abs(float(r["generate_ms_per_token"]) * int(r["generated_tokens"]) / 1e3 / float(r["generate_seconds"])
+                   - 1) < 1e-6
     assert (tmp_path / "long_context.png").stat().st_size > 0
     assert (tmp_path / "generation.png").stat().st_size > 0
 
@@ -50,3 +57,25 @@ def test_decode_read_bytes_leave_out_an_untied_input_embedding():
     untied = build_model(untied_config)
     assert decode_read_bytes(tied) == param_bytes(tied)
     assert decode_read_bytes(untied) == param_bytes(untied) - 4 * untied_config.vocab_size * untied_config.hidden_size
+
+
+def test_sweep_points_and_limits(tmp_path, monkeypatch):
+    """Which points main asks the workers for (run_point stubbed: no subprocess): prompt lengths every other power
+    of two up to each mode's limit, no decode after the parallel prefill, every power for generation."""
+    calls = []
+
+    def fake_point(args, mode, length, decode_tokens):
+        calls.append((mode, length, decode_tokens))
+        if mode in long_context.GENERATE_MODES:
+            return {"mode": mode, "generated_tokens": length, "generate_ms_per_token": 1.0, "peak_rss_mb": 1.0,
+                    "device_peak_mb": None}
+        return {"mode": mode, "length": length, "prefill_seconds": 1.0, "peak_rss_mb": 1.0, "device_peak_mb": None,
+                **({"decode_ms_per_token": 1.0, "decode_weight_read_gb_per_s": 1.0} if decode_tokens else {})}
+
+    monkeypatch.setattr(long_context, "run_point", fake_point)
+    long_context.main(["--min-log2", "10", "--max-log2", "16", "--falcon-max-log2", "12", "--parallel-max-log2", "14",
+                       "--decode-tokens", "5", "--generate-min-log2", "3", "--generate-max-log2", "5",
+                       "--falcon-generate-max-log2", "4", "--out", str(tmp_path)])
+    assert calls == [("mamba_sequential", 2**k, 5) for k in (10, 12, 14, 16)] + \
+        [("mamba_parallel", 2**k, 0) for k in (10, 12, 14)] + [("falcon", 2**k, 5) for k in (10, 12)] + \
+        [("mamba_generate", 2**k, 0) for k in (3, 4, 5)] + [("falcon_generate", 2**k, 0) for k in (3, 4)]

@@ -241,3 +241,23 @@ def test_override_value_may_contain_an_equals_sign():
     """Only the first '=' separates key and value: a run directory such as runs/lr=0.1 is a common value."""
     run = load_config("tiny_falcon_mamba", ["output_dir=runs/lr=0.1,wd=0"])
     assert run.output_dir == "runs/lr=0.1,wd=0"
+
+
+def test_derived_fields_and_boundaries():
+    """new_decoder_architecture without num_ln_in_parallel_attn has ln_attn and ln_mlp (transformers' default 2);
+    an ALiBi model needs no even head_dim (no RoPE); the limits are inclusive where the message says so."""
+    from configs.schema import DataConfig, FalconConfig, MeshConfig, OptimConfig, RunConfig
+
+    nda = FalconConfig(hidden_size=48, num_attention_heads=6, num_kv_heads=2, new_decoder_architecture=True)
+    assert nda.num_ln_in_parallel_attn == 2 and nda.block_layout == "parallel_2ln"
+    assert FalconConfig(hidden_size=60, num_attention_heads=4, alibi=True).head_dim == 15
+    with pytest.raises(ConfigError, match=r"even head_dim"):
+        FalconConfig(hidden_size=60, num_attention_heads=4)
+    assert FalconMambaConfig(state_size=256).state_size == 256
+    # the decay may span every step after warm-up; the curriculum must leave at least one step at seq_len
+    assert RunConfig(steps=10, optim=OptimConfig(warmup_steps=2, decay_steps=8)).optim.decay_steps == 8
+    assert RunConfig(steps=10, data=DataConfig(length_curriculum=((8, 9),))).steps == 10
+    with pytest.raises(ConfigError, match=r"'data.length_curriculum': expected stages totalling fewer than steps"):
+        RunConfig(steps=10, data=DataConfig(length_curriculum=((8, 10),)))
+    with pytest.raises(ConfigError, match=r"'data': expected at most one mesh axis of size -1"):
+        MeshConfig(data=-1, fsdp=-1)

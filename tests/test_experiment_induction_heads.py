@@ -103,3 +103,30 @@ def test_fewer_steps_scale_the_presets_step_counts(tmp_path):
                                          r"fewer than steps \(20\)"):
         induction_heads.main(["--steps", "20", "--curriculum", "32:30", "--output-dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_evaluation_budgets_and_log2_range():
+    """Each family reads its own token budget (the transformer's prefill is quadratic: it gets 2^16 tokens a point,
+    not Falcon Mamba's 2^22), and a single evaluation length (min = max) is accepted."""
+    import pytest
+
+    args = induction_heads.parse_args([])
+    assert induction_heads.sequences_at(1 << 12, args, "falcon_mamba") == 64  # 2^22 / 2^12 = 1024, capped at 64
+    assert induction_heads.sequences_at(1 << 12, args, "falcon") == 16  # 2^16 / 2^12
+    assert induction_heads.sequences_at(1 << 20, args, "falcon_mamba") == 4  # 2^22 / 2^20
+    assert induction_heads.sequences_at(1 << 20, args, "falcon") == 4  # min_sequences
+    one = induction_heads.parse_args(["--min-log2", "6", "--max-log2", "6"])
+    assert (one.min_log2, one.max_log2) == (6, 6)
+    with pytest.raises(SystemExit):
+        induction_heads.parse_args(["--min-log2", "7", "--max-log2", "6"])
+
+
+def test_steps_at_the_presets_warmup_and_decay_scale_too(tmp_path):
+    """--steps equal to the preset's 100 warm-up steps takes a tenth of them as warm-up (warmup < steps); a
+    decay (--set optim.decay_steps) longer than what is left after warm-up is cut to fit."""
+    args = induction_heads.parse_args(["--output-dir", str(tmp_path)])
+    run = induction_heads.run_config(args.falcon_preset, args, "falcon", 100)
+    assert run.steps == 100 and run.optim.warmup_steps == 10
+    args = induction_heads.parse_args(["--output-dir", str(tmp_path), "--set", "optim.decay_steps=2900"])
+    run = induction_heads.run_config(args.falcon_mamba_preset, args, "falcon_mamba", 150)
+    assert run.optim.warmup_steps == 100 and run.optim.decay_steps == 50

@@ -186,3 +186,58 @@ def test_a_state_of_another_model_is_refused(model):
         decode(model, logits[0], state, max_new_tokens=2)
     with pytest.raises(ValueError, match=rf"^logits: expected shape \(batch, {VOCAB}\) \(vocab_size\), got \(2, 5\)"):
         decode(model, logits[:, :5], state, max_new_tokens=2)
+
+
+def _until_stop(row, stops):
+    """A free row's tokens up to and including its first stop token, NO_TOKEN after."""
+    out = np.full(len(row), NO_TOKEN)
+    for i, token in enumerate(row):
+        out[i] = token
+        if token in stops:
+            break
+    return out
+
+
+def test_a_row_that_stops_leaves_the_other_rows_running(model):
+    """Stop tokens end rows one by one: the loop (and stream) runs until every row has stopped, not the first."""
+    prompts = np.random.default_rng(2).integers(0, VOCAB, (2, 5))
+    free = generate(model, prompts, max_new_tokens=8, temperature=0)
+    stop = next(int(t) for t in free.tokens[0, :3] if t not in free.tokens[1])  # row 0 stops early, row 1 never
+    result = generate(model, prompts, max_new_tokens=8, temperature=0, stop_tokens=[stop])
+    expected = np.stack([_until_stop(row, [stop]) for row in free.tokens])
+    np.testing.assert_array_equal(result.tokens, expected)
+    assert result.steps == 8
+    streamed = np.stack(list(stream(model, prompts, max_new_tokens=8, temperature=0, stop_tokens=[stop])), axis=1)
+    np.testing.assert_array_equal(streamed, expected)
+
+
+def test_each_step_samples_with_a_fresh_key(model):
+    """Near-uniform sampling (a huge temperature): one key reused every step would draw the same Gumbel noise each
+    step, hence the same token; fresh keys give many different tokens."""
+    prompts = np.random.default_rng(6).integers(0, VOCAB, (2, 5))
+    result = generate(model, prompts, max_new_tokens=16, temperature=1e4, seed=3)
+    for i in range(2):
+        assert len(set(result.row(i))) > 4, result.row(i)
+
+
+def test_no_stop_tokens_stop_nothing(model):
+    """stop_tokens=() stops no row, whatever it generates (token 0 included)."""
+    prompts = np.ones((1, 4), np.int32)
+    _, state = model.prefill(prompts, model.init_state(1, max_len=8))
+    logits = np.zeros((1, VOCAB), np.float32)
+    logits[0, 0] = 10.0  # the first generated token is 0
+    result = decode(model, logits, state, max_new_tokens=3, temperature=0)
+    assert result.steps == 3 and result.tokens[0, 0] == 0 and (result.tokens != NO_TOKEN).all()
+
+
+def test_generate_gives_the_kv_cache_room_for_every_step():
+    """generate sizes the KV cache itself: a cache short by one slot for the tokens the loop feeds would write
+    the last ones over earlier ones (dynamic_update_slice clamps) and change the last tokens. A model with a
+    10x initializer_range, whose next token depends on the context (at 0.02 it hardly does), must generate what
+    decode generates from a roomy cache."""
+    model = build_model(load_model_config("tiny_falcon", ["num_hidden_layers=1", f"vocab_size={VOCAB}",
+                                                          "initializer_range=0.2"]), seed=2)
+    prompts = np.random.default_rng(7).integers(0, VOCAB, (8, 2))
+    logits, state = model.prefill(prompts, model.init_state(8, max_len=16))
+    roomy = decode(model, logits, state, max_new_tokens=4, temperature=0)
+    np.testing.assert_array_equal(generate(model, prompts, max_new_tokens=4, temperature=0).tokens, roomy.tokens)

@@ -83,3 +83,17 @@ def test_preset_parameter_count(preset):
     assert held + tied_copy == published
     # the rounded published figure matches one of the two ways of counting to its last digit
     assert min(abs(unique - ROUNDED[preset]), abs(published - ROUNDED[preset])) < 0.005 * ROUNDED[preset]
+
+
+def test_build_model_draws_its_weights_from_the_seed():
+    """build_model(config, seed): the same seed the same weights, another seed other weights (for both families)."""
+    import numpy as np
+
+    from configs import load_model_config
+    from experiments.models import build_model
+
+    for preset in ("tiny_falcon_mamba", "tiny_falcon"):
+        config = load_model_config(preset, ["num_hidden_layers=1", "vocab_size=32"])
+        leaves = [jax.tree.leaves(nnx.state(build_model(config, seed=s), nnx.Param)) for s in (3, 3, 4)]
+        assert all(np.array_equal(a, b) for a, b in zip(leaves[0], leaves[1]))
+        assert not all(np.array_equal(a, c) for a, c in zip(leaves[0], leaves[2]))

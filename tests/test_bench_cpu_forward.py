@@ -1,0 +1,17 @@
+"""experiments.bench.cpu_forward at toy sizes: the row it reports is consistent (JAX and transformers agree on the
+logits of the exported weights; the speedup is transformers' seconds over JAX's). bench_scans (ten compiles)
+is left to the script."""
+
+from __future__ import annotations
+
+import argparse
+
+from experiments.bench import cpu_forward
+
+
+def test_cpu_forward_rows_are_consistent():
+    args = argparse.Namespace(preset="tiny_falcon_mamba", length=16, batch=2, repeats=1, torch_threads=1)
+    row = cpu_forward.bench_model(args, vocab=64)
+    assert row["vocab_size"] == 64 and row["max_abs_logits_diff"] < 1e-4
+    assert abs(row["speedup_vs_transformers"] * row["jax_seconds"] / row["transformers_seconds"] - 1) < 1e-9
+    assert abs(row["jax_tokens_per_s"] * row["jax_seconds"] / 32 - 1) < 1e-9
