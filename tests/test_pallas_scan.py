@@ -402,8 +402,8 @@ MESH_SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), **GRAD_TOL)
 
     # one batch row (data x fsdp = 4 does not divide it): the channels are still split over tensor
-    row = tuple(a[:1] for a in args[:2]) + args[2:3] + tuple(a[:1] for a in args[3:5]) + args[5:6] \
-        + (args[6][:1],) + args[7:8] + (args[8][:1],)
+    batched = (0, 1, 3, 4, 6, 8)  # u, delta, B, C, z, initial_state (not A, D, delta_bias)
+    row = tuple(a[:1] if i in batched else a for i, a in enumerate(args))
     forward = jax.jit(lambda args: loss(args)[1])
     want_out = forward(row)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
