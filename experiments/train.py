@@ -149,6 +149,19 @@ def check_resume(previous: RunConfig, run: RunConfig, output_dir) -> None:
                               f"starts a new run)")
 
 
+def check_position(position: dict, run: RunConfig, output_dir) -> None:
+    """A checkpoint's data position ({"step", "task", "seed"}) fits the resumed run: the same seed and task (the
+    stream; checked here too as config.yaml may be gone, and check_resume with it), steps not below its step."""
+    step = int(position["step"])
+    for field, key, value in (("seed", "seed", run.seed), ("data.task", "task", run.data.task)):
+        if position.get(key, value) != value:
+            raise ConfigError(f"config field '{field}': resuming {str(output_dir)!r} needs the value its "
+                              f"checkpoint step {step} was trained with, {position[key]!r}; got {value!r}")
+    if step > run.steps:
+        raise ConfigError(f"config field 'steps': expected at least {step} (the newest checkpoint in "
+                          f"{str(output_dir)!r}; a resume continues it), got {run.steps}")
+
+
 class Setup(NamedTuple):
     """What the training loop needs, built from the config alone (nothing is computed on devices yet)."""
 
@@ -213,29 +226,20 @@ def train(run: RunConfig) -> list[dict]:
     output_dir = Path(run.output_dir)
     checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
     start = checkpointer.latest_step()
-    if start is not None and (output_dir / "config.yaml").is_file():
-        try:
+    try:  # a run that cannot resume is refused here, before its config.yaml is rewritten
+        if start is not None and (output_dir / "config.yaml").is_file():
             check_resume(load_config(output_dir / "config.yaml", []), run, output_dir)
-        except ConfigError:
-            checkpointer.close()
-            raise
-    if start is None:
-        start = 0
-        state = jax.jit(setup.init_state, out_shardings=state_shardings)()
-    else:
-        target = abstract_with_shardings(jax.eval_shape(setup.init_state), state_shardings)
-        state, position = checkpointer.restore(start, target)
-        # the data position records the stream; checked here too as config.yaml may be gone (then no check_resume)
-        for field, key, value in (("seed", "seed", run.seed), ("data.task", "task", run.data.task)):
-            if position.get(key, value) != value:
-                checkpointer.close()
-                raise ConfigError(f"config field '{field}': resuming {str(output_dir)!r} needs the value its "
-                                  f"checkpoint step {start} was trained with, {position[key]!r}; got {value!r}")
-        if start > run.steps:
-            checkpointer.close()
-            raise ConfigError(f"config field 'steps': expected at least {start} (the newest checkpoint in "
-                              f"{str(output_dir)!r}; a resume continues it), got {run.steps}")
-        start = int(position["step"])
+        if start is None:
+            start = 0
+            state = jax.jit(setup.init_state, out_shardings=state_shardings)()
+        else:
+            target = abstract_with_shardings(jax.eval_shape(setup.init_state), state_shardings)
+            state, position = checkpointer.restore(start, target)
+            check_position(position, run, output_dir)
+            start = int(position["step"])
+    except ConfigError:
+        checkpointer.close()
+        raise
     if jax.process_index() == 0:  # after a restore: a run that cannot resume leaves its config.yaml as it was
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
