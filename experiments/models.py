@@ -47,8 +47,7 @@ def param_bytes(model) -> int:
 def decode_read_bytes(model) -> int:
     """The parameter bytes batch-1 decode reads once per token: all of them but an untied input embedding, of which
     a step gathers one row (tied, the table is read whole as the output projection)."""
-    table = getattr(model, "embeddings", None) or getattr(model, "word_embeddings", None)
-    untied = 0 if model.config.tie_word_embeddings or table is None else table.embedding[...].nbytes
+    untied = 0 if model.lm_head is None else model.input_embedding.embedding[...].nbytes
     return param_bytes(model) - int(untied)
 
 

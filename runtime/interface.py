@@ -6,12 +6,14 @@ A family's LM subclasses CausalLM and provides (traceable, no checks inside):
         state None: a plain forward. Otherwise continue from ``state``; only each row's first n_valid
         (batch,) tokens are real (right padding) and the rest leave the state as it was. ``remat``: a
         jax.checkpoint policy; each layer is then called through ``call_layer`` (rematerialised one by one).
-    logits(hidden) -> fp32 logits (..., vocab)
+    input_embedding -> its token embedding (an Embed), with ``lm_head`` None where the output projection is
+        tied to it (logits, below, then attend through it)
     init_state(batch_size, max_len=None) -> DecodeState
     state_capacity(state) -> positions the state can hold (None: unbounded)
 
-CausalLM builds the public, checked and jit-compiled API on them: __call__ (full logits), prefill (chunk by
-chunk, carrying the state), step (one token) and log_likelihood (chunked, never seqlen x vocab logits).
+CausalLM builds on them logits(hidden) (fp32, (..., vocab)) and the public, checked and jit-compiled API:
+__call__ (full logits), prefill (chunk by chunk, carrying the state), step (one token) and log_likelihood
+(chunked, never seqlen x vocab logits).
 """
 
 from __future__ import annotations
@@ -146,8 +148,15 @@ class CausalLM(nnx.Module):
     def run(self, input_ids, state):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def logits(self, hidden):  # pragma: no cover - abstract
+    @property
+    def input_embedding(self):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def logits(self, hidden):
+        """fp32 logits from final hidden states: the lm_head, or the input embedding where it is tied."""
+        if self.lm_head is None:
+            return self.input_embedding.attend(hidden)
+        return self.lm_head(hidden, out_dtype=jnp.float32)
 
     def init_state(self, batch_size: int, max_len: int | None = None):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -176,11 +176,9 @@ class FalconMambaLM(CausalLM):
         added = jnp.full_like(state.lengths, input_ids.shape[1]) if n_valid is None else n_valid
         return self.norm_f(h), DecodeState(new_layers, state.lengths + added)
 
-    def logits(self, hidden):
-        """fp32 logits from final hidden states."""
-        if self.lm_head is None:
-            return self.embeddings.attend(hidden)
-        return self.lm_head(hidden, out_dtype=jnp.float32)
+    @property
+    def input_embedding(self) -> Embed:
+        return self.embeddings
 
     def init_state(self, batch_size: int, max_len: int | None = None) -> DecodeState:
         """Zero conv and SSM states for every layer; their size does not depend on ``max_len`` (unused)."""

@@ -178,11 +178,9 @@ class FalconLM(CausalLM):
             caches.append(cache)
         return self.ln_f(h), DecodeState(caches, kv_length)
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        """fp32 logits from final hidden states."""
-        if self.lm_head is None:
-            return self.word_embeddings.attend(h)
-        return self.lm_head(h, out_dtype=jnp.float32)
+    @property
+    def input_embedding(self) -> Embed:
+        return self.word_embeddings
 
     def init_state(self, batch_size: int, max_len: int | None = None) -> DecodeState:
         """An empty KV cache of ``max_len`` positions per row; only the KV heads are stored."""
