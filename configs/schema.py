@@ -38,8 +38,7 @@ def _positive_int(obj: Any, *names: str) -> None:
 def _positive_number(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                 and value > 0, name, "a finite positive number", value)
+        _require(_is_number(value) and math.isfinite(value) and value > 0, name, "a finite positive number", value)
 
 
 def _check_types(obj: Any) -> None:
@@ -313,6 +312,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    """An int or a float, not a bool: a config built in Python may say weight_decay=0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     """Named mesh axes; -1 means "all devices the other axes leave". ``rules`` maps logical axis names to
@@ -353,11 +357,10 @@ class OptimConfig:
         _positive_number(self, "learning_rate", "eps")
         for name in ("end_lr_ratio", "weight_decay", "clip_norm"):
             value = getattr(self, name)
-            _require(isinstance(value, float) and 0 <= value < math.inf, name, "a finite non-negative number",
-                     value)
+            _require(_is_number(value) and 0 <= value < math.inf, name, "a finite non-negative number", value)
         for name in ("b1", "b2"):
             value = getattr(self, name)
-            _require(isinstance(value, float) and 0 <= value < 1, name, "a number in [0, 1)", value)
+            _require(_is_number(value) and 0 <= value < 1, name, "a number in [0, 1)", value)
         for name in ("warmup_steps", "decay_steps"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 0, name, "an integer >= 0", value)
