@@ -340,8 +340,10 @@ def _forward(cfg: _Config, u, delta, A_t, B, C, h0, D, z, bias, checkpoints=True
 
 def _backward_kernel(cfg: _Config, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, ckpt_ref, dout_ref, dlast_ref, *rest = refs
-    D_ref, z_ref, bias_ref = _optional(rest[:-10], (cfg.has_D, cfg.has_z, cfg.has_bias))
-    du_ref, ddelta_ref, dz_ref, dA_ref, dB_ref, dC_ref, dD_ref, dbias_ref, dh0_ref, work_ref = rest[-10:]
+    n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
+    D_ref, z_ref, bias_ref = _optional(rest[:n_opt], (cfg.has_D, cfg.has_z, cfg.has_bias))
+    (du_ref, ddelta_ref, dz_ref, dA_ref, dB_ref, dC_ref, dD_ref, dbias_ref, dh0_ref,
+     work_ref) = with_dz(rest[n_opt:], cfg.has_z)
     A2, D, bias = _channel_constants(cfg, A_ref, D_ref, bias_ref)
 
     def recompute_inputs(t):
@@ -420,19 +422,19 @@ def _backward(cfg: _Config, res, dout, dlast):
         grid=(batch, n_blocks),
         in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["ckpt"], s["rows"], s["state"]]
         + opt_specs,
-        out_specs=[s["rows"], s["rows"], s["rows"], s["state"], s["partial_cols"], s["partial_cols"],
-                   s["partial_chan"], s["partial_chan"], s["state"], s["work"]],
+        out_specs=[s["rows"]] * len(rows) + [s["state"], s["partial_cols"], s["partial_cols"], s["partial_chan"],
+                                             s["partial_chan"], s["state"], s["work"]],
         out_shape=rows + [state, partial_cols, partial_cols, partial_chan, partial_chan, state, work],
         interpret=cfg.interpret,
         compiler_params=cfg.compiler_params(),
         name="selective_scan_bwd",
     )(u, delta, A_t, B, C, ckpt, dout, dlast, *opt_args)
-    du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, _ = grads
+    du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, _ = with_dz(grads, z is not None)
 
     return (du, ddelta, dA.sum(0).astype(A_t.dtype),
             sum_per_group(dB, cfg.groups).astype(B.dtype), sum_per_group(dC, cfg.groups).astype(C.dtype),
             None if D is None else dD.sum(0).astype(D.dtype),
-            None if z is None else dz,
+            dz,
             None if bias is None else dbias.sum(0).astype(bias.dtype), dh0)
 
 
@@ -538,10 +540,17 @@ def _vary_alike(*arrays):
 
 
 def backward_rows(u, delta, z):
-    """The backward kernels' du, ddelta, dz outputs (b, padded, d): in u's, delta's and z's dtypes, rounded once
-    from the kernels' fp32 values as they are stored (an fp32 output cast afterwards would round the same and
-    move 5x the bytes of a bf16 one)."""
-    return [_out(x.shape, x.dtype, u) for x in (u, delta, u if z is None else z)]
+    """The backward kernels' du, ddelta and (with z) dz outputs (b, padded, d): in u's, delta's and z's dtypes,
+    rounded once from the kernels' fp32 values as they are stored (an fp32 output cast afterwards would round
+    the same and move 5x the bytes of a bf16 one)."""
+    return [_out(x.shape, x.dtype, u) for x in (u, delta, z) if x is not None]
+
+
+def with_dz(outputs, has_z):
+    """The backward kernel's outputs (refs inside it, arrays after it) with None in dz's place where there is no z
+    (no dz is allocated or written then)."""
+    du, ddelta, *rest = outputs
+    return [du, ddelta] + (rest[:1] if has_z else [None]) + rest[has_z:]
 
 
 def sum_per_group(x, groups):

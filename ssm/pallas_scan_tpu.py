@@ -43,7 +43,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ssm.pallas_scan import _F32, LOG2E, _optional, _optional_inputs, _out, _softplus, backward_rows, sum_per_group
+from ssm.pallas_scan import (_F32, LOG2E, _optional, _optional_inputs, _out, _softplus, backward_rows, sum_per_group,
+                             with_dz)
 
 LANES = 128
 FORWARD_UNROLL = 8  # steps per iteration of the forward step loops (static estimate: docs/GPU.md)
@@ -252,7 +253,7 @@ def _backward_kernel(cfg, R, *refs):
     n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
     D_ref, z_ref, bias_ref = _optional(rest[:n_opt], (cfg.has_D, cfg.has_z, cfg.has_bias))
     (du_ref, ddelta_ref, dz_ref, dA_ref, dB_ref, dC_ref, dD_ref, dbias_ref, dh0_ref,
-     g_s, dA_acc, dD_acc, dbias_acc, dt_s, x_s, y_s, Bb_s, Cb_s, H_s, dB_s, dC_s) = rest[n_opt:]
+     g_s, dA_acc, dD_acc, dbias_acc, dt_s, x_s, y_s, Bb_s, Cb_s, H_s, dB_s, dC_s) = with_dz(rest[n_opt:], cfg.has_z)
     r = pl.program_id(2)
     n, T = A_ref.shape[0], cfg.tile
 
@@ -289,8 +290,6 @@ def _backward_kernel(cfg, R, *refs):
         gate = jax.nn.sigmoid(zt)
         dz_ref[...] = (dy * y * gate * (1.0 + zt * (1.0 - gate))).astype(dz_ref.dtype)
         dy = dy * zt * gate                             # d loss / d (y + D u)
-    else:
-        dz_ref[...] = jnp.zeros_like(dz_ref)
     _to_steps(dy, y_s, R)                               # y_s now holds dy by step
 
     def reverse_step(i, carry):  # g: d loss / d state after step t, through the later steps
@@ -356,13 +355,13 @@ def backward(cfg, res, dout, dlast):
     state = _out((batch, n, dim // P, P), _F32, u)
     partial_cols = _out((batch, n_blocks, cfg.n_tiles, 1, T * n), _F32, u)
     partial_chan = _out((batch, 1, dim), _F32, u)
-    du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = pl.pallas_call(
+    grads = pl.pallas_call(
         functools.partial(_backward_kernel, cfg, R),
         grid=(batch, n_blocks, cfg.n_tiles),
         in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["ckpt"], s["rows"], s["state"]]
         + opt_specs,
-        out_specs=[s["rows"], s["rows"], s["rows"], s["state"], s["partial_cols"], s["partial_cols"],
-                   s["partial_chan"], s["partial_chan"], s["state"]],
+        out_specs=[s["rows"]] * len(rows) + [s["state"], s["partial_cols"], s["partial_cols"], s["partial_chan"],
+                                             s["partial_chan"], s["state"]],
         out_shape=rows + [state, partial_cols, partial_cols, partial_chan, partial_chan, state],
         scratch_shapes=[pltpu.VMEM((n, R, P), _F32), pltpu.VMEM((n, R, P), _F32), pltpu.VMEM((1, R * P), _F32),
                         pltpu.VMEM((1, R * P), _F32)] + _step_scratch(cfg, n, R, P)
@@ -370,6 +369,7 @@ def backward(cfg, res, dout, dlast):
         name="selective_scan_bwd_tpu",
         **_params(cfg),
     )(u, delta, _split(A_t, dim), B, C, ckpt, dout, _split(dlast, dim), *opt_args)
+    du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = with_dz(grads, z is not None)
 
     def per_group(partial):  # (b, n_blocks, n_tiles, 1, tile * n) -> (b, groups, padded, n)
         return sum_per_group(partial.reshape(batch, n_blocks, padded, n), cfg.groups)
@@ -377,5 +377,5 @@ def backward(cfg, res, dout, dlast):
     return (du, ddelta, dA.sum(0).reshape(n, dim).astype(A_t.dtype),
             per_group(dB).astype(B.dtype), per_group(dC).astype(C.dtype),
             None if D is None else dD.sum(0).astype(D.dtype),
-            None if z is None else dz,
+            dz,
             None if bias is None else dbias.sum(0).astype(bias.dtype), dh0.reshape(batch, n, dim))

@@ -281,7 +281,7 @@ def _pallas_calls(jaxpr):
 def test_kernels_write_only_what_is_used(kernel, dim):
     """Without differentiation the forward kernel writes out and the last state, not the tile-boundary states
     (which only the backward reads); under jax.grad it writes them, and the backward kernel stores du, ddelta and
-    dz in the inputs' dtype (bf16 here) rather than in fp32 that XLA would cast afterwards."""
+    dz in the inputs' dtype (bf16 here) rather than in fp32 that XLA would cast afterwards, and no dz without z."""
     from ssm.pallas_scan import selective_scan_pallas
 
     rng = np.random.default_rng(0)
@@ -300,6 +300,10 @@ def test_kernels_write_only_what_is_used(kernel, dim):
     assert [v.aval.shape for v in forward.outvars][2:] == [(batch, 2, dstate, dim) if kernel == "triton"
                                                             else (batch, 2, dstate, dim // 128, 128)]
     assert [v.aval.dtype for v in backward.outvars[:3]] == [jnp.dtype(jnp.bfloat16)] * 3
+    # without z the backward has no dz to store: du and ddelta are its only (b, l, d) outputs
+    no_z = jax.grad(lambda u, delta: scan(u, delta, None).astype(jnp.float32).sum(), argnums=(0, 1))
+    _, backward = _pallas_calls(jax.make_jaxpr(no_z)(u, delta).jaxpr)
+    assert [v.aval.shape for v in backward.outvars].count((batch, length, dim)) == 2
 
 
 SHARD_SCRIPT = textwrap.dedent("""

@@ -150,3 +150,27 @@ def test_bad_options(capsys):
     assert "argument 'bogus': expected key=value" in capsys.readouterr().err
     assert plan_lib.main(["tiny_falcon", "devices=two"]) == 1
     assert "option 'devices': expected an integer, got 'two'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["tiny_falcon_mamba", "tiny_falcon"])
+def test_remat_estimate_keeps_each_layer_input_and_one_layer_residuals(preset):
+    """The estimate without remat grows by one layer's saved residuals per layer; with remat=full by the layer's
+    input alone (batch x seq x hidden, fp32 residual stream), plus one layer's residuals for the layer being
+    recomputed whatever the depth; remat=dots keeps more than the input and less than everything."""
+    from configs import load_config
+
+    hidden = load_config(preset, []).model.hidden_size
+    batch, seq = 8, 128
+
+    def activations(remat, layers):
+        plan = plan_lib.plan(preset, [f"remat={remat}", f"model.num_hidden_layers={layers}"], devices=1,
+                             batch=batch, seq_len=seq, activations="estimate")
+        return plan["per_device_bytes"]["activations"]
+
+    none, full, dots = ({layers: activations(remat, layers) for layers in (2, 4)} for remat in ("none", "full", "dots"))
+    layer_input = batch * seq * hidden * 4
+    assert full[4] - full[2] == 2 * layer_input
+    per_layer = (none[4] - none[2]) // 2
+    assert per_layer > layer_input
+    assert full[2] - none[2] == 2 * layer_input + per_layer - 2 * per_layer   # L inputs + 1 layer vs L layers
+    assert 2 * layer_input < dots[4] - dots[2] < 2 * per_layer
