@@ -143,7 +143,8 @@ def _state_layout(model, batch: int, capacity: int | None):
 
 
 class CausalLM(nnx.Module):
-    """Base of both families' LMs. Subclasses set ``self.config`` and define run, logits, init_state."""
+    """Base of both families' LMs. Subclasses set ``self.config`` and ``self.lm_head`` (None where the head is tied
+    to the input embedding) and define run, input_embedding, init_state and state_capacity."""
 
     def run(self, input_ids, state):  # pragma: no cover - abstract
         raise NotImplementedError

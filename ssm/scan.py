@@ -21,8 +21,8 @@ Implementations (``impl``), all computing the same function and checked against 
   * "sequential": the same forward walk, with a hand-written backward pass (mamba_ssm's algorithm): the
     forward keeps only the state at each chunk boundary; the backward walks the chunks in reverse,
     recomputes the states inside a chunk and runs the adjoint recurrence step by step. Training memory
-    O(batch x seqlen/chunk x dim x dstate + batch x chunk x dim x dstate). On a 2-core CPU its gradient is
-    4-7x faster than "reference"'s (docs/BENCHMARKS.md).
+    O(batch x seqlen/chunk x dim x dstate + batch x chunk x dim x dstate). On a 2-core CPU its forward +
+    backward is 3-5x faster than "reference"'s (docs/BENCHMARKS.md).
   * "chunked": a ``lax.scan`` over chunks of ``chunk_size`` steps; inside a chunk a parallel
     (associative) scan. Each chunk body is rematerialised (``jax.checkpoint``), so the backward pass keeps
     only the state at chunk boundaries: O(batch x seqlen x dim + batch x seqlen/chunk x dim x dstate).
