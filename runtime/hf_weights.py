@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -40,18 +41,6 @@ class WeightSpec:
         if self.transform not in TRANSFORMS:
             raise ValueError(f"WeightSpec {self.hf_name!r}: transform expected one of {TRANSFORMS}, "
                              f"got {self.transform!r}")
-
-
-def _to_ours(array: np.ndarray, transform: str, shape: tuple[int, ...]) -> np.ndarray:
-    if transform == "linear":
-        return array.T
-    if transform == "conv":
-        return array.reshape(array.shape[0], array.shape[-1]).T
-    if transform == "stacked_linear":
-        return array.T.reshape(shape)
-    if transform == "stacked":
-        return array.reshape(shape)
-    return array
 
 
 def _to_hf(array: np.ndarray, transform: str) -> np.ndarray:
@@ -113,24 +102,6 @@ def _tensor_name(tensors: Mapping[str, Any], spec: WeightSpec, source: str) -> s
     return name
 
 
-def load_weights(module: Any, tensors: Mapping[str, np.ndarray], specs: list[WeightSpec],
-                 source: str = "checkpoint") -> list[str]:
-    """Copies every spec'd tensor into ``module``; returns the names of tensors no spec used."""
-    used = set()
-    for spec in specs:
-        name = _tensor_name(tensors, spec, source)
-        param = resolve(module, spec.path)
-        expected = hf_shape(tuple(param.shape), spec.transform)
-        array = tensors[name]
-        if tuple(array.shape) != expected:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, the config "
-                                  f"needs {expected}")
-        param.set_value(jnp.asarray(_to_ours(np.asarray(array), spec.transform, tuple(param.shape)),
-                                    dtype=param[...].dtype))
-        used.add(name)
-    return sorted(set(tensors) - used)
-
-
 def param_path(path: tuple[Any, ...]) -> str:
     """The dotted parameter path ("layers.0.mixer.in_proj.kernel") of a WeightSpec path."""
     return ".".join(str(key) for key in path)
@@ -154,9 +125,12 @@ def sharding_from_rules(name: str, path: str, shape: tuple[int, ...], table, mes
 def _check_divisible(name: str, path: str, shape: tuple[int, ...], sharding) -> None:
     """Names the tensor when ``sharding`` cannot split ``shape`` evenly (a checkpoint/config that does not
     fit the mesh)."""
+    if not isinstance(sharding, jax.sharding.Sharding):
+        raise CheckpointError(f"tensor {name!r} (parameter {path!r}): expected a jax.sharding.Sharding from "
+                              f"shardings, got {sharding!r}")
     try:
         shard = sharding.shard_shape(shape)
-    except ValueError as err:
+    except (ValueError, IndexError) as err:  # IndexError: a spec longer than the shape
         raise CheckpointError(f"tensor {name!r} (parameter {path!r}, shape {shape}) does not fit the mesh "
                               f"sharding {sharding}: {err}") from None
     if len(shard) != len(shape):
@@ -174,8 +148,6 @@ def load_weights_streaming(module: Any, tensors: Mapping[str, Any], specs: list[
     converted to the parameter dtype and placed by jax.make_array_from_callback; the map is dropped before
     the next tensor. Host memory thus holds one tensor's pages plus one slice copy at a time, and a process
     reads only the slices of its own devices. Returns the names of tensors no spec used."""
-    import jax
-
     used = set()
     for spec in specs:
         name = _tensor_name(tensors, spec, source)
@@ -187,6 +159,9 @@ def load_weights_streaming(module: Any, tensors: Mapping[str, Any], specs: list[
         if tuple(source_tensor.shape) != expected:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(source_tensor.shape)}, the config "
                                   f"needs {expected}")
+        if not jnp.issubdtype(source_tensor.dtype, jnp.floating):  # an int tensor would load as a float of it
+            raise CheckpointError(f"{source}: tensor {name!r} has dtype {source_tensor.dtype}, expected a floating "
+                                  f"point dtype (the parameter is {dtype})")
         path = param_path(spec.path)
         sharding = shardings(name, path, shape)
         _check_divisible(name, path, shape, sharding)
@@ -210,8 +185,6 @@ def load_weights_streaming(module: Any, tensors: Mapping[str, Any], specs: list[
 
 
 def _leaves_with_paths(module: Any):
-    import jax
-
     state = nnx.state(module)
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         yield jax.tree_util.keystr(path), leaf
@@ -222,9 +195,11 @@ def resolve_shardings(mesh=None, rules=None, shardings=None, table=None):
     ``shardings`` {param path: Sharding} (e.g. experiments.mesh.param_shardings) or a callable of the path;
     or ``mesh`` plus optional ``rules`` (logical axis -> mesh axes over DEFAULT_SHARDING_RULES) with the
     family's parameter -> logical axes ``table``; or nothing: the default device."""
-    import jax
     from jax.sharding import SingleDeviceSharding
 
+    if shardings is not None and mesh is not None:
+        raise CheckpointError("mesh, shardings: expected at most one of them (shardings places every parameter), "
+                              "got both")
     if shardings is not None:
         if callable(shardings):
             return lambda name, path, shape: shardings(path)

@@ -52,7 +52,7 @@ def call_layer(layer, remat, *args):
 def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids", ndim: int = 2) -> jax.Array:
     """Checks rank, integer dtype and the vocabulary range (jnp indexing would clamp silently)."""
     if isinstance(input_ids, (list, tuple)):
-        input_ids = np.asarray(input_ids)
+        input_ids = _rectangular(name, input_ids)
     if not hasattr(input_ids, "shape") or input_ids.ndim != ndim:
         layout = "(batch, seq)" if ndim == 2 else "(batch,)"
         raise ValueError(f"{name}: expected an integer array of shape {layout}, got shape {shape_of(input_ids)}")
@@ -67,6 +67,15 @@ def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids", ndim: i
             bad = low if low < 0 else high
             raise ValueError(f"{name}: token ids must be in [0, {vocab_size}) (vocab_size), got {bad}")
     return jnp.asarray(input_ids, jnp.int32)
+
+
+def _rectangular(name: str, rows) -> np.ndarray:
+    """A nested list as an array; a ragged one (rows of different lengths) named, not NumPy's message."""
+    try:
+        return np.asarray(rows)
+    except ValueError:
+        raise ValueError(f"{name}: expected rows of equal length (pad them and pass attention_mask), got lengths "
+                         f"{[len(row) if isinstance(row, (list, tuple)) else 'scalar' for row in rows]}") from None
 
 
 @nnx.jit
@@ -112,9 +121,13 @@ def normalize_padding(input_ids, attention_mask=None, lengths=None):
         return input_ids, jnp.asarray(lengths, jnp.int32)
     if attention_mask is None:
         return input_ids, jnp.full((batch,), seq, jnp.int32)
-    mask = np.asarray(attention_mask)
+    mask = _rectangular("attention_mask", attention_mask) if isinstance(attention_mask, (list, tuple)) else (
+        np.asarray(attention_mask))
     if mask.shape != (batch, seq):
         raise ValueError(f"attention_mask: expected shape {(batch, seq)} like input_ids, got {mask.shape}")
+    if not ((mask == 0) | (mask == 1)).all():  # an additive mask (0 / -inf) would read as left padding
+        bad = mask[~((mask == 0) | (mask == 1))].flat[0]
+        raise ValueError(f"attention_mask: expected 1 for a real token and 0 for padding (bool or 0/1), got {bad}")
     mask = mask.astype(bool)
     counts = mask.sum(axis=1)
     first = mask.argmax(axis=1)
@@ -204,9 +217,13 @@ class CausalLM(nnx.Module):
                                  f"model's init_state), got {shape_of(got)} {getattr(got, 'dtype', None)}")
 
     def _check_fits(self, state, new_tokens: int, name: str = "input_ids") -> None:
+        """The state's lengths are token counts (>= 0) with room for ``new_tokens`` more in a KV cache."""
+        lengths = np.asarray(state.lengths)
+        if lengths.min() < 0:
+            raise ValueError(f"state.lengths: expected token counts (integers >= 0), got {lengths.tolist()}")
         capacity = self.state_capacity(state)
         if capacity is not None:
-            used = int(jnp.max(state.lengths))
+            used = int(lengths.max())
             if used + new_tokens > capacity:
                 raise ValueError(f"{name}: {new_tokens} new tokens after {used} cached ones need {used + new_tokens}"
                                  f" positions, but the KV cache holds max_len={capacity}; init_state with a "

@@ -12,7 +12,7 @@ import re
 from typing import Mapping
 
 import jax
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 
 from configs.schema import DEFAULT_SHARDING_RULES, MESH_AXES
 
@@ -32,6 +32,8 @@ def logical_axes(table, path: str) -> tuple[str, ...]:
 def check_mesh_axes(mesh: Mesh) -> None:
     """A mesh given by a caller (not built by experiments.mesh) splits only over the mesh axes the sharding rules
     name (configs.schema.MESH_AXES); an axis of size > 1 under another name would silently split nothing."""
+    if not isinstance(mesh, (Mesh, AbstractMesh)):
+        raise MeshError(f"mesh: expected a jax.sharding.Mesh, got {mesh!r}")
     unknown = {a: n for a, n in mesh.shape.items() if a not in MESH_AXES and n > 1}
     if unknown:
         raise MeshError(f"mesh: axes {unknown} are not mesh axes the sharding rules use; expected names among "

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from runtime.checks import is_integer
+from runtime.checks import check_positive_int, is_integer
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -96,6 +96,8 @@ def write_file(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]] | Map
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for name, array in items:
+        if name in header:
+            raise CheckpointError(f"tensor {name!r}: given twice")
         dtype = np.dtype(array.dtype)
         if dtype not in NAMES:
             raise CheckpointError(f"tensor {name!r}: dtype {dtype} cannot be written to safetensors")
@@ -122,9 +124,7 @@ def iter_checkpoint_files(directory: str | Path) -> Iterator[Path]:
     if single.is_file():
         yield single
     elif index.is_file():
-        with open(index) as fh:
-            weight_map = json.load(fh).get("weight_map", {})
-        for shard in sorted(set(weight_map.values())):
+        for shard in _index_shards(index):
             if not (directory / shard).is_file():
                 raise CheckpointError(f"{str(index)!r} lists shard {shard!r}, which is missing")
             yield directory / shard
@@ -136,12 +136,42 @@ def iter_checkpoint_files(directory: str | Path) -> Iterator[Path]:
             raise CheckpointError(f"{str(directory)!r}: no model.safetensors, index or *.safetensors file")
 
 
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names an index's weight_map lists: plain names of files beside the index."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise CheckpointError(f"{str(index)!r}: expected a JSON object with a weight_map, got unreadable "
+                              f"JSON or another value ({err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{str(index)!r}: expected weight_map to map tensor names to shard file names, got "
+                              f"{type(weight_map).__name__}")
+    shards = sorted(set(weight_map.values()))
+    outside = [s for s in shards if Path(s).name != s or s in (".", "..")]
+    if outside:  # a shard elsewhere (../other/model.safetensors) would be read from outside the directory
+        raise CheckpointError(f"{str(index)!r}: expected shard file names in its directory, got {outside}")
+    return shards
+
+
+def _from_every_file(directory: str | Path, read) -> dict:
+    """name -> read(path)[name] over every file of a HF checkpoint directory; a name in two files is refused
+    (one would silently replace the other)."""
+    tensors: dict = {}
+    where: dict[str, Path] = {}
+    for path in iter_checkpoint_files(directory):
+        found = read(path)
+        for name in found:
+            if name in where:
+                raise CheckpointError(f"{str(directory)!r}: tensor {name!r} is in both {where[name].name!r} and "
+                                      f"{path.name!r}")
+            where[name] = path
+        tensors.update(found)
+    return tensors
+
+
 def open_checkpoint(directory: str | Path) -> dict[str, np.ndarray]:
     """name -> memory-mapped array over every file of a HF checkpoint directory."""
-    tensors: dict[str, np.ndarray] = {}
-    for path in iter_checkpoint_files(directory):
-        tensors.update(open_tensors(path))
-    return tensors
+    return _from_every_file(directory, open_tensors)
 
 
 class LazyTensor:
@@ -190,10 +220,7 @@ def lazy_tensors(path: str | Path) -> dict[str, LazyTensor]:
 
 def open_checkpoint_lazy(directory: str | Path) -> dict[str, LazyTensor]:
     """name -> LazyTensor over every file of a HF checkpoint directory (headers only; nothing is mapped)."""
-    tensors: dict[str, LazyTensor] = {}
-    for path in iter_checkpoint_files(directory):
-        tensors.update(lazy_tensors(path))
-    return tensors
+    return _from_every_file(directory, lazy_tensors)
 
 
 class _ShardWriter:
@@ -244,13 +271,18 @@ def write_checkpoint(directory: str | Path, tensors: Iterable[tuple[str, np.ndar
     Streams: each tensor is written to disk as it comes from the iterator and then dropped, so host memory
     holds one tensor at a time whatever the checkpoint size. Shards are written under temporary names and
     renamed once their count is known; every file is replaced atomically."""
+    check_positive_int("max_shard_bytes", max_shard_bytes)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
     done: list[_ShardWriter] = []
     current: _ShardWriter | None = None
+    names: set[str] = set()
     try:
         for name, array in tensors:
+            if name in names:  # the index would map it to one shard, the other copy unreachable
+                raise CheckpointError(f"tensor {name!r}: given twice")
+            names.add(name)
             if current is not None and current.size and current.size + array.nbytes > max_shard_bytes:
                 current.finish()
                 done.append(current)

@@ -119,6 +119,22 @@ def test_bad_inputs(model, ids):
         model.prefill(ids[:, :4], state, attention_mask=np.array([[1, 0, 1, 1], [1, 1, 1, 1]]))
     with pytest.raises(ValueError, match=r"lengths: expected values in \[1, 4\]"):
         model.prefill(ids[:, :4], state, lengths=np.array([0, 4]))
+    # an additive mask (0 on real tokens, -1e9 on padding) read as a 0/1 mask had its one padding token as the
+    # only real token of the row: refused, as are other values; 0/1 as ints, floats or bools are the same mask
+    for bad in (-1e9, 2, np.nan):
+        with pytest.raises(ValueError, match=rf"attention_mask: expected 1 for a real token and 0 for padding .*"
+                                             rf"got {bad}"):
+            model.prefill(ids[:, :3], state, attention_mask=np.array([[bad, 0, 0], [0, 0, 0]]))
+    right = np.array([[1, 1, 0], [1, 1, 1]])
+    want = model.prefill(ids[:, :3], state, attention_mask=right)[0]
+    for mask in (right.astype(bool), right.astype(np.float32), right.tolist()):
+        np.testing.assert_array_equal(model.prefill(ids[:, :3], state, attention_mask=mask)[0], want)
+    with pytest.raises(ValueError, match=r"input_ids: expected rows of equal length .*got lengths \[3, 2\]"):
+        model([[1, 2, 3], [4, 5]])
+    with pytest.raises(ValueError, match=r"attention_mask: expected rows of equal length"):
+        model.prefill(ids[:, :3], state, attention_mask=[[1, 1, 1], [1, 1]])
+    with pytest.raises(ValueError, match=r"state.lengths: expected token counts \(integers >= 0\), got \[-3, 0\]"):
+        model.step(np.array([1, 2]), state._replace(lengths=np.array([-3, 0], np.int32)))
 
 
 def test_state_size_and_cache_capacity():

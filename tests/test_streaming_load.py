@@ -99,6 +99,12 @@ try:
     ssm.from_pretrained(sys.argv[1], mesh=build_mesh(mesh_config), rules=mesh_config.rules)
 except CheckpointError as err:
     out["mesh"] = str(err)
+# shardings of a higher rank than a parameter (an IndexError inside JAX before)
+too_long = jax.sharding.NamedSharding(build_mesh(mesh_config), jax.sharding.PartitionSpec(None, None, "tensor"))
+try:
+    ssm.from_pretrained(sys.argv[1], shardings=lambda path: too_long)
+except CheckpointError as err:
+    out["rank"] = str(err)
 # a mesh it fits: each device reads its own slice (in_proj's x and z halves too), the values of a plain load
 mesh_config = MeshConfig(data=1, fsdp=4, tensor=2)
 sharded = ssm.from_pretrained(sys.argv[1], mesh=build_mesh(mesh_config), rules=mesh_config.rules)
@@ -126,6 +132,7 @@ def test_sharded_load_reads_each_slice_and_a_misfit_mesh_names_tensor(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
     assert "'backbone.embeddings.weight'" in result["mesh"] and "tensor=8" in result["mesh"], result
+    assert "does not fit the mesh sharding" in result["rank"], result
     assert result["differ"] == []
 
 
@@ -222,3 +229,75 @@ def test_load_converts_to_the_parameter_dtype(tmp_path):
     ssm.save_pretrained(ssm.from_pretrained(path, param_dtype="bfloat16"), bf16)
     assert {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.state(ssm.from_pretrained(bf16), nnx.Param))} == \
         {"float32"}
+
+
+def test_checkpoints_that_would_load_silently_wrong_are_refused(tmp_path):
+    """An integer tensor (loaded as a float of its integers), a tensor in two files (the last one replaced the
+    other), an index naming a shard outside its directory, or an index that is not a weight_map: each named."""
+    import ssm
+    from runtime.safetensors_io import CheckpointError, open_checkpoint, write_file
+
+    path = _tiny_mamba(tmp_path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name = "backbone.layers.0.mixer.D"
+    shard = path / index["weight_map"][name]
+    tensors = dict(open_checkpoint(path))
+    original = {k: np.array(v) for k, v in tensors.items() if index["weight_map"][k] == shard.name}
+    write_file(shard, {**original, name: original[name].astype(np.int32)})
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' has dtype int32, expected a floating point dtype"):
+        ssm.from_pretrained(path)
+    write_file(shard, original)
+    ssm.from_pretrained(path)  # restored: loads
+
+    dup = tmp_path / "dup"
+    ssm.save_pretrained(ssm.from_pretrained(path), dup)  # one model.safetensors: no index
+    write_file(dup / "extra.safetensors", {name: np.full_like(original[name], 123.0)})
+    (dup / "model.safetensors").rename(dup / "a.safetensors")
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' is in both 'a.safetensors' and 'extra.safetensors'"):
+        ssm.from_pretrained(dup)
+
+    index_path = path / "model.safetensors.index.json"
+    for weight_map, message in (({name: "../dup/extra.safetensors"}, r"expected shard file names in its directory"),
+                                ([1, 2], r"expected weight_map to map tensor names to shard file names, got list")):
+        index_path.write_text(json.dumps({**index, "weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match=message):
+            ssm.from_pretrained(path)
+    index_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"index.json': expected a JSON object with a weight_map"):
+        ssm.from_pretrained(path)
+
+
+def test_writers_refuse_duplicate_names_and_bad_shard_sizes(tmp_path):
+    from runtime.safetensors_io import CheckpointError, write_checkpoint, write_file
+
+    pair = [("w", np.zeros(2, np.float32)), ("w", np.ones(2, np.float32))]
+    with pytest.raises(CheckpointError, match="tensor 'w': given twice"):
+        write_checkpoint(tmp_path / "a", iter(pair))
+    with pytest.raises(CheckpointError, match="tensor 'w': given twice"):
+        write_file(tmp_path / "b.safetensors", pair)
+    for bad in (0, -1, "x", 2.5):
+        with pytest.raises(ValueError, match=rf"max_shard_bytes: expected a positive integer, got {bad!r}"):
+            write_checkpoint(tmp_path / "c", iter(pair[:1]), max_shard_bytes=bad)
+    assert not list((tmp_path / "a").glob("*")), "a refused write leaves no file behind"
+
+
+def test_placement_arguments_are_checked(tmp_path):
+    """from_pretrained's mesh / shardings: a non-mesh, both at once (mesh was ignored), a callable returning no
+    Sharding: each named instead of an AttributeError from inside JAX."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import ssm
+    from configs import MeshConfig
+    from experiments.mesh import build_mesh
+    from runtime.partitioning import MeshError
+    from runtime.safetensors_io import CheckpointError
+
+    path = _tiny_mamba(tmp_path)
+    mesh = build_mesh(MeshConfig())
+    with pytest.raises(MeshError, match=r"mesh: expected a jax.sharding.Mesh, got 'tensor'"):
+        ssm.from_pretrained(path, mesh="tensor")
+    with pytest.raises(CheckpointError, match=r"mesh, shardings: expected at most one of them"):
+        ssm.from_pretrained(path, mesh=mesh, shardings=lambda p: None)
+    with pytest.raises(CheckpointError, match=r"expected a jax.sharding.Sharding from shardings, got 'x'"):
+        ssm.from_pretrained(path, shardings=lambda p: "x")
+    ssm.from_pretrained(path, shardings=lambda p: NamedSharding(mesh, PartitionSpec()))
