@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from configs.schema import ConfigError
+
 
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int):
@@ -25,6 +27,28 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def check_step(self, step: int) -> None:
+        """ConfigError naming the steps there are, unless checkpoint ``step`` exists."""
+        steps = list(self.manager.all_steps())
+        if step not in steps:
+            raise ConfigError(f"step: expected one of the checkpoints in {str(self.directory)!r}, {sorted(steps)}, "
+                              f"got {step}")
+
+    def check_params(self, step: int, abstract_params: dict) -> None:
+        """ConfigError naming the first parameter whose stored shape differs from the config's, or that only one
+        side has (Orbax's own error names neither the parameter nor the checkpoint)."""
+        with ocp.PyTreeCheckpointer() as reader:
+            stored = reader.metadata(self.directory / str(step) / "state").item_metadata.tree["params"]
+        def describe(leaf) -> str:
+            return "no such parameter" if leaf is None else f"shape {tuple(leaf.shape)}"
+
+        for name in sorted(set(stored) | set(abstract_params)):
+            got, want = stored.get(name), abstract_params.get(name)
+            if got is None or want is None or tuple(got.shape) != tuple(want.shape):
+                raise ConfigError(f"checkpoint {step} in {str(self.directory)!r}: parameter {name!r} has "
+                                  f"{describe(got)}, the config needs {describe(want)} (a config other than "
+                                  f"the run's?)")
+
     def save(self, step: int, state: Any, data_position: dict) -> None:
         """Starts an asynchronous save of ``state`` and ``data_position`` as checkpoint ``step``."""
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -32,6 +56,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(state placed per the shardings of ``abstract_state``'s ShapeDtypeStructs, data position)."""
+        self.check_params(step, abstract_state["params"])
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return restored["state"], restored["data"]
@@ -39,6 +64,8 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only state["params"] of checkpoint ``step``, placed per ``abstract_params``' shardings: what a model
         needs, without reading the optimizer state (twice the parameters' bytes for Adam)."""
+        self.check_step(step)
+        self.check_params(step, abstract_params)
         target = {"params": abstract_params}
         args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                       partial_restore=True)

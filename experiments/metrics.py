@@ -11,6 +11,8 @@ import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from runtime.files import write_text_atomic
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl ([] where there is none). A last line without its newline (a write cut short
@@ -38,9 +40,7 @@ class MetricsWriter:
             return
         self.path = Path(output_dir) / "metrics.jsonl"
         kept = [row for row in read_metrics(self.path) if row["step"] <= start_step]
-        partial = self.path.with_name(self.path.name + ".tmp")  # renamed over it whole: a crash keeps the rows
-        partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        partial.replace(self.path)
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))  # a crash keeps the rows
         self.file = open(self.path, "a")
         self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) \

@@ -37,6 +37,7 @@ from experiments.mesh import (batch_sharding, build_mesh, flatten_params, opt_st
 from experiments.metrics import MetricsWriter
 from experiments.models import family_of
 from experiments.optim import learning_rate_schedule, make_optimizer
+from runtime.files import write_text_atomic
 from runtime.partitioning import use_rules
 
 REMAT_POLICIES = {
@@ -224,7 +225,11 @@ def train(run: RunConfig) -> list[dict]:
     setup = prepare(run)
     state_shardings, b_sharding = setup.state_shardings, setup.batch_sharding
     output_dir = Path(run.output_dir)
-    checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
+    try:
+        checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
+    except OSError as err:
+        raise ConfigError(f"config field 'output_dir': expected a directory this process can create and write, "
+                          f"got {str(output_dir)!r} ({err.strerror or err})") from None
     start = checkpointer.latest_step()
     try:  # a run that cannot resume is refused here, before its config.yaml is rewritten
         if start is not None and (output_dir / "config.yaml").is_file():
@@ -242,7 +247,7 @@ def train(run: RunConfig) -> list[dict]:
         raise
     if jax.process_index() == 0:  # after a restore: a run that cannot resume leaves its config.yaml as it was
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
+        write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
     step_fn = jit_train_step(setup, run)
     writer = MetricsWriter(output_dir, start, run.steps)
     stop = _StopFlag()

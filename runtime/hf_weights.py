@@ -8,7 +8,6 @@ when one is missing or misshapen; export yields (name, array) pairs one at a tim
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -19,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from configs.hf import model_config_to_hf
+from runtime.files import write_text_atomic
 from runtime.safetensors_io import CheckpointError, open_checkpoint_lazy, write_checkpoint
 
 # Layout changes between HF (torch) and our parameters.
@@ -300,6 +300,4 @@ def write_directory(model: Any, path, specs: list[WeightSpec], max_shard_bytes: 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_checkpoint(path, export_weights(model, specs), max_shard_bytes=max_shard_bytes)
-    tmp = path / "config.json.tmp"
-    tmp.write_text(json.dumps(model_config_to_hf(model.config), indent=2))
-    os.replace(tmp, path / "config.json")
+    write_text_atomic(path / "config.json", json.dumps(model_config_to_hf(model.config), indent=2))

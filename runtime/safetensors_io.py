@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from runtime.checks import check_positive_int, is_integer
+from runtime.files import write_text_atomic
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -314,7 +315,5 @@ def write_checkpoint(directory: str | Path, tensors: Iterable[tuple[str, np.ndar
             weight_map[name] = file_name
             total += nbytes
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    tmp = directory / "model.safetensors.index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, directory / "model.safetensors.index.json")
+    write_text_atomic(directory / "model.safetensors.index.json", json.dumps(index, indent=2))
     (directory / "model.safetensors").unlink(missing_ok=True)

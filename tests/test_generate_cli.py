@@ -97,6 +97,19 @@ def test_generate_from_a_training_run(tmp_path):
         train(load_config("tiny_falcon_mamba", ["steps=4", "seed=5", "model.num_hidden_layers=1", "data.seq_len=16",
                                                 "data.batch_size=4", f"output_dir={out}"]))
     assert "seed: 0" in (out / "config.yaml").read_text()  # the run's record is kept
+    # a step that is not there, and (config.yaml gone) a model of another size: named, not Orbax's FileNotFound /
+    # "Requested shape ... is not compatible" without the parameter
+    with pytest.raises(ConfigError, match=r"step: expected one of the checkpoints in .*\[3\], got 7"):
+        load_trained_model(out, step=7)
+    (out / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"checkpoint 3 in .*: parameter 'embeddings.embedding' has shape "
+                                          r"\(256, 64\), the config needs shape \(256, 32\)"):
+        train(load_config("tiny_falcon_mamba", ["steps=4", "model.num_hidden_layers=1", "model.hidden_size=32",
+                                                "data.seq_len=16", "data.batch_size=4", f"output_dir={out}"]))
+    with pytest.raises(ConfigError, match=r"parameter 'layers.1.mixer.A_log' has no such parameter, the config "
+                                          r"needs shape"):
+        train(load_config("tiny_falcon_mamba", ["steps=4", "model.num_hidden_layers=2", "data.seq_len=16",
+                                                "data.batch_size=4", f"output_dir={out}"]))
 
 
 def test_step_is_refused_for_a_hf_directory(checkpoint):

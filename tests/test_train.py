@@ -109,6 +109,27 @@ def test_metrics_config_and_tensorboard_files(tmp_path, cache_dir):
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 2
 
 
+def test_text_files_are_replaced_whole(tmp_path, monkeypatch):
+    """config.yaml, metrics.jsonl, config.json and the shard index are written through write_text_atomic: a crash
+    before the rename keeps the previous file whole (config.yaml was truncated by a crash mid-write, and an
+    empty one loaded as every default) and leaves no temporary file."""
+    import os
+
+    from runtime.files import write_text_atomic
+
+    path = tmp_path / "config.yaml"
+    write_text_atomic(path, "seed: 1\n")
+    assert path.read_text() == "seed: 1\n"
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, "seed: 2\n")
+    assert path.read_text() == "seed: 1\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
 def test_metrics_rows_survive_a_cut_last_line_and_a_bad_line_is_named(tmp_path):
     """A crash mid-write leaves a last line without its newline: skipped (the resume rewrites from its checkpoint
     step); the writer keeps the rows up to the resumed step; any other bad line names the file and line."""
@@ -118,7 +139,7 @@ def test_metrics_rows_survive_a_cut_last_line_and_a_bad_line_is_named(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
     MetricsWriter(tmp_path, start_step=1, total_steps=4).close()
-    assert path.read_text() == '{"step": 1, "loss": 2.0}\n' and not list(tmp_path.glob("*.tmp"))
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n' and not list(tmp_path.glob("*.tmp*"))
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2: expected a JSON metrics row"):
         read_metrics(path)
@@ -277,7 +298,8 @@ def test_cli_usage_and_bad_arguments_are_one_error_line(capsys):
     assert main(["--help"]) == 0 and "python -m experiments.train CONFIG" in capsys.readouterr().out
     assert main([]) == 2 and "python -m experiments.train CONFIG" in capsys.readouterr().out
     for argv, named in ((["tiny_falcn"], "'tiny_falcn'"), (["tiny_falcon", "bogus=1"], "'bogus'"),
-                        (["tiny_falcon", "mesh.data=3"], "data=3")):
+                        (["tiny_falcon", "mesh.data=3"], "data=3"),
+                        (["tiny_falcon", "output_dir=/proc/no_such_run"], "'output_dir': expected a directory")):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and named in err and err.count("\n") == 1, err
