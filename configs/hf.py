@@ -9,10 +9,11 @@ Handled formats: transformers' ``falcon_mamba``, ``mamba`` and ``falcon`` config
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from configs.schema import ConfigError, FalconConfig, FalconMambaConfig
+from configs.schema import ConfigError, FalconConfig, FalconMambaConfig, _is_int, _is_number
 
 FALCON_MODEL_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")
 
@@ -23,10 +24,35 @@ def read_json(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config.json not found at {str(path)!r}")
     with open(path) as fh:
-        data = json.load(fh)
+        try:
+            data = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{str(path)!r}: expected a JSON object, got invalid JSON at line {err.lineno}, "
+                              f"column {err.colno}: {err.msg}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{str(path)!r}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def _positive(hf: Mapping[str, Any], key: str, default: Any, name: str = "", integer: bool = True) -> Any:
+    """hf[key] (``default`` when absent), checked before the importer does arithmetic with it: a positive integer
+    (a positive number where not ``integer``; 16.0 is 16, as the loader reads it); the message names ``name``
+    (default: the key) in config.json."""
+    value = hf.get(key, default)
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not ((_is_int(value) if integer else _is_number(value)) and value > 0):
+        raise ConfigError(f"config.json {name or key}: expected a positive {'integer' if integer else 'number'}, "
+                          f"got {value!r}")
+    return value
+
+
+def _mapping(hf: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """hf[key] as a dict: a mapping, or {} where absent or null."""
+    value = hf.get(key)
+    if value is not None and not isinstance(value, Mapping):
+        raise ConfigError(f"config.json {key}: expected a mapping, got {value!r}")
+    return dict(value or {})
 
 
 def _eos_ids(value: Any) -> Any:
@@ -41,8 +67,8 @@ def _eos_to_hf(value: Any) -> Any:
 
 
 def _mamba_from_transformers(hf: Mapping[str, Any], falcon: bool) -> FalconMambaConfig:
-    hidden = hf.get("hidden_size", 768)
-    expand = hf.get("expand", 2)
+    hidden = _positive(hf, "hidden_size", 768)
+    expand = _positive(hf, "expand", 2, integer=False)
     rank = hf.get("time_step_rank", "auto")
     kwargs: dict[str, Any] = {
         "hidden_size": hidden,
@@ -73,7 +99,7 @@ def _mamba_from_transformers(hf: Mapping[str, Any], falcon: bool) -> FalconMamba
 
 
 def _mamba_from_mamba_ssm(hf: Mapping[str, Any]) -> FalconMambaConfig:
-    ssm_cfg = dict(hf.get("ssm_cfg") or {})
+    ssm_cfg = _mapping(hf, "ssm_cfg")
     layer = ssm_cfg.pop("layer", "Mamba1")
     if layer != "Mamba1":
         raise ConfigError(f"config.json ssm_cfg.layer: expected 'Mamba1', got {layer!r}")
@@ -81,9 +107,10 @@ def _mamba_from_mamba_ssm(hf: Mapping[str, Any]) -> FalconMambaConfig:
     for key, none in (("d_intermediate", 0), ("attn_layer_idx", [])):
         if hf.get(key) not in (None, none):
             raise ConfigError(f"config.json {key}: expected {none!r} (a plain Mamba-1 stack), got {hf[key]!r}")
-    d_model = hf["d_model"]  # this reader is chosen by d_model and n_layer being there
-    vocab = hf.get("vocab_size", 50277)  # mamba_ssm's MambaConfig default
-    multiple = hf.get("pad_vocab_size_multiple", 8)
+    d_model = _positive(hf, "d_model", None)  # this reader is chosen by d_model and n_layer being there
+    vocab = _positive(hf, "vocab_size", 50277)  # mamba_ssm's MambaConfig default
+    multiple = _positive(hf, "pad_vocab_size_multiple", 8)
+    expand = _positive(ssm_cfg, "expand", 2, name="ssm_cfg.expand", integer=False)
     if vocab % multiple:
         vocab += multiple - vocab % multiple
     rank = ssm_cfg.get("dt_rank", "auto")
@@ -94,7 +121,7 @@ def _mamba_from_mamba_ssm(hf: Mapping[str, Any]) -> FalconMambaConfig:
         "hidden_size": d_model,
         "num_hidden_layers": hf["n_layer"],
         "state_size": ssm_cfg.get("d_state", 16),
-        "intermediate_size": int(ssm_cfg.get("expand", 2) * d_model),
+        "intermediate_size": int(expand * d_model),
         "conv_kernel": ssm_cfg.get("d_conv", 4),
         "time_step_rank": FalconMambaConfig.auto_time_step_rank(d_model) if rank == "auto" else rank,
         "use_bias": ssm_cfg.get("bias", False),
@@ -109,10 +136,12 @@ def _mamba_from_mamba_ssm(hf: Mapping[str, Any]) -> FalconMambaConfig:
 
 def _falcon_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
     """rope_theta and scaling from transformers 5's ``rope_parameters`` or 4.x's ``rope_theta``/``rope_scaling``."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    kind = params.get("rope_type", params.get("type", "default"))
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = _mapping(hf, key)
+    field = "rope_type" if "rope_type" in params else "type"  # 4.x's rope_scaling says type
+    kind = params.get(field, "default")
     if kind not in ("default", "linear", "dynamic"):
-        raise ConfigError(f"config.json rope_parameters.rope_type: expected one of ['default', 'linear', 'dynamic'], "
+        raise ConfigError(f"config.json {key}.{field}: expected one of ['default', 'linear', 'dynamic'], "
                           f"got {kind!r}")
     out: dict[str, Any] = {"rope_theta": params.get("rope_theta", hf.get("rope_theta", 10000.0))}
     if kind != "default":
@@ -174,6 +203,9 @@ def _falcon_from_hf(hf: Mapping[str, Any], model_type: str) -> FalconConfig:
 
 def model_config_from_hf(source: str | Path | Mapping[str, Any]) -> Any:
     """A model config from a HF config.json (path to the file or its directory, or the parsed dict)."""
+    if not isinstance(source, (Mapping, str, os.PathLike)):
+        raise ConfigError(f"model_config_from_hf source: expected a path to config.json (or its directory) or a "
+                          f"mapping, got {source!r}")
     hf = dict(source) if isinstance(source, Mapping) else read_json(source)
     model_type = hf.get("model_type")
     if model_type == "falcon_mamba":

@@ -167,12 +167,27 @@ def _deep_merge(base: dict, top: Mapping) -> dict:
     return merged
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """yaml's error on one line: what is wrong and where (line and column, 1-based)."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return " ".join(str(err).split())
+    mark = err.problem_mark
+    context = f"{err.context}: " if err.context else ""
+    return f"{context}{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def load_preset_dict(name_or_path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = _preset_path(name_or_path)
     if str(path) in _seen:
         raise ConfigError(f"preset {str(path)!r}: 'base' chain loops through {list(_seen)}")
     with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"preset {str(path)!r}: expected YAML, got {_yaml_problem(err)}") from None
+    if data is None:  # a config.yaml cut to 0 bytes read as every default (hidden_size 4096...)
+        raise ConfigError(f"preset {str(path)!r}: expected a mapping at the top level, got an empty document "
+                          "(write {} for every default)")
     if not isinstance(data, dict):
         raise ConfigError(f"preset {str(path)!r}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)

@@ -54,7 +54,7 @@ def _check_types(obj: Any) -> None:
 
 
 def _check_token_ids(config: Any) -> None:
-    """pad / bos / eos ids: None or non-negative integers; eos_token_id may be several (a list in config.json,
+    """pad / bos / eos ids: None or integers in [0, vocab_size); eos_token_id may be several (a list in config.json,
     kept as a tuple: generation stops at any of them)."""
     if isinstance(config.eos_token_id, list):
         object.__setattr__(config, "eos_token_id", tuple(config.eos_token_id))
@@ -64,6 +64,9 @@ def _check_token_ids(config: Any) -> None:
         _require(value is None or all(_is_int(i) and i >= 0 for i in ids), name,
                  "None or a non-negative integer" + (" or a non-empty list of them" if name == "eos_token_id" else ""),
                  value)
+        # an id past the embedding table only failed later, in generate's stop_tokens check
+        _require(value is None or all(i < config.vocab_size for i in ids), name,
+                 f"{'ids' if len(ids) > 1 else 'an id'} < vocab_size ({config.vocab_size})", value)
 
 
 def _choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -468,7 +471,8 @@ class RunConfig:
                  "a model config (" + " or ".join(f"{cls.__name__}, family {name!r}"
                                                   for name, cls in sorted(MODEL_CONFIGS.items())) + ")",
                  self.model)
-        _require(_is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        # jax.random keys (x64 off) keep the seed's low 32 bits: 2**32 would be seed 0 again, 2**64 an OverflowError
+        _require(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
         _require(isinstance(self.output_dir, str) and self.output_dir.strip() != "", "output_dir",
                  "a non-empty path", self.output_dir)
         _positive_int(self, "steps", "log_every", "keep_checkpoints")

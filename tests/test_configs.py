@@ -63,7 +63,14 @@ def test_override_values_are_yaml_1_2_scalars():
     ("optim.decay_steps=100000", r"'optim.decay_steps': expected <= steps - optim.warmup_steps"),
     ("optim.learning_rate=.inf", r"'optim.learning_rate': expected a finite positive number, got inf"),
     ("optim.clip_norm=.nan", r"'optim.clip_norm': expected a finite non-negative number, got nan"),
-    ("seed=-1", r"'seed': expected an integer >= 0, got -1"),
+    ("seed=-1", r"'seed': expected an integer in \[0, 2\*\*32\), got -1"),
+    # jax.random keys keep 32 bits: 2**32 was seed 0's model again, 2**64 an OverflowError in jax.random
+    ("seed=4294967296", r"'seed': expected an integer in \[0, 2\*\*32\), got 4294967296"),
+    ("seed=99999999999999999999", r"'seed': expected an integer in \[0, 2\*\*32\), got 99999999999999999999"),
+    # a token id past the embedding table was accepted, and refused later by generate's stop_tokens check
+    ("model.eos_token_id=300", r"'model.eos_token_id': expected an id < vocab_size \(256\), got 300"),
+    ("model.pad_token_id=256", r"'model.pad_token_id': expected an id < vocab_size \(256\), got 256"),
+    ("model.eos_token_id=[3, 256]", r"'model.eos_token_id': expected ids < vocab_size \(256\), got \(3, 256\)"),
     ("model.time_step_max=.inf", r"'model.time_step_max': expected a finite positive number, got inf"),  # NaN model
     ("model.layer_norm_epsilon=.inf", r"'model.layer_norm_epsilon': expected a finite positive number, got inf"),
     ("output_dir=", r"'output_dir': expected a non-empty path, got ''"),
@@ -71,6 +78,33 @@ def test_override_values_are_yaml_1_2_scalars():
 def test_bad_keys_and_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny_falcon_mamba", [override])
+
+
+def test_limits_are_inclusive_below_them():
+    run = load_config("tiny_falcon_mamba", ["seed=4294967295", "model.eos_token_id=[0, 255]", "model.bos_token_id=255"])
+    assert run.seed == 2**32 - 1 and run.model.eos_token_id == (0, 255) and run.model.bos_token_id == 255
+
+
+@pytest.mark.parametrize("text, message", [
+    # yaml's ScannerError and ConstructorError (safe_load refuses the tag; nothing runs) came raw, unnamed
+    ("bad: : :\n", r"syntax.yaml': expected YAML, got mapping values are not allowed here at line 1, column 6$"),
+    ("seed: 1\nx: !!python/object/apply:os.system ['echo hi']\n",
+     r"syntax.yaml': expected YAML, got could not determine a constructor for the tag "
+     r"'tag:yaml.org,2002:python/object/apply:os.system' at line 2, column 4$"),
+    # an empty file (a config.yaml cut to 0 bytes) was every default: hidden_size 4096, then an orbax shape error
+    ("", r"syntax.yaml': expected a mapping at the top level, got an empty document \(write \{\} for every default\)"),
+    ("# only a comment\n", r"syntax.yaml': expected a mapping at the top level, got an empty document"),
+    ("- seed\n", r"syntax.yaml': expected a mapping at the top level, got list"),
+])
+def test_bad_yaml_files_are_named(tmp_path, text, message):
+    (tmp_path / "syntax.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"^preset '.*" + message):
+        load_config(str(tmp_path / "syntax.yaml"))
+    (tmp_path / "child.yaml").write_text("base: syntax.yaml\n")  # reached through a base chain: the same message
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(tmp_path / "child.yaml"))
+    (tmp_path / "empty_ok.yaml").write_text("{}\n")
+    assert load_config(str(tmp_path / "empty_ok.yaml")).model.hidden_size == 4096
 
 
 def test_unknown_preset_suggests_nearest():
@@ -165,6 +199,43 @@ def test_hf_import_rejects_other_models_and_bad_values(tmp_path):
         model_config_from_hf({"model_type": "falcon_mamba", "state_size": 0})
     with pytest.raises(ConfigError, match="config.json not found"):
         model_config_from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("hf, message", [
+    # a string expand multiplied a string: intermediate_size 2222222222222222
+    ({"d_model": 16, "n_layer": 1, "ssm_cfg": {"expand": "2"}}, r"config.json ssm_cfg.expand: expected a positive "
+                                                                 r"number, got '2'$"),
+    ({"model_type": "falcon_mamba", "hidden_size": 16, "expand": "2"}, r"config.json expand: expected a positive "
+                                                                        r"number, got '2'$"),
+    ({"model_type": "mamba", "hidden_size": 16, "expand": 0}, r"config.json expand: expected a positive number, got 0"),
+    ({"model_type": "falcon_mamba", "hidden_size": None}, r"config.json hidden_size: expected a positive integer, "
+                                                          r"got None"),  # a TypeError
+    ({"d_model": "16", "n_layer": 1}, r"config.json d_model: expected a positive integer, got '16'"),  # TypeError
+    ({"d_model": 16, "n_layer": 1, "pad_vocab_size_multiple": 0},
+     r"config.json pad_vocab_size_multiple: expected a positive integer, got 0"),  # ZeroDivisionError
+    ({"d_model": 16, "n_layer": 1, "pad_vocab_size_multiple": "8"},
+     r"config.json pad_vocab_size_multiple: expected a positive integer, got '8'"),  # TypeError
+    ({"d_model": 16, "n_layer": 1, "vocab_size": "32"},
+     r"config.json vocab_size: expected a positive integer, got '32'"),  # a string-formatting TypeError
+    ({"d_model": 16, "n_layer": 1, "ssm_cfg": [1, 2]}, r"config.json ssm_cfg: expected a mapping, got \[1, 2\]"),
+    ({"d_model": 16, "n_layer": 1, "ssm_cfg": "abc"}, r"config.json ssm_cfg: expected a mapping, got 'abc'"),
+    ({"model_type": "falcon_mamba", "eos_token_id": [5], "vocab_size": 4},
+     r"'config.json:eos_token_id': expected an id < vocab_size \(4\), got 5"),
+])
+def test_hf_import_checks_values_before_using_them(hf, message):
+    with pytest.raises(ConfigError, match=message):
+        model_config_from_hf(hf)
+
+
+def test_hf_import_names_a_bad_source_or_file(tmp_path):
+    assert model_config_from_hf({"d_model": 16.0, "n_layer": 1}).hidden_size == 16  # as the loader reads 16.0
+    with pytest.raises(ConfigError, match=r"model_config_from_hf source: expected a path to config.json .* or a "
+                                          r"mapping, got 5"):
+        model_config_from_hf(5)  # a TypeError from pathlib
+    (tmp_path / "config.json").write_text('{"d_model": 16,\n {bad')
+    with pytest.raises(ConfigError, match=r"config.json': expected a JSON object, got invalid JSON at line 2, "
+                                          r"column 2: Expecting property name"):
+        model_config_from_hf(tmp_path)  # a JSONDecodeError that named no file
 
 
 def test_hf_export_is_read_back_identically(tmp_path):

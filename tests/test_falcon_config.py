@@ -124,6 +124,20 @@ def test_bad_hf_configs_are_named():
         model_config_from_hf({"model_type": "falcon", "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(ConfigError, match=r"model_type: expected .* \['falcon', 'RefinedWeb', 'RefinedWebModel'\]"):
         model_config_from_hf({"model_type": "llama"})
+    # a string or a list where a mapping belongs was a raw "dictionary update sequence" error
+    small = {"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4, "vocab_size": 64}
+    with pytest.raises(ConfigError, match=r"^config.json rope_scaling: expected a mapping, got 'linear'$"):
+        model_config_from_hf({**small, "rope_scaling": "linear"})
+    with pytest.raises(ConfigError, match=r"^config.json rope_parameters: expected a mapping, got \[1, 2\]$"):
+        model_config_from_hf({**small, "rope_parameters": [1, 2]})
+    with pytest.raises(ConfigError, match=r"^config.json rope_scaling.type: expected one of .*, got 'yarn'$"):
+        model_config_from_hf({**small, "rope_scaling": {"type": "yarn", "factor": 2.0}})
+    # a token id past the embedding table (accepted, then refused by generate's stop_tokens check)
+    with pytest.raises(ConfigError, match=r"'config.json:bos_token_id': expected an id < vocab_size \(64\), got 64"):
+        model_config_from_hf({**small, "bos_token_id": 64})
+    with pytest.raises(ConfigError, match=r"'config.json:eos_token_id': expected ids < vocab_size \(64\), "
+                                          r"got \(5, 64\)"):
+        model_config_from_hf({**small, "eos_token_id": [5, 64]})
 
 
 def test_preset_overrides():
