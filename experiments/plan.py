@@ -13,7 +13,8 @@ Planner options (every other key=value is a config override, e.g. mesh.fsdp=8, r
                      keeps fp32 master weights, as experiments.train requires)
     batch=N          data.batch_size (global); seq_len=N (alias seq): data.seq_len, and the KV cache length
     optimizer=O      adamw (experiments.optim.make_optimizer, the trainer's) | sgd (no state)
-    activations=A    auto | compiled | estimate; chunk=N: the inference prefill chunk (default min(seq_len, 2048))
+    activations=A    auto | compiled | estimate; chunk=N: the inference prefill chunk (default 2048), at most
+                     seq_len (prefill runs a longer chunk as one chunk of the whole sequence)
 
 How the numbers are counted (see docs/PLANNING.md):
   * params / optimizer: shapes from nnx.eval_shape / jax.eval_shape of the trainer's own init (experiments.train
@@ -45,7 +46,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from configs import load_config
-from configs.schema import MESH_AXES, ConfigError, FalconMambaConfig, RunConfig
+from configs.schema import MESH_AXES, ConfigError, FalconMambaConfig, RunConfig, _is_int
 from experiments.cli import run_config_command
 from experiments.mesh import (MeshError, batch_sharding, build_mesh, flatten_params, mesh_shape,
                               opt_state_shardings, param_shardings, unflatten_params)
@@ -236,7 +237,8 @@ def estimate_activations(run: RunConfig, abstract_model, mode: str, local_batch:
 def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: int | None = None,
          mode: str = "training", dtype: str | None = None, batch: int | None = None, seq_len: int | None = None,
          optimizer: str = "adamw", activations: str = "auto", chunk: int | None = None) -> dict:
-    """The plan as a dict: {"params": N, "devices": N, "per_device_bytes": {...}, ...}."""
+    """The plan as a dict: {"params": N, "devices": N, "per_device_bytes": {...}, ...}. ``chunk`` (inference): the
+    prefill chunk, a positive integer, counted as min(chunk, seq_len) as prefill runs it (default 2048)."""
     from experiments.train import jit_train_step, prepare
 
     if mode not in MODES:
@@ -245,6 +247,8 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
         raise ConfigError(f"plan option 'optimizer': expected one of {list(OPTIMIZERS)}, got {optimizer!r}")
     if activations not in ("auto", "compiled", "estimate"):
         raise ConfigError(f"plan option 'activations': expected auto, compiled or estimate, got {activations!r}")
+    if chunk is not None and not (_is_int(chunk) and chunk > 0):
+        raise ConfigError(f"plan option 'chunk': expected a positive integer, got {chunk!r}")
     overrides = list(overrides)
     if dtype is not None:
         overrides.append(f"model.compute_dtype={dtype}")
@@ -317,7 +321,7 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
         abstract_cache = jax.eval_shape(lambda: abstract_model.init_state(run.data.batch_size, seq))
         c_shardings = cache_shardings(run.model, abstract_cache, mesh, rules)
         bytes_["cache"] = per_device_bytes(abstract_cache, c_shardings)
-        chunk = min(seq, 2048) if chunk is None else chunk
+        chunk = min(seq, 2048 if chunk is None else chunk)  # prefill's chunks never exceed the sequence
         ids_shape = (run.data.batch_size, chunk)
         try:
             ids_sharding = batch_sharding(mesh, rules, (1,) + ids_shape)

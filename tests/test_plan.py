@@ -152,6 +152,28 @@ def test_bad_options(capsys):
     assert "option 'devices': expected an integer, got 'two'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("chunk", [0, -5, 2.0, True])
+def test_bad_chunk_is_named(chunk):
+    """chunk=-5 and chunk=0 were an IndexError in the compiled prefill, chunk=0 with activations=estimate a plan."""
+    for activations in ("compiled", "estimate"):
+        with pytest.raises(ConfigError, match=rf"^plan option 'chunk': expected a positive integer, got {chunk!r}$"):
+            plan_lib.plan("tiny_falcon_mamba", mode="inference", devices=1, chunk=chunk, activations=activations)
+
+
+def test_chunk_longer_than_the_sequence_is_the_sequence(tmp_path, capsys):
+    """Prefill runs a chunk longer than the prompt as one chunk of the prompt: the plan counts that, not the chunk."""
+    def planned(chunk):
+        return plan_lib.plan("tiny_falcon_mamba", mode="inference", devices=1, seq_len=64, chunk=chunk,
+                             activations="estimate")
+    assert planned(1000) == planned(64) and "(8, 64) chunk" in planned(1000)["activations_method"]
+    assert planned(32)["per_device_bytes"]["activations"] < planned(64)["per_device_bytes"]["activations"]
+    # a bad preset file is one error: line from the command line (yaml's errors were tracebacks)
+    (tmp_path / "bad.yaml").write_text("bad: : :\n")
+    assert plan_lib.main([str(tmp_path / "bad.yaml")]) == 1
+    assert capsys.readouterr().err == (f"error: preset '{tmp_path / 'bad.yaml'}': expected YAML, got mapping values "
+                                       "are not allowed here at line 1, column 6\n")
+
+
 @pytest.mark.parametrize("preset", ["tiny_falcon_mamba", "tiny_falcon"])
 def test_remat_estimate_keeps_each_layer_input_and_one_layer_residuals(preset):
     """The estimate without remat grows by one layer's saved residuals per layer; with remat=full by the layer's
