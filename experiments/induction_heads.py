@@ -40,6 +40,19 @@ from experiments.train import load_trained_model, train
 MODELS = {"falcon_mamba": "Falcon Mamba", "falcon": "Falcon (RoPE attention)"}
 
 
+def curriculum_stages(text: str) -> list[list[int]]:
+    """--curriculum's value: 'LEN:STEPS,...' -> [[LEN, STEPS], ...], 'none' -> [] (argparse reports the error)."""
+    if text == "none":
+        return []
+    try:
+        stages = [[int(x) for x in stage.split(":")] for stage in text.split(",")]
+    except ValueError:
+        stages = []
+    if not stages or any(len(stage) != 2 for stage in stages):
+        raise argparse.ArgumentTypeError(f"expected LEN:STEPS,... (e.g. 32:1000,64:1000) or 'none', got {text!r}")
+    return stages
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="results/induction_heads")
@@ -51,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=None, help="default: the presets'")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: the presets'")
     p.add_argument("--train-length", type=int, default=256)
-    p.add_argument("--curriculum", default=None, metavar="LEN:STEPS,...",
+    p.add_argument("--curriculum", type=curriculum_stages, default=None, metavar="LEN:STEPS,...",
                    help="shorter-sequence stages trained first, e.g. 32:1000,64:1000 ('none': train at "
                         "--train-length throughout; default: the presets' data.length_curriculum)")
     p.add_argument("--seed", type=int, default=0)
@@ -81,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if not 2 <= args.min_log2 <= args.max_log2:
         p.error(f"--min-log2/--max-log2: expected 2 <= min <= max, got {args.min_log2}, {args.max_log2}")
+    if args.falcon_max_log2 < args.min_log2 and not args.skip_falcon:  # the transformer would evaluate nothing
+        p.error(f"--falcon-max-log2: expected >= --min-log2 ({args.min_log2}), got {args.falcon_max_log2}")
     return args
 
 
@@ -94,9 +109,7 @@ def run_config(preset: str, args: argparse.Namespace, name: str, steps: int | No
     if args.warmup_steps is not None:
         overrides.append(f"optim.warmup_steps={args.warmup_steps}")
     if args.curriculum is not None:
-        stages = [] if args.curriculum == "none" else [
-            [int(x) for x in stage.split(":")] for stage in args.curriculum.split(",")]
-        overrides.append(f"data.length_curriculum={json.dumps(stages)}")
+        overrides.append(f"data.length_curriculum={json.dumps(args.curriculum)}")
     if steps is not None:  # the preset's step counts that no longer fit scale with steps
         run = load_config(preset, overrides)
         scale = steps / run.steps

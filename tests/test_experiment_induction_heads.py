@@ -121,6 +121,25 @@ def test_evaluation_budgets_and_log2_range():
         induction_heads.parse_args(["--min-log2", "7", "--max-log2", "6"])
 
 
+def test_bad_curriculum_and_log2_range_are_argparse_errors(capsys):
+    """--curriculum abc was a ValueError from int() naming no option; --falcon-max-log2 below --min-log2 left the
+    transformer nothing to evaluate, silently."""
+    import pytest
+
+    assert induction_heads.parse_args(["--curriculum", "32:10,64:20"]).curriculum == [[32, 10], [64, 20]]
+    assert induction_heads.parse_args(["--curriculum", "none"]).curriculum == []
+    for bad in ("abc", "8:x", "", "8", "8:1:2", "8:1,"):
+        with pytest.raises(SystemExit):
+            induction_heads.parse_args(["--curriculum", bad])
+        assert (f"error: argument --curriculum: expected LEN:STEPS,... (e.g. 32:1000,64:1000) or 'none', got {bad!r}"
+                in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        induction_heads.parse_args(["--falcon-max-log2", "5"])
+    assert "error: --falcon-max-log2: expected >= --min-log2 (6), got 5" in capsys.readouterr().err
+    assert induction_heads.parse_args(["--falcon-max-log2", "6"]).falcon_max_log2 == 6
+    assert induction_heads.parse_args(["--falcon-max-log2", "5", "--skip-falcon"]).skip_falcon  # no transformer
+
+
 def test_steps_at_the_presets_warmup_and_decay_scale_too(tmp_path):
     """--steps equal to the preset's 100 warm-up steps takes a tenth of them as warm-up (warmup < steps); a
     decay (--set optim.decay_steps) longer than what is left after warm-up is cut to fit."""
