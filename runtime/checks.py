@@ -35,6 +35,12 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+def check_bool(name: str, value: Any) -> None:
+    """TypeError naming ``name`` unless value is True or False (a string "no" would be truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
 def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
     """ValueError naming ``name`` unless value is a positive Python or NumPy integer (or None, where allowed)."""
     if (value is None and allow_none) or (is_integer(value) and value > 0):

@@ -17,9 +17,12 @@ def causal_conv1d(x, weight, bias=None, state=None, silu=False):
     """Returns (out (batch, seqlen, dim) in x's dtype, new_state (batch, kernel-1, dim) in x's dtype). ``silu``
     applies SiLU to the fp32 sum before the one rounding to x's dtype, as causal_conv1d's kernels do."""
     check_rank("x", x, (3,), "(batch, seqlen, dim)")
+    check_float("x", x)
     batch, length, dim = x.shape
-    if not hasattr(weight, "shape") or weight.ndim != 2 or weight.shape[1] != dim:
-        raise ValueError(f"weight: expected shape (kernel, dim) with dim={dim}, got {shape_of(weight)}")
+    if not hasattr(weight, "shape") or weight.ndim != 2 or weight.shape[1] != dim or weight.shape[0] < 1:
+        raise ValueError(f"weight: expected shape (kernel, dim) with kernel >= 1, dim={dim}, got {shape_of(weight)}")
+    if bias is not None and shape_of(bias) != (dim,):
+        raise ValueError(f"bias: expected shape ({dim},), got {shape_of(bias)}")
     kernel = weight.shape[0]
     if state is not None and shape_of(state) != (batch, kernel - 1, dim):
         raise ValueError(f"state: expected shape (batch, kernel-1, dim) = {(batch, kernel - 1, dim)} (the last "
@@ -42,8 +45,8 @@ def _check_conv_args(x, ranks: tuple, layout: str, weight, bias, activation) -> 
         raise ValueError(f"activation: expected None, 'silu' or 'swish', got {activation!r}")
     check_rank("x", x, ranks, layout)
     dim = x.shape[1]
-    if not hasattr(weight, "shape") or weight.ndim != 2 or weight.shape[0] != dim:
-        raise ValueError(f"weight: expected shape (dim, kernel) with dim={dim}, got {shape_of(weight)}")
+    if not hasattr(weight, "shape") or weight.ndim != 2 or weight.shape[0] != dim or weight.shape[1] < 1:
+        raise ValueError(f"weight: expected shape (dim, kernel) with dim={dim}, kernel >= 1, got {shape_of(weight)}")
     if bias is not None and tuple(getattr(bias, "shape", ())) != (dim,):
         raise ValueError(f"bias: expected shape ({dim},), got {shape_of(bias)}")
     for name, value in (("x", x), ("weight", weight), ("bias", bias)):

@@ -55,7 +55,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from runtime.checks import check_float, check_rank, shape_of
+from runtime.checks import check_bool, check_float, check_rank, shape_of
 from runtime.partitioning import traced_axes
 from ssm.pallas_scan import DEFAULT_TILE, selective_scan_pallas
 
@@ -383,6 +383,8 @@ def _positive_int_or_none(name: str, value: Any) -> int | None:
 def _check_u_dim(u):
     check_rank("u", u, (3,), "(batch, dim, seqlen)")
     check_float("u", u)
+    if 0 in u.shape[:2]:  # seqlen 0 is a scan of no step; batch or dim 0 a ZeroDivisionError in the chunking
+        raise ValueError(f"u: expected batch >= 1 and dim >= 1 (seqlen may be 0), got shape {tuple(u.shape)}")
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -403,8 +405,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         raise TypeError("A: expected a real array (complex A is not supported), got a complex one")
     _check("A", A, A.shape, "(dim, dstate)")
     dstate = A.shape[1]
-    if dstate > 256:
-        raise ValueError(f"A: expected dstate <= 256 (mamba_ssm's limit), got {dstate}")
+    if not 1 <= dstate <= 256:
+        raise ValueError(f"A: expected 1 <= dstate <= 256 (mamba_ssm's limit), got {dstate}")
     groups_b = _check_bc("B", B, batch, dim, (dstate, length), "(batch, [groups,] dstate, seqlen)")
     groups_c = _check_bc("C", C, batch, dim, (dstate, length), "(batch, [groups,] dstate, seqlen)")
     _check_common_grouping(dim, groups_b, groups_c)
@@ -412,6 +414,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     _check("z", z, (batch, dim, length), "(batch, dim, seqlen) like u")
     _check("delta_bias", delta_bias, (dim,), "(dim,)")
     _check("initial_state", initial_state, (batch, dim, dstate), "(batch, dim, dstate)")
+    check_bool("delta_softplus", delta_softplus)
+    check_bool("return_last_state", return_last_state)
     resolve_impl(impl)
     chunk_size = _positive_int_or_none("chunk_size", chunk_size)
 
@@ -465,6 +469,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     _check("D", D, (dim,), "(dim,)")
     _check("z", z, (batch, dim), "(batch, dim)")
     _check("dt_bias", dt_bias, (dim,), "(dim,)")
+    check_bool("dt_softplus", dt_softplus)
     return _state_update_jit(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
 
 

@@ -184,6 +184,7 @@ def _fn_bad_inputs():
         P("x", dict(x=jnp.zeros((DIM, SEQLEN)), weight=w), id="x-ndim"),
         P("weight", dict(x=x, weight=jnp.zeros((DIM + 1, 4))), id="weight-dim"),
         P("weight", dict(x=x, weight=jnp.zeros((DIM,))), id="weight-ndim"),
+        P("weight", dict(x=x, weight=jnp.zeros((DIM, 0))), id="weight-kernel-0"),  # a raw broadcast error
         P("bias", dict(x=x, weight=w, bias=jnp.zeros((DIM + 1,))), id="bias-length"),
         P("activation", dict(x=x, weight=w, bias=b, activation="relu"), id="activation-unknown"),
         P("initial_states", dict(x=x, weight=w, initial_states=jnp.zeros((BATCH, DIM, 4))), id="initial-kernel"),
@@ -209,6 +210,7 @@ def _update_bad_inputs():
         # causal_conv1d's own causal_conv1d_update checks weight (dim, width) and bias (dim,)
         P("weight", dict(x=x, conv_state=s, weight=jnp.zeros((DIM + 1, 4))), id="weight-dim"),
         P("weight", dict(x=x, conv_state=s, weight=jnp.zeros((1, 4))), id="weight-dim-1-broadcasts"),
+        P("weight", dict(x=x, conv_state=s, weight=jnp.zeros((DIM, 0))), id="weight-kernel-0"),
         P("bias", dict(x=x, conv_state=s, weight=w, bias=jnp.zeros((DIM + 1,))), id="bias-length"),
     ]
 
@@ -239,13 +241,17 @@ def test_integer_arrays_raise_naming_them(name):
     ("state", dict(state=jnp.zeros((BATCH, 4, DIM)))),
     ("state", dict(state=jnp.zeros((BATCH, 3, DIM + 1)))),
     ("weight", dict(weight=jnp.zeros((4, DIM + 1)))),
+    ("weight", dict(weight=jnp.zeros((0, DIM)))),
     ("x", dict(x=jnp.zeros((SEQLEN, DIM)))),
+    ("bias", dict(bias=jnp.zeros((1,)))),  # broadcast over the channels
 ])
 def test_causal_conv1d_bad_arguments_raise_naming_them(name, kwargs):
     args = dict(x=jnp.zeros((BATCH, SEQLEN, DIM)), weight=jnp.zeros((4, DIM)), state=jnp.zeros((BATCH, 3, DIM)))
     causal_conv1d(**args)
     with pytest.raises(ValueError, match=f"^{name}: expected shape"):
         causal_conv1d(**{**args, **kwargs})
+    with pytest.raises(TypeError, match="^x: expected a floating-point array, got dtype int32"):
+        causal_conv1d(**{**args, "x": args["x"].astype(jnp.int32)})
 
 
 def test_causal_conv1d_is_jittable():

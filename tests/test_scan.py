@@ -319,6 +319,12 @@ def _bad_inputs():
         P("chunk_size", dict(chunk_size=0), id="chunk_size-zero"),
         P("chunk_size", dict(chunk_size=2.5), id="chunk_size-float"),
         P("chunk_size", dict(chunk_size=True), id="chunk_size-bool"),
+        # batch or dim 0: a ZeroDivisionError in the chunking; dstate 0 a scan of nothing
+        P("u", dict(u=z(0, d, l), delta=z(0, d, l), B=z(0, n, l), C=z(0, n, l), z=z(0, d, l),
+                    initial_state=z(0, d, n)), id="u-batch-0"),
+        P("u", dict(u=z(b, 0, l), delta=z(b, 0, l), A=z(0, n), D=z(0), z=z(b, 0, l), delta_bias=z(0),
+                    initial_state=z(b, 0, n)), id="u-dim-0"),
+        P("A", dict(A=z(d, 0), B=z(b, 0, l), C=z(b, 0, l), initial_state=z(b, d, 0)), id="A-dstate-0"),
     ]
 
 
@@ -327,6 +333,14 @@ def test_bad_arguments_raise_naming_them(name, bad):
     kwargs = to_jax(make_inputs(12, 2, 4, 8, 10, initial_state=True))
     with pytest.raises(ValueError, match=f"^{name}:"):
         selective_scan_fn(**{**kwargs, **bad})
+
+
+@pytest.mark.parametrize("name", ["delta_softplus", "return_last_state"])
+def test_flags_must_be_booleans(name):
+    """delta_softplus="no" was truthy: softplus applied."""
+    kwargs = to_jax(make_inputs(13, 2, 4, 8, 10))
+    with pytest.raises(TypeError, match=f"^{name}: expected True or False, got 'no'"):
+        selective_scan_fn(**{**kwargs, name: "no"})
 
 
 @pytest.mark.parametrize("name", ["u", "A"])
@@ -387,6 +401,7 @@ def _state_update_bad_inputs():
         P("D", dict(D=z(d, 1)), ValueError, id="D-ndim"),
         P("z", dict(z=z(b, d, 1)), ValueError, id="z-ndim"),
         P("dt_bias", dict(dt_bias=z(d + 1)), ValueError, id="dt_bias-length"),
+        P("dt_softplus", dict(dt_softplus="no"), TypeError, id="dt_softplus-str"),
     ]
 
 
