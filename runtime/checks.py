@@ -41,6 +41,13 @@ def check_bool(name: str, value: Any) -> None:
         raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 
+def check_seed(name: str, value: Any) -> None:
+    """ValueError naming ``name`` unless value is an integer in [0, 2**32): jax.random keys keep 32 bits (2**32
+    would be seed 0 again; 2**64 an OverflowError inside JAX)."""
+    if not (is_integer(value) and 0 <= value < 2**32):
+        raise ValueError(f"{name}: expected an integer in [0, 2**32), got {value!r}")
+
+
 def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
     """ValueError naming ``name`` unless value is a positive Python or NumPy integer (or None, where allowed)."""
     if (value is None and allow_none) or (is_integer(value) and value > 0):

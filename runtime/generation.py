@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from runtime.checks import check_float, check_positive_int, check_rank, is_integer
+from runtime.checks import check_float, check_positive_int, check_rank, check_seed, is_integer
 
 NO_TOKEN = -1
 
@@ -110,9 +110,10 @@ class Generated:
         return [int(t) for t in self.tokens[i] if t != NO_TOKEN]
 
 
-def _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens) -> tuple[Sampling, jax.Array]:
+def _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed) -> tuple[Sampling, jax.Array]:
     """The decode arguments checked once, before any prefill: (Sampling, stop-token array)."""
     check_positive_int("max_new_tokens", max_new_tokens)
+    check_seed("seed", seed)
     return Sampling(temperature, top_k, top_p), _stop_array(stop_tokens, model.config.vocab_size)
 
 
@@ -143,7 +144,7 @@ def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.
            top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = ()) -> Generated:
     """Decodes up to max_new_tokens in one jit-compiled loop from a prefilled (logits, state): prefill's
     last-position logits (batch, vocab) and its DecodeState (a KV cache needs room for max_new_tokens more)."""
-    sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens)
+    sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
     check_rank("logits", logits, (2,), "(batch, vocab_size): prefill's last-position logits")
     check_float("logits", logits)
     if logits.shape[1] != model.config.vocab_size:
@@ -158,7 +159,7 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (), attention_mask=None,
              lengths=None, chunk_size: int | None = None) -> Generated:
     """Prefills the prompts, then decodes up to max_new_tokens in one jit-compiled loop (as decode does)."""
-    sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens)
+    sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
     logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size)
     return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)
 
@@ -168,7 +169,7 @@ def stream(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, t
            lengths=None, chunk_size: int | None = None) -> Iterator[np.ndarray]:
     """Like generate, but yields each step's tokens (batch,) as soon as they exist (NO_TOKEN for finished
     rows). Same seed, same tokens as generate."""
-    sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens)
+    sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
     logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size)
     key, done = jax.random.PRNGKey(seed), jnp.zeros((logits.shape[0],), bool)
     for _ in range(max_new_tokens):

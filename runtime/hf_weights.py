@@ -294,9 +294,13 @@ def load_directory(path, config_cls, model_cls, weight_specs, param_axes, *, mes
     return model
 
 
-def write_directory(model: Any, path, specs: list[WeightSpec], max_shard_bytes: int) -> None:
-    """A HF directory: safetensors (sharded past max_shard_bytes, streamed tensor by tensor) + config.json,
-    each written atomically."""
+def write_directory(model: Any, path, model_cls: type, weight_specs, max_shard_bytes: int) -> None:
+    """A family's save_pretrained: a HF directory of safetensors (sharded past max_shard_bytes, streamed tensor
+    by tensor) + config.json, each written atomically, for a ``model_cls`` model (another family's model failed
+    on a missing attribute)."""
+    if not isinstance(model, model_cls):
+        raise TypeError(f"model: expected a {model_cls.__name__}, got {type(model).__name__}")
+    specs = weight_specs(model.config)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_checkpoint(path, export_weights(model, specs), max_shard_bytes=max_shard_bytes)

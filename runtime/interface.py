@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from runtime.checks import check_positive_int, shape_of
+from runtime.checks import check_positive_int, check_seed, shape_of
 
 
 class DecodeState(NamedTuple):
@@ -153,6 +153,17 @@ def _state_layout(model, batch: int, capacity: int | None):
             _STATE_LAYOUTS.clear()
         _STATE_LAYOUTS[key] = jax.eval_shape(lambda: model.init_state(batch, capacity))
     return _STATE_LAYOUTS[key]
+
+
+def init_rngs(config, config_cls: type, rngs: nnx.Rngs | None, seed: Any) -> nnx.Rngs:
+    """A family's constructor arguments checked (a config of another family failed on a missing attribute deep
+    inside the constructor): the Rngs to draw the parameters from, nnx.Rngs(seed) unless ``rngs`` is given."""
+    if not isinstance(config, config_cls):
+        raise TypeError(f"config: expected a {config_cls.__name__}, got {type(config).__name__}")
+    if rngs is not None:
+        return rngs
+    check_seed("seed", seed)
+    return nnx.Rngs(int(seed))  # nnx.Rngs refuses a NumPy integer
 
 
 class CausalLM(nnx.Module):

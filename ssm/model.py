@@ -15,7 +15,7 @@ from flax import nnx
 
 from configs.schema import FalconMambaConfig
 from runtime.checks import check_positive_int
-from runtime.interface import CausalLM, DecodeState, call_layer
+from runtime.interface import CausalLM, DecodeState, call_layer, init_rngs
 from runtime.layers import Dense, Embed, RMSNorm, StackedDense, dtype_of, matmul_precision, rms_normalize
 from ssm.conv import causal_conv1d
 from ssm.scan import discretization_dt, selective_scan
@@ -152,7 +152,7 @@ class FalconMambaLM(CausalLM):
     """embeddings -> blocks -> norm_f -> lm_head (tied to the embeddings or not)."""
 
     def __init__(self, config: FalconMambaConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):
-        rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        rngs = init_rngs(config, FalconMambaConfig, rngs, seed)
         self.config = config
         dtype, pdtype = dtype_of(config.compute_dtype), dtype_of(config.param_dtype)
         self.embeddings = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=pdtype, rngs=rngs,

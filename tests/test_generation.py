@@ -131,6 +131,8 @@ def test_sampling_refuses_non_finite_and_bool_values(kwargs, message):
     ({"stop_tokens": [VOCAB]}, rf"stop_tokens: expected integer ids in \[0, {VOCAB}\), got {VOCAB}"),
     ({"stop_tokens": [1.7]}, rf"stop_tokens: expected integer ids in \[0, {VOCAB}\), got 1.7"),  # was token 1
     ({"stop_tokens": 11}, "stop_tokens: expected a sequence of token ids, got 11"),  # was a TypeError
+    ({"seed": 1.5}, r"seed: expected an integer in \[0, 2\*\*32\), got 1.5"),  # a JAX tracer error
+    ({"seed": 2**70}, r"seed: expected an integer in \[0, 2\*\*32\)"),  # an OverflowError inside JAX
 ])
 def test_bad_arguments(model, kwargs, message):
     with pytest.raises(ValueError, match=message):

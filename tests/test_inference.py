@@ -164,3 +164,26 @@ def test_bf16_compute_keeps_the_ssm_state_in_fp32():
     _, state = model.step(np.ones(2, np.int32), state)
     layer = state.layers[0]
     assert layer.ssm.dtype == np.float32 and layer.conv.dtype == jax.numpy.bfloat16
+
+
+def test_constructors_and_save_pretrained_check_their_arguments(tmp_path):
+    """A config or model of the other family, or a seed JAX cannot take, named (they failed on a missing attribute
+    deep inside the constructor or the writer, or with an OverflowError inside JAX)."""
+    import ssm
+    import transformer
+
+    mamba_config = load_model_config("tiny_falcon_mamba", ["num_hidden_layers=1"])
+    falcon_config = load_model_config("tiny_falcon", ["num_hidden_layers=1"])
+    with pytest.raises(TypeError, match="^config: expected a FalconMambaConfig, got FalconConfig"):
+        FalconMambaLM(falcon_config)
+    with pytest.raises(TypeError, match="^config: expected a FalconConfig, got dict"):
+        FalconLM({"hidden_size": 8})
+    for bad in (-1, 2**32, 1.5, "a"):
+        with pytest.raises(ValueError, match=r"^seed: expected an integer in \[0, 2\*\*32\)"):
+            FalconMambaLM(mamba_config, seed=bad)
+    assert FalconMambaLM(mamba_config, seed=np.int64(2**32 - 1)).config == mamba_config
+    with pytest.raises(TypeError, match="^model: expected a FalconMambaLM, got FalconLM"):
+        ssm.save_pretrained(FalconLM(falcon_config), tmp_path / "x")
+    with pytest.raises(TypeError, match="^model: expected a FalconLM, got FalconMambaLM"):
+        transformer.save_pretrained(FalconMambaLM(mamba_config), tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

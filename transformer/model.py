@@ -17,7 +17,7 @@ from flax import nnx
 
 from configs.schema import FalconConfig
 from runtime.checks import check_positive_int, is_integer
-from runtime.interface import CausalLM, DecodeState, call_layer
+from runtime.interface import CausalLM, DecodeState, call_layer, init_rngs
 from runtime.layers import Dense, Embed, LayerNorm, dtype_of
 from transformer.attention import alibi_bias, apply_rope, attention, rope_cos_sin, rope_inv_freq
 
@@ -132,7 +132,7 @@ class FalconLM(CausalLM):
     """word_embeddings -> h (decoder layers) -> ln_f -> lm_head (tied to the embeddings or not)."""
 
     def __init__(self, config: FalconConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):
-        rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        rngs = init_rngs(config, FalconConfig, rngs, seed)
         self.config = config
         dtype, pdtype = dtype_of(config.compute_dtype), dtype_of(config.param_dtype)
         self.word_embeddings = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=pdtype,

@@ -81,4 +81,4 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings
 
 def save_pretrained(model: FalconLM, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes config.json and safetensors that transformers' FalconForCausalLM (and from_pretrained) load."""
-    write_directory(model, path, weight_specs(model.config), max_shard_bytes)
+    write_directory(model, path, FalconLM, weight_specs, max_shard_bytes)
