@@ -150,6 +150,8 @@ def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.
     if logits.shape[1] != model.config.vocab_size:
         raise ValueError(f"logits: expected shape (batch, {model.config.vocab_size}) (vocab_size), got "
                          f"{tuple(logits.shape)}")
+    if not bool(jnp.all(jnp.isfinite(logits))):  # greedy decoding of NaN logits picked token 0
+        raise ValueError("logits: expected finite values, got NaN or Inf (a prefill that overflowed?)")
     model._check_state(state, logits.shape[0])
     model._check_fits(state, max_new_tokens, name="max_new_tokens")  # the loop's writes past the cache would clamp
     return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)

@@ -74,6 +74,40 @@ def test_attention_rejects_bad_shapes():
         attention(q, k, v, key_bias=jnp.zeros((6, 5)))
     with pytest.raises(ValueError, match="impl must be 'xla' or 'blockwise', got 'flash'"):
         attention(q, k, v, impl="flash")
+    # positions and sizes that gave a silent uniform average over every key (future ones too), a truncated float
+    # position, an int "attention" or a raw reshape / ZeroDivisionError
+    for kwargs, message in (({"kv_length": 0}, r"kv_length: expected values >= 1, got 0"),
+                            ({"q_offset": jnp.array([-2])}, r"q_offset: expected values >= 0, got \[-2\]"),
+                            ({"q_offset": 1.5}, r"q_offset: expected an integer scalar or \(1,\) array, got float"),
+                            ({"kv_length": np.array([2, 3, 4])}, r"kv_length: expected an integer scalar or \(1,\)"),
+                            ({"block_size": 0}, r"block_size: expected a positive integer, got 0")):
+        with pytest.raises(ValueError, match=message):
+            attention(q, k, v, **kwargs)
+    with pytest.raises(TypeError, match=r"q: expected a floating-point array, got dtype int32"):
+        attention(q.astype(jnp.int32), k, v)
+    with pytest.raises(ValueError, match=r"q: expected .*\(batch, len, heads, head_dim\)"):
+        attention(q[0], k, v)
+    jax.jit(lambda off: attention(q, k, v, q_offset=off, kv_length=off + 1))(jnp.array([3]))  # traced: shape only
+
+
+def test_rope_and_alibi_helpers_reject_bad_arguments():
+    """A misspelt scaling type was silently no scaling; an odd head_dim split unevenly; cos of one position
+    broadcast over every position; ALiBi of 0 heads a math domain error."""
+    from transformer.attention import apply_rope
+
+    with pytest.raises(ValueError, match=r"scaling_type: expected None, 'default', 'linear' or 'dynamic', got 'lin"):
+        rope_inv_freq(8, 1e4, "lineer", 2.0)
+    with pytest.raises(ValueError, match=r"head_dim: expected an even number .*got 7"):
+        rope_inv_freq(7, 1e4)
+    with pytest.raises(ValueError, match=r"head_dim: expected an even number \(> 2 for RoPE"):
+        rope_inv_freq(2, 1e4, "dynamic", 2.0, seq_len=5000)
+    x = jnp.ones((1, 4, 2, 8))
+    cos, sin = rope_cos_sin(jnp.arange(4), rope_inv_freq(8, 1e4), jnp.float32)
+    assert apply_rope(x, cos, sin).shape == x.shape
+    with pytest.raises(ValueError, match=r"cos: expected shape \(seq, head_dim\) = \(4, 8\)"):
+        apply_rope(x, cos[:1], sin[:1])
+    with pytest.raises(ValueError, match=r"num_heads: expected a positive integer, got 0"):
+        alibi_slopes(0)
 
 
 @pytest.mark.parametrize("heads", [6, 8, 12, 32, 64])

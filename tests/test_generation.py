@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -49,6 +50,8 @@ def test_decode_continues_a_prefill(model):
     logits, state = model.prefill(extended, model.init_state(2, max_len=12))
     np.testing.assert_array_equal(decode(model, logits, state, max_new_tokens=3, temperature=0).tokens,
                                   greedy.tokens[:, 1:])
+    with pytest.raises(ValueError, match=r"^logits: expected finite values, got NaN or Inf"):  # greedy gave token 0
+        decode(model, logits.at[1, 3].set(jnp.nan), state, max_new_tokens=3, temperature=0)
 
 
 def test_padded_prompts_generate_as_alone(model):

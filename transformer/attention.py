@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from runtime.checks import check_float, check_positive_int, check_rank, shape_of
 from runtime.layers import matmul_precision
 
 # Masked scores: finite, so that a block in which a query sees no key yet gives no NaN in the online softmax;
@@ -35,6 +36,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling_type: str | None = None, 
     theta * (factor * L / max_pos - (factor - 1)) ** (d / (d - 2)) once the sequence length L = ``seq_len``
     exceeds max_position_embeddings (in fp32, like transformers' tensor arithmetic).
     """
+    if scaling_type not in (None, "default", "linear", "dynamic"):
+        raise ValueError(f"scaling_type: expected None, 'default', 'linear' or 'dynamic', got {scaling_type!r}")
+    check_positive_int("head_dim", head_dim)
+    if head_dim % 2 or (scaling_type == "dynamic" and head_dim == 2):  # dynamic raises to d / (d - 2)
+        raise ValueError(f"head_dim: expected an even number ({'> 2 ' if scaling_type == 'dynamic' else ''}"
+                         f"for RoPE's half split), got {head_dim}")
     exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
     base = jnp.float32(theta)
     if scaling_type == "dynamic" and seq_len is not None and seq_len > max_position_embeddings:
@@ -59,6 +66,11 @@ def rotate_half(x: jax.Array) -> jax.Array:
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x (batch, seq, heads, head_dim) rotated in its own dtype; cos, sin (seq, head_dim) or per row
     (batch, seq, head_dim)."""
+    batch, seq, _, head_dim = x.shape
+    for name, value in (("cos", cos), ("sin", sin)):
+        if shape_of(value) not in ((seq, head_dim), (batch, seq, head_dim)):  # (1, d) broadcast over positions
+            raise ValueError(f"{name}: expected shape (seq, head_dim) = {(seq, head_dim)} or (batch, seq, head_dim) "
+                             f"= {(batch, seq, head_dim)}, got {shape_of(value)}")
     if cos.ndim == 2:
         cos, sin = cos[None], sin[None]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
@@ -68,6 +80,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def alibi_slopes(num_heads: int) -> np.ndarray:
     """BLOOM's slopes (fp32): powers of 2^(-8/n) for the closest power of two n <= num_heads, then the odd
     powers of 2^(-4/n) for the remaining heads."""
+    check_positive_int("num_heads", num_heads)
     closest = 2 ** math.floor(math.log2(num_heads))
     base = np.float32(2 ** (-(2 ** -(math.log2(closest) - 3))))
     slopes = [base ** np.float32(p) for p in range(1, closest + 1)]
@@ -113,6 +126,18 @@ def _scores(q: jax.Array, k: jax.Array, scale: float, key_bias: jax.Array | None
     return jnp.where(visible[:, None, None], s, MASKED)
 
 
+def _check_positions(name: str, value, batch: int, minimum: int) -> None:
+    """q_offset / kv_length: an integer scalar or one per row (batch,), >= ``minimum`` where it is concrete (a
+    negative q_offset or kv_length 0 left a query with no visible key: a uniform average over every key)."""
+    if value is None:
+        return
+    array = value if isinstance(value, jax.Array) else np.asarray(value)
+    if array.shape not in ((), (batch,)) or not jnp.issubdtype(array.dtype, jnp.integer):
+        raise ValueError(f"{name}: expected an integer scalar or ({batch},) array, got {array.dtype} {array.shape}")
+    if not isinstance(array, jax.core.Tracer) and array.size and int(np.min(np.asarray(array))) < minimum:
+        raise ValueError(f"{name}: expected values >= {minimum}, got {np.asarray(array).tolist()}")
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_bias: jax.Array | None = None, q_offset=0,
               kv_length=None, impl: str = "xla", block_size: int = 1024) -> jax.Array:
     """Causal softmax(q k^T / sqrt(head_dim) + key_bias) v; returns (batch, q_len, heads, head_dim) in q's dtype.
@@ -123,7 +148,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_bias: jax.Array |
     """
     if impl not in ("xla", "blockwise"):
         raise ValueError(f"attention: impl must be 'xla' or 'blockwise', got {impl!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_rank(name, x, (4,), "(batch, len, heads, head_dim)")
+        check_float(name, x)
+    check_positive_int("block_size", block_size)
     batch, q_len, heads, head_dim = q.shape
+    _check_positions("q_offset", q_offset, batch, 0)
+    _check_positions("kv_length", kv_length, batch, 1)
     kv_len, kv_heads = k.shape[1], k.shape[2]
     if k.shape != (batch, kv_len, kv_heads, head_dim) or v.shape != k.shape:
         raise ValueError(f"attention: k and v must have shape (batch {batch}, kv_len, kv_heads, head_dim "
