@@ -163,3 +163,5 @@ def test_split_qkv_matches_transformers(kwargs):
     # head h // group
     for ref, got in ((expected[1], k), (expected[2], v)):
         np.testing.assert_array_equal(np.repeat(got, group, axis=2) if ref.shape[2] == 6 else got, ref)
+    with pytest.raises(ValueError, match=rf"fused: expected shape .* = {fused.shape[-1]}\), got \(2, 5, 1\)"):
+        transformer.split_qkv(jnp.asarray(fused[..., :1]), ours)  # a raw reshape error before

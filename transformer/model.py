@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import FalconConfig
-from runtime.checks import check_positive_int, is_integer
+from runtime.checks import check_positive_int, is_integer, shape_of
 from runtime.interface import CausalLM, DecodeState, call_layer, init_rngs
 from runtime.layers import Dense, Embed, LayerNorm, dtype_of
 from transformer.attention import alibi_bias, apply_rope, attention, rope_cos_sin, rope_inv_freq
@@ -24,8 +24,12 @@ from transformer.attention import alibi_bias, apply_rope, attention, rope_cos_si
 
 def split_qkv(fused: jax.Array, config: FalconConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(batch, seq, qkv_out) -> q (batch, seq, heads, D), k and v (batch, seq, kv_heads, D)."""
-    batch, seq, _ = fused.shape
     heads, kv_heads, head_dim = config.num_attention_heads, config.kv_heads, config.head_dim
+    qkv_out = (heads + 2 * kv_heads) * head_dim
+    if len(shape_of(fused)) != 3 or fused.shape[-1] != qkv_out:
+        raise ValueError(f"fused: expected shape (batch, seq, (heads + 2 kv_heads) x head_dim = {qkv_out}), got "
+                         f"{shape_of(fused)}")
+    batch, seq, _ = fused.shape
     if config.qkv_layout == "multi_query":
         x = fused.reshape(batch, seq, heads + 2, head_dim)
         return x[:, :, :heads], x[:, :, heads:heads + 1], x[:, :, heads + 1:]
