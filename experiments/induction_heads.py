@@ -73,8 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-log2", type=int, default=6)
     p.add_argument("--max-log2", type=int, default=20)
     p.add_argument("--falcon-max-log2", type=int, default=12,
-                   help="longest transformer evaluation (its prefill cost grows with length^2: on a 2-core CPU "
-                        "about 2k tokens/s at 2^12, 400 at 2^14)")
+                   help="longest transformer evaluation (its prefill slows with length: on a 2-core CPU "
+                        "2.2k tokens/s at 2^12, 0.9k at 2^14; docs/EXPERIMENTS.md)")
     p.add_argument("--eval-sequences", type=int, default=64, help="sequences per point (short lengths)")
     p.add_argument("--eval-tokens", type=int, default=1 << 22,
                    help="token budget per point: long lengths use max(min-sequences, eval-tokens / length)")
