@@ -18,7 +18,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from configs.schema import ConfigError
 from experiments.models import load_pretrained
+from runtime.safetensors_io import CheckpointError
 from runtime.generation import generate, stream
 
 
@@ -69,17 +71,20 @@ def main(argv=None) -> None:
     parser.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     args = parser.parse_args(argv)
 
-    if (Path(args.path) / "config.yaml").is_file():
-        from experiments.train import load_trained_model
+    try:  # what a path cannot give (no checkpoint, no such step, a misfit config) is one error line
+        if (Path(args.path) / "config.yaml").is_file():
+            from experiments.train import load_trained_model
 
-        model, step = load_trained_model(args.path, args.step, args.compute_dtype)
-        print(f"[loaded checkpoint step {step} of {args.path}]", file=sys.stderr)
-    else:
-        if args.step is not None:
-            raise SystemExit(f"--step: expected only with a training run's output_dir (config.yaml + checkpoints/), "
-                             f"got {args.step} with {args.path!r}, which has no config.yaml")
-        overrides = {"compute_dtype": args.compute_dtype} if args.compute_dtype else {}
-        model = load_pretrained(args.path, **overrides)
+            model, step = load_trained_model(args.path, args.step, args.compute_dtype)
+            print(f"[loaded checkpoint step {step} of {args.path}]", file=sys.stderr)
+        else:
+            if args.step is not None:
+                raise SystemExit(f"--step: expected only with a training run's output_dir (config.yaml + "
+                                 f"checkpoints/), got {args.step} with {args.path!r}, which has no config.yaml")
+            overrides = {"compute_dtype": args.compute_dtype} if args.compute_dtype else {}
+            model = load_pretrained(args.path, **overrides)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}")
     tokenizer = None
     if args.prompt is not None:
         from tokenizers import Tokenizer
