@@ -39,6 +39,8 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, ...]:
 def build_mesh(config: MeshConfig, devices=None) -> Mesh:
     """A mesh with axes (data, fsdp, tensor) over ``devices`` (all global devices by default)."""
     devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise MeshError("devices: expected at least one device, got none")
     shape = mesh_shape(config, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

@@ -27,6 +27,10 @@ def test_mesh_shape_resolves_the_rest_and_names_mismatches():
     with pytest.raises(MeshError, match=r"mesh.data=-1: the other axes .* use 3 devices, which does not divide "
                                         r"the 8 devices"):
         mesh_shape(MeshConfig(data=-1, fsdp=3), 8)
+    from experiments.mesh import build_mesh
+
+    with pytest.raises(MeshError, match=r"devices: expected at least one device, got none"):  # an IndexError
+        build_mesh(MeshConfig(), devices=[])
 
 
 def test_rules_are_config_data_with_checked_values():
