@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from configs.schema import ConfigError, FalconConfig, FalconMambaConfig, _is_int, _is_number
+from configs.schema import ConfigError, FalconConfig, FalconMambaConfig, is_int, is_number
 
 FALCON_MODEL_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")
 
@@ -41,7 +41,7 @@ def _positive(hf: Mapping[str, Any], key: str, default: Any, name: str = "", int
     value = hf.get(key, default)
     if integer and isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not ((_is_int(value) if integer else _is_number(value)) and value > 0):
+    if not ((is_int(value) if integer else is_number(value)) and value > 0):
         raise ConfigError(f"config.json {name or key}: expected a positive {'integer' if integer else 'number'}, "
                           f"got {value!r}")
     return value

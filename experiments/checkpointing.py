@@ -37,8 +37,7 @@ class Checkpointer:
     def check_params(self, step: int, abstract_params: dict) -> None:
         """ConfigError naming the first parameter whose stored shape differs from the config's, or that only one
         side has (Orbax's own error names neither the parameter nor the checkpoint)."""
-        with ocp.PyTreeCheckpointer() as reader:
-            stored = reader.metadata(self.directory / str(step) / "state").item_metadata.tree["params"]
+        stored = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state").tree["params"]
         def describe(leaf) -> str:
             return "no such parameter" if leaf is None else f"shape {tuple(leaf.shape)}"
 

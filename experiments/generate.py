@@ -99,6 +99,9 @@ def main(argv=None) -> None:
         ids = _parse_ids(args.ids)
     eos = model.config.eos_token_id  # None, an id or a tuple of ids
     stop = args.stop if args.stop is not None else list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
+    if args.stop is None and any(token >= model.config.vocab_size for token in stop):
+        raise SystemExit(f"error: the model's eos_token_id {eos} is not below its vocab_size "
+                         f"({model.config.vocab_size}): pass --stop IDS (or --stop alone for none)")
     decode = (lambda toks: tokenizer.decode(toks)) if tokenizer else (lambda toks: " ".join(map(str, toks)))
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, chunk_size=args.chunk_size)

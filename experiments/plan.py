@@ -46,11 +46,12 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from configs import load_config
-from configs.schema import MESH_AXES, ConfigError, FalconMambaConfig, RunConfig, _is_int
+from configs.schema import MESH_AXES, ConfigError, FalconMambaConfig, RunConfig
 from experiments.cli import run_config_command
 from experiments.mesh import (MeshError, batch_sharding, build_mesh, flatten_params, mesh_shape,
                               opt_state_shardings, param_shardings, unflatten_params)
 from experiments.models import family_of
+from runtime.checks import is_integer
 
 OPTIONS = ("devices", "mode", "dtype", "batch", "seq_len", "seq", "optimizer", "activations", "chunk")
 MODES = ("training", "inference")
@@ -247,7 +248,7 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
         raise ConfigError(f"plan option 'optimizer': expected one of {list(OPTIMIZERS)}, got {optimizer!r}")
     if activations not in ("auto", "compiled", "estimate"):
         raise ConfigError(f"plan option 'activations': expected auto, compiled or estimate, got {activations!r}")
-    if chunk is not None and not (_is_int(chunk) and chunk > 0):
+    if chunk is not None and not (is_integer(chunk) and chunk > 0):  # a NumPy integer too, as prefill takes
         raise ConfigError(f"plan option 'chunk': expected a positive integer, got {chunk!r}")
     overrides = list(overrides)
     if dtype is not None:

@@ -42,10 +42,13 @@ def check_bool(name: str, value: Any) -> None:
 
 
 def check_seed(name: str, value: Any) -> None:
-    """ValueError naming ``name`` unless value is an integer in [0, 2**32): jax.random keys keep 32 bits (2**32
-    would be seed 0 again; 2**64 an OverflowError inside JAX)."""
-    if not (is_integer(value) and 0 <= value < 2**32):
-        raise ValueError(f"{name}: expected an integer in [0, 2**32), got {value!r}")
+    """ValueError naming ``name`` unless value is an integer (Python, NumPy or a 0-d integer array) that a 32-bit
+    jax.random key holds, in [-2**31, 2**32) (-1 is the key of 2**32 - 1; 2**70 an OverflowError inside JAX, 1.5
+    a tracer error)."""
+    if getattr(value, "shape", None) == () and jnp.issubdtype(value.dtype, jnp.integer):
+        value = int(value)
+    if not (is_integer(value) and -2**31 <= value < 2**32):
+        raise ValueError(f"{name}: expected an integer in [-2**31, 2**32), got {value!r}")
 
 
 def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:

@@ -122,7 +122,16 @@ def _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids: expected an integer array of shape (batch, seq), got shape {input_ids.shape}")
     state = model.init_state(input_ids.shape[0], max_len=input_ids.shape[1] + max_new_tokens)
-    return model.prefill(input_ids, state, chunk_size=chunk_size, attention_mask=attention_mask, lengths=lengths)
+    logits, state = model.prefill(input_ids, state, chunk_size=chunk_size, attention_mask=attention_mask,
+                                  lengths=lengths)
+    return _finite(logits), state
+
+
+def _finite(logits: jax.Array) -> jax.Array:
+    """The logits decoding starts from, refused when not finite (greedy decoding of NaN picked token 0)."""
+    if not bool(jnp.all(jnp.isfinite(logits))):
+        raise ValueError("logits: expected finite values, got NaN or Inf (a prefill that overflowed?)")
+    return logits
 
 
 def _stop_array(stop_tokens: Sequence[int], vocab_size: int) -> jax.Array:
@@ -150,8 +159,7 @@ def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.
     if logits.shape[1] != model.config.vocab_size:
         raise ValueError(f"logits: expected shape (batch, {model.config.vocab_size}) (vocab_size), got "
                          f"{tuple(logits.shape)}")
-    if not bool(jnp.all(jnp.isfinite(logits))):  # greedy decoding of NaN logits picked token 0
-        raise ValueError("logits: expected finite values, got NaN or Inf (a prefill that overflowed?)")
+    logits = _finite(jnp.asarray(logits, jnp.float32))  # the loop carries the model's fp32 logits
     model._check_state(state, logits.shape[0])
     model._check_fits(state, max_new_tokens, name="max_new_tokens")  # the loop's writes past the cache would clamp
     return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)

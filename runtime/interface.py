@@ -228,12 +228,13 @@ class CausalLM(nnx.Module):
                                  f"model's init_state), got {shape_of(got)} {getattr(got, 'dtype', None)}")
 
     def _check_fits(self, state, new_tokens: int, name: str = "input_ids") -> None:
-        """The state's lengths are token counts (>= 0) with room for ``new_tokens`` more in a KV cache."""
-        lengths = np.asarray(state.lengths)
-        if lengths.min() < 0:
-            raise ValueError(f"state.lengths: expected token counts (integers >= 0), got {lengths.tolist()}")
+        """A KV cache's lengths are token counts (>= 0: they are the positions) with room for ``new_tokens`` more;
+        a state without capacity (Falcon Mamba's, whose lengths only count) is not read back from the device."""
         capacity = self.state_capacity(state)
         if capacity is not None:
+            lengths = np.asarray(state.lengths)
+            if lengths.min() < 0:
+                raise ValueError(f"state.lengths: expected token counts (integers >= 0), got {lengths.tolist()}")
             used = int(lengths.max())
             if used + new_tokens > capacity:
                 raise ValueError(f"{name}: {new_tokens} new tokens after {used} cached ones need {used + new_tokens}"

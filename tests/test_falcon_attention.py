@@ -104,6 +104,7 @@ def test_rope_and_alibi_helpers_reject_bad_arguments():
     x = jnp.ones((1, 4, 2, 8))
     cos, sin = rope_cos_sin(jnp.arange(4), rope_inv_freq(8, 1e4), jnp.float32)
     assert apply_rope(x, cos, sin).shape == x.shape
+    np.testing.assert_array_equal(apply_rope(x, cos[None], sin[None]), apply_rope(x, cos, sin))  # (1, seq, d)
     with pytest.raises(ValueError, match=r"cos: expected shape \(seq, head_dim\) = \(4, 8\)"):
         apply_rope(x, cos[:1], sin[:1])
     with pytest.raises(ValueError, match=r"num_heads: expected a positive integer, got 0"):

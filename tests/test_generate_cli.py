@@ -115,6 +115,22 @@ def test_generate_from_a_training_run(tmp_path):
                                                 "data.batch_size=4", f"output_dir={out}"]))
 
 
+def test_an_eos_id_past_the_vocabulary_needs_stop(tmp_path, checkpoint):
+    """config.json's eos_token_id is the default stop token; one past the vocabulary (transformers accepts it) is
+    named with the way out, --stop."""
+    import json
+    import shutil
+
+    path = tmp_path / "eos"
+    shutil.copytree(checkpoint, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "eos_token_id": 45}))
+    result = _run(path, "--ids", "1,2", "--max-new-tokens", "2")
+    assert result.returncode == 1 and "eos_token_id 45 is not below its vocab_size (40): pass --stop" in \
+        result.stderr, result.stderr
+    assert _run(path, "--ids", "1,2", "--max-new-tokens", "2", "--stop").returncode == 0
+
+
 def test_step_is_refused_for_a_hf_directory(checkpoint):
     result = _run(checkpoint, "--ids", "1,2", "--step", "2")
     assert result.returncode != 0 and "--step: expected only with a training run's output_dir" in result.stderr

@@ -52,6 +52,11 @@ def test_decode_continues_a_prefill(model):
                                   greedy.tokens[:, 1:])
     with pytest.raises(ValueError, match=r"^logits: expected finite values, got NaN or Inf"):  # greedy gave token 0
         decode(model, logits.at[1, 3].set(jnp.nan), state, max_new_tokens=3, temperature=0)
+    # bf16 logits (a bf16 model's, cast by the caller) failed inside the loop on its fp32 carry
+    np.testing.assert_array_equal(decode(model, logits.astype(jnp.bfloat16), state, max_new_tokens=3,
+                                         temperature=0).tokens,
+                                  decode(model, logits.astype(jnp.bfloat16).astype(jnp.float32), state,
+                                         max_new_tokens=3, temperature=0).tokens)
 
 
 def test_padded_prompts_generate_as_alone(model):
@@ -134,8 +139,8 @@ def test_sampling_refuses_non_finite_and_bool_values(kwargs, message):
     ({"stop_tokens": [VOCAB]}, rf"stop_tokens: expected integer ids in \[0, {VOCAB}\), got {VOCAB}"),
     ({"stop_tokens": [1.7]}, rf"stop_tokens: expected integer ids in \[0, {VOCAB}\), got 1.7"),  # was token 1
     ({"stop_tokens": 11}, "stop_tokens: expected a sequence of token ids, got 11"),  # was a TypeError
-    ({"seed": 1.5}, r"seed: expected an integer in \[0, 2\*\*32\), got 1.5"),  # a JAX tracer error
-    ({"seed": 2**70}, r"seed: expected an integer in \[0, 2\*\*32\)"),  # an OverflowError inside JAX
+    ({"seed": 1.5}, r"seed: expected an integer in \[-2\*\*31, 2\*\*32\), got 1.5"),  # a JAX tracer error
+    ({"seed": 2**70}, r"seed: expected an integer in \[-2\*\*31, 2\*\*32\)"),  # an OverflowError inside JAX
 ])
 def test_bad_arguments(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -246,3 +251,17 @@ def test_generate_gives_the_kv_cache_room_for_every_step():
     logits, state = model.prefill(prompts, model.init_state(8, max_len=16))
     roomy = decode(model, logits, state, max_new_tokens=4, temperature=0)
     np.testing.assert_array_equal(generate(model, prompts, max_new_tokens=4, temperature=0).tokens, roomy.tokens)
+
+
+def test_generate_and_stream_refuse_non_finite_prefill_logits(model, monkeypatch):
+    """A prefill that overflowed (NaN logits) is named before decoding, as decode's own logits are."""
+    prefill = type(model).prefill
+
+    def overflowed(self, *args, **kwargs):
+        logits, state = prefill(self, *args, **kwargs)
+        return logits.at[0, 0].set(jnp.inf), state
+
+    monkeypatch.setattr(type(model), "prefill", overflowed)
+    for run in (generate, lambda *a, **k: next(stream(*a, **k))):
+        with pytest.raises(ValueError, match=r"^logits: expected finite values, got NaN or Inf"):
+            run(model, np.ones((1, 3), np.int32), max_new_tokens=2, temperature=0)

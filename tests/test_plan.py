@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from configs.schema import ConfigError
@@ -167,6 +168,7 @@ def test_chunk_longer_than_the_sequence_is_the_sequence(tmp_path, capsys):
                              activations="estimate")
     assert planned(1000) == planned(64) and "(8, 64) chunk" in planned(1000)["activations_method"]
     assert planned(32)["per_device_bytes"]["activations"] < planned(64)["per_device_bytes"]["activations"]
+    assert planned(np.int64(32)) == planned(32)  # a NumPy integer, as prefill's chunk_size takes
     # a bad preset file is one error: line from the command line (yaml's errors were tracebacks)
     (tmp_path / "bad.yaml").write_text("bad: : :\n")
     assert plan_lib.main([str(tmp_path / "bad.yaml")]) == 1

@@ -110,9 +110,9 @@ def test_metrics_config_and_tensorboard_files(tmp_path, cache_dir):
 
 
 def test_text_files_are_replaced_whole(tmp_path, monkeypatch):
-    """config.yaml, metrics.jsonl, config.json and the shard index are written through write_text_atomic: a crash
-    before the rename keeps the previous file whole (config.yaml was truncated by a crash mid-write, and an
-    empty one loaded as every default) and leaves no temporary file."""
+    """write_text_atomic (what config.yaml, metrics.jsonl, config.json and the shard index are written with): a
+    crash before the rename keeps the previous file whole (config.yaml was written in place: a crash mid-write
+    truncated it, and an empty one loaded as every default) and leaves no temporary file."""
     import os
 
     from runtime.files import write_text_atomic

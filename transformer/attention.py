@@ -68,9 +68,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     (batch, seq, head_dim)."""
     batch, seq, _, head_dim = x.shape
     for name, value in (("cos", cos), ("sin", sin)):
-        if shape_of(value) not in ((seq, head_dim), (batch, seq, head_dim)):  # (1, d) broadcast over positions
-            raise ValueError(f"{name}: expected shape (seq, head_dim) = {(seq, head_dim)} or (batch, seq, head_dim) "
-                             f"= {(batch, seq, head_dim)}, got {shape_of(value)}")
+        shape = shape_of(value)  # a (1, d) one would broadcast one position over all
+        if shape not in ((seq, head_dim), (1, seq, head_dim), (batch, seq, head_dim)):
+            raise ValueError(f"{name}: expected shape (seq, head_dim) = {(seq, head_dim)} or ([1 or batch], seq, "
+                             f"head_dim) = {(batch, seq, head_dim)}, got {shape}")
     if cos.ndim == 2:
         cos, sin = cos[None], sin[None]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
