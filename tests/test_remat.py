@@ -1,8 +1,8 @@
 """Per-layer rematerialisation (config ``remat``, runtime.interface.call_layer) in the loss of experiments.train,
 for both families: the same loss and gradients as without remat, and the residuals the backward pass keeps
 (jax's saved_residuals of the loss) shrink to each layer's input ("full") or that plus the layer's matmul
-outputs ("dots"). (XLA:CPU's compiled temp size is dominated by one layer's backward working set at these
-sizes and is not what remat changes, so it is not asserted on.)"""
+outputs ("dots"). (XLA:CPU's compiled temp size grows with the layer count whether or not the layers are
+rematerialised, docs/PLANNING.md "Limits", so it is not asserted on.)"""
 
 from __future__ import annotations
 
