@@ -38,6 +38,7 @@ class Checkpointer:
         """ConfigError naming the first parameter whose stored shape differs from the config's, or that only one
         side has (Orbax's own error names neither the parameter nor the checkpoint)."""
         stored = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state").tree["params"]
+
         def describe(leaf) -> str:
             return "no such parameter" if leaf is None else f"shape {tuple(leaf.shape)}"
 

@@ -70,7 +70,8 @@ def check_token_ids(input_ids, vocab_size: int, name: str = "input_ids", ndim: i
 
 
 def _rectangular(name: str, rows) -> np.ndarray:
-    """A nested list as an array; a ragged one (rows of different lengths) named, not NumPy's message."""
+    """np.asarray of a nested list or an array; a ragged list (rows of different lengths) named, not NumPy's
+    message."""
     try:
         return np.asarray(rows)
     except ValueError:
@@ -121,8 +122,7 @@ def normalize_padding(input_ids, attention_mask=None, lengths=None):
         return input_ids, jnp.asarray(lengths, jnp.int32)
     if attention_mask is None:
         return input_ids, jnp.full((batch,), seq, jnp.int32)
-    mask = _rectangular("attention_mask", attention_mask) if isinstance(attention_mask, (list, tuple)) else (
-        np.asarray(attention_mask))
+    mask = _rectangular("attention_mask", attention_mask)
     if mask.shape != (batch, seq):
         raise ValueError(f"attention_mask: expected shape {(batch, seq)} like input_ids, got {mask.shape}")
     if not ((mask == 0) | (mask == 1)).all():  # an additive mask (0 / -inf) would read as left padding

@@ -213,10 +213,11 @@ def _optional_inputs(specs, D, z, bias):
     return [x for x, _ in present], [spec for _, spec in present]
 
 
-def _optional(refs, flags):
-    """Splits a flat ref list into one entry per flag: the next ref where the flag is set, else None."""
+def _optional(cfg, refs):
+    """A kernel's refs after its fixed inputs -> (D_ref, z_ref, bias_ref, the refs after them): each optional
+    input's ref where cfg has it, else None."""
     refs = list(refs)
-    return [refs.pop(0) if flag else None for flag in flags]
+    return [refs.pop(0) if flag else None for flag in (cfg.has_D, cfg.has_z, cfg.has_bias)] + [refs]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,9 +270,8 @@ def _split_starts(cfg: _Config, specs, u, delta, A_t, B, h0, bias):
 
 def _forward_kernel(cfg: _Config, checkpoints: bool, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, *rest = refs
-    n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
-    D_ref, z_ref, bias_ref = _optional(rest[:n_opt], (cfg.has_D, cfg.has_z, cfg.has_bias))
-    out_ref, last_ref, *ckpt_ref = rest[n_opt:]
+    D_ref, z_ref, bias_ref, rest = _optional(cfg, rest)
+    out_ref, last_ref, *ckpt_ref = rest
     ckpt_ref = ckpt_ref[0] if checkpoints else None
     A2, D, bias = _channel_constants(cfg, A_ref, D_ref, bias_ref)
 
@@ -340,10 +340,8 @@ def _forward(cfg: _Config, u, delta, A_t, B, C, h0, D, z, bias, checkpoints=True
 
 def _backward_kernel(cfg: _Config, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, ckpt_ref, dout_ref, dlast_ref, *rest = refs
-    n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
-    D_ref, z_ref, bias_ref = _optional(rest[:n_opt], (cfg.has_D, cfg.has_z, cfg.has_bias))
-    (du_ref, ddelta_ref, dz_ref, dA_ref, dB_ref, dC_ref, dD_ref, dbias_ref, dh0_ref,
-     work_ref) = with_dz(rest[n_opt:], cfg.has_z)
+    D_ref, z_ref, bias_ref, rest = _optional(cfg, rest)
+    du_ref, ddelta_ref, dz_ref, dA_ref, dB_ref, dC_ref, dD_ref, dbias_ref, dh0_ref, work_ref = with_dz(rest, cfg.has_z)
     A2, D, bias = _channel_constants(cfg, A_ref, D_ref, bias_ref)
 
     def recompute_inputs(t):

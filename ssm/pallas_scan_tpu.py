@@ -174,9 +174,8 @@ def _step_scratch(cfg, n, R, P):
 
 def _forward_kernel(cfg, R, checkpoints, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, *rest = refs
-    n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
-    D_ref, z_ref, bias_ref = _optional(rest[:n_opt], (cfg.has_D, cfg.has_z, cfg.has_bias))
-    out_ref, last_ref, *rest = rest[n_opt:]
+    D_ref, z_ref, bias_ref, rest = _optional(cfg, rest)
+    out_ref, last_ref, *rest = rest
     ckpt_ref = rest.pop(0) if checkpoints else None
     h_s, dt_s, x_s, y_s, Bb_s, Cb_s = rest
     k = pl.program_id(2)
@@ -250,10 +249,9 @@ def _lane_sums(ref):
 
 def _backward_kernel(cfg, R, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, ckpt_ref, dout_ref, dlast_ref, *rest = refs
-    n_opt = cfg.has_D + cfg.has_z + cfg.has_bias
-    D_ref, z_ref, bias_ref = _optional(rest[:n_opt], (cfg.has_D, cfg.has_z, cfg.has_bias))
+    D_ref, z_ref, bias_ref, rest = _optional(cfg, rest)
     (du_ref, ddelta_ref, dz_ref, dA_ref, dB_ref, dC_ref, dD_ref, dbias_ref, dh0_ref,
-     g_s, dA_acc, dD_acc, dbias_acc, dt_s, x_s, y_s, Bb_s, Cb_s, H_s, dB_s, dC_s) = with_dz(rest[n_opt:], cfg.has_z)
+     g_s, dA_acc, dD_acc, dbias_acc, dt_s, x_s, y_s, Bb_s, Cb_s, H_s, dB_s, dC_s) = with_dz(rest, cfg.has_z)
     r = pl.program_id(2)
     n, T = A_ref.shape[0], cfg.tile
 
