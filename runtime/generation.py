@@ -24,6 +24,7 @@ from flax import nnx
 from jax import lax
 
 from runtime.checks import check_float, check_positive_int, check_rank, check_seed, is_integer
+from runtime.interface import check_token_ids
 
 NO_TOKEN = -1
 
@@ -110,17 +111,24 @@ class Generated:
         return [int(t) for t in self.tokens[i] if t != NO_TOKEN]
 
 
-def _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed) -> tuple[Sampling, jax.Array]:
-    """The decode arguments checked once, before any prefill: (Sampling, stop-token array)."""
+def check_sampling(max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=0) -> Sampling:
+    """The decode arguments that need no model checked (experiments.generate checks them before loading one):
+    their Sampling. max_new_tokens must be positive, as in transformers."""
     check_positive_int("max_new_tokens", max_new_tokens)
     check_seed("seed", seed)
-    return Sampling(temperature, top_k, top_p), _stop_array(stop_tokens, model.config.vocab_size)
+    return Sampling(temperature, top_k, top_p)
+
+
+def _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed) -> tuple[Sampling, jax.Array]:
+    """The decode arguments checked once, before any prefill: (Sampling, stop-token array)."""
+    sampling = check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    return sampling, _stop_array(stop_tokens, model.config.vocab_size)
 
 
 def _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size):
-    input_ids = np.asarray(input_ids)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids: expected an integer array of shape (batch, seq), got shape {input_ids.shape}")
+    # checked before init_state sizes the state from its shape: a ragged list named (not NumPy's message), no rows
+    # named as input_ids (not init_state's batch_size)
+    input_ids = check_token_ids(input_ids, model.config.vocab_size)
     state = model.init_state(input_ids.shape[0], max_len=input_ids.shape[1] + max_new_tokens)
     logits, state = model.prefill(input_ids, state, chunk_size=chunk_size, attention_mask=attention_mask,
                                   lengths=lengths)

@@ -147,6 +147,16 @@ def test_bad_arguments(model, kwargs, message):
         generate(model, np.ones((1, 3), np.int32), **{"max_new_tokens": 2, **kwargs})
 
 
+@pytest.mark.parametrize("input_ids, message", [
+    ([[1, 2, 3], [4, 5]], r"^input_ids: expected rows of equal length .*got lengths \[3, 2\]$"),  # was NumPy's
+    (np.zeros((0, 3), np.int32), r"^input_ids: expected a non-empty array, got shape \(0, 3\)$"),  # was batch_size
+])
+def test_bad_prompts_are_named(model, input_ids, message):
+    for run in (generate, lambda *a, **k: next(stream(*a, **k))):
+        with pytest.raises(ValueError, match=message):
+            run(model, input_ids, max_new_tokens=2)
+
+
 def test_decode_refuses_a_cache_without_room(model):
     """decode's loop writes max_new_tokens positions; past a KV cache's max_len the writes would clamp onto its
     last slot, so it refuses first, naming max_new_tokens (a Mamba state has no max_len: nothing to refuse)."""
