@@ -21,14 +21,28 @@ import numpy as np
 from configs.schema import ConfigError
 from experiments.models import load_pretrained
 from runtime.safetensors_io import CheckpointError
-from runtime.generation import generate, stream
+from runtime.checks import check_positive_int
+from runtime.generation import check_sampling, generate, stream
 
 
 def _parse_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise SystemExit(f"--ids: expected integers separated by commas, got {text!r}") from None
+    """--ids' token ids: integers that an int32 prompt holds, >= 0 (the vocabulary is checked once loaded)."""
+    tokens = text.replace(",", " ").split()
+    if not tokens:
+        raise SystemExit(f"error: --ids: expected at least one token id, got {text!r}")
+    _check_ids("--ids", tokens)
+    return [int(token) for token in tokens]
+
+
+def _check_ids(flag: str, tokens) -> None:
+    """SystemExit naming ``flag`` unless every token is an integer in [0, 2**31) (an int32 token id)."""
+    for token in tokens:
+        try:
+            valid = 0 <= int(token) < 2**31
+        except ValueError:
+            valid = False
+        if not valid:
+            raise SystemExit(f"error: {flag}: expected token ids, integers in [0, 2**31) (int32), got {token!r}")
 
 
 def incremental_text(decode: Callable[[list[int]], str], tokens: Iterable[int]) -> Iterator[str]:
@@ -71,59 +85,83 @@ def main(argv=None) -> None:
     parser.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     args = parser.parse_args(argv)
 
-    try:  # what a path cannot give (no checkpoint, no such step, a misfit config) is one error line
-        if (Path(args.path) / "config.yaml").is_file():
-            from experiments.train import load_trained_model
-
-            model, step = load_trained_model(args.path, args.step, args.compute_dtype)
-            print(f"[loaded checkpoint step {step} of {args.path}]", file=sys.stderr)
-        else:
-            if args.step is not None:
-                raise SystemExit(f"--step: expected only with a training run's output_dir (config.yaml + "
-                                 f"checkpoints/), got {args.step} with {args.path!r}, which has no config.yaml")
-            overrides = {"compute_dtype": args.compute_dtype} if args.compute_dtype else {}
-            model = load_pretrained(args.path, **overrides)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    # everything that needs no model is checked before loading one
+    train_run = (Path(args.path) / "config.yaml").is_file()
+    if args.step is not None and not train_run:
+        raise SystemExit(f"error: --step: expected only with a training run's output_dir (config.yaml + "
+                         f"checkpoints/), got {args.step} with {args.path!r}, which has no config.yaml")
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+        check_positive_int("chunk_size", args.chunk_size, allow_none=True)
+    except ValueError as err:
         raise SystemExit(f"error: {err}")
+    _check_ids("--stop", args.stop or [])
     tokenizer = None
     if args.prompt is not None:
         from tokenizers import Tokenizer
 
         tokenizer_path = Path(args.tokenizer or Path(args.path) / "tokenizer.json")
         if not tokenizer_path.is_file():
-            raise SystemExit(f"--tokenizer: {str(tokenizer_path)!r} does not exist (text prompts need a "
+            raise SystemExit(f"error: --tokenizer: {str(tokenizer_path)!r} does not exist (text prompts need a "
                              f"tokenizer.json; or pass --ids)")
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as err:  # the tokenizers package raises a bare Exception for a file it cannot read
+            raise SystemExit(f"error: --tokenizer: expected a tokenizer.json of the tokenizers package, got "
+                             f"{str(tokenizer_path)!r}: {err}")
         ids = tokenizer.encode(args.prompt).ids
+        if not ids:
+            raise SystemExit(f"error: --prompt: expected text of at least one token, got {args.prompt!r}")
     else:
         ids = _parse_ids(args.ids)
+
+    try:  # what a path cannot give (no checkpoint, no such step, a misfit config) is one error line
+        if train_run:
+            from experiments.train import load_trained_model
+
+            model, step = load_trained_model(args.path, args.step, args.compute_dtype)
+            print(f"[loaded checkpoint step {step} of {args.path}]", file=sys.stderr)
+        else:
+            overrides = {"compute_dtype": args.compute_dtype} if args.compute_dtype else {}
+            model = load_pretrained(args.path, **overrides)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}")
+    vocab_size = model.config.vocab_size
+    source = "--ids" if tokenizer is None else f"--prompt: the tokenizer {str(tokenizer_path)!r}"
+    for flag, tokens in ((source, ids), ("--stop", args.stop or [])):
+        if max(tokens, default=0) >= vocab_size:
+            raise SystemExit(f"error: {flag}: expected token ids below the model's vocab_size ({vocab_size}), got "
+                             f"{max(tokens)}")
     eos = model.config.eos_token_id  # None, an id or a tuple of ids
     stop = args.stop if args.stop is not None else list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
-    if args.stop is None and any(token >= model.config.vocab_size for token in stop):
+    if args.stop is None and any(token >= vocab_size for token in stop):
         raise SystemExit(f"error: the model's eos_token_id {eos} is not below its vocab_size "
-                         f"({model.config.vocab_size}): pass --stop IDS (or --stop alone for none)")
+                         f"({vocab_size}): pass --stop IDS (or --stop alone for none)")
     decode = (lambda toks: tokenizer.decode(toks)) if tokenizer else (lambda toks: " ".join(map(str, toks)))
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, chunk_size=args.chunk_size)
     prompt = np.array([ids], np.int32)
 
     start = time.perf_counter()
-    if args.stream:
-        produced: list[int] = []
+    try:  # what only the run finds (a prefill that overflowed to NaN logits) is one error line too
+        if args.stream:
+            produced: list[int] = []
 
-        def tokens():
-            for step_tokens in stream(model, prompt, **kwargs):
-                if step_tokens[0] >= 0:
-                    produced.append(int(step_tokens[0]))
-                    yield produced[-1]
+            def tokens():
+                for step_tokens in stream(model, prompt, **kwargs):
+                    if step_tokens[0] >= 0:
+                        produced.append(int(step_tokens[0]))
+                        yield produced[-1]
 
-        for piece in incremental_text(decode, tokens()):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        print()
-    else:
-        produced = generate(model, prompt, **kwargs).row(0)
-        print(decode(produced))
+            for piece in incremental_text(decode, tokens()):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            print()
+        else:
+            produced = generate(model, prompt, **kwargs).row(0)
+            print(decode(produced))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     seconds = time.perf_counter() - start
     print(f"[{len(ids)} prompt tokens, {len(produced)} generated in {seconds:.2f} s: "
           f"{len(produced) / seconds:.1f} tokens/s including prefill and compilation]", file=sys.stderr)
