@@ -58,7 +58,10 @@ def induction_task(config: DataConfig, vocab_size: int, rng: np.random.Generator
 
 def copy_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:
     """Plain copying (the Mamba paper's "Copying", Figure 2 left): a random first half, a separator, then the
-    first half again; the loss is on the copy."""
+    first half again; the loss is on the copy. seq_len 1 would leave no token to copy (an empty loss mask)."""
+    if config.seq_len < 2:
+        raise ConfigError(f"config field 'data.seq_len': expected >= 2 for data.task 'copy' (a token, the separator "
+                          f"and its copy), got {config.seq_len}")
     batch, length = config.batch_size, config.seq_len + 1
     half = (length - 1) // 2
     seq = np.full((batch, length), SEPARATOR_TOKEN, np.int64)
@@ -77,7 +80,7 @@ def selective_copying_task(config: DataConfig, vocab_size: int, rng: np.random.G
     n = config.num_items
     region = config.seq_len - n  # noise + content; then the separator and the n copied tokens
     if region < n:
-        raise ConfigError(f"config field 'data.seq_len': expected >= 2 * data.num_items ({2 * n}) for data.task "
+        raise ConfigError(f"config field 'data.seq_len': expected >= {2 * n} (2 * data.num_items) for data.task "
                           f"'selective_copying', got {config.seq_len}")
     batch, length = config.batch_size, config.seq_len + 1
     seq = np.full((batch, length), NOISE_TOKEN, np.int64)
@@ -105,9 +108,9 @@ def mqar_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, pos
                           f"data.task 'mqar' with data.num_items {n} (distinct keys), got {vocab_size}")
     batch, length = config.batch_size, config.seq_len + 1
     slots = (length - 2 * n) // 2  # the query region, in (key, value) slots of two tokens
-    if slots < n:
-        raise ConfigError(f"config field 'data.seq_len': expected >= {4 * n} (4 * data.num_items) for data.task "
-                          f"'mqar', got {config.seq_len}")
+    if slots < n:  # 2n tokens of pairs, then n queries of two tokens: 4n tokens, the last one a target only
+        raise ConfigError(f"config field 'data.seq_len': expected >= {4 * n - 1} (4 * data.num_items - 1) for "
+                          f"data.task 'mqar', got {config.seq_len}")
     keys = rng.random((batch, n_keys)).argsort(axis=1)[:, :n] + FIRST_CONTENT_TOKEN
     values = rng.integers(FIRST_CONTENT_TOKEN + n_keys, vocab_size, size=(batch, n))
     seq = np.full((batch, length), NOISE_TOKEN, np.int64)
@@ -131,7 +134,11 @@ def _corpus_root(text_dir: str) -> Path:
 def corpus_files(text_dir: str, text_glob: str) -> list[Path]:
     """The files of the bytes task's corpus: those matching ``text_glob`` under _corpus_root(text_dir), sorted by
     name."""
-    return sorted(p for p in _corpus_root(text_dir).glob(text_glob) if p.is_file())
+    try:
+        return sorted(p for p in _corpus_root(text_dir).glob(text_glob) if p.is_file())
+    except (ValueError, NotImplementedError) as err:  # '' or '**x' (ValueError), '/abs/*.py' (NotImplementedError)
+        raise ConfigError(f"config field 'data.text_glob': expected a non-empty glob pattern relative to "
+                          f"data.text_dir, got {text_glob!r} ({err})") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -147,7 +154,8 @@ def load_corpus(text_dir: str, text_glob: str) -> np.ndarray:
 def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:
     """A byte-level LM stream read sequentially: a step whose rows have each read ``position`` tokens before it
     starts at byte batch * position, row i at i * seq_len after that, each row one contiguous window (wrapping
-    around at the end); a length curriculum's shorter steps leave no gap."""
+    around at the end); a length curriculum's shorter steps leave no gap. A corpus of seq_len + 1 bytes is one
+    window, which every row reads."""
     if vocab_size < 256:
         raise ConfigError(f"config field 'model.vocab_size': expected >= 256 for data.task 'bytes', "
                           f"got {vocab_size}")
@@ -156,7 +164,8 @@ def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, po
     if corpus.size < window:
         raise ConfigError(f"config field 'data.seq_len': expected < the corpus size ({corpus.size} bytes), "
                           f"got {config.seq_len}")
-    starts = (config.batch_size * position + np.arange(config.batch_size) * config.seq_len) % (corpus.size - window)
+    starts = ((config.batch_size * position + np.arange(config.batch_size) * config.seq_len)
+              % max(corpus.size - window, 1))
     seq = corpus[starts[:, None] + np.arange(window)[None, :]]
     return _shifted(seq, np.ones(seq.shape, np.float32))
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import warnings
+
 import numpy as np
 import pytest
 
@@ -103,6 +107,27 @@ def test_length_curriculum_errors_name_the_field():
     run = load_config("mqar_falcon_mamba", ["data.length_curriculum=[[64, 10], [8, 10]]", "steps=300",
                                             "optim.decay_steps=10"])
     with pytest.raises(ConfigError, match=r"'data.length_curriculum\[1\]': stage length 8 fails the task's check: "
-                                          r"config field 'data.seq_len': expected >= 32"):
+                                          r"config field 'data.seq_len': expected >= 31"):
         check_data(run.data, run.model.vocab_size)
     check_data(load_config("mqar_falcon_mamba").data, 64)
+
+
+@pytest.mark.parametrize("glob", ["", "/usr/lib/*.py", "**x"])
+def test_a_text_glob_pathlib_refuses_is_named(glob):
+    with pytest.raises(ConfigError, match=rf"'data.text_glob': expected a non-empty glob pattern relative to "
+                                          rf"data.text_dir, got '{re.escape(glob)}'"):
+        batch_at(DataConfig(task="bytes", text_glob=glob), 256, 0, 0)
+
+
+def test_a_corpus_of_one_window_is_read_whole(tmp_path):
+    """seq_len + 1 bytes is the smallest corpus (its windows wrapped modulo 0: a divide-by-zero warning and
+    garbage starts); one byte fewer is named."""
+    (tmp_path / "a.txt").write_bytes(b"0123456789")
+    config = DataConfig(task="bytes", text_dir=str(tmp_path), text_glob="*.txt", seq_len=9, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = batch_at(config, 256, 0, 3)
+    np.testing.assert_array_equal(batch["inputs"][0], [list(b"012345678")] * 2)
+    np.testing.assert_array_equal(batch["targets"][0], [list(b"123456789")] * 2)
+    with pytest.raises(ConfigError, match=r"'data.seq_len': expected < the corpus size \(10 bytes\), got 10"):
+        batch_at(dataclasses.replace(config, seq_len=10), 256, 0, 0)

@@ -88,7 +88,7 @@ def test_mqar_answers_are_the_values_of_the_queried_keys(vocab, seq_len, n):
 
 
 def test_task_settings_that_cannot_fit_are_named():
-    with pytest.raises(ConfigError, match=r"'data.seq_len': expected >= 32 \(4 \* data.num_items\)"):
+    with pytest.raises(ConfigError, match=r"'data.seq_len': expected >= 31 \(4 \* data.num_items - 1\)"):
         batch_at(DataConfig(task="mqar", seq_len=20, num_items=8), 64, 0, 0)
     with pytest.raises(ConfigError, match=r"'model.vocab_size': expected >= 19 for data.task 'mqar'"):
         batch_at(DataConfig(task="mqar", seq_len=128, num_items=8), 16, 0, 0)
@@ -111,3 +111,20 @@ def test_task_presets_load_and_make_batches(preset, task):
     assert run.data.task == task and task in TASKS
     batch = batch_at(run.data, run.model.vocab_size, run.seed, 0)
     assert batch["inputs"].shape == (1, 2, run.data.seq_len_at(0)) and batch["mask"].sum() > 0
+
+
+@pytest.mark.parametrize("task,minimum,kw", [("copy", 2, {}), ("induction", 3, {}),
+                                             ("selective_copying", 6, {"num_items": 3}),
+                                             ("mqar", 11, {"num_items": 3})])
+def test_each_task_scores_a_token_of_every_row_at_its_minimum_seq_len_and_names_it_below(task, minimum, kw):
+    """The minimum seq_len a task accepts is its true one: every row has a scored token there (copy at seq_len
+    1 had an empty mask, and evaluate divided by zero), one less is refused naming it (mqar said 4n, took 4n-1);
+    a curriculum stage below it is named too."""
+    from experiments.data import check_data
+
+    mask = _rows(task, vocab=32, seq_len=minimum, batch=8, **kw)[2]
+    assert (mask.sum(axis=1) > 0).all()
+    with pytest.raises(ConfigError, match=rf"'data.seq_len': expected >= {minimum}\b.*got {minimum - 1}$"):
+        _rows(task, vocab=32, seq_len=minimum - 1, batch=8, **kw)
+    with pytest.raises(ConfigError, match=rf"'data.length_curriculum\[0\]': stage length {minimum - 1} fails"):
+        check_data(DataConfig(task=task, seq_len=64, length_curriculum=((minimum - 1, 2),), **kw), 32)
