@@ -393,11 +393,17 @@ class DataConfig:
         _require(self.batch_size % self.grad_accum == 0, "batch_size",
                  f"a multiple of grad_accum ({self.grad_accum})", self.batch_size)
         _require(isinstance(self.task, str) and self.task != "", "task", "a task name", self.task)
+        _require(isinstance(self.length_curriculum, (list, tuple)), "length_curriculum",
+                 "a list of [seq_len, steps] stages", self.length_curriculum)
         for i, stage in enumerate(self.length_curriculum):
-            _require(len(stage) == 2 and all(is_int(x) and x > 0 for x in stage), f"length_curriculum[{i}]",
-                     "[seq_len, steps], two positive integers", list(stage))
+            is_pair = isinstance(stage, (list, tuple)) and len(stage) == 2
+            _require(is_pair and all(is_int(x) and x > 0 for x in stage), f"length_curriculum[{i}]",
+                     "[seq_len, steps], two positive integers",
+                     list(stage) if isinstance(stage, (list, tuple)) else stage)
             _require(stage[0] <= self.seq_len, f"length_curriculum[{i}]",
                      f"a seq_len <= data.seq_len ({self.seq_len})", list(stage))
+        # a config built in Python may give lists (the loader gives tuples): frozen and hashable either way
+        object.__setattr__(self, "length_curriculum", tuple(tuple(stage) for stage in self.length_curriculum))
 
     def positions_before(self, step: int) -> int:
         """The tokens a row has read before training step ``step``: the sum of seq_len_at over earlier steps."""
@@ -469,6 +475,9 @@ class RunConfig:
                  "a model config (" + " or ".join(f"{cls.__name__}, family {name!r}"
                                                   for name, cls in sorted(MODEL_CONFIGS.items())) + ")",
                  self.model)
+        for name, cls in (("mesh", MeshConfig), ("optim", OptimConfig), ("data", DataConfig),
+                          ("distributed", DistributedConfig)):  # a config built in Python: not a dict
+            _require(isinstance(getattr(self, name), cls), name, f"a {cls.__name__}", getattr(self, name))
         # jax.random keys (x64 off) keep the seed's low 32 bits: 2**32 would be seed 0 again, 2**64 an OverflowError
         _require(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
         _require(isinstance(self.output_dir, str) and self.output_dir.strip() != "", "output_dir",

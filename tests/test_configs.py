@@ -332,3 +332,20 @@ def test_derived_fields_and_boundaries():
     for name in ("weight_decay", "b2", "learning_rate"):
         with pytest.raises(ConfigError, match=rf"'{name}': expected .*number.*, got False"):
             OptimConfig(**{name: False})
+
+
+@pytest.mark.parametrize("value,named", [(5, r"'length_curriculum': expected a list of \[seq_len, steps\] stages, "
+                                              r"got 5"),
+                                         ((5,), r"'length_curriculum\[0\]': expected \[seq_len, steps\], two "
+                                                r"positive integers, got 5"),
+                                         ([[8, 3], (4,)], r"'length_curriculum\[1\]': .* got \[4\]")])
+def test_a_length_curriculum_built_in_python_is_checked_and_kept_as_tuples(value, named):
+    """DataConfig(length_curriculum=5) was a bare TypeError ('int' object is not iterable); lists are kept as
+    tuples (as the loader gives them), and a RunConfig's sections must be configs, not dicts."""
+    from configs.schema import DataConfig, RunConfig
+
+    with pytest.raises(ConfigError, match=named):
+        DataConfig(length_curriculum=value)
+    assert DataConfig(length_curriculum=[[8, 3]]).length_curriculum == ((8, 3),)
+    with pytest.raises(ConfigError, match=r"'data': expected a DataConfig, got \{'task': 'copy'\}"):
+        RunConfig(data={"task": "copy"})
