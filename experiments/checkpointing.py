@@ -19,8 +19,12 @@ from configs.schema import ConfigError
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    """``create``: whether ``directory`` (and its parents) are created where missing: by a training run, not by
+    a reader (a model loaded for evaluate or generate), for which a missing directory is no checkpoint. (Orbax's
+    read_only option would log three warnings on every load.)"""
+
+    def __init__(self, directory: str | Path, keep: int, create: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=create)
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 

@@ -141,7 +141,8 @@ def check_resume(previous: RunConfig, run: RunConfig, output_dir) -> None:
     fields (but RESUMABLE_MODEL_FIELDS) must equal those in the run's config.yaml. steps, optim, mesh,
     logging and checkpointing may change (steps= raised resumes a run into its decay; any mesh restores)."""
     before, after = _flat(_plain(to_dict(previous))), _flat(_plain(to_dict(run)))
-    for key in sorted(set(before) | set(after), key=lambda k: (k != "seed", k)):
+    # the seed, then the model family (another family's fields differ too: model.alibi is not the cause), in order
+    for key in sorted(set(before) | set(after), key=lambda k: (k != "seed", k != "model.family", k)):
         section, _, name = key.partition(".")
         fixed = key == "seed" or section == "data" or (section == "model" and name not in RESUMABLE_MODEL_FIELDS)
         if fixed and before.get(key) != after.get(key):
@@ -328,14 +329,17 @@ def load_trained_model(output_dir: str | Path, step: int | None = None, compute_
     run = load_config(config_path, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "distributed.initialize=false",
                                     f"data.batch_size={jax.device_count()}", "data.grad_accum=1"]
                       + ([f"model.compute_dtype={compute_dtype}"] if compute_dtype else []))
-    checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"output_dir: {str(output_dir)!r} has no checkpoint yet")
-    setup = prepare(run)
-    abstract = jax.eval_shape(setup.init_state)["params"]
-    params = checkpointer.restore_params(step, abstract_with_shardings(abstract, setup.state_shardings["params"]))
-    checkpointer.close()
+    checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints, create=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"output_dir: {str(output_dir)!r} has no checkpoint yet")
+        checkpointer.check_step(step)  # before the model is built
+        setup = prepare(run)
+        abstract = jax.eval_shape(setup.init_state)["params"]
+        params = checkpointer.restore_params(step, abstract_with_shardings(abstract, setup.state_shardings["params"]))
+    finally:
+        checkpointer.close()
     return nnx.merge(setup.graphdef, unflatten_params(params, setup.structure)), step
 
 

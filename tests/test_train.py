@@ -288,6 +288,10 @@ def test_resume_keeps_the_model_and_the_data_stream():
         with pytest.raises(ConfigError, match=rf"^config field '{key}': resuming 'runs/x' needs the value its "
                                               rf"checkpoints were trained with"):
             check_resume(run, load_config("tiny_falcon_mamba", ["steps=10", f"{key}={value}"]), "runs/x")
+    # another family's run: the family is the field named (model.alibi, first in order, was)
+    for previous, resumed in ((run, load_config("tiny_falcon", ["steps=10"])), (load_config("tiny_falcon"), run)):
+        with pytest.raises(ConfigError, match=r"^config field 'model.family': resuming 'runs/x' needs"):
+            check_resume(previous, resumed, "runs/x")
 
 
 def test_cli_usage_and_bad_arguments_are_one_error_line(capsys):
