@@ -6,10 +6,11 @@
 Loads the run's checkpoint (default: the newest) and its config.yaml, draws ``--sequences`` sequences of the
 run's task (data.task, data.seq_len, data.num_items; key=value overrides change them, e.g. a longer
 data.seq_len) from seeds no training batch uses (for data.task "bytes", which reads its corpus rather than a
-seed, from text the run did not train on: data.text_dir=DIR is required), and compares argmax of the logits with
-the targets wherever the task's loss mask is set. Prints and returns {"token_accuracy", "sequence_accuracy"
+seed, from text the run did not train on: a bytes run needs data.text_dir=DIR or data.text_glob=GLOB naming other
+files; a run of a synthetic task never read a corpus), and compares argmax of the logits with the targets
+wherever the task's loss mask is set. Prints and returns {"token_accuracy", "sequence_accuracy"
 (every masked token of the sequence right), "sequences", "tokens", "task", "seq_len", "step"}; ``--json PATH``
-also writes it.
+also writes it. The arguments, the overrides and the task's limits are checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +27,9 @@ import numpy as np
 
 from configs import load_config
 from configs.schema import ConfigError
-from experiments.data import batch_at, corpus_files
+from experiments.data import batch_at, check_data, corpus_files
 from experiments.train import load_trained_model
+from runtime.checks import check_positive_int
 
 # Evaluation batches are drawn with seed run.seed + EVAL_SEED_OFFSET: never a (seed, step) of a training batch.
 EVAL_SEED_OFFSET = 1_000_003
@@ -34,11 +37,12 @@ EVAL_SEED_OFFSET = 1_000_003
 
 def check_held_out(trained, evaluated) -> None:
     """The seed offset keeps the synthetic tasks' evaluation sequences out of training; the bytes task reads
-    its corpus whatever the seed, and a run trains on all of it: its evaluation needs other text."""
+    its corpus whatever the seed, and a bytes run trains on all of it: its evaluation needs other text. A run
+    trained on a synthetic task never read the corpus: any text is held out for it."""
     def files(data):  # the files themselves: "" is the standard library's directory, paths may be spelt apart
         return {path.resolve() for path in corpus_files(data.text_dir, data.text_glob)}
 
-    if evaluated.task == "bytes" and files(evaluated) & files(trained):
+    if evaluated.task == "bytes" and trained.task == "bytes" and files(evaluated) & files(trained):
         raise ConfigError(f"config field 'data.text_dir': the bytes task trains on every byte of its corpus, so "
                           f"held-out text must come from elsewhere: expected a data.text_dir / data.text_glob "
                           f"sharing no file with the run's ({trained.text_dir!r} / {trained.text_glob!r}), got "
@@ -47,9 +51,11 @@ def check_held_out(trained, evaluated) -> None:
 
 def masked_accuracy(model, data_config, *, sequences: int, batch_size: int, seed: int) -> dict:
     """Token and sequence accuracy of ``model`` on ``sequences`` sequences of ``data_config``'s task (its
-    batch_size and grad_accum are replaced by ``batch_size`` and 1; no length curriculum)."""
+    batch_size and grad_accum are replaced by ``batch_size``, at most ``sequences``, and 1; no length
+    curriculum)."""
     if sequences <= 0 or batch_size <= 0:
         raise ValueError(f"sequences, batch_size: expected positive integers, got {sequences}, {batch_size}")
+    batch_size = min(batch_size, sequences)  # no rows made only to be cut (the first rows are the same for bytes)
     vocab = model.config.vocab_size
     right = total = seq_right = done = index = 0
     while done < sequences:
@@ -68,6 +74,19 @@ def masked_accuracy(model, data_config, *, sequences: int, batch_size: int, seed
             "sequences": sequences, "tokens": total}
 
 
+def check_output_file(name: str, path: str) -> None:
+    """ValueError naming ``name`` unless ``path`` can be written: a file (not a directory) in an existing
+    directory this process can write (checked before the model is loaded, not after it has been evaluated)."""
+    path = Path(path)
+    parent = path.parent
+    problem = ("is a directory" if path.is_dir() else
+               f"its directory {str(parent)!r} does not exist" if not parent.is_dir() else
+               f"its directory {str(parent)!r} is not writable" if not os.access(parent, os.W_OK | os.X_OK) else
+               "is not writable" if path.exists() and not os.access(path, os.W_OK) else None)
+    if problem:
+        raise ValueError(f"{name}: expected a file path in a writable directory, got {str(path)!r} ({problem})")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output_dir", help="a training run's output_dir (has config.yaml and checkpoints/)")
@@ -84,12 +103,22 @@ def main(argv=None) -> dict:
     bad = [item for item in args.overrides if not item.startswith("data.")]
     if bad:
         raise SystemExit(f"error: overrides: expected data.KEY=VALUE items, got {bad}")
-    try:
-        model, step = load_trained_model(args.output_dir, args.step)  # checks that output_dir is a run
-        trained = load_config(Path(args.output_dir) / "config.yaml", [])
-        run = load_config(Path(args.output_dir) / "config.yaml", args.overrides)
+    config_path = Path(args.output_dir) / "config.yaml"
+    try:  # everything that can be checked before the model is loaded
+        check_positive_int("--sequences", args.sequences)
+        check_positive_int("--batch-size", args.batch_size)
+        if args.json:
+            check_output_file("--json", args.json)
+        if not config_path.is_file():
+            raise FileNotFoundError(f"output_dir: {str(args.output_dir)!r} has no config.yaml (not a training run)")
+        trained = load_config(config_path, [])
+        run = load_config(config_path, args.overrides)
+        # the sequences masked_accuracy draws: one row at a time is enough for the task's limits
+        check_data(dataclasses.replace(run.data, batch_size=1, grad_accum=1, length_curriculum=()),
+                   run.model.vocab_size)
         check_held_out(trained.data, run.data)
-    except (ConfigError, FileNotFoundError) as err:
+        model, step = load_trained_model(args.output_dir, args.step)
+    except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         raise SystemExit(f"error: {err}")
     result = masked_accuracy(model, run.data, sequences=args.sequences, batch_size=args.batch_size,
                              seed=run.seed + EVAL_SEED_OFFSET)

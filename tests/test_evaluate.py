@@ -98,6 +98,8 @@ def test_bytes_task_needs_text_the_run_did_not_train_on():
     check_held_out(trained, DataConfig(task="bytes", text_dir="/elsewhere", text_glob="*.py"))
     check_held_out(trained, DataConfig(task="bytes", text_dir="", text_glob="*.txt"))
     check_held_out(DataConfig(task="copy"), DataConfig(task="copy"))  # the seed offset holds the synthetic ones out
+    # a run of a synthetic task never read a corpus: any text is held out for it (it was refused)
+    check_held_out(DataConfig(task="mqar"), DataConfig(task="bytes", text_dir="", text_glob="*.py"))
 
 
 def test_sequences_are_the_streams_first_ones():
@@ -122,3 +124,63 @@ def test_sequences_are_the_streams_first_ones():
     whole = dataclasses.replace(data, batch_size=6)
     np.testing.assert_array_equal(np.concatenate(model.seen), batch_at(whole, 300, 0, 0)["inputs"][0, :5])
 
+
+
+@pytest.fixture
+def untrained_run(tmp_path):
+    """An output_dir with a config.yaml (selective copying, vocabulary 16) and no checkpoints/."""
+    import yaml
+
+    from configs import load_config, to_dict
+    from experiments.train import _plain
+
+    run = load_config("tiny_falcon_mamba", [f"output_dir={tmp_path}", "data.task=selective_copying",
+                                            "data.seq_len=24", "model.vocab_size=16"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--sequences", "0"], "--sequences: expected a positive integer, got 0"),
+    (["--batch-size", "-1"], "--batch-size: expected a positive integer, got -1"),
+    (["--json", "{run}/no_dir/acc.json"], "--json: expected a file path in a writable directory, got "
+                                          "'{run}/no_dir/acc.json' (its directory '{run}/no_dir' does not exist)"),
+    (["--json", "{run}"], "--json: expected a file path in a writable directory, got '{run}' (is a directory)"),
+    (["data.task=copy", "data.seq_len=1"], "config field 'data.seq_len': expected >= 2 for data.task 'copy'"),
+    ([], "output_dir: '{run}' has no checkpoint yet"),  # the first thing loading the model finds
+])
+def test_arguments_are_checked_before_the_model_is_loaded(untrained_run, argv, named):
+    """Each bad argument is one error line before the model is loaded (they were tracebacks after it; --json
+    failed after the evaluation); reading a run creates no checkpoints/ directory in it."""
+    from experiments import evaluate as evaluate_lib
+
+    with pytest.raises(SystemExit) as exc:
+        evaluate_lib.main([str(untrained_run), *(a.format(run=untrained_run) for a in argv)])
+    assert str(exc.value).startswith("error: " + named.format(run=untrained_run)), exc.value
+    assert not (untrained_run / "checkpoints").exists()
+
+
+def test_a_reader_creates_no_checkpoint_directory_and_a_trainer_does(tmp_path):
+    from experiments.checkpointing import Checkpointer
+
+    reader = Checkpointer(tmp_path / "a" / "checkpoints", 1, create=False)
+    assert reader.latest_step() is None and not (tmp_path / "a").exists()
+    reader.close()
+    Checkpointer(tmp_path / "b" / "checkpoints", 1).close()
+    assert (tmp_path / "b" / "checkpoints").is_dir()
+
+
+def test_the_batch_is_at_most_the_sequences(monkeypatch):
+    """--batch-size 64 with --sequences 3 makes batches of 3 (64 rows were generated and 61 cut)."""
+    from experiments import evaluate as evaluate_lib
+
+    sizes, batch_at = [], evaluate_lib.batch_at
+
+    def recording_batch_at(config, *args):
+        sizes.append(config.batch_size)
+        return batch_at(config, *args)
+
+    monkeypatch.setattr(evaluate_lib, "batch_at", recording_batch_at)
+    result = masked_accuracy(SelectiveCopyingOracle(), DATA, sequences=3, batch_size=64, seed=3)
+    assert sizes == [3] and result == {"token_accuracy": 1.0, "sequence_accuracy": 1.0, "sequences": 3,
+                                       "tokens": 12}
