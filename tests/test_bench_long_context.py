@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from configs import load_model_config
 from experiments.bench import long_context
 from experiments.models import build_model, n_params
@@ -79,3 +81,43 @@ def test_sweep_points_and_limits(tmp_path, monkeypatch):
     assert calls == [("mamba_sequential", 2**k, 5) for k in (10, 12, 14, 16)] + \
         [("mamba_parallel", 2**k, 0) for k in (10, 12, 14)] + [("falcon", 2**k, 5) for k in (10, 12)] + \
         [("mamba_generate", 2**k, 0) for k in (3, 4, 5)] + [("falcon_generate", 2**k, 0) for k in (3, 4)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mamba-preset", "tiny_falcon"], "--mamba-preset: expected a preset of model.family 'falcon_mamba', got "
+                                        "'tiny_falcon' (model.family 'falcon')"),
+    (["--falcon-preset", "tiny_falcon_mamba", "--modes", "falcon"], "--falcon-preset: expected a preset of "
+                                                                    "model.family 'falcon', got 'tiny_falcon_mamba'"),
+    (["--mamba-preset", "no_such_preset"], "--mamba-preset: unknown preset 'no_such_preset'"),
+    (["--min-log2", "5", "--max-log2", "3"], "--max-log2: expected at least --min-log2 (5), got 3"),
+    (["--generate-max-log2", "3"], "--generate-max-log2: expected 0 (no generation) or at least --generate-min-log2"),
+    (["--modes", "mamba_generate", "--generate-max-log2", "0"], "--modes: expected a mode with a point to measure"),
+    (["--modes", ","], "--modes: expected names from"),
+    (["--decode-tokens", "-1"], "argument --decode-tokens: expected an integer >= 0, got '-1'"),
+    (["--chunk-size", "0"], "argument --chunk-size: expected a positive integer, got '0'"),
+    (["--min-log2", "-2"], "argument --min-log2: expected an integer >= 0, got '-2'"),
+], ids=["mamba-preset-family", "falcon-preset-family", "unknown-preset", "max-below-min", "generate-max-below-min",
+        "no-point", "no-mode", "decode-tokens", "chunk-size", "min-log2"])
+def test_bad_arguments_stop_before_measuring_or_writing(tmp_path, monkeypatch, capsys, args, message):
+    """A preset of the wrong family was measured under the other family's label, and arguments giving no point
+    exited 0 after replacing the CSV with an empty one: both are refused before any point runs or file is written."""
+    monkeypatch.setattr(long_context, "run_point", lambda *a: pytest.fail("measured despite bad arguments"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        long_context.main([*args, "--out", str(out)])
+    assert exit_.value.code != 0 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_and_no_measured_point(tmp_path, monkeypatch, capsys):
+    """--out naming a file is refused up front; where every point fails, the last run's CSV is left as it was
+    (no CSV of no rows) and the exit status says so."""
+    monkeypatch.setattr(long_context, "run_point", lambda *a: None)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="2"):
+        long_context.main(["--out", str(tmp_path / "file")])
+    assert "--out: expected a directory, got" in capsys.readouterr().err
+    (tmp_path / "long_context.csv").write_text("mode,length\nfalcon,1024\n")
+    with pytest.raises(SystemExit, match="error: no point was measured"):
+        long_context.main(["--out", str(tmp_path)])
+    assert (tmp_path / "long_context.csv").read_text() == "mode,length\nfalcon,1024\n"

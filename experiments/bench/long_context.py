@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.bench import check_out_dir, check_preset, non_negative_int, positive_int
+
 MODES = ("mamba_sequential", "mamba_parallel", "falcon")
 GENERATE_MODES = ("mamba_generate", "falcon_generate")
 GENERATE_PROMPT = 16
@@ -152,7 +154,8 @@ def run_point(args, mode: str, length: int, decode_tokens: int) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def plot(rows: list[dict], out: Path) -> None:
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """Writes the plots of ``rows`` to ``out``; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +186,7 @@ def plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
     generated = [r for r in rows if r["mode"] in GENERATE_MODES]
     if not generated:
-        return
+        return [out / "long_context.png"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for mode in GENERATE_MODES:
         points = sorted((r for r in generated if r["mode"] == mode), key=lambda r: r["generated_tokens"])
@@ -200,6 +203,38 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "generation.png", dpi=120)
     plt.close(fig)
+    return [out / "long_context.png", out / "generation.png"]
+
+
+def sweep(args, mode: str) -> range:
+    """The log2 lengths measured for ``mode``: every other power of two of the prompt up to the mode's limit, every
+    power of the generated tokens (none where --generate-max-log2 is 0)."""
+    if mode in GENERATE_MODES:
+        limit = args.generate_max_log2 if mode == "mamba_generate" else \
+            min(args.falcon_generate_max_log2, args.generate_max_log2)
+        return range(args.generate_min_log2, limit + 1) if args.generate_max_log2 else range(0)
+    limit = {"mamba_sequential": args.max_log2, "mamba_parallel": min(args.parallel_max_log2, args.max_log2),
+             "falcon": min(args.falcon_max_log2, args.max_log2)}[mode]
+    return range(args.min_log2, limit + 1, 2)
+
+
+def check_args(parser: argparse.ArgumentParser, args, modes: list[str]) -> None:
+    """parser.error, before any point runs or anything is written, for what would measure the wrong model or
+    nothing: a preset of the other family (a transformer preset as --mamba-preset was timed under Falcon Mamba's
+    labels) for the modes that use it, a sweep's upper end below its lower end, and modes with no point at all."""
+    if any(m.startswith("mamba") for m in modes):
+        check_preset(parser, "--mamba-preset", args.mamba_preset, "falcon_mamba")
+    if any(m.startswith("falcon") for m in modes):
+        check_preset(parser, "--falcon-preset", args.falcon_preset, "falcon")
+    if set(modes) & set(MODES) and args.max_log2 < args.min_log2:
+        parser.error(f"--max-log2: expected at least --min-log2 ({args.min_log2}), got {args.max_log2}")
+    if set(modes) & set(GENERATE_MODES) and 0 < args.generate_max_log2 < args.generate_min_log2:
+        parser.error(f"--generate-max-log2: expected 0 (no generation) or at least --generate-min-log2 "
+                     f"({args.generate_min_log2}), got {args.generate_max_log2}")
+    if not any(sweep(args, mode) for mode in modes):
+        parser.error(f"--modes: expected a mode with a point to measure, got {','.join(modes)} with no point "
+                     f"(prompt lengths up to each mode's --*max-log2, generation off at --generate-max-log2 0)")
+    check_out_dir(parser, args.out)
 
 
 def main(argv=None) -> None:
@@ -209,24 +244,24 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mamba-preset", default="tiny_falcon_mamba")
     parser.add_argument("--falcon-preset", default="tiny_falcon")
-    parser.add_argument("--min-log2", type=int, default=10)
-    parser.add_argument("--max-log2", type=int, default=20)
-    parser.add_argument("--falcon-max-log2", type=int, default=14,
+    parser.add_argument("--min-log2", type=non_negative_int, default=10)
+    parser.add_argument("--max-log2", type=non_negative_int, default=20)
+    parser.add_argument("--falcon-max-log2", type=non_negative_int, default=14,
                         help="largest prompt for the transformer (its KV cache and prefill grow with length)")
-    parser.add_argument("--parallel-max-log2", type=int, default=18,
+    parser.add_argument("--parallel-max-log2", type=non_negative_int, default=18,
                         help="largest prompt for Falcon Mamba's whole-prompt (parallel) prefill")
-    parser.add_argument("--chunk-size", type=int, default=4096)
-    parser.add_argument("--decode-tokens", type=int, default=512,
-                        help="decode steps timed after each prefill (one jit-compiled loop)")
-    parser.add_argument("--generate-min-log2", type=int, default=10)
-    parser.add_argument("--generate-max-log2", type=int, default=17,
+    parser.add_argument("--chunk-size", type=positive_int, default=4096)
+    parser.add_argument("--decode-tokens", type=non_negative_int, default=512,
+                        help="decode steps timed after each prefill (one jit-compiled loop); 0 skips them")
+    parser.add_argument("--generate-min-log2", type=non_negative_int, default=10)
+    parser.add_argument("--generate-max-log2", type=non_negative_int, default=17,
                         help="most tokens generated in measurement (2); 0 skips it")
-    parser.add_argument("--falcon-generate-max-log2", type=int, default=14,
+    parser.add_argument("--falcon-generate-max-log2", type=non_negative_int, default=14,
                         help="most tokens the transformer generates in (2): each step attends over its whole KV "
                              "cache, so the sweep costs the square of this")
     parser.add_argument("--modes", default=",".join(MODES + GENERATE_MODES),
                         help="comma-separated subset of " + ", ".join(MODES + GENERATE_MODES))
-    parser.add_argument("--point-timeout", type=int, default=1800)
+    parser.add_argument("--point-timeout", type=positive_int, default=1800)
     parser.add_argument("--out", default="results/long_context")
     args = parser.parse_args(argv)
 
@@ -235,15 +270,15 @@ def main(argv=None) -> None:
         return
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES + GENERATE_MODES))
-    if unknown:
-        parser.error(f"--modes: expected names from {', '.join(MODES + GENERATE_MODES)}, got {', '.join(unknown)}")
+    if unknown or not modes:
+        parser.error(f"--modes: expected names from {', '.join(MODES + GENERATE_MODES)}, got "
+                     f"{', '.join(unknown) if unknown else repr(args.modes)}")
+    check_args(parser, args, modes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    limits = {"mamba_sequential": args.max_log2, "mamba_parallel": min(args.parallel_max_log2, args.max_log2),
-              "falcon": min(args.falcon_max_log2, args.max_log2)}
     rows = []
     for mode in (m for m in MODES if m in modes):
-        for log2 in range(args.min_log2, limits[mode] + 1, 2):
+        for log2 in sweep(args, mode):
             decode = args.decode_tokens if mode != "mamba_parallel" else 0
             row = run_point(args, mode, 2**log2, decode)
             if row is None:
@@ -253,22 +288,22 @@ def main(argv=None) -> None:
                      f"{row['decode_weight_read_gb_per_s']:.1f} GB/s)" if "decode_ms_per_token" in row else "")
             print(f"  {mode:17s} 2^{log2:<2d} tokens: prefill {row['prefill_seconds']:8.2f} s, "
                   f"{memory_label([row])} {peak_mb(row):8.0f} MB{extra}", flush=True)
-    if args.generate_max_log2:
-        generate_limits = {"mamba_generate": args.generate_max_log2,
-                           "falcon_generate": min(args.falcon_generate_max_log2, args.generate_max_log2)}
-        for mode in (m for m in GENERATE_MODES if m in modes):
-            for log2 in range(args.generate_min_log2, generate_limits[mode] + 1):
-                row = run_point(args, mode, 2**log2, 0)
-                if row is None:
-                    break
-                rows.append(row)
-                print(f"  {mode:17s} 2^{log2:<2d} generated: {row['generate_ms_per_token']:.3f} ms/token, "
-                      f"{memory_label([row])} {peak_mb(row):8.0f} MB", flush=True)
+    for mode in (m for m in GENERATE_MODES if m in modes):
+        for log2 in sweep(args, mode):
+            row = run_point(args, mode, 2**log2, 0)
+            if row is None:
+                break
+            rows.append(row)
+            print(f"  {mode:17s} 2^{log2:<2d} generated: {row['generate_ms_per_token']:.3f} ms/token, "
+                  f"{memory_label([row])} {peak_mb(row):8.0f} MB", flush=True)
+    if not rows:  # a CSV of no rows would replace the last run's results with nothing
+        raise SystemExit(f"error: no point was measured (each failed or ran out of time: see above); nothing "
+                         f"written to {out}")
     with open(out / "long_context.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, out)
+    plots = plot(rows, out)
     sequential = {r["length"]: r for r in rows if r["mode"] == "mamba_sequential"}
     if 2**14 in sequential and 2 ** args.max_log2 in sequential:
         ratio = peak_mb(sequential[2 ** args.max_log2]) / peak_mb(sequential[2**14])
@@ -284,7 +319,7 @@ def main(argv=None) -> None:
             print(f"{mode}: {first['generated_tokens']} -> {last['generated_tokens']} generated tokens: ms/token "
                   f"{first['generate_ms_per_token']:.3f} -> {last['generate_ms_per_token']:.3f}, "
                   f"{memory_label(points)} {peak_mb(first):.0f} -> {peak_mb(last):.0f} MB")
-    print(f"wrote {out / 'long_context.csv'}, {out / 'long_context.png'} and {out / 'generation.png'}")
+    print(f"wrote {out / 'long_context.csv'} and {', '.join(map(str, plots))}")
 
 
 if __name__ == "__main__":
