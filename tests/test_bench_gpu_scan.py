@@ -95,3 +95,19 @@ def test_cli_checks(capsys):
     if jax.default_backend() == "cpu":
         with pytest.raises(SystemExit, match="backend: expected a GPU or TPU .* got 'cpu'"):
             gpu_scan.main(["--out", "x"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
+    (["--lengths", "2048", "-1"], "argument --lengths: expected a positive integer, got '-1'"),
+    (["--batches", "0"], "argument --batches: expected a positive integer, got '0'"),
+    (["--impls", "fast"], "argument --impls: invalid choice: 'fast'"),
+], ids=["repeats", "lengths", "batches", "impls"])
+def test_arguments_are_checked_before_timing_starts(monkeypatch, tmp_path, capsys, args, message):
+    """A bad count or impl failed only once the copy bandwidth had been timed (a lease's time spent): every argument
+    is checked first, nothing is timed or written."""
+    monkeypatch.setattr(gpu_scan, "TIMED_BACKENDS", (jax.default_backend(),))
+    monkeypatch.setattr(gpu_scan, "copy_bandwidth", lambda: pytest.fail("timed despite bad arguments"))
+    with pytest.raises(SystemExit):
+        gpu_scan.main(["--out", str(tmp_path / "out"), *args])
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.bench import check_out_dir, positive_int
 from experiments.timing import format_row, random_array, time_call, versions
-from ssm.scan import selective_scan_fn, to_channels_last
+from ssm.scan import IMPLS, selective_scan_fn, to_channels_last
 
 DIM, DSTATE = 8192, 16
 TIMED_BACKENDS = ("gpu", "tpu")  # where main() runs (a test adds "cpu", with the timer stubbed)
@@ -224,10 +225,10 @@ def mamba_available() -> bool:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--impls", nargs="+", default=["chunked", "pallas"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--impls", nargs="+", default=["chunked", "pallas"], choices=IMPLS)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--variants", nargs="*", default=[],
                         metavar="TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS]",
                         help="Pallas tuning knobs to sweep at the first batch and length (kernel call alone)")
@@ -235,14 +236,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.sweep:
         args.variants = list(SWEEP_VARIANTS) + args.variants
-    check_variants(parser, args.variants)
+    check_variants(parser, args.variants)  # every argument is checked before anything is timed
+    check_out_dir(parser, args.out)
     if jax.default_backend() not in TIMED_BACKENDS:
         raise SystemExit(f"backend: expected a GPU or TPU (this benchmark times kernels at 7B shapes), got "
                          f"{jax.default_backend()!r}")
+    args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = copy_bandwidth()
     with_mamba = mamba_available()
     rows, sweep, environment = [], [], versions()
-    args.out.mkdir(parents=True, exist_ok=True)
 
     def save():  # after every row: a run cut short by its time limit keeps what it measured
         result = dict(versions=environment, dim=DIM, dstate=DSTATE, copy_bandwidth_bytes_per_s=bandwidth,
