@@ -23,10 +23,22 @@
 # GPU_TIER_SECONDS (default 3600) is the whole run's budget: each step's timeout is cut to what is left, a step
 # that cannot start with 20 s left is skipped, and the results are packed before the budget ends. Every step
 # logs to RESULTS_DIR/NAME.log; steps after a failed one still run; the exit code is the number of failed steps.
+# Before anything is written or started, a GPU_TIER_SECONDS that is not a positive integer and a machine where
+# nvidia-smi is missing or reports no GPU end the script with one "error: ..." line and exit code 64.
 set -uo pipefail
+BUDGET=${GPU_TIER_SECONDS:-3600}
+if ! [[ $BUDGET =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: GPU_TIER_SECONDS: expected a positive integer (seconds), got '$BUDGET'" >&2; exit 64; fi
+if ! command -v nvidia-smi >/dev/null; then
+  echo "error: nvidia-smi: expected on PATH (this script runs on a CUDA machine), got none" >&2; exit 64; fi
+SMI=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>&1 | head -1)
+CC=${SMI// /}
+if ! [[ $CC =~ ^[0-9]+\.[0-9]+$ ]]; then
+  echo "error: nvidia-smi --query-gpu=compute_cap: expected a GPU's compute capability (9.0), got '$SMI'" >&2
+  exit 64; fi
+ARCH=${CC/./}
 cd "$(dirname "$0")/.."
 START=$SECONDS
-BUDGET=${GPU_TIER_SECONDS:-3600}
 RESULTS=$(realpath -m "${1:-results/gpu}")
 mkdir -p "$RESULTS"
 PYTHON=${PYTHON:-python3}
@@ -46,8 +58,6 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: runs COMMAND with a timeout, log
   else echo "   FAILED ($((SECONDS - t0))s, see $name.log)"; tail -15 "$RESULTS/$name.log"; echo; failed=$((failed + 1)); fi
 }
 
-CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' ')
-ARCH=${CC/./}
 # Carried wheels fill in what the image lacks (tensorboardX); a carried flax is used only where the image's flax
 # is older than the 0.12 this project is tested with (a newer one matches the image's newer jax better).
 for wheel in .whl/*.whl; do

@@ -23,6 +23,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SM=${1:-90}
 JOBS=${2:-$(nproc)}
+# checked before anything is unpacked or compiled: xargs -P 0 would start every nvcc at once
+if ! [[ $SM =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: SM: expected a compute capability without its dot (90 for 9.0), got '$SM'" >&2; exit 2; fi
+if ! [[ $JOBS =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: JOBS: expected a positive integer (nvcc processes at once), got '$JOBS'" >&2; exit 2; fi
 PYTHON=${PYTHON:-.venv/bin/python}
 NVCC=${NVCC:-nvcc}
 OUTDIR=$PWD/vendor/gpu_prebuilt/sm_$SM

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +37,55 @@ def test_skeleton_skips_every_step_when_out_of_budget(tmp_path):
     summary = (repo / "results" / "gpu" / "summary.txt").read_text()
     assert summary.startswith(f"failed steps: {result.returncode};"), (summary, result.returncode)
     assert result.returncode == 1  # the kernel install: no sdists in this copy
+
+
+def _run_checks(tmp_path, path: str, seconds: str | None = None):
+    env = {**os.environ, "PATH": path}
+    env.pop("GPU_TIER_SECONDS", None)
+    if seconds is not None:
+        env["GPU_TIER_SECONDS"] = seconds
+    return subprocess.run([shutil.which("bash"), str(ROOT / "scripts" / "gpu_tier.sh"), str(tmp_path / "results")],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def _stand_in(tmp_path, script: str) -> str:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(script)
+    (fake / "nvidia-smi").chmod(0o755)
+    return f"{fake}:{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize("seconds", ["0", "-5", "10m", "1.5", "abc"])
+def test_a_budget_that_is_not_a_positive_integer_is_refused_up_front(tmp_path, seconds):
+    """GPU_TIER_SECONDS=10m gave bash arithmetic errors in every step: refused before anything is written."""
+    result = _run_checks(tmp_path, _stand_in(tmp_path, "#!/bin/sh\necho 9.0\n"), seconds)
+    assert result.returncode == 64 and not (tmp_path / "results").exists(), result
+    assert f"error: GPU_TIER_SECONDS: expected a positive integer (seconds), got '{seconds}'" in result.stderr
+
+
+def test_no_gpu_is_refused_up_front(tmp_path):
+    """Without nvidia-smi (on PATH), or where it reports no GPU, the script stops at once, before the kernel build
+    and the steps start (they ran with an empty compute capability)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = _run_checks(tmp_path, str(empty))
+    assert result.returncode == 64 and "error: nvidia-smi: expected on PATH" in result.stderr, result
+    failing = "#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver.'\nexit 9\n"
+    result = _run_checks(tmp_path, _stand_in(tmp_path, failing), "600")
+    assert result.returncode == 64 and "expected a GPU's compute capability (9.0), got 'NVIDIA-SMI has failed" \
+        in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["90", "0"], "error: JOBS: expected a positive integer (nvcc processes at once), got '0'"),
+    (["90", "-2"], "error: JOBS: expected a positive integer (nvcc processes at once), got '-2'"),
+    (["9.0"], "error: SM: expected a compute capability without its dot (90 for 9.0), got '9.0'"),
+])
+def test_prebuild_refuses_bad_arguments_up_front(tmp_path, args, message):
+    """scripts/prebuild_gpu_kernels.sh: JOBS 0 is xargs -P 0, every nvcc at once; refused before anything runs."""
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "prebuild_gpu_kernels.sh"), *args],
+                            env={**os.environ, "NVCC": "false", "PYTHON": "false"}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result
