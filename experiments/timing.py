@@ -8,9 +8,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from runtime.checks import check_positive_int, is_integer
+
 
 def time_call(fn: Callable, *args, repeats: int = 3, warmup: int = 1) -> float:
     """Median seconds of fn(*args) after warmup calls (compilation), blocking on JAX results."""
+    check_positive_int("repeats", repeats)  # no time to take the median of (an IndexError)
+    if not (is_integer(warmup) and warmup >= 0):
+        raise ValueError(f"warmup: expected an integer >= 0, got {warmup!r}")
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []

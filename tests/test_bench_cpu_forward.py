@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from experiments.bench import cpu_forward
 
 
@@ -15,3 +17,17 @@ def test_cpu_forward_rows_are_consistent():
     assert row["vocab_size"] == 64 and row["max_abs_logits_diff"] < 1e-4
     assert abs(row["speedup_vs_transformers"] * row["jax_seconds"] / row["transformers_seconds"] - 1) < 1e-9
     assert abs(row["jax_tokens_per_s"] * row["jax_seconds"] / 32 - 1) < 1e-9
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "tiny_falcon"], "--preset: expected a preset of model.family 'falcon_mamba', got 'tiny_falcon' "
+                                  "(model.family 'falcon')"),
+    (["--length", "0"], "argument --length: expected a positive integer, got '0'"),
+    (["--vocabs", "1024", "-1"], "argument --vocabs: expected a positive integer, got '-1'"),
+    (["--torch-threads", "0"], "argument --torch-threads: expected a positive integer, got '0'"),
+], ids=["transformer-preset", "length", "vocabs", "torch-threads"])
+def test_cli_refuses_bad_arguments_before_building(monkeypatch, capsys, args, message):
+    monkeypatch.setattr(cpu_forward, "bench_model", lambda *a: pytest.fail("built despite bad arguments"))
+    with pytest.raises(SystemExit):
+        cpu_forward.main(args)
+    assert message in capsys.readouterr().err

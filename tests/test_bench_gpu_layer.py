@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from experiments.bench import gpu_layer
 
 
@@ -19,3 +21,19 @@ def test_layer_rows_agree_and_are_complete(tmp_path, capsys):
         assert row[f"jax_{name}_ms"] > 0 and row[f"torch_{name}_ms"] > 0
         assert row[f"torch_over_jax_{name}"] == row[f"torch_{name}_ms"] / row[f"jax_{name}_ms"]
     assert "torch f+b ms" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tiny_falcon"], "preset: expected a preset of model.family 'falcon_mamba', got 'tiny_falcon' (model.family "
+                      "'falcon')"),
+    (["tiny_falcon_mamba", "hidden_sise=64"], "preset: unknown config key 'model.hidden_sise'"),
+    (["tiny_falcon_mamba", "--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
+    (["tiny_falcon_mamba", "--impls", "fast"], "argument --impls: invalid choice: 'fast'"),
+], ids=["transformer-preset", "override", "repeats", "impls"])
+def test_cli_refuses_bad_arguments_before_building(monkeypatch, capsys, args, message):
+    """A transformer preset failed with AttributeError 'backbone' once transformers had built it: it has no Falcon
+    Mamba mixer. Refused, like bad counts and impls, before anything is built."""
+    monkeypatch.setattr(gpu_layer, "bench", lambda *a: pytest.fail("built despite bad arguments"))
+    with pytest.raises(SystemExit):
+        gpu_layer.main(args)
+    assert message in capsys.readouterr().err

@@ -36,15 +36,35 @@ def test_model_flops_follow_palm():
         6 * 6_921_720_704 + 12 * 32 * 4544 * 2048
 
 
-def test_cli_measured_peak_and_bad_peak(capsys, monkeypatch):
+def test_cli_measured_peak(capsys, monkeypatch):
     monkeypatch.setattr(train_throughput, "matmul_tflops", lambda dtype: 0.25)  # the 4096^3 matmul is slow here
     train_throughput.main(["tiny_falcon_mamba", *TOY, "--steps", "1", "--peak-tflops", "measured", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["peak_tflops"] == 0.25 and out["peak_source"].startswith("measured: float32")
     assert 0 < out["rows"][0]["mfu"]
+
+
+BAD_PEAK = 'argument --peak-tflops: expected a finite number > 0 or "measured", got '
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tiny_falcon_mamba", "--peak-tflops", "fast"], BAD_PEAK + "'fast'"),
+    (["tiny_falcon_mamba", "--peak-tflops", "-989"], BAD_PEAK + "'-989'"),
+    (["tiny_falcon_mamba", "--peak-tflops", "nan"], BAD_PEAK + "'nan'"),
+    (["tiny_falcon_mamba", "--peak-tflops", "0"], BAD_PEAK + "'0'"),
+    (["tiny_falcon_mamba", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    (["data.seq_len=32", "--peak-tflops", "measured"], "presets: expected at least one preset name or YAML path "
+                                                       "before the key=value overrides, got only ['data.seq_len=32']"),
+    (["no_such_preset"], "presets: 'no_such_preset' with []: unknown preset 'no_such_preset'"),
+], ids=["peak-word", "peak-negative", "peak-nan", "peak-zero", "steps", "no-preset", "unknown-preset"])
+def test_cli_refuses_bad_arguments_before_compiling(capsys, monkeypatch, args, message):
+    """A negative or nan peak gave a negative or nan MFU (0 none at all), overrides alone an IndexError (or, without
+    "measured", no row and exit status 0): one error line, before anything is compiled or measured."""
+    monkeypatch.setattr(train_throughput, "bench", lambda *a: pytest.fail("measured despite bad arguments"))
+    monkeypatch.setattr(train_throughput, "matmul_tflops", lambda *a: pytest.fail("measured despite bad arguments"))
     with pytest.raises(SystemExit):
-        train_throughput.main(["tiny_falcon_mamba", "--peak-tflops", "fast"])
-    assert '--peak-tflops: expected a number or "measured", got \'fast\'' in capsys.readouterr().err
+        train_throughput.main(args)
+    assert message in capsys.readouterr().err
 
 
 def test_matmul_tflops_is_positive():
@@ -61,3 +81,17 @@ def test_torch_train_step_bench_runs_the_same_model(capsys):
     assert out["torch"]["params"] == out["jax"]["params"] > 0
     assert out["torch"]["step_seconds"] > 0 and out["jax"]["step_seconds"] > 0
     assert out["torch_over_jax_seconds"] == pytest.approx(out["torch"]["step_seconds"] / out["jax"]["step_seconds"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["tiny_falcon_mamba", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    (["tiny_falcon_mamba", "data.seq_lem=32"], "preset: 'tiny_falcon_mamba' with ['data.seq_lem=32', "
+                                               "'model.compute_dtype=float32']: unknown config key 'data.seq_lem'"),
+], ids=["steps", "override"])
+def test_torch_train_step_refuses_bad_arguments_before_the_jax_step(monkeypatch, capsys, args, message):
+    from experiments.bench import torch_train_step
+
+    monkeypatch.setattr(torch_train_step, "jax_bench", lambda *a: pytest.fail("measured despite bad arguments"))
+    with pytest.raises(SystemExit):
+        torch_train_step.main(args)
+    assert message in capsys.readouterr().err

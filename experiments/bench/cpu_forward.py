@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import load_model_config
+from experiments.bench import check_preset, positive_int
 from experiments.timing import time_call, versions
 from ssm import FalconMambaLM, save_pretrained
 from ssm.scan import selective_scan
@@ -81,15 +82,18 @@ def bench_scans(args) -> list[dict]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small_falcon_mamba")
-    parser.add_argument("--vocabs", type=int, nargs="+", default=[1024, 65024],
+    parser.add_argument("--vocabs", type=positive_int, nargs="+", default=[1024, 65024],
                         help="vocab sizes to run: a small one measures the model body; at Falcon's 65024 the "
                              "lm_head matmul, the same in both frameworks, dominates")
-    parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--length", type=positive_int, default=4096)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--torch-threads", type=positive_int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
+    # FalconMambaLM and its scans: a transformer preset has no Falcon Mamba model (checked before anything is built)
+    for vocab in args.vocabs:
+        check_preset(parser, "--preset", args.preset, "falcon_mamba", [f"vocab_size={vocab}"])
 
     models = [bench_model(args, vocab) for vocab in args.vocabs]
     scans = bench_scans(args)

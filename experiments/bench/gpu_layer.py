@@ -30,7 +30,9 @@ from flax import nnx
 
 from configs import load_model_config
 from configs.hf import model_config_to_hf
+from experiments.bench import check_out_dir, check_preset, positive_int
 from experiments.timing import format_row, time_call, versions
+from ssm.scan import IMPLS
 
 
 def build_theirs(preset: str, overrides: list[str], path: str):
@@ -121,12 +123,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset")
     parser.add_argument("overrides", nargs="*", help="model config overrides, key=value (hidden_size=64)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--impls", nargs="+", default=["chunked", "pallas"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 4])
+    parser.add_argument("--impls", nargs="+", default=["chunked", "pallas"], choices=IMPLS)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    # a Falcon Mamba mixer layer: a transformer preset has none (it failed with an AttributeError once built)
+    check_preset(parser, "preset", args.preset, "falcon_mamba", args.overrides)
+    if args.out is not None:
+        check_out_dir(parser, args.out)
     rows = bench(args.preset, args.overrides, args.lengths, args.batches, args.impls, args.repeats)
     print(f"\n{'impl':>8} {'batch':>5} {'len':>6} {'jax fwd ms':>11} {'torch fwd ms':>13} {'ratio':>6} "
           f"{'jax f+b ms':>11} {'torch f+b ms':>13} {'ratio':>6} {'rel diff':>9}")

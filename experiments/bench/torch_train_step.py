@@ -20,7 +20,9 @@ import json
 
 from configs import load_config
 from configs.hf import model_config_to_hf
+from experiments.bench import positive_int
 from experiments.bench.train_throughput import bench as jax_bench
+from experiments.bench.train_throughput import check_runs
 from experiments.timing import time_call, versions
 
 
@@ -71,13 +73,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, for both steps")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=5)
     parser.add_argument("--bf16", action="store_true", help="torch autocast bf16 and JAX model.compute_dtype=bfloat16 "
                         "(without it both fp32, whatever the preset's compute_dtype)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     # the JAX step in the torch step's dtype either way (the 7B presets compute in bf16 by themselves)
     jax_overrides = args.overrides + [f"model.compute_dtype={'bfloat16' if args.bf16 else 'float32'}"]
+    check_runs(parser, [args.preset], jax_overrides, "preset")  # before the JAX step is compiled and timed
     jax_row = jax_bench(args.preset, jax_overrides, args.steps, None)
     if not args.json:  # printed now: a time limit reached during the torch step keeps this row
         print(_row_line("jax", jax_row), flush=True)

@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from experiments.bench import positive_int
+
 # chip -> (topology name, TPU_ACCELERATOR_TYPE for one chip)
 CHIPS = {"v5e": ("v5e:1x1", "v5litepod-1"), "v6e": ("v6e:1x1", "v6e-1"), "v5p": ("v5p:1x1x1", "v5p-8")}
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,15 +124,21 @@ def kernel_cycles(device, profile_dir, batch, seqlen, dim, dstate, tile) -> dict
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chip", default="v6e", choices=sorted(CHIPS))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--dstate", type=int, default=16)
-    parser.add_argument("--tile", type=int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--seqlen", type=positive_int, default=256)
+    parser.add_argument("--dim", type=positive_int, default=1024)
+    parser.add_argument("--dstate", type=positive_int, default=16)
+    parser.add_argument("--tile", type=positive_int, default=64)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.json is not None and args.json.is_dir():
+        parser.error(f"--json: expected a file path, got {str(args.json)!r}, which is a directory")
     with tempfile.TemporaryDirectory() as profile_dir:
-        device = start_tpu_compiler(args.chip, profile_dir)
+        try:
+            device = start_tpu_compiler(args.chip, profile_dir)
+        except RuntimeError as err:  # no libtpu here
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         cycles = kernel_cycles(device, profile_dir, args.batch, args.seqlen, args.dim, args.dstate, args.tile)
     lane_steps = args.batch * args.seqlen * args.dim / 128  # one step of 128 channels
     print(f"{args.chip} ({device.device_kind}), batch {args.batch}, seqlen {args.seqlen}, dim {args.dim}, "

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from configs import load_config
+from experiments.bench import positive_int, positive_number
 from experiments.mesh import put_global_batch
 from experiments.timing import random_array, time_call, versions
 from experiments.train import jit_train_step, prepare
@@ -76,25 +77,50 @@ def bench(preset: str, overrides: list[str], steps: int, peak_tflops: float | No
     return row
 
 
+def peak_tflops(text: str) -> float | str:
+    """argparse type of --peak-tflops: "measured" or a finite number > 0 (0, a negative or nan gave no MFU, a
+    negative one or nan)."""
+    if text == "measured":
+        return text
+    try:
+        return positive_number(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f'expected a finite number > 0 or "measured", got {text!r}') from None
+
+
+def check_runs(parser: argparse.ArgumentParser, presets: list[str], overrides: list[str],
+               option: str = "presets") -> list:
+    """Every preset's run config with the overrides, loaded before anything is compiled; parser.error naming the
+    preset where one does not load, or where no preset is given (only key=value overrides)."""
+    from configs import ConfigError
+
+    if not presets:
+        parser.error(f"{option}: expected at least one preset name or YAML path before the key=value overrides, got "
+                     f"only {overrides}")
+    runs = []
+    for preset in presets:
+        try:
+            runs.append(load_config(preset, overrides))
+        except ConfigError as err:
+            parser.error(f"{option}: {preset!r} with {overrides}: {err}")
+    return runs
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("presets", nargs="+", help="preset names or YAML paths, then key=value overrides")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--peak-tflops", default=None,
+    parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--peak-tflops", default=None, type=peak_tflops,
                         help='dense peak TFLOP/s of one device, or "measured" (a large matmul, timed here)')
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     presets = [p for p in args.presets if "=" not in p]
     overrides = [p for p in args.presets if "=" in p]
+    runs = check_runs(parser, presets, overrides)
     peak, peak_source = args.peak_tflops, "given"
     if peak == "measured":
-        dtype = load_config(presets[0], overrides).model.compute_dtype
+        dtype = runs[0].model.compute_dtype
         peak, peak_source = matmul_tflops(dtype), f"measured: {dtype} 4096^3 matmul on one device"
-    elif peak is not None:
-        try:
-            peak = float(peak)
-        except ValueError:
-            parser.error(f'--peak-tflops: expected a number or "measured", got {peak!r}')
     rows = [bench(preset, overrides, args.steps, peak) for preset in presets]
     if args.json:
         print(json.dumps({"versions": versions(), "peak_tflops": peak, "peak_source": peak_source, "rows": rows},

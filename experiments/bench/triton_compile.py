@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from experiments.bench import positive_int
 from experiments.bench.gpu_scan import SWEEP_VARIANTS, channels_last_shapes, check_variants, parse_variant
 from experiments.timing import format_row
 
@@ -87,6 +88,25 @@ def kernel_irs(fn, *args, **kwargs) -> list[KernelIR]:
     return kernels
 
 
+def sm_target(arch: int) -> str:
+    """ptxas' name of compute capability ``arch`` (90: sm_90a, the architecture-specific target Triton uses)."""
+    return f"sm_{arch}{'a' if arch >= 90 else ''}"
+
+
+def supported_archs() -> list[int]:
+    """The compute capabilities that pip triton's ptxas compiles for, the one compile_kernel runs for each (below
+    90 and from 90 on Triton picks two), from their --help: another (0, 88, 95) crashed in Triton's LLVM."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    found = set()
+    for example in (80, 90):
+        text = subprocess.run([get_ptxas(example).path, "--help"], capture_output=True, text=True).stdout
+        names = set(re.findall(r"'(sm_\w+)'", text))
+        found |= {arch for arch in map(int, re.findall(r"'sm_(\d+)'", text))
+                  if (arch < 90) == (example < 90) and sm_target(arch) in names}
+    return sorted(found)
+
+
 def compile_kernel(kernel: KernelIR, arch: int) -> CompiledKernel:
     """Triton IR -> cubin for sm_{arch} with pip's triton; raises on a compile error."""
     import triton
@@ -101,9 +121,8 @@ def compile_kernel(kernel: KernelIR, arch: int) -> CompiledKernel:
                                                enable_fp_fusion=True))  # as Triton does by default
         ptx = compiled.asm["ptx"]
         Path(tmp, "k.ptx").write_text(ptx)
-        suffix = "a" if arch >= 90 else ""
         ptxas = get_ptxas(arch).path
-        report = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", "-o", str(Path(tmp, "k.cubin")),
+        report = subprocess.run([ptxas, f"-arch={sm_target(arch)}", "-v", "-o", str(Path(tmp, "k.cubin")),
                                  str(Path(tmp, "k.ptx"))], capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([str(Path(ptxas).with_name("cuobjdump")), "-sass", str(Path(tmp, "k.cubin"))],
                               capture_output=True, text=True, check=True).stdout
@@ -146,12 +165,16 @@ def scan_kernels(variant: str, *, length: int = 256, groups: int = 1, dim: int |
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    parser.add_argument("--arch", type=positive_int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--variants", nargs="+", default=list(SWEEP_VARIANTS),
                         metavar="TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS]")
     args = parser.parse_args(argv)
     check_variants(parser, args.variants)
     import triton
+
+    if args.arch not in supported_archs():
+        parser.error(f"--arch: expected a compute capability that pip triton's ptxas compiles for "
+                     f"({', '.join(map(str, supported_archs()))}), got {args.arch}")
 
     print(f"triton {triton.__version__}, jax {jax.__version__}, sm_{args.arch}")
     for variant in args.variants:
