@@ -4,7 +4,7 @@
     python scripts/record_goldens.py cuda   [--out tests/golden]   # mamba_ssm's / causal_conv1d's CUDA kernels, on a GPU
 
 Writes <out>/<backend>/<case>.npz (inputs as ``in_<name>``, outputs as ``out_<name>``, options as ``opt_<name>``)
-and <out>/<backend>/provenance.json. The cuda backend also records the scan's backward pass: a seeded cotangent
+and <out>/<backend>/provenance.json, in a new folder that replaces the old set only once both are written. The cuda backend also records the scan's backward pass: a seeded cotangent
 of ``out`` as ``cot_out`` and mamba_ssm's gradient of sum(out * cot_out) for every input as ``grad_<name>``
 (the float64 oracle has no backward; our gradients are checked against the reference impl there). Inputs come
 from fixed seeds and are identical for both backends; bf16 cases store their inputs already rounded to bf16 (as
@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -300,18 +302,46 @@ def record(backend, out_dir: Path) -> list[str]:
     return written
 
 
+def write_set(backend, out_dir: Path, command: str) -> list[str]:
+    """Records ``backend``'s cases and their provenance.json in a new folder beside ``out_dir``, then puts it in
+    out_dir's place: a run that fails part-way (a kernel's error, a crash, no nvidia-smi for the provenance) leaves
+    the set that was there as it was, never new goldens without a provenance or under an older one."""
+    new = out_dir.with_name(f".{out_dir.name}.new-{os.getpid()}")
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    shutil.rmtree(new, ignore_errors=True)
+    try:
+        cases = record(backend, new)
+        provenance = {**backend.provenance(), "cases": cases,
+                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "command": command}
+        (new / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        replaced = out_dir.exists()
+        if replaced:
+            out_dir.rename(old)
+        try:
+            new.rename(out_dir)
+        except OSError:
+            if replaced:
+                old.rename(out_dir)
+            raise
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return cases
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("backend", choices=["oracle", "cuda"])
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "golden")
     args = parser.parse_args(argv)
+    for path in (args.out, args.out / args.backend):  # before a backend starts or anything is written
+        if path.exists() and not path.is_dir():
+            parser.error(f"--out: expected a directory (for {args.backend}/), got {str(path)!r}, which is a file")
     backend = OracleBackend() if args.backend == "oracle" else CudaBackend()
     out_dir = args.out / backend.name
-    cases = record(backend, out_dir)
-    provenance = {**backend.provenance(), "cases": cases,
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "command": " ".join(["python", "scripts/record_goldens.py"] + (argv or sys.argv[1:]))}
-    (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    cases = write_set(backend, out_dir, " ".join(["python", "scripts/record_goldens.py"]
+                                                 + (sys.argv[1:] if argv is None else list(argv))))
     print(f"wrote {len(cases)} cases and provenance.json to {out_dir}")
 
 

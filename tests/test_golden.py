@@ -116,3 +116,27 @@ def test_matches_golden(path, impl):
     assert sorted(got) == sorted(want)
     for name, value in got.items():
         np.testing.assert_allclose(np.asarray(value.astype(jnp.float32)), want[name], **tol, err_msg=name)
+
+
+def test_recording_replaces_a_set_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """scripts/record_goldens.py wrote the goldens in place and provenance.json last: a crash in between (the cuda
+    run reads nvidia-smi for it) left new goldens under the old provenance. A set is now written beside the old
+    one and replaces it once complete; --out naming a file is refused before anything runs."""
+    from scripts import record_goldens
+
+    record_goldens.main(["oracle", "--out", str(tmp_path)])
+    recorded = {p.name: p.read_bytes() for p in (tmp_path / "oracle").iterdir()}
+    assert "provenance.json" in recorded and len(recorded) == 1 + len(json.loads(recorded["provenance.json"])["cases"])
+
+    def crash(self):
+        raise RuntimeError("nvidia-smi: not found")
+
+    monkeypatch.setattr(record_goldens.OracleBackend, "provenance", crash)
+    with pytest.raises(RuntimeError, match="nvidia-smi"):
+        record_goldens.main(["oracle", "--out", str(tmp_path)])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "oracle").iterdir()} == recorded
+    assert [p.name for p in tmp_path.iterdir()] == ["oracle"]  # no half-written set left beside it
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        record_goldens.main(["oracle", "--out", str(tmp_path / "file")])
+    assert "--out: expected a directory (for oracle/), got" in capsys.readouterr().err
