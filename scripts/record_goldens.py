@@ -4,11 +4,12 @@
     python scripts/record_goldens.py cuda   [--out tests/golden]   # mamba_ssm's / causal_conv1d's CUDA kernels, on a GPU
 
 Writes <out>/<backend>/<case>.npz (inputs as ``in_<name>``, outputs as ``out_<name>``, options as ``opt_<name>``)
-and <out>/<backend>/provenance.json, in a new folder that replaces the old set only once both are written. The cuda backend also records the scan's backward pass: a seeded cotangent
-of ``out`` as ``cot_out`` and mamba_ssm's gradient of sum(out * cot_out) for every input as ``grad_<name>``
-(the float64 oracle has no backward; our gradients are checked against the reference impl there). Inputs come
-from fixed seeds and are identical for both backends; bf16 cases store their inputs already rounded to bf16 (as
-float32), so every implementation sees the same values.
+and <out>/<backend>/provenance.json, into a new folder that replaces the old set only once both are written. The
+cuda backend also records the scan's backward pass: a seeded cotangent of ``out`` as ``cot_out`` and mamba_ssm's
+gradient of sum(out * cot_out) for every input as ``grad_<name>`` (the float64 oracle has no backward; our
+gradients are checked against the reference impl there). Inputs come from fixed seeds and are identical for both
+backends; bf16 cases store their inputs already rounded to bf16 (as float32), so every implementation sees the
+same values.
 """
 
 from __future__ import annotations

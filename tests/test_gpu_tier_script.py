@@ -82,7 +82,7 @@ def test_no_gpu_is_refused_up_front(tmp_path):
     (["90", "0"], "error: JOBS: expected a positive integer (nvcc processes at once), got '0'"),
     (["90", "-2"], "error: JOBS: expected a positive integer (nvcc processes at once), got '-2'"),
     (["9.0"], "error: SM: expected a compute capability without its dot (90 for 9.0), got '9.0'"),
-])
+], ids=["jobs-0", "jobs-negative", "sm-dotted"])
 def test_prebuild_refuses_bad_arguments_up_front(tmp_path, args, message):
     """scripts/prebuild_gpu_kernels.sh: JOBS 0 is xargs -P 0, every nvcc at once; refused before anything runs."""
     result = subprocess.run(["bash", str(ROOT / "scripts" / "prebuild_gpu_kernels.sh"), *args],
