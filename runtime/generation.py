@@ -186,9 +186,14 @@ def stream(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, t
            top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (), attention_mask=None,
            lengths=None, chunk_size: int | None = None) -> Iterator[np.ndarray]:
     """Like generate, but yields each step's tokens (batch,) as soon as they exist (NO_TOKEN for finished
-    rows). Same seed, same tokens as generate."""
+    rows). Same seed, same tokens as generate. The arguments are checked and the prompts prefilled when it is
+    called (a bad argument raises here, not at the first next())."""
     sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
     logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size)
+    return _steps(model, logits, state, seed, stops, sampling, max_new_tokens)
+
+
+def _steps(model, logits, state, seed, stops, sampling, max_new_tokens) -> Iterator[np.ndarray]:
     key, done = jax.random.PRNGKey(seed), jnp.zeros((logits.shape[0],), bool)
     for _ in range(max_new_tokens):
         emitted, logits, state, key, done = _jit_sample_and_step(model, logits, state, key, done, stops,

@@ -152,7 +152,7 @@ def test_bad_arguments(model, kwargs, message):
     (np.zeros((0, 3), np.int32), r"^input_ids: expected a non-empty array, got shape \(0, 3\)$"),  # was batch_size
 ])
 def test_bad_prompts_are_named(model, input_ids, message):
-    for run in (generate, lambda *a, **k: next(stream(*a, **k))):
+    for run in (generate, stream):  # stream raises when called, before the first next()
         with pytest.raises(ValueError, match=message):
             run(model, input_ids, max_new_tokens=2)
 
@@ -272,6 +272,6 @@ def test_generate_and_stream_refuse_non_finite_prefill_logits(model, monkeypatch
         return logits.at[0, 0].set(jnp.inf), state
 
     monkeypatch.setattr(type(model), "prefill", overflowed)
-    for run in (generate, lambda *a, **k: next(stream(*a, **k))):
+    for run in (generate, stream):  # stream raises when called, before the first next()
         with pytest.raises(ValueError, match=r"^logits: expected finite values, got NaN or Inf"):
             run(model, np.ones((1, 3), np.int32), max_new_tokens=2, temperature=0)
