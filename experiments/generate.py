@@ -97,7 +97,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {err}")
     _check_ids("--stop", args.stop or [])
     tokenizer = None
-    if args.prompt is not None:
+    if args.prompt is not None or args.tokenizer is not None:  # --tokenizer with --ids: the output is decoded
         from tokenizers import Tokenizer
 
         tokenizer_path = Path(args.tokenizer or Path(args.path) / "tokenizer.json")
@@ -109,6 +109,7 @@ def main(argv=None) -> None:
         except Exception as err:  # the tokenizers package raises a bare Exception for a file it cannot read
             raise SystemExit(f"error: --tokenizer: expected a tokenizer.json of the tokenizers package, got "
                              f"{str(tokenizer_path)!r}: {err}")
+    if args.prompt is not None:
         ids = tokenizer.encode(args.prompt).ids
         if not ids:
             raise SystemExit(f"error: --prompt: expected text of at least one token, got {args.prompt!r}")
@@ -127,7 +128,7 @@ def main(argv=None) -> None:
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}")
     vocab_size = model.config.vocab_size
-    source = "--ids" if tokenizer is None else f"--prompt: the tokenizer {str(tokenizer_path)!r}"
+    source = "--ids" if args.prompt is None else f"--prompt: the tokenizer {str(tokenizer_path)!r}"
     for flag, tokens in ((source, ids), ("--stop", args.stop or [])):
         if max(tokens, default=0) >= vocab_size:
             raise SystemExit(f"error: {flag}: expected token ids below the model's vocab_size ({vocab_size}), got "

@@ -115,6 +115,8 @@ def check_sampling(max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed
     """The decode arguments that need no model checked (experiments.generate checks them before loading one):
     their Sampling. max_new_tokens must be positive, as in transformers."""
     check_positive_int("max_new_tokens", max_new_tokens)
+    if max_new_tokens >= 2**31:  # the loop counts steps in int32
+        raise ValueError(f"max_new_tokens: expected fewer than 2**31, got {max_new_tokens}")
     check_seed("seed", seed)
     return Sampling(temperature, top_k, top_p)
 

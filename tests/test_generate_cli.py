@@ -48,6 +48,10 @@ def test_text_prompt_and_ids_give_the_same_continuation(checkpoint):
     assert [w if w == "[UNK]" else int(w[1:]) for w in words] == [
         "[UNK]" if int(t) == 39 else int(t) for t in ids.stdout.split()]
     assert "tokens/s" in text.stderr
+    # --tokenizer with --ids decodes the output (it was ignored: ids were printed)
+    decoded = _run(checkpoint, "--ids", "1,2,3", "--max-new-tokens", "5", "--stop", "--tokenizer",
+                   checkpoint / "tokenizer.json")
+    assert decoded.returncode == 0 and decoded.stdout == text.stdout, decoded.stderr
 
 
 def test_stream_prints_the_same_text(checkpoint):

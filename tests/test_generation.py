@@ -136,6 +136,7 @@ def test_sampling_refuses_non_finite_and_bool_values(kwargs, message):
     ({"top_k": -2}, "top_k: expected None or an integer >= 0"),
     ({"max_new_tokens": 0}, "max_new_tokens: expected a positive integer"),
     ({"max_new_tokens": True}, "max_new_tokens: expected a positive integer, got True"),
+    ({"max_new_tokens": 2**31}, r"max_new_tokens: expected fewer than 2\*\*31, got 2147483648"),
     ({"stop_tokens": [VOCAB]}, rf"stop_tokens: expected integer ids in \[0, {VOCAB}\), got {VOCAB}"),
     ({"stop_tokens": [1.7]}, rf"stop_tokens: expected integer ids in \[0, {VOCAB}\), got 1.7"),  # was token 1
     ({"stop_tokens": 11}, "stop_tokens: expected a sequence of token ids, got 11"),  # was a TypeError
