@@ -468,24 +468,42 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                           initial_state=None, tile=None, interpret=None, block_dim=MAX_BLOCK_DIM,
                           num_warps=DEFAULT_NUM_WARPS, kernel=None, bc_rows=False, unroll=1, prefetch=False,
                           splits=1):
-    """ssm.scan.selective_scan's contract (channels-last u, delta, z (b, l, d); B, C (b, l, g, n)) on the
-    Pallas kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen; for the TPU kernel at
-    most pallas_scan_tpu.MAX_TILE, rounded up to a multiple of 16); interpret: run the kernels in the Pallas
-    interpreter (default: where the backend is not the kernel's own, KERNEL_BACKENDS). kernel: "triton" (GPU,
-    this module) or "mosaic_tpu" (ssm/pallas_scan_tpu.py); default "mosaic_tpu" on a TPU backend, else
-    "triton". block_dim (a power of two: the channels of one program, capped by the channels per B/C group),
-    num_warps (per program), bc_rows (B and C laid out (padded, n), one contiguous load per step, instead of
-    (n, padded), n strided loads), unroll (a power of two: steps whose loads are issued together; capped to
-    divide the tile), prefetch (loads issued one group of steps ahead) and splits (the forward's sequence
-    splits, capped to divide the number of tiles: see the module docstring) are the Triton kernel's tuning knobs
-    that experiments/bench/gpu_scan.py sweeps."""
+    """ssm.scan.selective_scan's contract (channels-last u, delta, z (b, l, d); B, C (b, l, g, n)) on the Pallas
+    kernels. tile: sequence steps per tile (default DEFAULT_TILE, capped at seqlen; for the TPU kernel at most
+    pallas_scan_tpu.MAX_TILE, rounded up to a multiple of 16); interpret: run the kernels in the Pallas interpreter
+    (default: where the platform is not the kernel's own, KERNEL_BACKENDS). kernel: "triton" (GPU, this module) or
+    "mosaic_tpu" (ssm/pallas_scan_tpu.py); default: chosen where the call is lowered (lax.platform_dependent),
+    "mosaic_tpu" for a TPU, else "triton", so that a step compiled ahead of time for a TPU (experiments.plan
+    target=) or exported for one gets the TPU kernel from a CPU process. block_dim (a power of two: the channels of
+    one program, capped by the channels per B/C group), num_warps (per program), bc_rows (B and C laid out (padded,
+    n), one contiguous load per step, instead of (n, padded), n strided loads), unroll (a power of two: steps whose
+    loads are issued together; capped to divide the tile), prefetch (loads issued one group of steps ahead) and
+    splits (the forward's sequence splits, capped to divide the number of tiles: see the module docstring) are the
+    Triton kernel's tuning knobs that experiments/bench/gpu_scan.py sweeps."""
     for name, value in (("block_dim", block_dim), ("unroll", unroll)):
         if not is_integer(value) or value < 1 or value & (value - 1):
             raise ValueError(f"{name}: expected a power of two, got {value!r}")
     check_positive_int("splits", splits)
     check_positive_int("tile", tile, allow_none=True)  # a negative one ran no step (uninitialised outputs)
     check_positive_int("num_warps", num_warps)
-    kernel = kernel or ("mosaic_tpu" if jax.default_backend() == "tpu" else "triton")
+    if kernel is None:  # each platform's kernel, picked where the call is lowered
+        def on(kernel, native):
+            def scan(*arrays):
+                return selective_scan_pallas(*arrays[:8], delta_softplus, initial_state=arrays[8], tile=tile,
+                                             interpret=not native if interpret is None else interpret,
+                                             block_dim=block_dim, num_warps=num_warps, kernel=kernel,
+                                             bc_rows=bc_rows, unroll=unroll, prefetch=prefetch, splits=splits)
+            return scan
+        kernels = {"cpu": on("triton", False), "cuda": on("triton", True), "rocm": on("triton", True)}
+        from ssm.pallas_scan_tpu import check_shapes
+
+        try:  # every branch is traced: the TPU kernel only for channels it can lay out on lanes
+            check_shapes(u.shape[2], B.shape[2])
+            kernels["tpu"] = on("mosaic_tpu", True)
+        except ValueError:
+            if jax.default_backend() == "tpu":
+                raise
+        return lax.platform_dependent(u, delta, A, B, C, D, z, delta_bias, initial_state, **kernels)
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     batch, length, dim = u.shape

@@ -246,6 +246,35 @@ def test_kernels_lower_for_their_accelerator(dtype, kernel, with_z):
         assert text.count(call) == calls
 
 
+def test_default_kernel_is_the_lowering_platforms():
+    """kernel=None picks each platform's kernel where the call is lowered (lax.platform_dependent), not by this
+    process's backend: a gradient exported for "tpu" from this CPU has the Mosaic kernels and no Triton one, for
+    "cuda" the reverse, as a step compiled ahead of time for a TPU slice (experiments.plan target=) needs. Channels
+    the TPU kernel cannot lay out still lower for a GPU."""
+    from jax import export
+
+    from ssm.pallas_scan import selective_scan_pallas
+
+    S, f32 = jax.ShapeDtypeStruct, jnp.float32
+
+    def exported(platform, d, groups):
+        b, l, n = 1, 64, 8
+        shapes = (S((b, l, d), f32), S((b, l, d), f32), S((d, n), f32), S((b, l, groups, n), f32),
+                  S((b, l, groups, n), f32))
+        loss = lambda *a: jnp.sum(selective_scan_pallas(*a, delta_softplus=True)[0])  # noqa: E731
+        allow = [export.DisabledSafetyCheck.custom_call(LOWERINGS["triton"][2])]
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+        return export.export(grad, platforms=[platform], disabled_checks=allow)(*shapes).mlir_module()
+
+    tpu, cuda = exported("tpu", 128, 1), exported("cuda", 128, 1)
+    tpu_call, triton_call = LOWERINGS["mosaic_tpu"][1], LOWERINGS["triton"][1]
+    assert tpu.count(tpu_call) == 2 and triton_call not in tpu
+    assert cuda.count(triton_call) == 2 and tpu_call not in cuda
+    assert exported("cuda", 16, 2).count(triton_call) == 2  # 8 channels per group: not on 128 lanes
+    with pytest.raises(NotImplementedError, match="platform tpu"):
+        exported("tpu", 16, 2)
+
+
 @pytest.mark.parametrize("kernel, dim", [("triton", 8), ("mosaic_tpu", 128)])
 def test_backward_saves_only_tile_boundary_states(kernel, dim):
     """The VJP's residuals: inputs and (batch, n_tiles, dstate, dim) states, nothing of size batch*seqlen*dim*dstate."""
