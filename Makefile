@@ -17,11 +17,11 @@ $(VENV)/.installed-test: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@ $(VENV)/.installed-base
 
-# libtpu (the version jax[tpu] pins) outside site-packages: experiments/bench/tpu_compile.py compiles the TPU
-# kernels with it for a TPU this machine does not have; no other process loads a TPU plugin
+# libtpu (the version jax[tpu] pins) outside site-packages: experiments/tpu_topology.py loads it to compile for
+# a TPU this machine does not have (bench/tpu_compile, plan target=); no other process loads a TPU plugin
 $(VENV)/.installed-libtpu: $(VENV)/.installed-test
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/libtpu \
-		"$$($(PY) -c 'from experiments.bench.tpu_compile import libtpu_requirement as r; print(r())')"
+		"$$($(PY) -c 'from experiments.tpu_topology import libtpu_requirement as r; print(r())')"
 	touch $@
 
 demo: $(VENV)/.installed-base

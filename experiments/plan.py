@@ -15,6 +15,9 @@ Planner options (every other key=value is a config override, e.g. mesh.fsdp=8, r
     optimizer=O      adamw (experiments.optim.make_optimizer, the trainer's) | sgd (no state)
     activations=A    auto | compiled | estimate; chunk=N: the inference prefill chunk (default 2048), at most
                      seq_len (prefill runs a longer chunk as one chunk of the whole sequence)
+    target=T         a TPU slice, e.g. v5p:4x4x4 (64 chips), v6e:2x4: compile for its chips with libtpu (no TPU
+                     needed, experiments/tpu_topology.py) and compare the total with their HBM; devices= is its
+                     chip count. Falcon Mamba's scan_impl=auto becomes what it resolves to on a TPU ("chunked")
 
 How the numbers are counted (see docs/PLANNING.md):
   * params / optimizer: shapes from nnx.eval_shape / jax.eval_shape of the trainer's own init (experiments.train
@@ -23,7 +26,8 @@ How the numbers are counted (see docs/PLANNING.md):
     the kv-head / d_inner dimension (tensor) where those divide, else replicated.
   * activations, "compiled": XLA's memory_analysis().temp_size_in_bytes of the jitted train step (or prefill
     chunk) lowered on the real mesh: everything the step allocates besides its arguments and outputs
-    (activations, gradients, workspace). Used when the mesh's devices exist here and the model is small.
+    (activations, gradients, workspace). Used when the mesh's devices exist here and the model is small, and
+    for any model with target= (XLA's TPU compiler, whose buffer assignment remat shrinks as on the TPU).
   * activations, "estimate": the residuals one decoder layer saves for its backward pass
     (jax.ad_checkpoint.saved_residuals of the layer's forward on the per-device batch) x layers, plus the
     residuals of the final norm + lm_head + cross entropy, plus fp32 gradients sharded like the parameters.
@@ -46,14 +50,17 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from configs import load_config
+from configs.loader import replace
 from configs.schema import MESH_AXES, ConfigError, FalconMambaConfig, RunConfig
 from experiments.cli import run_config_command
 from experiments.mesh import (MeshError, batch_sharding, build_mesh, flatten_params, mesh_shape,
                               opt_state_shardings, param_shardings, unflatten_params)
 from experiments.models import family_of
+from experiments.tpu_topology import hbm_bytes, parse_topology, tpu_devices
 from runtime.checks import is_integer
+from ssm.scan import resolve_impl
 
-OPTIONS = ("devices", "mode", "dtype", "batch", "seq_len", "seq", "optimizer", "activations", "chunk")
+OPTIONS = ("devices", "mode", "dtype", "batch", "seq_len", "seq", "optimizer", "activations", "chunk", "target")
 MODES = ("training", "inference")
 OPTIMIZERS = ("adamw", "sgd")
 COMPILE_MAX_PARAMS = 50_000_000   # above this, compiling the step on CPU is too slow: estimate instead
@@ -73,8 +80,11 @@ def per_device_bytes(abstract: Any, shardings: Any) -> int:
     return sum(_nbytes(sh.shard_shape(tuple(leaf.shape)), leaf.dtype) for leaf, sh in zip(leaves, shard_leaves))
 
 
-def make_mesh(run: RunConfig, devices: int):
-    """The real mesh when ``devices`` is this host's device count, else an AbstractMesh of that size."""
+def make_mesh(run: RunConfig, devices: int, target_devices: list | None = None):
+    """The mesh of ``target_devices`` (a TPU slice's, tpu_topology.tpu_devices) if given; else the real mesh when
+    ``devices`` is this host's device count, else an AbstractMesh of that size."""
+    if target_devices is not None:
+        return build_mesh(run.mesh, target_devices), True
     if devices == jax.device_count():
         return build_mesh(run.mesh), True
     return AbstractMesh(mesh_shape(run.mesh, devices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)), False
@@ -235,11 +245,23 @@ def estimate_activations(run: RunConfig, abstract_model, mode: str, local_batch:
     return {"bytes": total, "per_layer": per_layer, "method": method}
 
 
+def _for_tpu(run: RunConfig, target: str) -> tuple[RunConfig, list]:
+    """(run with what "auto" picks on a TPU, the devices of the TPU slice ``target``)."""
+    if isinstance(run.model, FalconMambaConfig):
+        run = replace(run, model=replace(run.model, scan_impl=resolve_impl(run.model.scan_impl, "tpu")))
+    try:
+        return run, tpu_devices(target)
+    except RuntimeError as err:  # no libtpu
+        raise ConfigError(f"plan option 'target': {err}") from None
+
+
 def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: int | None = None,
          mode: str = "training", dtype: str | None = None, batch: int | None = None, seq_len: int | None = None,
-         optimizer: str = "adamw", activations: str = "auto", chunk: int | None = None) -> dict:
+         optimizer: str = "adamw", activations: str = "auto", chunk: int | None = None,
+         target: str | None = None) -> dict:
     """The plan as a dict: {"params": N, "devices": N, "per_device_bytes": {...}, ...}. ``chunk`` (inference): the
-    prefill chunk, a positive integer, counted as min(chunk, seq_len) as prefill runs it (default 2048)."""
+    prefill chunk, a positive integer, counted as min(chunk, seq_len) as prefill runs it (default 2048).
+    ``target``: a TPU slice (e.g. "v5p:4x4x4") to compile for instead of this host's devices."""
     from experiments.train import jit_train_step, prepare
 
     if mode not in MODES:
@@ -261,10 +283,21 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
     if seq_len is not None:
         overrides.append(f"data.seq_len={seq_len}")
     run = load_config(config, overrides)
+    target_devices = None
+    if target is not None:
+        try:
+            chips = math.prod(parse_topology(target)[1])
+        except ValueError as err:
+            raise ConfigError(f"plan option 'target': {err}") from None
+        if devices is not None and devices != chips:
+            raise ConfigError(f"plan option 'devices': expected the {chips} chips of target {target} (or no "
+                              f"devices=), got {devices!r}")
+        run, target_devices = _for_tpu(run, target)
+        devices = chips
     devices = jax.device_count() if devices is None else devices
     if not isinstance(devices, int) or devices <= 0:
         raise ConfigError(f"plan option 'devices': expected a positive integer, got {devices!r}")
-    mesh, concrete = make_mesh(run, devices)
+    mesh, concrete = make_mesh(run, devices, target_devices)
     rules = run.mesh.rules
     model_cls, param_axes, _ = family_of(run.model)
     table = param_axes(run.model, mesh, rules)
@@ -280,7 +313,8 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
         "compute_dtype": run.model.compute_dtype, "batch_size": run.data.batch_size, "seq_len": seq,
     }
     bytes_: dict[str, int] = {"params": 0, "optimizer": 0, "gradients": 0, "activations": 0, "cache": 0}
-    want_compiled = activations == "compiled" or (activations == "auto" and n_params <= COMPILE_MAX_PARAMS)
+    want_compiled = activations == "compiled" or (activations == "auto" and (
+        n_params <= COMPILE_MAX_PARAMS or target is not None))
     if want_compiled and not concrete:
         if activations == "compiled":
             raise ConfigError(f"plan option 'activations=compiled' needs the mesh's {devices} devices on this host "
@@ -353,6 +387,8 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
     bytes_["total"] = sum(bytes_.values())
     result["per_device_bytes"] = bytes_
     result["total_bytes_all_devices"] = bytes_["total"] * devices
+    if target is not None:
+        result |= {"target": target, "device_kind": target_devices[0].device_kind, "hbm_bytes": hbm_bytes(target)}
     return result
 
 
@@ -371,6 +407,10 @@ def format_table(result: dict) -> str:
               "", "activations: " + result["activations_method"]]
     if "cache_shape_per_layer" in result:
         lines.append(f"cache per layer (global shapes): {result['cache_shape_per_layer']}")
+    if "target" in result:
+        total, hbm = result["per_device_bytes"]["total"], result["hbm_bytes"]
+        lines.append(f"target {result['target']} ({result['device_kind']}): {total / 2**30:.2f} GiB of the "
+                     f"{hbm / 2**30:.0f} GiB HBM per chip: {'fits' if total <= hbm else 'does NOT fit'}")
     return "\n".join(lines)
 
 

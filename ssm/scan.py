@@ -78,11 +78,13 @@ def discretization_dt(delta: jax.Array, bias: jax.Array | None, apply_softplus: 
     return softplus(dt) if apply_softplus else dt
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """``impl`` with "auto" resolved for ``platform`` (default: this process's backend; the planner passes the
+    platform it compiles for ahead of time)."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {list(IMPLS)}, got {impl!r}")
     if impl == "auto":
-        return "sequential" if jax.default_backend() == "cpu" else "chunked"
+        return "sequential" if (platform or jax.default_backend()) == "cpu" else "chunked"
     return impl
 
 

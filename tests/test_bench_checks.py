@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from experiments import tpu_topology
 from experiments.bench import tpu_compile
 from experiments.timing import time_call
 
@@ -32,8 +33,8 @@ def test_tpu_compile_checks_before_loading_libtpu(monkeypatch, capsys, args, mes
 
 
 def test_tpu_compile_without_libtpu_is_one_error_line(monkeypatch, capsys):
-    monkeypatch.setattr(tpu_compile, "libtpu_path", lambda: None)
-    monkeypatch.setattr(tpu_compile, "libtpu_requirement", lambda: "libtpu==0.0.42.*")
+    monkeypatch.setattr(tpu_topology, "libtpu_path", lambda: None)
+    monkeypatch.setattr(tpu_topology, "libtpu_requirement", lambda: "libtpu==0.0.42.*")
     assert tpu_compile.main([]) == 1
     assert capsys.readouterr().err.startswith("error: libtpu is not installed")
 

@@ -13,6 +13,7 @@ import pytest
 
 from configs.schema import ConfigError
 from experiments import plan as plan_lib
+from experiments.tpu_topology import libtpu_path
 from runtime.partitioning import MeshError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from configs import load_config
 from experiments import plan as plan_lib
+from experiments.tpu_topology import libtpu_path
 from experiments.mesh import build_mesh, flatten_params
 from experiments.models import family_of
 from experiments.train import prepare
@@ -198,3 +200,55 @@ def test_remat_estimate_keeps_each_layer_input_and_one_layer_residuals(preset):
     assert per_layer > layer_input
     assert full[2] - none[2] == 2 * layer_input + per_layer - 2 * per_layer   # L inputs + 1 layer vs L layers
     assert 2 * layer_input < dots[4] - dots[2] < 2 * per_layer
+
+
+# A process of its own: it loads libtpu (experiments/tpu_topology.py), which the test process must not.
+TARGET_SCRIPT = r'''
+import json
+from experiments import plan as plan_lib
+from experiments.tpu_topology import libtpu_path
+mamba = ["data.seq_len=128", "model.num_hidden_layers=4", "mesh.data=2", "mesh.tensor=2"]
+print(json.dumps({
+    "none": plan_lib.plan("tiny_falcon_mamba", mamba + ["remat=none"], target="v5p:2x2x1"),
+    "full": plan_lib.plan("tiny_falcon_mamba", mamba + ["remat=full"], target="v5p:2x2x1"),
+    "pallas": plan_lib.plan("tiny_falcon_mamba", mamba + ["remat=none", "model.scan_impl=pallas"],
+                            target="v5p:2x2x1"),
+    "falcon": plan_lib.plan("tiny_falcon", [], mode="inference", batch=4, seq_len=256, target="v5p:2x2x1"),
+    "cpu": plan_lib.plan("tiny_falcon_mamba", mamba + ["remat=none"], devices=4, activations="estimate"),
+}))
+'''
+
+
+@pytest.mark.skipif(libtpu_path() is None,
+                    reason="libtpu is not installed (`make test` installs it)")
+def test_target_compiles_for_a_tpu_slice():
+    """target=v5p:2x2x1 compiles the trainer's step (and a Falcon prefill chunk) for the slice's 4 chips with XLA's
+    TPU compiler: it takes the parameters and optimizer state the planner counts (plus the batch, and tile padding),
+    and remat=full shrinks the activations, which XLA:CPU's buffer assignment does not show (docs/PLANNING.md).
+    scan_impl=pallas compiles the Mosaic kernels inside the step's shard_map (batch on data, d_inner on tensor),
+    and they save less than the chunked scan."""
+    result = subprocess.run([sys.executable, "-c", TARGET_SCRIPT], capture_output=True, text=True, timeout=600,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plans = json.loads(result.stdout)
+    for plan in plans["none"], plans["full"], plans["pallas"], plans["falcon"]:
+        assert plan["device_kind"].startswith("TPU v5") and plan["devices"] == 4, plan
+        assert plan["hbm_bytes"] == 95 * 2**30 and plan["activations_method"].startswith("compiled")
+        used = plan["per_device_bytes"]
+        state = used["params"] + used["optimizer"] + used["cache"]
+        # at most what XLA counts: it adds the batch and pads these tiny arrays to (8, 128) tiles (up to 2x here)
+        assert state < plan["compiled_argument_bytes"] < 2.5 * state, plan
+    assert plans["none"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+    assert plans["none"]["per_device_bytes"]["params"] == plans["cpu"]["per_device_bytes"]["params"]
+    activations = {name: plans[name]["per_device_bytes"]["activations"] for name in ("none", "full", "pallas")}
+    assert activations["full"] < 0.9 * activations["none"] and activations["pallas"] < 0.5 * activations["none"]
+
+
+def test_bad_target_is_named():
+    with pytest.raises(ConfigError, match=r"^plan option 'target': topology: expected CHIP:AxB or CHIP:AxBxC with "
+                                          r"CHIP one of \['v5e', 'v5p', 'v6e'\] \(e.g. v5p:4x4x4, v6e:2x4\), "
+                                          r"got 'v9:2x2'$"):
+        plan_lib.plan("tiny_falcon", target="v9:2x2")
+    with pytest.raises(ConfigError, match=r"^plan option 'devices': expected the 64 chips of target v5p:4x4x4 "
+                                          r"\(or no devices=\), got 8$"):
+        plan_lib.plan("tiny_falcon", devices=8, target="v5p:4x4x4")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.bench.tpu_compile import libtpu_path
+from experiments.tpu_topology import libtpu_path
 
 ROOT = Path(__file__).resolve().parent.parent
 

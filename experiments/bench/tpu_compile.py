@@ -15,9 +15,7 @@ The estimate's cost grows with the grid (libtpu walks it), hence the small defau
 program and step does not depend on it. EXTRA_LIBTPU_ARGS (e.g. "--xla_jf_dump_to=DIR --xla_jf_dump_llo_text=true",
 which dumps the scheduled VLIW bundles) is appended to the flags libtpu starts with.
 
-libtpu: the version the installed jax asks for (``jax[tpu]``); ``make test`` puts it in .venv/libtpu (outside the
-environment's site-packages, so that no other process sees a TPU plugin). Found through TPU_LIBRARY_PATH, that
-folder, or an importable ``libtpu``.
+libtpu: the version the installed jax asks for (``jax[tpu]``), found as experiments/tpu_topology.py says.
 """
 
 from __future__ import annotations
@@ -32,54 +30,18 @@ import tempfile
 from pathlib import Path
 
 from experiments.bench import positive_int
+from experiments.tpu_topology import tpu_devices
 
-# chip -> (topology name, TPU_ACCELERATOR_TYPE for one chip)
-CHIPS = {"v5e": ("v5e:1x1", "v5litepod-1"), "v6e": ("v6e:1x1", "v6e-1"), "v5p": ("v5p:1x1x1", "v5p-8")}
-ROOT = Path(__file__).resolve().parents[2]
-BUNDLED_LIBTPU = ROOT / ".venv" / "libtpu" / "libtpu" / "libtpu.so"
-
-
-def libtpu_requirement() -> str:
-    """The libtpu requirement of the installed jax's "tpu" extra, e.g. 'libtpu==0.0.42.*'."""
-    from importlib import metadata
-
-    for requirement in metadata.requires("jax") or []:
-        spec, _, marker = requirement.partition(";")
-        if spec.strip().startswith("libtpu") and "tpu" in marker:
-            return spec.strip().replace(" ", "")
-    raise RuntimeError(f"jax {metadata.version('jax')} names no libtpu in its 'tpu' extra")
-
-
-def libtpu_path() -> str | None:
-    if os.environ.get("TPU_LIBRARY_PATH"):
-        return os.environ["TPU_LIBRARY_PATH"]
-    if BUNDLED_LIBTPU.is_file():
-        return str(BUNDLED_LIBTPU)
-    try:
-        import libtpu
-    except ImportError:
-        return None
-    return libtpu.get_library_path()
+ONE_CHIP = {"v5e": "v5e:1x1", "v6e": "v6e:1x1", "v5p": "v5p:1x1x1"}   # chip -> the topology of one chip
 
 
 def start_tpu_compiler(chip: str, profile_dir: str):
     """Loads libtpu for a one-chip ``chip`` topology that dumps static profiles into ``profile_dir``; returns the
     topology's device. Call once per process, before anything else initialises the TPU plugin."""
-    if chip not in CHIPS:
-        raise ValueError(f"chip: expected one of {sorted(CHIPS)}, got {chip!r}")
-    path = libtpu_path()
-    if path is None:
-        raise RuntimeError("libtpu is not installed: `make test` puts it in .venv/libtpu, or pip install "
-                           f"'{libtpu_requirement()}' (or set TPU_LIBRARY_PATH)")
-    topology, accelerator = CHIPS[chip]
+    if chip not in ONE_CHIP:
+        raise ValueError(f"chip: expected one of {sorted(ONE_CHIP)}, got {chip!r}")
     flags = f"--xla_jf_dump_static_llo_profile_to={profile_dir} {os.environ.get('EXTRA_LIBTPU_ARGS', '')}"
-    os.environ.update(TPU_LIBRARY_PATH=path, TPU_ACCELERATOR_TYPE=accelerator, TPU_WORKER_HOSTNAMES="localhost",
-                      TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1", LIBTPU_INIT_ARGS=flags)
-    from jax.experimental import topologies
-
-    description = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
-                                               chips_per_host_bounds=(1, 1, 1), num_slices=1)
-    return description.devices[0]
+    return tpu_devices(ONE_CHIP[chip], flags)[0]
 
 
 def estimated_cycles(profile_dir: str) -> dict[str, int]:
@@ -123,7 +85,7 @@ def kernel_cycles(device, profile_dir, batch, seqlen, dim, dstate, tile) -> dict
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--chip", default="v6e", choices=sorted(CHIPS))
+    parser.add_argument("--chip", default="v6e", choices=sorted(ONE_CHIP))
     parser.add_argument("--batch", type=positive_int, default=1)
     parser.add_argument("--seqlen", type=positive_int, default=256)
     parser.add_argument("--dim", type=positive_int, default=1024)
