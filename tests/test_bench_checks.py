@@ -24,7 +24,8 @@ def test_time_call_names_a_bad_count(kwargs, message):
 @pytest.mark.parametrize("args, message", [
     (["--dim", "0"], "argument --dim: expected a positive integer, got '0'"),
     (["--tile", "-64"], "argument --tile: expected a positive integer, got '-64'"),
-], ids=["dim", "tile"])
+    (["--dim", "200"], "--dim: the TPU Pallas kernel needs dim // groups a multiple of 128"),  # was a traceback
+], ids=["dim", "tile", "dim-lanes"])
 def test_tpu_compile_checks_before_loading_libtpu(monkeypatch, capsys, args, message):
     monkeypatch.setattr(tpu_compile, "start_tpu_compiler", lambda *a: pytest.fail("libtpu started"))
     with pytest.raises(SystemExit):

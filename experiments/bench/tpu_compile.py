@@ -95,6 +95,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.json is not None and args.json.is_dir():
         parser.error(f"--json: expected a file path, got {str(args.json)!r}, which is a directory")
+    from ssm.pallas_scan_tpu import check_shapes
+
+    try:  # the kernel's own limit, before libtpu starts
+        check_shapes(args.dim, 1)
+    except ValueError as err:
+        parser.error(f"--{err}")
     with tempfile.TemporaryDirectory() as profile_dir:
         try:
             device = start_tpu_compiler(args.chip, profile_dir)
