@@ -16,8 +16,9 @@ Planner options (every other key=value is a config override, e.g. mesh.fsdp=8, r
     activations=A    auto | compiled | estimate; chunk=N: the inference prefill chunk (default 2048), at most
                      seq_len (prefill runs a longer chunk as one chunk of the whole sequence)
     target=T         a TPU slice, e.g. v5p:4x4x4 (64 chips), v6e:2x4: compile for its chips with libtpu (no TPU
-                     needed, experiments/tpu_topology.py) and compare the total with their HBM; devices= is its
-                     chip count. Falcon Mamba's scan_impl=auto becomes what it resolves to on a TPU ("chunked")
+                     needed, experiments/tpu_topology.py); the compiler's peak against a chip's HBM, or DoesNotFit
+                     with its figures. devices= is the chip count. Falcon Mamba's scan_impl=auto becomes what it
+                     resolves to on a TPU ("chunked")
 
 How the numbers are counted (see docs/PLANNING.md):
   * params / optimizer: shapes from nnx.eval_shape / jax.eval_shape of the trainer's own init (experiments.train
@@ -245,6 +246,29 @@ def estimate_activations(run: RunConfig, abstract_model, mode: str, local_batch:
     return {"bytes": total, "per_layer": per_layer, "method": method}
 
 
+class DoesNotFit(ValueError):
+    """XLA's TPU compiler refused the step for target=: it needs more HBM than a chip has (the message gives the
+    compiler's figures)."""
+
+
+def _compile(lowered, target: str | None):
+    """lowered.compile(); for a TPU target, a program the compiler finds over a chip's HBM is DoesNotFit."""
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        if target is None or "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        raise DoesNotFit(f"target {target}: does not fit one chip: XLA's TPU compiler: "
+                         f"{str(err).splitlines()[0]}") from None
+
+
+def _compiled_bytes(analysis) -> dict[str, int]:
+    """XLA's own counts for the compiled step: its arguments and its peak (arguments, outputs and temporaries by
+    their live ranges: below the planner's total, which adds the temporaries to everything)."""
+    return {"compiled_argument_bytes": int(analysis.argument_size_in_bytes),
+            "compiled_peak_bytes": int(analysis.peak_memory_in_bytes)}
+
+
 def _for_tpu(run: RunConfig, target: str) -> tuple[RunConfig, list]:
     """(run with what "auto" picks on a TPU, the devices of the TPU slice ``target``)."""
     if isinstance(run.model, FalconMambaConfig):
@@ -340,11 +364,11 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
                               "targets": jax.ShapeDtypeStruct(b_shape, jnp.int32),
                               "mask": jax.ShapeDtypeStruct(b_shape, jnp.float32)}
             step = jit_train_step(setup._replace(tx=tx, state_shardings=state_shardings), run)
-            analysis = step.lower(abstract_state, abstract_batch).compile().memory_analysis()
+            analysis = _compile(step.lower(abstract_state, abstract_batch), target).memory_analysis()
             bytes_["activations"] = int(analysis.temp_size_in_bytes)
             result["activations_method"] = ("compiled: memory_analysis().temp_size_in_bytes of the jitted train "
                                             "step on this mesh (activations + gradients + workspace)")
-            result["compiled_argument_bytes"] = int(analysis.argument_size_in_bytes)
+            result |= _compiled_bytes(analysis)
         else:
             est = estimate_activations(run, abstract_model, mode, local_batch, seq, mesh)
             bytes_["activations"] = est["bytes"]
@@ -374,11 +398,11 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
                               out_shardings=(NamedSharding(mesh, PartitionSpec()), c_shardings),
                               donate_argnums=1).lower(abstract_params, abstract_cache,
                                                       jax.ShapeDtypeStruct(ids_shape, jnp.int32))
-            analysis = lowered.compile().memory_analysis()
+            analysis = _compile(lowered, target).memory_analysis()
             bytes_["activations"] = int(analysis.temp_size_in_bytes)
             result["activations_method"] = (f"compiled: memory_analysis().temp_size_in_bytes of one jitted prefill "
                                             f"chunk of {chunk} tokens into the cache")
-            result["compiled_argument_bytes"] = int(analysis.argument_size_in_bytes)
+            result |= _compiled_bytes(analysis)
         else:
             est = estimate_activations(run, abstract_model, mode, local_batch, chunk, mesh)
             bytes_["activations"] = est["bytes"]
@@ -408,9 +432,14 @@ def format_table(result: dict) -> str:
     if "cache_shape_per_layer" in result:
         lines.append(f"cache per layer (global shapes): {result['cache_shape_per_layer']}")
     if "target" in result:
-        total, hbm = result["per_device_bytes"]["total"], result["hbm_bytes"]
-        lines.append(f"target {result['target']} ({result['device_kind']}): {total / 2**30:.2f} GiB of the "
-                     f"{hbm / 2**30:.0f} GiB HBM per chip: {'fits' if total <= hbm else 'does NOT fit'}")
+        hbm, where = result["hbm_bytes"] / 2**30, f"target {result['target']} ({result['device_kind']})"
+        if "compiled_peak_bytes" in result:  # the compiler refuses (DoesNotFit) a step over a chip's HBM
+            lines.append(f"{where}: fits, XLA's TPU compiler's peak {result['compiled_peak_bytes'] / 2**30:.2f} GiB "
+                         f"of the {hbm:.2f} GiB a chip allows")
+        else:
+            total = result["per_device_bytes"]["total"] / 2**30
+            lines.append(f"{where}: the estimated total {total:.2f} GiB of the {hbm:.2f} GiB a chip allows: "
+                         f"{'fits' if total <= hbm else 'does NOT fit'}")
     return "\n".join(lines)
 
 

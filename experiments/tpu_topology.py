@@ -17,9 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_LIBTPU = ROOT / ".venv" / "libtpu" / "libtpu" / "libtpu.so"
 
-# chip -> (TPU_ACCELERATOR_TYPE of its smallest slice, HBM a program may allocate per chip, in bytes: Cloud TPU's
-# system-architecture pages, cloud.google.com/tpu/docs/{v5e,v5p,v6e}; v5p's 96 GiB less what libtpu reserves)
-CHIPS = {"v5e": ("v5litepod-1", 16 * 2**30), "v6e": ("v6e-1", 32 * 2**30), "v5p": ("v5p-8", 95 * 2**30)}
+# chip -> (TPU_ACCELERATOR_TYPE of its smallest slice, HBM a program may allocate per chip, in bytes: what libtpu
+# 0.0.42.1's compiler allows, from its RESOURCE_EXHAUSTED message, "exceeds available HBM (15.75G)"; a little
+# below the chips' 16, 32 and 96 GiB of Cloud TPU's pages, libtpu keeps the rest)
+CHIPS = {"v5e": ("v5litepod-1", int(15.75 * 2**30)), "v6e": ("v6e-1", int(31.25 * 2**30)),
+         "v5p": ("v5p-8", int(95.74 * 2**30))}
 CHIPS_PER_HOST = (2, 2, 1)   # every chip kind above has 4-chip hosts (v5p, and v5e/v6e slices of 4 and more)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -207,7 +208,13 @@ TARGET_SCRIPT = r'''
 import json
 from experiments import plan as plan_lib
 from experiments.tpu_topology import libtpu_path
-mamba = ["data.seq_len=128", "model.num_hidden_layers=4", "mesh.data=2", "mesh.tensor=2"]
+mamba = ["data.seq_len=128", "model.num_hidden_layers=3", "mesh.data=2", "mesh.tensor=2"]
+def too_big():
+    try:
+        plan_lib.plan("tiny_falcon_mamba", ["model.num_hidden_layers=1"], batch=4096, seq_len=65536,
+                      target="v5p:2x2x1")
+    except plan_lib.DoesNotFit as err:
+        return str(err)
 print(json.dumps({
     "none": plan_lib.plan("tiny_falcon_mamba", mamba + ["remat=none"], target="v5p:2x2x1"),
     "full": plan_lib.plan("tiny_falcon_mamba", mamba + ["remat=full"], target="v5p:2x2x1"),
@@ -215,6 +222,7 @@ print(json.dumps({
                             target="v5p:2x2x1"),
     "falcon": plan_lib.plan("tiny_falcon", [], mode="inference", batch=4, seq_len=256, target="v5p:2x2x1"),
     "cpu": plan_lib.plan("tiny_falcon_mamba", mamba + ["remat=none"], devices=4, activations="estimate"),
+    "too_big": too_big(),
 }))
 '''
 
@@ -233,13 +241,18 @@ def test_target_compiles_for_a_tpu_slice():
     plans = json.loads(result.stdout)
     for plan in plans["none"], plans["full"], plans["pallas"], plans["falcon"]:
         assert plan["device_kind"].startswith("TPU v5") and plan["devices"] == 4, plan
-        assert plan["hbm_bytes"] == 95 * 2**30 and plan["activations_method"].startswith("compiled")
+        assert plan["hbm_bytes"] == int(95.74 * 2**30) and plan["activations_method"].startswith("compiled")
         used = plan["per_device_bytes"]
         state = used["params"] + used["optimizer"] + used["cache"]
         # at most what XLA counts: it adds the batch and pads these tiny arrays to (8, 128) tiles (up to 2x here)
         assert state < plan["compiled_argument_bytes"] < 2.5 * state, plan
+        # the compiler's peak: the arguments stay live, the temporaries are not all live at once
+        assert plan["compiled_argument_bytes"] < plan["compiled_peak_bytes"] < state + used["activations"] + 2**20
     assert plans["none"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
     assert plans["none"]["per_device_bytes"]["params"] == plans["cpu"]["per_device_bytes"]["params"]
+    # a step over a chip's HBM: the compiler's figures, one line (it was a traceback)
+    assert re.fullmatch(r"target v5p:2x2x1: does not fit one chip: XLA's TPU compiler: RESOURCE_EXHAUSTED: .*"
+                        r"exceeds available HBM \(95.74G\)\.", plans["too_big"]), plans["too_big"]
     activations = {name: plans[name]["per_device_bytes"]["activations"] for name in ("none", "full", "pallas")}
     assert activations["full"] < 0.9 * activations["none"] and activations["pallas"] < 0.5 * activations["none"]
 
