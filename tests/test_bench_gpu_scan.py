@@ -93,7 +93,7 @@ def test_cli_checks(capsys):
     assert gpu_scan.parse_variant("64:32:1:rows:s8") == dict(tile=64, block_dim=32, num_warps=1, unroll=1,
                                                              bc_rows=True, prefetch=False, splits=8)
     if jax.default_backend() == "cpu":
-        with pytest.raises(SystemExit, match="backend: expected a GPU or TPU .* got 'cpu'"):
+        with pytest.raises(SystemExit, match="^error: backend: expected a GPU or TPU .* got 'cpu'"):
             gpu_scan.main(["--out", "x"])
 
 

@@ -239,7 +239,7 @@ def main(argv=None):
     check_variants(parser, args.variants)  # every argument is checked before anything is timed
     check_out_dir(parser, args.out)
     if jax.default_backend() not in TIMED_BACKENDS:
-        raise SystemExit(f"backend: expected a GPU or TPU (this benchmark times kernels at 7B shapes), got "
+        raise SystemExit(f"error: backend: expected a GPU or TPU (this benchmark times kernels at 7B shapes), got "
                          f"{jax.default_backend()!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     bandwidth = copy_bandwidth()
