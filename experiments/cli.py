@@ -4,7 +4,9 @@ argument reported on one ``error:`` line with exit status 1 instead of a traceba
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -21,3 +23,16 @@ def run_config_command(doc: str, argv: list[str] | None, command: Callable[[list
     except (ValueError, *errors) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def check_output_file(name: str, path: str) -> None:
+    """ValueError naming ``name`` unless ``path`` can be written: a file (not a directory) in an existing
+    directory this process can write (checked before the model is loaded, not after it has been evaluated)."""
+    path = Path(path)
+    parent = path.parent
+    problem = ("is a directory" if path.is_dir() else
+               f"its directory {str(parent)!r} does not exist" if not parent.is_dir() else
+               f"its directory {str(parent)!r} is not writable" if not os.access(parent, os.W_OK | os.X_OK) else
+               "is not writable" if path.exists() and not os.access(path, os.W_OK) else None)
+    if problem:
+        raise ValueError(f"{name}: expected a file path in a writable directory, got {str(path)!r} ({problem})")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from configs import load_config
 from configs.schema import ConfigError
+from experiments.cli import check_output_file
 from experiments.data import batch_at, check_data, corpus_files
 from experiments.train import load_trained_model
 from runtime.checks import check_positive_int
@@ -72,19 +72,6 @@ def masked_accuracy(model, data_config, *, sequences: int, batch_size: int, seed
         done, index = done + rows, index + 1
     return {"token_accuracy": right / total, "sequence_accuracy": seq_right / sequences,
             "sequences": sequences, "tokens": total}
-
-
-def check_output_file(name: str, path: str) -> None:
-    """ValueError naming ``name`` unless ``path`` can be written: a file (not a directory) in an existing
-    directory this process can write (checked before the model is loaded, not after it has been evaluated)."""
-    path = Path(path)
-    parent = path.parent
-    problem = ("is a directory" if path.is_dir() else
-               f"its directory {str(parent)!r} does not exist" if not parent.is_dir() else
-               f"its directory {str(parent)!r} is not writable" if not os.access(parent, os.W_OK | os.X_OK) else
-               "is not writable" if path.exists() and not os.access(path, os.W_OK) else None)
-    if problem:
-        raise ValueError(f"{name}: expected a file path in a writable directory, got {str(path)!r} ({problem})")
 
 
 def parse_args(argv):

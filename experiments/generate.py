@@ -92,9 +92,11 @@ def main(argv=None) -> None:
                          f"checkpoints/), got {args.step} with {args.path!r}, which has no config.yaml")
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-        check_positive_int("chunk_size", args.chunk_size, allow_none=True)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}")
+        if args.chunk_size is not None:
+            check_positive_int("chunk_size", args.chunk_size)
+    except ValueError as err:  # named by the library's parameter (top_p); the flag is --top-p
+        name, _, problem = str(err).partition(":")
+        raise SystemExit(f"error: --{name.replace('_', '-')}:{problem}")
     _check_ids("--stop", args.stop or [])
     tokenizer = None
     if args.prompt is not None or args.tokenizer is not None:  # --tokenizer with --ids: the output is decoded

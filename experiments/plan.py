@@ -251,12 +251,18 @@ class DoesNotFit(ValueError):
     compiler's figures)."""
 
 
-def _compile(lowered, target: str | None):
-    """lowered.compile(); for a TPU target, a program the compiler finds over a chip's HBM is DoesNotFit."""
+def _compile(lower, target: str | None):
+    """lower().compile(). For a TPU target: a program the compiler finds over a chip's HBM is DoesNotFit; a Pallas
+    scan whose channels the TPU kernel cannot lay out (its lowering has no TPU branch) a ConfigError."""
     try:
-        return lowered.compile()
+        return lower().compile()
+    except NotImplementedError as err:
+        if target is None or "platform_index" not in str(err):
+            raise
+        raise ConfigError(f"target {target}: model.scan_impl 'pallas' has no TPU kernel for these channels (it needs "
+                          f"d_inner per chip a multiple of 128, or at most 128); use 'chunked'") from None
     except jax.errors.JaxRuntimeError as err:
-        if target is None or "RESOURCE_EXHAUSTED" not in str(err):
+        if target is None or "RESOURCE_EXHAUSTED" not in str(err) or "HBM" not in str(err):
             raise
         raise DoesNotFit(f"target {target}: does not fit one chip: XLA's TPU compiler: "
                          f"{str(err).splitlines()[0]}") from None
@@ -364,7 +370,7 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
                               "targets": jax.ShapeDtypeStruct(b_shape, jnp.int32),
                               "mask": jax.ShapeDtypeStruct(b_shape, jnp.float32)}
             step = jit_train_step(setup._replace(tx=tx, state_shardings=state_shardings), run)
-            analysis = _compile(step.lower(abstract_state, abstract_batch), target).memory_analysis()
+            analysis = _compile(lambda: step.lower(abstract_state, abstract_batch), target).memory_analysis()
             bytes_["activations"] = int(analysis.temp_size_in_bytes)
             result["activations_method"] = ("compiled: memory_analysis().temp_size_in_bytes of the jitted train "
                                             "step on this mesh (activations + gradients + workspace)")
@@ -394,11 +400,10 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
                 hidden, state = model.run(ids, state)
                 return model.logits(hidden[:, -1]), state
 
-            lowered = jax.jit(prefill_chunk, in_shardings=(p_shardings, c_shardings, ids_sharding),
-                              out_shardings=(NamedSharding(mesh, PartitionSpec()), c_shardings),
-                              donate_argnums=1).lower(abstract_params, abstract_cache,
-                                                      jax.ShapeDtypeStruct(ids_shape, jnp.int32))
-            analysis = _compile(lowered, target).memory_analysis()
+            jitted = jax.jit(prefill_chunk, in_shardings=(p_shardings, c_shardings, ids_sharding),
+                             out_shardings=(NamedSharding(mesh, PartitionSpec()), c_shardings), donate_argnums=1)
+            ids = jax.ShapeDtypeStruct(ids_shape, jnp.int32)
+            analysis = _compile(lambda: jitted.lower(abstract_params, abstract_cache, ids), target).memory_analysis()
             bytes_["activations"] = int(analysis.temp_size_in_bytes)
             result["activations_method"] = (f"compiled: memory_analysis().temp_size_in_bytes of one jitted prefill "
                                             f"chunk of {chunk} tokens into the cache")

@@ -22,7 +22,9 @@ BUNDLED_LIBTPU = ROOT / ".venv" / "libtpu" / "libtpu" / "libtpu.so"
 # below the chips' 16, 32 and 96 GiB of Cloud TPU's pages, libtpu keeps the rest)
 CHIPS = {"v5e": ("v5litepod-1", int(15.75 * 2**30)), "v6e": ("v6e-1", int(31.25 * 2**30)),
          "v5p": ("v5p-8", int(95.74 * 2**30))}
-CHIPS_PER_HOST = (2, 2, 1)   # every chip kind above has 4-chip hosts (v5p, and v5e/v6e slices of 4 and more)
+# chips per host as the compile groups them into processes: v5p's hosts have 4; v5e and v6e also come in 8-chip
+# hosts, which changes the process grouping, not a chip's memory
+CHIPS_PER_HOST = (2, 2, 1)
 
 
 def libtpu_requirement() -> str:
@@ -63,15 +65,17 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
 
 def tpu_devices(topology: str, libtpu_args: str = "") -> list:
     """The devices of a TPU slice of ``topology`` (e.g. 'v6e:1x1', 'v5p:4x4x4'), for ahead-of-time compilation.
-    ``libtpu_args`` are libtpu's start-up flags (LIBTPU_INIT_ARGS). libtpu starts once per process: call this
-    before anything else loads it, with the same arguments each time."""
+    ``libtpu_args`` are libtpu's start-up flags, put before those of EXTRA_LIBTPU_ARGS (e.g. XLA TPU flags whose
+    effect on memory a plan should show). libtpu starts once per process: call this before anything else loads it,
+    with the same arguments each time."""
     chip, grid = parse_topology(topology)
     path = libtpu_path()
     if path is None:
         raise RuntimeError("libtpu is not installed: `make test` puts it in .venv/libtpu, or pip install "
                            f"'{libtpu_requirement()}' (or set TPU_LIBRARY_PATH)")
     os.environ.update(TPU_LIBRARY_PATH=path, TPU_ACCELERATOR_TYPE=CHIPS[chip][0], TPU_WORKER_HOSTNAMES="localhost",
-                      TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1", LIBTPU_INIT_ARGS=libtpu_args)
+                      TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+                      LIBTPU_INIT_ARGS=f"{libtpu_args} {os.environ.get('EXTRA_LIBTPU_ARGS', '')}".strip())
     from jax.experimental import topologies
 
     per_host = tuple(min(a, b) for a, b in zip(CHIPS_PER_HOST, grid + (1,) * (3 - len(grid))))

@@ -332,13 +332,14 @@ def write_set(backend, out_dir: Path, command: str) -> list[str]:
 
 
 def main(argv=None):
+    from experiments.bench import check_out_dir
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("backend", choices=["oracle", "cuda"])
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "golden")
     args = parser.parse_args(argv)
     for path in (args.out, args.out / args.backend):  # before a backend starts or anything is written
-        if path.exists() and not path.is_dir():
-            parser.error(f"--out: expected a directory (for {args.backend}/), got {str(path)!r}, which is a file")
+        check_out_dir(parser, path)
     backend = OracleBackend() if args.backend == "oracle" else CudaBackend()
     out_dir = args.out / backend.name
     cases = write_set(backend, out_dir, " ".join(["python", "scripts/record_goldens.py"]

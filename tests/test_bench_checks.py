@@ -25,7 +25,8 @@ def test_time_call_names_a_bad_count(kwargs, message):
     (["--dim", "0"], "argument --dim: expected a positive integer, got '0'"),
     (["--tile", "-64"], "argument --tile: expected a positive integer, got '-64'"),
     (["--dim", "200"], "--dim: the TPU Pallas kernel needs dim // groups a multiple of 128"),  # was a traceback
-], ids=["dim", "tile", "dim-lanes"])
+    (["--json", "no/such/dir/x.json"], "--json: expected a file path in a writable directory"),  # after the compile
+], ids=["dim", "tile", "dim-lanes", "json-directory"])
 def test_tpu_compile_checks_before_loading_libtpu(monkeypatch, capsys, args, message):
     monkeypatch.setattr(tpu_compile, "start_tpu_compiler", lambda *a: pytest.fail("libtpu started"))
     with pytest.raises(SystemExit):
@@ -41,9 +42,10 @@ def test_tpu_compile_without_libtpu_is_one_error_line(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("arch, message", [
-    ("95", "--arch: expected a compute capability that pip triton's ptxas compiles for ("),
+    ("95", "--arch: expected a compute capability that pip triton's tools compile and disassemble for ("),
+    ("70", "--arch: expected a compute capability that pip triton's tools compile and disassemble for ("),
     ("0", "argument --arch: expected a positive integer, got '0'"),
-], ids=["unknown", "zero"])
+], ids=["unknown", "too-old-to-disassemble", "zero"])
 def test_triton_compile_checks_the_arch_before_compiling(monkeypatch, capsys, arch, message):
     """--arch 95 (or 0, 88) aborted the process in Triton's LLVM ("LLVM ERROR: Cannot select"): checked against
     what pip triton's ptxas lists first."""
@@ -55,4 +57,4 @@ def test_triton_compile_checks_the_arch_before_compiling(monkeypatch, capsys, ar
     with pytest.raises(SystemExit):
         triton_compile.main(["--arch", arch, "--variants", "64:32:1"])
     err = capsys.readouterr().err
-    assert message in err and (arch != "95" or err.rstrip().endswith(", got 95"))
+    assert message in err and (arch == "0" or err.rstrip().endswith(f", got {arch}"))

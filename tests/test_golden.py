@@ -71,7 +71,10 @@ def _check_scan_grads(data, inputs, impl, tol):
 
 def _cases():
     params = []
-    for folder in sorted(p for p in GOLDEN.iterdir() if (p / "provenance.json").exists()) if GOLDEN.exists() else []:
+    # a set being recorded (scripts/record_goldens.py writes it into a hidden sibling folder first) is not one yet
+    sets = [p for p in GOLDEN.iterdir() if (p / "provenance.json").exists() and not p.name.startswith(".")
+            ] if GOLDEN.exists() else []
+    for folder in sorted(sets):
         for path in sorted(folder.glob("*.npz")):
             data = np.load(path)
             kind = str(data["opt_kind"])
@@ -139,4 +142,4 @@ def test_recording_replaces_a_set_whole_or_not_at_all(tmp_path, monkeypatch, cap
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit):
         record_goldens.main(["oracle", "--out", str(tmp_path / "file")])
-    assert "--out: expected a directory (for oracle/), got" in capsys.readouterr().err
+    assert "--out: expected a directory, got" in capsys.readouterr().err

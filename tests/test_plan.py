@@ -27,7 +27,6 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from configs import load_config
 from experiments import plan as plan_lib
-from experiments.tpu_topology import libtpu_path
 from experiments.mesh import build_mesh, flatten_params
 from experiments.models import family_of
 from experiments.train import prepare
@@ -207,14 +206,12 @@ def test_remat_estimate_keeps_each_layer_input_and_one_layer_residuals(preset):
 TARGET_SCRIPT = r'''
 import json
 from experiments import plan as plan_lib
-from experiments.tpu_topology import libtpu_path
 mamba = ["data.seq_len=128", "model.num_hidden_layers=3", "mesh.data=2", "mesh.tensor=2"]
-def too_big():
+def refused(overrides, **options):
     try:
-        plan_lib.plan("tiny_falcon_mamba", ["model.num_hidden_layers=1"], batch=4096, seq_len=65536,
-                      target="v5p:2x2x1")
-    except plan_lib.DoesNotFit as err:
-        return str(err)
+        plan_lib.plan("tiny_falcon_mamba", ["model.num_hidden_layers=1"] + overrides, target="v5p:2x2x1", **options)
+    except ValueError as err:
+        return type(err).__name__ + ": " + str(err)
 print(json.dumps({
     "none": plan_lib.plan("tiny_falcon_mamba", mamba + ["remat=none"], target="v5p:2x2x1"),
     "full": plan_lib.plan("tiny_falcon_mamba", mamba + ["remat=full"], target="v5p:2x2x1"),
@@ -222,7 +219,8 @@ print(json.dumps({
                             target="v5p:2x2x1"),
     "falcon": plan_lib.plan("tiny_falcon", [], mode="inference", batch=4, seq_len=256, target="v5p:2x2x1"),
     "cpu": plan_lib.plan("tiny_falcon_mamba", mamba + ["remat=none"], devices=4, activations="estimate"),
-    "too_big": too_big(),
+    "too_big": refused([], batch=4096, seq_len=65536),
+    "no_kernel": refused(["model.scan_impl=pallas", "model.intermediate_size=400"]),
 }))
 '''
 
@@ -251,8 +249,12 @@ def test_target_compiles_for_a_tpu_slice():
     assert plans["none"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
     assert plans["none"]["per_device_bytes"]["params"] == plans["cpu"]["per_device_bytes"]["params"]
     # a step over a chip's HBM: the compiler's figures, one line (it was a traceback)
-    assert re.fullmatch(r"target v5p:2x2x1: does not fit one chip: XLA's TPU compiler: RESOURCE_EXHAUSTED: .*"
-                        r"exceeds available HBM \(95.74G\)\.", plans["too_big"]), plans["too_big"]
+    assert re.fullmatch(r"DoesNotFit: target v5p:2x2x1: does not fit one chip: XLA's TPU compiler: "
+                        r"RESOURCE_EXHAUSTED: .*exceeds available HBM \(95.74G\)\.", plans["too_big"]), plans
+    # 400 channels: not on 128 lanes, so the Pallas scan's lowering has no TPU kernel (was a NotImplementedError)
+    assert plans["no_kernel"] == ("ConfigError: target v5p:2x2x1: model.scan_impl 'pallas' has no TPU kernel for "
+                                  "these channels (it needs d_inner per chip a multiple of 128, or at most 128); "
+                                  "use 'chunked'")
     activations = {name: plans[name]["per_device_bytes"]["activations"] for name in ("none", "full", "pallas")}
     assert activations["full"] < 0.9 * activations["none"] and activations["pallas"] < 0.5 * activations["none"]
 

@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from experiments.bench import positive_int
+from experiments.cli import check_output_file
 from experiments.tpu_topology import tpu_devices
 
 ONE_CHIP = {"v5e": "v5e:1x1", "v6e": "v6e:1x1", "v5p": "v5p:1x1x1"}   # chip -> the topology of one chip
@@ -40,8 +41,7 @@ def start_tpu_compiler(chip: str, profile_dir: str):
     topology's device. Call once per process, before anything else initialises the TPU plugin."""
     if chip not in ONE_CHIP:
         raise ValueError(f"chip: expected one of {sorted(ONE_CHIP)}, got {chip!r}")
-    flags = f"--xla_jf_dump_static_llo_profile_to={profile_dir} {os.environ.get('EXTRA_LIBTPU_ARGS', '')}"
-    return tpu_devices(ONE_CHIP[chip], flags)[0]
+    return tpu_devices(ONE_CHIP[chip], f"--xla_jf_dump_static_llo_profile_to={profile_dir}")[0]
 
 
 def estimated_cycles(profile_dir: str) -> dict[str, int]:
@@ -93,14 +93,17 @@ def main(argv=None) -> int:
     parser.add_argument("--tile", type=positive_int, default=64)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.json is not None and args.json.is_dir():
-        parser.error(f"--json: expected a file path, got {str(args.json)!r}, which is a directory")
     from ssm.pallas_scan_tpu import check_shapes
 
-    try:  # the kernel's own limit, before libtpu starts
+    try:  # the output path and the kernel's own limit, before libtpu starts
         check_shapes(args.dim, 1)
     except ValueError as err:
         parser.error(f"--{err}")
+    try:
+        if args.json is not None:
+            check_output_file("--json", args.json)
+    except ValueError as err:
+        parser.error(str(err))
     with tempfile.TemporaryDirectory() as profile_dir:
         try:
             device = start_tpu_compiler(args.chip, profile_dir)

@@ -95,7 +95,8 @@ def sm_target(arch: int) -> str:
 
 def supported_archs() -> list[int]:
     """The compute capabilities that pip triton's ptxas compiles for, the one compile_kernel runs for each (below
-    90 and from 90 on Triton picks two), from their --help: another (0, 88, 95) crashed in Triton's LLVM."""
+    90 and from 90 on Triton picks two), from their --help: another (0, 88, 95) crashed in Triton's LLVM. From 75
+    on: its CUDA 13 cuobjdump no longer disassembles older ones (sm_70 is "deprecated")."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     found = set()
@@ -103,7 +104,7 @@ def supported_archs() -> list[int]:
         text = subprocess.run([get_ptxas(example).path, "--help"], capture_output=True, text=True).stdout
         names = set(re.findall(r"'(sm_\w+)'", text))
         found |= {arch for arch in map(int, re.findall(r"'sm_(\d+)'", text))
-                  if (arch < 90) == (example < 90) and sm_target(arch) in names}
+                  if (arch < 90) == (example < 90) and sm_target(arch) in names and arch >= 75}
     return sorted(found)
 
 
@@ -172,9 +173,10 @@ def main(argv=None):
     check_variants(parser, args.variants)
     import triton
 
-    if args.arch not in supported_archs():
-        parser.error(f"--arch: expected a compute capability that pip triton's ptxas compiles for "
-                     f"({', '.join(map(str, supported_archs()))}), got {args.arch}")
+    supported = supported_archs()
+    if args.arch not in supported:
+        parser.error(f"--arch: expected a compute capability that pip triton's tools compile and disassemble for "
+                     f"({', '.join(map(str, supported))}), got {args.arch}")
 
     print(f"triton {triton.__version__}, jax {jax.__version__}, sm_{args.arch}")
     for variant in args.variants:
