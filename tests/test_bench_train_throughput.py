@@ -95,3 +95,10 @@ def test_torch_train_step_refuses_bad_arguments_before_the_jax_step(monkeypatch,
     with pytest.raises(SystemExit):
         torch_train_step.main(args)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("peak", [0, -1.0, float("nan"), "989"])
+def test_bench_names_a_bad_peak(peak):
+    """bench(peak_tflops=0) from Python skipped the MFU silently (the command line checks its flag itself)."""
+    with pytest.raises(ValueError, match=r"^peak_tflops: expected a finite number > 0 or None, got "):
+        train_throughput.bench("tiny_falcon_mamba", TOY, steps=1, peak_tflops=peak)

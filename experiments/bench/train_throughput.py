@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import jax
 import numpy as np
 
 from configs import load_config
+from configs.schema import is_number
 from experiments.bench import positive_int, positive_number
 from experiments.mesh import put_global_batch
 from experiments.timing import random_array, time_call, versions
@@ -49,6 +51,9 @@ def model_flops_per_token(model_config, n_params: int, seq_len: int) -> float:
 
 
 def bench(preset: str, overrides: list[str], steps: int, peak_tflops: float | None) -> dict:
+    """One preset's step timed; the MFU against ``peak_tflops`` per device (None: no MFU)."""
+    if peak_tflops is not None and not (is_number(peak_tflops) and 0 < peak_tflops < math.inf):
+        raise ValueError(f"peak_tflops: expected a finite number > 0 or None, got {peak_tflops!r}")  # 0 gave no MFU
     run = load_config(preset, overrides)
     setup = prepare(run)
     state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
@@ -72,7 +77,7 @@ def bench(preset: str, overrides: list[str], steps: int, peak_tflops: float | No
            "compute_dtype": run.model.compute_dtype, "tokens_per_step": tokens, "step_seconds": seconds,
            "tokens_per_s": tokens / seconds, "model_flops_per_step": flops, "xla_flops_per_step": xla_flops,
            "backend": jax.default_backend()}
-    if peak_tflops:
+    if peak_tflops is not None:
         row["mfu"] = flops / seconds / (peak_tflops * 1e12 * devices)
     return row
 
