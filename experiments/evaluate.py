@@ -28,7 +28,7 @@ from configs import load_config
 from configs.schema import ConfigError
 from experiments.cli import check_output_file
 from experiments.data import batch_at, check_data, corpus_files
-from experiments.train import load_trained_model
+from experiments.train import load_trained_model, run_config_path
 from runtime.checks import check_positive_int
 
 # Evaluation batches are drawn with seed run.seed + EVAL_SEED_OFFSET: never a (seed, step) of a training batch.
@@ -90,14 +90,12 @@ def main(argv=None) -> dict:
     bad = [item for item in args.overrides if not item.startswith("data.")]
     if bad:
         raise SystemExit(f"error: overrides: expected data.KEY=VALUE items, got {bad}")
-    config_path = Path(args.output_dir) / "config.yaml"
     try:  # everything that can be checked before the model is loaded
         check_positive_int("--sequences", args.sequences)
         check_positive_int("--batch-size", args.batch_size)
         if args.json:
             check_output_file("--json", args.json)
-        if not config_path.is_file():
-            raise FileNotFoundError(f"output_dir: {str(args.output_dir)!r} has no config.yaml (not a training run)")
+        config_path = run_config_path(args.output_dir)
         trained = load_config(config_path, [])
         run = load_config(config_path, args.overrides)
         # the sequences masked_accuracy draws: one row at a time is enough for the task's limits

@@ -316,14 +316,20 @@ def train(run: RunConfig) -> list[dict]:
     return logged
 
 
+def run_config_path(output_dir: str | Path) -> Path:
+    """The config.yaml of a training run's output_dir; FileNotFoundError naming output_dir where it has none."""
+    config_path = Path(output_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"output_dir: {str(output_dir)!r} has no config.yaml (not a training run)")
+    return config_path
+
+
 def load_trained_model(output_dir: str | Path, step: int | None = None, compute_dtype: str | None = None):
     """The model of a training run's output_dir at checkpoint ``step`` (default: the newest), on the local
     devices whatever mesh it was trained on, computing in ``compute_dtype`` (default: the run's). Returns
     (model, step)."""
     output_dir = Path(output_dir)
-    config_path = output_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"output_dir: {str(output_dir)!r} has no config.yaml (not a training run)")
+    config_path = run_config_path(output_dir)
     # the training batch plays no part in loading, but prepare() shards one over the data axis: a microbatch
     # smaller than the device count (batch_size 8, grad_accum 4 on 4 devices) failed with a MeshError
     run = load_config(config_path, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "distributed.initialize=false",

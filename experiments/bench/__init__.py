@@ -62,3 +62,21 @@ def check_preset(parser: argparse.ArgumentParser, option: str, preset: str, fami
         parser.error(f"{option}: expected a preset of model.family {family!r}, got {preset!r} (model.family "
                      f"{config.family!r})")
     return config
+
+
+def check_runs(parser: argparse.ArgumentParser, presets: list[str], overrides: list[str],
+               option: str = "presets") -> list:
+    """Every preset's run config with the overrides, loaded before anything is compiled; parser.error naming the
+    preset where one does not load, or where no preset is given (only key=value overrides)."""
+    from configs import ConfigError, load_config
+
+    if not presets:
+        parser.error(f"{option}: expected at least one preset name or YAML path before the key=value overrides, got "
+                     f"only {overrides}")
+    runs = []
+    for preset in presets:
+        try:
+            runs.append(load_config(preset, overrides))
+        except ConfigError as err:
+            parser.error(f"{option}: {preset!r} with {overrides}: {err}")
+    return runs

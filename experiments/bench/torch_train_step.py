@@ -20,9 +20,8 @@ import json
 
 from configs import load_config
 from configs.hf import model_config_to_hf
-from experiments.bench import positive_int
+from experiments.bench import check_runs, positive_int
 from experiments.bench.train_throughput import bench as jax_bench
-from experiments.bench.train_throughput import check_runs
 from experiments.timing import time_call, versions
 
 

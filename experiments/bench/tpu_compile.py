@@ -95,15 +95,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from ssm.pallas_scan_tpu import check_shapes
 
-    try:  # the output path and the kernel's own limit, before libtpu starts
+    try:  # the kernel's own limit and the output path, before libtpu starts
         check_shapes(args.dim, 1)
     except ValueError as err:
         parser.error(f"--{err}")
-    try:
-        if args.json is not None:
+    if args.json is not None:
+        try:
             check_output_file("--json", args.json)
-    except ValueError as err:
-        parser.error(str(err))
+        except ValueError as err:
+            parser.error(str(err))
     with tempfile.TemporaryDirectory() as profile_dir:
         try:
             device = start_tpu_compiler(args.chip, profile_dir)

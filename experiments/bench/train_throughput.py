@@ -26,7 +26,7 @@ import numpy as np
 
 from configs import load_config
 from configs.schema import is_number
-from experiments.bench import positive_int, positive_number
+from experiments.bench import check_runs, positive_int, positive_number
 from experiments.mesh import put_global_batch
 from experiments.timing import random_array, time_call, versions
 from experiments.train import jit_train_step, prepare
@@ -91,24 +91,6 @@ def peak_tflops(text: str) -> float | str:
         return positive_number(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f'expected a finite number > 0 or "measured", got {text!r}') from None
-
-
-def check_runs(parser: argparse.ArgumentParser, presets: list[str], overrides: list[str],
-               option: str = "presets") -> list:
-    """Every preset's run config with the overrides, loaded before anything is compiled; parser.error naming the
-    preset where one does not load, or where no preset is given (only key=value overrides)."""
-    from configs import ConfigError
-
-    if not presets:
-        parser.error(f"{option}: expected at least one preset name or YAML path before the key=value overrides, got "
-                     f"only {overrides}")
-    runs = []
-    for preset in presets:
-        try:
-            runs.append(load_config(preset, overrides))
-        except ConfigError as err:
-            parser.error(f"{option}: {preset!r} with {overrides}: {err}")
-    return runs
 
 
 def main(argv=None) -> None:
