@@ -4,6 +4,8 @@ GPU), and the command-line checks. Timings are not asserted."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +68,8 @@ def test_main_writes_the_table_and_the_sweep(monkeypatch, tmp_path, capsys):
     calls = []
     monkeypatch.setattr(gpu_scan, "time_call", lambda fn, args, repeats, **kw: calls.append(fn) or 1e-3)
     monkeypatch.setattr(gpu_scan, "versions", lambda: {})
+    # 1 MiB, not 2 GiB: drawing 2 GiB of random floats took 23 s of a CPU test whose timer is stubbed anyway
+    monkeypatch.setattr(gpu_scan, "copy_bandwidth", functools.partial(gpu_scan.copy_bandwidth, 1 << 20))
     gpu_scan.main(["--out", str(tmp_path), "--lengths", "16", "--batches", "1", "2",
                    "--variants", "16:8:1:pf"])
     result = json.loads((tmp_path / "gpu_scan.json").read_text())
