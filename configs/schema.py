@@ -466,6 +466,8 @@ class RunConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 3
     remat: str = "none"
+    # A local Hugging Face directory whose weights a new run starts from (fine-tuning); empty: random init.
+    init_from: str = ""
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -482,6 +484,8 @@ class RunConfig:
         _require(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
         _require(isinstance(self.output_dir, str) and self.output_dir.strip() != "", "output_dir",
                  "a non-empty path", self.output_dir)
+        _require(isinstance(self.init_from, str), "init_from", "a Hugging Face directory's path, or empty",
+                 self.init_from)
         _positive_int(self, "steps", "log_every", "keep_checkpoints")
         _require(is_int(self.checkpoint_every) and self.checkpoint_every >= 0, "checkpoint_every",
                  "an integer >= 0", self.checkpoint_every)

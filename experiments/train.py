@@ -12,6 +12,7 @@ See docs/TRAINING.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import signal
 import sys
@@ -28,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import load_config, to_dict
+from configs.hf import model_config_from_hf
 from configs.schema import ConfigError, DistributedConfig, RunConfig
 from experiments import data as data_lib
 from experiments.checkpointing import Checkpointer, abstract_with_shardings
@@ -126,6 +128,16 @@ class _StopFlag:
 RESUMABLE_MODEL_FIELDS = ("compute_dtype", "scan_impl", "scan_chunk_size", "attention_impl", "attention_block_size")
 
 
+# Model fields a run started from pretrained weights (init_from) may set otherwise than the checkpoint's
+# config.json: how the weights are computed with, how a model built from scratch would be initialised, and the
+# position encoding that context-extension fine-tuning changes (RoPE interpolation, a larger rope_theta, a
+# longer max_position_embeddings). Every other field must be the checkpoint's: it says what the weights mean.
+INIT_FROM_FREE_FIELDS = RESUMABLE_MODEL_FIELDS + (
+    "param_dtype", "initializer_range", "time_step_scale", "time_step_min", "time_step_max", "time_step_floor",
+    "time_step_init_scheme", "rescale_prenorm_residual")
+CONTEXT_EXTENSION_FIELDS = ("rope_theta", "rope_scaling_type", "rope_scaling_factor", "max_position_embeddings")
+
+
 def _flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -220,6 +232,45 @@ def jit_train_step(setup: Setup, run: RunConfig, donate: bool = True):
                    donate_argnums=0 if donate else ())
 
 
+def check_init_from(run: RunConfig) -> dict[str, Any]:
+    """run.init_from's config.json checked against run.model before anything is read or built: the same family and
+    the same value of every field but INIT_FROM_FREE_FIELDS and CONTEXT_EXTENSION_FIELDS (all differences named in
+    one ConfigError). Returns the model fields the run sets otherwise than config.json (from_pretrained's
+    overrides)."""
+    try:
+        pretrained = model_config_from_hf(Path(run.init_from))
+    except ConfigError as err:
+        raise ConfigError(f"config field 'init_from': {err}") from None
+    if type(pretrained) is not type(run.model):
+        raise ConfigError(f"config field 'init_from': {run.init_from!r} holds a {pretrained.family!r} model, the "
+                          f"run's model.family is {run.model.family!r}")
+    changed = {f.name: getattr(run.model, f.name) for f in dataclasses.fields(run.model)
+               if f.compare and getattr(run.model, f.name) != getattr(pretrained, f.name)}
+    fixed = [name for name in changed if name not in INIT_FROM_FREE_FIELDS + CONTEXT_EXTENSION_FIELDS]
+    if fixed:
+        shown = "; ".join(f"model.{name}={changed[name]!r}, config.json has {getattr(pretrained, name)!r}"
+                          for name in fixed)
+        raise ConfigError(f"config field 'init_from': {run.init_from!r} is another model than the run's: {shown} "
+                          f"(set these to config.json's values)")
+    return changed
+
+
+def init_from_pretrained(run: RunConfig, setup: Setup) -> dict:
+    """The train state at step 0 with run.init_from's weights: each tensor read from its memory map straight into
+    the parameter's sharding (every process reads only its devices' slices), then Adam's moments set up beside
+    them."""
+    overrides = check_init_from(run)
+    for name in CONTEXT_EXTENSION_FIELDS:
+        if name in overrides and jax.process_index() == 0:
+            print(f"init_from: model.{name}={overrides[name]!r} (config.json has another value)", flush=True)
+    model = family_of(run.model)[2](run.init_from, shardings=setup.state_shardings["params"], **overrides)
+    params, _ = flatten_params(nnx.state(model, nnx.Param))
+    start = jax.jit(lambda params: {"params": params, "opt_state": setup.tx.init(params),
+                                    "step": jnp.zeros((), jnp.int32)},
+                    out_shardings=setup.state_shardings, donate_argnums=0)
+    return start(params)
+
+
 def train(run: RunConfig) -> list[dict]:
     """Trains (or resumes) the run; returns the metrics rows this call logged."""
     data_lib.check_data(run.data, run.model.vocab_size)  # before anything is built or written
@@ -237,13 +288,14 @@ def train(run: RunConfig) -> list[dict]:
             check_resume(load_config(output_dir / "config.yaml", []), run, output_dir)
         if start is None:
             start = 0
-            state = jax.jit(setup.init_state, out_shardings=state_shardings)()
+            state = (init_from_pretrained(run, setup) if run.init_from else
+                     jax.jit(setup.init_state, out_shardings=state_shardings)())
         else:
             target = abstract_with_shardings(jax.eval_shape(setup.init_state), state_shardings)
             state, position = checkpointer.restore(start, target)
             check_position(position, run, output_dir)
             start = int(position["step"])
-    except ConfigError:
+    except ValueError:  # a ConfigError, or init_from's CheckpointError
         checkpointer.close()
         raise
     if jax.process_index() == 0:  # after a restore: a run that cannot resume leaves its config.yaml as it was
