@@ -370,9 +370,10 @@ class OptimConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """What the trainer reads. ``task`` names an entry of experiments.data.TASKS: a synthetic task generated
-    from (seed, step), or "bytes", a byte-level LM stream over the files matching ``text_glob`` under
-    ``text_dir`` (empty: the directory of Python's own standard library). ``num_items`` is the number of
-    tokens selective_copying copies or of key-value pairs mqar stores. ``batch_size`` is global (all
+    from (seed, step); "bytes", a byte-level LM stream over the files matching ``text_glob`` under
+    ``text_dir`` (empty: the directory of Python's own standard library); or "tokens", an LM stream over
+    ``token_file``, a 1-D .npy of token ids (python -m experiments.tokenize_corpus writes one). ``num_items`` is
+    the number of tokens selective_copying copies or of key-value pairs mqar stores. ``batch_size`` is global (all
     devices, all microbatches); each step runs ``grad_accum`` microbatches of batch_size / grad_accum.
     ``length_curriculum``: [[seq_len, steps], ...] stages of shorter sequences trained first, in order, before
     the rest of the run at ``seq_len`` (each stage's seq_len at most ``seq_len``); empty: seq_len throughout."""
@@ -386,6 +387,7 @@ class DataConfig:
     num_items: int = 4
     text_dir: str = ""
     text_glob: str = "*.py"
+    token_file: str = ""
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -151,23 +151,58 @@ def load_corpus(text_dir: str, text_glob: str) -> np.ndarray:
     return np.frombuffer(b"\n".join(p.read_bytes() for p in files), np.uint8)
 
 
-def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:
-    """A byte-level LM stream read sequentially: a step whose rows have each read ``position`` tokens before it
-    starts at byte batch * position, row i at i * seq_len after that, each row one contiguous window (wrapping
-    around at the end); a length curriculum's shorter steps leave no gap. A corpus of seq_len + 1 bytes is one
-    window, which every row reads."""
-    if vocab_size < 256:
-        raise ConfigError(f"config field 'model.vocab_size': expected >= 256 for data.task 'bytes', "
-                          f"got {vocab_size}")
-    corpus = load_corpus(config.text_dir, config.text_glob)
+def _stream(corpus: np.ndarray, config: DataConfig, position: int, unit: str) -> Batch:
+    """Windows of a corpus read sequentially: a step whose rows have each read ``position`` tokens before it
+    starts at batch * position, row i at i * seq_len after that, each row one contiguous window (wrapping around
+    at the end); a length curriculum's shorter steps leave no gap. A corpus of seq_len + 1 tokens is one window,
+    which every row reads. The loss counts every token."""
     window = config.seq_len + 1
     if corpus.size < window:
-        raise ConfigError(f"config field 'data.seq_len': expected < the corpus size ({corpus.size} bytes), "
+        raise ConfigError(f"config field 'data.seq_len': expected < the corpus size ({corpus.size} {unit}), "
                           f"got {config.seq_len}")
     starts = ((config.batch_size * position + np.arange(config.batch_size) * config.seq_len)
               % max(corpus.size - window, 1))
     seq = corpus[starts[:, None] + np.arange(window)[None, :]]
     return _shifted(seq, np.ones(seq.shape, np.float32))
+
+
+def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:
+    """A byte-level LM stream over the corpus of data.text_dir / data.text_glob (``_stream``)."""
+    if vocab_size < 256:
+        raise ConfigError(f"config field 'model.vocab_size': expected >= 256 for data.task 'bytes', "
+                          f"got {vocab_size}")
+    return _stream(load_corpus(config.text_dir, config.text_glob), config, position, "bytes")
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokens(token_file: str) -> tuple[np.ndarray, int, int]:
+    """The tokens task's corpus, memory-mapped (pages are read as windows use them), and its smallest and largest
+    id (one pass over the file, blockwise)."""
+    if not token_file:
+        raise ConfigError("config field 'data.token_file': expected a .npy file of token ids for data.task "
+                          "'tokens' (python -m experiments.tokenize_corpus writes one), got ''")
+    try:
+        tokens = np.load(token_file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config field 'data.token_file': expected a .npy file of token ids, got "
+                          f"{token_file!r} ({err})") from None
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
+        raise ConfigError(f"config field 'data.token_file': expected a non-empty 1-D array of integer token ids, "
+                          f"got {token_file!r} with shape {tokens.shape} and dtype {tokens.dtype}")
+    block = 1 << 24
+    low = min(int(tokens[i:i + block].min()) for i in range(0, tokens.size, block))
+    high = max(int(tokens[i:i + block].max()) for i in range(0, tokens.size, block))
+    return tokens, low, high
+
+
+def tokens_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:
+    """An LM stream over data.token_file's pre-tokenized ids (``_stream``), every id checked to be in the
+    model's vocabulary."""
+    tokens, low, high = load_tokens(config.token_file)
+    if low < 0 or high >= vocab_size:
+        raise ConfigError(f"config field 'data.token_file': expected token ids in [0, {vocab_size}) "
+                          f"(model.vocab_size), got ids from {low} to {high} in {config.token_file!r}")
+    return _stream(tokens, config, position, "tokens")
 
 
 TASKS: dict[str, Callable[[DataConfig, int, np.random.Generator, int], Batch]] = {
@@ -176,6 +211,7 @@ TASKS: dict[str, Callable[[DataConfig, int, np.random.Generator, int], Batch]] =
     "selective_copying": selective_copying_task,
     "mqar": mqar_task,
     "bytes": bytes_task,
+    "tokens": tokens_task,
 }
 
 

@@ -5,12 +5,14 @@
 
 Loads the run's checkpoint (default: the newest) and its config.yaml, draws ``--sequences`` sequences of the
 run's task (data.task, data.seq_len, data.num_items; key=value overrides change them, e.g. a longer
-data.seq_len) from seeds no training batch uses (for data.task "bytes", which reads its corpus rather than a
-seed, from text the run did not train on: a bytes run needs data.text_dir=DIR or data.text_glob=GLOB naming other
-files; a run of a synthetic task never read a corpus), and compares argmax of the logits with the targets
-wherever the task's loss mask is set. Prints and returns {"token_accuracy", "sequence_accuracy"
-(every masked token of the sequence right), "sequences", "tokens", "task", "seq_len", "step"}; ``--json PATH``
-also writes it. The arguments, the overrides and the task's limits are checked before the model is loaded.
+data.seq_len) from seeds no training batch uses (for data.task "bytes" and "tokens", which read their corpus
+rather than a seed, from text the run did not train on: a bytes run needs data.text_dir=DIR or data.text_glob=GLOB
+naming other files, a tokens run another data.token_file; a run of a synthetic task never read a corpus), and
+compares argmax of the logits with the targets wherever the task's loss mask is set. Prints and returns
+{"token_accuracy", "sequence_accuracy" (every masked token of the sequence right), "loss" (the mean cross entropy
+of the masked tokens, nats; exp of it is the perplexity), "sequences", "tokens", "task", "seq_len", "step"};
+``--json PATH`` also writes it. The arguments, the overrides and the task's limits are checked before the model
+is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,9 +39,9 @@ EVAL_SEED_OFFSET = 1_000_003
 
 
 def check_held_out(trained, evaluated) -> None:
-    """The seed offset keeps the synthetic tasks' evaluation sequences out of training; the bytes task reads
-    its corpus whatever the seed, and a bytes run trains on all of it: its evaluation needs other text. A run
-    trained on a synthetic task never read the corpus: any text is held out for it."""
+    """The seed offset keeps the synthetic tasks' evaluation sequences out of training; the bytes and tokens tasks
+    read their corpus whatever the seed, and a run of either trains on all of it: its evaluation needs other text.
+    A run trained on a synthetic task never read a corpus: any text is held out for it."""
     def files(data):  # the files themselves: "" is the standard library's directory, paths may be spelt apart
         return {path.resolve() for path in corpus_files(data.text_dir, data.text_glob)}
 
@@ -47,6 +50,11 @@ def check_held_out(trained, evaluated) -> None:
                           f"held-out text must come from elsewhere: expected a data.text_dir / data.text_glob "
                           f"sharing no file with the run's ({trained.text_dir!r} / {trained.text_glob!r}), got "
                           f"{evaluated.text_dir!r} / {evaluated.text_glob!r}")
+    if (evaluated.task == "tokens" and trained.task == "tokens"
+            and Path(evaluated.token_file).resolve() == Path(trained.token_file).resolve()):
+        raise ConfigError(f"config field 'data.token_file': the tokens task trains on every token of its file, so "
+                          f"held-out text must come from another: expected another file than the run's "
+                          f"{trained.token_file!r}, got {evaluated.token_file!r}")
 
 
 def masked_accuracy(model, data_config, *, sequences: int, batch_size: int, seed: int) -> dict:
@@ -58,19 +66,23 @@ def masked_accuracy(model, data_config, *, sequences: int, batch_size: int, seed
     batch_size = min(batch_size, sequences)  # no rows made only to be cut (the first rows are the same for bytes)
     vocab = model.config.vocab_size
     right = total = seq_right = done = index = 0
+    nll = 0.0
     while done < sequences:
         # the last batch is generated whole and cut: at a smaller batch_size, the bytes task's windows would start
         # inside the previous batch's
         rows = min(batch_size, sequences - done)
         config = dataclasses.replace(data_config, batch_size=batch_size, grad_accum=1, length_curriculum=())
         batch = {name: array[0, :rows] for name, array in batch_at(config, vocab, seed, index).items()}
-        predicted = np.asarray(jnp.argmax(model(batch["inputs"]), axis=-1))
+        logits = model(batch["inputs"])
+        predicted = np.asarray(jnp.argmax(logits, axis=-1))
         mask = batch["mask"] > 0
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        nll -= float(jnp.sum(jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0] * mask))
         hit = (predicted == batch["targets"]) & mask
         right, total = right + int(hit.sum()), total + int(mask.sum())
         seq_right += int(np.sum(hit.sum(axis=1) == mask.sum(axis=1)))
         done, index = done + rows, index + 1
-    return {"token_accuracy": right / total, "sequence_accuracy": seq_right / sequences,
+    return {"token_accuracy": right / total, "sequence_accuracy": seq_right / sequences, "loss": nll / total,
             "sequences": sequences, "tokens": total}
 
 

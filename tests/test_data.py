@@ -1,4 +1,5 @@
-"""Training data: deterministic in (seed, step), the task registry, the byte stream over the stdlib."""
+"""Training data: deterministic in (seed, step), the task registry, the byte stream over the stdlib, the token
+stream over a .npy file."""
 
 from __future__ import annotations
 
@@ -14,19 +15,28 @@ from configs.schema import ConfigError
 from experiments.data import TASKS, TRIGGER_TOKEN, batch_at, load_corpus
 
 
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    """5,000 random ids below 256, as experiments.tokenize_corpus writes them (uint16)."""
+    path = tmp_path_factory.mktemp("tokens") / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16))
+    return str(path)
+
+
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_batches_are_a_function_of_seed_and_step(task):
-    config = DataConfig(task=task, batch_size=8, seq_len=32, grad_accum=2)
+def test_batches_are_a_function_of_seed_and_step(task, token_file):
+    config = DataConfig(task=task, batch_size=8, seq_len=32, grad_accum=2,
+                        token_file=token_file if task == "tokens" else "")
     a, b = batch_at(config, 256, seed=1, step=5), batch_at(config, 256, seed=1, step=5)
     other = batch_at(config, 256, seed=1, step=6)
     for name in ("inputs", "targets", "mask"):
         assert a[name].shape == (2, 4, 32)
         np.testing.assert_array_equal(a[name], b[name])
     assert not np.array_equal(a["inputs"], other["inputs"])
-    # another seed, another batch (what keeps evaluation sequences out of training); "bytes" reads its corpus
-    # by step alone (experiments.evaluate asks for other text for it)
+    # another seed, another batch (what keeps evaluation sequences out of training); "bytes" and "tokens" read
+    # their corpus by step alone (experiments.evaluate asks for another corpus for them)
     other_seed = batch_at(config, 256, seed=2, step=5)
-    assert np.array_equal(a["inputs"], other_seed["inputs"]) == (task == "bytes")
+    assert np.array_equal(a["inputs"], other_seed["inputs"]) == (task in ("bytes", "tokens"))
     assert a["inputs"].dtype == np.int32 and a["inputs"].max() < 256 and a["mask"].sum() > 0
     # targets are the inputs shifted by one
     np.testing.assert_array_equal(a["inputs"][..., 1:], a["targets"][..., :-1])
@@ -63,7 +73,7 @@ def test_byte_stream_under_a_length_curriculum_leaves_no_gap():
 
 def test_bad_data_settings_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"'data.task': expected one of \['bytes', 'copy', 'induction', 'mqar', "
-                                          r"'selective_copying'\], "
+                                          r"'selective_copying', 'tokens'\], "
                                           r"got 'cpy'"):
         batch_at(DataConfig(task="cpy"), 256, 0, 0)
     with pytest.raises(ConfigError, match=r"'model.vocab_size': expected >= 256 for data.task 'bytes'"):
@@ -131,3 +141,33 @@ def test_a_corpus_of_one_window_is_read_whole(tmp_path):
     np.testing.assert_array_equal(batch["targets"][0], [list(b"123456789")] * 2)
     with pytest.raises(ConfigError, match=r"'data.seq_len': expected < the corpus size \(10 bytes\), got 10"):
         batch_at(dataclasses.replace(config, seq_len=10), 256, 0, 0)
+
+
+def test_token_stream_reads_the_file_sequentially(token_file):
+    tokens = np.load(token_file)
+    config = DataConfig(task="tokens", token_file=token_file, batch_size=2, seq_len=8)
+    step0 = batch_at(config, 256, seed=0, step=0)
+    np.testing.assert_array_equal(step0["inputs"][0], [tokens[:8], tokens[8:16]])
+    np.testing.assert_array_equal(step0["targets"][0], [tokens[1:9], tokens[9:17]])
+    assert step0["inputs"].dtype == np.int32 and step0["mask"].all()
+    np.testing.assert_array_equal(batch_at(config, 256, seed=9, step=1)["inputs"][0, 0], tokens[16:24])
+
+
+def test_bad_token_files_are_named(tmp_path, token_file):
+    def fails(path, message, vocab=256):
+        with pytest.raises(ConfigError, match=message):
+            batch_at(DataConfig(task="tokens", token_file=str(path), seq_len=8, batch_size=2), vocab, 0, 0)
+
+    fails("", r"^config field 'data.token_file': expected a .npy file of token ids for data.task 'tokens' "
+              r"\(python -m experiments.tokenize_corpus writes one\), got ''$")
+    fails(tmp_path / "none.npy", r"^config field 'data.token_file': expected a .npy file of token ids, got "
+                                 r"'.*none.npy'")
+    (tmp_path / "text.npy").write_text("not numpy")
+    fails(tmp_path / "text.npy", r"expected a .npy file of token ids, got '.*text.npy' \(")
+    np.save(tmp_path / "grid.npy", np.zeros((4, 4), np.int32))
+    fails(tmp_path / "grid.npy", r"expected a non-empty 1-D array of integer token ids, got '.*grid.npy' with shape "
+                                 r"\(4, 4\) and dtype int32")
+    np.save(tmp_path / "floats.npy", np.zeros(64, np.float32))
+    fails(tmp_path / "floats.npy", r"with shape \(64,\) and dtype float32")
+    fails(token_file, r"^config field 'data.token_file': expected token ids in \[0, 200\) \(model.vocab_size\), "
+                      r"got ids from 0 to 255 in", vocab=200)

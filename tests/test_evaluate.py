@@ -45,16 +45,20 @@ class SelectiveCopyingOracle:
 
 
 DATA = DataConfig(task="selective_copying", seq_len=48, num_items=4, batch_size=8)
+RIGHT_NLL = float(np.log(np.e + VOCAB - 1) - 1)  # the oracle's loss on a token it gets right
 
 
 def test_oracle_is_exact_and_counts_every_masked_token():
     result = masked_accuracy(SelectiveCopyingOracle(), DATA, sequences=10, batch_size=4, seed=3)
+    # the loss: -log softmax of a one-hot logit 1 among VOCAB - 1 zeros, at every masked token
+    assert result.pop("loss") == pytest.approx(RIGHT_NLL, rel=1e-6)
     assert result == {"token_accuracy": 1.0, "sequence_accuracy": 1.0, "sequences": 10, "tokens": 40}
 
 
 def test_partial_errors_count_per_token_and_per_sequence():
     result = masked_accuracy(SelectiveCopyingOracle(wrong_from=3), DATA, sequences=6, batch_size=4, seed=3)
     assert result["token_accuracy"] == pytest.approx(3 / 4) and result["sequence_accuracy"] == 0.0
+    assert result["loss"] == pytest.approx((3 * RIGHT_NLL + (RIGHT_NLL + 1)) / 4, rel=1e-6)  # a wrong one: +1
     with pytest.raises(ValueError, match="sequences, batch_size"):
         masked_accuracy(SelectiveCopyingOracle(), DATA, sequences=0, batch_size=4, seed=3)
 
@@ -100,6 +104,15 @@ def test_bytes_task_needs_text_the_run_did_not_train_on():
     check_held_out(DataConfig(task="copy"), DataConfig(task="copy"))  # the seed offset holds the synthetic ones out
     # a run of a synthetic task never read a corpus: any text is held out for it (it was refused)
     check_held_out(DataConfig(task="mqar"), DataConfig(task="bytes", text_dir="", text_glob="*.py"))
+
+
+def test_tokens_task_needs_another_token_file(tmp_path):
+    trained = DataConfig(task="tokens", token_file=str(tmp_path / "train.npy"))
+    with pytest.raises(ConfigError, match=r"^config field 'data.token_file': the tokens task trains on every token "
+                                          r"of its file, .*expected another file than the run's '.*train.npy', "
+                                          r"got '.*/\./train.npy'"):
+        check_held_out(trained, DataConfig(task="tokens", token_file=f"{tmp_path}/./train.npy"))  # spelt apart
+    check_held_out(trained, DataConfig(task="tokens", token_file=str(tmp_path / "held_out.npy")))
 
 
 def test_sequences_are_the_streams_first_ones():
@@ -183,4 +196,4 @@ def test_the_batch_is_at_most_the_sequences(monkeypatch):
     monkeypatch.setattr(evaluate_lib, "batch_at", recording_batch_at)
     result = masked_accuracy(SelectiveCopyingOracle(), DATA, sequences=3, batch_size=64, seed=3)
     assert sizes == [3] and result == {"token_accuracy": 1.0, "sequence_accuracy": 1.0, "sequences": 3,
-                                       "tokens": 12}
+                                       "tokens": 12, "loss": pytest.approx(RIGHT_NLL, rel=1e-6)}

@@ -1,0 +1,110 @@
+"""Tokenizes local text files into the .npy of token ids that data.task=tokens trains on.
+
+    python -m experiments.tokenize_corpus TOKENIZER --text-dir DIR [--glob "*.txt"] --out tokens.npy [--eos ID]
+    python -m experiments.tokenize_corpus path/to/falcon-mamba-7b --text-dir my_corpus --out runs/tokens.npy
+
+TOKENIZER is a tokenizer.json (the `tokenizers` package) or a Hugging Face directory holding one. The files
+matching --glob under --text-dir are read as UTF-8 in name order, each encoded whole and followed by the
+end-of-sequence id: --eos, or by default the directory's config.json eos_token_id (the first of several). The ids
+go to --out as a 1-D uint16 array where the vocabulary fits 16 bits (uint32 otherwise), streamed file by file
+through a temporary file and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from configs.schema import ConfigError, is_int
+from experiments.cli import check_output_file
+
+BLOCK = 1 << 24  # tokens copied at a time from the temporary file into the .npy
+
+
+def load_tokenizer(path: Path):
+    """(Tokenizer, config.json's first eos_token_id or None) of a tokenizer.json or a directory holding one."""
+    from tokenizers import Tokenizer
+
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"tokenizer: expected a tokenizer.json or a directory holding one, got {str(path)!r}")
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as err:  # noqa: BLE001 - the tokenizers package raises a bare Exception for a bad file
+        raise ValueError(f"tokenizer: expected a tokenizer.json of the tokenizers package, got {str(file)!r}: "
+                         f"{err}") from None
+    eos = None
+    if path.is_dir() and (path / "config.json").is_file():
+        from configs.hf import read_json
+
+        eos = read_json(path).get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+    return tokenizer, eos
+
+
+def tokenize(tokenizer, files: list[Path], eos: int, out: Path) -> int:
+    """Writes the ids of ``files`` (each followed by ``eos``) to the .npy ``out``; returns how many."""
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    dtype = np.uint16 if max(vocab, eos + 1) <= 1 << 16 else np.uint32
+    raw, partial = out.with_name(out.name + ".ids.tmp"), out.with_name(out.name + ".tmp.npy")
+    count = 0
+    try:
+        with open(raw, "wb") as sink:
+            for file in files:
+                try:
+                    text = file.read_text(encoding="utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"--text-dir: expected UTF-8 text, got {str(file)!r} ({err})") from None
+                ids = np.asarray(tokenizer.encode(text).ids + [eos], dtype)
+                sink.write(ids.tobytes())
+                count += ids.size
+        source = np.memmap(raw, dtype=dtype, mode="r", shape=(count,))
+        target = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(count,))
+        for start in range(0, count, BLOCK):
+            target[start:start + BLOCK] = source[start:start + BLOCK]
+        target.flush()
+        del source, target
+        os.replace(partial, out)
+    finally:
+        for leftover in (raw, partial):
+            leftover.unlink(missing_ok=True)
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("tokenizer", type=Path, help="tokenizer.json, or a Hugging Face directory holding one")
+    parser.add_argument("--text-dir", type=Path, required=True)
+    parser.add_argument("--glob", default="*.txt", help="files under --text-dir to read (default: *.txt)")
+    parser.add_argument("--out", type=Path, required=True, help="the .npy to write")
+    parser.add_argument("--eos", type=int, default=None,
+                        help="the id after each file (default: TOKENIZER's config.json eos_token_id)")
+    args = parser.parse_args(argv)
+    try:
+        check_output_file("--out", str(args.out))
+        if args.out.suffix != ".npy":
+            raise ValueError(f"--out: expected a path ending in .npy, got {str(args.out)!r}")
+        from experiments.data import corpus_files
+
+        files = corpus_files(str(args.text_dir), args.glob) if args.text_dir.is_dir() else []
+        if not files:
+            raise ValueError(f"--text-dir: expected a directory with files matching {args.glob!r} (--glob), got "
+                             f"{str(args.text_dir)!r}")
+        tokenizer, config_eos = load_tokenizer(args.tokenizer)
+        eos = config_eos if args.eos is None else args.eos
+        if not (is_int(eos) and eos >= 0):
+            raise ValueError(f"--eos: expected an id >= 0 (or TOKENIZER's config.json eos_token_id), got {eos!r}")
+        count = tokenize(tokenizer, files, eos, args.out)
+    except (ValueError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {count} tokens of {len(files)} files to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""experiments.tokenize_corpus: text files -> the .npy of token ids that data.task=tokens reads, with a tokenizer
+built here by the tokenizers package (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from configs import DataConfig
+from experiments.data import batch_at
+from experiments.tokenize_corpus import main
+
+WORDS = ["[UNK]", "<eos>", "the", "state", "is", "carried", "across", "chunks", "tokens"]
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """A directory like a Hugging Face model's: tokenizer.json, and config.json naming two eos ids."""
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "model"
+    path.mkdir()
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "config.json").write_text(json.dumps({"model_type": "falcon_mamba", "eos_token_id": [1, 0]}))
+    return path
+
+
+def test_files_in_name_order_each_followed_by_eos(tmp_path, hf_dir, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "b.txt").write_text("tokens carried across chunks")
+    (corpus / "a.txt").write_text("the state is\ncarried unknown")
+    (corpus / "skipped.md").write_text("the the the")
+    out = tmp_path / "tokens.npy"
+    assert main([str(hf_dir), "--text-dir", str(corpus), "--out", str(out)]) == 0
+    ids = np.load(out)
+    assert ids.dtype == np.uint16
+    np.testing.assert_array_equal(ids, [2, 3, 4, 5, 0, 1, 8, 5, 6, 7, 1])  # a.txt, eos 1, b.txt, eos 1
+    assert f"wrote 11 tokens of 2 files to {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "model", "tokens.npy"]  # no temporary left
+    # what the trainer reads: windows of the stream
+    batch = batch_at(DataConfig(task="tokens", token_file=str(out), seq_len=4, batch_size=2), len(WORDS), 0, 0)
+    np.testing.assert_array_equal(batch["inputs"][0], [ids[:4], ids[4:8]])
+
+    assert main([str(hf_dir / "tokenizer.json"), "--text-dir", str(corpus), "--glob", "*.md", "--eos", "7",
+                 "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), [2, 2, 2, 7])
+
+
+def test_bad_arguments_are_named(tmp_path, hf_dir, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the state")
+
+    def fails(argv, message):
+        assert main(argv) == 1
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+
+    out = ["--out", str(tmp_path / "t.npy")]
+    fails([str(hf_dir), "--text-dir", str(corpus), "--out", str(tmp_path / "t.bin")],
+          f"--out: expected a path ending in .npy, got '{tmp_path / 't.bin'}'")
+    fails([str(hf_dir), "--text-dir", str(tmp_path / "none"), *out],
+          f"--text-dir: expected a directory with files matching '*.txt' (--glob), got '{tmp_path / 'none'}'")
+    fails([str(tmp_path), "--text-dir", str(corpus), *out],
+          f"tokenizer: expected a tokenizer.json or a directory holding one, got '{tmp_path}'")
+    fails([str(hf_dir / "config.json"), "--text-dir", str(corpus), *out],
+          "tokenizer: expected a tokenizer.json of the tokenizers package, got")
+    fails([str(hf_dir / "tokenizer.json"), "--text-dir", str(corpus), *out],
+          "--eos: expected an id >= 0 (or TOKENIZER's config.json eos_token_id), got None")
+    fails([str(hf_dir), "--text-dir", str(corpus), "--eos", "-1", *out],
+          "--eos: expected an id >= 0 (or TOKENIZER's config.json eos_token_id), got -1")
+    (corpus / "b.txt").write_bytes(b"the \xff state")
+    fails([str(hf_dir), "--text-dir", str(corpus), *out], f"--text-dir: expected UTF-8 text, got '{corpus / 'b.txt'}'")
+    assert not (tmp_path / "t.npy").exists() and not list(tmp_path.glob("t.npy*"))
