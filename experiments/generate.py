@@ -4,7 +4,8 @@
     python -m experiments.generate runs/a --ids 1,2,3 [--step 20]     # a checkpoint of experiments.train
     python -m experiments.generate PATH --ids 1,2,3 --max-new-tokens 32 --temperature 0.7 --top-p 0.9
 
-Text prompts go through a local tokenizer.json (the `tokenizers` package; default: PATH/tokenizer.json).
+Text prompts go through a local tokenizer.json (the `tokenizers` package; default: PATH/tokenizer.json, or for a
+training run started from a Hugging Face directory, that directory's).
 The continuation is printed (streamed token by token with --stream) with the decode throughput.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import yaml
 
 from configs.schema import ConfigError
 from experiments.models import load_pretrained
@@ -64,6 +66,16 @@ def incremental_text(decode: Callable[[list[int]], str], tokens: Iterable[int]) 
         yield text[len(before):] if text.startswith(before) else "\n" + decode(produced)
 
 
+def default_tokenizer(path: str, train_run: bool) -> Path:
+    """PATH/tokenizer.json; for a training run started from a Hugging Face directory (init_from in its config.yaml),
+    that directory's tokenizer.json."""
+    if train_run:
+        run = yaml.safe_load((Path(path) / "config.yaml").read_text())
+        if isinstance(run, dict) and run.get("init_from"):
+            return Path(run["init_from"]) / "tokenizer.json"
+    return Path(path) / "tokenizer.json"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="local HF directory (config.json + *.safetensors [+ tokenizer.json]) or a "
@@ -72,7 +84,8 @@ def main(argv=None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (needs a tokenizer.json)")
     source.add_argument("--ids", help="prompt token ids, e.g. 1,2,3")
-    parser.add_argument("--tokenizer", help="tokenizer.json (default: PATH/tokenizer.json)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (default: PATH/tokenizer.json; for a training run "
+                                            "started from a Hugging Face directory, init_from's)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=None)
@@ -102,7 +115,7 @@ def main(argv=None) -> None:
     if args.prompt is not None or args.tokenizer is not None:  # --tokenizer with --ids: the output is decoded
         from tokenizers import Tokenizer
 
-        tokenizer_path = Path(args.tokenizer or Path(args.path) / "tokenizer.json")
+        tokenizer_path = Path(args.tokenizer) if args.tokenizer else default_tokenizer(args.path, train_run)
         if not tokenizer_path.is_file():
             raise SystemExit(f"error: --tokenizer: {str(tokenizer_path)!r} does not exist (text prompts need a "
                              f"tokenizer.json; or pass --ids)")

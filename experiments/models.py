@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import jax
 from flax import nnx
@@ -15,15 +16,22 @@ import transformer.sharding
 from configs.hf import model_config_from_hf
 from configs.schema import FalconConfig, FalconMambaConfig
 
-# Model config type -> (LM class, param_axes(config, mesh, rules): its parameter -> logical axes table, its
-# package's from_pretrained).
+class Family(NamedTuple):
+    lm: type                      # the LM class: lm(config, seed=...)
+    param_axes: Callable          # param_axes(config, mesh, rules): its parameter -> logical axes table
+    from_pretrained: Callable     # its package's from_pretrained(path, mesh=, shardings=, **overrides)
+    save_pretrained: Callable     # its package's save_pretrained(model, path)
+
+
+# Model config type -> its family.
 FAMILIES = {
-    FalconMambaConfig: (ssm.FalconMambaLM, ssm.sharding.param_axes, ssm.from_pretrained),
-    FalconConfig: (transformer.FalconLM, transformer.sharding.param_axes, transformer.from_pretrained),
+    FalconMambaConfig: Family(ssm.FalconMambaLM, ssm.sharding.param_axes, ssm.from_pretrained, ssm.save_pretrained),
+    FalconConfig: Family(transformer.FalconLM, transformer.sharding.param_axes, transformer.from_pretrained,
+                         transformer.save_pretrained),
 }
 
 
-def family_of(config):
+def family_of(config) -> Family:
     if type(config) not in FAMILIES:
         raise TypeError(f"config: expected one of {[c.__name__ for c in FAMILIES]}, got {type(config).__name__}")
     return FAMILIES[type(config)]
@@ -31,7 +39,7 @@ def family_of(config):
 
 def build_model(config, seed: int = 0):
     """A randomly initialised model of the config's family."""
-    return family_of(config)[0](config, seed=seed)
+    return family_of(config).lm(config, seed=seed)
 
 
 def n_params(model) -> int:
@@ -53,4 +61,4 @@ def decode_read_bytes(model) -> int:
 
 def load_pretrained(path: str | os.PathLike, **overrides):
     """A local Hugging Face directory of either family (the family is read from its config.json)."""
-    return family_of(model_config_from_hf(Path(path)))[2](path, **overrides)
+    return family_of(model_config_from_hf(Path(path))).from_pretrained(path, **overrides)

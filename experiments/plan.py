@@ -329,9 +329,9 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
         raise ConfigError(f"plan option 'devices': expected a positive integer, got {devices!r}")
     mesh, concrete = make_mesh(run, devices, target_devices)
     rules = run.mesh.rules
-    model_cls, param_axes, _ = family_of(run.model)
-    table = param_axes(run.model, mesh, rules)
-    abstract_model = nnx.eval_shape(lambda: model_cls(run.model, seed=run.seed))
+    family = family_of(run.model)
+    table = family.param_axes(run.model, mesh, rules)
+    abstract_model = nnx.eval_shape(lambda: family.lm(run.model, seed=run.seed))
     graphdef, abstract_params_state = nnx.split(abstract_model, nnx.Param)
     abstract_params, structure = flatten_params(abstract_params_state)
     n_params = sum(math.prod(leaf.shape) for leaf in abstract_params.values())

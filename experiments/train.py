@@ -195,18 +195,18 @@ def prepare(run: RunConfig, mesh: Mesh | None = None) -> Setup:
     if run.model.param_dtype != "float32":
         raise ConfigError(f"config field 'model.param_dtype': expected 'float32' for training (fp32 master "
                           f"weights; compute_dtype sets the compute precision), got {run.model.param_dtype!r}")
-    model_cls, param_axes, _ = family_of(run.model)
+    family = family_of(run.model)
     mesh = build_mesh(run.mesh) if mesh is None else mesh
     tx = make_optimizer(run.optim, run.steps)
 
     def init_state():
-        params, _ = flatten_params(nnx.state(model_cls(run.model, seed=run.seed), nnx.Param))
+        params, _ = flatten_params(nnx.state(family.lm(run.model, seed=run.seed), nnx.Param))
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    graphdef, abstract_params_state = nnx.split(nnx.eval_shape(lambda: model_cls(run.model, seed=run.seed)),
+    graphdef, abstract_params_state = nnx.split(nnx.eval_shape(lambda: family.lm(run.model, seed=run.seed)),
                                                 nnx.Param)
     abstract_params, structure = flatten_params(abstract_params_state)
-    p_shardings = param_shardings(abstract_params, param_axes(run.model, mesh, run.mesh.rules), mesh,
+    p_shardings = param_shardings(abstract_params, family.param_axes(run.model, mesh, run.mesh.rules), mesh,
                                   run.mesh.rules)
     state_shardings = {"params": p_shardings,
                        "opt_state": opt_state_shardings(jax.eval_shape(tx.init, abstract_params), p_shardings, mesh),
@@ -263,7 +263,7 @@ def init_from_pretrained(run: RunConfig, setup: Setup) -> dict:
     for name in CONTEXT_EXTENSION_FIELDS:
         if name in overrides and jax.process_index() == 0:
             print(f"init_from: model.{name}={overrides[name]!r} (config.json has another value)", flush=True)
-    model = family_of(run.model)[2](run.init_from, shardings=setup.state_shardings["params"], **overrides)
+    model = family_of(run.model).from_pretrained(run.init_from, shardings=setup.state_shardings["params"], **overrides)
     params, _ = flatten_params(nnx.state(model, nnx.Param))
     start = jax.jit(lambda params: {"params": params, "opt_state": setup.tx.init(params),
                                     "step": jnp.zeros((), jnp.int32)},

@@ -82,3 +82,40 @@ def test_context_extension_fields_may_differ_and_take_the_runs_values(tmp_path, 
     np.testing.assert_allclose(rows[0]["loss"], torch_loss(extended.eval(), run), rtol=1e-5)
     # with the checkpoint's RoPE the loss is another (measured 6e-4 away): 10x the tolerance above
     assert abs(torch_loss(torch_model, run) - rows[0]["loss"]) > 10 * 1e-5 * rows[0]["loss"]
+
+
+def test_a_fine_tuned_run_exports_to_a_directory_transformers_loads(tmp_path, capsys):
+    """init_from -> train -> experiments.export: transformers gives the run's logits, the tokenizer comes along, and
+    generate's default tokenizer for the run is init_from's."""
+    from tokenizers import Tokenizer, models
+
+    from experiments.export import main as export_main
+    from experiments.generate import default_tokenizer
+    from experiments.train import load_trained_model
+
+    save_checkpoint("tiny_falcon_mamba", tmp_path / "hf")
+    Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(tmp_path / "hf" / "tokenizer.json"))
+    run_dir = tmp_path / "run"
+    train(run_config("tiny_falcon_mamba", run_dir, f"init_from={tmp_path / 'hf'}", "steps=2",
+                     "optim.warmup_steps=0", "optim.learning_rate=0.01"))
+    assert export_main([str(run_dir), str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == (f"wrote checkpoint step 2 of {run_dir} to {tmp_path / 'out'} with "
+                                               f"tokenizer.json from its init_from")
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
+    ids = np.random.default_rng(1).integers(0, 256, (2, 24))
+    ours = np.asarray(load_trained_model(run_dir)[0](ids))
+    exported = transformers.FalconMambaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        theirs = exported(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4)
+    # trained: not the checkpoint it started from
+    started = transformers.FalconMambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert np.abs(started(torch.tensor(ids)).logits.numpy() - theirs).max() > 1e-2
+    assert default_tokenizer(str(run_dir), True) == tmp_path / "hf" / "tokenizer.json"
+
+    capsys.readouterr()  # transformers' progress bars
+    assert export_main([str(run_dir), str(run_dir)]) == 1
+    assert capsys.readouterr().err == f"error: out_dir: expected another directory than the run's, got '{run_dir}'\n"
+    assert export_main([str(tmp_path / "hf"), str(tmp_path / "x")]) == 1
+    assert "has no config.yaml (not a training run)" in capsys.readouterr().err

@@ -53,7 +53,7 @@ for preset, pkg in (("tiny_falcon", transformer), ("tiny_falcon_mamba", ssm)):
         "compiled_argument_bytes": plan.get("compiled_argument_bytes"), "batch_bytes": batch_bytes,
         "method": plan["activations_method"]}
     # inference: bf16 weights streamed from a checkpoint onto the mesh, and the KV / SSM cache
-    model = family_of(run.model)[0](run.model, seed=0)
+    model = family_of(run.model).lm(run.model, seed=0)
     path = f"{out_dir}/{preset}"
     pkg.save_pretrained(model, path, max_shard_bytes=100_000)
     plan = plan_lib.plan(preset, mesh_args, mode="inference", dtype="bfloat16", batch=8, seq_len=32)

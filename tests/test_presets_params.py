@@ -73,7 +73,7 @@ ROUNDED = {"falcon_7b": 7.22e9, "falcon_40b": 41.8e9, "falcon_180b": 179.5e9, "f
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_preset_parameter_count(preset):
     config = load_config(preset).model
-    model = nnx.eval_shape(lambda: family_of(config)[0](config))
+    model = nnx.eval_shape(lambda: family_of(config).lm(config))
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)   # abstract: nothing allocated
     held = sum(math.prod(leaf.shape) for leaf in leaves)

@@ -270,9 +270,9 @@ def test_param_axes_name_every_dimension_by_what_it_is(family):
                                                 "multi_query=false", "new_decoder_architecture=true",
                                                 "num_kv_heads=2", "ffn_hidden_size=88", "bias=true"])
         names = {96: "vocab", 40: ("embed", "heads", "norm"), 88: "mlp", (4 + 2 * 2) * 10: "heads"}
-    model_cls, param_axes, _ = family_of(cfg)
-    params, _ = flatten_params(nnx.state(nnx.eval_shape(lambda: model_cls(cfg)), nnx.Param))
-    table = param_axes(cfg)
+    family = family_of(cfg)
+    params, _ = flatten_params(nnx.state(nnx.eval_shape(lambda: family.lm(cfg)), nnx.Param))
+    table = family.param_axes(cfg)
     for path, leaf in params.items():
         for size, axis in zip(leaf.shape, logical_axes(table, path)):
             want = names[size]
