@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from configs.schema import ConfigError
-from experiments.models import load_pretrained
+from experiments.models import is_training_run, load_model
 from runtime.safetensors_io import CheckpointError
 from runtime.checks import check_positive_int
 from runtime.generation import check_sampling, generate, stream
@@ -66,10 +66,10 @@ def incremental_text(decode: Callable[[list[int]], str], tokens: Iterable[int]) 
         yield text[len(before):] if text.startswith(before) else "\n" + decode(produced)
 
 
-def default_tokenizer(path: str, train_run: bool) -> Path:
+def default_tokenizer(path: str) -> Path:
     """PATH/tokenizer.json; for a training run started from a Hugging Face directory (init_from in its config.yaml),
     that directory's tokenizer.json."""
-    if train_run:
+    if is_training_run(path):
         run = yaml.safe_load((Path(path) / "config.yaml").read_text())
         if isinstance(run, dict) and run.get("init_from"):
             return Path(run["init_from"]) / "tokenizer.json"
@@ -99,8 +99,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     # everything that needs no model is checked before loading one
-    train_run = (Path(args.path) / "config.yaml").is_file()
-    if args.step is not None and not train_run:
+    if args.step is not None and not is_training_run(args.path):
         raise SystemExit(f"error: --step: expected only with a training run's output_dir (config.yaml + "
                          f"checkpoints/), got {args.step} with {args.path!r}, which has no config.yaml")
     try:
@@ -115,7 +114,7 @@ def main(argv=None) -> None:
     if args.prompt is not None or args.tokenizer is not None:  # --tokenizer with --ids: the output is decoded
         from tokenizers import Tokenizer
 
-        tokenizer_path = Path(args.tokenizer) if args.tokenizer else default_tokenizer(args.path, train_run)
+        tokenizer_path = Path(args.tokenizer) if args.tokenizer else default_tokenizer(args.path)
         if not tokenizer_path.is_file():
             raise SystemExit(f"error: --tokenizer: {str(tokenizer_path)!r} does not exist (text prompts need a "
                              f"tokenizer.json; or pass --ids)")
@@ -132,16 +131,11 @@ def main(argv=None) -> None:
         ids = _parse_ids(args.ids)
 
     try:  # what a path cannot give (no checkpoint, no such step, a misfit config) is one error line
-        if train_run:
-            from experiments.train import load_trained_model
-
-            model, step = load_trained_model(args.path, args.step, args.compute_dtype)
-            print(f"[loaded checkpoint step {step} of {args.path}]", file=sys.stderr)
-        else:
-            overrides = {"compute_dtype": args.compute_dtype} if args.compute_dtype else {}
-            model = load_pretrained(args.path, **overrides)
+        model, step = load_model(args.path, args.step, args.compute_dtype)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}")
+    if step is not None:
+        print(f"[loaded checkpoint step {step} of {args.path}]", file=sys.stderr)
     vocab_size = model.config.vocab_size
     source = "--ids" if args.prompt is None else f"--prompt: the tokenizer {str(tokenizer_path)!r}"
     for flag, tokens in ((source, ids), ("--stop", args.stop or [])):

@@ -62,3 +62,21 @@ def decode_read_bytes(model) -> int:
 def load_pretrained(path: str | os.PathLike, **overrides):
     """A local Hugging Face directory of either family (the family is read from its config.json)."""
     return family_of(model_config_from_hf(Path(path))).from_pretrained(path, **overrides)
+
+
+def is_training_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a training run's output_dir (it has config.yaml) rather than a Hugging Face directory."""
+    return (Path(path) / "config.yaml").is_file()
+
+
+def load_model(path: str | os.PathLike, step: int | None = None, compute_dtype: str | None = None):
+    """(model, checkpoint step) of a training run's output_dir at ``step`` (default: the newest), or (model, None) of
+    a local Hugging Face directory; ``compute_dtype`` None keeps the run's or the config's."""
+    if is_training_run(path):
+        from experiments.train import load_trained_model
+
+        return load_trained_model(path, step, compute_dtype)
+    if step is not None:
+        raise ValueError(f"step: expected only with a training run's output_dir (config.yaml + checkpoints/), got "
+                         f"{step} with {str(path)!r}, which has no config.yaml")
+    return load_pretrained(path, **({"compute_dtype": compute_dtype} if compute_dtype else {})), None

@@ -112,7 +112,7 @@ def test_a_fine_tuned_run_exports_to_a_directory_transformers_loads(tmp_path, ca
     started = transformers.FalconMambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert np.abs(started(torch.tensor(ids)).logits.numpy() - theirs).max() > 1e-2
-    assert default_tokenizer(str(run_dir), True) == tmp_path / "hf" / "tokenizer.json"
+    assert default_tokenizer(str(run_dir)) == tmp_path / "hf" / "tokenizer.json"
 
     capsys.readouterr()  # transformers' progress bars
     assert export_main([str(run_dir), str(run_dir)]) == 1
