@@ -155,7 +155,7 @@ def test_bad_arguments_are_one_error_line_before_loading(tmp_path, monkeypatch, 
     _word_level_tokenizer(tmp_path, 40)
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(generate, "load_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(generate, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(SystemExit, match=f"^error: {message}"):
         generate.main([str(tmp_path), *args])
 
