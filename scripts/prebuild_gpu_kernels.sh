@@ -7,7 +7,8 @@
 #     scripts/prebuild_gpu_kernels.sh [SM] [JOBS]      # SM default 90 (H100/H200), JOBS default nproc
 #
 # EXTENSIONS (default "selective_scan_cuda") picks what to compile: "selective_scan_cuda causal_conv1d_cuda" for
-# both. On this project's 2-core build machine the scan's 9 objects took about 12 minutes (2 at a time; 19 minutes with causal_conv1d's 3).
+# both. On this project's 2-core build machine the scan's 9 objects took about 12 minutes when first built
+# (2 at a time; 19 minutes with causal_conv1d's 3), 3 min 55 s on 2026-12-01.
 #
 # Reads vendor/gpu_sdists/ (scripts/fetch_gpu_sdists.sh), writes vendor/gpu_prebuilt/sm_SM/ (git-ignored):
 # NAME/*.o per extension plus build.txt (nvcc version, flags, date). The flags are the sdists' own setup.py
