@@ -186,6 +186,10 @@ def load_tokens(token_file: str) -> tuple[np.ndarray, int, int]:
     except (OSError, ValueError) as err:
         raise ConfigError(f"config field 'data.token_file': expected a .npy file of token ids, got "
                           f"{token_file!r} ({err})") from None
+    if not isinstance(tokens, np.ndarray):  # an .npz archive loads as an NpzFile of arrays
+        tokens.close()
+        raise ConfigError(f"config field 'data.token_file': expected a .npy file of token ids, got {token_file!r} "
+                          f"(an .npz archive)")
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
         raise ConfigError(f"config field 'data.token_file': expected a non-empty 1-D array of integer token ids, "
                           f"got {token_file!r} with shape {tokens.shape} and dtype {tokens.dtype}")

@@ -167,6 +167,8 @@ def test_bad_token_files_are_named(tmp_path, token_file):
     np.save(tmp_path / "grid.npy", np.zeros((4, 4), np.int32))
     fails(tmp_path / "grid.npy", r"expected a non-empty 1-D array of integer token ids, got '.*grid.npy' with shape "
                                  r"\(4, 4\) and dtype int32")
+    np.savez(tmp_path / "archive.npz", ids=np.arange(64))
+    fails(tmp_path / "archive.npz", r"expected a .npy file of token ids, got '.*archive.npz' \(an .npz archive\)$")
     np.save(tmp_path / "floats.npy", np.zeros(64, np.float32))
     fails(tmp_path / "floats.npy", r"with shape \(64,\) and dtype float32")
     fails(token_file, r"^config field 'data.token_file': expected token ids in \[0, 200\) \(model.vocab_size\), "
