@@ -48,8 +48,7 @@ def load_tokenizer(path: Path):
 
 def tokenize(tokenizer, files: list[Path], eos: int, out: Path) -> int:
     """Writes the ids of ``files`` (each followed by ``eos``) to the .npy ``out``; returns how many."""
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    dtype = np.uint16 if max(vocab, eos + 1) <= 1 << 16 else np.uint32
+    dtype = np.uint16 if tokenizer.get_vocab_size(with_added_tokens=True) <= 1 << 16 else np.uint32
     raw, partial = out.with_name(out.name + ".ids.tmp"), out.with_name(out.name + ".tmp.npy")
     count = 0
     try:
@@ -96,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"{str(args.text_dir)!r}")
         tokenizer, config_eos = load_tokenizer(args.tokenizer)
         eos = config_eos if args.eos is None else args.eos
-        if not (is_int(eos) and eos >= 0):
-            raise ValueError(f"--eos: expected an id >= 0 (or TOKENIZER's config.json eos_token_id), got {eos!r}")
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        if not (is_int(eos) and 0 <= eos < vocab):  # past the vocabulary: a uint32 file or an overflow traceback
+            raise ValueError(f"--eos: expected an id in [0, {vocab}) (the tokenizer's vocabulary; or TOKENIZER's "
+                             f"config.json eos_token_id), got {eos!r}")
         count = tokenize(tokenizer, files, eos, args.out)
     except (ValueError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -69,9 +69,11 @@ def test_bad_arguments_are_named(tmp_path, hf_dir, capsys):
     fails([str(hf_dir / "config.json"), "--text-dir", str(corpus), *out],
           "tokenizer: expected a tokenizer.json of the tokenizers package, got")
     fails([str(hf_dir / "tokenizer.json"), "--text-dir", str(corpus), *out],
-          "--eos: expected an id >= 0 (or TOKENIZER's config.json eos_token_id), got None")
-    fails([str(hf_dir), "--text-dir", str(corpus), "--eos", "-1", *out],
-          "--eos: expected an id >= 0 (or TOKENIZER's config.json eos_token_id), got -1")
+          "--eos: expected an id in [0, 9) (the tokenizer's vocabulary; or TOKENIZER's config.json eos_token_id), "
+          "got None")
+    for eos in ("-1", "9", str(2**32)):  # 2**32 overflowed uint32 with a traceback, 9 wrote an id past the vocabulary
+        fails([str(hf_dir), "--text-dir", str(corpus), "--eos", eos, *out], f"--eos: expected an id in [0, 9) (the "
+              f"tokenizer's vocabulary; or TOKENIZER's config.json eos_token_id), got {eos}")
     (corpus / "b.txt").write_bytes(b"the \xff state")
     fails([str(hf_dir), "--text-dir", str(corpus), *out], f"--text-dir: expected UTF-8 text, got '{corpus / 'b.txt'}'")
     assert not (tmp_path / "t.npy").exists() and not list(tmp_path.glob("t.npy*"))
