@@ -29,6 +29,9 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     out_dir = Path(out_dir)
     if out_dir.resolve() == Path(run_dir).resolve():
         raise ValueError(f"out_dir: expected another directory than the run's, got {str(out_dir)!r}")
+    if run.init_from and out_dir.resolve() == Path(run.init_from).resolve():  # its weights would be overwritten
+        raise ValueError(f"out_dir: expected another directory than the run's init_from (the checkpoint it started "
+                         f"from), got {str(out_dir)!r}")
     model, step = load_trained_model(run_dir, step)
     family_of(model.config).save_pretrained(model, out_dir)
     copied = []

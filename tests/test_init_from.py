@@ -117,5 +117,11 @@ def test_a_fine_tuned_run_exports_to_a_directory_transformers_loads(tmp_path, ca
     capsys.readouterr()  # transformers' progress bars
     assert export_main([str(run_dir), str(run_dir)]) == 1
     assert capsys.readouterr().err == f"error: out_dir: expected another directory than the run's, got '{run_dir}'\n"
+    # into init_from: the pretrained weights were overwritten, then copying the tokenizer onto itself raised
+    weights = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    assert export_main([str(run_dir), str(tmp_path / "hf")]) == 1
+    assert capsys.readouterr().err == (f"error: out_dir: expected another directory than the run's init_from (the "
+                                       f"checkpoint it started from), got '{tmp_path / 'hf'}'\n")
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == weights
     assert export_main([str(tmp_path / "hf"), str(tmp_path / "x")]) == 1
     assert "has no config.yaml (not a training run)" in capsys.readouterr().err
