@@ -12,6 +12,7 @@ See docs/TRAINING.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import signal
@@ -150,13 +151,16 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def check_resume(previous: RunConfig, run: RunConfig, output_dir) -> None:
     """A resumed run continues its checkpoint's model on the same data stream: seed, data.* and the model's
-    fields (but RESUMABLE_MODEL_FIELDS) must equal those in the run's config.yaml. steps, optim, mesh,
-    logging and checkpointing may change (steps= raised resumes a run into its decay; any mesh restores)."""
+    fields (but RESUMABLE_MODEL_FIELDS) must equal those in the run's config.yaml, and so must init_from (a resume
+    never reads it: one added to a randomly initialised run would be ignored, yet recorded in config.yaml, which
+    export and generate read its tokenizer from). steps, optim, mesh, logging and checkpointing may change
+    (steps= raised resumes a run into its decay; any mesh restores)."""
     before, after = _flat(_plain(to_dict(previous))), _flat(_plain(to_dict(run)))
     # the seed, then the model family (another family's fields differ too: model.alibi is not the cause), in order
     for key in sorted(set(before) | set(after), key=lambda k: (k != "seed", k != "model.family", k)):
         section, _, name = key.partition(".")
-        fixed = key == "seed" or section == "data" or (section == "model" and name not in RESUMABLE_MODEL_FIELDS)
+        fixed = (key in ("seed", "init_from") or section == "data"
+                 or (section == "model" and name not in RESUMABLE_MODEL_FIELDS))
         if fixed and before.get(key) != after.get(key):
             raise ConfigError(f"config field '{key}': resuming {str(output_dir)!r} needs the value its checkpoints "
                               f"were trained with, {before.get(key)!r}; got {after.get(key)!r} (a new output_dir "
@@ -277,6 +281,7 @@ def train(run: RunConfig) -> list[dict]:
     setup = prepare(run)
     state_shardings, b_sharding = setup.state_shardings, setup.batch_sharding
     output_dir = Path(run.output_dir)
+    created = [path for path in (output_dir, output_dir / "checkpoints") if not path.exists()]
     try:
         checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
     except OSError as err:
@@ -297,6 +302,9 @@ def train(run: RunConfig) -> list[dict]:
             start = int(position["step"])
     except ValueError:  # a ConfigError, or init_from's CheckpointError
         checkpointer.close()
+        for path in reversed(created):  # a new run refused (a bad init_from) leaves no empty output_dir behind
+            with contextlib.suppress(OSError):  # rmdir: only while empty
+                path.rmdir()
         raise
     if jax.process_index() == 0:  # after a restore: a run that cannot resume leaves its config.yaml as it was
         output_dir.mkdir(parents=True, exist_ok=True)

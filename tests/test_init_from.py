@@ -68,6 +68,17 @@ def test_another_architecture_is_refused_naming_every_field(tmp_path):
         train(run_config("tiny_falcon_mamba", tmp_path / "run", f"init_from={tmp_path / 'nowhere'}"))
     with pytest.raises(ConfigError, match="holds a 'falcon_mamba' model, the run's model.family is 'falcon'"):
         train(run_config("tiny_falcon", tmp_path / "run", f"init_from={tmp_path / 'hf'}"))
+    assert not (tmp_path / "run").exists()  # the refused runs left an empty output_dir/checkpoints
+
+
+def test_a_resume_needs_the_runs_init_from(tmp_path):
+    """A resume never reads init_from: one added to a randomly initialised run was ignored, yet config.yaml then
+    recorded it (and export and generate took its tokenizer)."""
+    train(run_config("tiny_falcon_mamba", tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"^config field 'init_from': resuming .* needs the value its checkpoints "
+                                          r"were trained with, ''; got '.*hf'"):
+        train(run_config("tiny_falcon_mamba", tmp_path / "run", "steps=2", f"init_from={tmp_path / 'hf'}"))
+    assert load_config(tmp_path / "run" / "config.yaml", []).init_from == ""
 
 
 def test_context_extension_fields_may_differ_and_take_the_runs_values(tmp_path, capsys):
