@@ -193,9 +193,11 @@ def load_tokens(token_file: str) -> tuple[np.ndarray, int, int]:
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0:
         raise ConfigError(f"config field 'data.token_file': expected a non-empty 1-D array of integer token ids, "
                           f"got {token_file!r} with shape {tokens.shape} and dtype {tokens.dtype}")
-    block = 1 << 24
-    low = min(int(tokens[i:i + block].min()) for i in range(0, tokens.size, block))
-    high = max(int(tokens[i:i + block].max()) for i in range(0, tokens.size, block))
+    block, low, high = 1 << 24, None, None
+    for i in range(0, tokens.size, block):  # each block read once, for its min and its max
+        part = np.asarray(tokens[i:i + block])
+        low = int(part.min()) if low is None else min(low, int(part.min()))
+        high = int(part.max()) if high is None else max(high, int(part.max()))
     return tokens, low, high
 
 
