@@ -4,17 +4,26 @@
     python -m experiments.tokenize_corpus path/to/falcon-mamba-7b --text-dir my_corpus --out runs/tokens.npy
 
 TOKENIZER is a tokenizer.json (the `tokenizers` package) or a Hugging Face directory holding one. The files
-matching --glob under --text-dir are read as UTF-8 in name order, each encoded whole and followed by the
+matching --glob under --text-dir are read as UTF-8 in name order; each becomes its text's ids (without the
+tokenizer's own special tokens, such as a post-processor's BOS: Falcon's adds none) followed by the
 end-of-sequence id: --eos, or by default the directory's config.json eos_token_id (the first of several). The ids
-go to --out as a 1-D uint16 array where the vocabulary fits 16 bits (uint32 otherwise), streamed file by file
-through a temporary file and renamed into place when complete.
+go to --out as a 1-D uint16 array where the vocabulary fits 16 bits (uint32 otherwise), streamed through a
+temporary file and renamed into place when complete.
+
+Memory stays bounded for files of any size: a file is read and encoded in pieces of about PIECE_CHARS characters,
+cut at the start of a line that begins with a non-space character, and only where encoding the text around the
+cut in one go gives the same ids as encoding its two sides apart (true of byte-level BPE tokenizers such as
+Falcon's). Where the last CUT_TRIES line starts of a piece all fail that check, the piece grows by another
+PIECE_CHARS and is tried again: a tokenizer whose ids change at every line start gets each file encoded whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +32,9 @@ from configs.schema import ConfigError, is_int
 from experiments.cli import check_output_file
 
 BLOCK = 1 << 24  # tokens copied at a time from the temporary file into the .npy
+PIECE_CHARS = 1 << 20  # characters read and encoded at a time
+CUT_CHECK_CHARS = 1 << 12  # characters each side of a cut encoded together to check the cut changes no id
+CUT_TRIES = 8  # line starts tried, from a piece's end backwards, before the piece grows
 
 
 def load_tokenizer(path: Path):
@@ -46,6 +58,44 @@ def load_tokenizer(path: Path):
     return tokenizer, eos
 
 
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def find_cut(tokenizer, text: str) -> int | None:
+    """The last of the last CUT_TRIES positions in ``text`` where a line begins with a non-space character at which
+    the ids of the text around it are the same encoded in one go as apart; None where there is none."""
+    end = len(text)
+    for _ in range(CUT_TRIES):
+        while (newline := text.rfind("\n", 0, end)) >= 0 and text[newline + 1:newline + 2].isspace():
+            end = newline  # a line that begins with a space (or an empty one) does not start a piece
+        if newline < 0 or newline + 1 == len(text):
+            return None
+        cut, end = newline + 1, newline
+        left, right = text[max(cut - CUT_CHECK_CHARS, 0):cut], text[cut:cut + CUT_CHECK_CHARS]
+        if encode(tokenizer, left + right) == encode(tokenizer, left) + encode(tokenizer, right):
+            return cut
+    return None
+
+
+def encode_pieces(tokenizer, file: Path, piece_chars: int = PIECE_CHARS) -> Iterator[list[int]]:
+    """The ids of ``file``'s text, piece by piece (see the module docstring): their concatenation is the ids of
+    the whole text, encoded without special tokens."""
+    text = ""
+    try:
+        with open(file, encoding="utf-8") as stream:
+            while chunk := stream.read(piece_chars):
+                text += chunk
+                cut = find_cut(tokenizer, text)
+                if cut is not None:  # otherwise the piece grows by another chunk
+                    yield encode(tokenizer, text[:cut])
+                    text = text[cut:]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--text-dir: expected UTF-8 text, got {str(file)!r} ({err})") from None
+    if text:
+        yield encode(tokenizer, text)
+
+
 def tokenize(tokenizer, files: list[Path], eos: int, out: Path) -> int:
     """Writes the ids of ``files`` (each followed by ``eos``) to the .npy ``out``; returns how many."""
     dtype = np.uint16 if tokenizer.get_vocab_size(with_added_tokens=True) <= 1 << 16 else np.uint32
@@ -54,13 +104,9 @@ def tokenize(tokenizer, files: list[Path], eos: int, out: Path) -> int:
     try:
         with open(raw, "wb") as sink:
             for file in files:
-                try:
-                    text = file.read_text(encoding="utf-8")
-                except UnicodeDecodeError as err:
-                    raise ValueError(f"--text-dir: expected UTF-8 text, got {str(file)!r} ({err})") from None
-                ids = np.asarray(tokenizer.encode(text).ids + [eos], dtype)
-                sink.write(ids.tobytes())
-                count += ids.size
+                for ids in itertools.chain(encode_pieces(tokenizer, file), [[eos]]):
+                    sink.write(np.asarray(ids, dtype).tobytes())
+                    count += len(ids)
         source = np.memmap(raw, dtype=dtype, mode="r", shape=(count,))
         target = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(count,))
         for start in range(0, count, BLOCK):

@@ -77,3 +77,51 @@ def test_bad_arguments_are_named(tmp_path, hf_dir, capsys):
     (corpus / "b.txt").write_bytes(b"the \xff state")
     fails([str(hf_dir), "--text-dir", str(corpus), *out], f"--text-dir: expected UTF-8 text, got '{corpus / 'b.txt'}'")
     assert not (tmp_path / "t.npy").exists() and not list(tmp_path.glob("t.npy*"))
+
+
+def test_large_files_are_encoded_in_pieces_that_change_no_id(tmp_path, monkeypatch):
+    """A file is read and encoded a piece at a time (memory bounded by the piece, not the file), cut only at line
+    starts where the ids around the cut do not change; the pieces' ids are the ids of the file encoded whole."""
+    from tokenizers import decoders, trainers
+
+    from experiments import tokenize_corpus
+
+    rng = np.random.default_rng(0)
+    words = ["state", "scan", "chunk", "  indented", "'s", "1234", "Zürich", "naïve", "def", "(x)", "\t", ""]
+    lines = [" ".join(rng.choice(words, size=rng.integers(0, 9))) for _ in range(400)]
+    text = "\n".join(lines) + "\n\n  trailing\n"
+    byte_level = Tokenizer(models.BPE())  # Falcon's kind: byte-level BPE
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    byte_level.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    # no pre-tokenizer and a merge across the newline: "\na" is one token, "\nb" two
+    across = Tokenizer(models.BPE({"a": 0, "b": 1, "\n": 2, "\na": 3}, [("\n", "a")]))
+    across_text = "a\na\nb\na\nb" * 50
+    monkeypatch.setattr(tokenize_corpus, "CUT_CHECK_CHARS", 40)
+    for tokenizer, body in ((byte_level, text), (across, across_text)):
+        file = tmp_path / "corpus.txt"
+        file.write_text(body)
+        whole = tokenizer.encode(body).ids
+        pieces = list(tokenize_corpus.encode_pieces(tokenizer, file, piece_chars=97))
+        assert len(pieces) > len(body) // 200  # pieces of about piece_chars, not the whole file
+        assert sum(pieces, []) == whole
+        if tokenizer is across:  # every cut falls before a "b": a cut before an "a" would split "\na"
+            cuts = np.cumsum([sum(len(tokenizer.id_to_token(i)) for i in piece) for piece in pieces])[:-1]
+            assert all(body[cut] == "b" for cut in cuts)
+
+
+def test_special_tokens_of_the_tokenizer_are_left_out(tmp_path, hf_dir):
+    """A post-processor's BOS would otherwise land at the start of every piece of a file; the ids are the text's,
+    then --eos."""
+    from tokenizers import processors
+
+    tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="[UNK] $A", special_tokens=[("[UNK]", 0)])
+    assert tokenizer.encode("the state").ids == [0, 2, 3]
+    tokenizer.save(str(hf_dir / "tokenizer.json"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the state\r\nis")  # read as text: \r\n is a newline
+    assert main([str(hf_dir), "--text-dir", str(corpus), "--out", str(tmp_path / "t.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), [2, 3, 4, 1])
