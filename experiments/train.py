@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import signal
 import sys
 import time
@@ -149,13 +150,25 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def with_absolute_paths(run: RunConfig) -> RunConfig:
+    """``run`` with its input paths (init_from, data.token_file, data.text_dir) made absolute against the working
+    directory, as config.yaml records them: export, generate, evaluate and a resume read them from another
+    directory (a notebook's) too."""
+    def absolute(path: str) -> str:
+        return os.path.abspath(path) if path else path  # "" keeps its meaning (no file; the default corpus)
+
+    data = dataclasses.replace(run.data, token_file=absolute(run.data.token_file),
+                               text_dir=absolute(run.data.text_dir))
+    return dataclasses.replace(run, init_from=absolute(run.init_from), data=data)
+
+
 def check_resume(previous: RunConfig, run: RunConfig, output_dir) -> None:
     """A resumed run continues its checkpoint's model on the same data stream: seed, data.* and the model's
     fields (but RESUMABLE_MODEL_FIELDS) must equal those in the run's config.yaml, and so must init_from (a resume
     never reads it: one added to a randomly initialised run would be ignored, yet recorded in config.yaml, which
     export and generate read its tokenizer from). steps, optim, mesh, logging and checkpointing may change
     (steps= raised resumes a run into its decay; any mesh restores)."""
-    before, after = _flat(_plain(to_dict(previous))), _flat(_plain(to_dict(run)))
+    before, after = (_flat(_plain(to_dict(with_absolute_paths(config)))) for config in (previous, run))
     # the seed, then the model family (another family's fields differ too: model.alibi is not the cause), in order
     for key in sorted(set(before) | set(after), key=lambda k: (k != "seed", k != "model.family", k)):
         section, _, name = key.partition(".")
@@ -277,6 +290,7 @@ def init_from_pretrained(run: RunConfig, setup: Setup) -> dict:
 
 def train(run: RunConfig) -> list[dict]:
     """Trains (or resumes) the run; returns the metrics rows this call logged."""
+    run = with_absolute_paths(run)
     data_lib.check_data(run.data, run.model.vocab_size)  # before anything is built or written
     setup = prepare(run)
     state_shardings, b_sharding = setup.state_shardings, setup.batch_sharding

@@ -95,20 +95,29 @@ def test_context_extension_fields_may_differ_and_take_the_runs_values(tmp_path, 
     assert abs(torch_loss(torch_model, run) - rows[0]["loss"]) > 10 * 1e-5 * rows[0]["loss"]
 
 
-def test_a_fine_tuned_run_exports_to_a_directory_transformers_loads(tmp_path, capsys):
+def test_a_fine_tuned_run_exports_to_a_directory_transformers_loads(tmp_path, capsys, monkeypatch):
     """init_from -> train -> experiments.export: transformers gives the run's logits, the tokenizer comes along, and
-    generate's default tokenizer for the run is init_from's."""
+    generate's default tokenizer for the run is init_from's, from any working directory (config.yaml records
+    init_from given relative as an absolute path)."""
     from tokenizers import Tokenizer, models
 
     from experiments.export import main as export_main
     from experiments.generate import default_tokenizer
-    from experiments.train import load_trained_model
+    from experiments.train import check_resume, load_trained_model
 
     save_checkpoint("tiny_falcon_mamba", tmp_path / "hf")
     Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(tmp_path / "hf" / "tokenizer.json"))
     run_dir = tmp_path / "run"
-    train(run_config("tiny_falcon_mamba", run_dir, f"init_from={tmp_path / 'hf'}", "steps=2",
+    monkeypatch.chdir(tmp_path)
+    train(run_config("tiny_falcon_mamba", run_dir, "init_from=hf", "steps=2",
                      "optim.warmup_steps=0", "optim.learning_rate=0.01"))
+    monkeypatch.chdir(run_dir)
+    recorded = load_config(run_dir / "config.yaml", [])
+    assert recorded.init_from == str(tmp_path / "hf") and recorded.data.text_dir == ""  # "": the default corpus
+    check_resume(recorded, run_config("tiny_falcon_mamba", run_dir, f"init_from={tmp_path / 'hf'}"), run_dir)
+    with pytest.raises(ConfigError, match=f"^config field 'init_from': resuming .* needs the value its checkpoints "
+                                          f"were trained with, '{tmp_path / 'hf'}'; got '{run_dir / 'hf'}'"):
+        check_resume(recorded, run_config("tiny_falcon_mamba", run_dir, "init_from=hf"), run_dir)  # another hf/
     assert export_main([str(run_dir), str(tmp_path / "out")]) == 0
     assert capsys.readouterr().out.strip() == (f"wrote checkpoint step 2 of {run_dir} to {tmp_path / 'out'} with "
                                                f"tokenizer.json from its init_from")
