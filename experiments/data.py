@@ -174,10 +174,20 @@ def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, po
     return _stream(load_corpus(config.text_dir, config.text_glob), config, position, "bytes")
 
 
-@functools.lru_cache(maxsize=4)
 def load_tokens(token_file: str) -> tuple[np.ndarray, int, int]:
     """The tokens task's corpus, memory-mapped (pages are read as windows use them), and its smallest and largest
-    id (one pass over the file, blockwise)."""
+    id (one pass over the file, blockwise; remembered for the file until it is rewritten)."""
+    try:
+        stat = os.stat(token_file)
+        version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:  # named by _load_tokens
+        version = None
+    return _load_tokens(token_file, version)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokens(token_file: str, version: tuple[int, int] | None) -> tuple[np.ndarray, int, int]:
+    del version  # in the cache's key only: a rewritten file is read again
     if not token_file:
         raise ConfigError("config field 'data.token_file': expected a .npy file of token ids for data.task "
                           "'tokens' (python -m experiments.tokenize_corpus writes one), got ''")

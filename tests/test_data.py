@@ -173,3 +173,16 @@ def test_bad_token_files_are_named(tmp_path, token_file):
     fails(tmp_path / "floats.npy", r"with shape \(64,\) and dtype float32")
     fails(token_file, r"^config field 'data.token_file': expected token ids in \[0, 200\) \(model.vocab_size\), "
                       r"got ids from 0 to 255 in", vocab=200)
+
+
+def test_a_rewritten_token_file_is_read_again(tmp_path):
+    """The memory map and the id range are remembered per file version: a file rewritten in place (tokenize_corpus
+    run again) gave the old windows, and the old range check, in the same process."""
+    path = tmp_path / "tokens.npy"
+    config = DataConfig(task="tokens", token_file=str(path), batch_size=1, seq_len=4)
+    np.save(path, np.arange(16, dtype=np.uint16))
+    np.testing.assert_array_equal(batch_at(config, 256, 0, 0)["inputs"][0, 0], [0, 1, 2, 3])
+    np.save(path, np.arange(300, 332, dtype=np.uint16))
+    with pytest.raises(ConfigError, match=r"expected token ids in \[0, 256\) .* got ids from 300 to 331"):
+        batch_at(config, 256, 0, 0)
+    np.testing.assert_array_equal(batch_at(config, 400, 0, 0)["inputs"][0, 0], [300, 301, 302, 303])
