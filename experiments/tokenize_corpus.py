@@ -67,9 +67,11 @@ def find_cut(tokenizer, text: str) -> int | None:
     the ids of the text around it are the same encoded in one go as apart; None where there is none."""
     end = len(text)
     for _ in range(CUT_TRIES):
-        while (newline := text.rfind("\n", 0, end)) >= 0 and text[newline + 1:newline + 2].isspace():
-            end = newline  # a line that begins with a space (or an empty one) does not start a piece
-        if newline < 0 or newline + 1 == len(text):
+        while (newline := text.rfind("\n", 0, end)) >= 0 and not text[newline + 1:newline + 2].strip():
+            # a line that begins with a space (or an empty one) does not start a piece, nor does a newline that
+            # ends the text (what follows it is not read yet): the line starts before it are tried
+            end = newline
+        if newline < 0:
             return None
         cut, end = newline + 1, newline
         left, right = text[max(cut - CUT_CHECK_CHARS, 0):cut], text[cut:cut + CUT_CHECK_CHARS]

@@ -125,3 +125,18 @@ def test_special_tokens_of_the_tokenizer_are_left_out(tmp_path, hf_dir):
     (corpus / "a.txt").write_text("the state\r\nis")  # read as text: \r\n is a newline
     assert main([str(hf_dir), "--text-dir", str(corpus), "--out", str(tmp_path / "t.npy")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), [2, 3, 4, 1])
+
+
+def test_a_piece_that_ends_at_a_newline_is_still_cut(tmp_path):
+    """Lines whose length divides the piece size end every piece read with a newline: the line starts before it
+    are tried (only the final one, whose line is not read yet, was, and failing it the file was encoded whole)."""
+    from experiments import tokenize_corpus
+
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    file = tmp_path / "fixed_width.txt"
+    body = "the state is\n" * 400  # 13 characters a line, pieces of 130
+    file.write_text(body)
+    pieces = list(tokenize_corpus.encode_pieces(tokenizer, file, piece_chars=130))
+    assert len(pieces) > 40 and max(map(len, pieces)) <= 30
+    assert sum(pieces, []) == tokenizer.encode(body).ids
