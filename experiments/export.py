@@ -32,6 +32,8 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     if run.init_from and out_dir.resolve() == Path(run.init_from).resolve():  # its weights would be overwritten
         raise ValueError(f"out_dir: expected another directory than the run's init_from (the checkpoint it started "
                          f"from), got {str(out_dir)!r}")
+    if out_dir.exists() and not out_dir.is_dir():  # found before the model is loaded, not by save_pretrained
+        raise ValueError(f"out_dir: expected a directory (new or existing), got {str(out_dir)!r}, which is a file")
     model, step = load_trained_model(run_dir, step)
     family_of(model.config).save_pretrained(model, out_dir)
     copied = []
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         step, copied = export(args.run_dir, args.out_dir, args.step)
-    except (ValueError, FileNotFoundError) as err:  # ConfigError and CheckpointError are ValueErrors
+    except (ValueError, OSError) as err:  # ConfigError, CheckpointError: ValueErrors; OSError: out_dir unwritable
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote checkpoint step {step} of {args.run_dir} to {args.out_dir}"

@@ -145,3 +145,26 @@ def test_a_fine_tuned_run_exports_to_a_directory_transformers_loads(tmp_path, ca
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == weights
     assert export_main([str(tmp_path / "hf"), str(tmp_path / "x")]) == 1
     assert "has no config.yaml (not a training run)" in capsys.readouterr().err
+
+
+def test_export_into_a_file_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """out_dir an existing file is refused before the model is loaded; an out_dir that cannot be made (under a file)
+    is an error line, not a traceback."""
+    import yaml
+
+    from configs import to_dict
+    from experiments import export
+    from experiments.models import build_model
+    from experiments.train import _plain
+
+    run = run_config("tiny_falcon_mamba", tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(export, "load_trained_model", lambda *a: pytest.fail("loaded the model"))
+    assert export.main([str(tmp_path / "run"), str(tmp_path / "file")]) == 1
+    assert capsys.readouterr().err == (f"error: out_dir: expected a directory (new or existing), got "
+                                       f"'{tmp_path / 'file'}', which is a file\n")
+    monkeypatch.setattr(export, "load_trained_model", lambda *a: (build_model(run.model), 1))
+    assert export.main([str(tmp_path / "run"), str(tmp_path / "file" / "out")]) == 1
+    assert capsys.readouterr().err.startswith("error: [Errno 20] Not a directory:")
