@@ -24,7 +24,7 @@ import numpy as np
 
 from experiments.cli import check_output_file
 from experiments.data import load_tokens
-from experiments.models import load_model
+from experiments.models import is_training_run, load_model
 from runtime.checks import check_positive_int
 
 
@@ -44,15 +44,19 @@ def bucket_losses(nll: np.ndarray) -> list[dict]:
     return rows
 
 
+def check_enough_tokens(size: int, sequences: int, length: int) -> None:
+    if sequences * length > size:
+        raise ValueError(f"--sequences x --length: expected at most the file's {size} tokens, got "
+                         f"{sequences} x {length} = {sequences * length}")
+
+
 def windows(token_file: str, vocab_size: int, sequences: int, length: int) -> np.ndarray:
     """The first ``sequences`` consecutive windows of ``length`` ids of ``token_file``: (sequences, length) int32."""
     tokens, low, high = load_tokens(token_file)
     if low < 0 or high >= vocab_size:
         raise ValueError(f"--token-file: expected ids in [0, {vocab_size}) (the model's vocab_size), got ids from "
                          f"{low} to {high} in {token_file!r}")
-    if sequences * length > tokens.size:
-        raise ValueError(f"--sequences x --length: expected at most the file's {tokens.size} tokens, got "
-                         f"{sequences} x {length} = {sequences * length}")
+    check_enough_tokens(tokens.size, sequences, length)
     return np.asarray(tokens[:sequences * length], np.int32).reshape(sequences, length)
 
 
@@ -82,7 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--length: expected at least 2 (a token and the one it predicts), got {args.length}")
         if args.json:
             check_output_file("--json", args.json)
-        load_tokens(args.token_file)
+        check_enough_tokens(load_tokens(args.token_file)[0].size, args.sequences, args.length)
+        if args.step is not None and not is_training_run(args.path):
+            raise ValueError(f"--step: expected only with a training run's output_dir (config.yaml + checkpoints/), "
+                             f"got {args.step} with {args.path!r}, which has no config.yaml")
         model, step = load_model(args.path, args.step, args.compute_dtype)
         ids = windows(args.token_file, model.config.vocab_size, args.sequences, args.length)
     except (ValueError, FileNotFoundError) as err:  # ConfigError and CheckpointError are ValueErrors

@@ -52,11 +52,15 @@ def test_matches_transformers_on_the_files_first_windows(checkpoint, tmp_path):
     (["--length", "1"], "--length: expected at least 2"),
     (["--length", "100", "--sequences", "3"], "--sequences x --length: expected at most the file's 200 tokens, got "
                                               "3 x 100 = 300"),
-    (["--length", "10", "--step", "3"], "step: expected only with a training run's output_dir"),
+    (["--length", "10", "--step", "3"], "--step: expected only with a training run's output_dir"),
     (["--length", "10", "--chunk-size", "0"], "--chunk-size: expected a positive integer, got 0"),
 ])
-def test_bad_arguments_are_one_error_line(checkpoint, argv, message):
+def test_bad_arguments_are_one_error_line(checkpoint, argv, message, monkeypatch):
+    """Each found before the model is loaded (a 7B model took minutes to load, then the file was too short)."""
+    import experiments.position_loss as position_loss
+
     path, _ = checkpoint
+    monkeypatch.setattr(position_loss, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(SystemExit, match=f"^error: {message}"):
         main([str(path / "hf"), "--token-file", str(path / "tokens.npy"), *argv])
 
@@ -66,6 +70,6 @@ def test_ids_outside_the_vocabulary_and_missing_files_are_named(checkpoint, tmp_
     np.save(tmp_path / "big.npy", np.array([1, 2, 48, 3], np.uint16))
     with pytest.raises(SystemExit, match=r"^error: --token-file: expected ids in \[0, 48\) \(the model's vocab_size\), "
                                          r"got ids from 1 to 48"):
-        main([str(path / "hf"), "--token-file", str(tmp_path / "big.npy"), "--length", "2"])
+        main([str(path / "hf"), "--token-file", str(tmp_path / "big.npy"), "--length", "2", "--sequences", "2"])
     with pytest.raises(SystemExit, match=r"^error: --token-file: expected a .npy file of token ids, got '.*none.npy'"):
         main([str(path / "hf"), "--token-file", str(tmp_path / "none.npy"), "--length", "2"])
