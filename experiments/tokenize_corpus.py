@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--out: expected a path ending in .npy, got {str(args.out)!r}")
         from experiments.data import corpus_files
 
-        files = corpus_files(str(args.text_dir), args.glob) if args.text_dir.is_dir() else []
+        try:
+            files = corpus_files(str(args.text_dir), args.glob) if args.text_dir.is_dir() else []
+        except ConfigError as err:  # it names the trainer's fields; here they are flags
+            raise ValueError(str(err).replace("config field 'data.text_glob'", "--glob")
+                             .replace("data.text_dir", "--text-dir")) from None
         if not files:
             raise ValueError(f"--text-dir: expected a directory with files matching {args.glob!r} (--glob), got "
                              f"{str(args.text_dir)!r}")

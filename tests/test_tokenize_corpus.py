@@ -64,6 +64,8 @@ def test_bad_arguments_are_named(tmp_path, hf_dir, capsys):
           f"--out: expected a path ending in .npy, got '{tmp_path / 't.bin'}'")
     fails([str(hf_dir), "--text-dir", str(tmp_path / "none"), *out],
           f"--text-dir: expected a directory with files matching '*.txt' (--glob), got '{tmp_path / 'none'}'")
+    fails([str(hf_dir), "--text-dir", str(corpus), "--glob", "", *out],
+          "--glob: expected a non-empty glob pattern relative to --text-dir, got ''")  # named 'data.text_glob'
     fails([str(tmp_path), "--text-dir", str(corpus), *out],
           f"tokenizer: expected a tokenizer.json or a directory holding one, got '{tmp_path}'")
     fails([str(hf_dir / "config.json"), "--text-dir", str(corpus), *out],
