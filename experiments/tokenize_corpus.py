@@ -12,9 +12,10 @@ temporary file and renamed into place when complete.
 
 Memory stays bounded for files of any size: a file is read and encoded in pieces of about PIECE_CHARS characters,
 cut at the start of a line that begins with a non-space character, and only where encoding the text around the
-cut in one go gives the same ids as encoding its two sides apart (true of byte-level BPE tokenizers such as
-Falcon's). Where the last CUT_TRIES line starts of a piece all fail that check, the piece grows by another
-PIECE_CHARS and is tried again: a tokenizer whose ids change at every line start gets each file encoded whole.
+cut in one go (CUT_CHECK_CHARS each side, all of them read) gives the same ids as encoding its two sides apart
+(true of byte-level BPE tokenizers such as Falcon's). Where the last CUT_TRIES line starts of a piece all fail
+that check, the piece grows by another PIECE_CHARS and is tried again: a tokenizer whose ids change at every line
+start gets each file encoded whole.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def encode(tokenizer, text: str) -> list[int]:
 def find_cut(tokenizer, text: str) -> int | None:
     """The last of the last CUT_TRIES positions in ``text`` where a line begins with a non-space character at which
     the ids of the text around it are the same encoded in one go as apart; None where there is none."""
-    end = len(text)
+    # a cut needs CUT_CHECK_CHARS read after it: a check cut short by the end of the text read so far can pass where
+    # the rest of the line, not read yet, would merge across the cut
+    end = max(len(text) - CUT_CHECK_CHARS, 0)
     for _ in range(CUT_TRIES):
         while (newline := text.rfind("\n", 0, end)) >= 0 and not text[newline + 1:newline + 2].strip():
             # a line that begins with a space (or an empty one) does not start a piece, nor does a newline that

@@ -129,11 +129,12 @@ def test_special_tokens_of_the_tokenizer_are_left_out(tmp_path, hf_dir):
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), [2, 3, 4, 1])
 
 
-def test_a_piece_that_ends_at_a_newline_is_still_cut(tmp_path):
+def test_a_piece_that_ends_at_a_newline_is_still_cut(tmp_path, monkeypatch):
     """Lines whose length divides the piece size end every piece read with a newline: the line starts before it
     are tried (only the final one, whose line is not read yet, was, and failing it the file was encoded whole)."""
     from experiments import tokenize_corpus
 
+    monkeypatch.setattr(tokenize_corpus, "CUT_CHECK_CHARS", 26)
     tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     file = tmp_path / "fixed_width.txt"
@@ -142,3 +143,19 @@ def test_a_piece_that_ends_at_a_newline_is_still_cut(tmp_path):
     pieces = list(tokenize_corpus.encode_pieces(tokenizer, file, piece_chars=130))
     assert len(pieces) > 40 and max(map(len, pieces)) <= 30
     assert sum(pieces, []) == tokenizer.encode(body).ids
+
+
+def test_a_cut_is_checked_on_text_read_after_it(tmp_path, monkeypatch):
+    """A cut near the end of the text read so far was checked on the part of its line read yet: "\na" showed no
+    merge across the newline where "\nab" has one (no pre-tokenizer; "ab" merges first, then "\n" + "ab")."""
+    from experiments import tokenize_corpus
+
+    monkeypatch.setattr(tokenize_corpus, "CUT_CHECK_CHARS", 40)
+    tokenizer = Tokenizer(models.BPE({"a": 0, "b": 1, "\n": 2, "ab": 3, "\nab": 4, "c": 5},
+                                     [("a", "b"), ("\n", "ab")]))
+    file = tmp_path / "corpus.txt"
+    body = "cc\nab" * 200 + "\ncc\n" + "cc\nc" * 200  # cuts only in the second half, before a "c"
+    file.write_text(body)
+    for piece_chars in (97, 98, 99):  # pieces read up to a line's "a" (its "b" unread), or not
+        pieces = list(tokenize_corpus.encode_pieces(tokenizer, file, piece_chars=piece_chars))
+        assert len(pieces) > 5 and sum(pieces, []) == tokenizer.encode(body).ids
