@@ -166,6 +166,18 @@ def _stream(corpus: np.ndarray, config: DataConfig, position: int, unit: str) ->
     return _shifted(seq, np.ones(seq.shape, np.float32))
 
 
+def stream_windows(config: DataConfig) -> int | None:
+    """How many rows the bytes or tokens stream (``_stream``) reads before a window starts again at text an
+    earlier row read: the number of held-out sequences its corpus holds. None for the synthetic tasks."""
+    if config.task == "bytes":
+        size = load_corpus(config.text_dir, config.text_glob).size
+    elif config.task == "tokens":
+        size = load_tokens(config.token_file)[0].size
+    else:
+        return None
+    return -(-max(size - (config.seq_len + 1), 1) // config.seq_len)  # starts n * seq_len below the wrap
+
+
 def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:
     """A byte-level LM stream over the corpus of data.text_dir / data.text_glob (``_stream``)."""
     if vocab_size < 256:

@@ -7,7 +7,8 @@ Loads the run's checkpoint (default: the newest) and its config.yaml, draws ``--
 run's task (data.task, data.seq_len, data.num_items; key=value overrides change them, e.g. a longer
 data.seq_len) from seeds no training batch uses (for data.task "bytes" and "tokens", which read their corpus
 rather than a seed, from text the run did not train on: a bytes run needs data.text_dir=DIR or data.text_glob=GLOB
-naming other files, a tokens run another data.token_file; a run of a synthetic task never read a corpus), and
+naming other files, a tokens run another data.token_file; a run of a synthetic task never read a corpus; and no
+more sequences than the windows that corpus holds, so none is scored twice), and
 compares argmax of the logits with the targets wherever the task's loss mask is set. Prints and returns
 {"token_accuracy", "sequence_accuracy" (every masked token of the sequence right), "loss" (the mean cross entropy
 of the masked tokens, nats; exp of it is the perplexity), "sequences", "tokens", "task", "seq_len", "step"};
@@ -30,7 +31,7 @@ import numpy as np
 from configs import load_config
 from configs.schema import ConfigError
 from experiments.cli import check_output_file
-from experiments.data import batch_at, check_data, corpus_files
+from experiments.data import batch_at, check_data, corpus_files, stream_windows
 from experiments.train import load_trained_model, run_config_path
 from runtime.checks import check_positive_int
 
@@ -114,6 +115,11 @@ def main(argv=None) -> dict:
         check_data(dataclasses.replace(run.data, batch_size=1, grad_accum=1, length_curriculum=()),
                    run.model.vocab_size)
         check_held_out(trained.data, run.data)
+        windows = stream_windows(run.data)
+        if windows is not None and args.sequences > windows:  # more would wrap around and score text twice
+            raise ValueError(f"--sequences: expected at most {windows} (the windows of data.seq_len "
+                             f"{run.data.seq_len} the held-out corpus holds, each scored once), got "
+                             f"{args.sequences}")
         model, step = load_trained_model(args.output_dir, args.step)
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         raise SystemExit(f"error: {err}")

@@ -197,3 +197,29 @@ def test_the_batch_is_at_most_the_sequences(monkeypatch):
     result = masked_accuracy(SelectiveCopyingOracle(), DATA, sequences=3, batch_size=64, seed=3)
     assert sizes == [3] and result == {"token_accuracy": 1.0, "sequence_accuracy": 1.0, "sequences": 3,
                                        "tokens": 12, "loss": pytest.approx(RIGHT_NLL, rel=1e-6)}
+
+
+def test_a_corpus_task_scores_each_window_of_the_held_out_file_once(tmp_path):
+    """The bytes and tokens streams wrap around at the corpus's end: --sequences past the windows a held-out file
+    holds scored its text twice and counted it as more held-out tokens. It is refused before the model loads."""
+    import yaml
+
+    from configs import load_config, to_dict
+    from experiments import evaluate as evaluate_lib
+    from experiments.data import batch_at, stream_windows
+    from experiments.train import _plain
+
+    np.save(tmp_path / "held_out.npy", np.arange(100, dtype=np.uint16))
+    run = load_config("tiny_falcon_mamba", [f"output_dir={tmp_path}", "data.task=tokens", "data.seq_len=10",
+                                            f"data.token_file={tmp_path / 'train.npy'}"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
+    held_out = dataclasses.replace(run.data, token_file=str(tmp_path / "held_out.npy"), batch_size=10)
+    assert stream_windows(held_out) == 9 and stream_windows(DATA) is None
+    starts = batch_at(held_out, 256, 0, 0)["inputs"][0, :, 0]
+    assert list(starts[:9]) == list(range(0, 90, 10)) and starts[9] < 90  # the tenth row reads text again
+    argv = [str(tmp_path), f"data.token_file={tmp_path / 'held_out.npy'}"]
+    with pytest.raises(SystemExit, match=r"^error: --sequences: expected at most 9 \(the windows of data.seq_len 10 "
+                                         r"the held-out corpus holds, each scored once\), got 10$"):
+        evaluate_lib.main([*argv, "--sequences", "10"])
+    with pytest.raises(SystemExit, match="has no checkpoint yet"):  # 9 pass: the model is loaded next
+        evaluate_lib.main([*argv, "--sequences", "9"])
