@@ -10,12 +10,12 @@ end-of-sequence id: --eos, or by default the directory's config.json eos_token_i
 go to --out as a 1-D uint16 array where the vocabulary fits 16 bits (uint32 otherwise), streamed through a
 temporary file and renamed into place when complete.
 
-Memory stays bounded for files of any size: a file is read and encoded in pieces of about PIECE_CHARS characters,
-cut at the start of a line that begins with a non-space character, and only where encoding the text around the
-cut in one go (CUT_CHECK_CHARS each side, all of them read) gives the same ids as encoding its two sides apart
-(true of byte-level BPE tokenizers such as Falcon's). Where the last CUT_TRIES line starts of a piece all fail
-that check, the piece grows by another PIECE_CHARS and is tried again: a tokenizer whose ids change at every line
-start gets each file encoded whole.
+Memory stays bounded for files of any size: a file is read and encoded in pieces of about PIECE_CHARS characters
+(one piece per CPU at a time, by the tokenizer's threads), cut at the start of a line that begins with a non-space
+character, and only where encoding the text around the cut in one go (CUT_CHECK_CHARS each side, all of them
+read) gives the same ids as encoding its two sides apart (true of byte-level BPE tokenizers such as Falcon's).
+Where the last CUT_TRIES line starts of a piece all fail that check, the piece grows by another PIECE_CHARS and
+is tried again: a tokenizer whose ids change at every line start gets each file encoded whole.
 """
 
 from __future__ import annotations
@@ -83,22 +83,33 @@ def find_cut(tokenizer, text: str) -> int | None:
     return None
 
 
-def encode_pieces(tokenizer, file: Path, piece_chars: int = PIECE_CHARS) -> Iterator[list[int]]:
+def encode_pieces(tokenizer, file: Path, piece_chars: int = PIECE_CHARS,
+                  parallel: int | None = None) -> Iterator[list[int]]:
     """The ids of ``file``'s text, piece by piece (see the module docstring): their concatenation is the ids of
-    the whole text, encoded without special tokens."""
-    text = ""
+    the whole text, encoded without special tokens. ``parallel`` pieces (default: one per CPU) are encoded at a
+    time, by the tokenizer's threads."""
+    parallel = parallel or os.cpu_count() or 1
+    pieces, text = [], ""
+
+    def encoded():
+        yield from (encoding.ids for encoding in tokenizer.encode_batch(pieces, add_special_tokens=False))
+        pieces.clear()
+
     try:
         with open(file, encoding="utf-8") as stream:
             while chunk := stream.read(piece_chars):
                 text += chunk
                 cut = find_cut(tokenizer, text)
                 if cut is not None:  # otherwise the piece grows by another chunk
-                    yield encode(tokenizer, text[:cut])
+                    pieces.append(text[:cut])
                     text = text[cut:]
+                if len(pieces) == parallel:
+                    yield from encoded()
     except UnicodeDecodeError as err:
         raise ValueError(f"--text-dir: expected UTF-8 text, got {str(file)!r} ({err})") from None
     if text:
-        yield encode(tokenizer, text)
+        pieces.append(text)
+    yield from encoded()
 
 
 def tokenize(tokenizer, files: list[Path], eos: int, out: Path) -> int:
