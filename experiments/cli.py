@@ -36,3 +36,14 @@ def check_output_file(name: str, path: str) -> None:
                "is not writable" if path.exists() and not os.access(path, os.W_OK) else None)
     if problem:
         raise ValueError(f"{name}: expected a file path in a writable directory, got {str(path)!r} ({problem})")
+
+
+def error_line(err: Exception, flags: dict[str, str]) -> str:
+    """``error: <message>`` for a library error whose message starts with the name of what it checked (``step:``,
+    ``config field 'data.token_file':``), that name replaced by the command's flag for it (``flags``:
+    {"step": "--step"})."""
+    message = str(err)
+    for name, flag in flags.items():
+        if message.startswith(f"{name}:"):
+            message = flag + message[len(name):]
+    return f"error: {message}"

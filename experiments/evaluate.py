@@ -30,7 +30,7 @@ import numpy as np
 
 from configs import load_config
 from configs.schema import ConfigError
-from experiments.cli import check_output_file
+from experiments.cli import check_output_file, error_line
 from experiments.data import batch_at, check_data, corpus_files, stream_windows
 from experiments.train import load_trained_model, run_config_path
 from runtime.checks import check_positive_int
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
                              f"{args.sequences}")
         model, step = load_trained_model(args.output_dir, args.step)
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(error_line(err, {"step": "--step"}))
     result = masked_accuracy(model, run.data, sequences=args.sequences, batch_size=args.batch_size,
                              seed=run.seed + EVAL_SEED_OFFSET)
     result.update(task=run.data.task, seq_len=run.data.seq_len, step=step)

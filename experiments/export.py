@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from configs import load_config
+from experiments.cli import error_line
 from experiments.models import family_of
 from experiments.train import load_trained_model, run_config_path
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         step, copied = export(args.run_dir, args.out_dir, args.step)
     except (ValueError, OSError) as err:  # ConfigError, CheckpointError: ValueErrors; OSError: out_dir unwritable
-        print(f"error: {err}", file=sys.stderr)
+        print(error_line(err, {"step": "--step"}), file=sys.stderr)
         return 1
     print(f"wrote checkpoint step {step} of {args.run_dir} to {args.out_dir}"
           + (f" with {', '.join(copied)} from its init_from" if copied else ""))

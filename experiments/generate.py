@@ -21,7 +21,8 @@ import numpy as np
 import yaml
 
 from configs.schema import ConfigError
-from experiments.models import is_training_run, load_model
+from experiments.cli import error_line
+from experiments.models import check_step, is_training_run, load_model
 from runtime.safetensors_io import CheckpointError
 from runtime.checks import check_positive_int
 from runtime.generation import check_sampling, generate, stream
@@ -99,10 +100,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     # everything that needs no model is checked before loading one
-    if args.step is not None and not is_training_run(args.path):
-        raise SystemExit(f"error: --step: expected only with a training run's output_dir (config.yaml + "
-                         f"checkpoints/), got {args.step} with {args.path!r}, which has no config.yaml")
     try:
+        check_step(args.path, args.step)
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         if args.chunk_size is not None:
             check_positive_int("chunk_size", args.chunk_size)
@@ -133,7 +132,7 @@ def main(argv=None) -> None:
     try:  # what a path cannot give (no checkpoint, no such step, a misfit config) is one error line
         model, step = load_model(args.path, args.step, args.compute_dtype)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(error_line(err, {"step": "--step"}))
     if step is not None:
         print(f"[loaded checkpoint step {step} of {args.path}]", file=sys.stderr)
     vocab_size = model.config.vocab_size

@@ -69,14 +69,20 @@ def is_training_run(path: str | os.PathLike) -> bool:
     return (Path(path) / "config.yaml").is_file()
 
 
+def check_step(path: str | os.PathLike, step: int | None) -> None:
+    """ValueError unless ``step`` is None or ``path`` is a training run (a Hugging Face directory has one set of
+    weights), checked before anything is loaded."""
+    if step is not None and not is_training_run(path):
+        raise ValueError(f"step: expected only with a training run's output_dir (config.yaml + checkpoints/), got "
+                         f"{step} with {str(path)!r}, which has no config.yaml")
+
+
 def load_model(path: str | os.PathLike, step: int | None = None, compute_dtype: str | None = None):
     """(model, checkpoint step) of a training run's output_dir at ``step`` (default: the newest), or (model, None) of
     a local Hugging Face directory; ``compute_dtype`` None keeps the run's or the config's."""
+    check_step(path, step)
     if is_training_run(path):
         from experiments.train import load_trained_model
 
         return load_trained_model(path, step, compute_dtype)
-    if step is not None:
-        raise ValueError(f"step: expected only with a training run's output_dir (config.yaml + checkpoints/), got "
-                         f"{step} with {str(path)!r}, which has no config.yaml")
     return load_pretrained(path, **({"compute_dtype": compute_dtype} if compute_dtype else {})), None

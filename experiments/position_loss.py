@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.cli import check_output_file
+from experiments.cli import check_output_file, error_line
 from experiments.data import load_tokens
-from experiments.models import is_training_run, load_model
+from experiments.models import check_step, load_model
 from runtime.checks import check_positive_int
 
 
@@ -87,13 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.json:
             check_output_file("--json", args.json)
         check_enough_tokens(load_tokens(args.token_file)[0].size, args.sequences, args.length)
-        if args.step is not None and not is_training_run(args.path):
-            raise ValueError(f"--step: expected only with a training run's output_dir (config.yaml + checkpoints/), "
-                             f"got {args.step} with {args.path!r}, which has no config.yaml")
+        check_step(args.path, args.step)
         model, step = load_model(args.path, args.step, args.compute_dtype)
         ids = windows(args.token_file, model.config.vocab_size, args.sequences, args.length)
     except (ValueError, FileNotFoundError) as err:  # ConfigError and CheckpointError are ValueErrors
-        raise SystemExit(f"error: {str(err).replace(TOKEN_FILE_FIELD, '--token-file')}")
+        raise SystemExit(error_line(err, {"step": "--step", TOKEN_FILE_FIELD: "--token-file"}))
     start = time.perf_counter()
     nll = position_loss(model, ids, args.chunk_size, args.batch_size)
     seconds = time.perf_counter() - start

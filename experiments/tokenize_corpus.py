@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {count} tokens of {len(files)} files to {args.out}")
+    print(f"wrote {count} tokens of {len(files)} file{'' if len(files) == 1 else 's'} to {args.out}")
     return 0
 
 

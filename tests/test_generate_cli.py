@@ -101,7 +101,7 @@ def test_generate_from_a_training_run(tmp_path):
     with pytest.raises(ConfigError, match=r"step: expected one of the checkpoints in .*\[3\], got 7"):
         load_trained_model(out, step=7)
     result = _run(out, "--ids", "5", "--step", "7")
-    assert result.returncode == 1 and result.stderr.startswith("error: step: expected one of the checkpoints"), \
+    assert result.returncode == 1 and result.stderr.startswith("error: --step: expected one of the checkpoints"), \
         result.stderr
     (out / "config.yaml").unlink()
     with pytest.raises(ConfigError, match=r"checkpoint 3 in .*: parameter 'embeddings.embedding' has shape "
