@@ -166,14 +166,21 @@ def _stream(corpus: np.ndarray, config: DataConfig, position: int, unit: str) ->
     return _shifted(seq, np.ones(seq.shape, np.float32))
 
 
+def corpus_size(config: DataConfig) -> int | None:
+    """The bytes or tokens task's corpus size (bytes, tokens): where its stream wraps around, and what a resume
+    checks (a corpus rewritten under the same name is another stream). None for the synthetic tasks."""
+    if config.task == "bytes":
+        return int(load_corpus(config.text_dir, config.text_glob).size)
+    if config.task == "tokens":
+        return int(load_tokens(config.token_file)[0].size)
+    return None
+
+
 def stream_windows(config: DataConfig) -> int | None:
     """How many rows the bytes or tokens stream (``_stream``) reads before a window starts again at text an
     earlier row read: the number of held-out sequences its corpus holds. None for the synthetic tasks."""
-    if config.task == "bytes":
-        size = load_corpus(config.text_dir, config.text_glob).size
-    elif config.task == "tokens":
-        size = load_tokens(config.token_file)[0].size
-    else:
+    size = corpus_size(config)
+    if size is None:
         return None
     return -(-max(size - (config.seq_len + 1), 1) // config.seq_len)  # starts n * seq_len below the wrap
 

@@ -180,14 +180,29 @@ def check_resume(previous: RunConfig, run: RunConfig, output_dir) -> None:
                               f"starts a new run)")
 
 
+def data_position(step: int, run: RunConfig, corpus: int | None) -> dict:
+    """What a checkpoint records of the data stream: the step, task and seed, and the corpus size of the bytes
+    and tokens tasks (``corpus``: data.corpus_size)."""
+    return {"step": step, "task": run.data.task, "seed": run.seed,
+            **({"corpus_size": corpus} if corpus is not None else {})}
+
+
 def check_position(position: dict, run: RunConfig, output_dir) -> None:
-    """A checkpoint's data position ({"step", "task", "seed"}) fits the resumed run: the same seed and task (the
-    stream; checked here too as config.yaml may be gone, and check_resume with it), steps not below its step."""
+    """A checkpoint's data position (``data_position``) fits the resumed run: the same seed and task (the
+    stream; checked here too as config.yaml may be gone, and check_resume with it), the same corpus size (a
+    token file or text directory rewritten under the same name is another stream), steps not below its step."""
     step = int(position["step"])
     for field, key, value in (("seed", "seed", run.seed), ("data.task", "task", run.data.task)):
         if position.get(key, value) != value:
             raise ConfigError(f"config field '{field}': resuming {str(output_dir)!r} needs the value its "
                               f"checkpoint step {step} was trained with, {position[key]!r}; got {value!r}")
+    size = data_lib.corpus_size(run.data) if "corpus_size" in position else None  # older checkpoints: not kept
+    if size is not None and size != position["corpus_size"]:
+        field, corpus, unit = (("data.token_file", repr(run.data.token_file), "tokens") if run.data.task == "tokens"
+                               else ("data.text_dir", f"{run.data.text_dir!r} / {run.data.text_glob!r}", "bytes"))
+        raise ConfigError(f"config field '{field}': resuming {str(output_dir)!r} needs the corpus its checkpoint "
+                          f"step {step} was trained on, of {position['corpus_size']} {unit}; got "
+                          f"{size} in {corpus} (rewritten since; a new output_dir starts a new run)")
     if step > run.steps:
         raise ConfigError(f"config field 'steps': expected at least {step} (the newest checkpoint in "
                           f"{str(output_dir)!r}; a resume continues it), got {run.steps}")
@@ -328,11 +343,12 @@ def train(run: RunConfig) -> list[dict]:
     stop = _StopFlag()
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     logged, last_saved, tokens = [], start, 0
+    corpus = data_lib.corpus_size(run.data)
 
     def save(step, state):  # checkpoint ``step`` (the state after that many updates) unless it is saved already
         nonlocal last_saved
         if step != last_saved:
-            checkpointer.save(step, state, {"step": step, "task": run.data.task, "seed": run.seed})
+            checkpointer.save(step, state, data_position(step, run, corpus))
             last_saved = step
 
     def load_batch(step):  # (host arrays, global arrays in the batch sharding) of ``step``

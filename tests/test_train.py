@@ -390,3 +390,29 @@ def test_train_step_clips_the_gradient_by_its_global_norm_and_reports_the_applie
     np.testing.assert_allclose(float(metrics["learning_rate"]), run.optim.learning_rate / 4, rtol=1e-6)
     assert "remat" in str(jax.make_jaxpr(make("full"))(state, batch))  # jax.checkpoint: the remat2 primitive
     assert "remat" not in str(jax.make_jaxpr(step)(state, batch))
+
+
+def test_a_resume_needs_the_corpus_its_checkpoint_read(tmp_path):
+    """A token file rewritten under the same name (tokenize_corpus run again on more text) is another stream: a
+    resume continued it at the old position, silently. The checkpoint's data position keeps the corpus size; a
+    resume on a corpus of another size is refused naming the file and both sizes (the size only: a rewrite of the
+    same size resumes, as the last lines show). Run on the real trainer."""
+    from configs import load_config
+    from configs.schema import ConfigError
+    from experiments.train import train
+
+    token_file = tmp_path / "tokens.npy"
+    np.save(token_file, np.random.default_rng(0).integers(0, 256, 4000).astype(np.uint16))
+    common = [f"output_dir={tmp_path / 'run'}", "data.task=tokens", f"data.token_file={token_file}",
+              "data.seq_len=16", "data.batch_size=2", "model.num_hidden_layers=1", "checkpoint_every=2"]
+    train(load_config("tiny_falcon_mamba", [*common, "steps=2"]))
+    position = json.loads(next((tmp_path / "run" / "checkpoints" / "2").glob("data*/*")).read_text())
+    assert position == {"step": 2, "task": "tokens", "seed": 0, "corpus_size": 4000}
+    np.save(token_file, np.random.default_rng(1).integers(0, 256, 5000).astype(np.uint16))
+    with pytest.raises(ConfigError, match=re.escape(
+            f"config field 'data.token_file': resuming '{tmp_path / 'run'}' needs the corpus its checkpoint step 2 "
+            f"was trained on, of 4000 tokens; got 5000 in '{token_file}' (rewritten since; a new output_dir starts "
+            f"a new run)")):
+        train(load_config("tiny_falcon_mamba", [*common, "steps=4"]))
+    np.save(token_file, np.random.default_rng(2).integers(0, 256, 4000).astype(np.uint16))
+    assert [row["step"] for row in train(load_config("tiny_falcon_mamba", [*common, "steps=4"]))][-1] == 4
