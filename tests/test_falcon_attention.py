@@ -56,6 +56,31 @@ def test_xla_and_blockwise_match_reference(q_len, kv_len, q_offset, kv_length, w
     np.testing.assert_allclose(blockwise, xla, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 1), (6, 2)])
+def test_every_head_layout_with_per_row_positions_matches_reference(heads, kv_heads):
+    """Multi-head, multi-query and grouped queries (heads-major inside) with a q_offset and kv_length per row (a
+    KV cache's prefill of 7 tokens and rows at other lengths), ALiBi on, blocks of 16 over 50 keys; rows are
+    compared one at a time with the reference at their own scalars."""
+    q, k, v = _qkv(3, 7, 50, heads, kv_heads, 8, seed=heads + kv_heads)
+    bias = alibi_bias(heads, 50) / math.sqrt(8)
+    q_offset, kv_length = np.array([0, 20, 43]), np.array([7, 27, 50])
+    expected = np.concatenate([_reference(q[i:i + 1], k[i:i + 1], v[i:i + 1], bias, q_offset[i], kv_length[i])
+                               for i in range(3)])
+    kw = dict(key_bias=bias, q_offset=q_offset, kv_length=kv_length)
+    for impl in ("xla", "blockwise"):
+        out = jax.jit(lambda q, k, v: attention(q, k, v, impl=impl, block_size=16, **kw))(q, k, v)
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=5e-6)
+
+
+def test_empty_queries_give_an_empty_output():
+    """No query rows (q_len 0, or batch 0): an empty result as before the heads-major layout, not a
+    ZeroDivisionError from the (group * q_len) split."""
+    for q_shape, k_shape in (((2, 0, 4, 8), (2, 5, 2, 8)), ((0, 3, 4, 8), (0, 5, 2, 8))):
+        q, k = jnp.zeros(q_shape), jnp.ones(k_shape)
+        for impl in ("xla", "blockwise"):
+            assert attention(q, k, k, impl=impl).shape == q_shape
+
+
 def test_blockwise_bf16_close_to_fp32():
     q, k, v = _qkv(1, 130, 130, 4, 1, 16)
     fp32 = np.asarray(attention(q, k, v, impl="blockwise", block_size=32))

@@ -3,9 +3,10 @@
 Layouts are channels-last: queries (batch, q_len, heads, head_dim), keys and values
 (batch, kv_len, kv_heads, head_dim). Query head h reads kv head h // (heads // kv_heads); keys and values are
 never repeated per query head: inside, the queries of a kv head are the rows of one matrix (batch, kv_heads,
-group * q_len, head_dim), one matmul per (batch, kv head) against the keys in their own layout. On the 2-core
-CPU this made the tiny_falcon train step (16 x 512 tokens, multi-query) 2.3x faster and its prefill 3x faster
-than einsums over a separate (kv_heads, group) pair of axes, decode unchanged (docs/BENCHMARKS.md). Queries sit at
+group * q_len, head_dim), one matmul per (batch, kv head) against the keys in their own layout. On a 2-core CPU
+this made the tiny_falcon train step (8 x 512 tokens, multi-query) 1.95x faster than einsums over a separate
+(kv_heads, group) pair of axes (docs/BENCHMARKS.md, "The attention layout"; 2.3x at 16 x 512, prefill 3x faster
+and decode unchanged when the change was made, commit 5af1a7d). Queries sit at
 positions ``q_offset + arange(q_len)``, keys at ``arange(kv_len)``, and only the first ``kv_length`` keys are
 valid, so a KV cache of fixed size can be passed as keys and values.
 
@@ -118,19 +119,21 @@ def _heads_major(q: jax.Array, kv_heads: int) -> jax.Array:
     batch, q_len, heads, head_dim = q.shape
     if heads % kv_heads:
         raise ValueError(f"attention: query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-    return q.reshape(batch, kv_heads, -1, head_dim)
+    group = heads // kv_heads
+    q = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    return q.reshape(batch, kv_heads, group * q_len, head_dim)  # sizes spelt out: -1 fails on an empty q
 
 
 def _scores(q: jax.Array, k: jax.Array, scale: float, key_bias: jax.Array | None, q_pos: jax.Array,
-            k_pos: jax.Array, kv_length) -> jax.Array:
+            k_pos: jax.Array, kv_length, group: int) -> jax.Array:
     """fp32 masked scores (batch, kv_heads, group * q_len, k_len) of heads-major q (``_heads_major``) and k
-    (batch, k_len, kv_heads, head_dim); key_bias (kv_heads, group, k_len)."""
+    (batch, k_len, kv_heads, head_dim); key_bias (kv_heads, group, k_len); ``group`` = rows / q_len (given: q_len
+    may be 0)."""
     batch, kv_heads, rows, _ = q.shape
     q_len, k_len = q_pos.shape[1], k.shape[1]
     s = jnp.einsum("bhqd,bkhd->bhqk", q, k, precision=matmul_precision(q.dtype),
                    preferred_element_type=jnp.float32) * scale
-    s = s.reshape(batch, kv_heads, rows // q_len, q_len, k_len)
+    s = s.reshape(batch, kv_heads, group, q_len, k_len)
     if key_bias is not None:
         s = s + key_bias[None, :, :, None, :]
     # q_pos (batch, q_len), kv_length (batch,): per-row causal and cache-length visibility (batch, q_len, k_len)
@@ -187,7 +190,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_bias: jax.Array |
         return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
     if impl == "xla":
-        p = jax.nn.softmax(_scores(qh, k, scale, bias, q_pos, jnp.arange(kv_len), kv_length), axis=-1)
+        p = jax.nn.softmax(_scores(qh, k, scale, bias, q_pos, jnp.arange(kv_len), kv_length, group), axis=-1)
         return heads_last(jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v, precision=precision,
                                      preferred_element_type=jnp.float32))
 
@@ -206,7 +209,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_bias: jax.Array |
     def step(carry, xs):
         m, l, acc = carry
         index, kb, vb, bb = xs
-        s = _scores(qh, kb, scale, bb, q_pos, index * block_size + jnp.arange(block_size), kv_length)
+        s = _scores(qh, kb, scale, bb, q_pos, index * block_size + jnp.arange(block_size), kv_length,
+                    group)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
