@@ -5,10 +5,10 @@
 
 TOKENIZER is a tokenizer.json (the `tokenizers` package) or a Hugging Face directory holding one. The files
 matching --glob under --text-dir are read as UTF-8 in name order; each becomes its text's ids (without the
-tokenizer's own special tokens, such as a post-processor's BOS: Falcon's adds none) followed by the
-end-of-sequence id: --eos, or by default the directory's config.json eos_token_id (the first of several). The ids
-go to --out as a 1-D uint16 array where the vocabulary fits 16 bits (uint32 otherwise), streamed through a
-temporary file and renamed into place when complete.
+tokenizer's own special tokens, such as a post-processor's BOS: Falcon's adds none; nor padded or truncated,
+whatever the tokenizer.json sets) followed by the end-of-sequence id: --eos, or by default the directory's
+config.json eos_token_id (the first of several). The ids go to --out as a 1-D uint16 array where the vocabulary
+fits 16 bits (uint32 otherwise), streamed through a temporary file and renamed into place when complete.
 
 Memory stays bounded for files of any size: a file is read and encoded in pieces of about PIECE_CHARS characters
 (one piece per CPU at a time, by the tokenizer's threads), cut at the start of a line that begins with a non-space
@@ -39,7 +39,8 @@ CUT_TRIES = 8  # line starts tried, from a piece's end backwards, before the pie
 
 
 def load_tokenizer(path: Path):
-    """(Tokenizer, config.json's first eos_token_id or None) of a tokenizer.json or a directory holding one."""
+    """(Tokenizer, config.json's first eos_token_id or None) of a tokenizer.json or a directory holding one; its
+    padding and truncation, if the file sets any, turned off."""
     from tokenizers import Tokenizer
 
     file = path / "tokenizer.json" if path.is_dir() else path
@@ -50,6 +51,10 @@ def load_tokenizer(path: Path):
     except Exception as err:  # noqa: BLE001 - the tokenizers package raises a bare Exception for a bad file
         raise ValueError(f"tokenizer: expected a tokenizer.json of the tokenizers package, got {str(file)!r}: "
                          f"{err}") from None
+    # a tokenizer.json may carry padding and truncation settings (made for model inputs): a corpus is encoded
+    # whole, so a piece is neither padded to the longest of its batch (encode_batch) nor cut at max_length
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
     eos = None
     if path.is_dir() and (path / "config.json").is_file():
         from configs.hf import read_json

@@ -129,6 +129,29 @@ def test_special_tokens_of_the_tokenizer_are_left_out(tmp_path, hf_dir):
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), [2, 3, 4, 1])
 
 
+def test_padding_and_truncation_of_the_tokenizer_json_are_turned_off(tmp_path, hf_dir, monkeypatch):
+    """A tokenizer.json saved with padding (to the longest of a batch) and truncation (max_length 4): every piece
+    was cut to 4 ids, and pieces encoded together by encode_batch were padded to the longest of them. The corpus
+    is the text's ids, then --eos."""
+    from experiments import tokenize_corpus
+
+    tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    tokenizer.enable_padding(pad_id=0, pad_token="[UNK]")
+    tokenizer.enable_truncation(max_length=4)
+    tokenizer.save(str(hf_dir / "tokenizer.json"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    body = "the state is carried across chunks\n" * 6 + "tokens\n" * 8
+    (corpus / "a.txt").write_text(body)
+    ids = [WORDS.index(word) for word in body.split()]
+    assert main([str(hf_dir), "--text-dir", str(corpus), "--out", str(tmp_path / "t.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), ids + [1])
+    monkeypatch.setattr(tokenize_corpus, "CUT_CHECK_CHARS", 20)
+    loaded, _ = tokenize_corpus.load_tokenizer(hf_dir)
+    pieces = list(tokenize_corpus.encode_pieces(loaded, corpus / "a.txt", piece_chars=40, parallel=4))
+    assert len(pieces) > 4 and sum(pieces, []) == ids
+
+
 def test_a_piece_that_ends_at_a_newline_is_still_cut(tmp_path, monkeypatch):
     """Lines whose length divides the piece size end every piece read with a newline: the line starts before it
     are tried (only the final one, whose line is not read yet, was, and failing it the file was encoded whole)."""
