@@ -36,7 +36,11 @@ def export(run_dir: str | Path, out_dir: str | Path, step: int | None = None) ->
     if out_dir.exists() and not out_dir.is_dir():  # found before the model is loaded, not by save_pretrained
         raise ValueError(f"out_dir: expected a directory (new or existing), got {str(out_dir)!r}, which is a file")
     model, step = load_trained_model(run_dir, step)
-    family_of(model.config).save_pretrained(model, out_dir)
+    try:
+        family_of(model.config).save_pretrained(model, out_dir)
+    except OSError as err:  # under a file, not writable, the disk full: named by the argument, not [Errno N] alone
+        raise ValueError(f"out_dir: expected a directory this process can create and write, got {str(out_dir)!r} "
+                         f"({err})") from None
     copied = []
     for name in TOKENIZER_FILES if run.init_from else ():
         if (Path(run.init_from) / name).is_file():
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         step, copied = export(args.run_dir, args.out_dir, args.step)
-    except (ValueError, OSError) as err:  # ConfigError, CheckpointError: ValueErrors; OSError: out_dir unwritable
+    except (ValueError, OSError) as err:  # ConfigError, CheckpointError: ValueErrors; OSError: a tokenizer file copy
         print(error_line(err, {"step": "--step"}), file=sys.stderr)
         return 1
     print(f"wrote checkpoint step {step} of {args.run_dir} to {args.out_dir}"

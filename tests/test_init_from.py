@@ -169,4 +169,5 @@ def test_export_into_a_file_is_one_error_line(tmp_path, capsys, monkeypatch):
                                        f"'{tmp_path / 'file'}', which is a file\n")
     monkeypatch.setattr(export, "load_trained_model", lambda *a: (build_model(run.model), 1))
     assert export.main([str(tmp_path / "run"), str(tmp_path / "file" / "out")]) == 1
-    assert capsys.readouterr().err.startswith("error: [Errno 20] Not a directory:")
+    assert capsys.readouterr().err.startswith(f"error: out_dir: expected a directory this process can create and "
+                                              f"write, got '{tmp_path / 'file' / 'out'}' ([Errno 20] Not a directory:")
