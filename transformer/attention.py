@@ -5,8 +5,8 @@ Layouts are channels-last: queries (batch, q_len, heads, head_dim), keys and val
 never repeated per query head: inside, the queries of a kv head are the rows of one matrix (batch, kv_heads,
 group * q_len, head_dim), one matmul per (batch, kv head) against the keys in their own layout. On a 2-core CPU
 this made the tiny_falcon train step (8 x 512 tokens, multi-query) 1.95x faster than einsums over a separate
-(kv_heads, group) pair of axes (docs/BENCHMARKS.md, "The attention layout"; 2.3x at 16 x 512, prefill 3x faster
-and decode unchanged when the change was made, commit 5af1a7d). Queries sit at
+(kv_heads, group) pair of axes, its prefill into a KV cache 5-6x faster, decode unchanged (docs/BENCHMARKS.md,
+"The attention layout"). Queries sit at
 positions ``q_offset + arange(q_len)``, keys at ``arange(kv_len)``, and only the first ``kv_length`` keys are
 valid, so a KV cache of fixed size can be passed as keys and values.
 
