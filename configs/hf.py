@@ -2,8 +2,8 @@
 
 Handled formats: transformers' ``falcon_mamba``, ``mamba`` and ``falcon`` configs, mamba_ssm's own config.json
 (``d_model``, ``n_layer``, ``ssm_cfg``) and TII's original Falcon configs (model_type ``RefinedWebModel`` for
-7B and RW, ``RefinedWeb`` for 40B, with ``n_head``, ``n_layer``, ``n_head_kv``). Keys that do not affect the math (``use_cache``, ``architectures``,
-``torch_dtype``...) are ignored on import.
+7B and RW, ``RefinedWeb`` for 40B, with ``n_head``, ``n_layer``, ``n_head_kv``). Keys that do not affect the math
+(``use_cache``, ``architectures``, ``torch_dtype``...) are ignored on import.
 """
 
 from __future__ import annotations

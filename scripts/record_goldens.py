@@ -1,7 +1,7 @@
 """Records golden inputs and outputs for tests/test_golden.py.
 
     python scripts/record_goldens.py oracle [--out tests/golden]   # float64 NumPy oracle (tests/oracle.py), any machine
-    python scripts/record_goldens.py cuda   [--out tests/golden]   # mamba_ssm's / causal_conv1d's CUDA kernels, on a GPU
+    python scripts/record_goldens.py cuda   [--out tests/golden]   # mamba_ssm's / causal_conv1d's CUDA kernels (GPU)
 
 Writes <out>/<backend>/<case>.npz (inputs as ``in_<name>``, outputs as ``out_<name>``, options as ``opt_<name>``)
 and <out>/<backend>/provenance.json, into a new folder that replaces the old set only once both are written. The

@@ -75,8 +75,8 @@ def test_command_line_on_a_trained_run(tmp_path):
     evaluate = [sys.executable, "-m", "experiments.evaluate", str(out)]
     four_devices = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([*evaluate, "--sequences", "5", "--batch-size", "2", "data.seq_len=40",
-                             "--json", str(tmp_path / "acc.json")], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env=four_devices)
+                             "--json", str(tmp_path / "acc.json")], capture_output=True, text=True, timeout=300,
+                            cwd=ROOT, env=four_devices)
     assert result.returncode == 0, result.stderr[-2000:]
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed == json.loads((tmp_path / "acc.json").read_text())

@@ -13,7 +13,8 @@ import numpy as np
 from experiments import induction_heads
 from experiments.data import TRIGGER_TOKEN
 
-TINY = ["--steps", "3", "--curriculum", "8:1", "--train-length", "16", "--batch-size", "4", "--min-log2", "3", "--max-log2", "6",
+TINY = ["--steps", "3", "--curriculum", "8:1", "--train-length", "16", "--batch-size", "4", "--min-log2", "3",
+        "--max-log2", "6",
         "--falcon-max-log2", "5", "--eval-sequences", "3", "--eval-tokens", "64", "--falcon-eval-tokens", "64",
         "--min-sequences", "2", "--eval-batch", "2", "--chunk-size", "16", "--falcon-chunk-size", "8",
         "--set", "model.num_hidden_layers=1"]

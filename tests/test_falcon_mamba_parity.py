@@ -166,7 +166,8 @@ def test_tensors_the_config_does_not_use_are_refused(tmp_path):
     config["num_hidden_layers"] = kwargs["num_hidden_layers"] - 1
     (tmp_path / "config.json").write_text(json.dumps(config))
     last = kwargs["num_hidden_layers"] - 1
-    with pytest.raises(CheckpointError, match=rf"tensor\(s\) that the config does not use: 'backbone\.layers\.{last}\."):
+    with pytest.raises(CheckpointError,
+                       match=rf"tensor\(s\) that the config does not use: 'backbone\.layers\.{last}\."):
         ssm.from_pretrained(tmp_path)
 
 

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_notebook_runs_on_a_tiny_configuration(tmp_path, monkeypatch):
     out = tmp_path / "ih"
-    induction_heads.main(["--output-dir", str(out), "--steps", "2", "--curriculum", "none", "--train-length", "16", "--batch-size", "2",
+    induction_heads.main(["--output-dir", str(out), "--steps", "2", "--curriculum", "none", "--train-length", "16",
+                          "--batch-size", "2",
                           "--min-log2", "3", "--max-log2", "4", "--eval-sequences", "2", "--eval-batch", "2",
                           "--chunk-size", "8", "--skip-falcon", "--no-plot"])
     monkeypatch.setenv("IH_RESULTS_DIR", str(out))

@@ -1,11 +1,12 @@
-"""The selective scan (ssm/scan.py) against the float64 NumPy oracle (tests/oracle.py), and its forms against each other.
+"""The selective scan (ssm/scan.py) against the float64 NumPy oracle (tests/oracle.py), and its forms against each
+other.
 
 * forward, "reference", "sequential" and "chunked" (and "auto"): out and last state vs ``selective_scan_oracle`` over a
   covering set of mamba_ssm's test matrix (seqlen, dim, dstate, B/C layouts and groups, D, z, delta_bias,
   softplus, return_last_state, chunk_size), fp32 and bf16, with mamba_ssm's tolerances;
 * initial_state: vs the oracle, and a scan split in two (state carried across) == the whole scan;
-* gradients: "sequential" and "chunked" == "reference" (plain autodiff) for every differentiable input; "reference" vs central finite
-  differences of the float64 oracle;
+* gradients: "sequential" and "chunked" == "reference" (plain autodiff) for every differentiable input; "reference"
+  vs central finite differences of the float64 oracle;
 * selective_state_update stepped over a sequence == selective_scan_fn over it (outputs and final state);
 * argument checking: wrong shapes / dtypes raise naming the argument;
 * memory: XLA's compiled temp memory for the gradient of "sequential" and "chunked" is well below one fp32

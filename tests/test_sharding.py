@@ -179,7 +179,8 @@ REMAT_CHECK = textwrap.dedent("""
 
     def compile_step(preset, tensor=2):
         compiled_step_hlo(load_config(preset, ["model.num_hidden_layers=1", "data.seq_len=8", "data.batch_size=8",
-                                               "mesh.data=2", f"mesh.fsdp={8 // 2 // tensor}", f"mesh.tensor={tensor}"]))
+                                               "mesh.data=2", f"mesh.fsdp={8 // 2 // tensor}",
+                                               f"mesh.tensor={tensor}"]))
         os.write(2, f"=== compiled {preset}\\n".encode())  # after XLA's own stderr lines of this compile
 
     compile_step("tiny_falcon_mamba")

@@ -66,7 +66,8 @@ def bench_scans(args) -> list[dict]:
     B = jax.random.normal(keys[3], (b, l, 1, dstate))
     C = jax.random.normal(keys[4], (b, l, 1, dstate))
     rows = []
-    for impl, chunk in (("reference", None), ("sequential", 64), ("sequential", 256), ("chunked", 64), ("chunked", 256)):
+    for impl, chunk in (("reference", None), ("sequential", 64), ("sequential", 256), ("chunked", 64),
+                        ("chunked", 256)):
         def run(u, delta, A, B, C, impl=impl, chunk=chunk):
             return selective_scan(u, delta, A, B, C, delta_softplus=True, impl=impl, chunk_size=chunk)[0]
 
