@@ -233,11 +233,16 @@ def _load_tokens(token_file: str, version: tuple[int, int] | None) -> tuple[np.n
 def tokens_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:
     """An LM stream over data.token_file's pre-tokenized ids (``_stream``), every id checked to be in the
     model's vocabulary."""
-    tokens, low, high = load_tokens(config.token_file)
+    return _stream(load_vocab_tokens(config.token_file, vocab_size), config, position, "tokens")
+
+
+def load_vocab_tokens(token_file: str, vocab_size: int) -> np.ndarray:
+    """``load_tokens``' memory-mapped ids, checked to be in a model's vocabulary [0, vocab_size)."""
+    tokens, low, high = load_tokens(token_file)
     if low < 0 or high >= vocab_size:
         raise ConfigError(f"config field 'data.token_file': expected token ids in [0, {vocab_size}) "
-                          f"(model.vocab_size), got ids from {low} to {high} in {config.token_file!r}")
-    return _stream(tokens, config, position, "tokens")
+                          f"(model.vocab_size), got ids from {low} to {high} in {token_file!r}")
+    return tokens
 
 
 TASKS: dict[str, Callable[[DataConfig, int, np.random.Generator, int], Batch]] = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.cli import check_output_file, error_line
-from experiments.data import load_tokens
+from experiments.data import load_tokens, load_vocab_tokens
 from experiments.models import check_step, load_model
 from runtime.checks import check_positive_int
 
@@ -52,10 +52,7 @@ def check_enough_tokens(size: int, sequences: int, length: int) -> None:
 
 def windows(token_file: str, vocab_size: int, sequences: int, length: int) -> np.ndarray:
     """The first ``sequences`` consecutive windows of ``length`` ids of ``token_file``: (sequences, length) int32."""
-    tokens, low, high = load_tokens(token_file)
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"--token-file: expected ids in [0, {vocab_size}) (the model's vocab_size), got ids from "
-                         f"{low} to {high} in {token_file!r}")
+    tokens = load_vocab_tokens(token_file, vocab_size)
     check_enough_tokens(tokens.size, sequences, length)
     return np.asarray(tokens[:sequences * length], np.int32).reshape(sequences, length)
 

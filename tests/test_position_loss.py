@@ -68,7 +68,7 @@ def test_bad_arguments_are_one_error_line(checkpoint, argv, message, monkeypatch
 def test_ids_outside_the_vocabulary_and_missing_files_are_named(checkpoint, tmp_path):
     path, _ = checkpoint
     np.save(tmp_path / "big.npy", np.array([1, 2, 48, 3], np.uint16))
-    with pytest.raises(SystemExit, match=r"^error: --token-file: expected ids in \[0, 48\) \(the model's vocab_size\), "
+    with pytest.raises(SystemExit, match=r"^error: --token-file: expected token ids in \[0, 48\) \(model.vocab_size\), "
                                          r"got ids from 1 to 48"):
         main([str(path / "hf"), "--token-file", str(tmp_path / "big.npy"), "--length", "2", "--sequences", "2"])
     with pytest.raises(SystemExit, match=r"^error: --token-file: expected a .npy file of token ids, got '.*none.npy'"):
