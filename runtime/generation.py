@@ -6,8 +6,8 @@
     for tokens in stream(model, prompt_ids, ...): ...   # one (batch,) array per step, as it is produced
 
 The prompt is prefilled chunk by chunk (model.prefill); the decode loop is one jit-compiled lax.while_loop
-that stops when every row has produced a stop token or max_new_tokens. Streaming runs the same jitted
-sample-and-step function from Python, one step at a time.
+that stops when every row has produced a stop token or max_new_tokens. Streaming runs the same jitted sampling
+and model step from Python, one token at a time.
 """
 
 from __future__ import annotations
@@ -69,35 +69,43 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _sample_and_step(model, logits, state, key, done, stop_tokens, sampling):
-    """Samples a token per row (NO_TOKEN for rows already done), then feeds it; returns the new carry."""
+def _sample(logits, key, done, stop_tokens, sampling):
+    """A token per row from the logits: (tokens, emitted: NO_TOKEN for rows already done, key, done)."""
     key, sub = jax.random.split(key)
     tokens = sample_logits(logits, sub, sampling)
     emitted = jnp.where(done, NO_TOKEN, tokens)
-    done = done | jnp.isin(tokens, stop_tokens)
+    return tokens, emitted, key, done | jnp.isin(tokens, stop_tokens)
+
+
+def _feed(model, tokens, state):
+    """The model run on one token per row: (next logits, state)."""
     hidden, state = model.run(tokens[:, None], state)
-    return emitted, model.logits(hidden[:, 0]), state, key, done
+    return model.logits(hidden[:, 0]), state
 
 
-_jit_sample_and_step = nnx.jit(_sample_and_step, static_argnames=("sampling",))
+# A token is fed to the model only when another is to be sampled after it: max_new_tokens tokens cost
+# max_new_tokens - 1 model steps and KV-cache positions, and stream yields each token as soon as it is sampled.
+_jit_sample = jax.jit(_sample, static_argnames=("sampling",))
+_jit_feed = nnx.jit(_feed)
 
 
 @nnx.jit(static_argnames=("sampling", "max_new_tokens"))
 def _decode_loop(model, logits, state, key, stop_tokens, sampling, max_new_tokens):
     batch = logits.shape[0]
-    out = jnp.full((batch, max_new_tokens), NO_TOKEN, jnp.int32)
+    tokens, emitted, key, done = _sample(logits, key, jnp.zeros((batch,), bool), stop_tokens, sampling)
+    out = jnp.full((batch, max_new_tokens), NO_TOKEN, jnp.int32).at[:, 0].set(emitted)
 
     def cond(carry):
         i, _, _, _, _, done = carry
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, out, logits, state, key, done = carry
-        emitted, logits, state, key, done = _sample_and_step(model, logits, state, key, done, stop_tokens, sampling)
-        return i + 1, out.at[:, i].set(emitted), logits, state, key, done
+        i, out, tokens, state, key, done = carry
+        logits, state = _feed(model, tokens, state)
+        tokens, emitted, key, done = _sample(logits, key, done, stop_tokens, sampling)
+        return i + 1, out.at[:, i].set(emitted), tokens, state, key, done
 
-    carry = (jnp.int32(0), out, logits, state, key, jnp.zeros((batch,), bool))
-    steps, out, *_ = lax.while_loop(cond, body, carry)
+    steps, out, *_ = lax.while_loop(cond, body, (jnp.int32(1), out, tokens, state, key, done))
     return out, steps
 
 
@@ -131,7 +139,7 @@ def _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size
     # checked before init_state sizes the state from its shape: a ragged list named (not NumPy's message), no rows
     # named as input_ids (not init_state's batch_size)
     input_ids = check_token_ids(input_ids, model.config.vocab_size)
-    state = model.init_state(input_ids.shape[0], max_len=input_ids.shape[1] + max_new_tokens)
+    state = model.init_state(input_ids.shape[0], max_len=input_ids.shape[1] + max_new_tokens - 1)
     logits, state = model.prefill(input_ids, state, chunk_size=chunk_size, attention_mask=attention_mask,
                                   lengths=lengths)
     return _finite(logits), state
@@ -162,7 +170,8 @@ def _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens) -> Ge
 def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = ()) -> Generated:
     """Decodes up to max_new_tokens in one jit-compiled loop from a prefilled (logits, state): prefill's
-    last-position logits (batch, vocab) and its DecodeState (a KV cache needs room for max_new_tokens more)."""
+    last-position logits (batch, vocab) and its DecodeState (a KV cache needs room for max_new_tokens - 1 more:
+    the last token is not fed)."""
     sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
     check_rank("logits", logits, (2,), "(batch, vocab_size): prefill's last-position logits")
     check_float("logits", logits)
@@ -171,7 +180,9 @@ def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.
                          f"{tuple(logits.shape)}")
     logits = _finite(jnp.asarray(logits, jnp.float32))  # the loop carries the model's fp32 logits
     model._check_state(state, logits.shape[0])
-    model._check_fits(state, max_new_tokens, name="max_new_tokens")  # the loop's writes past the cache would clamp
+    # the loop's writes past the cache would clamp; the last token sampled is never fed
+    model._check_fits(state, max_new_tokens - 1, name="max_new_tokens",
+                      note=f" (the last of {max_new_tokens} new tokens is not fed to the model)")
     return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)
 
 
@@ -197,9 +208,10 @@ def stream(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, t
 
 def _steps(model, logits, state, seed, stops, sampling, max_new_tokens) -> Iterator[np.ndarray]:
     key, done = jax.random.PRNGKey(seed), jnp.zeros((logits.shape[0],), bool)
-    for _ in range(max_new_tokens):
-        emitted, logits, state, key, done = _jit_sample_and_step(model, logits, state, key, done, stops,
-                                                                 sampling=sampling)
+    for i in range(max_new_tokens):
+        if i:
+            logits, state = _jit_feed(model, tokens, state)  # the previous iteration's tokens
+        tokens, emitted, key, done = _jit_sample(logits, key, done, stops, sampling=sampling)
         yield np.asarray(emitted)
         if bool(jnp.all(done)):
             return

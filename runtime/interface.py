@@ -227,7 +227,7 @@ class CausalLM(nnx.Module):
                 raise ValueError(f"state{jax.tree_util.keystr(path)}: expected shape {want.shape} {want.dtype} (this "
                                  f"model's init_state), got {shape_of(got)} {getattr(got, 'dtype', None)}")
 
-    def _check_fits(self, state, new_tokens: int, name: str = "input_ids") -> None:
+    def _check_fits(self, state, new_tokens: int, name: str = "input_ids", note: str = "") -> None:
         """A KV cache's lengths are token counts (>= 0: they are the positions) with room for ``new_tokens`` more;
         a state without capacity (Falcon Mamba's, whose lengths only count) is not read back from the device."""
         capacity = self.state_capacity(state)
@@ -238,7 +238,7 @@ class CausalLM(nnx.Module):
             used = int(lengths.max())
             if used + new_tokens > capacity:
                 raise ValueError(f"{name}: {new_tokens} new tokens after {used} cached ones need {used + new_tokens}"
-                                 f" positions, but the KV cache holds max_len={capacity}; init_state with a "
+                                 f" positions{note}, but the KV cache holds max_len={capacity}; init_state with a "
                                  f"larger max_len")
 
     def prefill(self, input_ids, state, chunk_size=None, attention_mask=None, lengths=None):

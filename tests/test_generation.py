@@ -159,17 +159,21 @@ def test_bad_prompts_are_named(model, input_ids, message):
 
 
 def test_decode_refuses_a_cache_without_room(model):
-    """decode's loop writes max_new_tokens positions; past a KV cache's max_len the writes would clamp onto its
-    last slot, so it refuses first, naming max_new_tokens (a Mamba state has no max_len: nothing to refuse)."""
-    prompts = np.ones((1, 4), np.int32)
+    """decode's loop feeds max_new_tokens - 1 tokens (the last one sampled is never fed: it cost a model step and
+    a cache slot); past a KV cache's max_len the writes would clamp onto its last slot, so it refuses first,
+    naming max_new_tokens (a Mamba state has no max_len: nothing to refuse). A cache with exactly the room gives
+    what a roomy one gives."""
+    prompts = np.random.default_rng(3).integers(0, VOCAB, (1, 4))
     logits, state = model.prefill(prompts, model.init_state(1, max_len=6))
     if model.state_capacity(state) is None:
         assert decode(model, logits, state, max_new_tokens=5, temperature=0).tokens.shape == (1, 5)
         return
-    with pytest.raises(ValueError, match=r"^max_new_tokens: 3 new tokens after 4 cached ones need 7 positions, "
-                                         r"but the KV cache holds max_len=6"):
-        decode(model, logits, state, max_new_tokens=3, temperature=0)
-    assert decode(model, logits, state, max_new_tokens=2, temperature=0).tokens.shape == (1, 2)
+    with pytest.raises(ValueError, match=r"^max_new_tokens: 3 new tokens after 4 cached ones need 7 positions \(the "
+                                         r"last of 4 new tokens is not fed to the model\), but the KV cache holds "
+                                         r"max_len=6"):
+        decode(model, logits, state, max_new_tokens=4, temperature=0)
+    roomy = decode(model, *model.prefill(prompts, model.init_state(1, max_len=16)), max_new_tokens=3, temperature=0)
+    np.testing.assert_array_equal(decode(model, logits, state, max_new_tokens=3, temperature=0).tokens, roomy.tokens)
 
 
 def test_step_checks_its_state(model):
@@ -276,3 +280,21 @@ def test_generate_and_stream_refuse_non_finite_prefill_logits(model, monkeypatch
     for run in (generate, stream):  # stream raises when called, before the first next()
         with pytest.raises(ValueError, match=r"^logits: expected finite values, got NaN or Inf"):
             run(model, np.ones((1, 3), np.int32), max_new_tokens=2, temperature=0)
+
+
+def test_stream_yields_each_token_before_feeding_it(model, monkeypatch):
+    """A token is fed to the model only when another is to be sampled after it: the first token is yielded
+    straight after the prefill (it waited for a model step before), and max_new_tokens tokens cost
+    max_new_tokens - 1 steps, with the same tokens as generate."""
+    from runtime import generation
+
+    feeds, feed = [], generation._jit_feed
+    monkeypatch.setattr(generation, "_jit_feed", lambda *args: feeds.append(1) or feed(*args))
+    prompts = np.random.default_rng(5).integers(0, VOCAB, (2, 3))
+    tokens = stream(model, prompts, max_new_tokens=4, temperature=0.8, seed=3)
+    first = next(tokens)
+    assert feeds == []
+    rest = list(tokens)
+    assert len(feeds) == 3
+    expected = generate(model, prompts, max_new_tokens=4, temperature=0.8, seed=3).tokens
+    np.testing.assert_array_equal(np.stack([first, *rest], axis=1), expected)
