@@ -112,7 +112,8 @@ def _decode_loop(model, logits, state, key, stop_tokens, sampling, max_new_token
 @dataclass
 class Generated:
     tokens: np.ndarray          # (batch, max_new_tokens) int32; NO_TOKEN (-1) after a row's stop token
-    steps: int                  # decode steps run (<= max_new_tokens)
+    steps: int                  # tokens sampled per row, NO_TOKENs included (<= max_new_tokens); the model ran
+                                # steps - 1 decode steps (the last token is not fed)
 
     def row(self, i: int) -> list[int]:
         """Row i's generated tokens, up to and including its stop token."""

@@ -298,3 +298,38 @@ def test_stream_yields_each_token_before_feeding_it(model, monkeypatch):
     assert len(feeds) == 3
     expected = generate(model, prompts, max_new_tokens=4, temperature=0.8, seed=3).tokens
     np.testing.assert_array_equal(np.stack([first, *rest], axis=1), expected)
+
+
+def test_every_fed_token_lands_inside_the_kv_cache(model, monkeypatch):
+    """generate sizes the KV cache prompt + max_new_tokens - 1 and feeds max_new_tokens - 1 tokens: each lands
+    below max_len (a write past it clamps onto the last slot, which these tiny random models' tokens do not
+    show: a cache far too small gives the same tokens), in the jitted loop and in stream."""
+    import jax
+
+    from runtime import generation
+
+    prompts = np.random.default_rng(6).integers(0, VOCAB, (3, 6))
+    mask = np.ones((3, 6), np.int32)
+    mask[1, :2] = 0  # left padding: that row writes at its own, smaller, positions
+    if model.state_capacity(model.init_state(1, max_len=1)) is None:
+        return
+    seen = []  # (the largest position written, max_len) per feed
+    feed, jit_feed = generation._feed, generation._jit_feed
+
+    def spy(model, tokens, state):  # traced into _decode_loop (max_new_tokens=7 compiles it afresh)
+        capacity = model.state_capacity(state)
+        jax.debug.callback(lambda lengths: seen.append((int(lengths.max()), capacity)), state.lengths)
+        return feed(model, tokens, state)
+
+    def jit_spy(model, tokens, state):
+        seen.append((int(state.lengths.max()), model.state_capacity(state)))
+        return jit_feed(model, tokens, state)
+
+    monkeypatch.setattr(generation, "_feed", spy)
+    monkeypatch.setattr(generation, "_jit_feed", jit_spy)
+    kwargs = dict(max_new_tokens=7, temperature=1.0, seed=4, attention_mask=mask)
+    expected = generate(model, prompts, **kwargs).tokens
+    assert sorted(seen) == [(position, 12) for position in range(6, 12)]
+    seen.clear()
+    np.testing.assert_array_equal(np.stack(list(stream(model, prompts, **kwargs)), axis=1), expected)
+    assert seen == [(position, 12) for position in range(6, 12)]
