@@ -94,10 +94,11 @@ def test_sweep_points_and_limits(tmp_path, monkeypatch):
     (["--modes", "mamba_generate", "--generate-max-log2", "0"], "--modes: expected a mode with a point to measure"),
     (["--modes", ","], "--modes: expected names from"),
     (["--decode-tokens", "-1"], "argument --decode-tokens: expected an integer >= 0, got '-1'"),
+    (["--decode-tokens", "1"], "--decode-tokens: expected 0 (no decode) or at least 2"),
     (["--chunk-size", "0"], "argument --chunk-size: expected a positive integer, got '0'"),
     (["--min-log2", "-2"], "argument --min-log2: expected an integer >= 0, got '-2'"),
 ], ids=["mamba-preset-family", "falcon-preset-family", "unknown-preset", "max-below-min", "generate-max-below-min",
-        "no-point", "no-mode", "decode-tokens", "chunk-size", "min-log2"])
+        "no-point", "no-mode", "decode-tokens", "decode-one-token", "chunk-size", "min-log2"])
 def test_bad_arguments_stop_before_measuring_or_writing(tmp_path, monkeypatch, capsys, args, message):
     """A preset of the wrong family was measured under the other family's label, and arguments giving no point
     exited 0 after replacing the CSV with an empty one: both are refused before any point runs or file is written."""

@@ -116,7 +116,7 @@ def worker(args) -> dict:
            "prefill_tokens_per_s": length / prefill_seconds, "peak_rss_mb": _peak_rss_mb(),
            "baseline_rss_mb": baseline, "device_peak_mb": _device_peak_mb(), "backend": jax.default_backend()}
     if args.decode_tokens:
-        # decode_tokens greedy steps from the prefilled state in the jit-compiled loop (runtime.generation.decode);
+        # decode_tokens greedy tokens from the prefilled state in the jit-compiled loop (runtime.generation.decode);
         # the first call compiles it, then the median of DECODE_REPEATS calls from the same state is reported
         from experiments.models import decode_read_bytes, param_bytes
         from runtime.generation import decode
@@ -129,7 +129,8 @@ def worker(args) -> dict:
             times.append(time.perf_counter() - start)
         if result.steps != args.decode_tokens:
             raise RuntimeError(f"decoded {result.steps} tokens, expected {args.decode_tokens}")
-        row["decode_ms_per_token"] = 1000 * sorted(times)[len(times) // 2] / args.decode_tokens
+        # per model step: decode_tokens tokens run decode_tokens - 1 of them (the last token is not fed)
+        row["decode_ms_per_token"] = 1000 * sorted(times)[len(times) // 2] / (args.decode_tokens - 1)
         # batch-1 decode reads every weight once per token: its floor is weight_bytes / memory bandwidth
         row["weight_bytes"] = param_bytes(model)
         row["decode_read_bytes"] = decode_read_bytes(model)  # an untied input embedding is gathered, not read
@@ -231,6 +232,9 @@ def check_args(parser: argparse.ArgumentParser, args, modes: list[str]) -> None:
     if set(modes) & set(GENERATE_MODES) and 0 < args.generate_max_log2 < args.generate_min_log2:
         parser.error(f"--generate-max-log2: expected 0 (no generation) or at least --generate-min-log2 "
                      f"({args.generate_min_log2}), got {args.generate_max_log2}")
+    if args.decode_tokens == 1:
+        parser.error("--decode-tokens: expected 0 (no decode) or at least 2 (N tokens run N - 1 model steps, the "
+                     "last token is not fed: 1 times none), got 1")
     if not any(sweep(args, mode) for mode in modes):
         parser.error(f"--modes: expected a mode with a point to measure, got {','.join(modes)} with no point "
                      f"(prompt lengths up to each mode's --*max-log2, generation off at --generate-max-log2 0)")
@@ -252,7 +256,8 @@ def main(argv=None) -> None:
                         help="largest prompt for Falcon Mamba's whole-prompt (parallel) prefill")
     parser.add_argument("--chunk-size", type=positive_int, default=4096)
     parser.add_argument("--decode-tokens", type=non_negative_int, default=512,
-                        help="decode steps timed after each prefill (one jit-compiled loop); 0 skips them")
+                        help="tokens decoded after each prefill, timed per model step (N tokens run N - 1; "
+                             "one jit-compiled loop); 0 skips them")
     parser.add_argument("--generate-min-log2", type=non_negative_int, default=10)
     parser.add_argument("--generate-max-log2", type=non_negative_int, default=17,
                         help="most tokens generated in measurement (2); 0 skips it")
