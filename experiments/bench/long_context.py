@@ -234,7 +234,7 @@ def check_args(parser: argparse.ArgumentParser, args, modes: list[str]) -> None:
                      f"({args.generate_min_log2}), got {args.generate_max_log2}")
     if args.decode_tokens == 1:
         parser.error("--decode-tokens: expected 0 (no decode) or at least 2 (N tokens run N - 1 model steps, the "
-                     "last token is not fed: 1 times none), got 1")
+                     "last token is not fed: 1 token runs none to time), got 1")
     if not any(sweep(args, mode) for mode in modes):
         parser.error(f"--modes: expected a mode with a point to measure, got {','.join(modes)} with no point "
                      f"(prompt lengths up to each mode's --*max-log2, generation off at --generate-max-log2 0)")
