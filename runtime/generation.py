@@ -51,7 +51,8 @@ def _is_real(value) -> bool:
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Next tokens (batch,) int32 from fp32 logits (batch, vocab)."""
+    """Next tokens (batch,) int32 from fp32 logits (batch, vocab). Row i draws with fold_in(key, i): a row's
+    token depends on its logits, the key and its index, not on the other rows of the batch."""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32)  # shifted to max 0 first: a tiny temperature cannot overflow the top to inf
@@ -66,7 +67,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
         keep = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
         threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    row_keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
+    return jax.vmap(jax.random.categorical)(row_keys, logits).astype(jnp.int32)
 
 
 def _sample(logits, key, done, stop_tokens, sampling):

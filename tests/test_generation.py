@@ -245,6 +245,24 @@ def test_each_step_samples_with_a_fresh_key(model):
         assert len(set(result.row(i))) > 4, result.row(i)
 
 
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_a_rows_samples_do_not_depend_on_the_other_rows(model, partitionable):
+    """Each row draws with its own key (fold_in(step key, row)): a prompt sampled at row 0 gives the same tokens
+    whatever rows follow it, alone or in a batch, with either threefry mode (one batch-wide draw gave row 0 the
+    same noise only where jax_threefry_partitionable is on, JAX's default)."""
+    import jax
+
+    rng = np.random.default_rng(8)
+    prompt, others = rng.integers(0, VOCAB, (1, 6)), rng.integers(0, VOCAB, (2, 3, 6))
+    kwargs = dict(max_new_tokens=8, temperature=1.5, seed=9)
+    with jax.threefry_partitionable(partitionable):
+        alone = generate(model, prompt, **kwargs).tokens[0]
+        for rest in others:
+            batch = generate(model, np.concatenate([prompt, rest]), **kwargs).tokens
+            np.testing.assert_array_equal(batch[0], alone)
+    assert len(set(alone.tolist())) > 2  # sampled, not one repeated token
+
+
 def test_no_stop_tokens_stop_nothing(model):
     """stop_tokens=() stops no row, whatever it generates (token 0 included)."""
     prompts = np.ones((1, 4), np.int32)
