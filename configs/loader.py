@@ -176,13 +176,40 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{context}{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
+class _RepeatedKey(Exception):
+    """A key written twice in one YAML mapping."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping: safe_load keeps the last one silently, so a
+    second ``model:`` section replaced the first whole and ``hidden_size: 64`` written twice kept the later one.
+    Keys a ``<<`` merge brings in may still be overridden (that is what a merge is for)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _RepeatedKey(f"each key once in a mapping, got {key!r} at line {first[key]} and again at "
+                                       f"line {line}")
+                first[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_preset_dict(name_or_path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = _preset_path(name_or_path)
     if str(path) in _seen:
         raise ConfigError(f"preset {str(path)!r}: 'base' chain loops through {list(_seen)}")
     with open(path) as fh:
         try:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # safe_load's loader, repeated keys refused
+        except _RepeatedKey as err:
+            raise ConfigError(f"preset {str(path)!r}: expected {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"preset {str(path)!r}: expected YAML, got {_yaml_problem(err)}") from None
     if data is None:  # a config.yaml cut to 0 bytes read as every default (hidden_size 4096...)
@@ -209,7 +236,9 @@ def parse_value(raw: str, item: str) -> Any:
     a value opening with [ { " ' is YAML (lists, mappings, quoted strings)."""
     if raw[:1] in ('[', '{', '"', "'"):
         try:
-            return yaml.safe_load(raw)
+            return yaml.load(raw, Loader=_UniqueKeyLoader)
+        except _RepeatedKey as err:
+            raise ConfigError(f"override {item!r}: expected {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: expected a YAML list, mapping or quoted string, got {raw!r} "
                               f"({str(err).splitlines()[0]})") from None

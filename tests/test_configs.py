@@ -350,3 +350,21 @@ def test_a_length_curriculum_built_in_python_is_checked_and_kept_as_tuples(value
     assert DataConfig(length_curriculum=[[8, 3]]).length_curriculum == ((8, 3),)
     with pytest.raises(ConfigError, match=r"'data': expected a DataConfig, got \{'task': 'copy'\}"):
         RunConfig(data={"task": "copy"})
+
+
+def test_a_key_repeated_in_a_yaml_mapping_is_refused(tmp_path):
+    """yaml.safe_load keeps the last of two equal keys: a second model: section silently replaced the first whole
+    (hidden_size 128 became the base's 64). A << merge's keys may still be overridden."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("base: tiny_falcon\nmodel:\n  hidden_size: 128\nseed: 3\nmodel:\n  num_hidden_layers: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml': expected each key once in a mapping, got 'model' at line 2 "
+                                          r"and again at line 5$"):
+        load_config(str(path))
+    path.write_text("base: tiny_falcon\nmesh:\n  rules:\n    d_inner: tensor\n    d_inner: null\n")
+    with pytest.raises(ConfigError, match=r"got 'd_inner' at line 4 and again at line 5$"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"^override 'model=\{hidden_size: 8, hidden_size: 16\}': expected each "
+                                          r"key once in a mapping, got 'hidden_size' at line 1 and again at line 1$"):
+        load_config("tiny_falcon", ["model={hidden_size: 8, hidden_size: 16}"])
+    path.write_text("base: tiny_falcon\nmodel:\n  <<: {hidden_size: 128, num_hidden_layers: 3}\n  hidden_size: 96\n")
+    assert (load_config(str(path)).model.hidden_size, load_config(str(path)).model.num_hidden_layers) == (96, 3)
