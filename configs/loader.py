@@ -251,7 +251,8 @@ def parse_value(raw: str, item: str) -> Any:
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values read by parse_value."""
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values read by parse_value. Later overrides win; a mapping
+    value merges into the section earlier ones set."""
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -266,7 +267,11 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is set both as a value and as a section")
-        node[parts[-1]] = value
+        last = parts[-1]
+        # a mapping deep-merges over what earlier overrides set there, as every override merges over the preset
+        # (model.hidden_size=64 then model={num_hidden_layers: 2} dropped the hidden_size)
+        both = isinstance(value, Mapping) and isinstance(node.get(last), dict)
+        node[last] = _deep_merge(node[last], value) if both else value
     return nested
 
 

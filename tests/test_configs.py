@@ -368,3 +368,11 @@ def test_a_key_repeated_in_a_yaml_mapping_is_refused(tmp_path):
         load_config("tiny_falcon", ["model={hidden_size: 8, hidden_size: 16}"])
     path.write_text("base: tiny_falcon\nmodel:\n  <<: {hidden_size: 128, num_hidden_layers: 3}\n  hidden_size: 96\n")
     assert (load_config(str(path)).model.hidden_size, load_config(str(path)).model.num_hidden_layers) == (96, 3)
+
+
+def test_a_mapping_override_merges_into_earlier_overrides():
+    """model={...} merges over the preset's model section; it replaced what earlier overrides had set there."""
+    run = load_config("tiny_falcon", ["model.hidden_size=128", "model={num_hidden_layers: 2}", "mesh.data=1",
+                                      "mesh={fsdp: 1}"])
+    assert (run.model.hidden_size, run.model.num_hidden_layers, run.mesh.data) == (128, 2, 1)
+    assert load_config("tiny_falcon", ["seed=1", "seed=2"]).seed == 2  # a later value still wins
