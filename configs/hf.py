@@ -98,6 +98,14 @@ def _mamba_from_transformers(hf: Mapping[str, Any], falcon: bool) -> FalconMamba
     return from_dict(FalconMambaConfig, kwargs, prefix="config.json:")
 
 
+# mamba_ssm's Mamba(**ssm_cfg) arguments (besides d_model; "layer" is create_block's): the dt_* ones initialise
+# dt_proj, as transformers' time_step_* fields do; use_fast_path picks kernels, not math.
+MAMBA_SSM_DT_INIT = {"dt_min": "time_step_min", "dt_max": "time_step_max", "dt_init": "time_step_init_scheme",
+                     "dt_scale": "time_step_scale", "dt_init_floor": "time_step_floor"}
+MAMBA_SSM_CFG_KEYS = {"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias", "use_fast_path",
+                      *MAMBA_SSM_DT_INIT}
+
+
 def _mamba_from_mamba_ssm(hf: Mapping[str, Any]) -> FalconMambaConfig:
     ssm_cfg = _mapping(hf, "ssm_cfg")
     layer = ssm_cfg.pop("layer", "Mamba1")
@@ -114,9 +122,17 @@ def _mamba_from_mamba_ssm(hf: Mapping[str, Any]) -> FalconMambaConfig:
     if vocab % multiple:
         vocab += multiple - vocab % multiple
     rank = ssm_cfg.get("dt_rank", "auto")
+    # mamba_ssm passes ssm_cfg to Mamba(**ssm_cfg), which refuses any other key: a misspelt d_state was read as 16
+    unknown = sorted(set(ssm_cfg) - MAMBA_SSM_CFG_KEYS)
+    if unknown:
+        raise ConfigError(f"config.json ssm_cfg: expected keys among {sorted(MAMBA_SSM_CFG_KEYS)} (mamba_ssm's "
+                          f"Mamba arguments), got {unknown}")
+    # its dt_proj initialisation, under transformers' names (they fell back to the defaults unseen)
+    init = {ours: ssm_cfg[theirs] for theirs, ours in MAMBA_SSM_DT_INIT.items() if theirs in ssm_cfg}
     from configs.loader import from_dict
 
     return from_dict(FalconMambaConfig, {
+        **init,
         "vocab_size": vocab,
         "hidden_size": d_model,
         "num_hidden_layers": hf["n_layer"],

@@ -376,3 +376,19 @@ def test_a_mapping_override_merges_into_earlier_overrides():
                                       "mesh={fsdp: 1}"])
     assert (run.model.hidden_size, run.model.num_hidden_layers, run.mesh.data) == (128, 2, 1)
     assert load_config("tiny_falcon", ["seed=1", "seed=2"]).seed == 2  # a later value still wins
+
+
+def test_mamba_ssm_ssm_cfg_keys_are_mapped_or_refused():
+    """mamba_ssm's Mamba(**ssm_cfg) refuses unknown keys: a misspelt d_state was read as the default 16. Its dt_*
+    initialisation keys fell back to the defaults unseen; they are transformers' time_step_* fields."""
+    base = {"d_model": 64, "n_layer": 2}
+    with pytest.raises(ConfigError, match=r"^config.json ssm_cfg: expected keys among \['bias', .*\] \(mamba_ssm's "
+                                          r"Mamba arguments\), got \['d_stat'\]$"):
+        model_config_from_hf({**base, "ssm_cfg": {"d_stat": 8}})
+    cfg = model_config_from_hf({**base, "ssm_cfg": {"d_state": 8, "dt_min": 0.01, "dt_max": 0.2, "dt_init": "constant",
+                                                    "dt_scale": 2.0, "dt_init_floor": 1e-3, "use_fast_path": False}})
+    assert (cfg.state_size, cfg.time_step_min, cfg.time_step_max, cfg.time_step_init_scheme, cfg.time_step_scale,
+            cfg.time_step_floor) == (8, 0.01, 0.2, "constant", 2.0, 1e-3)
+    with pytest.raises(ConfigError, match=r"config.json:time_step_init_scheme': expected one of \['random', "
+                                          r"'constant'\], got 'xavier'"):
+        model_config_from_hf({**base, "ssm_cfg": {"dt_init": "xavier"}})
