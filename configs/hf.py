@@ -74,7 +74,9 @@ def _mamba_from_transformers(hf: Mapping[str, Any], falcon: bool) -> FalconMamba
         "hidden_size": hidden,
         # transformers derives intermediate_size from expand, then lets an explicit value win
         # (falcon-mamba-7b says expand 16 and intermediate_size 8192; the latter is right).
-        "intermediate_size": hf.get("intermediate_size", int(expand * hidden)),
+        # (null counts as absent: it fell to our 2 x hidden_size, whatever expand said).
+        "intermediate_size": (int(expand * hidden) if hf.get("intermediate_size") is None
+                              else hf["intermediate_size"]),
         "time_step_rank": FalconMambaConfig.auto_time_step_rank(hidden) if rank == "auto" else rank,
         "use_mixer_norms": falcon,
         # transformers' default for both classes is tied embeddings.

@@ -392,3 +392,10 @@ def test_mamba_ssm_ssm_cfg_keys_are_mapped_or_refused():
     with pytest.raises(ConfigError, match=r"config.json:time_step_init_scheme': expected one of \['random', "
                                           r"'constant'\], got 'xavier'"):
         model_config_from_hf({**base, "ssm_cfg": {"dt_init": "xavier"}})
+
+
+def test_hf_null_intermediate_size_derives_from_expand():
+    """intermediate_size null fell to our 2 x hidden_size, whatever expand said (transformers derives expand x
+    hidden_size when the key is absent)."""
+    hf = {"model_type": "falcon_mamba", "hidden_size": 64, "expand": 4, "intermediate_size": None}
+    assert model_config_from_hf(hf).intermediate_size == 256
