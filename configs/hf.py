@@ -16,6 +16,8 @@ from typing import Any, Mapping
 from configs.schema import ConfigError, FalconConfig, FalconMambaConfig, is_int, is_number
 
 FALCON_MODEL_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")
+# config.json booleans that choose the Falcon layout; transformers (and TII's code) test them for truth
+FALCON_SWITCHES = ("new_decoder_architecture", "multi_query", "parallel_attn", "bias", "alibi")
 
 def read_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
@@ -199,9 +201,12 @@ def _falcon_from_hf(hf: Mapping[str, Any], model_type: str) -> FalconConfig:
                    "num_ln_in_parallel_attn", "ffn_hidden_size", "layer_norm_epsilon", "max_position_embeddings",
                    "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range"}
     # Other keys (use_cache, dropout, architectures, torch_dtype, ...) carry no math and are not ours to reject.
-    # null means "derive it" for the sizes, but "no such token" for a token id (transformers keeps the None)
+    # null means "derive it" for the sizes, but "no such token" for a token id (transformers keeps the None), and
+    # false for a layout switch: transformers keeps the None and tests it for truth (multi_query null builds
+    # multi-head attention, parallel_attn null sequential blocks; our defaults, true, built the other layouts)
     kwargs.update({key: value for key, value in hf.items()
                    if key in passthrough and (value is not None or key.endswith("_token_id"))})
+    kwargs.update({key: False for key in FALCON_SWITCHES if key in hf and hf[key] is None})
     if model_type == "RefinedWeb" and not kwargs["new_decoder_architecture"]:
         raise ConfigError("config.json new_decoder_architecture: expected true for model_type 'RefinedWeb', got false")
     # settings transformers reads past: the layer norm count of a sequential block (it has input_layernorm and

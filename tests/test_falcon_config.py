@@ -141,3 +141,17 @@ def test_preset_overrides():
     assert run.model.attention_impl == "blockwise" and run.model.kv_heads == 1  # ignored by multi-query
     with pytest.raises(ConfigError, match=r"unknown config key 'model.n_head'; did you mean"):
         load_config("tiny_falcon", ["model.n_head=2"])
+
+
+def test_null_layout_switches_read_as_transformers_reads_them():
+    """transformers keeps a null multi_query / parallel_attn and tests it for truth (multi-head attention,
+    sequential blocks); the importer dropped the null and our defaults (true) gave the other layouts."""
+    from transformers import FalconConfig as HFFalconConfig
+
+    small = {"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4, "vocab_size": 64}
+    for key, view, expected in (("multi_query", "qkv_layout", "interleaved"),
+                                ("parallel_attn", "block_layout", "sequential")):
+        assert getattr(HFFalconConfig.from_dict({**small, key: None}), key) is None
+        cfg = model_config_from_hf({**small, key: None})
+        assert getattr(cfg, view) == expected and getattr(cfg, key) is False
+    assert model_config_from_hf({**small, "alibi": None, "bias": None}) == model_config_from_hf(small)
