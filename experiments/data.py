@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import functools
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable
@@ -174,6 +175,34 @@ def corpus_size(config: DataConfig) -> int | None:
     if config.task == "tokens":
         return int(load_tokens(config.token_file)[0].size)
     return None
+
+
+def corpus_sha256(config: DataConfig) -> str | None:
+    """The SHA-256 of the bytes or tokens task's corpus (the bytes; the token file's ids as stored), what a resume
+    checks besides the size (a rewrite of the same size is another stream too). None for the synthetic tasks."""
+    if config.task == "bytes":
+        return hashlib.sha256(load_corpus(config.text_dir, config.text_glob)).hexdigest()
+    if config.task == "tokens":
+        load_tokens(config.token_file)  # the file checked (a missing one named) before it is hashed
+        stat = os.stat(config.token_file)
+        return _token_sha256(config.token_file, (stat.st_mtime_ns, stat.st_size))
+    return None
+
+
+def corpus_identity(config: DataConfig) -> dict:
+    """What a checkpoint records of the bytes or tokens task's corpus: {"corpus_size", "corpus_sha256"}; {} for
+    the synthetic tasks."""
+    size = corpus_size(config)
+    return {} if size is None else {"corpus_size": size, "corpus_sha256": corpus_sha256(config)}
+
+
+@functools.lru_cache(maxsize=4)
+def _token_sha256(token_file: str, version: tuple[int, int]) -> str:
+    del version  # in the cache's key only, as for _load_tokens
+    tokens, digest, block = load_tokens(token_file)[0], hashlib.sha256(), 1 << 24
+    for i in range(0, tokens.size, block):  # blockwise: the memory map is never read whole into memory
+        digest.update(np.ascontiguousarray(tokens[i:i + block]))
+    return digest.hexdigest()
 
 
 def stream_windows(config: DataConfig) -> int | None:

@@ -180,29 +180,33 @@ def check_resume(previous: RunConfig, run: RunConfig, output_dir) -> None:
                               f"starts a new run)")
 
 
-def data_position(step: int, run: RunConfig, corpus: int | None) -> dict:
-    """What a checkpoint records of the data stream: the step, task and seed, and the corpus size of the bytes
-    and tokens tasks (``corpus``: data.corpus_size)."""
-    return {"step": step, "task": run.data.task, "seed": run.seed,
-            **({"corpus_size": corpus} if corpus is not None else {})}
+def data_position(step: int, run: RunConfig, corpus: dict) -> dict:
+    """What a checkpoint records of the data stream: the step, task and seed, and the corpus size and SHA-256 of
+    the bytes and tokens tasks (``corpus``: data.corpus_identity)."""
+    return {"step": step, "task": run.data.task, "seed": run.seed, **corpus}
 
 
 def check_position(position: dict, run: RunConfig, output_dir) -> None:
     """A checkpoint's data position (``data_position``) fits the resumed run: the same seed and task (the
-    stream; checked here too as config.yaml may be gone, and check_resume with it), the same corpus size (a
-    token file or text directory rewritten under the same name is another stream), steps not below its step."""
+    stream; checked here too as config.yaml may be gone, and check_resume with it), the same corpus size and
+    SHA-256 (a token file or text directory rewritten under the same name is another stream; checkpoints written
+    before the size or the SHA-256 was kept are not checked on it), steps not below its step."""
     step = int(position["step"])
     for field, key, value in (("seed", "seed", run.seed), ("data.task", "task", run.data.task)):
         if position.get(key, value) != value:
             raise ConfigError(f"config field '{field}': resuming {str(output_dir)!r} needs the value its "
                               f"checkpoint step {step} was trained with, {position[key]!r}; got {value!r}")
-    size = data_lib.corpus_size(run.data) if "corpus_size" in position else None  # older checkpoints: not kept
-    if size is not None and size != position["corpus_size"]:
+    if "corpus_size" in position:
         field, corpus, unit = (("data.token_file", repr(run.data.token_file), "tokens") if run.data.task == "tokens"
                                else ("data.text_dir", f"{run.data.text_dir!r} / {run.data.text_glob!r}", "bytes"))
-        raise ConfigError(f"config field '{field}': resuming {str(output_dir)!r} needs the corpus its checkpoint "
-                          f"step {step} was trained on, of {position['corpus_size']} {unit}; got "
-                          f"{size} in {corpus} (rewritten since; a new output_dir starts a new run)")
+        needs = (f"config field '{field}': resuming {str(output_dir)!r} needs the corpus its checkpoint step {step} "
+                 f"was trained on, of {position['corpus_size']} {unit}")
+        size = data_lib.corpus_size(run.data)
+        if size != position["corpus_size"]:
+            raise ConfigError(f"{needs}; got {size} in {corpus} (rewritten since; a new output_dir starts a new run)")
+        if "corpus_sha256" in position and data_lib.corpus_sha256(run.data) != position["corpus_sha256"]:
+            raise ConfigError(f"{needs} with SHA-256 {position['corpus_sha256'][:16]}...; got other {unit} of that "
+                              f"size in {corpus} (rewritten since; a new output_dir starts a new run)")
     if step > run.steps:
         raise ConfigError(f"config field 'steps': expected at least {step} (the newest checkpoint in "
                           f"{str(output_dir)!r}; a resume continues it), got {run.steps}")
@@ -343,7 +347,7 @@ def train(run: RunConfig) -> list[dict]:
     stop = _StopFlag()
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     logged, last_saved, tokens = [], start, 0
-    corpus = data_lib.corpus_size(run.data)
+    corpus = data_lib.corpus_identity(run.data)
 
     def save(step, state):  # checkpoint ``step`` (the state after that many updates) unless it is saved already
         nonlocal last_saved

@@ -394,20 +394,25 @@ def test_train_step_clips_the_gradient_by_its_global_norm_and_reports_the_applie
 
 def test_a_resume_needs_the_corpus_its_checkpoint_read(tmp_path):
     """A token file rewritten under the same name (tokenize_corpus run again on more text) is another stream: a
-    resume continued it at the old position, silently. The checkpoint's data position keeps the corpus size; a
-    resume on a corpus of another size is refused naming the file and both sizes (the size only: a rewrite of the
-    same size resumes, as the last lines show). Run on the real trainer."""
+    resume continued it at the old position, silently. The checkpoint's data position keeps the corpus size and
+    SHA-256; a resume on a corpus of another size is refused naming the file and both sizes, one of the same size
+    with other ids (missed when only the size was kept) naming the SHA-256 it needs; the same ids written again
+    resume, as does a checkpoint written before the SHA-256 was kept. Run on the real trainer."""
+    import hashlib
+
     from configs import load_config
     from configs.schema import ConfigError
     from experiments.train import train
 
     token_file = tmp_path / "tokens.npy"
-    np.save(token_file, np.random.default_rng(0).integers(0, 256, 4000).astype(np.uint16))
+    ids = np.random.default_rng(0).integers(0, 256, 4000).astype(np.uint16)
+    np.save(token_file, ids)
     common = [f"output_dir={tmp_path / 'run'}", "data.task=tokens", f"data.token_file={token_file}",
               "data.seq_len=16", "data.batch_size=2", "model.num_hidden_layers=1", "checkpoint_every=2"]
     train(load_config("tiny_falcon_mamba", [*common, "steps=2"]))
     position = json.loads(next((tmp_path / "run" / "checkpoints" / "2").glob("data*/*")).read_text())
-    assert position == {"step": 2, "task": "tokens", "seed": 0, "corpus_size": 4000}
+    sha = hashlib.sha256(ids.tobytes()).hexdigest()
+    assert position == {"step": 2, "task": "tokens", "seed": 0, "corpus_size": 4000, "corpus_sha256": sha}
     np.save(token_file, np.random.default_rng(1).integers(0, 256, 5000).astype(np.uint16))
     with pytest.raises(ConfigError, match=re.escape(
             f"config field 'data.token_file': resuming '{tmp_path / 'run'}' needs the corpus its checkpoint step 2 "
@@ -415,4 +420,15 @@ def test_a_resume_needs_the_corpus_its_checkpoint_read(tmp_path):
             f"a new run)")):
         train(load_config("tiny_falcon_mamba", [*common, "steps=4"]))
     np.save(token_file, np.random.default_rng(2).integers(0, 256, 4000).astype(np.uint16))
+    with pytest.raises(ConfigError, match=re.escape(
+            f"config field 'data.token_file': resuming '{tmp_path / 'run'}' needs the corpus its checkpoint step 2 "
+            f"was trained on, of 4000 tokens with SHA-256 {sha[:16]}...; got other tokens of that size in "
+            f"'{token_file}' (rewritten since; a new output_dir starts a new run)")):
+        train(load_config("tiny_falcon_mamba", [*common, "steps=4"]))
+    np.save(token_file, ids)
     assert [row["step"] for row in train(load_config("tiny_falcon_mamba", [*common, "steps=4"]))][-1] == 4
+    np.save(token_file, np.random.default_rng(2).integers(0, 256, 4000).astype(np.uint16))
+    position_file = next((tmp_path / "run" / "checkpoints" / "4").glob("data*/*"))
+    position_file.write_text(json.dumps({k: v for k, v in json.loads(position_file.read_text()).items()
+                                         if k != "corpus_sha256"}))  # as checkpoints before the SHA-256 was kept
+    assert [row["step"] for row in train(load_config("tiny_falcon_mamba", [*common, "steps=6"]))][-1] == 6
