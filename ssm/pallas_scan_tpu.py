@@ -27,6 +27,12 @@ libtpu's static cycle estimates (the compiler's, not measurements: experiments/b
 docs/GPU.md): about 7x (forward) and 4.6x (backward) fewer cycles than the channel-sparse layout these kernels
 replaced (one sublane of n registers per step).
 
+States and A are handed to the kernels as (..., n, dim / 128, 128), a program's block being (n, R, 128), where
+Mosaic lowers that block: R a multiple of 8 or all of dim / 128. Elsewhere (R of 1, 2 or 4 rows out of more: dim
+384, 1536, B/C groups of other than 1024k channels) they are block-major, (..., dim / (R * 128), n, R, 128), a block's
+last two dimensions then being the whole (R, 128) of the array (_to_blocks). Where both lower, libtpu's static
+estimate of the backward is about 7% higher block-major (dim 2048 and 4096 on v6e), hence the two layouts.
+
 Limits: dim // groups must be a multiple of 128, or groups == 1 with dim <= 128 (one block of all channels).
 Both kernels compile for TPU v5e, v5p and v6e through Mosaic and XLA's TPU compiler on a CPU
 (experiments/bench/tpu_compile.py, tests/test_tpu_compile.py); no TPU has run them yet.
@@ -72,18 +78,25 @@ def rows_per_block(dim: int, groups: int) -> int:
 
 def _specs(cfg, dim: int, n: int, reverse: bool):
     """Block specs over the grid (batch b, channel block j, tile step k); ``reverse`` walks the tiles backwards.
-    A block is R rows of P lanes: (tile, R * P) of u, delta, z; (n, R, P) of a state and of A."""
+    A block is R rows of P lanes: (tile, R * P) of u, delta, z; (n, R, P) of a state and of A, in the arrays'
+    layout of _to_blocks."""
     P, R = _lanes(dim), rows_per_block(dim, cfg.groups)
     W, T, nt = R * P, cfg.tile, cfg.n_tiles
     blocks_per_group = max(dim // cfg.groups // W, 1)
     tile = (lambda k: nt - 1 - k) if reverse else (lambda k: k)
+    if _block_major(dim, cfg.groups):
+        state = dict(state=pl.BlockSpec((None, None, n, R, P), lambda b, j, k: (b, j, 0, 0, 0)),
+                     ckpt=pl.BlockSpec((None, None, None, n, R, P), lambda b, j, k: (b, tile(k), j, 0, 0, 0)),
+                     A=pl.BlockSpec((None, n, R, P), lambda b, j, k: (j, 0, 0, 0)))
+    else:
+        state = dict(state=pl.BlockSpec((None, n, R, P), lambda b, j, k: (b, 0, j, 0)),
+                     ckpt=pl.BlockSpec((None, None, n, R, P), lambda b, j, k: (b, tile(k), 0, j, 0)),
+                     A=pl.BlockSpec((n, R, P), lambda b, j, k: (0, j, 0)))
     return dict(
+        **state,
         rows=pl.BlockSpec((None, T, W), lambda b, j, k: (b, tile(k), j)),
         # lax.div, not //: Python's floor division lowers through sign(), whose Mosaic rule asks for a TPU
         cols=pl.BlockSpec((None, None, T, n), lambda b, j, k: (b, lax.div(j, blocks_per_group), tile(k), 0)),
-        state=pl.BlockSpec((None, n, R, P), lambda b, j, k: (b, 0, j, 0)),
-        ckpt=pl.BlockSpec((None, None, n, R, P), lambda b, j, k: (b, tile(k), 0, j, 0)),
-        A=pl.BlockSpec((n, R, P), lambda b, j, k: (0, j, 0)),
         chan=pl.BlockSpec((1, W), lambda b, j, k: (0, j)),
         partial_chan=pl.BlockSpec((None, 1, W), lambda b, j, k: (b, 0, j)),
         # dB, dC of one (batch row, channel block, tile): a lane-dense row of tile * n, (t, k) -> t * n + k
@@ -99,10 +112,36 @@ def _params(cfg):
     )
 
 
-def _split(x, dim):
-    """(..., dim) -> (..., dim / P, P): the layout of states and A, a block being (R, P) registers."""
-    P = _lanes(dim)
-    return x.reshape(x.shape[:-1] + (dim // P, P))
+def _block_major(dim: int, groups: int) -> bool:
+    """Whether states and A go to the kernels block-major: where Mosaic would not lower a program's (R, P) rows
+    out of the channel-major (dim / P, P), R being neither a multiple of 8 nor all of them."""
+    R = rows_per_block(dim, groups)
+    return R % 8 != 0 and R != dim // _lanes(dim)
+
+
+def _state_layout(dim: int, groups: int, n: int) -> tuple:
+    """The shape of one (n, dim) state (or A) as the kernels take it: (n, dim / P, P) channel-major, or block-major
+    (dim / (R P), n, R, P)."""
+    P, R = _lanes(dim), rows_per_block(dim, groups)
+    return (dim // (R * P), n, R, P) if _block_major(dim, groups) else (n, dim // P, P)
+
+
+def _to_blocks(x, groups):
+    """(..., n, dim) -> (..., *_state_layout): states and A in the layout whose (n, R, P) blocks Mosaic lowers."""
+    *lead, n, dim = x.shape
+    layout = _state_layout(dim, groups, n)
+    if len(layout) == 3:
+        return x.reshape(tuple(lead) + layout)
+    blocks, _, R, P = layout
+    return jnp.moveaxis(x.reshape(tuple(lead) + (n, blocks, R, P)), -3, -4)
+
+
+def _from_blocks(x, dim, groups):
+    """_to_blocks' inverse: (..., *_state_layout) -> (..., n, dim)."""
+    lead = x.ndim - (4 if _block_major(dim, groups) else 3)  # the axes before the state's
+    if lead < x.ndim - 3:
+        x = jnp.moveaxis(x, -4, -3)
+    return x.reshape(x.shape[:lead] + (x.shape[lead], dim))
 
 
 def _tile_inputs(cfg, tile_index, delta_ref, bias_ref, u_ref):
@@ -213,14 +252,15 @@ def _forward_kernel(cfg, R, checkpoints, *refs):
 def forward(cfg, u, delta, A_t, B, C, h0, D, z, bias, checkpoints=True):
     """Padded channels-last u, delta, z (b, Lp, d); A_t (n, d); B, C (b, g, Lp, n); h0 (b, n, d) fp32; D, bias
     (1, d). Returns out (b, Lp, d) in u's dtype, last (b, n, d) and, with ``checkpoints`` (what the backward
-    needs), the tile-boundary states (b, n_tiles, n, d / P, P) fp32, else None."""
+    needs), the tile-boundary states (b, n_tiles, *_state_layout) fp32, else None."""
     batch, _, dim = u.shape
     n, P, R = A_t.shape[0], _lanes(dim), rows_per_block(dim, cfg.groups)
+    layout = _state_layout(dim, cfg.groups, n)
     s = _specs(cfg, dim, n, reverse=False)
     opt_args, opt_specs = _optional_inputs(s, D, z, bias)
     out_specs = [s["rows"], s["state"]] + ([s["ckpt"]] if checkpoints else [])
-    out_shape = [_out(u.shape, u.dtype, u), _out((batch, n, dim // P, P), _F32, u)]
-    out_shape += [_out((batch, cfg.n_tiles, n, dim // P, P), _F32, u)] if checkpoints else []
+    out_shape = [_out(u.shape, u.dtype, u), _out((batch,) + layout, _F32, u)]
+    out_shape += [_out((batch, cfg.n_tiles) + layout, _F32, u)] if checkpoints else []
     out, last, *ckpt = pl.pallas_call(
         functools.partial(_forward_kernel, cfg, R, checkpoints),
         grid=(batch, dim // (R * P), cfg.n_tiles),
@@ -230,8 +270,8 @@ def forward(cfg, u, delta, A_t, B, C, h0, D, z, bias, checkpoints=True):
         scratch_shapes=[pltpu.VMEM((n, R, P), _F32)] + _step_scratch(cfg, n, R, P),
         name="selective_scan_fwd_tpu",
         **_params(cfg),
-    )(u, delta, _split(A_t, dim), B, C, _split(h0, dim), *opt_args)
-    return out, last.reshape(batch, n, dim), (ckpt + [None])[0]
+    )(u, delta, _to_blocks(A_t, cfg.groups), B, C, _to_blocks(h0, cfg.groups), *opt_args)
+    return out, _from_blocks(last, dim, cfg.groups), (ckpt + [None])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,7 +390,7 @@ def backward(cfg, res, dout, dlast):
     s = _specs(cfg, dim, n, reverse=True)
     opt_args, opt_specs = _optional_inputs(s, D, z, bias)
     rows = backward_rows(u, delta, z)
-    state = _out((batch, n, dim // P, P), _F32, u)
+    state = _out((batch,) + _state_layout(dim, cfg.groups, n), _F32, u)
     partial_cols = _out((batch, n_blocks, cfg.n_tiles, 1, T * n), _F32, u)
     partial_chan = _out((batch, 1, dim), _F32, u)
     grads = pl.pallas_call(
@@ -366,14 +406,14 @@ def backward(cfg, res, dout, dlast):
         + [pltpu.VMEM(((T + 1) * n * R, P), _F32), pltpu.VMEM((T * n, P), _F32), pltpu.VMEM((T * n, P), _F32)],
         name="selective_scan_bwd_tpu",
         **_params(cfg),
-    )(u, delta, _split(A_t, dim), B, C, ckpt, dout, _split(dlast, dim), *opt_args)
+    )(u, delta, _to_blocks(A_t, cfg.groups), B, C, ckpt, dout, _to_blocks(dlast, cfg.groups), *opt_args)
     du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = with_dz(grads, z is not None)
 
     def per_group(partial):  # (b, n_blocks, n_tiles, 1, tile * n) -> (b, groups, padded, n)
         return sum_per_group(partial.reshape(batch, n_blocks, padded, n), cfg.groups)
 
-    return (du, ddelta, dA.sum(0).reshape(n, dim).astype(A_t.dtype),
+    return (du, ddelta, _from_blocks(dA.sum(0), dim, cfg.groups).astype(A_t.dtype),
             per_group(dB).astype(B.dtype), per_group(dC).astype(C.dtype),
             None if D is None else dD.sum(0).astype(D.dtype),
             dz,
-            None if bias is None else dbias.sum(0).astype(bias.dtype), dh0.reshape(batch, n, dim))
+            None if bias is None else dbias.sum(0).astype(bias.dtype), _from_blocks(dh0, dim, cfg.groups))

@@ -246,6 +246,35 @@ def test_kernels_lower_for_their_accelerator(dtype, kernel, with_z):
         assert text.count(call) == calls
 
 
+@pytest.mark.parametrize("kernel, dim, groups, dstate", [
+    ("mosaic_tpu", 256, 2, 8),    # two groups of one 128-lane row: a (n, 1, 128) block of (n, 2, 128) states
+    ("mosaic_tpu", 384, 1, 16),   # three rows, one a program
+    ("mosaic_tpu", 1536, 1, 16),  # 12 rows, 4 a program (Mamba-130m's d_inner)
+    ("mosaic_tpu", 512, 4, 16),
+])
+def test_kernels_lower_for_every_shape_they_take(kernel, dim, groups, dstate):
+    """Shapes the entry point accepts lower for the kernel's accelerator, forward and backward: TPU blocks whose
+    128-lane rows are fewer than 8 and fewer than the array's (Mosaic takes a block's last two dimensions only as
+    multiples of (8, 128) or whole)."""
+    from jax import export
+
+    from ssm.pallas_scan import selective_scan_pallas
+
+    platform, call, unsafe = LOWERINGS[kernel]
+    S, f32, b, l = jax.ShapeDtypeStruct, jnp.float32, 1, 40
+    shapes = (S((b, l, dim), f32), S((b, l, dim), f32), S((dim, dstate), f32), S((b, l, groups, dstate), f32),
+              S((b, l, groups, dstate), f32))
+
+    def loss(*args):
+        out, last = selective_scan_pallas(*args, delta_softplus=True, interpret=False, kernel=kernel)
+        return jnp.sum(out) + jnp.sum(last)
+
+    allow = [export.DisabledSafetyCheck.custom_call(unsafe)] if unsafe else []
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(5))))
+    text = export.export(grad, platforms=[platform], disabled_checks=allow)(*shapes).mlir_module()
+    assert text.count(call) == 2
+
+
 def test_default_kernel_is_the_lowering_platforms():
     """kernel=None picks each platform's kernel where the call is lowered (lax.platform_dependent), not by this
     process's backend: a gradient exported for "tpu" from this CPU has the Mosaic kernels and no Triton one, for
