@@ -538,11 +538,17 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         h0 = jnp.zeros((batch, dstate, dim), _F32)
     else:
         h0 = jnp.swapaxes(initial_state.astype(_F32), 1, 2)
+    states = dstate
+    if kernel == "triton" and dstate & (dstate - 1):  # Pallas' Triton lowering takes power-of-two arrays only (the
+        states = 1 << (dstate - 1).bit_length()       # (n, block_dim) state): rows of A = B = C = h0 = 0 added stay 0
+        A = jnp.pad(A, ((0, 0), (0, states - dstate)))
+        B, C = (jnp.pad(x, ((0, 0),) * 3 + ((0, states - dstate),)) for x in (B, C))
+        h0 = jnp.pad(h0, ((0, 0), (0, states - dstate), (0, 0)))
     if kernel == "triton":  # every thread of a program reads a step's whole B and C columns: in fp32, rather than
         B, C = B.astype(_F32), C.astype(_F32)  # each thread unpacking 2n bf16 values (a fifth of a forward step)
     args = _vary_alike(rows(u), rows(delta), A.T, cols(B), cols(C), chan(D), rows(z), chan(delta_bias), h0)
     out, last = _scan(cfg, *args)
-    return out[:, :length], jnp.swapaxes(last, 1, 2)
+    return out[:, :length], jnp.swapaxes(last[:, :dstate], 1, 2)
 
 
 def _vary_alike(*arrays):

@@ -251,11 +251,13 @@ def test_kernels_lower_for_their_accelerator(dtype, kernel, with_z):
     ("mosaic_tpu", 384, 1, 16),   # three rows, one a program
     ("mosaic_tpu", 1536, 1, 16),  # 12 rows, 4 a program (Mamba-130m's d_inner)
     ("mosaic_tpu", 512, 4, 16),
+    ("triton", 64, 1, 12),        # dstate not a power of two: Triton's arrays are
+    ("triton", 64, 2, 3),
 ])
 def test_kernels_lower_for_every_shape_they_take(kernel, dim, groups, dstate):
     """Shapes the entry point accepts lower for the kernel's accelerator, forward and backward: TPU blocks whose
     128-lane rows are fewer than 8 and fewer than the array's (Mosaic takes a block's last two dimensions only as
-    multiples of (8, 128) or whole)."""
+    multiples of (8, 128) or whole), Triton states of any dstate (its arrays are powers of two)."""
     from jax import export
 
     from ssm.pallas_scan import selective_scan_pallas
