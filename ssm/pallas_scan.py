@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from runtime.checks import check_positive_int, is_integer
+from runtime.checks import check_float, check_positive_int, check_rank, is_integer, shape_of
 
 DEFAULT_TILE = 64
 MAX_BLOCK_DIM = 32
@@ -486,6 +486,7 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     check_positive_int("splits", splits)
     check_positive_int("tile", tile, allow_none=True)  # a negative one ran no step (uninitialised outputs)
     check_positive_int("num_warps", num_warps)
+    _check_arrays(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if kernel is None:  # each platform's kernel, picked where the call is lowered
         def on(kernel, native):
             def scan(*arrays):
@@ -508,9 +509,6 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     batch, length, dim = u.shape
     groups, dstate = B.shape[2], B.shape[3]
-    if tuple(C.shape) != tuple(B.shape):
-        raise ValueError(f"C: expected shape {tuple(B.shape)} like B (the kernels read both with one group index), "
-                         f"got {tuple(C.shape)}")
     if length == 0:  # no steps: nothing for a kernel to do
         last = jnp.zeros((batch, dim, dstate), _F32) if initial_state is None else initial_state.astype(_F32)
         return jnp.zeros((batch, 0, dim), u.dtype), last
@@ -549,6 +547,33 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     args = _vary_alike(rows(u), rows(delta), A.T, cols(B), cols(C), chan(D), rows(z), chan(delta_bias), h0)
     out, last = _scan(cfg, *args)
     return out[:, :length], jnp.swapaxes(last[:, :dstate], 1, 2)
+
+
+def _check_arrays(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """ValueError (TypeError for a dtype) naming the argument, what was expected and what came, for
+    selective_scan_pallas's arrays: the kernels' block specs read any shape they are given (in the interpreter an
+    out-of-range block reads clamped or padded values: wrong results, no error)."""
+    check_rank("u", u, (3,), "(batch, seqlen, dim)")
+    batch, length, dim = u.shape
+    check_rank("B", B, (4,), f"(batch, seqlen, groups, dstate) = ({batch}, {length}, groups, dstate)")
+    groups, dstate = B.shape[2], B.shape[3]
+    for name, x, shape, what in (
+            ("delta", delta, u.shape, "(batch, seqlen, dim) like u"),
+            ("A", A, (dim, dstate), "(dim, dstate), dstate from B"),
+            ("B", B, (batch, length, groups, dstate), "(batch, seqlen, groups, dstate) with u's batch and seqlen"),
+            ("C", C, B.shape, "like B (the kernels read both with one group index)"),
+            ("D", D, (dim,), "(dim,)"),
+            ("z", z, u.shape, "(batch, seqlen, dim) like u"),
+            ("delta_bias", delta_bias, (dim,), "(dim,)"),
+            ("initial_state", initial_state, (batch, dim, dstate), "(batch, dim, dstate)")):
+        if x is None and name in ("D", "z", "delta_bias", "initial_state"):
+            continue
+        if not hasattr(x, "shape") or tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name}: expected shape {tuple(shape)} {what}, got {shape_of(x)}")
+        check_float(name, x)
+    check_float("u", u)
+    if groups == 0 or dim % groups:
+        raise ValueError(f"B: expected a number of groups dividing dim ({dim}), got {groups}")
 
 
 def _vary_alike(*arrays):

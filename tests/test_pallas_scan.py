@@ -519,6 +519,47 @@ def test_kernel_entry_refuses_b_and_c_of_different_shapes():
         selective_scan_pallas(x, x, jnp.zeros((8, 4)), jnp.zeros((1, 4, 1, 4)), jnp.zeros((1, 4, 2, 4)))
 
 
+BAD_ARRAYS = [  # (argument, the shape given instead, the message)
+    ("delta", (1, 9, 8), r"delta: expected shape \(1, 10, 8\) \(batch, seqlen, dim\) like u, got \(1, 9, 8\)"),
+    ("A", (8, 8), r"A: expected shape \(8, 4\) \(dim, dstate\), dstate from B, got \(8, 8\)"),
+    ("A", (16, 4), r"A: expected shape \(8, 4\) .*got \(16, 4\)"),
+    ("B", (1, 11, 1, 4), r"B: expected shape \(1, 10, 1, 4\) .*with u's batch and seqlen, got \(1, 11, 1, 4\)"),
+    ("B", (1, 10, 4), r"B: expected shape \(batch, seqlen, groups, dstate\) .*got \(1, 10, 4\)"),
+    ("D", (9,), r"D: expected shape \(8,\) \(dim,\), got \(9,\)"),
+    ("z", (1, 10, 9), r"z: expected shape \(1, 10, 8\) .*got \(1, 10, 9\)"),
+    ("delta_bias", (3,), r"delta_bias: expected shape \(8,\) \(dim,\), got \(3,\)"),
+    ("initial_state", (1, 4, 8), r"initial_state: expected shape \(1, 8, 4\) \(batch, dim, dstate\), got \(1, 4, 8\)"),
+    ("u", (10, 8), r"u: expected shape \(batch, seqlen, dim\), got \(10, 8\)"),
+]
+
+
+@pytest.mark.parametrize("kernel", ["triton", "mosaic_tpu"])
+@pytest.mark.parametrize("name, bad, message", BAD_ARRAYS, ids=[f"{n}-{'x'.join(map(str, b))}"
+                                                                for n, b, _ in BAD_ARRAYS])
+def test_kernel_entry_names_bad_arrays(kernel, name, bad, message):
+    """selective_scan_pallas checks its arrays' shapes and dtypes: the kernels' block specs read whatever they are
+    given (a short delta, a transposed initial state, a B of another length ran and returned wrong values)."""
+    from ssm.pallas_scan import selective_scan_pallas
+
+    x, bc = (1, 10, 8), (1, 10, 1, 4)
+    shapes = {**dict(u=x, delta=x, A=(8, 4), B=bc, C=bc), name: bad, **({"C": bad} if name == "B" else {})}
+    with pytest.raises(ValueError, match="^" + message):
+        selective_scan_pallas(**{key: jnp.zeros(shape) for key, shape in shapes.items()}, tile=4, kernel=kernel)
+
+
+def test_kernel_entry_names_bad_dtypes_and_groups():
+    from ssm.pallas_scan import selective_scan_pallas
+
+    x, bc, A = jnp.zeros((1, 10, 8)), jnp.zeros((1, 10, 1, 4)), jnp.zeros((8, 4))
+    with pytest.raises(TypeError, match="^u: expected a floating-point array, got dtype int32"):
+        selective_scan_pallas(x.astype(jnp.int32), x, A, bc, bc, kernel="triton")
+    with pytest.raises(TypeError, match="^initial_state: expected a floating-point array, got dtype int32"):
+        selective_scan_pallas(x, x, A, bc, bc, initial_state=jnp.zeros((1, 8, 4), jnp.int32), kernel="triton")
+    three = jnp.zeros((1, 10, 3, 4))  # 3 groups of 8 channels: the last channels read no group's B
+    with pytest.raises(ValueError, match=r"^B: expected a number of groups dividing dim \(8\), got 3"):
+        selective_scan_pallas(x, x, A, three, three, kernel="triton")
+
+
 @pytest.mark.parametrize("with_state", [False, True])
 def test_empty_sequence_returns_empty_out_and_the_initial_state(with_state):
     """Zero steps, as the other impls: out (batch, dim, 0) and the initial state (zeros without one); its
