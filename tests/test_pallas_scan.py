@@ -13,7 +13,9 @@ tests/test_gpu_live.py runs the Triton ones compiled. Shapes are small because t
 * what the custom VJP saves: no residual holds a state per step (only the per-tile boundary states); the forward
   alone writes none, and the backward writes its row gradients in the inputs' dtype;
 * the Triton kernel's tuning knobs compute the same function; bad knobs and shapes are named;
-* shard_map: batch split on "data", channels on "tensor" (2 fake CPU devices, in a subprocess) == unsharded.
+* shard_map: batch split on "data", channels on "tensor" (2 fake CPU devices, in a subprocess) == unsharded;
+  under a traced mesh, grouped B/C and a single batch row with gradients;
+* the optional inputs in mixed combinations (COMBO_CASES), batch 1, odd dstate and channel blocks, bf16 gradients.
 """
 
 from __future__ import annotations
@@ -160,6 +162,79 @@ def test_gradients_match_reference(kernel, case):
     for name in names:
         assert got[name].shape == kwargs[name].shape and got[name].dtype == kwargs[name].dtype, name
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), **GRAD_TOL, err_msg=name)
+
+
+# (batch, seqlen, dim, dstate, bc, D, z, delta_bias, softplus, initial_state, tile): the optional inputs on and off
+# in mixed combinations the cases above do not reach (D without z and the reverse, delta_bias without softplus and
+# the reverse, no initial state), batch 1, a seqlen that is and one that is not a multiple of the tile, a dstate
+# that is not a power of two (the Triton kernel pads it) and channel blocks that are not 32 wide (Triton: dim 24,
+# 8-channel blocks; 12 channels per group, 4-channel blocks) or more 128-lane rows than one program's (TPU: dim
+# 384, three 1-row programs).
+COMBO_CASES = {
+    "triton": [(1, 13, 24, 4, "bnl", True, False, False, True, False, 8),
+               (2, 21, 24, 3, "g2", False, True, True, False, True, 8),
+               (1, 9, 8, 4, "g2", False, False, True, True, False, 8),
+               (2, 16, 8, 4, "bnl|g2", True, True, False, False, True, 8)],
+    "mosaic_tpu": [(1, 13, 128, 4, "bnl", True, False, False, True, False, 16),
+                   (2, 21, 384, 3, "g1", False, True, True, False, True, 16),
+                   (1, 9, 256, 4, "g2", False, False, True, True, False, 16)],
+}
+
+
+@pytest.mark.parametrize("kernel, case", [(k, c) for k in KERNELS for c in COMBO_CASES[k]],
+                         ids=[f"{k}-b{c[0]}-l{c[1]}-d{c[2]}-n{c[3]}-{c[4].replace('|', '.')}-"
+                              + "".join(f for f, on in zip(("D", "z", "b", "sp", "h0"), c[5:10]) if on)
+                              for k in KERNELS for c in COMBO_CASES[k]])
+def test_feature_combinations_match_oracle_and_reference(kernel, case):
+    """Forward and last state vs the oracle, and the gradient of every input given (initial_state's included
+    where there is one) vs "reference"'s, for the combinations in COMBO_CASES."""
+    batch, seqlen, dim, dstate, bc, D, z, bias, softplus, init, tile = case
+    numpy_kwargs = make_inputs(seqlen + dim + dstate, batch, dim, dstate, seqlen, bc=bc, D=D, z=z, bias=bias,
+                               softplus=softplus, initial_state=init)
+    kwargs = to_jax(numpy_kwargs)
+    out, last = pallas_scan(kwargs, kernel, tile)
+    want_out, want_last = oracle(numpy_kwargs)
+    np.testing.assert_allclose(np.asarray(out), want_out, **FWD_TOL)
+    np.testing.assert_allclose(np.asarray(last), want_last, **FWD_TOL)
+    names = [name for name in GRAD_ARGS if kwargs.get(name) is not None]
+    rng = np.random.default_rng(2)
+    g_out = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    g_last = jnp.asarray(rng.standard_normal(last.shape), jnp.float32)
+
+    def grads(run):
+        def loss(diff):
+            out, last = run({**kwargs, **diff})
+            return jnp.sum(out * g_out) + jnp.sum(last * g_last)
+        return jax.jit(jax.grad(loss))({name: kwargs[name] for name in names})
+
+    want = grads(lambda k: selective_scan_fn(**k, return_last_state=True, impl="reference"))
+    got = grads(lambda k: pallas_scan(k, kernel, tile))
+    for name in names:
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), **GRAD_TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("kernel, dim, bc", [("triton", 8, "g2"), ("mosaic_tpu", 128, "g1")])
+def test_bf16_gradients_match_reference(kernel, dim, bc):
+    """bf16 u, delta, B, C, z: every gradient (in its input's dtype) == "reference"'s on the same inputs, within
+    twice mamba_ssm's bf16 forward tolerances (its gradient tolerances are 2x the forward ones)."""
+    low = ("u", "delta", "B", "C", "z")
+    kwargs = to_jax(make_inputs(2, 2, dim, 8, 70, bc=bc, initial_state=True), jnp.bfloat16, low)
+    names = [name for name in GRAD_ARGS if kwargs.get(name) is not None]
+    g_out = jnp.asarray(np.random.default_rng(6).standard_normal(kwargs["u"].shape), jnp.float32)
+
+    def grads(run):
+        def loss(diff):
+            out, last = run({**kwargs, **diff})
+            return jnp.sum(out.astype(jnp.float32) * g_out) + jnp.sum(last)
+        return jax.jit(jax.grad(loss))({name: kwargs[name] for name in names})
+
+    want = grads(lambda k: selective_scan_fn(**k, return_last_state=True, impl="reference"))
+    got = grads(lambda k: pallas_scan(k, kernel, 32))
+    tol = {key: 2 * value for key, value in BF16_TOL.items()}
+    for name in names:
+        assert got[name].dtype == kwargs[name].dtype, name
+        np.testing.assert_allclose(np.asarray(got[name].astype(jnp.float32)),
+                                   np.asarray(want[name].astype(jnp.float32)), **tol, err_msg=name)
 
 
 def test_tuning_knobs_compute_the_same_function():
@@ -330,6 +405,30 @@ def test_chunk_size_past_the_kernel_tile_is_capped():
     assert f"f32[{batch},{seqlen // DEFAULT_TILE},{dstate},{dim}]" in text, text[-2000:]
 
 
+@pytest.mark.parametrize("kernel, dim, bc", [("triton", 8, "g2"), ("mosaic_tpu", 256, "g2")])
+def test_vjp_residuals_are_the_inputs_and_the_tile_boundary_states(kernel, dim, bc):
+    """Every array jax.vjp keeps for the backward pass: the (padded) inputs and one fp32 state per tile boundary,
+    (batch, n_tiles, dstate, dim) (TPU: block-major, (batch, n_tiles, blocks, dstate, rows, 128)); nothing else
+    with a dstate x dim or a seqlen x dstate x dim factor."""
+    from ssm.pallas_scan import selective_scan_pallas
+
+    batch, dstate, seqlen, tile = 2, 8, 90, 16  # 6 tiles, the last padded
+    k = to_jax(make_inputs(7, batch, dim, dstate, seqlen, bc=bc, initial_state=True))
+    u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
+    args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], k["initial_state"])
+    _, vjp = jax.vjp(lambda *a: selective_scan_pallas(*a[:8], True, initial_state=a[8], tile=tile, kernel=kernel),
+                     *args)
+    arrays = sorted(tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(vjp) if getattr(leaf, "ndim", 0))
+    padded, rows = 96, (batch, 96, dim)
+    if kernel == "triton":
+        want = [(1, dim)] * 2 + [(batch, 2, dstate, padded)] * 2 + [(batch, 6, dstate, dim)] + [rows] * 3 \
+            + [(dstate, dim)]
+    else:
+        want = [(1, dim)] * 2 + [(batch, 2, padded, dstate)] * 2 + [(batch, 6, 2, dstate, 1, 128)] + [rows] * 3 \
+            + [(dstate, dim)]
+    assert arrays == sorted(want), arrays
+
+
 def _pallas_calls(jaxpr):
     """The pallas_call equations of a (closed) jaxpr, in order, looking inside nested jaxprs."""
     found = []
@@ -491,6 +590,51 @@ def test_selective_scan_shards_the_kernels_under_a_mesh():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(root)}
     result = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+GROUPED_MESH_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from ssm.scan import selective_scan, to_channels_last
+    from tests.test_scan import FWD_TOL, GRAD_TOL, make_inputs, to_jax
+
+    assert jax.device_count() == 4, jax.devices()
+    mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    # two B/C groups split over tensor (one a device) with the batch over data; one batch row (channels split)
+    for batch, bc in ((2, "g2"), (1, "g1")):
+        k = to_jax(make_inputs(8, batch, 8, 4, 20, bc=bc, initial_state=True))
+        u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
+        args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], k["initial_state"])
+
+        def loss(args):
+            u, delta, A, B, C, D, z, bias, h0 = args
+            out, last = selective_scan(u, delta, A, B, C, D, z, bias, True, initial_state=h0, impl="pallas",
+                                       chunk_size=8)
+            return jnp.sum(out * out) + jnp.sum(last * last), out
+
+        grad = jax.jit(jax.grad(loss, has_aux=True))
+        want_grads, want_out = grad(args)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            jaxpr = str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(args))
+            assert "shard_map" in jaxpr and "'tensor'" in jaxpr, jaxpr[-2000:]
+            got_grads, got_out = grad(jax.device_put(args, NamedSharding(mesh, P())))
+        np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
+        for name, got, want in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"), got_grads,
+                                   want_grads):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), **GRAD_TOL, err_msg=f"{batch} {name}")
+    print("ok")
+""")
+
+
+def test_mesh_splits_grouped_b_c_and_a_single_batch_row_with_gradients():
+    """Under a (data 2, tensor 2) mesh: B and C in two groups follow their channels over "tensor", and a batch of
+    one row (channels split only) differentiates too; out and every gradient == the unsharded call's."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, "-c", GROUPED_MESH_SCRIPT], cwd=root, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
