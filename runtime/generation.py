@@ -7,7 +7,8 @@
 
 The prompt is prefilled chunk by chunk (model.prefill); the decode loop is one jit-compiled lax.while_loop
 that stops when every row has produced a stop token or max_new_tokens. Streaming runs the same jitted sampling
-and model step from Python, one token at a time.
+and model step from Python, one token at a time. Each row samples with its own key (sample_logits): its tokens
+depend on its prompt, its index and the seed, not on the other rows of the batch.
 """
 
 from __future__ import annotations
