@@ -90,6 +90,47 @@ def test_export_round_trip(case, tmp_path):
         np.testing.assert_array_equal(array, original[tensor_name], err_msg=tensor_name)
 
 
+def test_cached_decode_and_padded_batches_match_transformers(case):
+    """The KV cache against transformers, for every layout (tests/test_inference.py compares it only with our own
+    forward, on multi-query and multi-head presets): a prefill in chunks of 13 (dividing no prompt) then decode
+    steps give transformers' logits at each position; a left-padded ragged batch (attention_mask, chunks of 5)
+    gives each row transformers' logits for that row alone. Each layout runs on one attention implementation (one
+    grouped case on each): blockwise in blocks of 16 over the cache, or xla."""
+    name, torch_model, path = case
+    kwargs, seq = CASES[name]
+    impl = "blockwise" if name in ("nda_2ln", "rw_alibi", "rope_linear") else "xla"
+    model = transformer.from_pretrained(path, attention_impl=impl, attention_block_size=16)
+    if name == "rope_dynamic":  # no KV cache: test_dynamic_rope_log_likelihood_is_one_full_forward
+        with pytest.raises(ValueError, match=r"rope_scaling: 'dynamic'"):
+            model.init_state(1, max_len=seq)
+        return
+    vocab = kwargs["vocab_size"]
+    ids = _ids(vocab, (2, seq), seed=6)
+    expected = torch_logits(torch_model, ids)
+    logits, state = model.prefill(ids[:, :seq - 4], model.init_state(2, max_len=seq + 3), chunk_size=13)
+    np.testing.assert_allclose(np.asarray(logits), expected[:, seq - 5], rtol=0, atol=ATOL)
+    for t in range(seq - 4, seq):
+        logits, state = model.step(ids[:, t], state)
+        np.testing.assert_allclose(np.asarray(logits), expected[:, t], rtol=0, atol=ATOL, err_msg=f"step {t}")
+    rng = np.random.default_rng(7)
+    rows = [rng.integers(0, vocab, n) for n in (seq // 3, seq - 2, seq // 2)]
+    width = max(len(row) for row in rows)
+    padded, mask = np.zeros((3, width), np.int64), np.zeros((3, width), np.int64)
+    for i, row in enumerate(rows):
+        padded[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    extra = rng.integers(0, vocab, (3, 2))
+    logits, state = model.prefill(padded, model.init_state(3, max_len=width + 2), chunk_size=5, attention_mask=mask)
+    stepped = []
+    for t in range(extra.shape[1]):
+        step_logits, state = model.step(extra[:, t], state)
+        stepped.append(np.asarray(step_logits))
+    for i, row in enumerate(rows):
+        alone = torch_logits(torch_model, np.concatenate([row, extra[i]])[None])[0]
+        np.testing.assert_allclose(np.asarray(logits[i]), alone[len(row) - 1], rtol=0, atol=ATOL, err_msg=f"row {i}")
+        for t in range(extra.shape[1]):
+            np.testing.assert_allclose(stepped[t][i], alone[len(row) + t], rtol=0, atol=ATOL, err_msg=f"row {i}")
+
+
 def test_dynamic_rope_log_likelihood_is_one_full_forward(tmp_path):
     """Dynamic NTK scaling has no KV cache (its frequencies depend on the whole length), so log_likelihood of
     one chunk runs a plain forward: transformers' log-probabilities; several chunks are refused, naming why."""
