@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from configs.schema import ConfigError
+from runtime.files import write_failure
 
 
 class Checkpointer:
@@ -27,6 +28,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=create)
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self.saving = None  # the step of the save started last, until wait() has seen it complete
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -54,9 +56,17 @@ class Checkpointer:
                                   f"the run's?)")
 
     def save(self, step: int, state: Any, data_position: dict) -> None:
-        """Starts an asynchronous save of ``state`` and ``data_position`` as checkpoint ``step``."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=ocp.args.JsonSave(data_position)), force=True)
+        """Starts an asynchronous save of ``state`` and ``data_position`` as checkpoint ``step`` (once the previous
+        one is complete). A save that fails (a full disk) raises WriteError naming its step and the directory, here
+        or from the next save or wait(); the checkpoints before it stay restorable."""
+        self.wait()
+        self.saving = step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            data=ocp.args.JsonSave(data_position)), force=True)
+        except (OSError, ValueError) as err:  # tensorstore's write errors are ValueErrors
+            self.saving = None
+            raise write_failure(f"checkpoint step {step} in", self.directory, err) from err
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(state placed per the shardings of ``abstract_state``'s ShapeDtypeStructs, data position)."""
@@ -77,7 +87,13 @@ class Checkpointer:
             return reader.restore(self.directory / str(step) / "state", args=args)["params"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save in progress; WriteError naming its step where it failed."""
+        step, self.saving = self.saving, None
+        try:
+            self.manager.wait_until_finished()
+        except (OSError, ValueError) as err:
+            raise write_failure("a checkpoint in" if step is None else f"checkpoint step {step} in", self.directory,
+                                err) from err
 
     def close(self) -> None:
         self.manager.close()

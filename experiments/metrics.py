@@ -11,7 +11,7 @@ import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from runtime.files import write_text_atomic
+from runtime.files import write_failure, write_text_atomic
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -39,21 +39,35 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.tensorboard_dir = Path(output_dir) / "tensorboard"
         kept = [row for row in read_metrics(self.path) if row["step"] <= start_step]
-        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))  # a crash keeps the rows
-        self.file = open(self.path, "a")
-        self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
+        try:  # errors name the file (a full disk's OSError names none)
+            write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))  # a crash keeps the rows
+            self.file = open(self.path, "a")
+        except OSError as err:
+            raise write_failure("", self.path, err) from err
+        try:
+            self.tensorboard = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step + 1)
+        except OSError as err:
+            self.file.close()
+            raise write_failure("", self.tensorboard_dir, err) from err
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True) \
             if sys.stdout.isatty() else None
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        for key, value in row.items():
-            if key != "step":
-                self.tensorboard.add_scalar(f"train/{key}", value, row["step"])
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as err:
+            raise write_failure(f"step {row['step']}'s row to", self.path, err) from err
+        try:
+            for key, value in row.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(f"train/{key}", value, row["step"])
+        except OSError as err:
+            raise write_failure(f"step {row['step']}'s scalars to", self.tensorboard_dir, err) from err
         if self.bar is not None:
             self.bar.update(row["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", tokens_per_s=f"{row['tokens_per_s']:.0f}")
@@ -61,7 +75,13 @@ class MetricsWriter:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.file.close()
-        self.tensorboard.close()
         if self.bar is not None:
             self.bar.close()
+        errors = []
+        for close, path in ((self.file.close, self.path), (self.tensorboard.close, self.tensorboard_dir)):
+            try:  # both closed, whichever fails (a full disk fails a flush)
+                close()
+            except OSError as err:
+                errors.append(write_failure("", path, err))
+        if errors:
+            raise errors[0]

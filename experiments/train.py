@@ -41,7 +41,7 @@ from experiments.mesh import (batch_sharding, build_mesh, flatten_params, opt_st
 from experiments.metrics import MetricsWriter
 from experiments.models import family_of
 from experiments.optim import learning_rate_schedule, make_optimizer
-from runtime.files import write_text_atomic
+from runtime.files import WriteError, write_failure, write_text_atomic
 from runtime.partitioning import use_rules
 
 REMAT_POLICIES = {
@@ -340,12 +340,25 @@ def train(run: RunConfig) -> list[dict]:
                 path.rmdir()
         raise
     if jax.process_index() == 0:  # after a restore: a run that cannot resume leaves its config.yaml as it was
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
+        except OSError as err:  # a read-only file system (the checkpoints directory already there) or a full disk
+            checkpointer.close()
+            raise write_failure("", output_dir / "config.yaml", err) from err
     step_fn = jit_train_step(setup, run)
-    writer = MetricsWriter(output_dir, start, run.steps)
+    try:
+        writer = MetricsWriter(output_dir, start, run.steps)
+    except WriteError:
+        checkpointer.close()
+        raise
     stop = _StopFlag()
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore_handlers():
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
     logged, last_saved, tokens = [], start, 0
     corpus = data_lib.corpus_identity(run.data)
 
@@ -398,16 +411,29 @@ def train(run: RunConfig) -> list[dict]:
         done = int(jax.device_get(state["step"]))
         save(done, state)
         if stopping:
+            checkpointer.wait()  # saved, before it is said to be
             saved = (f"saved checkpoint step {done} in {output_dir / 'checkpoints'}" if done else
                      "stopped before the first step, nothing to checkpoint")
             print(f"{stop.name}: {saved}; stopping", flush=True)
-    finally:
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+    except BaseException:  # the error that stopped the run is reported, not a cleanup's failure on the same disk
+        _close_all(checkpointer.wait, checkpointer.close, writer.close, restore_handlers, raising=False)
+        raise
+    _close_all(checkpointer.wait, checkpointer.close, writer.close, restore_handlers)  # the last save's error too
     return logged
+
+
+def _close_all(*closes: Callable[[], None], raising: bool = True) -> None:
+    """Calls every one of ``closes`` (one failing, a full disk's flush, skips none of the others), then raises the
+    first error if ``raising``; not while another error stops the run: a second failure of the same full disk would
+    hide the first, which names what was lost."""
+    first = None
+    for close in closes:
+        try:
+            close()
+        except Exception as err:  # noqa: BLE001 (re-raised below)
+            first = first or err
+    if first is not None and raising:
+        raise first
 
 
 def run_config_path(output_dir: str | Path) -> Path:
@@ -459,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         train(run)
         return 0
 
-    return run_config_command(__doc__, argv, command, errors=(NonFiniteLossError,))
+    return run_config_command(__doc__, argv, command, errors=(NonFiniteLossError, WriteError))
 
 
 if __name__ == "__main__":

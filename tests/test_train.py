@@ -432,3 +432,71 @@ def test_a_resume_needs_the_corpus_its_checkpoint_read(tmp_path):
     position_file.write_text(json.dumps({k: v for k, v in json.loads(position_file.read_text()).items()
                                          if k != "corpus_sha256"}))  # as checkpoints before the SHA-256 was kept
     assert [row["step"] for row in train(load_config("tiny_falcon_mamba", [*common, "steps=6"]))][-1] == 6
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_its_step_and_directory(tmp_path):
+    """A full disk (here: a file-size limit, what a non-root test can set) fails the asynchronous save: the run
+    stops with one error line naming the checkpoint step and directory (it was Orbax's own ValueError, naming a
+    file inside the temporary directory, where a later cleanup's failure did not replace it by a traceback)."""
+    import resource
+    import sys
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal's core dump
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a checkpoint's data file is larger
+
+    env = {key: value for key, value in cli_env(1, tmp_path / "cache").items()
+           if not key.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}  # cache entries are large too
+    command = [sys.executable, "-m", "experiments.train", "tiny_falcon_mamba", f"output_dir={tmp_path / 'run'}",
+               "model.num_hidden_layers=1", "data.seq_len=16", "data.batch_size=2", "steps=4", "checkpoint_every=2"]
+    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: output_dir: could not write checkpoint step 2 in '{tmp_path / 'run' / 'checkpoints'}' ("), errors
+    # (Orbax's writer threads may still log their own failures as the interpreter shuts down)
+
+
+def test_a_full_disk_names_the_metrics_file_and_is_not_hidden_by_the_cleanup(tmp_path, monkeypatch):
+    """metrics.jsonl and the TensorBoard files on a full disk: the row's write fails naming the file (an OSError's
+    "[Errno 28] No space left on device" names none), and that error stops the run: closing the same files on the
+    way out fails too, and that failure (raised from train's cleanup) used to replace it."""
+    import errno
+
+    from configs import load_config
+    from experiments import metrics
+    from experiments.train import train
+    from runtime.files import WriteError
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class FullFile:  # what a file on a full disk does: every write, flush and close fails
+        def __init__(self, file):
+            self.file = file
+
+        write = flush = staticmethod(full)
+
+        def close(self):
+            self.file.close()
+            full()
+
+    opened = metrics.MetricsWriter.__init__
+
+    def on_a_full_disk(self, *args):
+        opened(self, *args)
+        self.file = FullFile(self.file)
+        monkeypatch.setattr(self.tensorboard, "close", full)
+
+    monkeypatch.setattr(metrics.MetricsWriter, "__init__", on_a_full_disk)
+    run = load_config("tiny_falcon_mamba", [f"output_dir={tmp_path}", "model.num_hidden_layers=1", "data.seq_len=16",
+                                            "data.batch_size=2", "steps=2"])
+    with pytest.raises(WriteError, match=re.escape(
+            f"output_dir: could not write step 1's row to '{tmp_path / 'metrics.jsonl'}' (No space left on device)")):
+        train(run)
+
+    writer = metrics.MetricsWriter(tmp_path, 0, 2)  # closing: both files closed, the first failure named
+    with pytest.raises(WriteError, match=re.escape(f"could not write '{tmp_path / 'metrics.jsonl'}' (No space")):
+        writer.close()
+    assert writer.file.file.closed
