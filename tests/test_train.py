@@ -438,19 +438,18 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_its_step_and_di
     """A full disk (here: a file-size limit, what a non-root test can set) fails the asynchronous save: the run
     stops with one error line naming the checkpoint step and directory (it was Orbax's own ValueError, naming a
     file inside the temporary directory, where a later cleanup's failure did not replace it by a traceback)."""
-    import resource
     import sys
 
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal's core dump
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a checkpoint's data file is larger
-
+    # the limit is set by the child itself before it runs the trainer (a preexec_fn would run Python between fork
+    # and exec in this multithreaded JAX process, which can deadlock)
+    launcher = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "  # EFBIG, no core
+                "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "  # a checkpoint's data file is larger
+                "sys.argv[0] = 'experiments.train'; runpy.run_module('experiments.train', run_name='__main__')")
     env = {key: value for key, value in cli_env(1, tmp_path / "cache").items()
            if not key.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}  # cache entries are large too
-    command = [sys.executable, "-m", "experiments.train", "tiny_falcon_mamba", f"output_dir={tmp_path / 'run'}",
+    command = [sys.executable, "-c", launcher, "tiny_falcon_mamba", f"output_dir={tmp_path / 'run'}",
                "model.num_hidden_layers=1", "data.seq_len=16", "data.batch_size=2", "steps=4", "checkpoint_every=2"]
-    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit_file_size)
+    proc = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(
