@@ -260,9 +260,12 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         if not key:
             raise ConfigError(f"override {item!r}: empty key")
+        parts = key.split(".")
+        if "" in parts:  # 'model..hidden_size' was reported as an unknown key 'model.'
+            raise ConfigError(f"override {item!r}: expected a dotted key of non-empty names (model.hidden_size), "
+                              f"got {key!r}")
         value = parse_value(raw, item)
         node = nested
-        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

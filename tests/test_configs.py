@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -399,3 +400,13 @@ def test_hf_null_intermediate_size_derives_from_expand():
     hidden_size when the key is absent)."""
     hf = {"model_type": "falcon_mamba", "hidden_size": 64, "expand": 4, "intermediate_size": None}
     assert model_config_from_hf(hf).intermediate_size == 256
+
+
+@pytest.mark.parametrize("item", ["model..hidden_size=1", ".seed=1", "seed.=1"])
+def test_a_dotted_key_with_an_empty_name_is_refused_as_such(item):
+    """An empty name in a dotted key was reported as an unknown key 'model.' or '', or (seed.=1) as a mapping
+    where an integer goes."""
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(f"override {item!r}: expected a dotted key of non-empty names "
+                                                    f"(model.hidden_size), got {key!r}")):
+        load_config("tiny_falcon_mamba", [item])
