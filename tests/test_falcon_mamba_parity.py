@@ -62,6 +62,31 @@ def test_logits_match_transformers(case, impl):
     np.testing.assert_allclose(got, torch_logits(torch_model, ids), rtol=0, atol=ATOL)
 
 
+def test_padded_chunked_prefill_and_steps_match_transformers_rows_alone(tmp_path):
+    """The decode path on a transformers checkpoint (in_proj bias, conv kernel 3, tied head; the other paths are
+    tests/test_inference.py's on our own presets): a left-padded ragged batch prefilled in chunks that do not
+    divide it (a row of 1 token, fewer than conv_kernel - 1; a last chunk of 1), then decode steps, against
+    transformers' logits of each row alone. Not its padded forward: its in_proj bias leaks from the padding into
+    the conv (~0.1 in logits)."""
+    config_cls, model_cls, kwargs = CASES["falcon_tied_bias"]
+    torch_model = build_and_save(config_cls, model_cls, tmp_path, seed=6, **kwargs)
+    model = ssm.from_pretrained(tmp_path)
+    lengths, steps = (1, 9, 5), 3
+    rows = [_ids(kwargs["vocab_size"], (n,), seed=10 + n) for n in lengths]
+    extra = _ids(kwargs["vocab_size"], (len(rows), steps), seed=4)
+    ids, mask = np.zeros((len(rows), 9), np.int64), np.zeros((len(rows), 9), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, 9 - len(row):], mask[i, 9 - len(row):] = row, 1
+    logits, state = model.prefill(ids, model.init_state(len(rows)), chunk_size=4, attention_mask=mask)
+    got = [np.asarray(logits)]
+    for t in range(steps):
+        step_logits, state = model.step(extra[:, t], state)
+        got.append(np.asarray(step_logits))
+    for i, row in enumerate(rows):
+        alone = torch_logits(torch_model, np.concatenate([row, extra[i]])[None])[0, len(row) - 1:]
+        np.testing.assert_allclose(np.stack([g[i] for g in got]), alone, rtol=0, atol=ATOL, err_msg=f"row {i}")
+
+
 def test_export_round_trip(case, tmp_path):
     name, torch_model, path, kwargs = case
     config_cls, model_cls, _ = CASES[name]
