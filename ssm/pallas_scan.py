@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from runtime.checks import check_float, check_positive_int, check_rank, is_integer, shape_of
+from runtime.checks import check_bool, check_float, check_positive_int, check_rank, is_integer, shape_of
 
 DEFAULT_TILE = 64
 MAX_BLOCK_DIM = 32
@@ -486,6 +486,10 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     check_positive_int("splits", splits)
     check_positive_int("tile", tile, allow_none=True)  # a negative one ran no step (uninitialised outputs)
     check_positive_int("num_warps", num_warps)
+    for name, value in (("delta_softplus", delta_softplus), ("bc_rows", bc_rows), ("prefetch", prefetch)):
+        check_bool(name, value)  # each went through bool(): a string "no" was true
+    if interpret is not None:
+        check_bool("interpret", interpret)
     _check_arrays(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if kernel is None:  # each platform's kernel, picked where the call is lowered
         def on(kernel, native):

@@ -702,6 +702,10 @@ def test_kernel_entry_names_bad_dtypes_and_groups():
     three = jnp.zeros((1, 10, 3, 4))  # 3 groups of 8 channels: the last channels read no group's B
     with pytest.raises(ValueError, match=r"^B: expected a number of groups dividing dim \(8\), got 3"):
         selective_scan_pallas(x, x, A, three, three, kernel="triton")
+    # switches went through bool(): the string "no" turned softplus or the B/C row layout on
+    for name in ("delta_softplus", "bc_rows", "prefetch", "interpret"):
+        with pytest.raises(TypeError, match=f"^{name}: expected True or False, got 'no'"):
+            selective_scan_pallas(x, x, A, bc, bc, kernel="triton", **{name: "no"})
 
 
 @pytest.mark.parametrize("with_state", [False, True])
