@@ -251,6 +251,10 @@ def main(argv=None) -> dict:
         runs = {name: run_config(presets[name], args, name, steps_of[name]) for name in names}
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
+    for name, run in runs.items():  # a preset of the other family would train, then be evaluated as this one
+        if run.model.family != name:
+            raise SystemExit(f"error: --{name.replace('_', '-')}-preset: expected a preset of model.family "
+                             f"{name!r}, got {presets[name]!r} (model.family {run.model.family!r})")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()

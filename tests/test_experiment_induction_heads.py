@@ -150,3 +150,16 @@ def test_steps_at_the_presets_warmup_and_decay_scale_too(tmp_path):
     args = induction_heads.parse_args(["--output-dir", str(tmp_path), "--set", "optim.decay_steps=2900"])
     run = induction_heads.run_config(args.falcon_mamba_preset, args, "falcon_mamba", 150)
     assert run.optim.warmup_steps == 100 and run.optim.decay_steps == 50
+
+
+def test_a_preset_of_the_other_family_is_refused_before_training(tmp_path):
+    import pytest
+
+    # a Falcon preset given as the Falcon Mamba one trained, then failed with a traceback (init_state without a
+    # KV cache length); a Falcon Mamba preset given as the Falcon one was trained and reported as "Falcon (RoPE)"
+    for flag, preset, family, other in (("--falcon-mamba-preset", "tiny_falcon", "falcon_mamba", "falcon"),
+                                        ("--falcon-preset", "tiny_falcon_mamba", "falcon", "falcon_mamba")):
+        with pytest.raises(SystemExit, match=rf"^error: {flag}: expected a preset of model.family '{family}', got "
+                                             rf"'{preset}' \(model.family '{other}'\)$"):
+            induction_heads.main([*TINY, flag, preset, "--output-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
