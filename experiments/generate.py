@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-import yaml
 
+from configs.loader import load_preset_dict
 from configs.schema import ConfigError
 from experiments.cli import error_line
 from experiments.models import check_step, is_training_run, load_model
@@ -70,9 +70,9 @@ def incremental_text(decode: Callable[[list[int]], str], tokens: Iterable[int]) 
 def default_tokenizer(path: str) -> Path:
     """PATH/tokenizer.json; for a training run started from a Hugging Face directory (init_from in its config.yaml),
     that directory's tokenizer.json."""
-    if is_training_run(path):
-        run = yaml.safe_load((Path(path) / "config.yaml").read_text())
-        if isinstance(run, dict) and run.get("init_from"):
+    if is_training_run(path):  # ConfigError naming config.yaml where it is not a YAML mapping
+        run = load_preset_dict(Path(path) / "config.yaml")
+        if run.get("init_from"):
             return Path(run["init_from"]) / "tokenizer.json"
     return Path(path) / "tokenizer.json"
 
@@ -113,7 +113,10 @@ def main(argv=None) -> None:
     if args.prompt is not None or args.tokenizer is not None:  # --tokenizer with --ids: the output is decoded
         from tokenizers import Tokenizer
 
-        tokenizer_path = Path(args.tokenizer) if args.tokenizer else default_tokenizer(args.path)
+        try:
+            tokenizer_path = Path(args.tokenizer) if args.tokenizer else default_tokenizer(args.path)
+        except ConfigError as err:  # a training run's config.yaml that is not YAML
+            raise SystemExit(f"error: {err}")
         if not tokenizer_path.is_file():
             raise SystemExit(f"error: --tokenizer: {str(tokenizer_path)!r} does not exist (text prompts need a "
                              f"tokenizer.json; or pass --ids)")

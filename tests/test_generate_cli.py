@@ -207,3 +207,14 @@ def test_incremental_text_flushes_a_character_cut_by_the_last_token():
     tokens = list("ab 日本".encode())[:-1]  # the last character's final byte is missing
     pieces = list(incremental_text(decode, iter(tokens)))
     assert "".join(pieces) == decode(tokens) and pieces[-1].endswith("\ufffd")
+
+
+def test_a_run_whose_config_yaml_is_not_yaml_is_one_error_line_with_a_text_prompt(tmp_path, monkeypatch):
+    """The default tokenizer of a training run is read from its config.yaml's init_from: a config.yaml that is not
+    YAML (a run's file cut short) was yaml's ParserError traceback, before the model's own load could name it."""
+    from experiments import generate
+
+    (tmp_path / "config.yaml").write_text("model: [\n")
+    monkeypatch.setattr(generate, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit, match=r"^error: preset '.*config.yaml': expected YAML, got "):
+        generate.main([str(tmp_path), "--prompt", "w1"])
