@@ -146,10 +146,15 @@ def test_gradients_match_reference(kernel, case):
     seqlen, dim, dstate, bc, softplus, optional, tile = case
     kwargs = to_jax(make_inputs(5, 2, dim, dstate, seqlen, bc=bc, softplus=softplus, D=optional, z=optional,
                                 bias=optional, initial_state=True))
+    _check_gradients(kwargs, kernel, tile, np.random.default_rng(6))
+
+
+def _check_gradients(kwargs, kernel, tile, rng):
+    """The gradient of every input given (initial_state's included where there is one), under random output and
+    last-state cotangents, == "reference"'s, in each input's shape and dtype."""
     names = [name for name in GRAD_ARGS if kwargs.get(name) is not None]
-    rng = np.random.default_rng(6)
     g_out = jnp.asarray(rng.standard_normal(kwargs["u"].shape), jnp.float32)
-    g_last = jnp.asarray(rng.standard_normal(kwargs["initial_state"].shape), jnp.float32)
+    g_last = jnp.asarray(rng.standard_normal((kwargs["u"].shape[0], *kwargs["A"].shape)), jnp.float32)  # (b, d, n)
 
     def grads(run):
         def loss(diff):
@@ -196,21 +201,7 @@ def test_feature_combinations_match_oracle_and_reference(kernel, case):
     want_out, want_last = oracle(numpy_kwargs)
     np.testing.assert_allclose(np.asarray(out), want_out, **FWD_TOL)
     np.testing.assert_allclose(np.asarray(last), want_last, **FWD_TOL)
-    names = [name for name in GRAD_ARGS if kwargs.get(name) is not None]
-    rng = np.random.default_rng(2)
-    g_out = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
-    g_last = jnp.asarray(rng.standard_normal(last.shape), jnp.float32)
-
-    def grads(run):
-        def loss(diff):
-            out, last = run({**kwargs, **diff})
-            return jnp.sum(out * g_out) + jnp.sum(last * g_last)
-        return jax.jit(jax.grad(loss))({name: kwargs[name] for name in names})
-
-    want = grads(lambda k: selective_scan_fn(**k, return_last_state=True, impl="reference"))
-    got = grads(lambda k: pallas_scan(k, kernel, tile))
-    for name in names:
-        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), **GRAD_TOL, err_msg=name)
+    _check_gradients(kwargs, kernel, tile, np.random.default_rng(2))
 
 
 @pytest.mark.parametrize("kernel, dim, bc", [("triton", 8, "g2"), ("mosaic_tpu", 128, "g1")])
@@ -547,34 +538,50 @@ MESH_SCRIPT = textwrap.dedent("""
     from tests.test_scan import FWD_TOL, GRAD_TOL, make_inputs, to_jax
 
     assert jax.device_count() == 8, jax.devices()
-    k = to_jax(make_inputs(8, 4, 64, 4, 40, bc="g1", initial_state=True))
-    u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
-    args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], k["initial_state"])
 
-    def loss(args):
-        u, delta, A, B, C, D, z, bias, h0 = args
-        out, last = selective_scan(u, delta, A, B, C, D, z, bias, True, initial_state=h0, impl="pallas",
-                                   chunk_size=16)
-        return jnp.sum(out * out) + jnp.sum(last), out
+    def inputs(batch, dim, seqlen, bc):
+        k = to_jax(make_inputs(8, batch, dim, 4, seqlen, bc=bc, initial_state=True))
+        u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
+        return (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], k["initial_state"])
 
-    grad = jax.jit(jax.grad(loss, has_aux=True))
-    assert "shard_map" not in str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(args))
-    want_grads, want_out = grad(args)
+    def loss_of(chunk):
+        def loss(args):
+            u, delta, A, B, C, D, z, bias, h0 = args
+            out, last = selective_scan(u, delta, A, B, C, D, z, bias, True, initial_state=h0, impl="pallas",
+                                       chunk_size=chunk)
+            return jnp.sum(out * out) + jnp.sum(last * last), out
+        return loss
+
+    def check_gradients(mesh, args, chunk, label):
+        # traced under the mesh: a shard_map over tensor (none without it); out and every gradient == unsharded
+        loss = loss_of(chunk)
+        grad = jax.jit(jax.grad(loss, has_aux=True))
+        assert "shard_map" not in str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(args))
+        want_grads, want_out = grad(args)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            jaxpr = str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(args))
+            assert "shard_map" in jaxpr and "'tensor'" in jaxpr, jaxpr[-2000:]
+            got_grads, got_out = grad(jax.device_put(args, NamedSharding(mesh, P())))
+        np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
+        for name, got, want in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"), got_grads,
+                                   want_grads):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), **GRAD_TOL, err_msg=f"{label} {name}")
+
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        assert "shard_map" in str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(args))
-        got_grads, got_out = grad(jax.device_put(args, NamedSharding(mesh, P())))
-    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
-    for got, want in zip(got_grads, want_grads):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **GRAD_TOL)
+    args = inputs(4, 64, 40, "g1")
+    check_gradients(mesh, args, 16, "data x fsdp x tensor")
+    # two B/C groups split over tensor (one a device) with the batch over data; one batch row (channels split)
+    small = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:4])
+    for batch, bc in ((2, "g2"), (1, "g1")):
+        check_gradients(small, inputs(batch, 8, 20, bc), 8, f"batch {batch} {bc}")
 
     # one batch row (data x fsdp = 4 does not divide it): the channels are still split over tensor
     batched = (0, 1, 3, 4, 6, 8)  # u, delta, B, C, z, initial_state (not A, D, delta_bias)
     row = tuple(a[:1] if i in batched else a for i, a in enumerate(args))
-    forward = jax.jit(lambda args: loss(args)[1])
+    forward = jax.jit(lambda args: loss_of(16)(args)[1])
     want_out = forward(row)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        jaxpr = str(jax.make_jaxpr(lambda args: loss(args)[1])(row))
+        jaxpr = str(jax.make_jaxpr(lambda args: loss_of(16)(args)[1])(row))
         assert "P(None, None, 'tensor')" in jaxpr and "'fsdp')" not in jaxpr, jaxpr[-2000:]
         got_out = forward(jax.device_put(row, NamedSharding(mesh, P())))
     np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
@@ -585,56 +592,12 @@ MESH_SCRIPT = textwrap.dedent("""
 def test_selective_scan_shards_the_kernels_under_a_mesh():
     """impl="pallas" traced under a (data 2, fsdp 2, tensor 2) mesh, as the trainer traces its step: the kernels
     run inside shard_map (batch on data x fsdp, channels on tensor), and out and every gradient equal the
-    unsharded call's; without a mesh no shard_map."""
+    unsharded call's; without a mesh no shard_map. Under a (data 2, tensor 2) mesh, B and C in two groups follow
+    their channels over tensor, and a batch of one row (channels split only) differentiates too."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(root)}
     result = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
-
-
-GROUPED_MESH_SCRIPT = textwrap.dedent("""
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from ssm.scan import selective_scan, to_channels_last
-    from tests.test_scan import FWD_TOL, GRAD_TOL, make_inputs, to_jax
-
-    assert jax.device_count() == 4, jax.devices()
-    mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
-    # two B/C groups split over tensor (one a device) with the batch over data; one batch row (channels split)
-    for batch, bc in ((2, "g2"), (1, "g1")):
-        k = to_jax(make_inputs(8, batch, 8, 4, 20, bc=bc, initial_state=True))
-        u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
-        args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], k["initial_state"])
-
-        def loss(args):
-            u, delta, A, B, C, D, z, bias, h0 = args
-            out, last = selective_scan(u, delta, A, B, C, D, z, bias, True, initial_state=h0, impl="pallas",
-                                       chunk_size=8)
-            return jnp.sum(out * out) + jnp.sum(last * last), out
-
-        grad = jax.jit(jax.grad(loss, has_aux=True))
-        want_grads, want_out = grad(args)
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            jaxpr = str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(args))
-            assert "shard_map" in jaxpr and "'tensor'" in jaxpr, jaxpr[-2000:]
-            got_grads, got_out = grad(jax.device_put(args, NamedSharding(mesh, P())))
-        np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
-        for name, got, want in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"), got_grads,
-                                   want_grads):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), **GRAD_TOL, err_msg=f"{batch} {name}")
-    print("ok")
-""")
-
-
-def test_mesh_splits_grouped_b_c_and_a_single_batch_row_with_gradients():
-    """Under a (data 2, tensor 2) mesh: B and C in two groups follow their channels over "tensor", and a batch of
-    one row (channels split only) differentiates too; out and every gradient == the unsharded call's."""
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, "-c", GROUPED_MESH_SCRIPT], cwd=root, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
