@@ -246,21 +246,24 @@ def test_each_step_samples_with_a_fresh_key(model):
 
 
 @pytest.mark.parametrize("partitionable", [True, False])
-def test_a_rows_samples_do_not_depend_on_the_other_rows(model, partitionable):
-    """Each row draws with its own key (fold_in(step key, row)): a prompt sampled at row 0 gives the same tokens
-    whatever rows follow it, alone or in a batch, with either threefry mode (one batch-wide draw gave row 0 the
-    same noise only where jax_threefry_partitionable is on, JAX's default)."""
+def test_a_rows_samples_do_not_depend_on_the_other_rows(partitionable):
+    """Each row draws with its own key (fold_in(step key, row)): rows 0..3 sample the same tokens whatever rows
+    follow them, or none, with either threefry mode (one batch-wide draw gave the same noise to row 0 only where
+    jax_threefry_partitionable is on, JAX's default). The model's logits of a row do not depend on the other rows
+    either (test_inference's padded-batch tests), so neither do a row's generated tokens."""
     import jax
 
     rng = np.random.default_rng(8)
-    prompt, others = rng.integers(0, VOCAB, (1, 6)), rng.integers(0, VOCAB, (2, 3, 6))
-    kwargs = dict(max_new_tokens=8, temperature=1.5, seed=9)
+    first = rng.standard_normal((4, VOCAB)).astype(np.float32)
+    keys = [jax.random.PRNGKey(seed) for seed in range(6)]
     with jax.threefry_partitionable(partitionable):
-        alone = generate(model, prompt, **kwargs).tokens[0]
-        for rest in others:
-            batch = generate(model, np.concatenate([prompt, rest]), **kwargs).tokens
-            np.testing.assert_array_equal(batch[0], alone)
-    assert len(set(alone.tolist())) > 2  # sampled, not one repeated token
+        for sampling in (Sampling(1.5), Sampling(1.0, top_k=20, top_p=0.9)):
+            alone = np.stack([np.asarray(sample_logits(first, key, sampling)) for key in keys])
+            assert len(np.unique(alone)) > 4  # sampled, not one repeated token
+            for rows in (4, 16):
+                batch = np.concatenate([first, rng.standard_normal((rows, VOCAB)).astype(np.float32)])
+                got = np.stack([np.asarray(sample_logits(batch, key, sampling))[:4] for key in keys])
+                np.testing.assert_array_equal(got, alone)
 
 
 def test_no_stop_tokens_stop_nothing(model):
