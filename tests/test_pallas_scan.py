@@ -180,9 +180,8 @@ COMBO_CASES = {
                (2, 21, 24, 3, "g2", False, True, True, False, True, 8),
                (1, 9, 8, 4, "g2", False, False, True, True, False, 8),
                (2, 16, 8, 4, "bnl|g2", True, True, False, False, True, 8)],
-    "mosaic_tpu": [(1, 13, 128, 4, "bnl", True, False, False, True, False, 16),
-                   (2, 21, 384, 3, "g1", False, True, True, False, True, 16),
-                   (1, 9, 256, 4, "g2", False, False, True, True, False, 16)],
+    "mosaic_tpu": [(2, 21, 384, 3, "g1", False, True, True, False, True, 16),
+                   (1, 9, 256, 4, "g2", True, False, True, True, False, 16)],
 }
 
 
@@ -209,7 +208,7 @@ def test_bf16_gradients_match_reference(kernel, dim, bc):
     """bf16 u, delta, B, C, z: every gradient (in its input's dtype) == "reference"'s on the same inputs, within
     twice mamba_ssm's bf16 forward tolerances (its gradient tolerances are 2x the forward ones)."""
     low = ("u", "delta", "B", "C", "z")
-    kwargs = to_jax(make_inputs(2, 2, dim, 8, 70, bc=bc, initial_state=True), jnp.bfloat16, low)
+    kwargs = to_jax(make_inputs(2, 2, dim, 8, 40, bc=bc, initial_state=True), jnp.bfloat16, low)
     names = [name for name in GRAD_ARGS if kwargs.get(name) is not None]
     g_out = jnp.asarray(np.random.default_rng(6).standard_normal(kwargs["u"].shape), jnp.float32)
 
