@@ -184,8 +184,7 @@ def corpus_sha256(config: DataConfig) -> str | None:
         return hashlib.sha256(load_corpus(config.text_dir, config.text_glob)).hexdigest()
     if config.task == "tokens":
         load_tokens(config.token_file)  # the file checked (a missing one named) before it is hashed
-        stat = os.stat(config.token_file)
-        return _token_sha256(config.token_file, (stat.st_mtime_ns, stat.st_size))
+        return _token_sha256(config.token_file, _file_version(config.token_file))
     return None
 
 
@@ -197,7 +196,7 @@ def corpus_identity(config: DataConfig) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def _token_sha256(token_file: str, version: tuple[int, int]) -> str:
+def _token_sha256(token_file: str, version: tuple[int, int] | None) -> str:
     del version  # in the cache's key only, as for _load_tokens
     tokens, digest, block = load_tokens(token_file)[0], hashlib.sha256(), 1 << 24
     for i in range(0, tokens.size, block):  # blockwise: the memory map is never read whole into memory
@@ -225,12 +224,17 @@ def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, po
 def load_tokens(token_file: str) -> tuple[np.ndarray, int, int]:
     """The tokens task's corpus, memory-mapped (pages are read as windows use them), and its smallest and largest
     id (one pass over the file, blockwise; remembered for the file until it is rewritten)."""
+    return _load_tokens(token_file, _file_version(token_file))
+
+
+def _file_version(path: str) -> tuple[int, int] | None:
+    """(modification time, size) of a file, what the caches of its contents are keyed by (a rewritten file is read
+    again); None where it cannot be read (named by _load_tokens)."""
     try:
-        stat = os.stat(token_file)
-        version = (stat.st_mtime_ns, stat.st_size)
-    except OSError:  # named by _load_tokens
-        version = None
-    return _load_tokens(token_file, version)
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 @functools.lru_cache(maxsize=4)

@@ -413,18 +413,15 @@ def test_a_resume_needs_the_corpus_its_checkpoint_read(tmp_path):
     position = json.loads(next((tmp_path / "run" / "checkpoints" / "2").glob("data*/*")).read_text())
     sha = hashlib.sha256(ids.tobytes()).hexdigest()
     assert position == {"step": 2, "task": "tokens", "seed": 0, "corpus_size": 4000, "corpus_sha256": sha}
-    np.save(token_file, np.random.default_rng(1).integers(0, 256, 5000).astype(np.uint16))
-    with pytest.raises(ConfigError, match=re.escape(
-            f"config field 'data.token_file': resuming '{tmp_path / 'run'}' needs the corpus its checkpoint step 2 "
-            f"was trained on, of 4000 tokens; got 5000 in '{token_file}' (rewritten since; a new output_dir starts "
-            f"a new run)")):
-        train(load_config("tiny_falcon_mamba", [*common, "steps=4"]))
-    np.save(token_file, np.random.default_rng(2).integers(0, 256, 4000).astype(np.uint16))
-    with pytest.raises(ConfigError, match=re.escape(
-            f"config field 'data.token_file': resuming '{tmp_path / 'run'}' needs the corpus its checkpoint step 2 "
-            f"was trained on, of 4000 tokens with SHA-256 {sha[:16]}...; got other tokens of that size in "
-            f"'{token_file}' (rewritten since; a new output_dir starts a new run)")):
-        train(load_config("tiny_falcon_mamba", [*common, "steps=4"]))
+    needs = (f"config field 'data.token_file': resuming '{tmp_path / 'run'}' needs the corpus its checkpoint step 2 "
+             f"was trained on, of 4000 tokens")
+    for rewrite, got in ((np.random.default_rng(1).integers(0, 256, 5000), f"; got 5000 in '{token_file}'"),
+                         (np.random.default_rng(2).integers(0, 256, 4000),
+                          f" with SHA-256 {sha[:16]}...; got other tokens of that size in '{token_file}'")):
+        np.save(token_file, rewrite.astype(np.uint16))
+        with pytest.raises(ConfigError, match=re.escape(
+                f"{needs}{got} (rewritten since; a new output_dir starts a new run)")):
+            train(load_config("tiny_falcon_mamba", [*common, "steps=4"]))
     np.save(token_file, ids)
     assert [row["step"] for row in train(load_config("tiny_falcon_mamba", [*common, "steps=4"]))][-1] == 4
     np.save(token_file, np.random.default_rng(2).integers(0, 256, 4000).astype(np.uint16))
