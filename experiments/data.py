@@ -154,15 +154,16 @@ def load_corpus(text_dir: str, text_glob: str) -> np.ndarray:
 
 def _stream(corpus: np.ndarray, config: DataConfig, position: int, unit: str) -> Batch:
     """Windows of a corpus read sequentially: a step whose rows have each read ``position`` tokens before it
-    starts at batch * position, row i at i * seq_len after that, each row one contiguous window (wrapping around
-    at the end); a length curriculum's shorter steps leave no gap. A corpus of seq_len + 1 tokens is one window,
-    which every row reads. The loss counts every token."""
+    starts at batch * position, row i at i * seq_len after that, each row one contiguous window; starts wrap around
+    modulo the corpus's corpus.size - seq_len window starts, so the last window ends at its last token. A length
+    curriculum's shorter steps leave no gap. A corpus of seq_len + 1 tokens is one window, which every row reads.
+    The loss counts every token."""
     window = config.seq_len + 1
     if corpus.size < window:
         raise ConfigError(f"config field 'data.seq_len': expected < the corpus size ({corpus.size} {unit}), "
                           f"got {config.seq_len}")
     starts = ((config.batch_size * position + np.arange(config.batch_size) * config.seq_len)
-              % max(corpus.size - window, 1))
+              % (corpus.size - window + 1))
     seq = corpus[starts[:, None] + np.arange(window)[None, :]]
     return _shifted(seq, np.ones(seq.shape, np.float32))
 
@@ -210,7 +211,7 @@ def stream_windows(config: DataConfig) -> int | None:
     size = corpus_size(config)
     if size is None:
         return None
-    return -(-max(size - (config.seq_len + 1), 1) // config.seq_len)  # starts n * seq_len below the wrap
+    return -(-(size - config.seq_len) // config.seq_len)  # the starts n * seq_len below the wrap, size - seq_len
 
 
 def bytes_task(config: DataConfig, vocab_size: int, rng: np.random.Generator, position: int) -> Batch:

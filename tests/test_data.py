@@ -12,7 +12,7 @@ import pytest
 
 from configs import DataConfig
 from configs.schema import ConfigError
-from experiments.data import TASKS, TRIGGER_TOKEN, batch_at, load_corpus
+from experiments.data import TASKS, TRIGGER_TOKEN, batch_at, load_corpus, stream_windows
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,17 @@ def test_a_corpus_of_one_window_is_read_whole(tmp_path):
     np.testing.assert_array_equal(batch["targets"][0], [list(b"123456789")] * 2)
     with pytest.raises(ConfigError, match=r"'data.seq_len': expected < the corpus size \(10 bytes\), got 10"):
         batch_at(dataclasses.replace(config, seq_len=10), 256, 0, 0)
+
+
+def test_the_stream_reads_a_corpus_to_its_last_byte(tmp_path):
+    """Window starts wrap modulo the corpus's valid starts (size - seq_len): they wrapped one earlier, so the last
+    byte was never read, and a corpus whose last window ended at its last byte lost that window."""
+    (tmp_path / "a.txt").write_bytes(bytes(range(13)))
+    config = DataConfig(task="bytes", text_dir=str(tmp_path), text_glob="*.txt", seq_len=9, batch_size=1)
+    ends = {int(batch_at(config, 256, 0, step)["targets"][0, 0, -1]) for step in range(4)}
+    assert ends == {9, 10, 11, 12}  # starts 9 * step modulo the 4 valid starts
+    assert stream_windows(config) == 1 and stream_windows(dataclasses.replace(config, seq_len=7)) == 1
+    assert stream_windows(dataclasses.replace(config, seq_len=6)) == 2  # bytes 0..6 and 6..12
 
 
 def test_token_stream_reads_the_file_sequentially(token_file):
