@@ -4,7 +4,7 @@ A preset is a YAML file in this folder (or any path). Its top level is a RunConf
 with ``family:`` naming the model family), ``mesh:`` and the run's own fields. ``base: other_preset`` at
 the top level deep-merges this file over another preset. Overrides are ``dotted.key=value`` strings whose
 values are read as YAML 1.2 scalars (``parse_value``: 010 is ten, *.py a string), e.g.
-``model.hidden_size=64 mesh.data=2 mesh.rules.d_inner=[tensor]``.
+``model.hidden_size=64 mesh.data=2 mesh.rules.d_inner=[tensor]``; a file's plain scalars read the same way.
 """
 
 from __future__ import annotations
@@ -71,11 +71,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
         raise ConfigError(f"config field {key!r}: expected a number, got {value!r}")
     if hint is str:
         if isinstance(value, str):
@@ -129,7 +124,7 @@ def model_config_from_dict(data: Mapping[str, Any], prefix: str = "model.") -> A
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A plain dict (YAML/JSON-ready) that ``from_dict`` turns back into an equal config."""
+    """A plain dict (YAML/JSON-ready: tuples as lists) that ``from_dict`` turns back into an equal config."""
     out: dict[str, Any] = {}
     if type(config) in MODEL_CONFIGS.values():
         out["family"] = config.family
@@ -137,8 +132,14 @@ def to_dict(config: Any) -> dict[str, Any]:
         if not f.init:  # bookkeeping such as FalconConfig.derived, not a setting
             continue
         value = getattr(config, f.name)
-        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+        out[f.name] = (to_dict(value) if dataclasses.is_dataclass(value) else
+                       list(value) if isinstance(value, tuple) else value)
     return out
+
+
+def dump_config(config: Any) -> str:
+    """YAML text that load_config / load_preset_dict read back as ``config``: the run's config.yaml."""
+    return yaml.dump(to_dict(config), Dumper=_Yaml12Dumper, sort_keys=False)
 
 
 def list_presets() -> list[str]:
@@ -176,6 +177,12 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{context}{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
+_INT = re.compile(r"[-+]?[0-9]+(_[0-9]+)*")
+_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)")
+_WORDS = {"~": None, "null": None, "Null": None, "NULL": None, "true": True, "True": True, "TRUE": True,
+          "false": False, "False": False, "FALSE": False}
+
+
 class _RepeatedKey(Exception):
     """A key written twice in one YAML mapping."""
 
@@ -201,13 +208,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml12_scalars(loader: type[yaml.SafeLoader] | type[yaml.SafeDumper]) -> None:
+    """Plain scalars in files read as in overrides (parse_value), YAML 1.2's way: SafeLoader keeps YAML 1.1's, so
+    ``seed: 010`` was 8 in a file and 10 on the command line, ``1:30`` was 90, ``yes`` / ``off`` booleans and
+    ``1e-5`` a string. A dumper given the same resolvers quotes the strings they would read otherwise."""
+    replaced = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+    loader.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag not in replaced]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    words = "|".join(re.escape(word) for word, value in _WORDS.items() if isinstance(value, bool))
+    for tag, pattern, first in (("bool", words, "tTfF"), ("int", _INT.pattern, "-+0123456789"),
+                                ("float", _FLOAT.pattern, "-+0123456789.")):
+        loader.add_implicit_resolver(f"tag:yaml.org,2002:{tag}", re.compile(f"(?:{pattern})$"), list(first))
+    if issubclass(loader, yaml.SafeDumper):
+        return
+    loader.add_constructor("tag:yaml.org,2002:int",
+                           lambda self, node: parse_value(self.construct_scalar(node), node.value))
+    loader.add_constructor("tag:yaml.org,2002:float",
+                           lambda self, node: parse_value(self.construct_scalar(node), node.value))
+
+
+class _Yaml12Dumper(yaml.SafeDumper):
+    """yaml.SafeDumper whose plain scalars _UniqueKeyLoader reads back as written."""
+
+
+_yaml12_scalars(_UniqueKeyLoader)
+_yaml12_scalars(_Yaml12Dumper)
+
+
 def load_preset_dict(name_or_path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = _preset_path(name_or_path)
     if str(path) in _seen:
         raise ConfigError(f"preset {str(path)!r}: 'base' chain loops through {list(_seen)}")
     with open(path) as fh:
         try:
-            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # safe_load's loader, repeated keys refused
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # safe, YAML 1.2 scalars, repeated keys refused
         except _RepeatedKey as err:
             raise ConfigError(f"preset {str(path)!r}: expected {err}") from None
         except yaml.YAMLError as err:
@@ -222,12 +256,6 @@ def load_preset_dict(name_or_path: str | Path, _seen: tuple[str, ...] = ()) -> d
         beside = path.parent / str(base)
         data = _deep_merge(load_preset_dict(beside if beside.is_file() else base, _seen + (str(path),)), data)
     return data
-
-
-_INT = re.compile(r"[-+]?[0-9]+(_[0-9]+)*")
-_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)")
-_WORDS = {"~": None, "null": None, "Null": None, "NULL": None, "true": True, "True": True, "TRUE": True,
-          "false": False, "False": False, "FALSE": False}
 
 
 def parse_value(raw: str, item: str) -> Any:

@@ -26,11 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from configs import load_config, to_dict
+from configs import dump_config, load_config, to_dict
 from configs.hf import model_config_from_hf
 from configs.schema import ConfigError, DistributedConfig, RunConfig
 from experiments import data as data_lib
@@ -168,7 +167,7 @@ def check_resume(previous: RunConfig, run: RunConfig, output_dir) -> None:
     never reads it: one added to a randomly initialised run would be ignored, yet recorded in config.yaml, which
     export and generate read its tokenizer from). steps, optim, mesh, logging and checkpointing may change
     (steps= raised resumes a run into its decay; any mesh restores)."""
-    before, after = (_flat(_plain(to_dict(with_absolute_paths(config)))) for config in (previous, run))
+    before, after = (_flat(to_dict(with_absolute_paths(config))) for config in (previous, run))
     # the seed, then the model family (another family's fields differ too: model.alibi is not the cause), in order
     for key in sorted(set(before) | set(after), key=lambda k: (k != "seed", k != "model.family", k)):
         section, _, name = key.partition(".")
@@ -342,7 +341,7 @@ def train(run: RunConfig) -> list[dict]:
     if jax.process_index() == 0:  # after a restore: a run that cannot resume leaves its config.yaml as it was
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(output_dir / "config.yaml", yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
+            write_text_atomic(output_dir / "config.yaml", dump_config(run))
         except OSError as err:  # a read-only file system (the checkpoints directory already there) or a full disk
             checkpointer.close()
             raise write_failure("", output_dir / "config.yaml", err) from err
@@ -467,15 +466,6 @@ def load_trained_model(output_dir: str | Path, step: int | None = None, compute_
     finally:
         checkpointer.close()
     return nnx.merge(setup.graphdef, unflatten_params(params, setup.structure)), step
-
-
-def _plain(value):
-    """Tuples -> lists, for yaml.safe_dump."""
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,23 @@ def test_override_values_are_yaml_1_2_scalars():
         load_config("tiny_falcon_mamba", ["mesh.rules.d_inner=[tensor"])
 
 
+def test_preset_files_read_scalars_as_overrides_do(tmp_path):
+    """A file's plain scalars are YAML 1.2's too: seed 010 was 8 in a file and 10 on the command line, 1:30 was 90,
+    1e-3 a string and yes a boolean. dump_config quotes a string that would read back as a number."""
+    (tmp_path / "run.yaml").write_text("base: tiny_falcon_mamba\nseed: 010\nsteps: 1_000\n"
+                                       "optim:\n  learning_rate: 1e-3\ndata:\n  text_glob: 1:30\n")
+    run = load_config(tmp_path / "run.yaml")
+    assert (run.seed, run.steps, run.optim.learning_rate, run.data.text_glob) == (10, 1000, 1e-3, "1:30")
+    assert run == load_config("tiny_falcon_mamba", ["seed=010", "steps=1_000", "optim.learning_rate=1e-3",
+                                                       "data.text_glob=1:30"])
+    (tmp_path / "bool.yaml").write_text("base: tiny_falcon_mamba\nmodel:\n  use_bias: yes\n")
+    with pytest.raises(ConfigError, match=r"'model.use_bias': expected true or false, got 'yes'"):
+        load_config(tmp_path / "bool.yaml")
+    written = configs.replace(run, data=configs.replace(run.data, text_glob="1e3"), output_dir="-.5")
+    (tmp_path / "config.yaml").write_text(configs.dump_config(written))
+    assert load_config(tmp_path / "config.yaml") == written
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.hiden_size=3", r"unknown config key 'model.hiden_size'; did you mean 'hidden_size'"),
     ("sed=1", r"unknown config key 'sed'; did you mean 'seed'"),

@@ -142,14 +142,11 @@ def test_sequences_are_the_streams_first_ones():
 @pytest.fixture
 def untrained_run(tmp_path):
     """An output_dir with a config.yaml (selective copying, vocabulary 16) and no checkpoints/."""
-    import yaml
-
-    from configs import load_config, to_dict
-    from experiments.train import _plain
+    from configs import dump_config, load_config
 
     run = load_config("tiny_falcon_mamba", [f"output_dir={tmp_path}", "data.task=selective_copying",
                                             "data.seq_len=24", "model.vocab_size=16"])
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
+    (tmp_path / "config.yaml").write_text(dump_config(run))
     return tmp_path
 
 
@@ -202,17 +199,14 @@ def test_the_batch_is_at_most_the_sequences(monkeypatch):
 def test_a_corpus_task_scores_each_window_of_the_held_out_file_once(tmp_path):
     """The bytes and tokens streams wrap around at the corpus's end: --sequences past the windows a held-out file
     holds scored its text twice and counted it as more held-out tokens. It is refused before the model loads."""
-    import yaml
-
-    from configs import load_config, to_dict
+    from configs import dump_config, load_config
     from experiments import evaluate as evaluate_lib
     from experiments.data import batch_at, stream_windows
-    from experiments.train import _plain
 
     np.save(tmp_path / "held_out.npy", np.arange(100, dtype=np.uint16))
     run = load_config("tiny_falcon_mamba", [f"output_dir={tmp_path}", "data.task=tokens", "data.seq_len=10",
                                             f"data.token_file={tmp_path / 'train.npy'}"])
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
+    (tmp_path / "config.yaml").write_text(dump_config(run))
     held_out = dataclasses.replace(run.data, token_file=str(tmp_path / "held_out.npy"), batch_size=10)
     assert stream_windows(held_out) == 9 and stream_windows(DATA) is None
     starts = batch_at(held_out, 256, 0, 0)["inputs"][0, :, 0]

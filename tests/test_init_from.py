@@ -152,16 +152,13 @@ def test_a_fine_tuned_run_exports_to_a_directory_transformers_loads(tmp_path, ca
 def test_export_into_a_file_is_one_error_line(tmp_path, capsys, monkeypatch):
     """out_dir an existing file is refused before the model is loaded; an out_dir that cannot be made (under a file)
     is an error line, not a traceback."""
-    import yaml
-
-    from configs import to_dict
+    from configs import dump_config
     from experiments import export
     from experiments.models import build_model
-    from experiments.train import _plain
 
     run = run_config("tiny_falcon_mamba", tmp_path / "run")
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(_plain(to_dict(run)), sort_keys=False))
+    (tmp_path / "run" / "config.yaml").write_text(dump_config(run))
     (tmp_path / "file").write_text("x")
     monkeypatch.setattr(export, "load_trained_model", lambda *a: pytest.fail("loaded the model"))
     assert export.main([str(tmp_path / "run"), str(tmp_path / "file")]) == 1
