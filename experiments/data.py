@@ -10,8 +10,8 @@ step * seq_len); add a task by adding an entry.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-
 import functools
 import hashlib
 import os
@@ -142,14 +142,33 @@ def corpus_files(text_dir: str, text_glob: str) -> list[Path]:
                           f"data.text_dir, got {text_glob!r} ({err})") from None
 
 
-@functools.lru_cache(maxsize=4)
 def load_corpus(text_dir: str, text_glob: str) -> np.ndarray:
-    """The bytes of corpus_files(text_dir, text_glob), one newline between files, as uint8."""
+    """The bytes of corpus_files(text_dir, text_glob), one newline between files, as uint8; remembered for the
+    directory and glob (a step does not list the files again): check_data, at the start of a run, reads a corpus
+    rewritten since (the files' versions) again."""
+    return _load_corpus(text_dir, text_glob)[0]
+
+
+def _corpus_versions(files: list[Path]) -> tuple:
+    return tuple((str(p), _file_version(str(p))) for p in files)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_corpus(text_dir: str, text_glob: str) -> tuple[np.ndarray, tuple]:
     files = corpus_files(text_dir, text_glob)
     if not files:
         raise ConfigError(f"config field 'data.text_dir': expected a directory with files matching "
                           f"{text_glob!r} (data.text_glob), got {str(_corpus_root(text_dir))!r} with none")
-    return np.frombuffer(b"\n".join(p.read_bytes() for p in files), np.uint8)
+    versions = _corpus_versions(files)  # before the files are read: a rewrite while they are is seen next time
+    return np.frombuffer(b"\n".join(p.read_bytes() for p in files), np.uint8), versions
+
+
+def _reload_rewritten_corpus(text_dir: str, text_glob: str) -> None:
+    """Forgets the remembered corpus of text_dir / text_glob where its files changed since it was read (files
+    rewritten, added or removed in this process's lifetime: a notebook's second run trained on the old text,
+    and a resume compared the old text's size and SHA-256)."""
+    if _load_corpus(text_dir, text_glob)[1] != _corpus_versions(corpus_files(text_dir, text_glob)):
+        _load_corpus.cache_clear()
 
 
 def _stream(corpus: np.ndarray, config: DataConfig, position: int, unit: str) -> Batch:
@@ -292,7 +311,11 @@ TASKS: dict[str, Callable[[DataConfig, int, np.random.Generator, int], Batch]] =
 def check_data(config: DataConfig, vocab_size: int) -> None:
     """Every sequence length the run reads (data.seq_len, each length_curriculum stage) makes a batch of its
     task: a task's limits are met before step 0, not at the step a curriculum stage starts; a stage that fails is
-    named. One row per microbatch is generated at each length."""
+    named. One row per microbatch is generated at each length. A bytes corpus rewritten since this process read
+    it is read again."""
+    if config.task == "bytes":
+        with contextlib.suppress(ConfigError):  # no such files, a bad glob: named by batch_at, after the vocabulary
+            _reload_rewritten_corpus(config.text_dir, config.text_glob)
     one_row = dataclasses.replace(config, batch_size=config.grad_accum, length_curriculum=())
     batch_at(one_row, vocab_size, 0, 0)
     for i, (length, _) in enumerate(config.length_curriculum):

@@ -197,3 +197,18 @@ def test_a_rewritten_token_file_is_read_again(tmp_path):
     with pytest.raises(ConfigError, match=r"expected token ids in \[0, 256\) .* got ids from 300 to 331"):
         batch_at(config, 256, 0, 0)
     np.testing.assert_array_equal(batch_at(config, 400, 0, 0)["inputs"][0, 0], [300, 301, 302, 303])
+
+
+def test_a_rewritten_text_corpus_is_read_again_at_a_runs_start(tmp_path):
+    """check_data (the start of a train or evaluate call) reads a bytes corpus rewritten since it was read: a second
+    run in the same process (a notebook) trained on the old text, and its resume check compared the old size."""
+    from experiments.data import check_data, corpus_identity
+
+    (tmp_path / "a.txt").write_bytes(b"x" * 100)
+    config = DataConfig(task="bytes", text_dir=str(tmp_path), text_glob="*.txt", batch_size=1, seq_len=4)
+    assert corpus_identity(config)["corpus_size"] == 100
+    (tmp_path / "a.txt").write_bytes(b"y" * 50)
+    (tmp_path / "b.txt").write_bytes(b"z" * 9)
+    check_data(config, 256)
+    assert corpus_identity(config)["corpus_size"] == 60
+    np.testing.assert_array_equal(batch_at(config, 256, 0, 0)["inputs"][0, 0], list(b"yyyy"))
