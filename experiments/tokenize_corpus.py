@@ -64,6 +64,12 @@ def load_tokenizer(path: Path):
     return tokenizer, eos
 
 
+def id_bound(tokenizer) -> int:
+    """One more than the largest id the tokenizer gives: its vocabulary size, or more where its ids leave gaps (a
+    tokenizer.json may number its tokens, added ones too, with holes; get_vocab_size counts them)."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+
 def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
@@ -119,7 +125,7 @@ def encode_pieces(tokenizer, file: Path, piece_chars: int = PIECE_CHARS,
 
 def tokenize(tokenizer, files: list[Path], eos: int, out: Path) -> int:
     """Writes the ids of ``files`` (each followed by ``eos``) to the .npy ``out``; returns how many."""
-    dtype = np.uint16 if tokenizer.get_vocab_size(with_added_tokens=True) <= 1 << 16 else np.uint32
+    dtype = np.uint16 if id_bound(tokenizer) <= 1 << 16 else np.uint32
     raw, partial = out.with_name(out.name + ".ids.tmp"), out.with_name(out.name + ".tmp.npy")
     count = 0
     try:
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{str(args.text_dir)!r}")
         tokenizer, config_eos = load_tokenizer(args.tokenizer)
         eos = config_eos if args.eos is None else args.eos
-        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        vocab = id_bound(tokenizer)
         if not (is_int(eos) and 0 <= eos < vocab):  # past the vocabulary: a uint32 file or an overflow traceback
             raise ValueError(f"--eos: expected an id in [0, {vocab}) (the tokenizer's vocabulary; or TOKENIZER's "
                              f"config.json eos_token_id), got {eos!r}")

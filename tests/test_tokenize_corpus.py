@@ -81,6 +81,19 @@ def test_bad_arguments_are_named(tmp_path, hf_dir, capsys):
     assert not (tmp_path / "t.npy").exists() and not list(tmp_path.glob("t.npy*"))
 
 
+def test_ids_past_the_count_of_a_vocabulary_with_gaps_are_written(tmp_path):
+    """A vocabulary of 3 tokens numbered up to 70000: the file's dtype (uint16 for 3 tokens) and the --eos range
+    ([0, 3)) came from the token count, so its id 70000 stopped the run with an OverflowError traceback."""
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "<eos>": 1, "a": 70000}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("a a")
+    out = tmp_path / "t.npy"
+    assert main([str(tmp_path / "tokenizer.json"), "--text-dir", str(tmp_path), "--eos", "1", "--out", str(out)]) == 0
+    ids = np.load(out)
+    assert ids.dtype == np.uint32 and ids.tolist() == [70000, 70000, 1]
+
+
 def test_large_files_are_encoded_in_pieces_that_change_no_id(tmp_path, monkeypatch):
     """A file is read and encoded a piece at a time (memory bounded by the piece, not the file), cut only at line
     starts where the ids around the cut do not change; the pieces' ids are the ids of the file encoded whole."""
