@@ -4,11 +4,12 @@
     python -m experiments.tokenize_corpus path/to/falcon-mamba-7b --text-dir my_corpus --out runs/tokens.npy
 
 TOKENIZER is a tokenizer.json (the `tokenizers` package) or a Hugging Face directory holding one. The files
-matching --glob under --text-dir are read as UTF-8 in name order; each becomes its text's ids (without the
-tokenizer's own special tokens, such as a post-processor's BOS: Falcon's adds none; nor padded or truncated,
-whatever the tokenizer.json sets) followed by the end-of-sequence id: --eos, or by default the directory's
-config.json eos_token_id (the first of several). The ids go to --out as a 1-D uint16 array where the vocabulary
-fits 16 bits (uint32 otherwise), streamed through a temporary file and renamed into place when complete.
+matching --glob under --text-dir are read as UTF-8 in name order, line ends as they are ("\r\n" is not made
+"\n"); each becomes its text's ids (without the tokenizer's own special tokens, such as a post-processor's BOS:
+Falcon's adds none; nor padded or truncated, whatever the tokenizer.json sets) followed by the end-of-sequence
+id: --eos, or by default the directory's config.json eos_token_id (the first of several). The ids go to --out
+as a 1-D uint16 array where the vocabulary fits 16 bits (uint32 otherwise), streamed through a temporary file
+and renamed into place when complete.
 
 Memory stays bounded for files of any size: a file is read and encoded in pieces of about PIECE_CHARS characters
 (one piece per CPU at a time, by the tokenizer's threads), cut at the start of a line that begins with a non-space
@@ -107,7 +108,7 @@ def encode_pieces(tokenizer, file: Path, piece_chars: int = PIECE_CHARS,
         pieces.clear()
 
     try:
-        with open(file, encoding="utf-8") as stream:
+        with open(file, encoding="utf-8", newline="") as stream:  # the text as it is: "\r\n" and "\r" kept
             while chunk := stream.read(piece_chars):
                 text += chunk
                 cut = find_cut(tokenizer, text)

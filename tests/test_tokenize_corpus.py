@@ -94,6 +94,19 @@ def test_ids_past_the_count_of_a_vocabulary_with_gaps_are_written(tmp_path):
     assert ids.dtype == np.uint32 and ids.tolist() == [70000, 70000, 1]
 
 
+def test_line_ends_are_the_files(tmp_path):
+    """The ids are those of the file's text as it is: read in text mode, "\r\n" and a lone "\r" became "\n"."""
+    from tokenizers import Regex
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "<eos>": 1, "a": 2, "\r": 3, "\n": 4}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s"), "isolated")
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_bytes(b"a\r\na\ra\n")
+    out = tmp_path / "t.npy"
+    assert main([str(tmp_path / "tokenizer.json"), "--text-dir", str(tmp_path), "--eos", "1", "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), [2, 3, 4, 2, 3, 2, 4, 1])
+
+
 def test_large_files_are_encoded_in_pieces_that_change_no_id(tmp_path, monkeypatch):
     """A file is read and encoded a piece at a time (memory bounded by the piece, not the file), cut only at line
     starts where the ids around the cut do not change; the pieces' ids are the ids of the file encoded whole."""
@@ -137,7 +150,7 @@ def test_special_tokens_of_the_tokenizer_are_left_out(tmp_path, hf_dir):
     tokenizer.save(str(hf_dir / "tokenizer.json"))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "a.txt").write_text("the state\r\nis")  # read as text: \r\n is a newline
+    (corpus / "a.txt").write_text("the state\r\nis")  # "\r\n" kept, which Whitespace splits on
     assert main([str(hf_dir), "--text-dir", str(corpus), "--out", str(tmp_path / "t.npy")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), [2, 3, 4, 1])
 
