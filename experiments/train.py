@@ -127,6 +127,9 @@ class _StopFlag:
 
 # Model fields a resumed run may change: how the same parameters are computed with, not what they are.
 RESUMABLE_MODEL_FIELDS = ("compute_dtype", "scan_impl", "scan_chunk_size", "attention_impl", "attention_block_size")
+# Data fields a resumed run may change: how a step's batch is split into microbatches, not which rows it holds
+# (batch_at draws batch_size rows, then reshapes them; the loss is divided by the whole batch's mask).
+RESUMABLE_DATA_FIELDS = ("grad_accum",)
 
 
 # Model fields a run started from pretrained weights (init_from) may set otherwise than the checkpoint's
@@ -165,13 +168,13 @@ def check_resume(previous: RunConfig, run: RunConfig, output_dir) -> None:
     """A resumed run continues its checkpoint's model on the same data stream: seed, data.* and the model's
     fields (but RESUMABLE_MODEL_FIELDS) must equal those in the run's config.yaml, and so must init_from (a resume
     never reads it: one added to a randomly initialised run would be ignored, yet recorded in config.yaml, which
-    export and generate read its tokenizer from). steps, optim, mesh, logging and checkpointing may change
-    (steps= raised resumes a run into its decay; any mesh restores)."""
+    export and generate read its tokenizer from). steps, optim, mesh, logging, checkpointing and data.grad_accum
+    may change (steps= raised resumes a run into its decay; any mesh restores; grad_accum splits the same batch)."""
     before, after = (_flat(to_dict(with_absolute_paths(config))) for config in (previous, run))
     # the seed, then the model family (another family's fields differ too: model.alibi is not the cause), in order
     for key in sorted(set(before) | set(after), key=lambda k: (k != "seed", k != "model.family", k)):
         section, _, name = key.partition(".")
-        fixed = (key in ("seed", "init_from") or section == "data"
+        fixed = (key in ("seed", "init_from") or (section == "data" and name not in RESUMABLE_DATA_FIELDS)
                  or (section == "model" and name not in RESUMABLE_MODEL_FIELDS))
         if fixed and before.get(key) != after.get(key):
             raise ConfigError(f"config field '{key}': resuming {str(output_dir)!r} needs the value its checkpoints "

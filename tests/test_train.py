@@ -281,7 +281,7 @@ def test_resume_keeps_the_model_and_the_data_stream():
 
     run = load_config("tiny_falcon_mamba", ["steps=10"])
     for allowed in (["steps=20"], ["model.compute_dtype=bfloat16", "model.scan_impl=sequential"],
-                    ["optim.learning_rate=0.1", "mesh.data=2", "log_every=5", "remat=full"]):
+                    ["optim.learning_rate=0.1", "mesh.data=2", "log_every=5", "remat=full"], ["data.grad_accum=2"]):
         check_resume(run, load_config("tiny_falcon_mamba", ["steps=10", *allowed]), "runs/x")
     for key, value in (("seed", 3), ("data.task", "copy"), ("data.seq_len", 128), ("model.hidden_size", 32),
                        ("model.num_hidden_layers", 1)):
