@@ -22,6 +22,7 @@ is tried again: a tokenizer whose ids change at every line start gets each file 
 from __future__ import annotations
 
 import argparse
+import codecs
 import itertools
 import os
 import sys
@@ -117,11 +118,27 @@ def encode_pieces(tokenizer, file: Path, piece_chars: int = PIECE_CHARS,
                     text = text[cut:]
                 if len(pieces) == parallel:
                     yield from encoded()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"--text-dir: expected UTF-8 text, got {str(file)!r} ({err})") from None
+    except UnicodeDecodeError:
+        # the error's own position counts from the start of the block the text stream decoded, not of the file
+        raise ValueError(f"--text-dir: expected UTF-8 text, got {str(file)!r} ({first_utf8_error(file)})") from None
     if text:
         pieces.append(text)
     yield from encoded()
+
+
+def first_utf8_error(file: Path) -> str:
+    """Where the first byte that is not UTF-8 is in ``file``, and why: "byte 0xff at offset 3000000: invalid
+    start byte"."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(file, "rb") as stream:
+        for block in itertools.chain(iter(lambda: stream.read(1 << 20), b""), [None]):
+            pending = decoder.getstate()[0]  # the start of a character cut by the previous block
+            try:
+                decoder.decode(block or b"", final=block is None)
+            except UnicodeDecodeError as err:
+                return f"byte 0x{err.object[err.start]:02x} at offset {offset - len(pending) + err.start}: {err.reason}"
+            offset += len(block or b"")
+    return "no byte that is not UTF-8 now"  # the file was rewritten since
 
 
 def tokenize(tokenizer, files: list[Path], eos: int, out: Path) -> int:

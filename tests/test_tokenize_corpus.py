@@ -78,6 +78,10 @@ def test_bad_arguments_are_named(tmp_path, hf_dir, capsys):
               f"tokenizer's vocabulary; or TOKENIZER's config.json eos_token_id), got {eos}")
     (corpus / "b.txt").write_bytes(b"the \xff state")
     fails([str(hf_dir), "--text-dir", str(corpus), *out], f"--text-dir: expected UTF-8 text, got '{corpus / 'b.txt'}'")
+    # the offset in the file: the decoder's error counted from the block it was decoding (902848, not 3000000)
+    (corpus / "b.txt").write_bytes(b"the " * 750_000 + b"\xff")
+    fails([str(hf_dir), "--text-dir", str(corpus), *out], f"--text-dir: expected UTF-8 text, got '{corpus / 'b.txt'}' "
+          f"(byte 0xff at offset 3000000: invalid start byte)")
     assert not (tmp_path / "t.npy").exists() and not list(tmp_path.glob("t.npy*"))
 
 
