@@ -77,6 +77,16 @@ def check_step(path: str | os.PathLike, step: int | None) -> None:
                          f"{step} with {str(path)!r}, which has no config.yaml")
 
 
+def model_config(path: str | os.PathLike):
+    """The model config of a training run's output_dir (its config.yaml) or of a local Hugging Face directory (its
+    config.json), read without loading any weights."""
+    if is_training_run(path):
+        from configs import load_config
+
+        return load_config(Path(path) / "config.yaml", []).model
+    return model_config_from_hf(Path(path))
+
+
 def load_model(path: str | os.PathLike, step: int | None = None, compute_dtype: str | None = None):
     """(model, checkpoint step) of a training run's output_dir at ``step`` (default: the newest), or (model, None) of
     a local Hugging Face directory; ``compute_dtype`` None keeps the run's or the config's."""

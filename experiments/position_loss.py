@@ -24,7 +24,7 @@ import numpy as np
 
 from experiments.cli import check_output_file, error_line
 from experiments.data import load_tokens, load_vocab_tokens
-from experiments.models import check_step, load_model
+from experiments.models import check_step, load_model, model_config
 from runtime.checks import check_positive_int
 
 
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             check_output_file("--json", args.json)
         check_enough_tokens(load_tokens(args.token_file)[0].size, args.sequences, args.length)
         check_step(args.path, args.step)
+        load_vocab_tokens(args.token_file, model_config(args.path).vocab_size)  # ids past the vocabulary, unloaded
         model, step = load_model(args.path, args.step, args.compute_dtype)
         ids = windows(args.token_file, model.config.vocab_size, args.sequences, args.length)
     except (ValueError, FileNotFoundError) as err:  # ConfigError and CheckpointError are ValueErrors

@@ -65,8 +65,12 @@ def test_bad_arguments_are_one_error_line(checkpoint, argv, message, monkeypatch
         main([str(path / "hf"), "--token-file", str(path / "tokens.npy"), *argv])
 
 
-def test_ids_outside_the_vocabulary_and_missing_files_are_named(checkpoint, tmp_path):
+def test_ids_outside_the_vocabulary_and_missing_files_are_named(checkpoint, tmp_path, monkeypatch):
+    """Before the model is loaded too (its config read alone)."""
+    import experiments.position_loss as position_loss
+
     path, _ = checkpoint
+    monkeypatch.setattr(position_loss, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     np.save(tmp_path / "big.npy", np.array([1, 2, 48, 3], np.uint16))
     with pytest.raises(SystemExit, match=r"^error: --token-file: expected token ids in \[0, 48\) \(model.vocab_size\), "
                                          r"got ids from 1 to 48"):
