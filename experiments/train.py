@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import json
 import os
 import signal
 import sys
@@ -214,6 +216,36 @@ def check_position(position: dict, run: RunConfig, output_dir) -> None:
                           f"{str(output_dir)!r}; a resume continues it), got {run.steps}")
 
 
+def check_processes_agree(run: RunConfig, corpus: dict) -> None:
+    """Every process runs the same config (but its ``distributed`` fields) on the same corpus (``corpus``:
+    data.corpus_identity). Each process builds the whole global batch from its own copy of the corpus and keeps
+    its devices' shards (experiments.mesh.put_global_batch): a host started with other overrides (another seed, a
+    relative output_dir from another directory), or whose data.text_dir / data.token_file holds other bytes, would
+    otherwise feed its shards from another stream than the one process 0 records, without an error. A ConfigError
+    on every process, naming those that differ from process 0. Collective: every process calls it."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    def digest(value) -> np.ndarray:
+        return np.frombuffer(hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest(), np.uint8)
+
+    config = _plain(to_dict(dataclasses.replace(run, distributed=DistributedConfig())))
+    gathered = np.asarray(multihost_utils.process_allgather(np.stack([digest(config), digest(corpus)])))
+    differ = [[i for i in range(len(gathered)) if not np.array_equal(gathered[i, row], gathered[0, row])]
+              for row in (0, 1)]
+    if differ[0]:
+        raise ConfigError(f"distributed: expected every process to run process 0's config (the same CONFIG and "
+                          f"key=value overrides but distributed.*; relative paths from the same directory), got "
+                          f"another one on processes {differ[0]}")
+    if differ[1]:
+        field, unit = ("data.token_file", "tokens") if run.data.task == "tokens" else ("data.text_dir", "bytes")
+        raise ConfigError(f"config field '{field}': expected every process to read process 0's corpus, got other "
+                          f"{unit} on processes {differ[1]} (each process reads its own copy; process "
+                          f"{jax.process_index()}'s: {corpus['corpus_size']} {unit}, SHA-256 "
+                          f"{corpus['corpus_sha256'][:16]}...)")
+
+
 class Setup(NamedTuple):
     """What the training loop needs, built from the config alone (nothing is computed on devices yet)."""
 
@@ -313,6 +345,8 @@ def train(run: RunConfig) -> list[dict]:
     """Trains (or resumes) the run; returns the metrics rows this call logged."""
     run = with_absolute_paths(run)
     data_lib.check_data(run.data, run.model.vocab_size)  # before anything is built or written
+    corpus = data_lib.corpus_identity(run.data)
+    check_processes_agree(run, corpus)
     setup = prepare(run)
     state_shardings, b_sharding = setup.state_shardings, setup.batch_sharding
     output_dir = Path(run.output_dir)
@@ -362,7 +396,6 @@ def train(run: RunConfig) -> list[dict]:
             signal.signal(sig, handler)
 
     logged, last_saved, tokens = [], start, 0
-    corpus = data_lib.corpus_identity(run.data)
 
     def save(step, state):  # checkpoint ``step`` (the state after that many updates) unless it is saved already
         nonlocal last_saved

@@ -40,26 +40,43 @@ def test_two_processes_match_one_process(tmp_path):
 STOP_SCRIPT = """
 import sys
 import jax
-from experiments.train import _StopFlag
+from configs import load_config
+from configs.schema import ConfigError
+from experiments.train import _StopFlag, check_processes_agree
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+me = jax.process_index()
 flags = []
 for signalled in ([], [1], [0, 1], []):  # which processes got SIGTERM before each step boundary
     stop = _StopFlag()
-    stop.requested = jax.process_index() in signalled
+    stop.requested = me in signalled
     flags.append(stop.agreed())
 print("agreed", flags)
+corpus = {"corpus_size": 100, "corpus_sha256": "ab" * 32}
+check_processes_agree(load_config("tiny_falcon_mamba", [f"distributed.process_id={me}"]), corpus)
+for overrides, other in (([f"seed={me}"], corpus), ([], {"corpus_size": 100 + me, "corpus_sha256": "cd" * 32})):
+    try:
+        check_processes_agree(load_config("tiny_falcon_mamba", overrides), other)
+    except ConfigError as err:
+        print("refused:", err)
 """
 
 
-def test_sigterm_on_one_process_stops_every_process(tmp_path):
+def test_processes_agree_on_a_stop_their_config_and_their_corpus(tmp_path):
     """The training loop's stop decision is taken together: SIGTERM on any one process stops all of them at the
-    same step boundary (one stopping alone would leave the others blocked in the next step's collectives)."""
+    same step boundary (one stopping alone would leave the others blocked in the next step's collectives). Every
+    process must run the same config on the same corpus (each builds the global batch from its own copy)."""
     import sys
 
     address = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-c", STOP_SCRIPT, address, str(i)], env=cli_env(1, tmp_path / "cache"),
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", STOP_SCRIPT, address, str(i)],
+                              env=cli_env(1, tmp_path / "cache"), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-2000:] for out in outputs)
-    for out in outputs:
+    for i, out in enumerate(outputs):
         assert "agreed [False, True, True, False]" in out, out[-2000:]
+        assert "refused: distributed: expected every process to run process 0's config" in out and \
+            "got another one on processes [1]" in out, out[-2000:]
+        assert (f"refused: config field 'data.text_dir': expected every process to read process 0's corpus, got "
+                f"other bytes on processes [1] (each process reads its own copy; process {i}'s: {100 + i} bytes, "
+                f"SHA-256 cdcdcdcdcdcdcdcd...)") in out, out[-2000:]
