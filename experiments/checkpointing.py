@@ -25,7 +25,12 @@ class Checkpointer:
     read_only option would log three warnings on every load.)"""
 
     def __init__(self, directory: str | Path, keep: int, create: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=create)
+        # single_host_load_and_broadcast: with several processes, process 0 lists the steps and broadcasts them, so
+        # every process resumes from the same step even where a shared file system (NFS, GCS FUSE) shows one host a
+        # stale listing; hosts restoring different steps would train different states, or wait forever in the
+        # collectives of a loop that runs a different number of steps on each
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=create,
+                                               single_host_load_and_broadcast=True)
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
         self.saving = None  # the step of the save started last, until wait() has seen it complete

@@ -39,10 +39,13 @@ def test_two_processes_match_one_process(tmp_path):
 
 STOP_SCRIPT = """
 import sys
+from pathlib import Path
 import jax
 from configs import load_config
 from configs.schema import ConfigError
+from experiments.checkpointing import Checkpointer
 from experiments.train import _StopFlag, check_processes_agree
+from jax.experimental import multihost_utils
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 me = jax.process_index()
 flags = []
@@ -58,17 +61,29 @@ for overrides, other in (([f"seed={me}"], corpus), ([], {"corpus_size": 100 + me
         check_processes_agree(load_config("tiny_falcon_mamba", overrides), other)
     except ConfigError as err:
         print("refused:", err)
+# a host whose shared file system lists it no checkpoint yet (a stale listing) resumes process 0's newest
+directory = Path(sys.argv[3]) / "checkpoints"
+if me == 0:
+    (directory / "7").mkdir(parents=True)
+else:
+    from orbax.checkpoint._src.path import step
+    step._StandardNameFormat._glob_step_paths = lambda self, base_path: []
+multihost_utils.sync_global_devices("directories made")
+checkpointer = Checkpointer(directory, 2)
+print("latest step", checkpointer.latest_step())
+checkpointer.close()
 """
 
 
-def test_processes_agree_on_a_stop_their_config_and_their_corpus(tmp_path):
+def test_processes_agree_on_a_stop_their_config_their_corpus_and_the_step_to_resume(tmp_path):
     """The training loop's stop decision is taken together: SIGTERM on any one process stops all of them at the
     same step boundary (one stopping alone would leave the others blocked in the next step's collectives). Every
-    process must run the same config on the same corpus (each builds the global batch from its own copy)."""
+    process must run the same config on the same corpus (each builds the global batch from its own copy), and all
+    resume process 0's newest checkpoint."""
     import sys
 
     address = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, "-c", STOP_SCRIPT, address, str(i)],
+    procs = [subprocess.Popen([sys.executable, "-c", STOP_SCRIPT, address, str(i), str(tmp_path)],
                               env=cli_env(1, tmp_path / "cache"), cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [proc.communicate(timeout=120)[0] for proc in procs]
@@ -80,3 +95,4 @@ def test_processes_agree_on_a_stop_their_config_and_their_corpus(tmp_path):
         assert (f"refused: config field 'data.text_dir': expected every process to read process 0's corpus, got "
                 f"other bytes on processes [1] (each process reads its own copy; process {i}'s: {100 + i} bytes, "
                 f"SHA-256 cdcdcdcdcdcdcdcd...)") in out, out[-2000:]
+        assert "latest step 7" in out, out[-2000:]
