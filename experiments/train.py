@@ -230,7 +230,7 @@ def check_processes_agree(run: RunConfig, corpus: dict) -> None:
     def digest(value) -> np.ndarray:
         return np.frombuffer(hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest(), np.uint8)
 
-    config = _plain(to_dict(dataclasses.replace(run, distributed=DistributedConfig())))
+    config = to_dict(dataclasses.replace(run, distributed=DistributedConfig()))
     gathered = np.asarray(multihost_utils.process_allgather(np.stack([digest(config), digest(corpus)])))
     differ = [[i for i in range(len(gathered)) if not np.array_equal(gathered[i, row], gathered[0, row])]
               for row in (0, 1)]
