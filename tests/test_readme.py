@@ -4,7 +4,10 @@ an API change that the README does not follow, fails here."""
 
 from __future__ import annotations
 
+import ast
 import re
+import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +65,44 @@ def test_the_python_tour_runs_as_written(tmp_path):
     exported = FalconMambaForCausalLM.from_pretrained(tmp_path / "out").eval()
     probe = rng.integers(0, 64, (1, 12))
     np.testing.assert_array_equal(torch_logits(exported, probe), torch_logits(torch_mamba, probe))
+
+
+# import name -> distribution name in pyproject.toml, where they differ
+DISTRIBUTIONS = {"yaml": "pyyaml", "orbax": "orbax-checkpoint", "tensorboardX": "tensorboardx"}
+PACKAGES = ("configs", "runtime", "ssm", "transformer", "experiments")
+
+
+def _unguarded_imports(tree):
+    """Top-level module names imported outside a ``try`` that catches ImportError."""
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                for h in node.handlers):
+            guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in guarded:
+            continue
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0]
+
+
+def test_a_plain_install_has_what_the_commands_import():
+    """`pip install -e .` (no extra) gets every module the packages import, but for the benchmarks (which compare
+    with PyTorch, README.md names their extras) and imports guarded by an ImportError handler."""
+    root = README.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0].lower().replace("_", "-")
+                for dep in project["dependencies"]}
+    needed = {}
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            if "bench" in path.relative_to(root).parts:
+                continue
+            for name in _unguarded_imports(ast.parse(path.read_text(), str(path))):
+                if name not in sys.stdlib_module_names and name not in PACKAGES and name != "__future__":
+                    needed.setdefault(DISTRIBUTIONS.get(name, name).lower().replace("_", "-"), path.name)
+    missing = {dist: where for dist, where in needed.items() if dist not in declared}
+    assert not missing, f"imported but not in pyproject.toml's dependencies: {missing}"
