@@ -6,6 +6,7 @@ and that the CSV and both plots are written (timings are not asserted: benchmark
 from __future__ import annotations
 
 import csv
+import sys
 
 import pytest
 
@@ -122,3 +123,10 @@ def test_out_that_is_a_file_and_no_measured_point(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit, match="error: no point was measured"):
         long_context.main(["--out", str(tmp_path)])
     assert (tmp_path / "long_context.csv").read_text() == "mode,length\nfalcon,1024\n"
+
+
+def test_plots_are_left_out_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """matplotlib is the demo extra's: without it the bench crashed after writing its CSV."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an import of it raises ImportError
+    assert long_context.plot([], tmp_path) == []
+    assert "no plots: matplotlib is not installed" in capsys.readouterr().out

@@ -156,8 +156,12 @@ def run_point(args, mode: str, length: int, decode_tokens: int) -> dict | None:
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
-    """Writes the plots of ``rows`` to ``out``; returns their paths."""
-    import matplotlib
+    """Writes the plots of ``rows`` to ``out``; returns their paths (none without matplotlib: the demo extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install -e '.[demo]')")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -324,7 +328,7 @@ def main(argv=None) -> None:
             print(f"{mode}: {first['generated_tokens']} -> {last['generated_tokens']} generated tokens: ms/token "
                   f"{first['generate_ms_per_token']:.3f} -> {last['generate_ms_per_token']:.3f}, "
                   f"{memory_label(points)} {peak_mb(first):.0f} -> {peak_mb(last):.0f} MB")
-    print(f"wrote {out / 'long_context.csv'} and {', '.join(map(str, plots))}")
+    print(f"wrote {', '.join(map(str, [out / 'long_context.csv', *plots]))}")
 
 
 if __name__ == "__main__":
