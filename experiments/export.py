@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         step, copied = export(args.run_dir, args.out_dir, args.step)
     except (ValueError, OSError) as err:  # ConfigError, CheckpointError: ValueErrors; OSError: a tokenizer file copy
-        print(error_line(err, {"step": "--step"}), file=sys.stderr)
+        print(error_line(err, {"step": "--step", "output_dir": "run_dir"}), file=sys.stderr)
         return 1
     print(f"wrote checkpoint step {step} of {args.run_dir} to {args.out_dir}"
           + (f" with {', '.join(copied)} from its init_from" if copied else ""))

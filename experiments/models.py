@@ -69,6 +69,15 @@ def is_training_run(path: str | os.PathLike) -> bool:
     return (Path(path) / "config.yaml").is_file()
 
 
+def check_model_path(path: str | os.PathLike) -> None:
+    """FileNotFoundError naming ``path`` unless it is a training run's output_dir (config.yaml) or a local Hugging
+    Face directory (config.json): a missing path was reported as a missing config.json inside it."""
+    if not (is_training_run(path) or (Path(path) / "config.json").is_file()):
+        problem = "does not exist" if not os.path.exists(path) else "has neither config.yaml nor config.json"
+        raise FileNotFoundError(f"path: expected a training run's output_dir (config.yaml) or a local Hugging Face "
+                                f"directory (config.json), got {str(path)!r}, which {problem}")
+
+
 def check_step(path: str | os.PathLike, step: int | None) -> None:
     """ValueError unless ``step`` is None or ``path`` is a training run (a Hugging Face directory has one set of
     weights), checked before anything is loaded."""
@@ -80,6 +89,7 @@ def check_step(path: str | os.PathLike, step: int | None) -> None:
 def model_config(path: str | os.PathLike):
     """The model config of a training run's output_dir (its config.yaml) or of a local Hugging Face directory (its
     config.json), read without loading any weights."""
+    check_model_path(path)
     if is_training_run(path):
         from configs import load_config
 
@@ -90,6 +100,7 @@ def model_config(path: str | os.PathLike):
 def load_model(path: str | os.PathLike, step: int | None = None, compute_dtype: str | None = None):
     """(model, checkpoint step) of a training run's output_dir at ``step`` (default: the newest), or (model, None) of
     a local Hugging Face directory; ``compute_dtype`` None keeps the run's or the config's."""
+    check_model_path(path)
     check_step(path, step)
     if is_training_run(path):
         from experiments.train import load_trained_model

@@ -218,3 +218,13 @@ def test_a_run_whose_config_yaml_is_not_yaml_is_one_error_line_with_a_text_promp
     monkeypatch.setattr(generate, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(SystemExit, match=r"^error: preset '.*config.yaml': expected YAML, got "):
         generate.main([str(tmp_path), "--prompt", "w1"])
+
+
+def test_a_path_that_is_no_model_is_named(tmp_path):
+    """A missing path read as a missing config.json inside it ("config.json not found at '.../config.json'")."""
+    from experiments import generate
+
+    with pytest.raises(SystemExit, match=r"^error: path: expected a training run's output_dir \(config.yaml\) or a "
+                                         r"local Hugging Face directory \(config.json\), got '.*nowhere', which does "
+                                         r"not exist$"):
+        generate.main([str(tmp_path / "nowhere"), "--ids", "1"])

@@ -144,7 +144,8 @@ def test_a_fine_tuned_run_exports_to_a_directory_transformers_loads(tmp_path, ca
                                        f"checkpoint it started from), got '{tmp_path / 'hf'}'\n")
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == weights
     assert export_main([str(tmp_path / "hf"), str(tmp_path / "x")]) == 1
-    assert "has no config.yaml (not a training run)" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: run_dir: {str(tmp_path / 'hf')!r} has no config.yaml (not a training "
+                                       f"run)\n")  # export's argument: run_dir, not output_dir
     assert export_main([str(run_dir), str(tmp_path / "x"), "--step", "7"]) == 1  # named by the flag, not step:
     assert capsys.readouterr().err.startswith("error: --step: expected one of the checkpoints in")
 

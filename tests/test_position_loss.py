@@ -77,3 +77,10 @@ def test_ids_outside_the_vocabulary_and_missing_files_are_named(checkpoint, tmp_
         main([str(path / "hf"), "--token-file", str(tmp_path / "big.npy"), "--length", "2", "--sequences", "2"])
     with pytest.raises(SystemExit, match=r"^error: --token-file: expected a .npy file of token ids, got '.*none.npy'"):
         main([str(path / "hf"), "--token-file", str(tmp_path / "none.npy"), "--length", "2"])
+    with pytest.raises(SystemExit, match=r"^error: path: expected a training run's output_dir \(config.yaml\) or a "
+                                         r"local Hugging Face directory \(config.json\), got '.*nowhere', which does "
+                                         r"not exist$"):  # was "config.json not found at '.../nowhere/config.json'"
+        main([str(tmp_path / "nowhere"), "--token-file", str(tmp_path / "big.npy"), "--length", "2",
+              "--sequences", "2"])
+    with pytest.raises(SystemExit, match=r"got '.*', which has neither config.yaml nor config.json$"):
+        main([str(tmp_path), "--token-file", str(tmp_path / "big.npy"), "--length", "2", "--sequences", "2"])
