@@ -90,6 +90,25 @@ def test_padded_batch_rows_equal_rows_alone(model, padding):
             np.testing.assert_allclose(stepped[t][i], alone[len(row) + t], rtol=0, atol=1e-5)
 
 
+def test_falcon_mamba_padded_prefill_with_the_pallas_scan():
+    """scan_impl="pallas" (the Triton kernel, interpreted on CPU) inside the model's chunked prefill of a
+    left-padded ragged batch: the logits and states of the default scan's (which equal each row alone, above)."""
+    def build(impl):
+        return FalconMambaLM(load_model_config("tiny_falcon_mamba", ["num_hidden_layers=2", f"vocab_size={VOCAB}",
+                                                                     f"scan_impl={impl}"]), seed=1)
+    rng, lengths, seq = np.random.default_rng(4), (11, 24, 17), 24  # chunks of one shape: one compilation
+    ids, mask = np.full((3, seq), 7), np.zeros((3, seq), np.int32)
+    for i, n in enumerate(lengths):
+        ids[i, seq - n:], mask[i, seq - n:] = rng.integers(0, VOCAB, n), 1
+    results = []
+    for model in (build("chunked"), build("pallas")):
+        logits, state = model.prefill(ids, model.init_state(3), chunk_size=8, attention_mask=mask)
+        results.append(jax.tree.leaves((logits, state)))
+    assert results[0][-1].tolist() == list(lengths)  # state.lengths
+    for ours, ref in zip(results[1], results[0]):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5, 28, None])
 def test_log_likelihood_equals_full_log_softmax(model, ids, full, chunk_size):
     expected = jax.nn.log_softmax(full, axis=-1)[:, :-1]
