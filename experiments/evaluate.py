@@ -37,6 +37,16 @@ from runtime.checks import check_positive_int
 
 # Evaluation batches are drawn with seed run.seed + EVAL_SEED_OFFSET: never a (seed, step) of a training batch.
 EVAL_SEED_OFFSET = 1_000_003
+# The fp32 logits one call of the model may make: a batch's rows are scored as many at a time as fit (at least
+# one). The whole batch's were made at once, with a log_softmax copy: 34 GB each at 64 x 2048 x 65,024.
+LOGITS_BYTES = 1 << 30
+
+
+@jax.jit
+def _scores(logits, targets):
+    """(the model's top token, log p(target)) at each position, no log_softmax copy of the logits made."""
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.argmax(logits, axis=-1), picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def check_held_out(trained, evaluated) -> None:
@@ -74,11 +84,11 @@ def masked_accuracy(model, data_config, *, sequences: int, batch_size: int, seed
         rows = min(batch_size, sequences - done)
         config = dataclasses.replace(data_config, batch_size=batch_size, grad_accum=1, length_curriculum=())
         batch = {name: array[0, :rows] for name, array in batch_at(config, vocab, seed, index).items()}
-        logits = model(batch["inputs"])
-        predicted = np.asarray(jnp.argmax(logits, axis=-1))
+        step = max(1, LOGITS_BYTES // (batch["inputs"].shape[1] * vocab * 4))
+        predicted, logp = (np.concatenate(parts) for parts in zip(*(
+            _scores(model(batch["inputs"][i:i + step]), batch["targets"][i:i + step]) for i in range(0, rows, step))))
         mask = batch["mask"] > 0
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        nll -= float(jnp.sum(jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0] * mask))
+        nll -= float(np.sum(logp * mask, dtype=np.float64))
         hit = (predicted == batch["targets"]) & mask
         right, total = right + int(hit.sum()), total + int(mask.sum())
         seq_right += int(np.sum(hit.sum(axis=1) == mask.sum(axis=1)))

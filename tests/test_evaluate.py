@@ -196,6 +196,22 @@ def test_the_batch_is_at_most_the_sequences(monkeypatch):
                                        "tokens": 12, "loss": pytest.approx(RIGHT_NLL, rel=1e-6)}
 
 
+def test_rows_are_scored_as_many_at_a_time_as_logits_bytes_allows(monkeypatch):
+    """The whole batch's logits were made at once (with a log_softmax copy): 34 GB each at 64 x 2048 x 65,024."""
+    from experiments import evaluate as evaluate_lib
+
+    calls, oracle = [], SelectiveCopyingOracle(wrong_from=2)
+
+    def model(inputs):
+        calls.append(len(inputs))
+        return oracle(inputs)
+
+    model.config = oracle.config
+    whole = masked_accuracy(oracle, DATA, sequences=5, batch_size=5, seed=3)
+    monkeypatch.setattr(evaluate_lib, "LOGITS_BYTES", 2 * DATA.seq_len * VOCAB * 4 + 1)  # two rows' logits
+    assert masked_accuracy(model, DATA, sequences=5, batch_size=5, seed=3) == whole and calls == [2, 2, 1]
+
+
 def test_a_corpus_task_scores_each_window_of_the_held_out_file_once(tmp_path):
     """The bytes and tokens streams wrap around at the corpus's end: --sequences past the windows a held-out file
     holds scored its text twice and counted it as more held-out tokens. It is refused before the model loads."""
