@@ -89,3 +89,19 @@ def test_prebuild_refuses_bad_arguments_up_front(tmp_path, args, message):
                             env={**os.environ, "NVCC": "false", "PYTHON": "false"}, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 2 and message in result.stderr, result
+
+
+def test_live_tier_fails_instead_of_skipping_under_the_tier_script(monkeypatch):
+    """tests/test_gpu_live.py skipped every test where JAX saw no GPU or a kernel was missing, so the tier's run
+    of it passed with nothing checked; under scripts/gpu_tier.sh (GPU_TIER_STRICT=1) such a test fails. Each
+    test needs only its own kernels: a failed causal_conv1d build no longer skips the scan tests."""
+    from tests import test_gpu_live as live
+
+    monkeypatch.delenv("GPU_TIER_STRICT", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="JAX sees no GPU"):  # this machine: no GPU
+        live.require(live.MAMBA)
+    monkeypatch.setenv("GPU_TIER_STRICT", "1")
+    with pytest.raises(pytest.fail.Exception, match="JAX sees no GPU"):
+        live.require()
+    assert "causal_conv1d" not in live.MAMBA and "causal_conv1d_cuda" in live.CONV
+    assert "GPU_TIER_STRICT=1" in (ROOT / "scripts" / "gpu_tier.sh").read_text()
