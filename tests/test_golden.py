@@ -163,3 +163,22 @@ def test_gradient_tolerances_are_mamba_ssms():
     assert grad_tol("A", bf16, has_z=True) == dict(rtol=3e-2, atol=5 * 5e-2)
     assert grad_tol("B", bf16, has_z=True) == bf16
 
+
+def test_recording_without_causal_conv1d_keeps_the_scan_and_state_update_cases(tmp_path, capsys):
+    """causal_conv1d is built apart from mamba_ssm on the GPU machine; without it the CUDA set was not recorded at
+    all. Now only the conv cases are left out, and why is said."""
+    from scripts import record_goldens
+
+    class NoConv(record_goldens.OracleBackend):
+        conv_error = "ModuleNotFoundError: No module named 'causal_conv1d'"
+
+        def scan(self, inputs, softplus, dtype):
+            return dict(out=inputs["u"], last_state=inputs["A"])
+
+        def state_update(self, inputs, softplus, dtype):
+            return dict(out=inputs["x"], state=inputs["state"])
+
+    written = record_goldens.record(NoConv(), tmp_path)
+    kinds = [name.split("_")[0] for name in written]
+    assert written and set(kinds) == {"scan", "state"}, written
+    assert "conv cases not recorded: ModuleNotFoundError" in capsys.readouterr().err
