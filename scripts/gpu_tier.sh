@@ -20,9 +20,10 @@
 #   4. experiments/bench/gpu_scan.py (7B layer shapes, ratios against mamba_ssm, Pallas tuning sweep) and
 #      experiments/bench/gpu_layer.py (a whole 7B-shaped mixer layer against transformers + mamba_ssm);
 #   5. training step benchmarks (issue 5) and 7B long-context, as far as the time allows.
-# GPU_TIER_SECONDS (default 3600) is the whole run's budget: each step's timeout is cut to what is left, a step
-# that cannot start with 20 s left is skipped, and the results are packed before the budget ends. Every step
-# logs to RESULTS_DIR/NAME.log; steps after a failed one still run; the exit code is the number of failed steps.
+# GPU_TIER_SECONDS (default 3600) is the whole run's budget: 15 s are kept for the end, each step's timeout is cut
+# to what is left of the rest, a step that would get less than 20 s is skipped, and the results are packed before
+# the budget ends. Every step logs to RESULTS_DIR/NAME.log; steps after a failed one still run; the exit code is
+# the number of failed steps.
 # Before anything is written or started, a GPU_TIER_SECONDS that is not a positive integer and a machine where
 # nvidia-smi is missing or reports no GPU end the script with one "error: ..." line and exit code 64.
 set -uo pipefail
@@ -68,7 +69,8 @@ for wheel in .whl/*.whl; do
   esac
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$wheel"
 done
-{ nvidia-smi; nvcc --version; "$PYTHON" -m pip list 2>/dev/null | grep -iE "^(jax|jaxlib|jax-cuda|flax|optax|orbax|torch|transformers|triton|numpy) ";
+PACKAGES="jax|jaxlib|jax-cuda[0-9]+-(plugin|pjrt)|flax|optax|orbax-checkpoint|torch|transformers|triton|numpy|einops"
+{ nvidia-smi; nvcc --version; "$PYTHON" -m pip list 2>/dev/null | grep -iE "^($PACKAGES) ";
   "$PYTHON" -c "import torch, jax; print('torch', torch.__version__, torch.version.cuda); print('jax', jax.__version__, jax.devices())"; } >"$RESULTS/environment.log" 2>&1
 echo "GPU compute capability $CC (sm_$ARCH); results in $RESULTS"
 
