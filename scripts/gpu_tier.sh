@@ -136,8 +136,14 @@ elif wait "$KERNELS_PID"; then echo "== kernels: waited $((SECONDS - t0))s; $(gr
 else echo "== kernels: FAILED (install_kernels.log)"; tail -15 "$RESULTS/install_kernels.log"; failed=$((failed + 1)); fi
 
 # ---- 2-3. live tier, CUDA goldens --------------------------------------------------------------------------
-# GPU_TIER_STRICT=1: a test whose GPU or kernel is missing fails (a run of skips would pass)
-step tests_gpu_live 200 env GPU_TIER_STRICT=1 "$PYTHON" -m pytest -v -m gpu -p no:cacheprovider tests/test_gpu_live.py
+# GPU_TIER_STRICT=1: a test whose GPU or kernel is missing fails (a run of skips would pass). The tests in the order
+# named (pytest keeps it): the few quick ones first, the scan matrix (24 jitted gradients, Pallas first) last, so
+# that a step cut short by its limit loses scan cases, not whole kinds of test.
+LIVE=tests/test_gpu_live.py
+step tests_gpu_live 200 env GPU_TIER_STRICT=1 "$PYTHON" -m pytest -v -m gpu -p no:cacheprovider --durations=0 \
+  $LIVE::test_state_update_matches_mamba_ssm_triton $LIVE::test_causal_conv1d_matches_cuda \
+  $LIVE::test_model_on_gpu_matches_cpu $LIVE::test_falcon_mamba_matches_transformers_on_cuda_kernels \
+  $LIVE::test_scan_matches_mamba_ssm
 step record_goldens_cuda 60 "$PYTHON" scripts/record_goldens.py cuda
 mkdir -p "$RESULTS/golden_cuda" && cp tests/golden/cuda/* "$RESULTS/golden_cuda/" 2>/dev/null
 step tests_golden_cuda 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_golden.py -k "cuda and not pallas_tpu"

@@ -78,7 +78,7 @@ SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("seqlen, bc", SCAN_CASES)
-@pytest.mark.parametrize("impl", ["reference", "sequential", "chunked", "pallas"])
+@pytest.mark.parametrize("impl", ["pallas", "chunked", "sequential", "reference"])  # the kernels first
 def test_scan_matches_mamba_ssm(impl, seqlen, bc, dtype):
     require(MAMBA)
     import torch

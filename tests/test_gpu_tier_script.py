@@ -105,3 +105,14 @@ def test_live_tier_fails_instead_of_skipping_under_the_tier_script(monkeypatch):
         live.require()
     assert "causal_conv1d" not in live.MAMBA and "causal_conv1d_cuda" in live.CONV
     assert "GPU_TIER_STRICT=1" in (ROOT / "scripts" / "gpu_tier.sh").read_text()
+
+
+def test_the_live_tests_the_tier_names_exist():
+    """gpu_tier.sh names the live tests one by one (to run them in its order): a renamed one would make pytest
+    refuse the whole step ("not found"), and nothing on CPU runs that step."""
+    import re
+
+    script = (ROOT / "scripts" / "gpu_tier.sh").read_text()
+    named = re.findall(r"\$LIVE::(\w+)", script)
+    defined = re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_gpu_live.py").read_text(), re.M)
+    assert named and sorted(named) == sorted(defined), (named, defined)
