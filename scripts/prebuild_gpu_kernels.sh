@@ -6,9 +6,11 @@
 #
 #     scripts/prebuild_gpu_kernels.sh [SM] [JOBS]      # SM default 90 (H100/H200), JOBS default nproc
 #
-# EXTENSIONS (default "selective_scan_cuda") picks what to compile: "selective_scan_cuda causal_conv1d_cuda" for
-# both. On this project's 2-core build machine the scan's 9 objects took about 12 minutes when first built
-# (2 at a time; 19 minutes with causal_conv1d's 3), 3 min 55 s on 2026-12-01.
+# EXTENSIONS (default "causal_conv1d_cuda") picks what to compile: "selective_scan_cuda causal_conv1d_cuda" for
+# both (too large to carry together, below). On this project's 2-core build machine the scan's 9 objects took
+# about 12 minutes when first built (2 at a time; 19 minutes with causal_conv1d's 3), 3 min 55 s on 2026-12-01;
+# on 2026-12-01 (a loaded machine), causal_conv1d_bwd.cu alone 837 s, its fwd 20 s, its update 7 s, the scan's
+# selective_scan_bwd_bf16_real.cu 159 s.
 #
 # Reads vendor/gpu_sdists/ (scripts/fetch_gpu_sdists.sh), writes vendor/gpu_prebuilt/sm_SM/ (git-ignored):
 # NAME/*.o per extension plus build.txt (nvcc version, flags, date). The flags are the sdists' own setup.py
@@ -18,8 +20,10 @@
 # against the GPU machine's torch; the .cpp files (pybind11, at::Tensor) are compiled there, against its torch.
 #
 # Sizes for sm_90: selective_scan_cuda's 9 objects 40 MB, causal_conv1d_cuda's 3 objects 30 MB (its backward alone
-# 24 MB, and fatbins do not compress). The device tool carries 64 MiB in all, hence the default: gpu_tier.sh
-# builds causal_conv1d from its sdist (a few small files), in parallel with the scan's link.
+# 24 MB, and fatbins do not compress: xz leaves 21 of its 24 MB). The device tool carries 64 MiB in all, so one
+# extension is carried and gpu_tier.sh builds the other from its sdist while the first links. The default carries
+# causal_conv1d: its backward is one translation unit, about 5 times the scan's largest, that no MAX_JOBS splits,
+# while the scan's 9 files compile side by side on the GPU machine's 16 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SM=${1:-90}
@@ -51,7 +55,7 @@ COMMON="-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_
  -U__CUDA_NO_BFLOAT16_OPERATORS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__ -U__CUDA_NO_BFLOAT162_OPERATORS__
  -U__CUDA_NO_BFLOAT162_CONVERSIONS__ --expt-extended-lambda --use_fast_math -lineinfo
  -gencode=arch=compute_$SM,code=sm_$SM"
-EXTENSIONS=${EXTENSIONS:-selective_scan_cuda}
+EXTENSIONS=${EXTENSIONS:-causal_conv1d_cuda}
 jobs=()
 for ext in $EXTENSIONS; do
   case $ext in
@@ -81,4 +85,8 @@ printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -L 1 bash -c 'compile $0 $1'
 } >"$OUTDIR/build.txt"
 n=$(find "$OUTDIR" -name '*.o' | wc -l)
 echo "$n object files in $OUTDIR (expected ${#jobs[@]})"
+size=$(du -sb vendor | cut -f1)
+if [ "$size" -gt $((60 << 20)) ]; then
+  echo "warning: vendor/ holds $((size >> 20)) MiB; with the repository and .whl/ it must fit the device tool's" \
+    "64 MiB carry (remove vendor/gpu_prebuilt/ folders of other architectures)" >&2; fi
 [ "$n" -eq "${#jobs[@]}" ]

@@ -116,3 +116,37 @@ def test_the_live_tests_the_tier_names_exist():
     named = re.findall(r"\$LIVE::(\w+)", script)
     defined = re.findall(r"^def (test_\w+)", (ROOT / "tests" / "test_gpu_live.py").read_text(), re.M)
     assert named and sorted(named) == sorted(defined), (named, defined)
+
+
+def test_prebuild_carries_causal_conv1d_by_default(tmp_path):
+    """The prebuild compiled the scan's objects by default, leaving causal_conv1d's backward (one file, ~5 times
+    the scan's largest, that no MAX_JOBS splits) to the GPU machine's time. With stand-in sdists, nvcc and python:
+    the default compiles causal_conv1d's files only, into vendor/gpu_prebuilt/sm_90/causal_conv1d_cuda/."""
+    import tarfile
+
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "prebuild_gpu_kernels.sh", repo / "scripts")
+    sdists = repo / "vendor" / "gpu_sdists"
+    sdists.mkdir(parents=True)
+    for name, folder in (("mamba_ssm-2.3.2.post1", "csrc/selective_scan"), ("causal_conv1d-1.7.0", "csrc")):
+        src = tmp_path / name / folder
+        src.mkdir(parents=True)
+        (src / "kernel_a.cu").write_text("")
+        with tarfile.open(sdists / f"{name}.tar.gz", "w:gz") as tar:
+            tar.add(tmp_path / name, arcname=name)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    # nvcc: touches its -o file; python: answers the include-path, ABI and version queries alike
+    (bin_ / "nvcc").write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && touch "$2"; shift; done\n')
+    (bin_ / "python").write_text("#!/bin/sh\necho 1\n")
+    for tool in bin_.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "NVCC": str(bin_ / "nvcc"), "PYTHON": str(bin_ / "python")}
+    env.pop("EXTENSIONS", None)
+    result = subprocess.run(["bash", "scripts/prebuild_gpu_kernels.sh", "90", "2"], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    built = sorted(str(p.relative_to(repo / "vendor" / "gpu_prebuilt" / "sm_90"))
+                   for p in (repo / "vendor" / "gpu_prebuilt").rglob("*.o"))
+    assert built == ["causal_conv1d_cuda/kernel_a.o"], built
