@@ -6,8 +6,9 @@
 Writes <out>/<backend>/<case>.npz (inputs as ``in_<name>``, outputs as ``out_<name>``, options as ``opt_<name>``)
 and <out>/<backend>/provenance.json, into a new folder that replaces the old set only once both are written. The
 cuda backend also records the scan's backward pass: a seeded cotangent of ``out`` as ``cot_out`` and mamba_ssm's
-gradient of sum(out * cot_out) for every input as ``grad_<name>`` (the float64 oracle has no backward; our
-gradients are checked against the reference impl there). Inputs come from fixed seeds and are identical for both
+gradient of sum(out * cot_out) for every input as ``grad_<name>``, and for bf16 cases the same gradients computed in
+fp32 on the same values as ``fp32_grad_<name>`` (the float64 oracle has no backward; our gradients are checked
+against the reference impl there). Inputs come from fixed seeds and are identical for both
 backends; bf16 cases store their inputs already rounded to bf16 (as float32), so every implementation sees the
 same values.
 """
@@ -238,6 +239,17 @@ class CudaBackend:
         (out.float() * self._t(cot, "float32")).sum().backward()
         return {k: self._np(v.grad) for k, v in t.items()}
 
+    def scan_grads_fp32(self, inputs, softplus, cot):
+        """The same gradients computed in fp32 (mamba_ssm's selective_scan_ref, autograd) on the same values: what
+        tests/test_golden.check_scan_grad measures a bf16 case's gradients against."""
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
+        t = {k: self._t(v, "float32").requires_grad_() for k, v in inputs.items()}
+        out = selective_scan_ref(t["u"], t["delta"], t["A"], t["B"], t["C"], t.get("D"), t.get("z"),
+                                 t.get("delta_bias"), softplus)
+        (out * self._t(cot, "float32")).sum().backward()
+        return {k: self._np(v.grad) for k, v in t.items()}
+
     def state_update(self, inputs, softplus, dtype):
         state = self._t(inputs["state"], "float32")
         low = {k: self._t(v, dtype if k in ("x", "dt", "B", "C", "z") else "float32") for k, v in inputs.items()}
@@ -299,6 +311,8 @@ def record(backend, out_dir: Path) -> list[str]:
             cot = np.random.default_rng(500 + seed).standard_normal(inputs["u"].shape).astype(np.float32)
             grads = backend.scan_grads(inputs, softplus, dtype, cot)
             extra = {"cot_out": cot, **{f"grad_{k}": v for k, v in grads.items()}}
+            if dtype == "bfloat16":
+                extra.update({f"fp32_grad_{k}": v for k, v in backend.scan_grads_fp32(inputs, softplus, cot).items()})
         save(name, "scan", inputs, dict(dtype=dtype, softplus=softplus), backend.scan(inputs, softplus, dtype),
              extra)
     for seed, (name, dtype, batch, dim, dstate, groups, D, z, bias, softplus) in enumerate(STATE_UPDATE_CASES):

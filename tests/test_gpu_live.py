@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_golden import TOL, grad_tol
+from tests.test_golden import TOL, check_scan_grad
 
 
 # What each test needs besides a GPU that JAX sees ("torch": with CUDA). The scan and state-update tests do not
@@ -83,6 +83,7 @@ def test_scan_matches_mamba_ssm(impl, seqlen, bc, dtype):
     require(MAMBA)
     import torch
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_scan
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
     from scripts.record_goldens import scan_inputs
     from ssm.scan import selective_scan_fn
@@ -103,13 +104,20 @@ def test_scan_matches_mamba_ssm(impl, seqlen, bc, dtype):
         return jnp.sum(out.astype(jnp.float32) * g), (out, last)
 
     grads, (out, last) = jax.jit(jax.grad(loss, has_aux=True))(ours)
+    fp32 = dict.fromkeys(SCAN_INPUTS)
+    if dtype == "bfloat16":  # the gradients computed in fp32 on the same bf16 values (check_scan_grad)
+        exact = {k: theirs[k].detach().float().requires_grad_() for k in SCAN_INPUTS}
+        out_r, _ = selective_scan_ref(*(exact[k] for k in SCAN_INPUTS), True, True)
+        (out_r * _torch(g, "float32")).sum().backward()
+        fp32 = {k: exact[k].grad.cpu().numpy() for k in SCAN_INPUTS}
     tol = TOL["scan", dtype]
-    checks = [("out", out, out_t, tol), ("last_state", last, last_t, tol)]
-    checks += [(f"d{n}", grads[n], theirs[n].grad, grad_tol(n, tol, has_z=True)) for n in SCAN_INPUTS]
+    checks = [lambda: _close(out, out_t, tol, name="out"), lambda: _close(last, last_t, tol, name="last_state")]
+    checks += [lambda n=n: check_scan_grad(n, grads[n], theirs[n].grad.float().cpu().numpy(), tol, True, fp32[n])
+               for n in SCAN_INPUTS]
     errors = []  # every mismatch of the case reported, not the first only: the GPU runs this once
-    for name, got, want, t in checks:
+    for check in checks:
         try:
-            _close(got, want, t, name=name)
+            check()
         except AssertionError as error:
             errors.append(str(error))
     torch.cuda.synchronize()
