@@ -332,7 +332,8 @@ class MeshConfig:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for key, value in sizes.items():
             _require(is_int(value) and (value > 0 or value == -1), key, "a positive integer or -1", value)
-        _require(list(sizes.values()).count(-1) <= 1, "data", "at most one mesh axis of size -1", sizes)
+        rest = [key for key, value in sizes.items() if value == -1][1:]  # the axes after the first -1 one
+        _require(not rest, rest[-1] if rest else "", "at most one mesh axis of size -1", sizes)
         _require(isinstance(self.rules, dict), "rules", "a mapping of logical axis -> mesh axes", self.rules)
         object.__setattr__(self, "rules", merged_rules(self.rules))
 

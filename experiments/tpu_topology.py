@@ -22,6 +22,8 @@ BUNDLED_LIBTPU = ROOT / ".venv" / "libtpu" / "libtpu" / "libtpu.so"
 # below the chips' 16, 32 and 96 GiB of Cloud TPU's pages, libtpu keeps the rest)
 CHIPS = {"v5e": ("v5litepod-1", int(15.75 * 2**30)), "v6e": ("v6e-1", int(31.25 * 2**30)),
          "v5p": ("v5p-8", int(95.74 * 2**30))}
+# v5p slices are 3-D tori of chips, v5e and v6e slices 2-D grids
+CHIP_GRID_DIMS = {"v5e": 2, "v6e": 2, "v5p": 3}
 # chips per host as the compile groups them into processes: v5p's hosts have 4; v5e and v6e also come in 8-chip
 # hosts, which changes the process grouping, not a chip's memory
 CHIPS_PER_HOST = (2, 2, 1)
@@ -60,6 +62,9 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
     grid = tuple(int(n) for n in match.group(2).split("x"))
     if min(grid) < 1:
         raise ValueError(f"topology: expected a grid of positive sizes, got {topology!r}")
+    if len(grid) != CHIP_GRID_DIMS[chip]:  # named here, before libtpu is loaded
+        raise ValueError(f"topology: expected a {CHIP_GRID_DIMS[chip]}-D grid of {chip} chips (e.g. "
+                         f"{chip}:{'x'.join(['2'] * CHIP_GRID_DIMS[chip])}), got {topology!r}")
     return chip, grid
 
 

@@ -343,8 +343,10 @@ def test_derived_fields_and_boundaries():
     assert RunConfig(steps=10, data=DataConfig(length_curriculum=((8, 9),))).steps == 10
     with pytest.raises(ConfigError, match=r"'data.length_curriculum': expected stages totalling fewer than steps"):
         RunConfig(steps=10, data=DataConfig(length_curriculum=((8, 10),)))
-    with pytest.raises(ConfigError, match=r"'data': expected at most one mesh axis of size -1"):
+    with pytest.raises(ConfigError, match=r"'fsdp': expected at most one mesh axis of size -1"):
         MeshConfig(data=-1, fsdp=-1)
+    with pytest.raises(ConfigError, match=r"'tensor': expected at most one mesh axis of size -1"):  # was 'data'
+        MeshConfig(data=2, fsdp=-1, tensor=-1)
     # a config built in Python may give the optimizer's numbers as ints; a bool is not a number here
     assert OptimConfig(weight_decay=0, clip_norm=0, end_lr_ratio=0, b1=0, learning_rate=1) == OptimConfig(
         weight_decay=0.0, clip_norm=0.0, end_lr_ratio=0.0, b1=0.0, learning_rate=1.0)

@@ -264,6 +264,9 @@ def test_bad_target_is_named():
                                           r"CHIP one of \['v5e', 'v5p', 'v6e'\] \(e.g. v5p:4x4x4, v6e:2x4\), "
                                           r"got 'v9:2x2'$"):
         plan_lib.plan("tiny_falcon", target="v9:2x2")
+    with pytest.raises(ConfigError, match=r"^plan option 'target': topology: expected a 3-D grid of v5p chips \(e\.g\. "
+                                          r"v5p:2x2x2\), got 'v5p:4x4'$"):
+        plan_lib.plan("tiny_falcon", target="v5p:4x4")
     with pytest.raises(ConfigError, match=r"^plan option 'devices': expected the 64 chips of target v5p:4x4x4 "
                                           r"\(or no devices=\), got 8$"):
         plan_lib.plan("tiny_falcon", devices=8, target="v5p:4x4x4")
