@@ -45,6 +45,21 @@ def build_mesh(config: MeshConfig, devices=None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def check_axes_used(axis_sizes: Mapping[str, int], shardings) -> None:
+    """MeshError unless every mesh axis of size > 1 shards something among ``shardings`` (NamedShardings or
+    PartitionSpecs): with mesh.rules that map no parameter or batch dimension to an axis, each device along it
+    would repeat the same work."""
+    used = set()
+    for sharding in shardings:
+        for entry in getattr(sharding, "spec", sharding):
+            used.update((entry,) if isinstance(entry, str) else entry or ())
+    idle = [f"mesh.{axis}={size}" for axis, size in axis_sizes.items() if size > 1 and axis not in used]
+    if idle:
+        raise MeshError(f"mesh.rules: expected every mesh axis of size > 1 to shard a parameter or the batch, got "
+                        f"{', '.join(idle)} that no rule maps a dimension to (each device along it would repeat "
+                        f"the others' work); map a logical axis to it, or set its size to 1")
+
+
 def _path_name(path) -> str:
     keys = [k.key if isinstance(k, jax.tree_util.DictKey) else k.idx for k in path
             if isinstance(k, (jax.tree_util.DictKey, jax.tree_util.SequenceKey))]

@@ -37,8 +37,8 @@ from configs.schema import ConfigError, DistributedConfig, RunConfig
 from experiments import data as data_lib
 from experiments.checkpointing import Checkpointer, abstract_with_shardings
 from experiments.cli import run_config_command
-from experiments.mesh import (batch_sharding, build_mesh, flatten_params, opt_state_shardings, param_shardings,
-                              put_global_batch, unflatten_params)
+from experiments.mesh import (batch_sharding, build_mesh, check_axes_used, flatten_params, opt_state_shardings,
+                              param_shardings, put_global_batch, unflatten_params)
 from experiments.metrics import MetricsWriter
 from experiments.models import family_of
 from experiments.optim import learning_rate_schedule, make_optimizer
@@ -283,6 +283,7 @@ def prepare(run: RunConfig, mesh: Mesh | None = None) -> Setup:
                        "step": NamedSharding(mesh, PartitionSpec())}
     micro = run.data.batch_size // run.data.grad_accum
     b_sharding = batch_sharding(mesh, run.mesh.rules, (run.data.grad_accum, micro, run.data.seq_len))
+    check_axes_used(dict(mesh.shape), [*p_shardings.values(), b_sharding])
     return Setup(mesh, graphdef, structure, tx, init_state, state_shardings, b_sharding)
 
 

@@ -123,6 +123,12 @@ SHARDING_CHECK = textwrap.dedent("""
         prepare(bad)
     except ValueError as err:
         print("ERROR:", err)
+    idle = load_config("tiny_falcon_mamba", ["mesh.data=4", "mesh.tensor=2", "mesh.rules.d_inner=null",
+                                             "mesh.rules.vocab=null"])
+    try:
+        prepare(idle)
+    except ValueError as err:
+        print("IDLE:", err)
     print("OK")
 """)
 
@@ -134,6 +140,9 @@ def test_params_and_optimizer_state_follow_the_rules_on_8_devices(tmp_path):
     assert ("ERROR: parameter 'layers.0.mixer.A_log': dimension 0 ('d_inner') has size 132, which is not "
             "divisible by mesh axes tensor=8") in proc.stdout or \
         "dimension 1 ('d_inner') has size 264" in proc.stdout, proc.stdout
+    # rules mapping nothing to a mesh axis of size 2: each pair of devices repeated the same work
+    assert ("IDLE: mesh.rules: expected every mesh axis of size > 1 to shard a parameter or the batch, got "
+            "mesh.tensor=2 that no rule maps a dimension to") in proc.stdout, proc.stdout
 
 
 COLLECTIVES_CHECK = textwrap.dedent("""
