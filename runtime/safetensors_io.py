@@ -40,8 +40,12 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         (size,) = struct.unpack("<Q", raw)
         if size > 100_000_000:
             raise CheckpointError(f"{str(path)!r}: not a safetensors file (header of {size} bytes)")
+        raw = fh.read(size)
+        if len(raw) != size:
+            raise CheckpointError(f"{str(path)!r}: not a safetensors file (truncated: a header of {size} bytes, "
+                                  f"{len(raw)} follow)")
         try:
-            header = json.loads(fh.read(size))
+            header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{str(path)!r}: not a safetensors file (its header is not JSON: {err})") from None
     if not isinstance(header, dict):
@@ -77,17 +81,33 @@ def _entry(path, name: str, info: dict, start: int, file_size: int) -> tuple[np.
     return dtype, begin, end, shape
 
 
+def _entries(path, header: dict, start: int, file_size: int) -> dict[str, tuple[np.dtype, int, int, tuple[int, ...]]]:
+    """name -> (dtype, begin, end, shape) of every header entry (``_entry``), checked to tile the data section as
+    the safetensors library requires: in offset order, each tensor starts where the previous one ends, the first
+    at 0 and the last at the end of the file (overlapping tensors read each other's bytes silently)."""
+    entries = {name: _entry(path, name, info, start, file_size) for name, info in header.items()}
+    expected, previous = 0, None
+    for name, (_, begin, end, _) in sorted(entries.items(), key=lambda item: item[1][1:3]):
+        if begin != expected:
+            after = f"right after tensor {previous!r}" if previous is not None else "the start of the data"
+            raise CheckpointError(f"{str(path)!r}: tensor {name!r} starts at data byte {begin}, expected {expected} "
+                                  f"({after}: tensors tile the data section without overlap or gap)")
+        expected, previous = end, name
+    if start + expected != file_size:
+        raise CheckpointError(f"{str(path)!r}: its tensors end at byte {start + expected}, the file has "
+                              f"{file_size} bytes (a safetensors data section holds the tensors and nothing else)")
+    return entries
+
+
 def open_tensors(path: str | Path) -> dict[str, np.ndarray]:
     """name -> read-only memory-mapped array for every tensor of one safetensors file."""
     header, start = read_header(path)
+    entries = _entries(path, header, start, Path(path).stat().st_size)
     if not header:
         return {}
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
-    tensors = {}
-    for name, info in header.items():
-        dtype, begin, end, shape = _entry(path, name, info, start, mapped.size)
-        tensors[name] = mapped[start + begin:start + end].view(dtype).reshape(shape)
-    return tensors
+    return {name: mapped[start + begin:start + end].view(dtype).reshape(shape)
+            for name, (dtype, begin, end, shape) in entries.items()}
 
 
 def write_file(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
@@ -211,12 +231,8 @@ def lazy_tensors(path: str | Path) -> dict[str, LazyTensor]:
     """name -> LazyTensor for every tensor of one safetensors file (only the header is read)."""
     path = Path(path)
     header, start = read_header(path)
-    size = path.stat().st_size
-    tensors = {}
-    for name, info in header.items():
-        dtype, begin, end, shape = _entry(path, name, info, start, size)
-        tensors[name] = LazyTensor(path, name, dtype, shape, start + begin)
-    return tensors
+    return {name: LazyTensor(path, name, dtype, shape, start + begin)
+            for name, (dtype, begin, _, shape) in _entries(path, header, start, path.stat().st_size).items()}
 
 
 def open_checkpoint_lazy(directory: str | Path) -> dict[str, LazyTensor]:

@@ -173,6 +173,8 @@ def test_streaming_round_trip_single_device_and_shardings(tmp_path):
 
 
 def _safetensors_bytes(header) -> bytes:
+    if isinstance(header, int):  # a header length alone, the header itself missing
+        return header.to_bytes(8, "little")
     encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
     return len(encoded).to_bytes(8, "little") + encoded
 
@@ -183,6 +185,13 @@ def _safetensors_bytes(header) -> bytes:
     ({"w": {"dtype": "F32", "shape": [2]}}, r"tensor 'w': expected a header entry"),  # KeyError 'data_offsets'
     ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, "8"]}}, r"tensor 'w': expected a header entry"),
     ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, r"tensor 'w' ends at byte \d+, past the end"),
+    (100, r"truncated: a header of 100 bytes, 8 follow"),  # read as "its header is not JSON"
+    # offsets the safetensors library refuses were read: tensors sharing bytes, a gap, bytes past the last tensor
+    ({"v": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "w": {"dtype": "F32", "shape": [2],
+                                                                          "data_offsets": [0, 8]}},
+     r"tensor 'w' starts at data byte 0, expected 8 \(right after tensor 'v'"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, r"tensor 'w' starts at data byte 4, expected 0"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, r"its tensors end at byte \d+, the file has"),
 ])
 def test_malformed_safetensors_files_are_named(tmp_path, header, message):
     """Both readers (memory-mapped and lazy) raise CheckpointError naming the file (and the tensor)."""
