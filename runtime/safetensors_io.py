@@ -66,7 +66,7 @@ def _entry(path, name: str, info: dict, start: int, file_size: int) -> tuple[np.
             and all(map(count, info["data_offsets"])) and info["data_offsets"][0] <= info["data_offsets"][1]):
         raise CheckpointError(f"{str(path)!r}: tensor {name!r}: expected a header entry {{dtype, shape: [sizes], "
                               f"data_offsets: [begin, end]}}, got {info!r}")
-    dtype = DTYPES.get(info.get("dtype"))
+    dtype = DTYPES.get(info["dtype"]) if isinstance(info.get("dtype"), str) else None  # a list: unhashable
     if dtype is None:
         raise CheckpointError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
     begin, end = info["data_offsets"]

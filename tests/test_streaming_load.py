@@ -185,6 +185,7 @@ def _safetensors_bytes(header) -> bytes:
     ({"w": {"dtype": "F32", "shape": [2]}}, r"tensor 'w': expected a header entry"),  # KeyError 'data_offsets'
     ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, "8"]}}, r"tensor 'w': expected a header entry"),
     ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, r"tensor 'w' ends at byte \d+, past the end"),
+    ({"w": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, r"tensor 'w' has unsupported dtype \['F32'\]"),
     (100, r"truncated: a header of 100 bytes, 8 follow"),  # read as "its header is not JSON"
     # offsets the safetensors library refuses were read: tensors sharing bytes, a gap, bytes past the last tensor
     ({"v": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "w": {"dtype": "F32", "shape": [2],
