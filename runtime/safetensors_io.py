@@ -8,6 +8,7 @@ host memory never has to hold a whole checkpoint. Nothing in a file is executed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -71,7 +72,7 @@ def _entry(path, name: str, info: dict, start: int, file_size: int) -> tuple[np.
         raise CheckpointError(f"{str(path)!r}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
     begin, end = info["data_offsets"]
     shape = tuple(info["shape"])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: np.prod in int64 wrapped to 0 (or overflowed)
     if end - begin != expected:
         raise CheckpointError(f"{str(path)!r}: tensor {name!r} has {end - begin} bytes, its shape {shape} "
                               f"and dtype {info['dtype']} need {expected}")

@@ -186,6 +186,8 @@ def _safetensors_bytes(header) -> bytes:
     ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, "8"]}}, r"tensor 'w': expected a header entry"),
     ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, r"tensor 'w' ends at byte \d+, past the end"),
     ({"w": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}, r"tensor 'w' has unsupported dtype \['F32'\]"),
+    ({"w": {"dtype": "F32", "shape": [2**32, 2**32, 4], "data_offsets": [0, 0]}}, r"tensor 'w' has 0 bytes, its "
+     r"shape \(4294967296, 4294967296, 4\) and dtype F32 need 295147905179352825856"),  # int64 product wrapped to 0
     (100, r"truncated: a header of 100 bytes, 8 follow"),  # read as "its header is not JSON"
     # offsets the safetensors library refuses were read: tensors sharing bytes, a gap, bytes past the last tensor
     ({"v": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "w": {"dtype": "F32", "shape": [2],
