@@ -64,7 +64,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
     if sampling.top_p is not None and sampling.top_p < 1:
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
+        # keep the smallest prefix whose mass reaches top_p (a token stays if the mass before it is < top_p), and
+        # every token tied with its last one (as top_k keeps ties): no tie is broken by sort order
         keep = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
         threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
