@@ -12,6 +12,7 @@ The continuation is printed (streamed token by token with --stream) with the dec
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -67,14 +68,38 @@ def incremental_text(decode: Callable[[list[int]], str], tokens: Iterable[int]) 
         yield text[len(before):] if text.startswith(before) else "\n" + decode(produced)
 
 
-def default_tokenizer(path: str) -> Path:
-    """PATH/tokenizer.json; for a training run started from a Hugging Face directory (init_from in its config.yaml),
-    that directory's tokenizer.json."""
+def _hf_directory(path: str) -> Path:
+    """PATH; for a training run started from a Hugging Face directory (init_from in its config.yaml), that
+    directory: where its tokenizer and generation config are."""
     if is_training_run(path):  # ConfigError naming config.yaml where it is not a YAML mapping
         run = load_preset_dict(Path(path) / "config.yaml")
         if run.get("init_from"):
-            return Path(run["init_from"]) / "tokenizer.json"
-    return Path(path) / "tokenizer.json"
+            return Path(run["init_from"])
+    return Path(path)
+
+
+def default_tokenizer(path: str) -> Path:
+    """_hf_directory(path)/tokenizer.json."""
+    return _hf_directory(path) / "tokenizer.json"
+
+
+def default_stop_tokens(path: str, model_eos) -> tuple[list[int], str]:
+    """(the stop tokens, where they come from): generation_config.json's eos_token_id in _hf_directory(path), as
+    transformers' generate reads it (instruct models list their end-of-turn tokens there), else the model config's
+    eos_token_id (``model_eos``: None, an id or a tuple of ids)."""
+    source, eos = "the model's eos_token_id", model_eos
+    generation_config = _hf_directory(path) / "generation_config.json"
+    if generation_config.is_file():
+        try:
+            values = json.loads(generation_config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{str(generation_config)!r}: expected a JSON object, got {err}") from None
+        if isinstance(values, dict) and "eos_token_id" in values:
+            source, eos = f"eos_token_id of {str(generation_config)!r}", values["eos_token_id"]
+    tokens = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+        raise ConfigError(f"{source}: expected None, a token id or a list of them, got {eos!r}")
+    return tokens, f"{source} {eos}"
 
 
 def main(argv=None) -> None:
@@ -93,7 +118,7 @@ def main(argv=None) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", type=int, nargs="*", default=None,
-                        help="stop token ids (default: the model's eos_token_id)")
+                        help="stop token ids (default: generation_config.json's eos_token_id, else the model's)")
     parser.add_argument("--chunk-size", type=int, default=None, help="prefill chunk size")
     parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None)
     parser.add_argument("--stream", action="store_true", help="print tokens as they are produced")
@@ -144,11 +169,15 @@ def main(argv=None) -> None:
         if max(tokens, default=0) >= vocab_size:
             raise SystemExit(f"error: {flag}: expected token ids below the model's vocab_size ({vocab_size}), got "
                              f"{max(tokens)}")
-    eos = model.config.eos_token_id  # None, an id or a tuple of ids
-    stop = args.stop if args.stop is not None else list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
-    if args.stop is None and any(token >= vocab_size for token in stop):
-        raise SystemExit(f"error: the model's eos_token_id {eos} is not below its vocab_size "
-                         f"({vocab_size}): pass --stop IDS (or --stop alone for none)")
+    stop = args.stop
+    if stop is None:
+        try:
+            stop, source = default_stop_tokens(args.path, model.config.eos_token_id)
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}; or pass --stop IDS (--stop alone for none)")
+        if any(token >= vocab_size for token in stop):
+            raise SystemExit(f"error: {source} is not below its vocab_size ({vocab_size}): pass --stop IDS (or "
+                             f"--stop alone for none)")
     decode = (lambda toks: tokenizer.decode(toks)) if tokenizer else (lambda toks: " ".join(map(str, toks)))
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, chunk_size=args.chunk_size)

@@ -124,10 +124,29 @@ def test_an_eos_id_past_the_vocabulary_needs_stop(tmp_path, checkpoint):
     shutil.copytree(checkpoint, path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "eos_token_id": 45}))
+    (path / "generation_config.json").unlink(missing_ok=True)  # transformers wrote one (eos 39), which comes first
     result = _run(path, "--ids", "1,2", "--max-new-tokens", "2")
     assert result.returncode == 1 and "eos_token_id 45 is not below its vocab_size (40): pass --stop" in \
         result.stderr, result.stderr
     assert _run(path, "--ids", "1,2", "--max-new-tokens", "2", "--stop").returncode == 0
+
+
+def test_default_stop_tokens_follow_generation_config_json(tmp_path):
+    """transformers' generate stops on generation_config.json's eos_token_id (instruct models list their end of
+    turn there); only config.json's was read. A training run reads its init_from's."""
+    from configs.schema import ConfigError
+    from experiments.generate import default_stop_tokens
+
+    assert default_stop_tokens(str(tmp_path), (3, 4)) == ([3, 4], "the model's eos_token_id (3, 4)")
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [11, 12], "do_sample": true}')
+    assert default_stop_tokens(str(tmp_path), 3)[0] == [11, 12]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(f"init_from: {tmp_path}\n")
+    assert default_stop_tokens(str(tmp_path / "run"), 3)[0] == [11, 12]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
+    with pytest.raises(ConfigError, match=r"eos_token_id of '.*generation_config.json': expected None, a token id "
+                                          r"or a list of them, got '</s>'"):
+        default_stop_tokens(str(tmp_path), 3)
 
 
 @pytest.mark.parametrize("args, message", [
