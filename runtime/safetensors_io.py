@@ -323,6 +323,7 @@ def write_checkpoint(directory: str | Path, tensors: Iterable[tuple[str, np.ndar
     if len(done) == 1:
         os.replace(done[0].path, directory / "model.safetensors")
         (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+        _remove_stale_shards(directory, set())
         return
     weight_map, total = {}, 0
     for i, writer in enumerate(done):
@@ -334,3 +335,12 @@ def write_checkpoint(directory: str | Path, tensors: Iterable[tuple[str, np.ndar
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     write_text_atomic(directory / "model.safetensors.index.json", json.dumps(index, indent=2))
     (directory / "model.safetensors").unlink(missing_ok=True)
+    _remove_stale_shards(directory, set(weight_map.values()))
+
+
+def _remove_stale_shards(directory: Path, kept: set[str]) -> None:
+    """Deletes the shards (model-NNNNN-of-NNNNN.safetensors) of an earlier save that this one did not write: a
+    save into a directory that held more shards left the old ones beside the new index."""
+    for shard in directory.glob("model-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"):
+        if shard.name not in kept:
+            shard.unlink(missing_ok=True)

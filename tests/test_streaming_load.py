@@ -224,6 +224,12 @@ def test_write_checkpoint_keeps_every_shard_under_the_limit_and_indexes_it(tmp_p
         assert all(index["weight_map"][t] == name for t in tensors)
     loaded = open_checkpoint(tmp_path)
     assert sorted(loaded) == sorted(arrays) and all(np.array_equal(loaded[k], v) for k, v in arrays.items())
+    # saved again with fewer shards, then whole: no shard of an earlier save is left beside the new files
+    write_checkpoint(tmp_path, iter(arrays.items()), max_shard_bytes=200)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"model-0000{i}-of-00002.safetensors"
+                                                                      for i in (1, 2)]
+    write_checkpoint(tmp_path, iter(arrays.items()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
 def test_load_converts_to_the_parameter_dtype(tmp_path):
