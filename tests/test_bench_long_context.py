@@ -42,6 +42,38 @@ def test_long_context_bench_writes_every_measurement(tmp_path):
     assert (tmp_path / "generation.png").stat().st_size > 0
 
 
+def test_the_timed_prefill_compiles_nothing(monkeypatch):
+    """The warm-up prefilled one chunk: a prompt of several chunks compiled its slicing into chunks (its shape is in
+    the key) and, at a length no multiple of the chunk size, the last chunk's program inside the timed call. The
+    compiles that jax logs are counted at the timer's two readings."""
+    import argparse
+    import logging
+    import time
+    import types
+
+    import jax
+
+    compiles, marks = [], []
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if "Finished XLA compilation" in record.getMessage():
+                compiles.append(record)
+
+    monkeypatch.setattr(long_context, "time", types.SimpleNamespace(
+        perf_counter=lambda: marks.append(len(compiles)) or time.perf_counter()))
+    args = argparse.Namespace(mode="mamba_sequential", length=32, chunk_size=16, decode_tokens=0,
+                              mamba_preset="tiny_falcon_mamba", falcon_preset="tiny_falcon")
+    handler, logger = Count(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            row = long_context.worker(args)
+    finally:
+        logger.removeHandler(handler)
+    assert row["prefill_seconds"] > 0 and len(marks) == 2 and marks[0] == marks[1], compiles[marks[0]:]
+
+
 def test_memory_is_the_devices_where_jax_reports_it():
     """On a GPU the prompt's arrays and the KV cache live in device memory and the host RSS stays flat: the plots
     and ratios read the device's peak where there is one (they read RSS alone before)."""
