@@ -100,6 +100,11 @@ def test_sweep_points_and_limits(tmp_path, monkeypatch):
     calls = []
 
     def fake_point(args, mode, length, decode_tokens):
+        # the CSV holds every point measured before this one (a run cut short by a time limit keeps them)
+        if calls:
+            with open(tmp_path / "long_context.csv") as fh:
+                assert [(r["mode"], int(r.get("length") or r["generated_tokens"])) for r in csv.DictReader(fh)] == \
+                    [(mode, length) for mode, length, _ in calls]
         calls.append((mode, length, decode_tokens))
         if mode in long_context.GENERATE_MODES:
             return {"mode": mode, "generated_tokens": length, "generate_ms_per_token": 1.0, "peak_rss_mb": 1.0,

@@ -156,6 +156,15 @@ def run_point(args, mode: str, length: int, decode_tokens: int) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def write_csv(rows: list[dict], out: Path) -> None:
+    """long_context.csv of the points measured so far: rewritten after every point, so that a run stopped by a time
+    limit (scripts/gpu_tier.sh's step) keeps what it measured; never written with no row (the last run's stays)."""
+    with open(out / "long_context.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def plot(rows: list[dict], out: Path) -> list[Path]:
     """Writes the plots of ``rows`` to ``out``; returns their paths (none without matplotlib: the demo extra)."""
     try:
@@ -294,6 +303,7 @@ def main(argv=None) -> None:
             if row is None:
                 break  # longer prompts will not fit either
             rows.append(row)
+            write_csv(rows, out)
             extra = (f", decode {row['decode_ms_per_token']:.3f} ms/token (weights read at "
                      f"{row['decode_weight_read_gb_per_s']:.1f} GB/s)" if "decode_ms_per_token" in row else "")
             print(f"  {mode:17s} 2^{log2:<2d} tokens: prefill {row['prefill_seconds']:8.2f} s, "
@@ -304,15 +314,12 @@ def main(argv=None) -> None:
             if row is None:
                 break
             rows.append(row)
+            write_csv(rows, out)
             print(f"  {mode:17s} 2^{log2:<2d} generated: {row['generate_ms_per_token']:.3f} ms/token, "
                   f"{memory_label([row])} {peak_mb(row):8.0f} MB", flush=True)
     if not rows:  # a CSV of no rows would replace the last run's results with nothing
         raise SystemExit(f"error: no point was measured (each failed or ran out of time: see above); nothing "
                          f"written to {out}")
-    with open(out / "long_context.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
     plots = plot(rows, out)
     sequential = {r["length"]: r for r in rows if r["mode"] == "mamba_sequential"}
     if 2**14 in sequential and 2 ** args.max_log2 in sequential:
