@@ -10,11 +10,29 @@ import pytest
 from experiments.bench import gpu_layer
 
 
-def test_layer_rows_agree_and_are_complete(tmp_path, capsys):
-    gpu_layer.main(["tiny_falcon_mamba", "--lengths", "24", "--batches", "2", "--impls", "chunked", "--repeats", "1",
-                    "--out", str(tmp_path)])
+def test_layer_rows_agree_and_are_complete(tmp_path, capsys, monkeypatch):
+    """Also: gpu_layer.json is rewritten after every row, and a shape that raises gets a row with its error while the
+    run goes on (it was written once, at the end: a time limit or one failing impl left no JSON on a GPU run)."""
+    jax_layer, format_row, saved = gpu_layer.jax_layer, gpu_layer.format_row, []
+
+    def failing_for_sequential(mixer):
+        params, forward, gradients = jax_layer(mixer)
+        if mixer.config.scan_impl == "sequential":
+            def forward(params, x):
+                raise RuntimeError("no kernel")
+        return params, forward, gradients
+
+    def format_after_save(row):  # printed after the row is saved: the JSON holds it already
+        saved.append(len(json.loads((tmp_path / "gpu_layer.json").read_text())["rows"]))
+        return format_row(row)
+
+    monkeypatch.setattr(gpu_layer, "jax_layer", failing_for_sequential)
+    monkeypatch.setattr(gpu_layer, "format_row", format_after_save)
+    gpu_layer.main(["tiny_falcon_mamba", "--lengths", "24", "--batches", "2", "--impls", "chunked", "sequential",
+                    "--repeats", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "gpu_layer.json").read_text())["rows"]
-    assert [(r["impl"], r["batch"], r["length"]) for r in rows] == [("chunked", 2, 24)]
+    assert [(r["impl"], r["batch"], r["length"]) for r in rows] == [("chunked", 2, 24), ("sequential", 2, 24)]
+    assert saved == [1, 2] and rows[1]["error"] == "RuntimeError: no kernel" and "error" not in rows[0]
     row = rows[0]
     assert row["max_abs_diff_over_max_abs"] < 1e-2  # bf16 weights and activations on both sides
     for name in ("fwd", "fwd+bwd"):

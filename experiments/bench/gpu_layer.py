@@ -88,7 +88,10 @@ def torch_layer(mixer, dout=None):
     return run
 
 
-def bench(preset: str, overrides: list[str], lengths, batches, impls, repeats: int) -> list[dict]:
+def bench(preset: str, overrides: list[str], lengths, batches, impls, repeats: int, save=None) -> list[dict]:
+    """The rows, one per impl and shape; ``save(rows)`` is called after each (a run stopped by its time limit keeps
+    what it measured). A shape that raises (an out-of-memory, a kernel that does not compile) gets a row with
+    ``error`` and the run goes on."""
     import torch
 
     rows = []
@@ -100,21 +103,26 @@ def bench(preset: str, overrides: list[str], lengths, batches, impls, repeats: i
         params, forward, gradients = jax_layer(ours)
         for batch in batches:
             for length in lengths:
-                x = np.random.default_rng(batch * length).standard_normal((batch, length, hidden), np.float32)
-                x_jax = jnp.asarray(x, jnp.bfloat16)
-                x_torch = torch.tensor(x, device=device).to(torch.bfloat16)
-                got = np.asarray(forward(params, x_jax).astype(jnp.float32))
-                with torch.no_grad():
-                    want = theirs(x_torch).float().cpu().numpy()
-                row = dict(impl=impl, batch=batch, length=length, device=device,
-                           max_abs_diff_over_max_abs=float(np.max(np.abs(got - want)) / np.max(np.abs(want))))
-                dout_jax, dout_torch = jnp.ones_like(x_jax), torch.ones_like(x_torch)  # output shape = input's
-                timed = (("fwd", forward, (), None), ("fwd+bwd", gradients, (dout_jax,), dout_torch))
-                for name, fn, extra, dout in timed:
-                    row[f"jax_{name}_ms"] = 1e3 * time_call(fn, params, x_jax, *extra, repeats=repeats)
-                    row[f"torch_{name}_ms"] = 1e3 * time_call(torch_layer(theirs, dout), x_torch, repeats=repeats)
-                    row[f"torch_over_jax_{name}"] = row[f"torch_{name}_ms"] / row[f"jax_{name}_ms"]
+                row = dict(impl=impl, batch=batch, length=length, device=device)
+                try:
+                    x = np.random.default_rng(batch * length).standard_normal((batch, length, hidden), np.float32)
+                    x_jax = jnp.asarray(x, jnp.bfloat16)
+                    x_torch = torch.tensor(x, device=device).to(torch.bfloat16)
+                    got = np.asarray(forward(params, x_jax).astype(jnp.float32))
+                    with torch.no_grad():
+                        want = theirs(x_torch).float().cpu().numpy()
+                    row["max_abs_diff_over_max_abs"] = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+                    dout_jax, dout_torch = jnp.ones_like(x_jax), torch.ones_like(x_torch)  # output shape = input's
+                    timed = (("fwd", forward, (), None), ("fwd+bwd", gradients, (dout_jax,), dout_torch))
+                    for name, fn, extra, dout in timed:
+                        row[f"jax_{name}_ms"] = 1e3 * time_call(fn, params, x_jax, *extra, repeats=repeats)
+                        row[f"torch_{name}_ms"] = 1e3 * time_call(torch_layer(theirs, dout), x_torch, repeats=repeats)
+                        row[f"torch_over_jax_{name}"] = row[f"torch_{name}_ms"] / row[f"jax_{name}_ms"]
+                except Exception as error:  # noqa: BLE001 - recorded in the results, the run goes on
+                    row["error"] = f"{type(error).__name__}: {error}"[:500]
                 rows.append(row)
+                if save is not None:
+                    save(rows)
                 print(format_row(row), flush=True)
     return rows
 
@@ -133,18 +141,26 @@ def main(argv=None) -> None:
     check_preset(parser, "preset", args.preset, "falcon_mamba", args.overrides)
     if args.out is not None:
         check_out_dir(parser, args.out)
-    rows = bench(args.preset, args.overrides, args.lengths, args.batches, args.impls, args.repeats)
+    environment = versions()
+
+    def save(rows):  # after every row: a run cut short by its time limit keeps what it measured
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            result = dict(preset=args.preset, overrides=args.overrides, versions=environment, rows=rows,
+                          date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
+            (args.out / "gpu_layer.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    rows = bench(args.preset, args.overrides, args.lengths, args.batches, args.impls, args.repeats, save)
     print(f"\n{'impl':>8} {'batch':>5} {'len':>6} {'jax fwd ms':>11} {'torch fwd ms':>13} {'ratio':>6} "
           f"{'jax f+b ms':>11} {'torch f+b ms':>13} {'ratio':>6} {'rel diff':>9}")
+    columns = (("jax_fwd_ms", 11, ".3f"), ("torch_fwd_ms", 13, ".3f"), ("torch_over_jax_fwd", 6, ".2f"),
+               ("jax_fwd+bwd_ms", 11, ".3f"), ("torch_fwd+bwd_ms", 13, ".3f"), ("torch_over_jax_fwd+bwd", 6, ".2f"),
+               ("max_abs_diff_over_max_abs", 9, ".2e"))
     for r in rows:
-        print(f"{r['impl']:>8} {r['batch']:>5} {r['length']:>6} {r['jax_fwd_ms']:11.3f} {r['torch_fwd_ms']:13.3f} "
-              f"{r['torch_over_jax_fwd']:6.2f} {r['jax_fwd+bwd_ms']:11.3f} {r['torch_fwd+bwd_ms']:13.3f} "
-              f"{r['torch_over_jax_fwd+bwd']:6.2f} {r['max_abs_diff_over_max_abs']:9.2e}")
+        cells = " ".join(f"{r[key]:{width}{spec}}" if key in r else f"{'-':>{width}}" for key, width, spec in columns)
+        error = f"  {r['error'][:100]}" if "error" in r else ""
+        print(f"{r['impl']:>8} {r['batch']:>5} {r['length']:>6} {cells}{error}")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        result = dict(preset=args.preset, overrides=args.overrides, versions=versions(), rows=rows,
-                      date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
-        (args.out / "gpu_layer.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out / 'gpu_layer.json'}")
 
 
