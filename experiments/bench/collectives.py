@@ -20,6 +20,7 @@ KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective
 _BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1}
 _OP = re.compile(r"= (\([^=]*?\)|\w+\[[\d,]*\]\S*) (" + "|".join(KINDS) + r")(-start)?\(")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+_COMMENT = re.compile(r"/\*.*?\*/")  # XLA's /*index=5*/ in a tuple of more than five: its "=" stopped _OP's tuple
 
 
 def compiled_step_hlo(run) -> str:
@@ -37,7 +38,7 @@ def compiled_step_hlo(run) -> str:
 def collectives(hlo: str) -> dict[str, tuple[int, int]]:
     """{kind: (count, bytes of the results)} of the collectives in an HLO text (async ones counted at -start)."""
     found = {}
-    for result, kind, _ in _OP.findall(hlo):
+    for result, kind, _ in _OP.findall(_COMMENT.sub("", hlo)):
         nbytes = sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
                      for dtype, dims in _ARRAY.findall(result))
         count, total = found.get(kind, (0, 0))
