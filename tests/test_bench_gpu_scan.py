@@ -18,8 +18,9 @@ def test_floor_bytes_counts_each_tensor_once():
     b, l, d, n = 2, 128, gpu_scan.DIM, gpu_scan.DSTATE
     rows, cols, params = b * l * d * 2, b * l * n * 2 * 2, d * n * 4 + 2 * d * 4
     assert gpu_scan.floor_bytes(b, l, backward=False) == 4 * rows + cols + params
-    # the backward re-reads u, delta, z, B, C, A, D, delta_bias and reads dout; writes du, ddelta, dz, dB, dC, dA..
-    assert gpu_scan.floor_bytes(b, l, backward=True) == (4 * rows + cols + params) + (7 * rows + 2 * cols + 2 * params)
+    # forward+backward: u, delta, z, B, C, A, D, delta_bias and dout read, du, ddelta, dz, dB, dC, dA... written; it
+    # counted a forward pass besides
+    assert gpu_scan.floor_bytes(b, l, backward=True) == 7 * rows + 2 * cols + 2 * params
 
 
 def test_variant_times_the_kernel_after_checking_it(monkeypatch):

@@ -6,8 +6,8 @@
 Measures in one run, forward and forward+backward: our impls ("chunked", "pallas") through selective_scan_fn
 (mamba_ssm's (batch, dim, seqlen) layout, so our times include its transposes to the channels-last layout the
 models use natively) and mamba_ssm's CUDA selective_scan_fn (when it imports), plus the bytes-moved floor:
-inputs read once and outputs written once per pass (u, delta, z, out in bf16; B, C in bf16; A, D, delta_bias fp32;
-the backward, a second pass, reads the inputs again and dout and writes du, ddelta, dz, dB, dC, dA, dD, ddelta_bias)
+the timed function's inputs read once and its outputs written once (u, delta, z, out in bf16; B, C in bf16; A, D,
+delta_bias fp32; forward+backward: the inputs and dout read, du, ddelta, dz, dB, dC, dA, dD, ddelta_bias written)
 over the device-to-device copy bandwidth
 measured in the same run. Prints a table with each time over the floor and over mamba_ssm's, and writes
 DIR/gpu_scan.json.
@@ -58,15 +58,16 @@ def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
 
 
 def floor_bytes(batch: int, length: int, backward: bool) -> int:
-    """Bytes a scan must move at least. Forward: u, delta, z, B, C, A, D, delta_bias read once, out written once.
-    The backward is a second pass over the sequence (its adjoint runs in reverse, after the forward has ended), so
-    it reads u, delta, z, B, C, A, D, delta_bias again plus dout and writes du, ddelta, dz, dB, dC, dA, dD,
-    ddelta_bias; saved or recomputed states and mamba_ssm's fp32 dB, dC are not counted."""
+    """Bytes the timed function must move at least: its inputs read once, its outputs written once. Forward: u,
+    delta, z, B, C, A, D, delta_bias in, out out. Forward+backward (the gradients of sum(out * dout)): the same
+    inputs and dout in, du, ddelta, dz, dB, dC, dA, dD, ddelta_bias out. A backward that recomputes the states
+    (ours and mamba_ssm's) reads u, delta, B and A twice, ~1.3x this; saved states and mamba_ssm's fp32 dB, dC are
+    not counted. (Until 2026-12-01 the forward+backward floor counted a whole forward pass besides, ~18% more.)"""
     rows, cols = batch * length * DIM * 2, batch * length * DSTATE * 2 * 2  # bf16 (b,d,l); B and C (b,n,l)
     params = DIM * DSTATE * 4 + 2 * DIM * 4
-    forward = 4 * rows + cols + params            # u, delta, z in; out
-    # backward: u, delta, z, dout, B, C, A, D, delta_bias in; du, ddelta, dz, dB, dC, dA, dD, ddelta_bias out
-    return forward + ((4 * rows + cols + params) + (3 * rows + cols + params) if backward else 0)
+    if not backward:
+        return 4 * rows + cols + params  # u, delta, z in; out
+    return (4 * rows + cols + params) + (3 * rows + cols + params)  # u, delta, z, dout, B, C, A, D, delta_bias in
 
 
 def channels_last_shapes(batch: int, length: int, dim: int = DIM, groups: int = 1, dstate: int = DSTATE,
