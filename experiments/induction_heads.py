@@ -32,6 +32,7 @@ from flax import nnx
 
 from configs import load_config
 from configs.schema import ConfigError, DataConfig
+from experiments.checkpointing import Checkpointer
 from experiments.data import TRIGGER_TOKEN, batch_at
 from experiments.evaluate import EVAL_SEED_OFFSET
 from experiments.models import n_params
@@ -121,6 +122,18 @@ def run_config(preset: str, args: argparse.Namespace, name: str, steps: int | No
             stages = [[length, max(1, int(n * scale))] for length, n in run.data.length_curriculum]
             overrides.append(f"data.length_curriculum={json.dumps(stages)}")
     return load_config(preset, overrides)
+
+
+def checkpoint_step(run) -> int:
+    """The newest checkpoint's step of ``run``'s output_dir (0: none), where train() resumes."""
+    directory = Path(run.output_dir) / "checkpoints"
+    if not directory.is_dir():
+        return 0
+    checkpointer = Checkpointer(directory, run.keep_checkpoints, create=False)
+    try:
+        return checkpointer.latest_step() or 0
+    finally:
+        checkpointer.close()
 
 
 def sequences_at(length: int, args: argparse.Namespace, name: str = "falcon_mamba") -> int:
@@ -271,11 +284,15 @@ def main(argv=None) -> dict:
         stages = "".join(f"{steps_} x {length}, " for length, steps_ in curriculum)
         print(f"== training {MODELS[name]}: {run.steps} steps ({stages}then {run.data.seq_len}), batch "
               f"{run.data.batch_size}, lr {run.optim.learning_rate} -> {run.output_dir}", flush=True)
-        rows = train(run)
+        start = checkpoint_step(run)  # a resumed run trains (and is timed on) only the steps from there
+        try:
+            rows = train(run)
+        except ConfigError as err:  # a resume refused (fewer --steps than its checkpoint, another config)
+            raise SystemExit(f"error: {err}") from None
         train_seconds = time.perf_counter() - t0
         model, step = load_trained_model(run.output_dir)
         final = rows[-1] if rows else None
-        tokens = run.data.batch_size * sum(run.data.seq_len_at(s) for s in range(run.steps))
+        tokens = run.data.batch_size * sum(run.data.seq_len_at(s) for s in range(start, run.steps))
         details["runs"][name] = {"output_dir": run.output_dir, "preset": presets[name], "steps": step,
                                  "length_curriculum": curriculum, "train_length": run.data.seq_len,
                                  "batch_size": run.data.batch_size, "learning_rate": run.optim.learning_rate,

@@ -163,3 +163,41 @@ def test_a_preset_of_the_other_family_is_refused_before_training(tmp_path):
                                              rf"'{preset}' \(model.family '{other}'\)$"):
             induction_heads.main([*TINY, flag, preset, "--output-dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_a_resumed_run_counts_only_the_steps_it_trains_and_a_refused_resume_is_an_error_line(tmp_path, monkeypatch):
+    """A run resumed from its checkpoint at step 2 of 4 (a demo stopped by Ctrl-C, then rerun) trains 2 steps: its
+    train_tokens_per_s counted all 4 steps' tokens over the 2 steps' time. A resume train() refuses (--steps below
+    the checkpoint's) was a ConfigError traceback."""
+    import types
+
+    import jax.numpy as jnp
+    import pytest
+
+    from configs.schema import ConfigError
+    from experiments.checkpointing import Checkpointer
+
+    checkpointer = Checkpointer(tmp_path / "falcon_mamba" / "checkpoints", 3)
+    checkpointer.save(2, {"x": jnp.zeros(2)}, {"step": 2})
+    checkpointer.wait()
+    checkpointer.close()
+    clock = iter(range(100))  # every perf_counter() call one second later: training takes 1 s
+    monkeypatch.setattr(induction_heads, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(induction_heads, "train", lambda run: [{"step": 4, "loss": 1.0}])
+    monkeypatch.setattr(induction_heads, "load_trained_model", lambda output_dir: (None, 4))
+    monkeypatch.setattr(induction_heads, "n_params", lambda model: 0)
+    monkeypatch.setattr(induction_heads, "evaluate", lambda *a, **k: {
+        "accuracy": 1.0, "sequences": 2, "seconds": 1.0, "tokens_per_s": 8, "min_margin": 1.0, "median_margin": 1.0,
+        "misses_farther_half": 0, "misses": 0})
+    argv = ["--output-dir", str(tmp_path), "--steps", "4", "--curriculum", "none", "--train-length", "16",
+            "--batch-size", "4", "--min-log2", "3", "--max-log2", "3", "--skip-falcon", "--no-plot"]
+    induction_heads.main(argv)
+    run = json.loads((tmp_path / "details.json").read_text())["runs"]["falcon_mamba"]
+    assert run["train_seconds"] == 1.0 and run["train_tokens_per_s"] == 2 * 4 * 16  # steps 2 and 3 of 4 x 16
+
+    def refused(run):
+        raise ConfigError("config field 'steps': expected at least 2")
+
+    monkeypatch.setattr(induction_heads, "train", refused)
+    with pytest.raises(SystemExit, match=r"^error: config field 'steps': expected at least 2$"):
+        induction_heads.main(argv)
