@@ -27,11 +27,13 @@ def learning_rate_schedule(config: OptimConfig, steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, stable, decay], [config.warmup_steps, steps - config.decay_steps])
 
 
-NO_DECAY_SUFFIXES = (".A_log",)
+# A_log: 2-D, not a weight matrix; bias: a StackedDense bias is 2-D (model.use_bias: in_proj.bias (2, d_inner))
+NO_DECAY_SUFFIXES = (".A_log", ".bias")
 
 
 def decay_mask(params: Mapping[str, Any]) -> dict[str, bool]:
-    """{name: whether weight decay applies} for flat parameters {"layers.0.mixer.in_proj.kernel": array, ...}."""
+    """{name: whether weight decay applies} for flat parameters {"layers.0.mixer.in_proj.kernel": array, ...}:
+    those of 2 or more dimensions, but A_log and biases."""
     return {name: value.ndim >= 2 and not name.endswith(NO_DECAY_SUFFIXES) for name, value in params.items()}
 
 

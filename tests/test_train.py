@@ -188,14 +188,16 @@ def test_weight_decay_spares_a_log_d_biases_and_norms():
     from configs import load_config
     from experiments.train import prepare
 
+    # model.use_bias: in_proj's bias is (2, d_inner), 2-D like a weight matrix, and was decayed
     run = load_config("tiny_falcon_mamba", ["optim.warmup_steps=0", "optim.learning_rate=0.1",
-                                            "optim.weight_decay=0.5", "steps=10"])
+                                            "optim.weight_decay=0.5", "steps=10", "model.use_bias=true"])
     setup = prepare(run)
     params = jax.jit(setup.init_state)()["params"]
+    params = {name: value + 0.5 if name.endswith(".bias") else value for name, value in params.items()}  # not 0
     updates, _ = setup.tx.update(jax.tree.map(jnp.zeros_like, params), setup.tx.init(params), params)
     spared = {name for name in params if name.endswith((".A_log", ".D", ".bias", "norm.weight", "norm_f.weight"))}
     assert {"layers.0.mixer.A_log", "layers.0.mixer.D", "layers.0.mixer.dt_proj.bias",
-            "layers.0.norm.weight"} <= spared
+            "layers.0.norm.weight", "layers.0.mixer.in_proj.bias"} <= spared
     for name, update in updates.items():
         want = np.zeros_like(params[name]) if name in spared else -0.1 * 0.5 * np.asarray(params[name])
         np.testing.assert_allclose(np.asarray(update), want, rtol=1e-6, atol=1e-9, err_msg=name)
