@@ -1,8 +1,10 @@
 """The optimizer: global-norm clipping, then AdamW on a warmup + cosine learning-rate schedule.
 
-Weight decay applies to weight matrices only: not to biases, norm scales, Mamba's D (all 1-D) nor to A_log
-(mamba_ssm marks A_log, D and dt_proj.bias "_no_weight_decay"): decaying A_log towards 0 pulls A towards -1
-and decaying the dt bias towards 0 pulls dt towards softplus(0) = 0.69, both shortening the SSM's memory."""
+Weight decay applies to weight matrices (the embedding included) only: not to biases, norm scales, Mamba's D
+nor to A_log (mamba_ssm marks A_log and D "_no_weight_decay", Mamba2's dt_bias too; Mamba1's dt_proj.bias is
+spared as a bias by the parameter grouping of the training code it was trained with): decaying A_log towards 0
+pulls A towards -1 and decaying the dt bias towards 0 pulls dt towards softplus(0) = 0.69, both shortening the
+SSM's memory."""
 
 from __future__ import annotations
 
