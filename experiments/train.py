@@ -190,27 +190,28 @@ def data_position(step: int, run: RunConfig, corpus: dict) -> dict:
     return {"step": step, "task": run.data.task, "seed": run.seed, **corpus}
 
 
-def check_position(position: dict, run: RunConfig, output_dir) -> None:
+def check_position(position: dict, run: RunConfig, output_dir, corpus: dict) -> None:
     """A checkpoint's data position (``data_position``) fits the resumed run: the same seed and task (the
     stream; checked here too as config.yaml may be gone, and check_resume with it), the same corpus size and
-    SHA-256 (a token file or text directory rewritten under the same name is another stream; checkpoints written
-    before the size or the SHA-256 was kept are not checked on it), steps not below its step."""
+    SHA-256 as the run's (``corpus``: data.corpus_identity; a token file or text directory rewritten under the same
+    name is another stream; checkpoints written before the size or the SHA-256 was kept are not checked on it),
+    steps not below its step."""
     step = int(position["step"])
     for field, key, value in (("seed", "seed", run.seed), ("data.task", "task", run.data.task)):
         if position.get(key, value) != value:
             raise ConfigError(f"config field '{field}': resuming {str(output_dir)!r} needs the value its "
                               f"checkpoint step {step} was trained with, {position[key]!r}; got {value!r}")
     if "corpus_size" in position:
-        field, corpus, unit = (("data.token_file", repr(run.data.token_file), "tokens") if run.data.task == "tokens"
-                               else ("data.text_dir", f"{run.data.text_dir!r} / {run.data.text_glob!r}", "bytes"))
+        field, where, unit = (("data.token_file", repr(run.data.token_file), "tokens") if run.data.task == "tokens"
+                              else ("data.text_dir", f"{run.data.text_dir!r} / {run.data.text_glob!r}", "bytes"))
         needs = (f"config field '{field}': resuming {str(output_dir)!r} needs the corpus its checkpoint step {step} "
                  f"was trained on, of {position['corpus_size']} {unit}")
-        size = data_lib.corpus_size(run.data)
+        size = corpus.get("corpus_size")
         if size != position["corpus_size"]:
-            raise ConfigError(f"{needs}; got {size} in {corpus} (rewritten since; a new output_dir starts a new run)")
-        if "corpus_sha256" in position and data_lib.corpus_sha256(run.data) != position["corpus_sha256"]:
+            raise ConfigError(f"{needs}; got {size} in {where} (rewritten since; a new output_dir starts a new run)")
+        if "corpus_sha256" in position and corpus.get("corpus_sha256") != position["corpus_sha256"]:
             raise ConfigError(f"{needs} with SHA-256 {position['corpus_sha256'][:16]}...; got other {unit} of that "
-                              f"size in {corpus} (rewritten since; a new output_dir starts a new run)")
+                              f"size in {where} (rewritten since; a new output_dir starts a new run)")
     if step > run.steps:
         raise ConfigError(f"config field 'steps': expected at least {step} (the newest checkpoint in "
                           f"{str(output_dir)!r}; a resume continues it), got {run.steps}")
@@ -368,7 +369,7 @@ def train(run: RunConfig) -> list[dict]:
         else:
             target = abstract_with_shardings(jax.eval_shape(setup.init_state), state_shardings)
             state, position = checkpointer.restore(start, target)
-            check_position(position, run, output_dir)
+            check_position(position, run, output_dir, corpus)
             start = int(position["step"])
     except ValueError:  # a ConfigError, or init_from's CheckpointError
         checkpointer.close()

@@ -404,6 +404,7 @@ def test_a_resume_needs_the_corpus_its_checkpoint_read(tmp_path):
 
     from configs import load_config
     from configs.schema import ConfigError
+    from experiments.data import corpus_identity
     from experiments.train import check_position, train
 
     token_file = tmp_path / "tokens.npy"
@@ -428,7 +429,8 @@ def test_a_resume_needs_the_corpus_its_checkpoint_read(tmp_path):
     assert [row["step"] for row in train(load_config("tiny_falcon_mamba", [*common, "steps=4"]))][-1] == 4
     np.save(token_file, np.random.default_rng(2).integers(0, 256, 4000).astype(np.uint16))
     old = {key: value for key, value in position.items() if key != "corpus_sha256"}  # before the SHA-256 was kept
-    check_position(old, load_config("tiny_falcon_mamba", [*common, "steps=6"]), tmp_path / "run")
+    run = load_config("tiny_falcon_mamba", [*common, "steps=6"])
+    check_position(old, run, tmp_path / "run", corpus_identity(run.data))
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_its_step_and_directory(tmp_path):
