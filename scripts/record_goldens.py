@@ -218,36 +218,28 @@ class CudaBackend:
     def _np(self, x):
         return x.detach().float().cpu().numpy()
 
-    def _scan(self, inputs, softplus, dtype, requires_grad):
-        """mamba_ssm's selective_scan_fn on the inputs (u, delta, B, C, z in ``dtype``, the rest fp32):
-        (the input tensors, out, last_state)."""
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    def _scan(self, inputs, softplus, dtype, requires_grad, reference=False):
+        """mamba_ssm's selective_scan_fn (``reference``: its PyTorch selective_scan_ref) on the inputs (u, delta, B,
+        C, z in ``dtype``, the rest fp32): (the input tensors, out, last_state)."""
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn, selective_scan_ref
 
         t = {k: self._t(v, dtype if k in ("u", "delta", "B", "C", "z") else "float32").requires_grad_(requires_grad)
              for k, v in inputs.items()}
-        out, last = selective_scan_fn(t["u"], t["delta"], t["A"], t["B"], t["C"], t.get("D"), t.get("z"),
-                                      t.get("delta_bias"), softplus, True)
+        out, last = (selective_scan_ref if reference else selective_scan_fn)(
+            t["u"], t["delta"], t["A"], t["B"], t["C"], t.get("D"), t.get("z"), t.get("delta_bias"), softplus, True)
         return t, out, last
 
     def scan(self, inputs, softplus, dtype):
         _, out, last = self._scan(inputs, softplus, dtype, requires_grad=False)
         return dict(out=self._np(out), last_state=self._np(last))
 
-    def scan_grads(self, inputs, softplus, dtype, cot):
-        """mamba_ssm's backward kernel: d sum(out.float() * cot) / d every input, in each input's dtype."""
-        t, out, _ = self._scan(inputs, softplus, dtype, requires_grad=True)
+    def scan_grads(self, inputs, softplus, dtype, cot, fp32_reference=False):
+        """mamba_ssm's backward kernel: d sum(out.float() * cot) / d every input, in each input's dtype; with
+        ``fp32_reference``, the same gradients computed in fp32 (selective_scan_ref, autograd) on the same values:
+        what tests/test_golden.check_scan_grad measures a bf16 case's gradients against."""
+        t, out, _ = self._scan(inputs, softplus, "float32" if fp32_reference else dtype, requires_grad=True,
+                               reference=fp32_reference)
         (out.float() * self._t(cot, "float32")).sum().backward()
-        return {k: self._np(v.grad) for k, v in t.items()}
-
-    def scan_grads_fp32(self, inputs, softplus, cot):
-        """The same gradients computed in fp32 (mamba_ssm's selective_scan_ref, autograd) on the same values: what
-        tests/test_golden.check_scan_grad measures a bf16 case's gradients against."""
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
-
-        t = {k: self._t(v, "float32").requires_grad_() for k, v in inputs.items()}
-        out = selective_scan_ref(t["u"], t["delta"], t["A"], t["B"], t["C"], t.get("D"), t.get("z"),
-                                 t.get("delta_bias"), softplus)
-        (out * self._t(cot, "float32")).sum().backward()
         return {k: self._np(v.grad) for k, v in t.items()}
 
     def state_update(self, inputs, softplus, dtype):
@@ -312,7 +304,8 @@ def record(backend, out_dir: Path) -> list[str]:
             grads = backend.scan_grads(inputs, softplus, dtype, cot)
             extra = {"cot_out": cot, **{f"grad_{k}": v for k, v in grads.items()}}
             if dtype == "bfloat16":
-                extra.update({f"fp32_grad_{k}": v for k, v in backend.scan_grads_fp32(inputs, softplus, cot).items()})
+                fp32 = backend.scan_grads(inputs, softplus, dtype, cot, fp32_reference=True)
+                extra.update({f"fp32_grad_{k}": v for k, v in fp32.items()})
         save(name, "scan", inputs, dict(dtype=dtype, softplus=softplus), backend.scan(inputs, softplus, dtype),
              extra)
     for seed, (name, dtype, batch, dim, dstate, groups, D, z, bias, softplus) in enumerate(STATE_UPDATE_CASES):

@@ -67,7 +67,8 @@ def floor_bytes(batch: int, length: int, backward: bool) -> int:
     params = DIM * DSTATE * 4 + 2 * DIM * 4
     if not backward:
         return 4 * rows + cols + params  # u, delta, z in; out
-    return (4 * rows + cols + params) + (3 * rows + cols + params)  # u, delta, z, dout, B, C, A, D, delta_bias in
+    # u, delta, z, dout, B, C, A, D, delta_bias in; du, ddelta, dz, dB, dC, dA, dD, ddelta_bias out
+    return (4 * rows + cols + params) + (3 * rows + cols + params)
 
 
 def channels_last_shapes(batch: int, length: int, dim: int = DIM, groups: int = 1, dstate: int = DSTATE,
