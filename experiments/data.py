@@ -160,7 +160,15 @@ def _load_corpus(text_dir: str, text_glob: str) -> tuple[np.ndarray, tuple]:
         raise ConfigError(f"config field 'data.text_dir': expected a directory with files matching "
                           f"{text_glob!r} (data.text_glob), got {str(_corpus_root(text_dir))!r} with none")
     versions = _corpus_versions(files)  # before the files are read: a rewrite while they are is seen next time
-    return np.frombuffer(b"\n".join(p.read_bytes() for p in files), np.uint8), versions
+    return np.frombuffer(b"\n".join(_read_corpus_file(p) for p in files), np.uint8), versions
+
+
+def _read_corpus_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:  # unreadable (permissions, an I/O error): was a PermissionError traceback
+        raise ConfigError(f"config field 'data.text_dir': expected readable files, got {str(path)!r} "
+                          f"({err.strerror or err})") from None
 
 
 def _reload_rewritten_corpus(text_dir: str, text_glob: str) -> None:

@@ -5,11 +5,11 @@
 
 TOKENIZER is a tokenizer.json (the `tokenizers` package) or a Hugging Face directory holding one. The files
 matching --glob under --text-dir are read as UTF-8 in name order, line ends as they are ("\r\n" is not made
-"\n"); each becomes its text's ids (without the tokenizer's own special tokens, such as a post-processor's BOS:
-Falcon's adds none; nor padded or truncated, whatever the tokenizer.json sets) followed by the end-of-sequence
-id: --eos, or by default the directory's config.json eos_token_id (the first of several). The ids go to --out
-as a 1-D uint16 array where the vocabulary fits 16 bits (uint32 otherwise), streamed through a temporary file
-and renamed into place when complete.
+"\n"), less a byte order mark at a file's start; each becomes its text's ids (without the tokenizer's own
+special tokens, such as a post-processor's BOS: Falcon's adds none; nor padded or truncated, whatever the
+tokenizer.json sets) followed by the end-of-sequence id: --eos, or by default the directory's config.json
+eos_token_id (the first of several). The ids go to --out as a 1-D uint16 array where the vocabulary fits 16 bits
+(uint32 otherwise), streamed through a temporary file and renamed into place when complete.
 
 Memory stays bounded for files of any size: a file is read and encoded in pieces of about PIECE_CHARS characters
 (one piece per CPU at a time, by the tokenizer's threads), cut at the start of a line that begins with a non-space
@@ -109,7 +109,9 @@ def encode_pieces(tokenizer, file: Path, piece_chars: int = PIECE_CHARS,
         pieces.clear()
 
     try:
-        with open(file, encoding="utf-8", newline="") as stream:  # the text as it is: "\r\n" and "\r" kept
+        # the text as it is ("\r\n" and "\r" kept), less a UTF-8 byte order mark at the file's start (utf-8-sig):
+        # an encoding's marker, not text (it became the ids of U+FEFF)
+        with open(file, encoding="utf-8-sig", newline="") as stream:
             while chunk := stream.read(piece_chars):
                 text += chunk
                 cut = find_cut(tokenizer, text)
@@ -121,6 +123,8 @@ def encode_pieces(tokenizer, file: Path, piece_chars: int = PIECE_CHARS,
     except UnicodeDecodeError:
         # the error's own position counts from the start of the block the text stream decoded, not of the file
         raise ValueError(f"--text-dir: expected UTF-8 text, got {str(file)!r} ({first_utf8_error(file)})") from None
+    except OSError as err:  # unreadable (permissions, an I/O error): was a PermissionError traceback
+        raise ValueError(f"--text-dir: expected readable files, got {str(file)!r} ({err.strerror or err})") from None
     if text:
         pieces.append(text)
     yield from encoded()

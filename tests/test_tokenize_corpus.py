@@ -109,6 +109,37 @@ def test_line_ends_are_the_files(tmp_path):
     out = tmp_path / "t.npy"
     assert main([str(tmp_path / "tokenizer.json"), "--text-dir", str(tmp_path), "--eos", "1", "--out", str(out)]) == 0
     np.testing.assert_array_equal(np.load(out), [2, 3, 4, 2, 3, 2, 4, 1])
+    # a byte order mark at the file's start is the encoding's, not text (it was tokenized); one inside is kept
+    (tmp_path / "a.txt").write_bytes("\ufeffa\n\ufeffa".encode())
+    assert main([str(tmp_path / "tokenizer.json"), "--text-dir", str(tmp_path), "--eos", "1", "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), [2, 4, 0, 1])
+
+
+def test_an_unreadable_file_is_named(tmp_path, hf_dir, capsys, monkeypatch):
+    """A text file that cannot be read stopped tokenize_corpus and a bytes-task run with a PermissionError traceback
+    (tests run as root, for whom a chmod does not stop a read: the read is made to fail)."""
+    import builtins
+    from pathlib import Path
+
+    from configs import ConfigError
+
+    (tmp_path / "a.txt").write_text("the state")
+    real_open, real_read = builtins.open, Path.read_bytes
+
+    def deny(file):
+        if str(file).endswith("a.txt"):
+            raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(builtins, "open", lambda file, *args, **kwargs: deny(file) or real_open(file, *args, **kwargs))
+    assert main([str(hf_dir), "--text-dir", str(tmp_path), "--out", str(tmp_path / "t.npy")]) == 1
+    assert capsys.readouterr().err == (f"error: --text-dir: expected readable files, got '{tmp_path / 'a.txt'}' "
+                                       f"(Permission denied)\n")
+    monkeypatch.setattr(builtins, "open", real_open)
+    monkeypatch.setattr(Path, "read_bytes", lambda path: deny(path) or real_read(path))
+    config = DataConfig(task="bytes", text_dir=str(tmp_path), text_glob="*.txt", batch_size=1, seq_len=4)
+    with pytest.raises(ConfigError, match="config field 'data.text_dir': expected readable files, got "
+                                          f"'{tmp_path / 'a.txt'}' \\(Permission denied\\)"):
+        batch_at(config, 256, 0, 0)
 
 
 def test_large_files_are_encoded_in_pieces_that_change_no_id(tmp_path, monkeypatch):
