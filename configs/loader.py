@@ -124,7 +124,8 @@ def model_config_from_dict(data: Mapping[str, Any], prefix: str = "model.") -> A
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """A plain dict (YAML/JSON-ready: tuples as lists) that ``from_dict`` turns back into an equal config."""
+    """A plain dict (YAML/JSON-ready: tuples as lists) that ``from_dict`` turns back into an equal config; derived
+    fields hold their values (dump_config writes them null)."""
     out: dict[str, Any] = {}
     if type(config) in MODEL_CONFIGS.values():
         out["family"] = config.family
@@ -138,8 +139,27 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def dump_config(config: Any) -> str:
-    """YAML text that load_config / load_preset_dict read back as ``config``: the run's config.yaml."""
-    return yaml.dump(to_dict(config), Dumper=_Yaml12Dumper, sort_keys=False)
+    """YAML text that load_config / load_preset_dict read back as ``config``: the run's config.yaml. The model
+    fields the config derived from others (``derived``: intermediate_size, time_step_rank, ffn_hidden_size,
+    num_kv_heads... left null) are written null, their value in a comment: a file that takes this one as its
+    ``base:``, or an override, changing hidden_size derives them anew, as it would over the preset (written as
+    values, they kept the old model's sizes). A field set explicitly is written as its value and stays set."""
+    data = to_dict(config)
+    is_run = isinstance(config, RunConfig)
+    model, section = (config.model, data["model"]) if is_run else (config, data)
+    values = {}
+    if type(model) in MODEL_CONFIGS.values():
+        for name in model.derived:
+            values[name], section[name] = section[name], None
+    indent = "  " if is_run else ""
+    lines, top = [], None
+    for line in yaml.dump(data, Dumper=_Yaml12Dumper, sort_keys=False).splitlines():
+        top = line.partition(":")[0] if not line.startswith(" ") else top
+        name = line[len(indent):].partition(":")[0]
+        if (top == "model" or not is_run) and line == f"{indent}{name}: null" and values.get(name) is not None:
+            line += f"  # derived: {values[name]}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def list_presets() -> list[str]:

@@ -177,6 +177,41 @@ def test_falcon_mamba_sizes_left_out_derive_from_hidden_size():
     assert configs.from_dict(FalconMambaConfig, configs.to_dict(cfg)) == cfg
 
 
+@pytest.mark.parametrize("preset, extra, changed, derived", [
+    ("tiny_falcon_mamba", ["model.intermediate_size=null", "model.time_step_rank=null"], {"hidden_size": 128},
+     {"intermediate_size": 256, "time_step_rank": 8}),
+    # multi-head: num_kv_heads derives from num_attention_heads (a stale 6 was refused with 2 heads)
+    ("tiny_falcon_alibi", [], {"hidden_size": 48, "num_attention_heads": 2}, {"ffn_hidden_size": 192,
+                                                                              "num_kv_heads": 2}),
+])
+def test_a_saved_config_derives_again_what_it_derived(tmp_path, preset, extra, changed, derived):
+    """dump_config (a run's config.yaml) wrote derived fields as values: a file basing itself on it, or an override,
+    with another hidden_size or head count kept the old intermediate_size, time_step_rank, ffn_hidden_size or
+    num_kv_heads. They are written null (their value in a comment) and read back as the same config."""
+    run = load_config(preset, extra)
+    text = configs.dump_config(run)
+    (tmp_path / "config.yaml").write_text(text)
+    back = load_config(tmp_path / "config.yaml")
+    assert back == run and back.model.derived == run.model.derived
+    (tmp_path / "child.yaml").write_text("base: config.yaml\nmodel:\n" + "".join(f"  {k}: {v}\n"
+                                                                                  for k, v in changed.items()))
+    model = load_config(tmp_path / "child.yaml").model
+    assert {name: getattr(model, name) for name in derived} == derived
+    assert load_config(tmp_path / "config.yaml", [f"model.{k}={v}" for k, v in changed.items()]).model == model
+    assert configs.replace(back.model, **changed) == model  # from_pretrained's overrides on a run's model
+    for name in derived:
+        assert f"\n  {name}: null  # derived: {getattr(run.model, name)}\n" in text
+
+
+def test_a_saved_config_keeps_what_was_set(tmp_path):
+    """tiny_falcon_mamba sets intermediate_size and time_step_rank: its config.yaml keeps them set."""
+    text = configs.dump_config(load_config("tiny_falcon_mamba"))
+    assert "\n  intermediate_size: 128\n" in text and "\n  time_step_rank: 4\n" in text
+    (tmp_path / "config.yaml").write_text(text)
+    model = load_config(tmp_path / "config.yaml", ["model.hidden_size=128"]).model
+    assert (model.intermediate_size, model.time_step_rank) == (128, 4)
+
+
 def test_replace_takes_a_built_model_config():
     run = load_config("tiny_falcon")
     assert configs.replace(run, model=configs.replace(run.model, hidden_size=128)).model.hidden_size == 128
