@@ -71,7 +71,6 @@ def _eos_to_hf(value: Any) -> Any:
 def _mamba_from_transformers(hf: Mapping[str, Any], falcon: bool) -> FalconMambaConfig:
     hidden = _positive(hf, "hidden_size", 768)
     expand = _positive(hf, "expand", 2, integer=False)
-    rank = hf.get("time_step_rank", "auto")
     kwargs: dict[str, Any] = {
         "hidden_size": hidden,
         # transformers derives intermediate_size from expand, then lets an explicit value win
@@ -79,7 +78,7 @@ def _mamba_from_transformers(hf: Mapping[str, Any], falcon: bool) -> FalconMamba
         # (null counts as absent: it fell to our 2 x hidden_size, whatever expand said).
         "intermediate_size": (int(expand * hidden) if hf.get("intermediate_size") is None
                               else hf["intermediate_size"]),
-        "time_step_rank": FalconMambaConfig.auto_time_step_rank(hidden) if rank == "auto" else rank,
+        "time_step_rank": hf.get("time_step_rank"),  # "auto" or null: the schema's ceil(hidden_size / 16)
         "use_mixer_norms": falcon,
         # transformers' default for both classes is tied embeddings.
         "tie_word_embeddings": hf.get("tie_word_embeddings", True),
@@ -125,7 +124,6 @@ def _mamba_from_mamba_ssm(hf: Mapping[str, Any]) -> FalconMambaConfig:
     expand = _positive(ssm_cfg, "expand", 2, name="ssm_cfg.expand", integer=False)
     if vocab % multiple:
         vocab += multiple - vocab % multiple
-    rank = ssm_cfg.get("dt_rank", "auto")
     # mamba_ssm passes ssm_cfg to Mamba(**ssm_cfg), which refuses any other key: a misspelt d_state was read as 16
     unknown = sorted(set(ssm_cfg) - MAMBA_SSM_CFG_KEYS)
     if unknown:
@@ -143,7 +141,7 @@ def _mamba_from_mamba_ssm(hf: Mapping[str, Any]) -> FalconMambaConfig:
         "state_size": ssm_cfg.get("d_state", 16),
         "intermediate_size": int(expand * d_model),
         "conv_kernel": ssm_cfg.get("d_conv", 4),
-        "time_step_rank": FalconMambaConfig.auto_time_step_rank(d_model) if rank == "auto" else rank,
+        "time_step_rank": ssm_cfg.get("dt_rank"),  # "auto" or null: the schema's ceil(d_model / 16)
         "use_bias": ssm_cfg.get("bias", False),
         "use_conv_bias": ssm_cfg.get("conv_bias", True),
         "layer_norm_epsilon": 1e-5,

@@ -29,6 +29,20 @@ def _nearest(name: str, candidates: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(candidates)}"
 
 
+def _describe(hint: Any) -> str:
+    """A type hint in a message's words: int | Literal['auto'] | None is "an integer, 'auto' or null"."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        words = [_describe(option) for option in typing.get_args(hint)]
+        return ", ".join(words[:-1]) + " or " + words[-1]
+    if origin is Literal:
+        return " or ".join(repr(value) for value in typing.get_args(hint))
+    if origin in (list, tuple):
+        return "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint, f"a mapping for {hint.__name__}" if dataclasses.is_dataclass(hint) else str(hint))
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Checks (and where lossless, converts) a value against a type hint; raises naming the key."""
     origin = typing.get_origin(hint)
@@ -46,7 +60,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"config field {key!r}: expected {hint}, got {value!r}")
+        raise ConfigError(f"config field {key!r}: expected {_describe(hint)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:

@@ -88,7 +88,7 @@ class FalconMambaConfig:
     state_size: int = 16
     intermediate_size: int | None = None  # None: 2 x hidden_size (transformers' expand 2)
     conv_kernel: int = 4
-    time_step_rank: int | None = None  # None: ceil(hidden_size / 16) (transformers' "auto")
+    time_step_rank: int | Literal["auto"] | None = None  # None or "auto" (transformers'): ceil(hidden_size / 16)
     use_bias: bool = False
     use_conv_bias: bool = True
     layer_norm_epsilon: float = 1e-5
@@ -121,6 +121,8 @@ class FalconMambaConfig:
     derived: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.time_step_rank, str) and self.time_step_rank == "auto":  # transformers' word for null
+            object.__setattr__(self, "time_step_rank", None)
         object.__setattr__(self, "derived", tuple(name for name in ("intermediate_size", "time_step_rank")
                                                   if getattr(self, name) is None))
         _check_types(self)
@@ -129,8 +131,10 @@ class FalconMambaConfig:
             object.__setattr__(self, "intermediate_size", 2 * self.hidden_size)
         if self.time_step_rank is None:
             object.__setattr__(self, "time_step_rank", self.auto_time_step_rank(self.hidden_size))
+        _require(is_int(self.time_step_rank) and self.time_step_rank > 0, "time_step_rank",
+                 "a positive integer, 'auto' or null (ceil(hidden_size / 16))", self.time_step_rank)
         _positive_int(self, "vocab_size", "hidden_size", "num_hidden_layers", "state_size",
-                      "intermediate_size", "conv_kernel", "time_step_rank", "scan_chunk_size")
+                      "intermediate_size", "conv_kernel", "scan_chunk_size")
         _positive_number(self, "layer_norm_epsilon", "mixer_rms_eps", "time_step_min", "time_step_max",
                          "time_step_floor", "initializer_range", "time_step_scale")
         _require(self.time_step_min <= self.time_step_max, "time_step_min",

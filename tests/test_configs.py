@@ -356,6 +356,27 @@ def test_dataclass_validation_direct():
         DistributedConfig(coordinator_address=5)
 
 
+def test_time_step_rank_auto_is_null(tmp_path):
+    """transformers' FalconMambaConfig says time_step_rank "auto" for ceil(hidden_size / 16); the schema (our
+    null) refused the word on the command line, in YAML and in Python. Other strings are still refused, named."""
+    cfg = load_model_config("tiny_falcon_mamba", ["hidden_size=96", "time_step_rank=auto"])
+    assert cfg.time_step_rank == 6 and "time_step_rank" in cfg.derived
+    (tmp_path / "auto.yaml").write_text("base: tiny_falcon_mamba\nmodel:\n  hidden_size: 96\n  time_step_rank: auto\n")
+    assert load_config(tmp_path / "auto.yaml").model == cfg
+    assert cfg == load_model_config("tiny_falcon_mamba", ["hidden_size=96", "time_step_rank=null"])
+    assert FalconMambaConfig(hidden_size=96, time_step_rank="auto").time_step_rank == 6
+    assert model_config_from_hf({"model_type": "falcon_mamba", "hidden_size": 96, "time_step_rank": "auto"}) == \
+        model_config_from_hf({"model_type": "falcon_mamba", "hidden_size": 96, "time_step_rank": None})
+    with pytest.raises(ConfigError, match=r"^config field 'model.time_step_rank': expected an integer, 'auto' or "
+                                          r"null, got 'Auto'$"):
+        load_config("tiny_falcon_mamba", ["model.time_step_rank=Auto"])
+    with pytest.raises(ConfigError, match=r"^config field 'time_step_rank': expected a positive integer, 'auto' or "
+                                          r"null \(ceil\(hidden_size / 16\)\), got 'x'$"):
+        FalconMambaConfig(time_step_rank="x")
+    with pytest.raises(ConfigError, match=r"'model.intermediate_size': expected an integer or null, got 'auto'"):
+        load_config("tiny_falcon_mamba", ["model.intermediate_size=auto"])
+
+
 def test_override_value_may_contain_an_equals_sign():
     """Only the first '=' separates key and value: a run directory such as runs/lr=0.1 is a common value."""
     run = load_config("tiny_falcon_mamba", ["output_dir=runs/lr=0.1,wd=0"])
