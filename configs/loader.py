@@ -262,7 +262,11 @@ def _yaml12_scalars(loader: type[yaml.SafeLoader] | type[yaml.SafeDumper]) -> No
 
 
 class _Yaml12Dumper(yaml.SafeDumper):
-    """yaml.SafeDumper whose plain scalars _UniqueKeyLoader reads back as written."""
+    """yaml.SafeDumper whose plain scalars _UniqueKeyLoader reads back as written, and which writes a value shared
+    by several fields (mesh.rules' axis lists) in full each time, not as an anchor (&id001) and its aliases."""
+
+    def ignore_aliases(self, data):
+        return True
 
 
 _yaml12_scalars(_UniqueKeyLoader)

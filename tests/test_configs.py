@@ -63,6 +63,8 @@ def test_preset_files_read_scalars_as_overrides_do(tmp_path):
     written = configs.replace(run, data=configs.replace(run.data, text_glob="1e3"), output_dir="-.5")
     (tmp_path / "config.yaml").write_text(configs.dump_config(written))
     assert load_config(tmp_path / "config.yaml") == written
+    # mesh.rules' shared axis lists were written once as an anchor and then as aliases (*id001)
+    assert "&id" not in (tmp_path / "config.yaml").read_text() and "*id" not in (tmp_path / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("override, message", [
