@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-falcon", action="store_true", help="train and evaluate Falcon Mamba only")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    for name in ("steps", "falcon_steps"):  # -3 was a ConfigError naming optim.warmup_steps, 0 one naming steps
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     for name in ("train_length", "eval_sequences", "eval_tokens", "falcon_eval_tokens", "min_sequences", "eval_batch",
                  "chunk_size",
                  "falcon_chunk_size"):
@@ -119,7 +122,14 @@ def run_config(preset: str, args: argparse.Namespace, name: str, steps: int | No
         if run.optim.decay_steps > steps - warmup:
             overrides.append(f"optim.decay_steps={min(int(run.optim.decay_steps * scale), steps - warmup)}")
         if args.curriculum is None and sum(n for _, n in run.data.length_curriculum) >= steps:
-            stages = [[length, max(1, int(n * scale))] for length, n in run.data.length_curriculum]
+            # each stage at least a step, and only the first stages that leave a step at data.seq_len: --steps 1
+            # and 2 were a ConfigError on the preset's stages (1 step each), which the user never set
+            stages = []
+            for length, n in run.data.length_curriculum:
+                n = max(1, int(n * scale))
+                if sum(m for _, m in stages) + n >= steps:
+                    break
+                stages.append([length, n])
             overrides.append(f"data.length_curriculum={json.dumps(stages)}")
     return load_config(preset, overrides)
 

@@ -201,3 +201,38 @@ def test_a_resumed_run_counts_only_the_steps_it_trains_and_a_refused_resume_is_a
     monkeypatch.setattr(induction_heads, "train", refused)
     with pytest.raises(SystemExit, match=r"^error: config field 'steps': expected at least 2$"):
         induction_heads.main(argv)
+
+
+def _stub_training_and_evaluation(monkeypatch):
+    """main() with train, the checkpoint load and evaluate stubbed: what it writes, in well under a second."""
+    monkeypatch.setattr(induction_heads, "train", lambda run: [{"step": run.steps, "loss": 1.0}])
+    monkeypatch.setattr(induction_heads, "load_trained_model", lambda output_dir: (None, 1))
+    monkeypatch.setattr(induction_heads, "n_params", lambda model: 0)
+    monkeypatch.setattr(induction_heads, "evaluate", lambda *a, **k: {
+        "accuracy": 1.0, "sequences": 2, "seconds": 1.0, "tokens_per_s": 8, "min_margin": 1.0, "median_margin": 1.0,
+        "misses_farther_half": 0, "misses": 0})
+
+
+def test_a_few_steps_drop_the_presets_stages_that_do_not_fit_and_no_steps_is_an_argparse_error(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """--steps 1 (and 2) failed with a ConfigError on data.length_curriculum [[32, 1], [64, 1]], stages the user
+    never set (each of the preset's stages scaled to at least a step): the first stages that leave a step at the
+    training length are kept. --steps 0 was a ConfigError naming the config field, -3 one naming warm-up."""
+    import pytest
+
+    args = induction_heads.parse_args(["--output-dir", str(tmp_path)])
+    expected = {("falcon_mamba", 1): (), ("falcon_mamba", 2): ((32, 1),), ("falcon_mamba", 3): ((32, 1), (64, 1)),
+                ("falcon", 1): (), ("falcon", 2): ((64, 1),)}
+    for (name, steps), curriculum in expected.items():
+        preset = args.falcon_mamba_preset if name == "falcon_mamba" else args.falcon_preset
+        run = induction_heads.run_config(preset, args, name, steps)
+        assert (run.steps, run.data.length_curriculum, run.optim.warmup_steps) == (steps, curriculum, 0)
+    _stub_training_and_evaluation(monkeypatch)
+    induction_heads.main(["--output-dir", str(tmp_path), "--steps", "1", "--min-log2", "3", "--max-log2", "3",
+                          "--falcon-max-log2", "3", "--no-plot"])
+    assert {run["length_curriculum"] == [] for run in json.loads((tmp_path / "details.json").read_text())["runs"]
+            .values()} == {True}
+    for flag, value in (("--steps", "0"), ("--steps", "-3"), ("--falcon-steps", "0")):
+        with pytest.raises(SystemExit):
+            induction_heads.parse_args([flag, value])
+        assert f"error: {flag}: expected a positive integer, got {value}" in capsys.readouterr().err
