@@ -278,15 +278,18 @@ def main(argv=None) -> dict:
         if run.model.family != name:
             raise SystemExit(f"error: --{name.replace('_', '-')}-preset: expected a preset of model.family "
                              f"{name!r}, got {presets[name]!r} (model.family {run.model.family!r})")
+    # the length actually trained (both runs have it): --set data.seq_len=... comes after --train-length in the
+    # overrides and wins, where the summary, the table and the plot said --train-length's
+    train_length = runs["falcon_mamba"].data.seq_len
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    details: dict = {"train_length": args.train_length, "runs": {}, "points": {}, "eval": {
+    details: dict = {"train_length": train_length, "runs": {}, "points": {}, "eval": {
         k: getattr(args, k) for k in ("min_log2", "max_log2", "falcon_max_log2", "eval_sequences", "eval_tokens",
                                       "falcon_eval_tokens", "min_sequences", "eval_batch", "chunk_size",
                                       "falcon_chunk_size")},
         "backend": jax.default_backend(), "jax": jax.__version__}
-    summary: dict = {"train_length": args.train_length, "falcon_mamba": {}, "falcon": {}}
+    summary: dict = {"train_length": train_length, "falcon_mamba": {}, "falcon": {}}
     for name in names:
         run = runs[name]
         t0 = time.perf_counter()
@@ -331,7 +334,7 @@ def main(argv=None) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "details.json").write_text(json.dumps(details, indent=1) + "\n")
     table = markdown_table(summary, details)
-    (out / "summary.md").write_text(f"# Induction heads (trained at length {args.train_length})\n\n{table}")
+    (out / "summary.md").write_text(f"# Induction heads (trained at length {train_length})\n\n{table}")
     plotted = not args.no_plot and plot(summary, out / "accuracy.png")
     print("\n" + table)
     print(f"wrote {out / 'summary.json'}, details.json, summary.md" + (", accuracy.png" if plotted else "")

@@ -213,6 +213,20 @@ def _stub_training_and_evaluation(monkeypatch):
         "misses_farther_half": 0, "misses": 0})
 
 
+def test_the_summary_gives_the_length_trained(tmp_path, monkeypatch):
+    """--set data.seq_len=32 trained both models at 32 while summary.json, summary.md and the plot said
+    --train-length's 16."""
+    _stub_training_and_evaluation(monkeypatch)
+    induction_heads.main(["--output-dir", str(tmp_path), "--steps", "4", "--curriculum", "none", "--train-length", "16",
+                          "--set", "data.seq_len=32", "--min-log2", "3", "--max-log2", "3", "--falcon-max-log2", "3",
+                          "--no-plot"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    details = json.loads((tmp_path / "details.json").read_text())
+    assert summary["train_length"] == details["train_length"] == 32
+    assert [run["train_length"] for run in details["runs"].values()] == [32, 32]
+    assert (tmp_path / "summary.md").read_text().startswith("# Induction heads (trained at length 32)\n")
+
+
 def test_a_few_steps_drop_the_presets_stages_that_do_not_fit_and_no_steps_is_an_argparse_error(tmp_path, monkeypatch,
                                                                                                 capsys):
     """--steps 1 (and 2) failed with a ConfigError on data.length_curriculum [[32, 1], [64, 1]], stages the user
