@@ -38,7 +38,18 @@ from experiments.evaluate import EVAL_SEED_OFFSET
 from experiments.models import n_params
 from experiments.train import load_trained_model, train
 
-MODELS = {"falcon_mamba": "Falcon Mamba", "falcon": "Falcon (RoPE attention)"}
+MODELS = ("falcon_mamba", "falcon")
+
+
+def model_label(name: str, model_config=None) -> str:
+    """The label of run ``name`` in the log, the table and the plot: "Falcon Mamba", or the transformer with the
+    position encoding of its ``model_config`` ("Falcon (RoPE attention)", "Falcon (ALiBi attention)"; "Falcon"
+    without one). An ALiBi --falcon-preset was labelled RoPE."""
+    if name == "falcon_mamba":
+        return "Falcon Mamba"
+    if model_config is None:
+        return "Falcon"
+    return f"Falcon ({'ALiBi' if model_config.alibi else 'RoPE'} attention)"
 
 
 def curriculum_stages(text: str) -> list[list[int]]:
@@ -226,9 +237,14 @@ def mixer_dt(model, input_ids) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def run_labels(details: dict) -> dict[str, str]:
+    """name -> label of each model, as its run recorded it in ``details``."""
+    return {name: details["runs"].get(name, {}).get("label", model_label(name)) for name in MODELS}
+
+
 def markdown_table(summary: dict, details: dict) -> str:
     lengths = sorted({int(k) for name in MODELS for k in summary.get(name, {})})
-    lines = ["| length | log2 | Falcon Mamba | sequences | Falcon (RoPE) | sequences |",
+    lines = ["| length | log2 | " + " | ".join(f"{label} | sequences" for label in run_labels(details).values()) + " |",
              "|---:|---:|---:|---:|---:|---:|"]
     for length in lengths:
         cells = [f"{length:,}", str(int(math.log2(length)))]
@@ -239,7 +255,7 @@ def markdown_table(summary: dict, details: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path) -> bool:
+def plot(summary: dict, path: Path, labels: dict[str, str]) -> bool:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -248,7 +264,7 @@ def plot(summary: dict, path: Path) -> bool:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, label in MODELS.items():
+    for name, label in labels.items():
         points = sorted((int(k), v) for k, v in summary.get(name, {}).items())
         if points:
             ax.plot([math.log2(k) for k, _ in points], [100 * v for _, v in points], "o-", label=label)
@@ -295,8 +311,8 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         curriculum = [list(stage) for stage in run.data.length_curriculum]
         stages = "".join(f"{steps_} x {length}, " for length, steps_ in curriculum)
-        print(f"== training {MODELS[name]}: {run.steps} steps ({stages}then {run.data.seq_len}), batch "
-              f"{run.data.batch_size}, lr {run.optim.learning_rate} -> {run.output_dir}", flush=True)
+        print(f"== training {model_label(name, run.model)}: {run.steps} steps ({stages}then {run.data.seq_len}), "
+              f"batch {run.data.batch_size}, lr {run.optim.learning_rate} -> {run.output_dir}", flush=True)
         start = checkpoint_step(run)  # a resumed run trains (and is timed on) only the steps from there
         try:
             rows = train(run)
@@ -306,7 +322,8 @@ def main(argv=None) -> dict:
         model, step = load_trained_model(run.output_dir)
         final = rows[-1] if rows else None
         tokens = run.data.batch_size * sum(run.data.seq_len_at(s) for s in range(start, run.steps))
-        details["runs"][name] = {"output_dir": run.output_dir, "preset": presets[name], "steps": step,
+        details["runs"][name] = {"output_dir": run.output_dir, "preset": presets[name],
+                                 "label": model_label(name, run.model), "steps": step,
                                  "length_curriculum": curriculum, "train_length": run.data.seq_len,
                                  "batch_size": run.data.batch_size, "learning_rate": run.optim.learning_rate,
                                  "parameters": n_params(model), "train_seconds": round(train_seconds, 1),
@@ -335,7 +352,7 @@ def main(argv=None) -> dict:
     (out / "details.json").write_text(json.dumps(details, indent=1) + "\n")
     table = markdown_table(summary, details)
     (out / "summary.md").write_text(f"# Induction heads (trained at length {train_length})\n\n{table}")
-    plotted = not args.no_plot and plot(summary, out / "accuracy.png")
+    plotted = not args.no_plot and plot(summary, out / "accuracy.png", run_labels(details))
     print("\n" + table)
     print(f"wrote {out / 'summary.json'}, details.json, summary.md" + (", accuracy.png" if plotted else "")
           + f" in {details['total_seconds']:.0f} s")

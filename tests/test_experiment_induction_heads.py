@@ -40,6 +40,8 @@ def test_tiny_run_writes_the_summary_table_and_plot(tmp_path):
     assert rows[-1]["step"] == 3 and rows[-1]["seq_len"] == 16
     table = (out / "summary.md").read_text()
     assert "| 64 | 6 |" in table and "| Falcon Mamba |" in table and table.splitlines()[-1] in result.stdout
+    assert "| Falcon Mamba | sequences | Falcon (RoPE attention) | sequences |" in table
+    assert details["runs"]["falcon"]["label"] == "Falcon (RoPE attention)"
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "falcon_mamba" / "checkpoints").is_dir()
 
@@ -225,6 +227,22 @@ def test_the_summary_gives_the_length_trained(tmp_path, monkeypatch):
     assert summary["train_length"] == details["train_length"] == 32
     assert [run["train_length"] for run in details["runs"].values()] == [32, 32]
     assert (tmp_path / "summary.md").read_text().startswith("# Induction heads (trained at length 32)\n")
+
+
+def test_the_transformers_label_names_its_position_encoding(tmp_path, monkeypatch, capsys):
+    """An ALiBi --falcon-preset was trained and reported as "Falcon (RoPE)" (the table; "Falcon (RoPE attention)"
+    in the log and the plot)."""
+    _stub_training_and_evaluation(monkeypatch)
+    induction_heads.main(["--output-dir", str(tmp_path), "--steps", "4", "--curriculum", "none", "--train-length", "16",
+                          "--falcon-preset", "tiny_falcon_alibi", "--min-log2", "3", "--max-log2", "3",
+                          "--falcon-max-log2", "3", "--no-plot"])
+    details = json.loads((tmp_path / "details.json").read_text())
+    assert details["runs"]["falcon"]["label"] == "Falcon (ALiBi attention)"
+    assert induction_heads.run_labels(details) == {"falcon_mamba": "Falcon Mamba", "falcon": "Falcon (ALiBi attention)"}
+    table = (tmp_path / "summary.md").read_text()
+    assert "| Falcon Mamba | sequences | Falcon (ALiBi attention) | sequences |" in table and "RoPE" not in table
+    assert "== training Falcon (ALiBi attention): 4 steps" in capsys.readouterr().out
+    assert induction_heads.run_labels({"runs": {}}) == {"falcon_mamba": "Falcon Mamba", "falcon": "Falcon"}
 
 
 def test_a_few_steps_drop_the_presets_stages_that_do_not_fit_and_no_steps_is_an_argparse_error(tmp_path, monkeypatch,
