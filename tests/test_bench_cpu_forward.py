@@ -31,3 +31,17 @@ def test_cli_refuses_bad_arguments_before_building(monkeypatch, capsys, args, me
     with pytest.raises(SystemExit):
         cpu_forward.main(args)
     assert message in capsys.readouterr().err
+
+
+def test_json_output_has_the_provenance(monkeypatch, capsys):
+    """The measurements stubbed: --json prints the date, command, versions and device with the rows."""
+    import json
+
+    from tests.test_bench_checks import PROVENANCE_KEYS
+
+    monkeypatch.setattr(cpu_forward, "bench_model", lambda args, vocab: {"vocab_size": vocab})
+    monkeypatch.setattr(cpu_forward, "bench_scans", lambda args: [])
+    cpu_forward.main(["--vocabs", "64", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["models"] == [{"vocab_size": 64}] and set(out["provenance"]) == PROVENANCE_KEYS
+    assert out["provenance"]["command"] == "python -m experiments.bench.cpu_forward --vocabs 64 --json"

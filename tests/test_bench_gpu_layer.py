@@ -8,6 +8,7 @@ import json
 import pytest
 
 from experiments.bench import gpu_layer
+from tests.test_bench_checks import read_provenance
 
 
 def test_layer_rows_agree_and_are_complete(tmp_path, capsys, monkeypatch):
@@ -39,6 +40,9 @@ def test_layer_rows_agree_and_are_complete(tmp_path, capsys, monkeypatch):
         assert row[f"jax_{name}_ms"] > 0 and row[f"torch_{name}_ms"] > 0
         assert row[f"torch_over_jax_{name}"] == row[f"torch_{name}_ms"] / row[f"jax_{name}_ms"]
     assert "torch f+b ms" in capsys.readouterr().out
+    info = read_provenance(tmp_path / "gpu_layer.json")
+    assert info["command"].startswith("python -m experiments.bench.gpu_layer tiny_falcon_mamba --lengths 24")
+    assert info["device_count"] >= 1 and info["torch"]
 
 
 @pytest.mark.parametrize("args, message", [

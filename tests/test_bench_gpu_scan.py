@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from experiments.bench import gpu_scan
+from tests.test_bench_checks import read_provenance
 
 
 def test_floor_bytes_counts_each_tensor_once():
@@ -83,6 +84,7 @@ def test_main_writes_the_table_and_the_sweep(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.index("times as ratios") < out.index("Pallas kernel sweep")
     assert not [line for line in out.splitlines() if line.endswith(" WRONG")]
+    assert read_provenance(tmp_path / "gpu_scan.json")["command"].startswith("python -m experiments.bench.gpu_scan")
 
 
 def test_cli_checks(capsys):

@@ -13,6 +13,7 @@ import pytest
 from configs import load_model_config
 from experiments.bench import long_context
 from experiments.models import build_model, n_params
+from tests.test_bench_checks import read_provenance
 
 
 def test_long_context_bench_writes_every_measurement(tmp_path):
@@ -40,6 +41,11 @@ def test_long_context_bench_writes_every_measurement(tmp_path):
                    - 1) < 1e-6
     assert (tmp_path / "long_context.png").stat().st_size > 0
     assert (tmp_path / "generation.png").stat().st_size > 0
+    # the device of each point, and the first one's in the provenance (this process never starts JAX's backend)
+    info = read_provenance(tmp_path / "long_context.csv")
+    assert {(r["backend"], r["device_kind"], r["device_count"]) for r in rows} == {
+        (info["backend"], info["device_kind"], str(info["device_count"]))}
+    assert info["command"].startswith("python -m experiments.bench.long_context --min-log2 7")
 
 
 def test_the_timed_prefill_compiles_nothing(monkeypatch):
@@ -119,6 +125,7 @@ def test_sweep_points_and_limits(tmp_path, monkeypatch):
     assert calls == [("mamba_sequential", 2**k, 5) for k in (10, 12, 14, 16)] + \
         [("mamba_parallel", 2**k, 0) for k in (10, 12, 14)] + [("falcon", 2**k, 5) for k in (10, 12)] + \
         [("mamba_generate", 2**k, 0) for k in (3, 4, 5)] + [("falcon_generate", 2**k, 0) for k in (3, 4)]
+    assert read_provenance(tmp_path / "long_context.csv")["device_kind"] is None  # the stubbed points give none
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from experiments.bench import train_throughput
+from tests.test_bench_checks import PROVENANCE_KEYS
 
 TOY = ["data.seq_len=32", "data.batch_size=2", "model.num_hidden_layers=1"]
 
@@ -42,6 +43,7 @@ def test_cli_measured_peak(capsys, monkeypatch):
     out = json.loads(capsys.readouterr().out)
     assert out["peak_tflops"] == 0.25 and out["peak_source"].startswith("measured: float32")
     assert 0 < out["rows"][0]["mfu"]
+    assert set(out["provenance"]) == PROVENANCE_KEYS and out["provenance"]["command"].endswith("measured --json")
 
 
 BAD_PEAK = 'argument --peak-tflops: expected a finite number > 0 or "measured", got '
@@ -81,6 +83,7 @@ def test_torch_train_step_bench_runs_the_same_model(capsys):
     assert out["torch"]["params"] == out["jax"]["params"] > 0
     assert out["torch"]["step_seconds"] > 0 and out["jax"]["step_seconds"] > 0
     assert out["torch_over_jax_seconds"] == pytest.approx(out["torch"]["step_seconds"] / out["jax"]["step_seconds"])
+    assert set(out["provenance"]) == PROVENANCE_KEYS
 
 
 @pytest.mark.parametrize("args, message", [

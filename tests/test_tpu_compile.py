@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from experiments.tpu_topology import libtpu_path
+from tests.test_bench_checks import read_provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +27,7 @@ def compile_report(tmp_path, chip, *options):
     result = subprocess.run([sys.executable, "-m", "experiments.bench.tpu_compile", "--chip", chip, "--dim", "1024",
                              *options, "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert read_provenance(out)["device_kind"]  # the compile-only TPU's
     return json.loads(out.read_text())
 
 

@@ -1,13 +1,26 @@
 """Benchmark scripts. Each prints ratios against a reference measured in the same run.
 
 Their command lines check what they are given before anything is built, timed or written (a GPU lease is short):
-the argparse types and checks below report ``error: ...`` naming the option, what was expected and what came."""
+the argparse types and checks below report ``error: ...`` naming the option, what was expected and what came.
+
+Every result file a script writes (a CSV, a JSON) gets NAME.provenance.json beside it (write_provenance): the date,
+the command, the package versions and the device, which docs/BENCHMARKS.md gave by hand."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import json
 import math
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
+
+# distributions whose versions a provenance gives (None: not installed)
+PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "torch", "transformers", "mamba_ssm")
+DEVICE_KEYS = ("backend", "device_kind", "device_count")
 
 
 def _integer(text: str, low: int, expected: str) -> int:
@@ -80,3 +93,47 @@ def check_runs(parser: argparse.ArgumentParser, presets: list[str], overrides: l
         except ConfigError as err:
             parser.error(f"{option}: {preset!r} with {overrides}: {err}")
     return runs
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name`` from its metadata (nothing imported: torch and mamba_ssm take
+    seconds), else an already imported module's __version__, else None."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(sys.modules.get(name), "__version__", None)
+
+
+def jax_device() -> dict:
+    """backend, device_kind and device_count of this process's JAX devices (starts the backend)."""
+    import jax
+
+    devices = jax.devices()
+    return {"backend": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices)}
+
+
+def provenance(module: str, argv=None, device: dict | None = None) -> dict:
+    """What docs/BENCHMARKS.md gives with each table: date_utc, the command (``python -m module`` and ``argv``,
+    default sys.argv[1:]), python and platform, the versions of PROVENANCE_PACKAGES, and the device: this process's
+    JAX devices, or ``device`` (DEVICE_KEYS) where this process must not start a backend (long_context's parent:
+    its workers hold the accelerator) or its devices are not jax.devices() (tpu_compile's compile-only TPU)."""
+    argv = sys.argv[1:] if argv is None else argv
+    info = {"date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": shlex.join(["python", "-m", module, *map(str, argv)]),
+            "python": platform.python_version(), "platform": platform.platform()}
+    info.update({name: package_version(name) for name in PROVENANCE_PACKAGES})
+    info.update(jax_device() if device is None else {key: device.get(key) for key in DEVICE_KEYS})
+    return info
+
+
+def provenance_path(result) -> Path:
+    """Where write_provenance puts ``result``'s: beside it, NAME.provenance.json for NAME.csv or NAME.json."""
+    result = Path(result)
+    return result.with_name(f"{result.stem}.provenance.json")
+
+
+def write_provenance(result, info: dict) -> Path:
+    """Writes ``info`` (a provenance()) beside the result file ``result``; returns its path."""
+    path = provenance_path(result)
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    return path

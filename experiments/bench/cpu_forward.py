@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import load_model_config
-from experiments.bench import check_preset, positive_int
+from experiments.bench import check_preset, positive_int, provenance
 from experiments.timing import time_call, versions
 from ssm import FalconMambaLM, save_pretrained
 from ssm.scan import selective_scan
@@ -100,7 +100,8 @@ def main(argv=None) -> None:
     scans = bench_scans(args)
     if args.json:
         print(json.dumps({"versions": versions(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "models": models,
-                          "scans": scans}, indent=2))
+                          "scans": scans, "provenance": provenance("experiments.bench.cpu_forward", argv)},
+                         indent=2))
         return
     print(f"versions: {versions()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     for row in models:

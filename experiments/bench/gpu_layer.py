@@ -30,7 +30,7 @@ from flax import nnx
 
 from configs import load_model_config
 from configs.hf import model_config_to_hf
-from experiments.bench import check_out_dir, check_preset, positive_int
+from experiments.bench import check_out_dir, check_preset, positive_int, provenance, write_provenance
 from experiments.timing import format_row, time_call, versions
 from ssm.scan import IMPLS
 
@@ -142,6 +142,7 @@ def main(argv=None) -> None:
     if args.out is not None:
         check_out_dir(parser, args.out)
     environment = versions()
+    origin = provenance("experiments.bench.gpu_layer", argv) if args.out else None
 
     def save(rows):  # after every row: a run cut short by its time limit keeps what it measured
         if args.out:
@@ -149,6 +150,7 @@ def main(argv=None) -> None:
             result = dict(preset=args.preset, overrides=args.overrides, versions=environment, rows=rows,
                           date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
             (args.out / "gpu_layer.json").write_text(json.dumps(result, indent=2) + "\n")
+            write_provenance(args.out / "gpu_layer.json", origin)
 
     rows = bench(args.preset, args.overrides, args.lengths, args.batches, args.impls, args.repeats, save)
     print(f"\n{'impl':>8} {'batch':>5} {'len':>6} {'jax fwd ms':>11} {'torch fwd ms':>13} {'ratio':>6} "

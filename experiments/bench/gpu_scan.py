@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench import check_out_dir, positive_int
+from experiments.bench import check_out_dir, positive_int, provenance, write_provenance
 from experiments.timing import format_row, random_array, time_call, versions
 from ssm.scan import IMPLS, selective_scan_fn, to_channels_last
 
@@ -247,12 +247,14 @@ def main(argv=None):
     bandwidth = copy_bandwidth()
     with_mamba = mamba_available()
     rows, sweep, environment = [], [], versions()
+    origin = provenance("experiments.bench.gpu_scan", argv)
 
     def save():  # after every row: a run cut short by its time limit keeps what it measured
         result = dict(versions=environment, dim=DIM, dstate=DSTATE, copy_bandwidth_bytes_per_s=bandwidth,
                       mamba_ssm=with_mamba, rows=rows, pallas_sweep=sweep,
                       date=time.strftime("%Y-%m-%d %H:%M:%S %z"))
         (args.out / "gpu_scan.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_provenance(args.out / "gpu_scan.json", origin)
 
     for batch in args.batches:  # the table against mamba_ssm first, the sweep after it
         for length in args.lengths:

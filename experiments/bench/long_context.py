@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.bench import check_out_dir, check_preset, non_negative_int, positive_int
+from experiments.bench import (DEVICE_KEYS, check_out_dir, check_preset, non_negative_int, positive_int, provenance,
+                               write_provenance)
 
 MODES = ("mamba_sequential", "mamba_parallel", "falcon")
 GENERATE_MODES = ("mamba_generate", "falcon_generate")
@@ -48,6 +49,14 @@ def _device_peak_mb() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**20
+
+
+def _device() -> dict:
+    """The point's device (a column each; long_context.provenance.json gives the first point's)."""
+    import jax
+
+    return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "device_count": jax.device_count()}
 
 
 def peak_mb(row: dict) -> float:
@@ -72,7 +81,6 @@ def _build(args):
 def generate_worker(args) -> dict:
     """Generates args.length tokens after a GENERATE_PROMPT-token prompt, twice (the first call compiles the
     loop for this length), and times the second."""
-    import jax
     import numpy as np
 
     from runtime.generation import generate
@@ -87,7 +95,7 @@ def generate_worker(args) -> dict:
         raise RuntimeError(f"generated {result.steps} tokens, expected {args.length}")
     return {"mode": args.mode, "generated_tokens": args.length, "generate_seconds": seconds,
             "generate_ms_per_token": 1000 * seconds / args.length, "peak_rss_mb": _peak_rss_mb(),
-            "device_peak_mb": _device_peak_mb(), "backend": jax.default_backend()}
+            "device_peak_mb": _device_peak_mb(), **_device()}
 
 
 def worker(args) -> dict:
@@ -115,7 +123,7 @@ def worker(args) -> dict:
     prefill_seconds = time.perf_counter() - start
     row = {"mode": args.mode, "length": length, "chunk_size": chunk, "prefill_seconds": prefill_seconds,
            "prefill_tokens_per_s": length / prefill_seconds, "peak_rss_mb": _peak_rss_mb(),
-           "baseline_rss_mb": baseline, "device_peak_mb": _device_peak_mb(), "backend": jax.default_backend()}
+           "baseline_rss_mb": baseline, "device_peak_mb": _device_peak_mb(), **_device()}
     if args.decode_tokens:
         # decode_tokens greedy tokens from the prefilled state in the jit-compiled loop (runtime.generation.decode);
         # the first call compiles it, then the median of DECODE_REPEATS calls from the same state is reported
@@ -156,13 +164,18 @@ def run_point(args, mode: str, length: int, decode_tokens: int) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def write_csv(rows: list[dict], out: Path) -> None:
+def write_csv(rows: list[dict], out: Path, argv=None) -> None:
     """long_context.csv of the points measured so far: rewritten after every point, so that a run stopped by a time
-    limit (scripts/gpu_tier.sh's step) keeps what it measured; never written with no row (the last run's stays)."""
+    limit (scripts/gpu_tier.sh's step) keeps what it measured; never written with no row (the last run's stays).
+    With the first row, long_context.provenance.json (``argv``: the command's), its device the first point's: this
+    process leaves the accelerator to the workers (starting JAX here would take its memory on a GPU)."""
     with open(out / "long_context.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
         writer.writeheader()
         writer.writerows(rows)
+    if len(rows) == 1:
+        write_provenance(out / "long_context.csv", provenance("experiments.bench.long_context", argv, device={
+            key: rows[0].get(key) for key in DEVICE_KEYS}))
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
@@ -303,7 +316,7 @@ def main(argv=None) -> None:
             if row is None:
                 break  # longer prompts will not fit either
             rows.append(row)
-            write_csv(rows, out)
+            write_csv(rows, out, argv)
             extra = (f", decode {row['decode_ms_per_token']:.3f} ms/token (weights read at "
                      f"{row['decode_weight_read_gb_per_s']:.1f} GB/s)" if "decode_ms_per_token" in row else "")
             print(f"  {mode:17s} 2^{log2:<2d} tokens: prefill {row['prefill_seconds']:8.2f} s, "
@@ -314,7 +327,7 @@ def main(argv=None) -> None:
             if row is None:
                 break
             rows.append(row)
-            write_csv(rows, out)
+            write_csv(rows, out, argv)
             print(f"  {mode:17s} 2^{log2:<2d} generated: {row['generate_ms_per_token']:.3f} ms/token, "
                   f"{memory_label([row])} {peak_mb(row):8.0f} MB", flush=True)
     if not rows:  # a CSV of no rows would replace the last run's results with nothing

@@ -20,7 +20,7 @@ import json
 
 from configs import load_config
 from configs.hf import model_config_to_hf
-from experiments.bench import check_runs, positive_int
+from experiments.bench import check_runs, positive_int, provenance
 from experiments.bench.train_throughput import bench as jax_bench
 from experiments.timing import time_call, versions
 
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     result = {"versions": versions(), "preset": args.preset, "overrides": args.overrides, "jax": jax_row,
               "torch": torch_row, "torch_over_jax_seconds": torch_row["step_seconds"] / jax_row["step_seconds"]}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(dict(result, provenance=provenance("experiments.bench.torch_train_step", argv)), indent=2))
         return
     print(f"versions: {result['versions']}")
     print(_row_line("torch", torch_row))

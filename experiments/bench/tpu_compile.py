@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from experiments.bench import positive_int
+from experiments.bench import positive_int, provenance, write_provenance
 from experiments.cli import check_output_file
 from experiments.tpu_topology import tpu_devices
 
@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(dict(vars(args), json=None, device_kind=device.device_kind,
                                              cycles=cycles), indent=1))
+        # the compile-only topology's device (this process's jax.devices() are not it)
+        write_provenance(args.json, provenance("experiments.bench.tpu_compile", argv, device={
+            "backend": "tpu (compile only)", "device_kind": device.device_kind, "device_count": 1}))
     missing = {"selective_scan_fwd_tpu", "selective_scan_bwd_tpu"} - set(cycles)
     if missing:
         print(f"no static estimate for {sorted(missing)}", file=sys.stderr)

@@ -26,7 +26,7 @@ import numpy as np
 
 from configs import load_config
 from configs.schema import is_number
-from experiments.bench import check_runs, positive_int, positive_number
+from experiments.bench import check_runs, positive_int, positive_number, provenance
 from experiments.mesh import put_global_batch
 from experiments.timing import random_array, time_call, versions
 from experiments.train import jit_train_step, prepare
@@ -110,8 +110,8 @@ def main(argv=None) -> None:
         peak, peak_source = matmul_tflops(dtype), f"measured: {dtype} 4096^3 matmul on one device"
     rows = [bench(preset, overrides, args.steps, peak) for preset in presets]
     if args.json:
-        print(json.dumps({"versions": versions(), "peak_tflops": peak, "peak_source": peak_source, "rows": rows},
-                         indent=2))
+        print(json.dumps({"versions": versions(), "peak_tflops": peak, "peak_source": peak_source, "rows": rows,
+                          "provenance": provenance("experiments.bench.train_throughput", argv)}, indent=2))
         return
     print(f"versions: {versions()}")
     if peak is not None:
