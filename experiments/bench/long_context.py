@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.bench import (DEVICE_KEYS, check_out_dir, check_preset, non_negative_int, positive_int, provenance,
-                               write_provenance)
+from experiments.bench import (DEVICE_KEYS, check_out_dir, check_preset, jax_device, non_negative_int, positive_int,
+                               provenance, write_provenance)
 
 MODES = ("mamba_sequential", "mamba_parallel", "falcon")
 GENERATE_MODES = ("mamba_generate", "falcon_generate")
@@ -49,14 +49,6 @@ def _device_peak_mb() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**20
-
-
-def _device() -> dict:
-    """The point's device (a column each; long_context.provenance.json gives the first point's)."""
-    import jax
-
-    return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-            "device_count": jax.device_count()}
 
 
 def peak_mb(row: dict) -> float:
@@ -95,7 +87,7 @@ def generate_worker(args) -> dict:
         raise RuntimeError(f"generated {result.steps} tokens, expected {args.length}")
     return {"mode": args.mode, "generated_tokens": args.length, "generate_seconds": seconds,
             "generate_ms_per_token": 1000 * seconds / args.length, "peak_rss_mb": _peak_rss_mb(),
-            "device_peak_mb": _device_peak_mb(), **_device()}
+            "device_peak_mb": _device_peak_mb(), **jax_device()}
 
 
 def worker(args) -> dict:
@@ -123,7 +115,7 @@ def worker(args) -> dict:
     prefill_seconds = time.perf_counter() - start
     row = {"mode": args.mode, "length": length, "chunk_size": chunk, "prefill_seconds": prefill_seconds,
            "prefill_tokens_per_s": length / prefill_seconds, "peak_rss_mb": _peak_rss_mb(),
-           "baseline_rss_mb": baseline, "device_peak_mb": _device_peak_mb(), **_device()}
+           "baseline_rss_mb": baseline, "device_peak_mb": _device_peak_mb(), **jax_device()}
     if args.decode_tokens:
         # decode_tokens greedy tokens from the prefilled state in the jit-compiled loop (runtime.generation.decode);
         # the first call compiles it, then the median of DECODE_REPEATS calls from the same state is reported
