@@ -103,28 +103,88 @@ def make_train_step(graphdef, structure, tx: optax.GradientTransformation, sched
     return train_step
 
 
+class ProcessFailedError(RuntimeError):
+    """Another process of a multi-process run failed; the message names it and its error (its log has the
+    traceback)."""
+
+
+_FAILURE_BYTES = 2048  # of a failed process's "ErrorType: message" that the others report (UTF-8, cut beyond)
+
+
+def _gather(value: np.ndarray) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value))
+
+
+def raise_process_failures(failed: np.ndarray, failure: Exception | None, when: str) -> None:
+    """Where any process failed (``failed``: every process's flag, which all of them hold alike): ``failure``, this
+    process's own error, or else ProcessFailedError naming the first process that failed, its error's type and
+    message. Collective where any flag is set (the messages are gathered then)."""
+    if not np.any(failed):
+        return
+    text = f"{type(failure).__name__}: {failure}".encode() if failure is not None else b""
+    if len(text) > _FAILURE_BYTES:
+        text = text[:_FAILURE_BYTES - 3] + b"..."
+    messages = _gather(np.frombuffer(text.ljust(_FAILURE_BYTES, b"\0"), np.uint8))
+    if failure is not None:
+        raise failure
+    first, *others = np.flatnonzero(failed).tolist()
+    message = bytes(messages[first]).rstrip(b"\0").decode(errors="replace")
+    also = f" (processes {others} failed too)" if others else ""
+    raise ProcessFailedError(f"distributed: process {first} failed {when}, so every process stops: {message}{also}")
+
+
+def agree_no_process_failed(failure: Exception | None, when: str) -> None:
+    """A point where the processes of a run agree that none of them failed: ``failure`` (this process's own error,
+    or None) is raised by the process that had it, and every other process raises ProcessFailedError naming it
+    (raise_process_failures). Collective: every process calls it, after the steps that may fail on one process alone
+    (its own files, a write only process 0 makes) and before the next collective, in which the others would wait
+    for the failed one until JAX's coordination service ended them with no word of the cause. One process: raises
+    ``failure``."""
+    if jax.process_count() == 1:
+        if failure is not None:
+            raise failure
+        return
+    raise_process_failures(_gather(np.int32(failure is not None)), failure, when)
+
+
 class _StopFlag:
     """Set by SIGTERM or a first SIGINT (Ctrl-C); the loop checkpoints and stops at the next step boundary. A
     second SIGINT raises KeyboardInterrupt at once."""
 
     def __init__(self):
         self.requested, self.name = False, "SIGTERM"  # name: the signal this process got (another's: SIGTERM)
+        self.failure = None  # this process's own error in the step (deferring), raised at the next boundary
 
     def __call__(self, signum, frame):
         if signum == signal.SIGINT and self.requested:
             raise KeyboardInterrupt
         self.requested, self.name = True, signal.Signals(signum).name
 
+    @contextlib.contextmanager
+    def deferring(self):
+        """With several processes, an error of this process alone in the block (a metrics row process 0 cannot
+        write) is kept for agreed() to raise on every process at the next step boundary: raised at once, it would
+        leave the others waiting in the next step's collectives. One process: raised at once."""
+        try:
+            yield
+        except Exception as err:
+            if jax.process_count() == 1:
+                raise
+            self.failure = self.failure or err
+
     def agreed(self) -> bool:
         """Whether any process got the signal: every process asks at every step boundary, so all of them stop at the
         same step (one stopping alone would leave the others waiting in the next step's collectives, and its
         checkpoint save, itself collective, would never complete). A scalar all-gather: the loop already waits
-        for each step's metrics."""
+        for each step's metrics. A process's error kept by deferring() is raised here: by that process, and as
+        ProcessFailedError naming it by the others."""
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+        gathered = _gather(np.array([self.requested, self.failure is not None], np.int32))
+        raise_process_failures(gathered[:, 1], self.failure, "during the training loop")
+        return bool(np.max(gathered[:, 0]))
 
 
 # Model fields a resumed run may change: how the same parameters are computed with, not what they are.
@@ -217,22 +277,28 @@ def check_position(position: dict, run: RunConfig, output_dir, corpus: dict) -> 
                           f"{str(output_dir)!r}; a resume continues it), got {run.steps}")
 
 
-def check_processes_agree(run: RunConfig, corpus: dict) -> None:
+def check_processes_agree(run: RunConfig, corpus: dict, failure: Exception | None = None) -> None:
     """Every process runs the same config (but its ``distributed`` fields) on the same corpus (``corpus``:
     data.corpus_identity). Each process builds the whole global batch from its own copy of the corpus and keeps
     its devices' shards (experiments.mesh.put_global_batch): a host started with other overrides (another seed, a
     relative output_dir from another directory), or whose data.text_dir / data.token_file holds other bytes, would
     otherwise feed its shards from another stream than the one process 0 records, without an error. A ConfigError
-    on every process, naming those that differ from process 0. Collective: every process calls it."""
+    on every process, naming those that differ from process 0. ``failure``: this process's own error in the steps
+    before (reading its corpus), raised by it, and named by the others in a ProcessFailedError
+    (agree_no_process_failed); checked first. Collective: every process calls it."""
     if jax.process_count() == 1:
+        if failure is not None:
+            raise failure
         return
-    from jax.experimental import multihost_utils
 
     def digest(value) -> np.ndarray:
         return np.frombuffer(hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest(), np.uint8)
 
     config = to_dict(dataclasses.replace(run, distributed=DistributedConfig()))
-    gathered = np.asarray(multihost_utils.process_allgather(np.stack([digest(config), digest(corpus)])))
+    failed = np.zeros(32, np.uint8)
+    failed[0] = failure is not None
+    gathered = _gather(np.stack([digest(config), digest(corpus), failed]))
+    raise_process_failures(gathered[:, 2, 0], failure, "at start-up")
     differ = [[i for i in range(len(gathered)) if not np.array_equal(gathered[i, row], gathered[0, row])]
               for row in (0, 1)]
     if differ[0]:
@@ -327,11 +393,11 @@ def check_init_from(run: RunConfig) -> dict[str, Any]:
     return changed
 
 
-def init_from_pretrained(run: RunConfig, setup: Setup) -> dict:
+def init_from_pretrained(run: RunConfig, setup: Setup, overrides: dict | None = None) -> dict:
     """The train state at step 0 with run.init_from's weights: each tensor read from its memory map straight into
     the parameter's sharding (every process reads only its devices' slices), then Adam's moments set up beside
-    them."""
-    overrides = check_init_from(run)
+    them. ``overrides``: check_init_from(run)'s, where the caller has it."""
+    overrides = check_init_from(run) if overrides is None else overrides
     for name in CONTEXT_EXTENSION_FIELDS:
         if name in overrides and jax.process_index() == 0:
             print(f"init_from: model.{name}={overrides[name]!r} (config.json has another value)", flush=True)
@@ -346,13 +412,35 @@ def init_from_pretrained(run: RunConfig, setup: Setup) -> dict:
 def train(run: RunConfig) -> list[dict]:
     """Trains (or resumes) the run; returns the metrics rows this call logged."""
     run = with_absolute_paths(run)
-    data_lib.check_data(run.data, run.model.vocab_size)  # before anything is built or written
-    corpus = data_lib.corpus_identity(run.data)
-    check_processes_agree(run, corpus)
-    setup = prepare(run)
-    state_shardings, b_sharding = setup.state_shardings, setup.batch_sharding
     output_dir = Path(run.output_dir)
     created = [path for path in (output_dir, output_dir / "checkpoints") if not path.exists()]
+
+    def remove_created():  # a new run refused (a bad init_from) leaves no empty output_dir behind
+        for path in reversed(created):
+            with contextlib.suppress(OSError):  # rmdir: only while empty
+                path.rmdir()
+
+    # the steps that may fail on one process alone (its copy of the corpus; process 0's directory, which Orbax's
+    # CheckpointManager, collective, would create) run before the processes agree (check_processes_agree)
+    failure, corpus = None, {}
+    try:
+        data_lib.check_data(run.data, run.model.vocab_size)  # before anything is built or written
+        corpus = data_lib.corpus_identity(run.data)
+        setup = prepare(run)
+        if jax.process_index() == 0:
+            try:
+                (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"config field 'output_dir': expected a directory this process can create and "
+                                  f"write, got {str(output_dir)!r} ({err.strerror or err})") from None
+    except Exception as err:  # noqa: BLE001 (raised by check_processes_agree, the others told of it)
+        failure = err
+    try:
+        check_processes_agree(run, corpus, failure)
+    except Exception:
+        remove_created()
+        raise
+    state_shardings, b_sharding = setup.state_shardings, setup.batch_sharding
     try:
         checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints)
     except OSError as err:
@@ -360,36 +448,45 @@ def train(run: RunConfig) -> list[dict]:
                           f"got {str(output_dir)!r} ({err.strerror or err})") from None
     start = checkpointer.latest_step()
     try:  # a run that cannot resume is refused here, before its config.yaml is rewritten
-        if start is not None and (output_dir / "config.yaml").is_file():
-            check_resume(load_config(output_dir / "config.yaml", []), run, output_dir)
+        failure, overrides = None, {}
+        try:  # each process reads config.yaml and init_from's config.json itself: agreed before the collectives
+            if start is not None and (output_dir / "config.yaml").is_file():
+                check_resume(load_config(output_dir / "config.yaml", []), run, output_dir)
+            if start is None and run.init_from:
+                overrides = check_init_from(run)
+        except Exception as err:  # noqa: BLE001 (raised below)
+            failure = err
+        agree_no_process_failed(failure, "checking the run against output_dir and init_from")
         if start is None:
             start = 0
-            state = (init_from_pretrained(run, setup) if run.init_from else
+            state = (init_from_pretrained(run, setup, overrides) if run.init_from else
                      jax.jit(setup.init_state, out_shardings=state_shardings)())
         else:
             target = abstract_with_shardings(jax.eval_shape(setup.init_state), state_shardings)
             state, position = checkpointer.restore(start, target)
             check_position(position, run, output_dir, corpus)
             start = int(position["step"])
-    except ValueError:  # a ConfigError, or init_from's CheckpointError
+    except (ValueError, ProcessFailedError):  # a ConfigError, or init_from's CheckpointError
         checkpointer.close()
-        for path in reversed(created):  # a new run refused (a bad init_from) leaves no empty output_dir behind
-            with contextlib.suppress(OSError):  # rmdir: only while empty
-                path.rmdir()
+        remove_created()
         raise
-    if jax.process_index() == 0:  # after a restore: a run that cannot resume leaves its config.yaml as it was
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(output_dir / "config.yaml", dump_config(run))
-        except OSError as err:  # a read-only file system (the checkpoints directory already there) or a full disk
-            checkpointer.close()
-            raise write_failure("", output_dir / "config.yaml", err) from err
-    step_fn = jit_train_step(setup, run)
-    try:
+    failure, writer = None, None
+    try:  # only process 0 writes: the others learn of its failure below, not by waiting in the first step
+        if jax.process_index() == 0:  # after a restore: a run that cannot resume leaves its config.yaml as it was
+            try:
+                output_dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(output_dir / "config.yaml", dump_config(run))
+            except OSError as err:  # a read-only file system (the checkpoints directory already there) or a full disk
+                raise write_failure("", output_dir / "config.yaml", err) from err
         writer = MetricsWriter(output_dir, start, run.steps)
-    except WriteError:
-        checkpointer.close()
+    except Exception as err:  # noqa: BLE001 (raised below)
+        failure = err
+    try:
+        agree_no_process_failed(failure, "writing config.yaml or metrics.jsonl")
+    except BaseException:
+        _close_all(checkpointer.close, *([writer.close] if writer else []), raising=False)
         raise
+    step_fn = jit_train_step(setup, run)
     stop = _StopFlag()
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -412,7 +509,8 @@ def train(run: RunConfig) -> list[dict]:
     try:
         last_time = time.perf_counter()
         stopping = False
-        next_batch = load_batch(start) if start < run.steps else None
+        with stop.deferring():  # this process's own data: with several, an error is raised at the boundary
+            next_batch = load_batch(start) if start < run.steps else None
         for step in range(start, run.steps):
             if stop.agreed():
                 stopping = True
@@ -422,7 +520,8 @@ def train(run: RunConfig) -> list[dict]:
             tokens += host_batch["inputs"].size
             # the next batch is made and sent while the devices run this step (the step is dispatched
             # asynchronously; reading its metrics below is what waits for it)
-            next_batch = load_batch(step + 1) if step + 1 < run.steps else None
+            with stop.deferring():
+                next_batch = load_batch(step + 1) if step + 1 < run.steps else None
             metrics = jax.device_get(metrics)
             if not metrics["finite"]:
                 save(step, state)  # the state the bad step left unchanged: the last good one
@@ -441,10 +540,13 @@ def train(run: RunConfig) -> list[dict]:
                        "grad_norm": float(metrics["grad_norm"]),
                        "tokens_per_s": tokens / (now - last_time)}
                 last_time, tokens = now, 0
-                writer.write(row)
+                with stop.deferring():  # process 0's alone: the others stop with it at the next boundary
+                    writer.write(row)
                 logged.append(row)
             if run.checkpoint_every and done % run.checkpoint_every == 0:
                 save(done, state)
+        if not stopping:
+            stop.agreed()  # raises an error deferred in the last step (a stop asked for now changes nothing)
         done = int(jax.device_get(state["step"]))
         save(done, state)
         if stopping:
@@ -513,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         train(run)
         return 0
 
-    return run_config_command(__doc__, argv, command, errors=(NonFiniteLossError, WriteError))
+    return run_config_command(__doc__, argv, command, errors=(NonFiniteLossError, WriteError, ProcessFailedError))
 
 
 if __name__ == "__main__":

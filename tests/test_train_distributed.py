@@ -72,6 +72,35 @@ multihost_utils.sync_global_devices("directories made")
 checkpointer = Checkpointer(directory, 2)
 print("latest step", checkpointer.latest_step())
 checkpointer.close()
+# a process that fails alone (its corpus unreadable; process 0's config.yaml write) stops every process at the next
+# agreement point, the others naming it and its error (they waited in the next collective until JAX ended them)
+from experiments import data, train
+from runtime.files import WriteError
+def fail(error):
+    def raising(*args):
+        raise error
+    return raising
+run = load_config("tiny_falcon_mamba", [f"output_dir={sys.argv[3]}/run", "model.num_hidden_layers=1"])
+prepare = train.prepare
+train.prepare = lambda run: prepare(run)._replace(init_state=lambda: {}, state_shardings={})  # nothing to compile
+for module, name, process, error in ((data, "corpus_identity", 1, PermissionError(13, "Permission denied")),
+                                     (train, "write_text_atomic", 0, OSError(28, "No space left on device"))):
+    real = getattr(module, name)
+    if me == process:
+        setattr(module, name, fail(error))
+    try:
+        train.train(run)
+    except Exception as err:
+        print(f"{name} failed:", type(err).__name__, err, "; run/ left:", Path(run.output_dir).exists())
+    setattr(module, name, real)
+stop = _StopFlag()
+with stop.deferring():  # in the training loop: process 0 could not write a metrics row
+    if me == 0:
+        raise WriteError("output_dir: could not write step 2's row to 'metrics.jsonl' (No space left on device)")
+try:
+    stop.agreed()
+except Exception as err:
+    print("loop failed:", type(err).__name__, err)
 """
 
 
@@ -79,14 +108,20 @@ def test_processes_agree_on_a_stop_their_config_their_corpus_and_the_step_to_res
     """The training loop's stop decision is taken together: SIGTERM on any one process stops all of them at the
     same step boundary (one stopping alone would leave the others blocked in the next step's collectives). Every
     process must run the same config on the same corpus (each builds the global batch from its own copy), and all
-    resume process 0's newest checkpoint."""
+    resume process 0's newest checkpoint. An error of one process alone, at start-up (its corpus, process 0's
+    config.yaml) or in the loop (process 0's metrics row), stops every process at the next agreement point, the
+    others naming it and its error (they waited in the next collective until JAX ended them, the cause unsaid)."""
     import sys
 
     address = f"localhost:{_free_port()}"
     procs = [subprocess.Popen([sys.executable, "-c", STOP_SCRIPT, address, str(i), str(tmp_path)],
                               env=cli_env(1, tmp_path / "cache"), cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    try:
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:  # one waiting for a failed one in a collective is not left behind
+        for proc in procs:
+            proc.kill()
     assert [proc.returncode for proc in procs] == [0, 0], "\n".join(out[-2000:] for out in outputs)
     for i, out in enumerate(outputs):
         assert "agreed [False, True, True, False]" in out, out[-2000:]
@@ -96,3 +131,13 @@ def test_processes_agree_on_a_stop_their_config_their_corpus_and_the_step_to_res
                 f"other bytes on processes [1] (each process reads its own copy; process {i}'s: {100 + i} bytes, "
                 f"SHA-256 cdcdcdcdcdcdcdcd...)") in out, out[-2000:]
         assert "latest step 7" in out, out[-2000:]
+    assert "corpus_identity failed: ProcessFailedError distributed: process 1 failed at start-up, so every process " \
+        "stops: PermissionError: [Errno 13] Permission denied ; run/ left: False" in outputs[0], outputs[0][-2000:]
+    assert "corpus_identity failed: PermissionError [Errno 13] Permission denied" in outputs[1], outputs[1][-2000:]
+    assert "write_text_atomic failed: WriteError output_dir: could not write " in outputs[0], outputs[0][-2000:]
+    assert "write_text_atomic failed: ProcessFailedError distributed: process 0 failed writing config.yaml or " \
+        "metrics.jsonl, so every process stops: WriteError: output_dir: could not write " in outputs[1], \
+        outputs[1][-2000:]
+    assert "loop failed: WriteError output_dir: could not write step 2's row" in outputs[0], outputs[0][-2000:]
+    assert "loop failed: ProcessFailedError distributed: process 0 failed during the training loop, so every " \
+        "process stops: WriteError: output_dir: could not write step 2's row" in outputs[1], outputs[1][-2000:]
