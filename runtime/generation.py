@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterable, Iterator, Sequence
 
 import jax
@@ -51,24 +52,86 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """The fp32 logits (batch, vocab) that sample_logits draws from, for a temperature > 0: shifted to max 0,
+    divided by the temperature, then top-k, then top-p (transformers' order: TemperatureLogitsWarper,
+    TopKLogitsWarper, TopPLogitsWarper); a filtered-out token's logit is -inf.
+
+    top-k keeps every token tied with the k-th largest logit, as TopKLogitsWarper does. top-p keeps what
+    TopPLogitsWarper keeps: in ascending order of logit, a token is dropped where the cumulative probability up to it
+    is <= 1 - top_p (both float32), and the largest is always kept. The sums are carried in about 48 bits, as torch's
+    CPU cumsum carries float64 (k tied tokens of probability 1/k put a sum on 1 - top_p exactly); the probabilities
+    themselves can differ from torch's softmax in the last bit, so a sum within a float32 ulp of 1 - top_p may
+    still fall on the other side. Tokens tied at the cut-off go in order of vocabulary id (a stable sort): the lower
+    ids are dropped first. torch.sort orders ties so with stable=True and, by default, in rows of up to 16 tokens;
+    in a longer row its default order of ties is arbitrary, and transformers keeps as many tied tokens as this does
+    but may keep other ones.
+    """
+    top_p = sampling.top_p is not None and sampling.top_p < 1
+    # 1 - top_p rounded to float32, as transformers compares; traced, not static: one compilation serves every
+    # temperature and top_p
+    return _filter(logits, np.float32(sampling.temperature), np.float32(1 - sampling.top_p) if top_p else None,
+                   top_k=sampling.top_k)
+
+
+@partial(jax.jit, static_argnames=("top_k",))
+def _filter(logits, temperature, drop_below, top_k):
+    logits = logits.astype(jnp.float32)  # shifted to max 0 first: a tiny temperature cannot overflow the top to inf
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
+    if top_k:
+        kth = lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if drop_below is not None:
+        batch = logits.shape[0]
+        index = lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+        ascending, order = lax.sort((logits, index), dimension=1, num_keys=1, is_stable=True)
+        cumulative = _cumsum_like_torch(jax.nn.softmax(ascending, axis=-1))
+        drop = (cumulative <= drop_below).at[:, -1].set(False)
+        drop = jnp.zeros_like(drop).at[jnp.arange(batch)[:, None], order].set(drop, unique_indices=True)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return logits
+
+
+def _two_sum(a, b):
+    """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth's TwoSum; XLA keeps float arithmetic as
+    written)."""
+    s = a + b
+    b_part = s - a
+    return s, (a - (s - b_part)) + (b - b_part)
+
+
+def _add_pairs(x, y):
+    """The sum of two double-float numbers (hi, lo), normalised."""
+    s, e = _two_sum(x[0], y[0])
+    e = e + (x[1] + y[1])
+    hi = s + e
+    return hi, e - (hi - s)
+
+
+def _cumsum_like_torch(x: jax.Array) -> jax.Array:
+    """The cumulative sum of float32 x along its last axis, each sum carried in about 48 bits (hi + lo pairs) and
+    rounded to float32: torch's CPU cumsum of float32 accumulates in float64, and a plain float32 cumsum misses its
+    rounding where it matters, at sums that land exactly on 1 - top_p (k tied tokens of probability 1/k each).
+    A Hillis-Steele scan, log2(vocab) steps of a shifted add in a fori_loop: quick to compile (a 65024-token
+    associative_scan took seconds on CPU) and no vocab-long sequential loop on an accelerator."""
+    index = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+
+    def add_shifted(level, pair):
+        shift = jnp.left_shift(1, level)
+        before = tuple(jnp.where(index >= shift, jnp.roll(part, shift, axis=-1), 0) for part in pair)
+        return _add_pairs(before, pair)
+
+    hi, lo = lax.fori_loop(0, max(1, (x.shape[-1] - 1).bit_length()), add_shifted, (x, jnp.zeros_like(x)))
+    return hi + lo
+
+
 def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """Next tokens (batch,) int32 from fp32 logits (batch, vocab). Row i draws with fold_in(key, i): a row's
-    token depends on its logits, the key and its index, not on the other rows of the batch."""
+    """Next tokens (batch,) int32 from fp32 logits (batch, vocab), filtered by filter_logits. Row i draws with
+    fold_in(key, i): a row's token depends on its logits, the key and its index, not on the other rows of the
+    batch."""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32)  # shifted to max 0 first: a tiny temperature cannot overflow the top to inf
-    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / sampling.temperature
-    if sampling.top_k:
-        kth = lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p is not None and sampling.top_p < 1:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (a token stays if the mass before it is < top_p), and
-        # every token tied with its last one (as top_k keeps ties): no tie is broken by sort order
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
-        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    logits = filter_logits(logits, sampling)
     row_keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(logits.shape[0]))
     return jax.vmap(jax.random.categorical)(row_keys, logits).astype(jnp.int32)
 

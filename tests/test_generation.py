@@ -9,7 +9,7 @@ import pytest
 from configs import load_model_config
 from configs.loader import replace
 from experiments.models import build_model
-from runtime.generation import NO_TOKEN, Sampling, decode, generate, sample_logits, stream
+from runtime.generation import NO_TOKEN, Sampling, decode, filter_logits, generate, sample_logits, stream
 
 VOCAB = 61
 
@@ -354,3 +354,43 @@ def test_every_fed_token_lands_inside_the_kv_cache(model, monkeypatch):
     seen.clear()
     np.testing.assert_array_equal(np.stack(list(stream(model, prompts, **kwargs)), axis=1), expected)
     assert seen == [(position, 12) for position in range(6, 12)]
+
+
+
+def _transformers_keeps(logits, sampling):
+    """The tokens (a boolean mask) that transformers' warpers keep of ``logits``, in the order its generate applies
+    them: TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper (left out at top_p 1.0, as generate does)."""
+    import torch
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    scores = torch.from_numpy(logits)
+    if sampling.temperature != 1:
+        scores = TemperatureLogitsWarper(sampling.temperature)(None, scores)
+    if sampling.top_k:
+        scores = TopKLogitsWarper(sampling.top_k)(None, scores)
+    if sampling.top_p < 1:
+        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+    return np.isfinite(scores.numpy())
+
+
+def test_filter_logits_keeps_what_transformers_keeps(monkeypatch):
+    """Temperature, top-k and top-p keep the tokens that transformers' warpers keep, on logits full of ties. top-p
+    kept every token tied with its cut-off one (a tiny top_p kept all the tied top tokens, transformers one); and
+    k tied tokens of probability 1/k put the cumulative probability on 1 - top_p exactly, where a float32 cumsum
+    misses torch's float64-accumulated one. Ties are kept from the highest id down, as torch.sort orders them with
+    stable=True (by default too, in rows of up to 16 tokens; arbitrarily in longer ones)."""
+    import functools
+
+    import torch
+
+    rng = np.random.default_rng(0)
+    vocab = 40
+    flat = np.where(np.arange(vocab) <= np.arange(vocab)[:, None], 1, -1e3)  # 1 to 40 tied top tokens
+    logits = np.concatenate([rng.integers(0, 4, (64, vocab)) * rng.choice([1.0, 0.5, 0.37], (64, 1)), flat,
+                             rng.standard_normal((16, vocab))]).astype(np.float32)
+    monkeypatch.setattr(torch, "sort", functools.partial(torch.sort, stable=True))
+    for sampling in (Sampling(1.0, top_p=1e-9), Sampling(1.0, top_p=0.5), Sampling(0.9, top_p=0.8),
+                     Sampling(0.7, top_k=3, top_p=0.5), Sampling(2.0, top_k=3, top_p=0.25), Sampling(1.0, top_p=1.0)):
+        kept = np.asarray(filter_logits(logits, sampling)) > -np.inf
+        np.testing.assert_array_equal(kept, _transformers_keeps(logits, sampling), err_msg=str(sampling))
