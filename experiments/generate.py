@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     prompt = np.array([ids], np.int32)
 
     start = time.perf_counter()
-    try:  # what only the run finds (a prefill that overflowed to NaN logits) is one error line too
+    try:  # what only the model shows (NaN logits of a prefill, a KV cache too big for the device): one error line too
         if args.stream:
             produced: list[int] = []
 
@@ -201,8 +201,8 @@ def main(argv=None) -> None:
         else:
             produced = generate(model, prompt, **kwargs).row(0)
             print(decode(produced))
-    except ValueError as err:
-        raise SystemExit(f"error: {err}")
+    except ValueError as err:  # named by the library's parameter: max_new_tokens is --max-new-tokens
+        raise SystemExit(error_line(err, {"max_new_tokens": "--max-new-tokens"}))
     seconds = time.perf_counter() - start
     print(f"[{len(ids)} prompt tokens, {len(produced)} generated in {seconds:.2f} s: "
           f"{len(produced) / seconds:.1f} tokens/s including prefill and compilation]", file=sys.stderr)

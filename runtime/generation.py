@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterable, Iterator, Sequence
@@ -26,7 +27,7 @@ from flax import nnx
 from jax import lax
 
 from runtime.checks import check_float, check_positive_int, check_rank, check_seed, is_integer
-from runtime.interface import check_token_ids
+from runtime.interface import _state_layout, check_token_ids
 
 NO_TOKEN = -1
 
@@ -203,14 +204,74 @@ def _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed
     return sampling, _stop_array(stop_tokens, model.config.vocab_size)
 
 
-def _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size):
+def _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size, tokens_on_device):
     # checked before init_state sizes the state from its shape: a ragged list named (not NumPy's message), no rows
     # named as input_ids (not init_state's batch_size)
     input_ids = check_token_ids(input_ids, model.config.vocab_size)
-    state = model.init_state(input_ids.shape[0], max_len=input_ids.shape[1] + max_new_tokens - 1)
+    batch, prompt = input_ids.shape
+    positions = lambda n: prompt + n - 1  # noqa: E731  the last token sampled is not fed
+    # decoding holds the state twice: the loop's (or a stream step's) input and the copy it updates
+    _check_memory(model, batch, max_new_tokens, positions, state_copies=2, tokens_on_device=tokens_on_device)
+    state = model.init_state(batch, max_len=positions(max_new_tokens))
     logits, state = model.prefill(input_ids, state, chunk_size=chunk_size, attention_mask=attention_mask,
                                   lengths=lengths)
     return _finite(logits), state
+
+
+def device_memory() -> tuple[int, str] | None:
+    """(bytes, where the figure comes from) that new arrays can take on the device they land on (JAX's default,
+    where init_state allocates): bytes_limit less bytes_in_use of its memory_stats() where the backend reports
+    them (GPU, TPU); on CPU, the host's physical memory; None where neither is known."""
+    device = jax.config.jax_default_device
+    device = jax.devices(device)[0] if device is None or isinstance(device, str) else device
+    try:
+        stats = device.memory_stats()
+    except (NotImplementedError, RuntimeError):  # a backend without memory statistics
+        stats = None
+    if stats and "bytes_limit" in stats:
+        limit, used = int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+        return limit - used, f"{device}: memory_stats() bytes_limit {limit} less bytes_in_use {used}"
+    if device.platform == "cpu":
+        try:
+            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+        return physical, "the host's physical memory"
+    return None
+
+
+def _state_bytes(model, batch: int, positions: int) -> int:
+    layout = _state_layout(model, batch, positions)  # shapes only: nothing is allocated
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(layout))
+
+
+def _check_memory(model, batch, max_new_tokens, positions, state_copies, tokens_on_device) -> None:
+    """ValueError naming max_new_tokens where what decoding allocates for it cannot fit in device_memory():
+    ``state_copies`` decode states of ``positions(max_new_tokens)`` positions and, where ``tokens_on_device``
+    (the jitted loop, not stream), the (batch, max_new_tokens) int32 tokens. A lower bound (XLA's temporaries
+    come on top): what it refuses would end in an out-of-memory error that names nothing. A KV cache grows with
+    the positions; Falcon Mamba's state does not, so only the tokens limit its generations."""
+    small = _state_bytes(model, batch, positions(1))
+    per_position = _state_bytes(model, batch, positions(2)) - small  # 0 for a constant-size state
+    state = small + per_position * (max_new_tokens - 1)
+    tokens = 4 * batch * max_new_tokens if tokens_on_device else 0
+    needed = state_copies * state + tokens
+    memory = device_memory()
+    if memory is None or needed <= memory[0]:
+        return
+    available, source = memory
+    per_token = state_copies * per_position + (4 * batch if tokens_on_device else 0)
+    most = (available - state_copies * (small - per_position)) // per_token if per_token else 0
+    kind = f"the KV cache of {positions(max_new_tokens)} positions" if per_position else "the decode state"
+    held = ", held twice while decoding (its input and its updated copy)" if state_copies == 2 else ""
+    tokens = f"; the generated int32 tokens take {_size(tokens)}" if tokens_on_device else ""
+    raise ValueError(f"max_new_tokens: expected at most {max(most, 0)} (what fits in the {_size(available)} "
+                     f"available: {source}), got {max_new_tokens}, which needs at least {_size(needed)}: {kind} "
+                     f"for a batch of {batch} is {_size(state)}{held}{tokens}")
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" + (f" ({n / 2**30:.1f} GiB)" if n >= 2**30 else "")
 
 
 def _finite(logits: jax.Array) -> jax.Array:
@@ -251,6 +312,8 @@ def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.
     # the loop's writes past the cache would clamp; the last token sampled is never fed
     model._check_fits(state, max_new_tokens - 1, name="max_new_tokens",
                       note=f" (the last of {max_new_tokens} new tokens is not fed to the model)")
+    capacity = model.state_capacity(state)  # the state exists: the loop adds its copy and the tokens
+    _check_memory(model, logits.shape[0], max_new_tokens, lambda n: capacity, state_copies=1, tokens_on_device=True)
     return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)
 
 
@@ -259,7 +322,7 @@ def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0,
              lengths=None, chunk_size: int | None = None) -> Generated:
     """Prefills the prompts, then decodes up to max_new_tokens in one jit-compiled loop (as decode does)."""
     sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
-    logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size)
+    logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size, True)
     return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)
 
 
@@ -270,7 +333,7 @@ def stream(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, t
     rows). Same seed, same tokens as generate. The arguments are checked and the prompts prefilled when it is
     called (a bad argument raises here, not at the first next())."""
     sampling, stops = _checked(model, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed)
-    logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size)
+    logits, state = _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size, False)
     return _steps(model, logits, state, seed, stops, sampling, max_new_tokens)
 
 

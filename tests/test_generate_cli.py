@@ -190,6 +190,19 @@ def test_ids_past_the_vocabulary_are_one_error_line(checkpoint, args, message):
         main([str(checkpoint), *args])
 
 
+
+def test_a_max_new_tokens_too_big_for_the_device_is_one_error_line(checkpoint, monkeypatch):
+    """A --max-new-tokens whose KV cache (Falcon) or generated tokens (Falcon Mamba, whose state does not grow)
+    cannot fit in the device's memory is named with the bytes (it was an XLA out-of-memory error naming nothing)."""
+    from experiments.generate import main
+    from runtime import generation
+
+    monkeypatch.setattr(generation, "device_memory", lambda: (2**30, "a test's 1 GiB"))
+    with pytest.raises(SystemExit, match=r"^error: --max-new-tokens: expected at most \d+ \(what fits in the "
+                                         r"1073741824 bytes \(1\.0 GiB\) available: a test's 1 GiB\), got 2147483647, "
+                                         r"which needs at least \d+ bytes"):
+        main([str(checkpoint), "--ids", "1,2", "--max-new-tokens", str(2**31 - 1), "--stop"])
+
 def test_incremental_text_joins_to_the_whole_decoding_in_linear_work():
     """--stream's pieces, with a byte-level BPE tokenizer whose tokens split multi-byte characters: they join to
     the decoding of all tokens, no piece ends inside a character, and each step decodes a few tokens (decoding

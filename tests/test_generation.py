@@ -394,3 +394,42 @@ def test_filter_logits_keeps_what_transformers_keeps(monkeypatch):
                      Sampling(0.7, top_k=3, top_p=0.5), Sampling(2.0, top_k=3, top_p=0.25), Sampling(1.0, top_p=1.0)):
         kept = np.asarray(filter_logits(logits, sampling)) > -np.inf
         np.testing.assert_array_equal(kept, _transformers_keeps(logits, sampling), err_msg=str(sampling))
+
+
+def test_a_max_new_tokens_that_cannot_fit_is_refused_before_allocating(model, monkeypatch):
+    """A KV cache for prompt + max_new_tokens - 1 positions, held twice while decoding, and the (batch,
+    max_new_tokens) int32 tokens of the loop: a max_new_tokens whose bytes exceed the device's memory is named
+    before init_state allocates anything (it ended in an XLA out-of-memory error naming nothing). Falcon Mamba's
+    state does not grow: stream is never refused, generate only for the tokens themselves."""
+    import re
+
+    from runtime import generation
+
+    monkeypatch.setattr(generation, "device_memory", lambda: (2**30, "a test's 1 GiB"))
+    huge, prompt = 2**31 - 1, np.ones((1, 4), np.int32)
+    kv_cache = model.state_capacity(model.init_state(1, max_len=1)) is not None
+    if kv_cache:
+        init_state = type(model).init_state
+        monkeypatch.setattr(type(model), "init_state", lambda self, batch, max_len=None: pytest.fail(
+            "init_state allocated a huge cache") if max_len > 2**20 else init_state(self, batch, max_len))
+        config = model.config
+        per_position = 2 * config.num_hidden_layers * config.kv_heads * config.head_dim * 4  # k and v, float32
+        fixed = 2 * (3 * per_position + 4)  # twice: 3 prompt positions (the 4th is a new token's) and the lengths
+        for run, per_token, tokens in ((generate, 2 * per_position + 4, 4 * huge), (stream, 2 * per_position, 0)):
+            most, state = (2**30 - fixed) // per_token, (3 + huge) * per_position + 4
+            message = (f"max_new_tokens: expected at most {most} (what fits in the 1073741824 bytes (1.0 GiB) "
+                       f"available: a test's 1 GiB), got {huge}, which needs at least {2 * state + tokens} bytes")
+            with pytest.raises(ValueError, match="^" + re.escape(message) + rf" \(.* GiB\): the KV cache of "
+                                                 rf"{3 + huge} positions for a batch of 1 is {state} bytes"):
+                run(model, prompt, max_new_tokens=huge)
+            generation._check_memory(model, 1, most, lambda n: 3 + n, 2, run is generate)  # the most fits
+            with pytest.raises(ValueError, match=f"^max_new_tokens: expected at most {most} "):
+                generation._check_memory(model, 1, most + 1, lambda n: 3 + n, 2, run is generate)
+        return
+    assert next(stream(model, prompt, max_new_tokens=huge, temperature=0)).shape == (1,)  # not refused
+    generation._check_memory(model, 1, 10**8, lambda n: 3 + n, 2, True)  # 400 MB of tokens fit in 1 GiB
+    state = generation._state_bytes(model, 1, 1)
+    with pytest.raises(ValueError, match=rf"^max_new_tokens: expected at most {(2**30 - 2 * state) // 4} .*: the "
+                                         rf"decode state for a batch of 1 is {state} bytes, held twice .*; the "
+                                         rf"generated int32 tokens take {4 * huge} bytes"):
+        generate(model, prompt, max_new_tokens=huge)  # 8 GiB of tokens
