@@ -16,7 +16,25 @@ from experiments.models import build_model, n_params
 from tests.test_bench_checks import read_provenance
 
 
-def test_long_context_bench_writes_every_measurement(tmp_path):
+def test_long_context_bench_writes_every_measurement(tmp_path, monkeypatch):
+    """main() end to end; the first point in a process of its own (run_point), the others in this one through
+    the same --worker command line (a fresh process's start-up, JAX's import and the model's initialisation were
+    most of each point's time at these sizes; the rows are read back from the JSON line as run_point reads them)."""
+    import contextlib
+    import io
+    import json
+
+    real, points = long_context.run_point, []
+
+    def run_point(args, mode, length, decode_tokens):
+        points.append(mode)
+        if len(points) == 1:
+            return real(args, mode, length, decode_tokens)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            long_context.main(long_context.worker_argv(args, mode, length, decode_tokens))
+        return json.loads(printed.getvalue().strip().splitlines()[-1])
+
+    monkeypatch.setattr(long_context, "run_point", run_point)
     long_context.main(["--min-log2", "7", "--max-log2", "7", "--decode-tokens", "2", "--generate-min-log2", "3",
                        "--generate-max-log2", "3", "--out", str(tmp_path)])
     with open(tmp_path / "long_context.csv") as fh:
@@ -41,11 +59,12 @@ def test_long_context_bench_writes_every_measurement(tmp_path):
                    - 1) < 1e-6
     assert (tmp_path / "long_context.png").stat().st_size > 0
     assert (tmp_path / "generation.png").stat().st_size > 0
-    # the device of each point, and the first one's in the provenance (this process never starts JAX's backend)
+    # the device of each point, and the first one's in the provenance (main's own process never starts JAX's backend)
     info = read_provenance(tmp_path / "long_context.csv")
     assert {(r["backend"], r["device_kind"], r["device_count"]) for r in rows} == {
         (info["backend"], info["device_kind"], str(info["device_count"]))}
     assert info["command"].startswith("python -m experiments.bench.long_context --min-log2 7")
+    assert points == [*long_context.MODES, *long_context.GENERATE_MODES]  # the first in a process of its own
 
 
 def test_the_timed_prefill_compiles_nothing(monkeypatch):

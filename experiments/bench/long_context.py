@@ -140,10 +140,15 @@ def worker(args) -> dict:
     return row
 
 
+def worker_argv(args, mode: str, length: int, decode_tokens: int) -> list[str]:
+    """The arguments of main() that run one point (``--worker``) and print its row as the last line of JSON."""
+    return ["--worker", "--mode", mode, "--length", str(length), "--decode-tokens", str(decode_tokens),
+            "--chunk-size", str(args.chunk_size), "--mamba-preset", args.mamba_preset,
+            "--falcon-preset", args.falcon_preset]
+
+
 def run_point(args, mode: str, length: int, decode_tokens: int) -> dict | None:
-    command = [sys.executable, "-m", "experiments.bench.long_context", "--worker", "--mode", mode,
-               "--length", str(length), "--decode-tokens", str(decode_tokens), "--chunk-size", str(args.chunk_size),
-               "--mamba-preset", args.mamba_preset, "--falcon-preset", args.falcon_preset]
+    command = [sys.executable, "-m", "experiments.bench.long_context", *worker_argv(args, mode, length, decode_tokens)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.point_timeout)
     except subprocess.TimeoutExpired:
