@@ -1,7 +1,11 @@
-"""python -m experiments.generate on tiny checkpoints saved by transformers, with a local tokenizer.json."""
+"""python -m experiments.generate on tiny checkpoints saved by transformers, with a local tokenizer.json: its main()
+in this process (_main) as the command line runs it, and once in a process of its own (_run, from a training
+run's output_dir)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 
@@ -38,9 +42,28 @@ def _run(*args):
                           text=True, timeout=300)
 
 
+def _main(*args) -> subprocess.CompletedProcess:
+    """What _run returns, from experiments.generate's main() in this process (a process of its own spent most of
+    its time importing JAX and compiling what the previous run had compiled): a SystemExit's message goes to
+    stderr with exit status 1, as the interpreter reports it."""
+    from experiments import generate
+
+    stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            generate.main([str(arg) for arg in args])
+        except SystemExit as exit_:
+            if exit_.code is None or isinstance(exit_.code, int):
+                status = exit_.code or 0
+            else:
+                print(exit_.code, file=sys.stderr)
+                status = 1
+    return subprocess.CompletedProcess(["experiments.generate", *args], status, stdout.getvalue(), stderr.getvalue())
+
+
 def test_text_prompt_and_ids_give_the_same_continuation(checkpoint):
-    text = _run(checkpoint, "--prompt", "w1 w2 w3", "--max-new-tokens", "5", "--stop")
-    ids = _run(checkpoint, "--ids", "1,2,3", "--max-new-tokens", "5", "--stop")
+    text = _main(checkpoint, "--prompt", "w1 w2 w3", "--max-new-tokens", "5", "--stop")
+    ids = _main(checkpoint, "--ids", "1,2,3", "--max-new-tokens", "5", "--stop")
     assert text.returncode == 0, text.stderr
     assert ids.returncode == 0, ids.stderr
     words = text.stdout.split()
@@ -49,7 +72,7 @@ def test_text_prompt_and_ids_give_the_same_continuation(checkpoint):
         "[UNK]" if int(t) == 39 else int(t) for t in ids.stdout.split()]
     assert "tokens/s" in text.stderr
     # --tokenizer with --ids decodes the output (it was ignored: ids were printed)
-    decoded = _run(checkpoint, "--ids", "1,2,3", "--max-new-tokens", "5", "--stop", "--tokenizer",
+    decoded = _main(checkpoint, "--ids", "1,2,3", "--max-new-tokens", "5", "--stop", "--tokenizer",
                    checkpoint / "tokenizer.json")
     assert decoded.returncode == 0 and decoded.stdout == text.stdout, decoded.stderr
 
@@ -59,7 +82,7 @@ def test_stream_prints_the_same_text(checkpoint):
     (decoded token by token, the word-level tokenizer's spaces between tokens were lost: 'w3w3w3')."""
     args = (checkpoint, "--prompt", "w1 w2", "--max-new-tokens", "4", "--temperature", "0.9", "--seed", "3",
             "--stop")
-    plain, streamed = _run(*args), _run(*args, "--stream")
+    plain, streamed = _main(*args), _main(*args, "--stream")
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == plain.stdout and len(plain.stdout.split()) == 4, (plain.stdout, streamed.stdout)
 
@@ -69,14 +92,12 @@ def test_generate_from_a_training_run(tmp_path):
     restored model (compared with load_trained_model + greedy generation in this process)."""
     import numpy as np
 
-    from experiments.train import load_trained_model
+    from experiments.train import load_trained_model, main as train_main
     from runtime.generation import generate
 
-    out = tmp_path / "run"
-    trained = subprocess.run([sys.executable, "-m", "experiments.train", "tiny_falcon_mamba", "steps=3",
-                              "checkpoint_every=3", "log_every=1", "model.num_hidden_layers=1", "data.seq_len=16",
-                              "data.batch_size=4", f"output_dir={out}"], capture_output=True, text=True, timeout=300)
-    assert trained.returncode == 0, trained.stderr
+    out = tmp_path / "run"  # trained in this process (its command line runs in a process of its own in test_train)
+    assert train_main(["tiny_falcon_mamba", "steps=3", "checkpoint_every=3", "log_every=1", "model.num_hidden_layers=1",
+                       "data.seq_len=16", "data.batch_size=4", f"output_dir={out}"]) == 0
     result = _run(out, "--ids", "5,6,7", "--max-new-tokens", "4", "--stop")
     assert result.returncode == 0, result.stderr
     assert "loaded checkpoint step 3" in result.stderr
@@ -100,7 +121,7 @@ def test_generate_from_a_training_run(tmp_path):
     # "Requested shape ... is not compatible" without the parameter
     with pytest.raises(ConfigError, match=r"step: expected one of the checkpoints in .*\[3\], got 7"):
         load_trained_model(out, step=7)
-    result = _run(out, "--ids", "5", "--step", "7")
+    result = _main(out, "--ids", "5", "--step", "7")
     assert result.returncode == 1 and result.stderr.startswith("error: --step: expected one of the checkpoints"), \
         result.stderr
     (out / "config.yaml").unlink()
@@ -125,10 +146,10 @@ def test_an_eos_id_past_the_vocabulary_needs_stop(tmp_path, checkpoint):
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "eos_token_id": 45}))
     (path / "generation_config.json").unlink(missing_ok=True)  # transformers wrote one (eos 39), which comes first
-    result = _run(path, "--ids", "1,2", "--max-new-tokens", "2")
+    result = _main(path, "--ids", "1,2", "--max-new-tokens", "2")
     assert result.returncode == 1 and "eos_token_id 45 is not below its vocab_size (40): pass --stop" in \
         result.stderr, result.stderr
-    assert _run(path, "--ids", "1,2", "--max-new-tokens", "2", "--stop").returncode == 0
+    assert _main(path, "--ids", "1,2", "--max-new-tokens", "2", "--stop").returncode == 0
 
 
 def test_default_stop_tokens_follow_generation_config_json(tmp_path):
