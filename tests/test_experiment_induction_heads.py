@@ -1,12 +1,9 @@
-"""A tiny end-to-end run of python -m experiments.induction_heads: trains both models a few steps, evaluates
-at tiny lengths, and writes summary.json in exactly the documented form."""
+"""A tiny end-to-end run of experiments.induction_heads' main() (python -m experiments.induction_heads): trains both
+models a few steps, evaluates at tiny lengths, and writes summary.json in exactly the documented form."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -20,11 +17,11 @@ TINY = ["--steps", "3", "--curriculum", "8:1", "--train-length", "16", "--batch-
         "--set", "model.num_hidden_layers=1"]
 
 
-def test_tiny_run_writes_the_summary_table_and_plot(tmp_path):
+def test_tiny_run_writes_the_summary_table_and_plot(tmp_path, capsys):
+    # in this process: a process of its own spent its first seconds importing what this one has imported
     out = tmp_path / "ih"
-    result = subprocess.run([sys.executable, "-m", "experiments.induction_heads", "--output-dir", str(out), *TINY],
-                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
+    induction_heads.main(["--output-dir", str(out), *TINY])
+    printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["train_length", "falcon_mamba", "falcon"] and summary["train_length"] == 16
     assert list(summary["falcon_mamba"]) == ["8", "16", "32", "64"] and list(summary["falcon"]) == ["8", "16", "32"]
@@ -39,7 +36,7 @@ def test_tiny_run_writes_the_summary_table_and_plot(tmp_path):
     rows = [json.loads(line) for line in (out / "falcon_mamba" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 3 and rows[-1]["seq_len"] == 16
     table = (out / "summary.md").read_text()
-    assert "| 64 | 6 |" in table and "| Falcon Mamba |" in table and table.splitlines()[-1] in result.stdout
+    assert "| 64 | 6 |" in table and "| Falcon Mamba |" in table and table.splitlines()[-1] in printed
     assert "| Falcon Mamba | sequences | Falcon (RoPE attention) | sequences |" in table
     assert details["runs"]["falcon"]["label"] == "Falcon (RoPE attention)"
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
