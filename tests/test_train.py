@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from experiments.metrics import read_metrics
-from tests.train_helpers import ROOT, cli_env, run_train, train_command
+from tests.train_helpers import ROOT, cli_env, run_train, train_argv, train_command
 
 # fp32 losses of the same model under different partitionings differ only by reduction order: measured
 # max |diff| ~5e-7 on losses ~5.5 over 8 steps.
@@ -94,9 +94,11 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, cache_dir):
     np.testing.assert_array_equal(resumed, straight)
 
 
-def test_metrics_config_and_tensorboard_files(tmp_path, cache_dir):
-    run_train("tiny_falcon_mamba", tmp_path, "steps=4", "log_every=2", "data.task=bytes", "data.grad_accum=2",
-              "remat=dots", cache_dir=cache_dir)
+def test_metrics_config_and_tensorboard_files(tmp_path):
+    from experiments.train import main  # the command line in this process: one device, as run_train gives it
+
+    assert main(train_argv("tiny_falcon_mamba", tmp_path, "steps=4", "log_every=2", "data.task=bytes",
+                           "data.grad_accum=2", "remat=dots")) == 0
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [row["step"] for row in rows] == [2, 4]
     for row in rows:
@@ -151,12 +153,15 @@ def test_metrics_rows_survive_a_cut_last_line_and_a_bad_line_is_named(tmp_path):
     # a learning rate past float32's range: finite loss and gradients, inf parameters (not applied either)
     (["checkpoint_every=1", "optim.learning_rate=1e39"], "no checkpoint was saved yet", []),
 ])
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(overrides, kept, saved, tmp_path, cache_dir):
-    proc = run_train("tiny_falcon_mamba", tmp_path, "steps=6", *overrides, "optim.clip_norm=0", cache_dir=cache_dir,
-                     expect_ok=False)
-    assert proc.returncode == 1
-    assert "is not finite; stopped without applying the step" in proc.stderr, proc.stderr[-2000:]
-    assert kept in proc.stderr, proc.stderr[-2000:]
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e39 as a float32 constant
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(overrides, kept, saved, tmp_path, capsys):
+    from experiments.train import main  # the command line in this process: one device, as run_train gives it
+
+    status = main(train_argv("tiny_falcon_mamba", tmp_path, "steps=6", *overrides, "optim.clip_norm=0"))
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert "is not finite; stopped without applying the step" in stderr, stderr[-2000:]
+    assert kept in stderr, stderr[-2000:]
     checkpoints = tmp_path / "checkpoints"
     assert (sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []) == saved
 
@@ -215,9 +220,12 @@ def uninterrupted_losses(tmp_path_factory, cache_dir):
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_a_signal_saves_a_checkpoint_and_resume_equals_uninterrupted(signal_name, tmp_path, cache_dir,
-                                                                    uninterrupted_losses):
+                                                                    uninterrupted_losses, capsys):
     """checkpoint_every=0: the only mid-run checkpoint is the one SIGTERM (or Ctrl-C) writes at the next step
-    boundary; the process exits cleanly, and the same command resumes to the losses of a run never interrupted."""
+    boundary; the process exits cleanly, and the same command resumes to the losses of a run never interrupted.
+    The resumes the command refuses before training run its main() in this process (a process of its own spent
+    its time importing)."""
+    from experiments.train import main
     # 400 steps of a few ms each: the signal at step 5 leaves a wide margin before the run would end by itself
     preset, common = SIGNAL_RUN
     stopped = tmp_path / "stopped"
@@ -240,13 +248,13 @@ def test_a_signal_saves_a_checkpoint_and_resume_equals_uninterrupted(signal_name
         alone = tmp_path / "alone"
         shutil.copytree(stopped, alone)
         (alone / "config.yaml").unlink()
-        proc = run_train(preset, alone, *common, "seed=9", cache_dir=cache_dir, expect_ok=False)
-        assert proc.returncode == 1 and (f"error: config field 'seed': resuming '{alone}' needs the value its "
-                                         f"checkpoint step {saved[0]} was trained with, 0; got 9") in proc.stderr
+        status = main(train_argv(preset, alone, *common, "seed=9"))
+        assert status == 1 and (f"error: config field 'seed': resuming '{alone}' needs the value its "
+                                f"checkpoint step {saved[0]} was trained with, 0; got 9") in capsys.readouterr().err
 
-    proc = run_train(preset, stopped, *common, "steps=3", cache_dir=cache_dir, expect_ok=False)
-    assert proc.returncode == 1 and (f"error: config field 'steps': expected at least {saved[0]} (the newest "
-                                     f"checkpoint in '{stopped}'; a resume continues it), got 3") in proc.stderr
+    status = main(train_argv(preset, stopped, *common, "steps=3"))
+    assert status == 1 and (f"error: config field 'steps': expected at least {saved[0]} (the newest "
+                            f"checkpoint in '{stopped}'; a resume continues it), got 3") in capsys.readouterr().err
     run_train(preset, stopped, *common, cache_dir=cache_dir)
     assert [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == list(range(1, 401))
     np.testing.assert_array_equal(losses(stopped), uninterrupted_losses)
@@ -349,7 +357,7 @@ def test_train_step_loss_is_the_masked_mean_over_all_microbatches():
         nll = -jnp.take_along_axis(logp, jnp.asarray(batch["targets"][0])[..., None], axis=-1)[..., 0]
         return jnp.sum(nll * batch["mask"][0]) / jnp.sum(batch["mask"][0])
 
-    want_loss, want_grads = jax.value_and_grad(reference)(state["params"])
+    want_loss, want_grads = jax.jit(jax.value_and_grad(reference))(state["params"])  # one program, not op by op
     want_norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(g))) for g in want_grads.values())))
     step = make()
     one_state, one = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
@@ -368,6 +376,8 @@ def test_train_step_clips_the_gradient_by_its_global_norm_and_reports_the_applie
     """optim.clip_norm scales the whole gradient to that global norm before AdamW (Adam's first moment after one
     step is (1 - b1) x the clipped gradient); the metrics' learning_rate is the one the step applied (0 at the first
     warmup step); remat="full" reaches the step's loss (its layers under jax.checkpoint)."""
+    import functools
+
     import jax
     import jax.numpy as jnp
 
@@ -377,8 +387,8 @@ def test_train_step_clips_the_gradient_by_its_global_norm_and_reports_the_applie
     run, setup, state, make = _step_setup("optim.clip_norm=0.01", "optim.warmup_steps=4", "data.seq_len=8",
                                           "data.batch_size=2")
     batch = {k: jnp.asarray(v) for k, v in data_lib.batch_at(run.data, run.model.vocab_size, 0, 0).items()}
-    grads = jax.grad(masked_loss)(state["params"], {k: v[0] for k, v in batch.items()}, jnp.sum(batch["mask"]),
-                                  graphdef=setup.graphdef, structure=setup.structure)
+    grad = jax.jit(jax.grad(functools.partial(masked_loss, graphdef=setup.graphdef, structure=setup.structure)))
+    grads = grad(state["params"], {k: v[0] for k, v in batch.items()}, jnp.sum(batch["mask"]))  # one program
     step = make()
     new_state, metrics = step(state, batch)
     norm = float(metrics["grad_norm"])

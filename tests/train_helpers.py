@@ -22,8 +22,13 @@ def cli_env(devices: int, cache_dir: Path) -> dict:
             "PYTHONPATH": str(ROOT)}
 
 
+def train_argv(preset: str, output_dir: Path, *overrides: str) -> list[str]:
+    """The training CLI's arguments (experiments.train.main's argv)."""
+    return [preset, f"output_dir={output_dir}", *TINY[preset], *overrides]
+
+
 def train_command(preset: str, output_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "experiments.train", preset, f"output_dir={output_dir}", *TINY[preset], *overrides]
+    return [sys.executable, "-m", "experiments.train", *train_argv(preset, output_dir, *overrides)]
 
 
 def run_train(preset: str, output_dir: Path, *overrides: str, devices: int = 1, cache_dir: Path,
