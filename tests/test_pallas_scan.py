@@ -373,10 +373,12 @@ def test_default_kernel_is_the_lowering_platforms():
 
 @pytest.mark.parametrize("kernel, dim", [("triton", 8), ("mosaic_tpu", 128)])
 def test_backward_saves_only_tile_boundary_states(kernel, dim):
-    """The VJP's residuals: inputs and (batch, n_tiles, dstate, dim) states, nothing of size batch*seqlen*dim*dstate."""
+    """The VJP's residuals: inputs and (batch, n_tiles, dstate, dim) states, nothing of size batch*seqlen*dim*dstate.
+    Their shapes are traced (jax.eval_shape), not computed: the kernels need not run in their interpreter for them."""
     batch, dstate, seqlen, tile = 1, 8, 96, 16
     kwargs = to_jax(make_inputs(7, batch, dim, dstate, seqlen, initial_state=True))
-    _, vjp = jax.vjp(lambda u: pallas_scan({**kwargs, "u": u}, kernel, tile)[0], kwargs["u"])
+    vjp = jax.eval_shape(lambda u: jax.vjp(lambda u: pallas_scan({**kwargs, "u": u}, kernel, tile)[0], u)[1],
+                         kwargs["u"])
     sizes = sorted(leaf.size for leaf in jax.tree_util.tree_leaves(vjp) if hasattr(leaf, "size"))
     assert batch * (seqlen // tile) * dim * dstate in sizes, sizes
     assert max(sizes) < batch * seqlen * dim * dstate, sizes
@@ -399,15 +401,15 @@ def test_chunk_size_past_the_kernel_tile_is_capped():
 def test_vjp_residuals_are_the_inputs_and_the_tile_boundary_states(kernel, dim, bc):
     """Every array jax.vjp keeps for the backward pass: the (padded) inputs and one fp32 state per tile boundary,
     (batch, n_tiles, dstate, dim) (TPU: block-major, (batch, n_tiles, blocks, dstate, rows, 128)); nothing else
-    with a dstate x dim or a seqlen x dstate x dim factor."""
+    with a dstate x dim or a seqlen x dstate x dim factor. Their shapes are traced (jax.eval_shape), not computed."""
     from ssm.pallas_scan import selective_scan_pallas
 
     batch, dstate, seqlen, tile = 2, 8, 90, 16  # 6 tiles, the last padded
     k = to_jax(make_inputs(7, batch, dim, dstate, seqlen, bc=bc, initial_state=True))
     u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
     args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], k["initial_state"])
-    _, vjp = jax.vjp(lambda *a: selective_scan_pallas(*a[:8], True, initial_state=a[8], tile=tile, kernel=kernel),
-                     *args)
+    scan = lambda *a: selective_scan_pallas(*a[:8], True, initial_state=a[8], tile=tile, kernel=kernel)  # noqa: E731
+    vjp = jax.eval_shape(lambda *a: jax.vjp(scan, *a)[1], *args)
     arrays = sorted(tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(vjp) if getattr(leaf, "ndim", 0))
     padded, rows = 96, (batch, 96, dim)
     if kernel == "triton":
