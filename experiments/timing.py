@@ -37,17 +37,14 @@ def random_array(shape, dtype, seed: int = 0) -> jax.Array:
 
 
 def versions() -> dict[str, str]:
+    """The python, jax and flax versions, this process's backend and device kind, and the torch and transformers
+    versions where installed (the package versions and device as experiments.bench.provenance gives them)."""
     import platform
 
-    import flax
+    from experiments.bench import jax_device, package_version
 
-    info = {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-            "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind)}
-    try:
-        import torch
-        import transformers
-
-        info.update(torch=torch.__version__, transformers=transformers.__version__)
-    except ImportError:
-        pass
+    device = jax_device()
+    info = {"python": platform.python_version(), "jax": package_version("jax"), "flax": package_version("flax"),
+            "backend": device["backend"], "device": str(device["device_kind"])}
+    info.update({name: version for name in ("torch", "transformers") if (version := package_version(name))})
     return info
