@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import jax
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from runtime.files import write_failure, write_text_atomic
@@ -46,6 +45,9 @@ class MetricsWriter:
             self.file = open(self.path, "a")
         except OSError as err:
             raise write_failure("", self.path, err) from err
+        # imported here: it imports torch where that is installed (seconds); only process 0 writes TensorBoard files
+        from tensorboardX import SummaryWriter
+
         try:
             self.tensorboard = SummaryWriter(str(self.tensorboard_dir), purge_step=start_step + 1)
         except OSError as err:

@@ -466,6 +466,17 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_its_step_and_di
     # (Orbax's writer threads may still log their own failures as the interpreter shuts down)
 
 
+def test_importing_the_trainer_does_not_import_torch():
+    """tensorboardX imports torch where it is installed (2-3 s): the trainer imports it when process 0 opens its
+    metrics, so `--help`, a config error or a notebook importing experiments.train do not pay for it."""
+    import sys
+
+    probe = "import sys, experiments.train; print(sorted({'torch', 'tensorboardX'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+
+
 def test_a_full_disk_names_the_metrics_file_and_is_not_hidden_by_the_cleanup(tmp_path, monkeypatch):
     """metrics.jsonl and the TensorBoard files on a full disk: the row's write fails naming the file (an OSError's
     "[Errno 28] No space left on device" names none), and that error stops the run: closing the same files on the
