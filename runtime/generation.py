@@ -154,10 +154,12 @@ def _feed(model, tokens, state):
 # A token is fed to the model only when another is to be sampled after it: max_new_tokens tokens cost
 # max_new_tokens - 1 model steps and KV-cache positions, and stream yields each token as soon as it is sampled.
 _jit_sample = jax.jit(_sample, static_argnames=("sampling",))
-_jit_feed = nnx.jit(_feed)
+# Both donate the state (generation's own, from init_state and the prefill): XLA updates the KV cache in place, not
+# a copy of it per token, and it exists once.
+_jit_feed = nnx.jit(_feed, donate_argnames=("state",))
 
 
-@nnx.jit(static_argnames=("sampling", "max_new_tokens"))
+@nnx.jit(static_argnames=("sampling", "max_new_tokens"), donate_argnames=("state",))
 def _decode_loop(model, logits, state, key, stop_tokens, sampling, max_new_tokens):
     batch = logits.shape[0]
     tokens, emitted, key, done = _sample(logits, key, jnp.zeros((batch,), bool), stop_tokens, sampling)
@@ -173,8 +175,8 @@ def _decode_loop(model, logits, state, key, stop_tokens, sampling, max_new_token
         tokens, emitted, key, done = _sample(logits, key, done, stop_tokens, sampling)
         return i + 1, out.at[:, i].set(emitted), tokens, state, key, done
 
-    steps, out, *_ = lax.while_loop(cond, body, (jnp.int32(1), out, tokens, state, key, done))
-    return out, steps
+    steps, out, _, state, *_ = lax.while_loop(cond, body, (jnp.int32(1), out, tokens, state, key, done))
+    return out, steps, state  # the state returned so that its donated buffers carry the loop's
 
 
 @dataclass
@@ -210,11 +212,10 @@ def _start(model, input_ids, max_new_tokens, attention_mask, lengths, chunk_size
     input_ids = check_token_ids(input_ids, model.config.vocab_size)
     batch, prompt = input_ids.shape
     positions = lambda n: prompt + n - 1  # noqa: E731  the last token sampled is not fed
-    # decoding holds the state twice: the loop's (or a stream step's) input and the copy it updates
-    _check_memory(model, batch, max_new_tokens, positions, state_copies=2, tokens_on_device=tokens_on_device)
+    _check_memory(model, batch, max_new_tokens, positions, tokens_on_device=tokens_on_device)
     state = model.init_state(batch, max_len=positions(max_new_tokens))
-    logits, state = model.prefill(input_ids, state, chunk_size=chunk_size, attention_mask=attention_mask,
-                                  lengths=lengths)
+    # the prefill, the loop and stream's steps update this one state in place (donated)
+    logits, state = model._prefill(input_ids, state, chunk_size, attention_mask, lengths, copy_state=False)
     return _finite(logits), state
 
 
@@ -245,29 +246,28 @@ def _state_bytes(model, batch: int, positions: int) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(layout))
 
 
-def _check_memory(model, batch, max_new_tokens, positions, state_copies, tokens_on_device) -> None:
-    """ValueError naming max_new_tokens where what decoding allocates for it cannot fit in device_memory():
-    ``state_copies`` decode states of ``positions(max_new_tokens)`` positions and, where ``tokens_on_device``
-    (the jitted loop, not stream), the (batch, max_new_tokens) int32 tokens. A lower bound (XLA's temporaries
+def _check_memory(model, batch, max_new_tokens, positions, tokens_on_device) -> None:
+    """ValueError naming max_new_tokens where what decoding allocates for it cannot fit in device_memory(): a
+    decode state of ``positions(max_new_tokens)`` positions (one: it is updated in place) and, where
+    ``tokens_on_device`` (the jitted loop, not stream), the (batch, max_new_tokens) int32 tokens. A lower bound (XLA's temporaries
     come on top): what it refuses would end in an out-of-memory error that names nothing. A KV cache grows with
     the positions; Falcon Mamba's state does not, so only the tokens limit its generations."""
     small = _state_bytes(model, batch, positions(1))
     per_position = _state_bytes(model, batch, positions(2)) - small  # 0 for a constant-size state
     state = small + per_position * (max_new_tokens - 1)
     tokens = 4 * batch * max_new_tokens if tokens_on_device else 0
-    needed = state_copies * state + tokens
+    needed = state + tokens
     memory = device_memory()
     if memory is None or needed <= memory[0]:
         return
     available, source = memory
-    per_token = state_copies * per_position + (4 * batch if tokens_on_device else 0)
-    most = (available - state_copies * (small - per_position)) // per_token if per_token else 0
+    per_token = per_position + (4 * batch if tokens_on_device else 0)
+    most = (available - (small - per_position)) // per_token if per_token else 0
     kind = f"the KV cache of {positions(max_new_tokens)} positions" if per_position else "the decode state"
-    held = ", held twice while decoding (its input and its updated copy)" if state_copies == 2 else ""
     tokens = f"; the generated int32 tokens take {_size(tokens)}" if tokens_on_device else ""
     raise ValueError(f"max_new_tokens: expected at most {max(most, 0)} (what fits in the {_size(available)} "
                      f"available: {source}), got {max_new_tokens}, which needs at least {_size(needed)}: {kind} "
-                     f"for a batch of {batch} is {_size(state)}{held}{tokens}")
+                     f"for a batch of {batch} is {_size(state)}{tokens}")
 
 
 def _size(n: int) -> str:
@@ -292,7 +292,7 @@ def _stop_array(stop_tokens: Sequence[int], vocab_size: int) -> jax.Array:
 
 
 def _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens) -> Generated:
-    out, steps = _decode_loop(model, logits, state, jax.random.PRNGKey(seed), stops, sampling, max_new_tokens)
+    out, steps, _ = _decode_loop(model, logits, state, jax.random.PRNGKey(seed), stops, sampling, max_new_tokens)
     return Generated(np.asarray(out), int(steps))
 
 
@@ -313,8 +313,9 @@ def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.
     model._check_fits(state, max_new_tokens - 1, name="max_new_tokens",
                       note=f" (the last of {max_new_tokens} new tokens is not fed to the model)")
     capacity = model.state_capacity(state)  # the state exists: the loop adds its copy and the tokens
-    _check_memory(model, logits.shape[0], max_new_tokens, lambda n: capacity, state_copies=1, tokens_on_device=True)
-    return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)
+    _check_memory(model, logits.shape[0], max_new_tokens, lambda n: capacity, tokens_on_device=True)
+    # the caller's state stays valid: the loop updates a copy in place
+    return _run_loop(model, logits, jax.tree.map(jnp.copy, state), seed, stops, sampling, max_new_tokens)
 
 
 def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -84,7 +84,9 @@ def _jit_forward(model, input_ids):
     return model.forward(input_ids)
 
 
-@nnx.jit
+# The chunked loops donate the state they carry: XLA updates it in place (a KV cache is not copied at each chunk,
+# and exists once, not as a chunk's input and its output). step does not: its state is the caller's.
+@nnx.jit(donate_argnames=("state",))
 def _jit_prefill_chunk(model, input_ids, state, n_valid, last_logits):
     """Runs one chunk; rows whose last real token is in it take its logits, the others keep last_logits."""
     hidden, state = model.run(input_ids, state, n_valid)
@@ -100,7 +102,7 @@ def _jit_step(model, token_ids, state):
     return model.logits(hidden[:, 0]), state
 
 
-@nnx.jit
+@nnx.jit(donate_argnames=("state",))
 def _jit_chunk_log_likelihood(model, input_ids, targets, state):
     """log p(targets[:, t] | input_ids[:, :t+1]) for the chunk; targets may be one shorter than the chunk."""
     hidden, state = model.run(input_ids, state, None)
@@ -248,12 +250,21 @@ class CausalLM(nnx.Module):
         Prompts of different lengths: ``attention_mask`` (batch, seq) with 1 on real tokens, contiguous per
         row (left or right padding), or ``lengths`` (batch,) for right padding. Every row gets the result it
         would get alone.
+
+        ``state`` stays valid: the chunks update a copy of it in place (one state's memory, not two at each chunk).
         """
+        return self._prefill(input_ids, state, chunk_size, attention_mask, lengths, copy_state=True)
+
+    def _prefill(self, input_ids, state, chunk_size, attention_mask, lengths, copy_state: bool):
+        """prefill; ``copy_state`` False where the caller hands the state over (generation's own init_state): its
+        buffers are then donated to the first chunk and deleted."""
         input_ids = check_token_ids(input_ids, self.config.vocab_size)
         batch, seq = input_ids.shape
         input_ids, row_lengths = normalize_padding(input_ids, attention_mask, lengths)
         self._check_state(state, batch)
         self._check_fits(state, seq)
+        if copy_state:
+            state = jax.tree.map(jnp.copy, state)
         logits = jnp.zeros((batch, self.config.vocab_size), jnp.float32)
         for start, end in self._chunks(seq, chunk_size):
             n_valid = jnp.clip(row_lengths - start, 0, end - start).astype(jnp.int32)

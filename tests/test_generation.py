@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -291,16 +292,44 @@ def test_generate_gives_the_kv_cache_room_for_every_step():
 
 def test_generate_and_stream_refuse_non_finite_prefill_logits(model, monkeypatch):
     """A prefill that overflowed (NaN logits) is named before decoding, as decode's own logits are."""
-    prefill = type(model).prefill
+    prefill = type(model)._prefill  # prefill's body, which generation calls with its own state
 
     def overflowed(self, *args, **kwargs):
         logits, state = prefill(self, *args, **kwargs)
         return logits.at[0, 0].set(jnp.inf), state
 
-    monkeypatch.setattr(type(model), "prefill", overflowed)
+    monkeypatch.setattr(type(model), "_prefill", overflowed)
     for run in (generate, stream):  # stream raises when called, before the first next()
         with pytest.raises(ValueError, match=r"^logits: expected finite values, got NaN or Inf"):
             run(model, np.ones((1, 3), np.int32), max_new_tokens=2, temperature=0)
+
+
+def test_decoding_updates_its_own_state_in_place_and_leaves_the_callers(model, monkeypatch):
+    """generate and stream donate the state they make (init_state, then the prefill's chunks, then the loop or each
+    step) so XLA updates one KV cache in place, not a copy of it per chunk or token; prefill and decode leave the
+    caller's state valid and unchanged."""
+    from runtime import generation
+
+    made, init_state = [], type(model).init_state
+    monkeypatch.setattr(type(model), "init_state", lambda *args, **kwargs: made.append(init_state(*args, **kwargs))
+                        or made[-1])
+    prompts = np.random.default_rng(6).integers(0, VOCAB, (2, 5))
+    generate(model, prompts, max_new_tokens=3, temperature=0, chunk_size=2)
+    list(stream(model, prompts, max_new_tokens=3, temperature=0, chunk_size=2))
+    made = [state for state in made if not isinstance(state.lengths, jax.core.Tracer)]  # not the memory check's
+    assert len(made) == 2 and all(leaf.is_deleted() for leaf in jax.tree.leaves(made))
+    state = init_state(model, 2, max_len=10)
+    logits, prefilled = model.prefill(prompts, state, chunk_size=2)
+    decode(model, logits, prefilled, max_new_tokens=3, temperature=0)
+    for kept in (state, prefilled):
+        assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(kept))
+    np.testing.assert_array_equal(state.lengths, [0, 0])
+    np.testing.assert_array_equal(prefilled.lengths, [5, 5])
+    # the loop's state is an alias of its input: no second copy of it exists while decoding
+    compiled = generation._decode_loop.lower(model, logits, prefilled, jax.random.PRNGKey(0), jnp.asarray([-1]),
+                                             Sampling(0), 3).compile()
+    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(prefilled))
+    assert compiled.memory_analysis().alias_size_in_bytes >= state_bytes
 
 
 def test_stream_yields_each_token_before_feeding_it(model, monkeypatch):
@@ -397,7 +426,7 @@ def test_filter_logits_keeps_what_transformers_keeps(monkeypatch):
 
 
 def test_a_max_new_tokens_that_cannot_fit_is_refused_before_allocating(model, monkeypatch):
-    """A KV cache for prompt + max_new_tokens - 1 positions, held twice while decoding, and the (batch,
+    """A KV cache for prompt + max_new_tokens - 1 positions (one: decoding updates it in place), and the (batch,
     max_new_tokens) int32 tokens of the loop: a max_new_tokens whose bytes exceed the device's memory is named
     before init_state allocates anything (it ended in an XLA out-of-memory error naming nothing). Falcon Mamba's
     state does not grow: stream is never refused, generate only for the tokens themselves."""
@@ -414,22 +443,22 @@ def test_a_max_new_tokens_that_cannot_fit_is_refused_before_allocating(model, mo
             "init_state allocated a huge cache") if max_len > 2**20 else init_state(self, batch, max_len))
         config = model.config
         per_position = 2 * config.num_hidden_layers * config.kv_heads * config.head_dim * 4  # k and v, float32
-        fixed = 2 * (3 * per_position + 4)  # twice: 3 prompt positions (the 4th is a new token's) and the lengths
-        for run, per_token, tokens in ((generate, 2 * per_position + 4, 4 * huge), (stream, 2 * per_position, 0)):
+        fixed = 3 * per_position + 4  # 3 prompt positions (the 4th is a new token's) and the lengths
+        for run, per_token, tokens in ((generate, per_position + 4, 4 * huge), (stream, per_position, 0)):
             most, state = (2**30 - fixed) // per_token, (3 + huge) * per_position + 4
             message = (f"max_new_tokens: expected at most {most} (what fits in the 1073741824 bytes (1.0 GiB) "
-                       f"available: a test's 1 GiB), got {huge}, which needs at least {2 * state + tokens} bytes")
+                       f"available: a test's 1 GiB), got {huge}, which needs at least {state + tokens} bytes")
             with pytest.raises(ValueError, match="^" + re.escape(message) + rf" \(.* GiB\): the KV cache of "
                                                  rf"{3 + huge} positions for a batch of 1 is {state} bytes"):
                 run(model, prompt, max_new_tokens=huge)
-            generation._check_memory(model, 1, most, lambda n: 3 + n, 2, run is generate)  # the most fits
+            generation._check_memory(model, 1, most, lambda n: 3 + n, run is generate)  # the most fits
             with pytest.raises(ValueError, match=f"^max_new_tokens: expected at most {most} "):
-                generation._check_memory(model, 1, most + 1, lambda n: 3 + n, 2, run is generate)
+                generation._check_memory(model, 1, most + 1, lambda n: 3 + n, run is generate)
         return
     assert next(stream(model, prompt, max_new_tokens=huge, temperature=0)).shape == (1,)  # not refused
-    generation._check_memory(model, 1, 10**8, lambda n: 3 + n, 2, True)  # 400 MB of tokens fit in 1 GiB
+    generation._check_memory(model, 1, 10**8, lambda n: 3 + n, True)  # 400 MB of tokens fit in 1 GiB
     state = generation._state_bytes(model, 1, 1)
-    with pytest.raises(ValueError, match=rf"^max_new_tokens: expected at most {(2**30 - 2 * state) // 4} .*: the "
-                                         rf"decode state for a batch of 1 is {state} bytes, held twice .*; the "
+    with pytest.raises(ValueError, match=rf"^max_new_tokens: expected at most {(2**30 - state) // 4} .*: the "
+                                         rf"decode state for a batch of 1 is {state} bytes; the "
                                          rf"generated int32 tokens take {4 * huge} bytes"):
         generate(model, prompt, max_new_tokens=huge)  # 8 GiB of tokens
