@@ -187,7 +187,8 @@ class Generated:
 
     def row(self, i: int) -> list[int]:
         """Row i's generated tokens, up to and including its stop token."""
-        return [int(t) for t in self.tokens[i] if t != NO_TOKEN]
+        row = self.tokens[i]
+        return row[row != NO_TOKEN].tolist()
 
 
 def check_sampling(max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=0) -> Sampling:
