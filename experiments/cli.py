@@ -47,3 +47,48 @@ def error_line(err: Exception, flags: dict[str, str]) -> str:
         if message.startswith(f"{name}:"):
             message = flag + message[len(name):]
     return f"error: {message}"
+
+
+MESH_HELP = ("shard the model over the devices: AXIS=N[,AXIS=N...], axes data, fsdp, tensor (e.g. tensor=8: "
+             "attention heads and MLP split over 8 devices; axes not named: data takes the devices left, fsdp and "
+             "tensor 1); default: one device for a Hugging Face directory, every device (replicated) for a run")
+
+
+def parse_mesh(flag: str, text: str | None):
+    """``flag``'s ``AXIS=N[,AXIS=N...]`` (MESH_HELP) as a MeshConfig that fits jax.device_count(), checked before a
+    model is loaded; None where the flag was not given. SystemExit naming ``flag`` otherwise."""
+    if text is None:
+        return None
+    import jax
+
+    from configs.schema import MESH_AXES, MeshConfig
+    from experiments.mesh import mesh_shape
+
+    sizes = {}
+    for item in text.replace(",", " ").split() or [""]:
+        axis, equals, size = item.partition("=")
+        if not equals or axis not in MESH_AXES or axis in sizes:
+            problem = f"{axis!r} twice" if axis in sizes and equals else repr(item)
+            raise SystemExit(f"error: {flag}: expected AXIS=N items with AXIS one of {', '.join(MESH_AXES)}, each "
+                             f"once, got {problem}")
+        try:
+            sizes[axis] = int(size)
+        except ValueError:
+            raise SystemExit(f"error: {flag}: expected {axis}=N with N a positive integer or -1, got {item!r}")
+    try:
+        mesh = MeshConfig(**sizes)
+        mesh_shape(mesh, jax.device_count())
+    except ValueError as err:  # ConfigError, MeshError
+        raise SystemExit(f"error: {flag} {text}: {err}")
+    return mesh
+
+
+def mesh_description(mesh) -> str:
+    """"data=1, fsdp=1, tensor=8" of a MeshConfig, -1 resolved for this process's devices."""
+    import jax
+
+    from configs.schema import MESH_AXES
+    from experiments.mesh import mesh_shape
+
+    return ", ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, mesh_shape(mesh, jax.device_count())))
+

@@ -1,6 +1,7 @@
 """Held-out accuracy of a training run on its own synthetic task.
 
-    python -m experiments.evaluate OUTPUT_DIR [--step N] [--sequences 1024] [--batch-size 64] [key=value ...]
+    python -m experiments.evaluate OUTPUT_DIR [--step N] [--sequences 1024] [--batch-size 64] [--mesh tensor=8]
+        [key=value ...]
     python -m experiments.evaluate runs/selective_copying_falcon_mamba data.seq_len=512
 
 Loads the run's checkpoint (default: the newest) and its config.yaml, draws ``--sequences`` sequences of the
@@ -30,7 +31,7 @@ import numpy as np
 
 from configs import load_config
 from configs.schema import ConfigError
-from experiments.cli import check_output_file, error_line
+from experiments.cli import MESH_HELP, check_output_file, error_line, parse_mesh
 from experiments.data import batch_at, check_data, corpus_files, stream_windows
 from experiments.train import load_trained_model, run_config_path
 from runtime.checks import check_positive_int
@@ -105,6 +106,7 @@ def parse_args(argv):
     p.add_argument("--sequences", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", default=None, help="also write the result to this path")
+    p.add_argument("--mesh", default=None, help=MESH_HELP)
     return p.parse_intermixed_args(argv)
 
 
@@ -113,6 +115,7 @@ def main(argv=None) -> dict:
     bad = [item for item in args.overrides if not item.startswith("data.")]
     if bad:
         raise SystemExit(f"error: overrides: expected data.KEY=VALUE items, got {bad}")
+    mesh = parse_mesh("--mesh", args.mesh)
     try:  # everything that can be checked before the model is loaded
         check_positive_int("--sequences", args.sequences)
         check_positive_int("--batch-size", args.batch_size)
@@ -130,7 +133,7 @@ def main(argv=None) -> dict:
             raise ValueError(f"--sequences: expected at most {windows} (the windows of data.seq_len "
                              f"{run.data.seq_len} the held-out corpus holds, each scored once), got "
                              f"{args.sequences}")
-        model, step = load_trained_model(args.output_dir, args.step)
+        model, step = load_trained_model(args.output_dir, args.step, mesh=mesh)
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
         raise SystemExit(error_line(err, {"step": "--step"}))
     result = masked_accuracy(model, run.data, sequences=args.sequences, batch_size=args.batch_size,

@@ -3,6 +3,7 @@
     python -m experiments.generate PATH --prompt "Hello" [--tokenizer PATH/tokenizer.json]
     python -m experiments.generate runs/a --ids 1,2,3 [--step 20]     # a checkpoint of experiments.train
     python -m experiments.generate PATH --ids 1,2,3 --max-new-tokens 32 --temperature 0.7 --top-p 0.9
+    python -m experiments.generate PATH --prompt "Hello" --mesh tensor=8    # the parameters split over 8 devices
 
 Text prompts go through a local tokenizer.json (the `tokenizers` package; default: PATH/tokenizer.json, or for a
 training run started from a Hugging Face directory, that directory's).
@@ -22,7 +23,8 @@ import numpy as np
 
 from configs.loader import load_preset_dict
 from configs.schema import ConfigError
-from experiments.cli import error_line
+from experiments.cli import MESH_HELP, error_line, mesh_description, parse_mesh
+from experiments.mesh import MeshError
 from experiments.models import check_step, is_training_run, load_model
 from runtime.safetensors_io import CheckpointError
 from runtime.checks import check_positive_int
@@ -122,6 +124,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="prefill chunk size")
     parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None)
     parser.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    parser.add_argument("--mesh", default=None, help=MESH_HELP)
     args = parser.parse_args(argv)
 
     # everything that needs no model is checked before loading one
@@ -134,6 +137,7 @@ def main(argv=None) -> None:
         name, _, problem = str(err).partition(":")
         raise SystemExit(f"error: --{name.replace('_', '-')}:{problem}")
     _check_ids("--stop", args.stop or [])
+    mesh = parse_mesh("--mesh", args.mesh)
     tokenizer = None
     if args.prompt is not None or args.tokenizer is not None:  # --tokenizer with --ids: the output is decoded
         from tokenizers import Tokenizer
@@ -158,11 +162,13 @@ def main(argv=None) -> None:
         ids = _parse_ids(args.ids)
 
     try:  # what a path cannot give (no checkpoint, no such step, a misfit config) is one error line
-        model, step = load_model(args.path, args.step, args.compute_dtype)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        raise SystemExit(error_line(err, {"step": "--step"}))
+        model, step = load_model(args.path, args.step, args.compute_dtype, mesh)
+    except (ConfigError, CheckpointError, MeshError, FileNotFoundError) as err:  # MeshError: a split that does
+        raise SystemExit(error_line(err, {"step": "--step"}))                  # not divide a dimension
     if step is not None:
         print(f"[loaded checkpoint step {step} of {args.path}]", file=sys.stderr)
+    if mesh is not None:
+        print(f"[parameters split over the mesh {mesh_description(mesh)}]", file=sys.stderr)
     vocab_size = model.config.vocab_size
     source = "--ids" if args.prompt is None else f"--prompt: the tokenizer {str(tokenizer_path)!r}"
     for flag, tokens in ((source, ids), ("--stop", args.stop or [])):

@@ -15,6 +15,7 @@ import transformer
 import transformer.sharding
 from configs.hf import model_config_from_hf
 from configs.schema import FalconConfig, FalconMambaConfig
+from experiments.mesh import build_mesh
 
 class Family(NamedTuple):
     lm: type                      # the LM class: lm(config, seed=...)
@@ -97,13 +98,17 @@ def model_config(path: str | os.PathLike):
     return model_config_from_hf(Path(path))
 
 
-def load_model(path: str | os.PathLike, step: int | None = None, compute_dtype: str | None = None):
+def load_model(path: str | os.PathLike, step: int | None = None, compute_dtype: str | None = None, mesh=None):
     """(model, checkpoint step) of a training run's output_dir at ``step`` (default: the newest), or (model, None) of
-    a local Hugging Face directory; ``compute_dtype`` None keeps the run's or the config's."""
+    a local Hugging Face directory; ``compute_dtype`` None keeps the run's or the config's. ``mesh``: a MeshConfig
+    whose axes the parameters are split over (by the run's mesh.rules, or the default rules for a Hugging Face
+    directory); None: a run's on every local device (replicated), a Hugging Face directory's on the default
+    device."""
     check_model_path(path)
     check_step(path, step)
     if is_training_run(path):
         from experiments.train import load_trained_model
 
-        return load_trained_model(path, step, compute_dtype)
-    return load_pretrained(path, **({"compute_dtype": compute_dtype} if compute_dtype else {})), None
+        return load_trained_model(path, step, compute_dtype, mesh=mesh)
+    placement = {} if mesh is None else {"mesh": build_mesh(mesh), "rules": mesh.rules}
+    return load_pretrained(path, **placement, **({"compute_dtype": compute_dtype} if compute_dtype else {})), None

@@ -2,7 +2,7 @@
 length? The long-context measurement of a language model (loss falling with position means the context helps).
 
     python -m experiments.position_loss PATH --token-file held_out.npy --length 65536 [--sequences 4]
-        [--chunk-size 4096] [--step N] [--compute-dtype bfloat16] [--json out.json]
+        [--chunk-size 4096] [--step N] [--compute-dtype bfloat16] [--json out.json] [--mesh tensor=8]
 
 PATH is a local Hugging Face directory or a training run's output_dir (then --step picks the checkpoint). The
 token file is a 1-D .npy of ids (python -m experiments.tokenize_corpus writes one); its first --sequences windows of
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.cli import check_output_file, error_line
+from experiments.cli import MESH_HELP, check_output_file, error_line, parse_mesh
 from experiments.data import load_tokens, load_vocab_tokens
 from experiments.models import check_step, load_model, model_config
 from runtime.checks import check_positive_int
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a training run (default: newest)")
     parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None)
     parser.add_argument("--json", default=None, help="also write the result to this path")
+    parser.add_argument("--mesh", default=None, help=MESH_HELP)
     args = parser.parse_args(argv)
+    mesh = parse_mesh("--mesh", args.mesh)
     try:  # everything that needs no model first
         for flag in ("length", "sequences", "batch_size", "chunk_size"):
             check_positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_enough_tokens(load_tokens(args.token_file)[0].size, args.sequences, args.length)
         check_step(args.path, args.step)
         load_vocab_tokens(args.token_file, model_config(args.path).vocab_size)  # ids past the vocabulary, unloaded
-        model, step = load_model(args.path, args.step, args.compute_dtype)
+        model, step = load_model(args.path, args.step, args.compute_dtype, mesh)
         ids = windows(args.token_file, model.config.vocab_size, args.sequences, args.length)
     except (ValueError, FileNotFoundError) as err:  # ConfigError and CheckpointError are ValueErrors
         raise SystemExit(error_line(err, {"step": "--step", TOKEN_FILE_FIELD: "--token-file"}))

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import dump_config, load_config, to_dict
 from configs.hf import model_config_from_hf
-from configs.schema import ConfigError, DistributedConfig, RunConfig
+from configs.schema import ConfigError, DistributedConfig, MeshConfig, RunConfig
 from experiments import data as data_lib
 from experiments.checkpointing import Checkpointer, abstract_with_shardings
 from experiments.cli import run_config_command
@@ -583,15 +583,19 @@ def run_config_path(output_dir: str | Path) -> Path:
     return config_path
 
 
-def load_trained_model(output_dir: str | Path, step: int | None = None, compute_dtype: str | None = None):
+def load_trained_model(output_dir: str | Path, step: int | None = None, compute_dtype: str | None = None,
+                       mesh: MeshConfig | None = None):
     """The model of a training run's output_dir at checkpoint ``step`` (default: the newest), on the local
-    devices whatever mesh it was trained on, computing in ``compute_dtype`` (default: the run's). Returns
-    (model, step)."""
+    devices whatever mesh it was trained on, computing in ``compute_dtype`` (default: the run's). ``mesh``: the
+    axis sizes (a MeshConfig's data, fsdp, tensor) to split the parameters over by the run's mesh.rules; None:
+    replicated on every device. Returns (model, step)."""
     output_dir = Path(output_dir)
     config_path = run_config_path(output_dir)
+    axes = [f"mesh.{axis}={getattr(mesh, axis) if mesh else default}"
+            for axis, default in (("data", -1), ("fsdp", 1), ("tensor", 1))]
     # the training batch plays no part in loading, but prepare() shards one over the data axis: a microbatch
     # smaller than the device count (batch_size 8, grad_accum 4 on 4 devices) failed with a MeshError
-    run = load_config(config_path, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "distributed.initialize=false",
+    run = load_config(config_path, [*axes, "distributed.initialize=false",
                                     f"data.batch_size={jax.device_count()}", "data.grad_accum=1"]
                       + ([f"model.compute_dtype={compute_dtype}"] if compute_dtype else []))
     checkpointer = Checkpointer(output_dir / "checkpoints", run.keep_checkpoints, create=False)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from configs.hf import model_config_to_hf
 from runtime.files import write_text_atomic
+from runtime.partitioning import auto_axes
 from runtime.safetensors_io import CheckpointError, open_checkpoint_lazy, write_checkpoint
 
 # Layout changes between HF (torch) and our parameters.
@@ -202,12 +203,12 @@ def resolve_shardings(mesh=None, rules=None, shardings=None, table=None):
                               "got both")
     if shardings is not None:
         if callable(shardings):
-            return lambda name, path, shape: shardings(path)
+            return lambda name, path, shape: _on_auto_axes(shardings(path))
 
         def lookup(name, path, shape):
             if path not in shardings:
                 raise CheckpointError(f"tensor {name!r}: shardings has no entry for parameter {path!r}")
-            return shardings[path]
+            return _on_auto_axes(shardings[path])
         return lookup
     if mesh is not None:
         from configs.schema import merged_rules
@@ -218,6 +219,14 @@ def resolve_shardings(mesh=None, rules=None, shardings=None, table=None):
         return lambda name, path, shape: sharding_from_rules(name, path, shape, table, mesh, merged)
     device = SingleDeviceSharding(jax.devices()[0])
     return lambda name, path, shape: device
+
+
+def _on_auto_axes(sharding):
+    """A NamedSharding moved onto its mesh's devices and axes with every axis Auto (runtime.partitioning.auto_axes);
+    any other sharding as it is."""
+    if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.Mesh):
+        return jax.sharding.NamedSharding(auto_axes(sharding.mesh), sharding.spec, memory_kind=sharding.memory_kind)
+    return sharding
 
 
 def export_weights(module: Any, specs: list[WeightSpec], dtype=None) -> Iterator[tuple[str, np.ndarray]]:
@@ -282,6 +291,8 @@ def load_directory(path, config_cls, model_cls, weight_specs, param_axes, *, mes
     than num_hidden_layers, say) is refused before anything is read (``check_all_tensors_used``), as is one that
     ``check_tensors(tensors, config, source)`` rejects."""
     config = read_config(Path(path), config_cls, overrides)
+    if isinstance(mesh, jax.sharding.Mesh):
+        mesh = auto_axes(mesh)  # a jax.make_mesh mesh's Explicit axes
     model = nnx.eval_shape(lambda: model_cls(config))
     tensors = open_checkpoint_lazy(path)
     specs = weight_specs(config)

@@ -40,6 +40,15 @@ def check_mesh_axes(mesh: Mesh) -> None:
                         f"{list(MESH_AXES)} (axes the mesh lacks count as size 1), got mesh axes {dict(mesh.shape)}")
 
 
+def auto_axes(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis Auto (what experiments.mesh builds): the models are written for XLA's sharding
+    propagation. Arrays placed on Explicit axes (jax.make_mesh's default) carry their shardings in their types, and
+    the models' first gather from a split embedding then fails with a ShardingTypeError."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def split_over(mesh: Mesh, mesh_axes) -> tuple[tuple[str, ...], int, str]:
     """The axes of ``mesh_axes`` that split anything (size > 1; an axis the mesh lacks splits nothing), how many
     parts they make, and how an error message names them ("fsdp=2 x tensor=4")."""

@@ -37,9 +37,9 @@ def checkpoint(request, tmp_path_factory):
     return path
 
 
-def _run(*args):
+def _run(*args, env=None):
     return subprocess.run([sys.executable, "-m", "experiments.generate", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
 
 
 def _main(*args) -> subprocess.CompletedProcess:
@@ -89,7 +89,10 @@ def test_stream_prints_the_same_text(checkpoint):
 
 def test_generate_from_a_training_run(tmp_path):
     """experiments.train writes checkpoints; experiments.generate continues from the run directory with the
-    restored model (compared with load_trained_model + greedy generation in this process)."""
+    restored model (compared with load_trained_model + greedy generation in this process), here with its
+    parameters split over --mesh tensor=2 on two fake CPU devices (the run's mesh.rules)."""
+    import os
+
     import numpy as np
 
     from experiments.train import load_trained_model, main as train_main
@@ -98,9 +101,11 @@ def test_generate_from_a_training_run(tmp_path):
     out = tmp_path / "run"  # trained in this process (its command line runs in a process of its own in test_train)
     assert train_main(["tiny_falcon_mamba", "steps=3", "checkpoint_every=3", "log_every=1", "model.num_hidden_layers=1",
                        "data.seq_len=16", "data.batch_size=4", f"output_dir={out}"]) == 0
-    result = _run(out, "--ids", "5,6,7", "--max-new-tokens", "4", "--stop")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    result = _run(out, "--ids", "5,6,7", "--max-new-tokens", "4", "--stop", "--mesh", "tensor=2", env=env)
     assert result.returncode == 0, result.stderr
     assert "loaded checkpoint step 3" in result.stderr
+    assert "[parameters split over the mesh data=1, fsdp=1, tensor=2]" in result.stderr
     model, step = load_trained_model(out)
     assert step == 3
     expected = generate(model, np.array([[5, 6, 7]]), max_new_tokens=4, temperature=0).row(0)
@@ -186,6 +191,13 @@ def test_default_stop_tokens_follow_generation_config_json(tmp_path):
     (["--prompt", "w1", "--tokenizer", "config.json"], "--tokenizer: expected a tokenizer.json of the tokenizers "
                                                        "package, got '.*config.json': "),
     (["--prompt", ""], "--prompt: expected text of at least one token, got ''"),
+    (["--ids", "1", "--mesh", "tensr=2"], "--mesh: expected AXIS=N items with AXIS one of data, fsdp, tensor, each "
+                                          "once, got 'tensr=2'"),
+    (["--ids", "1", "--mesh", "tensor=2,tensor=1"], "--mesh: expected .* each once, got 'tensor' twice"),
+    (["--ids", "1", "--mesh", "tensor=x"], "--mesh: expected tensor=N with N a positive integer or -1, got 'tensor=x'"),
+    (["--ids", "1", "--mesh", "fsdp=0"], "--mesh fsdp=0: config field 'fsdp': expected a positive integer or -1"),
+    (["--ids", "1", "--mesh", "tensor=2"], r"--mesh tensor=2: mesh.data=-1: the other axes \(data=-1 x fsdp=1 x "
+                                           r"tensor=2\) use 2 devices, which does not divide the 1 devices"),
 ])
 def test_bad_arguments_are_one_error_line_before_loading(tmp_path, monkeypatch, args, message):
     """A bad flag is an "error: ..." line (exit status 1), not a traceback, and is found before the model is
@@ -223,6 +235,24 @@ def test_a_max_new_tokens_too_big_for_the_device_is_one_error_line(checkpoint, m
                                          r"1073741824 bytes \(1\.0 GiB\) available: a test's 1 GiB\), got 2147483647, "
                                          r"which needs at least \d+ bytes"):
         main([str(checkpoint), "--ids", "1,2", "--max-new-tokens", str(2**31 - 1), "--stop"])
+
+def test_mesh_splits_the_parameters_and_samples_the_tokens_of_one_device(tmp_path):
+    """--mesh tensor=2 on two (fake CPU) devices: a grouped-KV Falcon's parameters split over tensor (the KV cache
+    follows them), and the tokens sampled are those of one device. The training-run path: in
+    test_generate_from_a_training_run."""
+    import os
+
+    build_and_save(FalconConfig, FalconForCausalLM, tmp_path, vocab_size=40, hidden_size=32, num_hidden_layers=1,
+                   num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, multi_query=False)
+    args = [tmp_path, "--ids", "1,2,3", "--max-new-tokens", "8", "--temperature", "1", "--seed", "3", "--stop"]
+    one_device = _main(*args)
+    assert one_device.returncode == 0, one_device.stderr
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    split = _run(*args, "--mesh", "tensor=2", env=env)
+    assert split.returncode == 0, split.stderr
+    assert "[parameters split over the mesh data=1, fsdp=1, tensor=2]" in split.stderr
+    assert split.stdout == one_device.stdout and len(set(split.stdout.split())) > 1, (split.stdout, one_device.stdout)
+
 
 def test_incremental_text_joins_to_the_whole_decoding_in_linear_work():
     """--stream's pieces, with a byte-level BPE tokenizer whose tokens split multi-byte characters: they join to

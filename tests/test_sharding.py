@@ -81,6 +81,30 @@ def test_a_callers_mesh_may_lack_axes_but_not_rename_them():
         resolve_shardings(mesh=renamed, table=ssm.sharding.PARAM_AXES)
 
 
+def test_a_callers_explicit_mesh_places_parameters_on_auto_axes(tmp_path):
+    """jax.make_mesh's default axes are Explicit: parameters placed there carry their shardings in their types, and
+    on two or more devices the models' first gather from a split embedding failed (ShardingTypeError).
+    from_pretrained places them on the same devices with Auto axes, as experiments.mesh builds meshes."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from configs import load_model_config
+    from experiments.models import build_model
+
+    ssm.save_pretrained(build_model(load_model_config("tiny_falcon_mamba", ["num_hidden_layers=1"])), tmp_path)
+    explicit = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 3)
+    paths = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(
+        nnx.eval_shape(lambda: build_model(load_model_config("tiny_falcon_mamba", ["num_hidden_layers=1"]))),
+        nnx.Param))]
+    for placement in ({"mesh": explicit}, {"shardings": {path: NamedSharding(explicit, PartitionSpec())
+                                                         for path in paths}}):
+        model = ssm.from_pretrained(tmp_path, **placement)
+        for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+            assert leaf.sharding.mesh.axis_types == (AxisType.Auto,) * 3, placement
+            assert leaf.sharding.mesh.devices.tolist() == explicit.devices.tolist()
+
+
 def test_cli_reports_bad_mesh_and_indivisible_dims(tmp_path):
     bad_mesh = run_train("tiny_falcon_mamba", tmp_path / "a", "mesh.data=3", devices=8, cache_dir=tmp_path,
                          expect_ok=False)
