@@ -8,12 +8,13 @@ A family's LM subclasses CausalLM and provides (traceable, no checks inside):
         jax.checkpoint policy; each layer is then called through ``call_layer`` (rematerialised one by one).
     input_embedding -> its token embedding (an Embed), with ``lm_head`` None where the output projection is
         tied to it (logits, below, then attend through it)
-    init_state(batch_size, max_len=None) -> DecodeState
+    empty_state(batch_size, max_len=None) -> DecodeState of zeros (checks its arguments)
+    state_specs(mesh) -> the PartitionSpecs of the state's leaves on ``mesh``, the way its parameters are split
     state_capacity(state) -> positions the state can hold (None: unbounded)
 
-CausalLM builds on them logits(hidden) (fp32, (..., vocab)) and the public, checked and jit-compiled API:
-__call__ (full logits), prefill (chunk by chunk, carrying the state), step (one token) and log_likelihood
-(chunked, never seqlen x vocab logits).
+CausalLM builds on them logits(hidden) (fp32, (..., vocab)), init_state (empty_state, made split over the mesh the
+parameters are split over) and the public, checked and jit-compiled API: __call__ (full logits), prefill (chunk by
+chunk, carrying the state), step (one token) and log_likelihood (chunked, never seqlen x vocab logits).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from runtime.checks import check_positive_int, check_seed, shape_of
 
@@ -153,8 +155,26 @@ def _state_layout(model, batch: int, capacity: int | None):
     if key not in _STATE_LAYOUTS:
         if len(_STATE_LAYOUTS) >= 64:
             _STATE_LAYOUTS.clear()
-        _STATE_LAYOUTS[key] = jax.eval_shape(lambda: model.init_state(batch, capacity))
+        _STATE_LAYOUTS[key] = jax.eval_shape(lambda: model.empty_state(batch, capacity))
     return _STATE_LAYOUTS[key]
+
+
+def parameter_mesh(model) -> Mesh | None:
+    """The mesh ``model``'s parameters are split over where it has more than one device (its first parameter's
+    NamedSharding), else None: one device, or abstract or traced parameters."""
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        sharding = leaf.sharding if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) else None
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+        return None
+    return None
+
+
+def spec_of(array, dim: int):
+    """The mesh axes (a PartitionSpec entry) that split dimension ``dim`` of a parameter: what a state dimension
+    of the same feature is split by."""
+    spec = array.sharding.spec if isinstance(getattr(array, "sharding", None), NamedSharding) else ()
+    return spec[dim] if dim < len(spec) else None
 
 
 def init_rngs(config, config_cls: type, rngs: nnx.Rngs | None, seed: Any) -> nnx.Rngs:
@@ -185,8 +205,25 @@ class CausalLM(nnx.Module):
             return self.input_embedding.attend(hidden)
         return self.lm_head(hidden, out_dtype=jnp.float32)
 
-    def init_state(self, batch_size: int, max_len: int | None = None):  # pragma: no cover - abstract
+    def empty_state(self, batch_size: int, max_len: int | None = None):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def state_specs(self, mesh):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, max_len: int | None = None):
+        """An empty DecodeState for ``batch_size`` rows (a KV cache of ``max_len`` positions; Falcon Mamba's state
+        has no length). Where the parameters are split over a mesh of several devices (from_pretrained(mesh=...),
+        --mesh), each array is made split the same way (state_specs: kv heads or d_inner like the attention or
+        mixer weights; the batch whole), never whole on one device first."""
+        mesh = parameter_mesh(self)
+        if mesh is None:
+            return self.empty_state(batch_size, max_len)
+        layout = _state_layout(self, batch_size, max_len)  # checks the arguments (empty_state)
+        specs = jax.tree.leaves(self.state_specs(mesh), is_leaf=lambda x: isinstance(x, PartitionSpec))
+        leaves, tree = jax.tree.flatten(layout)
+        return tree.unflatten([jnp.zeros(leaf.shape, leaf.dtype, device=NamedSharding(mesh, spec))
+                               for leaf, spec in zip(leaves, specs, strict=True)])
 
     def forward(self, input_ids: jax.Array, remat=None) -> jax.Array:
         """Unchecked, traceable full-sequence logits (for use inside jit, e.g. a training loss); ``remat``: a

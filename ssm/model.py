@@ -12,10 +12,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from configs.schema import FalconMambaConfig
 from runtime.checks import check_positive_int
-from runtime.interface import CausalLM, DecodeState, call_layer, init_rngs
+from runtime.interface import CausalLM, DecodeState, call_layer, init_rngs, spec_of
 from runtime.layers import Dense, Embed, RMSNorm, StackedDense, dtype_of, matmul_precision, rms_normalize
 from ssm.conv import causal_conv1d
 from ssm.scan import discretization_dt, selective_scan
@@ -122,7 +123,7 @@ class MambaMixer(nnx.Module):
         dt, _, _ = self._selection(xc)
         return discretization_dt(dt, self.dt_proj.bias[...], True)
 
-    def init_state(self, batch_size: int) -> LayerState:
+    def empty_state(self, batch_size: int) -> LayerState:
         cfg = self.config
         return LayerState(jnp.zeros((batch_size, cfg.conv_kernel - 1, cfg.intermediate_size), self.dtype),
                           jnp.zeros((batch_size, cfg.intermediate_size, cfg.state_size), jnp.float32))
@@ -180,11 +181,19 @@ class FalconMambaLM(CausalLM):
     def input_embedding(self) -> Embed:
         return self.embeddings
 
-    def init_state(self, batch_size: int, max_len: int | None = None) -> DecodeState:
+    def empty_state(self, batch_size: int, max_len: int | None = None) -> DecodeState:
         """Zero conv and SSM states for every layer; their size does not depend on ``max_len`` (unused)."""
         check_positive_int("batch_size", batch_size)
-        return DecodeState([layer.mixer.init_state(batch_size) for layer in self.layers],
+        return DecodeState([layer.mixer.empty_state(batch_size) for layer in self.layers],
                            jnp.zeros((batch_size,), jnp.int32))
+
+    def state_specs(self, mesh) -> DecodeState:
+        """d_inner split like each layer's A_log (d_inner, d_state); the batch and the lengths whole."""
+        layers = []
+        for layer in self.layers:
+            d_inner = spec_of(layer.mixer.A_log[...], 0)
+            layers.append(LayerState(PartitionSpec(None, None, d_inner), PartitionSpec(None, d_inner, None)))
+        return DecodeState(layers, PartitionSpec())
 
     def state_capacity(self, state: DecodeState) -> int | None:
         return None  # constant-size state: any length fits

@@ -236,22 +236,58 @@ def test_a_max_new_tokens_too_big_for_the_device_is_one_error_line(checkpoint, m
                                          r"which needs at least \d+ bytes"):
         main([str(checkpoint), "--ids", "1,2", "--max-new-tokens", str(2**31 - 1), "--stop"])
 
-def test_mesh_splits_the_parameters_and_samples_the_tokens_of_one_device(tmp_path):
-    """--mesh tensor=2 on two (fake CPU) devices: a grouped-KV Falcon's parameters split over tensor (the KV cache
-    follows them), and the tokens sampled are those of one device. The training-run path: in
-    test_generate_from_a_training_run."""
+MESH_CHECK = r"""
+import sys
+
+import jax
+import numpy as np
+
+import ssm
+import transformer
+from experiments.generate import main
+from runtime.generation import generate
+
+falcon, mamba, *args = sys.argv[1:]
+main([falcon, *args])  # --ids 1,2,3 --max-new-tokens 8 --temperature 1 --seed 3 --stop --mesh tensor=2
+one_device = generate(transformer.from_pretrained(falcon), np.array([[1, 2, 3]]), max_new_tokens=8, temperature=1,
+                      seed=3)
+print("one device:", " ".join(map(str, one_device.row(0))), file=sys.stderr)
+mesh = jax.make_mesh((2,), ("tensor",))  # jax's default Explicit axes (from_pretrained puts them on Auto ones)
+for family, path in ((transformer, falcon), (ssm, mamba)):
+    split, whole = family.from_pretrained(path, mesh=mesh), family.from_pretrained(path)
+    state = split.init_state(2, max_len=12)
+    print("specs", [tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(state.layers[0])], file=sys.stderr)
+    prompts = np.array([[1, 2, 3], [4, 5, 6]])
+    same = [generate(model, prompts, max_new_tokens=6, temperature=1, seed=4).tokens.tolist()
+            for model in (split, whole)]
+    print("same tokens", same[0] == same[1] and len(set(np.ravel(same[0]))) > 1, file=sys.stderr)
+"""
+
+
+def test_mesh_splits_the_parameters_and_the_state_and_samples_the_tokens_of_one_device(tmp_path):
+    """On two (fake CPU) devices: --mesh tensor=2 splits a grouped-KV Falcon's parameters over tensor and samples
+    the tokens of one device; from_pretrained(mesh=...) with a jax.make_mesh mesh does the same for both families,
+    and init_state makes the state split like the parameters (kv heads; Falcon Mamba's d_inner), not whole on one
+    device. A training run's parameters: test_generate_from_a_training_run."""
     import os
 
-    build_and_save(FalconConfig, FalconForCausalLM, tmp_path, vocab_size=40, hidden_size=32, num_hidden_layers=1,
+    falcon, mamba = tmp_path / "falcon", tmp_path / "mamba"
+    build_and_save(FalconConfig, FalconForCausalLM, falcon, vocab_size=40, hidden_size=32, num_hidden_layers=1,
                    num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, multi_query=False)
-    args = [tmp_path, "--ids", "1,2,3", "--max-new-tokens", "8", "--temperature", "1", "--seed", "3", "--stop"]
-    one_device = _main(*args)
-    assert one_device.returncode == 0, one_device.stderr
+    build_and_save(FalconMambaConfig, FalconMambaForCausalLM, mamba, vocab_size=40, hidden_size=16,
+                   num_hidden_layers=1, state_size=4, expand=2)
+    args = ["--ids", "1,2,3", "--max-new-tokens", "8", "--temperature", "1", "--seed", "3", "--stop"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    split = _run(*args, "--mesh", "tensor=2", env=env)
+    split = subprocess.run([sys.executable, "-c", MESH_CHECK, falcon, mamba, *args, "--mesh", "tensor=2"],
+                           capture_output=True, text=True, timeout=300, env=env)
     assert split.returncode == 0, split.stderr
     assert "[parameters split over the mesh data=1, fsdp=1, tensor=2]" in split.stderr
-    assert split.stdout == one_device.stdout and len(set(split.stdout.split())) > 1, (split.stdout, one_device.stdout)
+    assert f"one device: {split.stdout.strip()}\n" in split.stderr and len(set(split.stdout.split())) > 1, \
+        (split.stdout, split.stderr)
+    falcon_kv = "(None, None, 'tensor', None)"
+    assert f"specs [{falcon_kv}, {falcon_kv}]" in split.stderr, split.stderr
+    assert "specs [(None, None, 'tensor'), (None, 'tensor', None)]" in split.stderr, split.stderr  # conv, ssm
+    assert split.stderr.count("same tokens True") == 2, split.stderr
 
 
 def test_incremental_text_joins_to_the_whole_decoding_in_linear_work():

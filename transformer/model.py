@@ -14,10 +14,11 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from configs.schema import FalconConfig
 from runtime.checks import check_positive_int, is_integer, shape_of
-from runtime.interface import CausalLM, DecodeState, call_layer, init_rngs
+from runtime.interface import CausalLM, DecodeState, call_layer, init_rngs, spec_of
 from runtime.layers import Dense, Embed, LayerNorm, dtype_of
 from transformer.attention import alibi_bias, apply_rope, attention, rope_cos_sin, rope_inv_freq
 
@@ -186,7 +187,7 @@ class FalconLM(CausalLM):
     def input_embedding(self) -> Embed:
         return self.word_embeddings
 
-    def init_state(self, batch_size: int, max_len: int | None = None) -> DecodeState:
+    def empty_state(self, batch_size: int, max_len: int | None = None) -> DecodeState:
         """An empty KV cache of ``max_len`` positions per row; only the KV heads are stored."""
         cfg = self.config
         check_positive_int("batch_size", batch_size)
@@ -200,6 +201,18 @@ class FalconLM(CausalLM):
         dtype = dtype_of(cfg.compute_dtype)
         layers = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
         return DecodeState(layers, jnp.zeros((batch_size,), jnp.int32))
+
+    def state_specs(self, mesh) -> DecodeState:
+        """The kv heads split like query_key_value's fused heads (whole kv groups per shard, transformer.sharding)
+        where they divide over those mesh axes (the multi-query layout's one kv head: whole); the batch, the
+        positions and the lengths whole."""
+        layers = []
+        for layer in self.h:
+            heads = spec_of(layer.self_attention.query_key_value.kernel[...], 1)
+            parts = math.prod(mesh.shape[axis] for axis in ((heads,) if isinstance(heads, str) else heads or ()))
+            kv = PartitionSpec(None, None, heads if self.config.kv_heads % parts == 0 else None, None)
+            layers.append((kv, kv))
+        return DecodeState(layers, PartitionSpec())
 
     def state_capacity(self, state: DecodeState) -> int | None:
         return state.layers[0][0].shape[1]
