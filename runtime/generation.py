@@ -27,7 +27,7 @@ from flax import nnx
 from jax import lax
 
 from runtime.checks import check_float, check_positive_int, check_rank, check_seed, is_integer
-from runtime.interface import _state_layout, check_token_ids
+from runtime.interface import _state_layout, check_token_ids, parameter_mesh
 
 NO_TOKEN = -1
 
@@ -243,16 +243,21 @@ def device_memory() -> tuple[int, str] | None:
 
 
 def _state_bytes(model, batch: int, positions: int) -> int:
-    layout = _state_layout(model, batch, positions)  # shapes only: nothing is allocated
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(layout))
+    """The bytes of init_state(batch, positions) on one device: all of them, or on a mesh the largest shard's."""
+    leaves = jax.tree.leaves(_state_layout(model, batch, positions))  # shapes only: nothing is allocated
+    mesh = parameter_mesh(model)
+    shardings = model.state_shardings(mesh) if mesh is not None else [None] * len(leaves)
+    return sum(math.prod(sharding.shard_shape(leaf.shape) if sharding else leaf.shape) * leaf.dtype.itemsize
+               for leaf, sharding in zip(leaves, shardings, strict=True))
 
 
 def _check_memory(model, batch, max_new_tokens, positions, tokens_on_device) -> None:
     """ValueError naming max_new_tokens where what decoding allocates for it cannot fit in device_memory(): a
-    decode state of ``positions(max_new_tokens)`` positions (one: it is updated in place) and, where
-    ``tokens_on_device`` (the jitted loop, not stream), the (batch, max_new_tokens) int32 tokens. A lower bound (XLA's temporaries
-    come on top): what it refuses would end in an out-of-memory error that names nothing. A KV cache grows with
-    the positions; Falcon Mamba's state does not, so only the tokens limit its generations."""
+    decode state of ``positions(max_new_tokens)`` positions (one: it is updated in place; on a mesh, a device's
+    shard of it) and, where ``tokens_on_device`` (the jitted loop, not stream), the (batch, max_new_tokens) int32
+    tokens. A lower bound (XLA's temporaries come on top): what it refuses would end in an out-of-memory error that
+    names nothing. A KV cache grows with the positions; Falcon Mamba's state does not, so only the tokens limit its
+    generations."""
     small = _state_bytes(model, batch, positions(1))
     per_position = _state_bytes(model, batch, positions(2)) - small  # 0 for a constant-size state
     state = small + per_position * (max_new_tokens - 1)
@@ -266,9 +271,10 @@ def _check_memory(model, batch, max_new_tokens, positions, tokens_on_device) -> 
     most = (available - (small - per_position)) // per_token if per_token else 0
     kind = f"the KV cache of {positions(max_new_tokens)} positions" if per_position else "the decode state"
     tokens = f"; the generated int32 tokens take {_size(tokens)}" if tokens_on_device else ""
+    where = " on each device of the mesh" if parameter_mesh(model) is not None else ""
     raise ValueError(f"max_new_tokens: expected at most {max(most, 0)} (what fits in the {_size(available)} "
                      f"available: {source}), got {max_new_tokens}, which needs at least {_size(needed)}: {kind} "
-                     f"for a batch of {batch} is {_size(state)}{tokens}")
+                     f"for a batch of {batch} is {_size(state)}{where}{tokens}")
 
 
 def _size(n: int) -> str:

@@ -219,11 +219,14 @@ class CausalLM(nnx.Module):
         mesh = parameter_mesh(self)
         if mesh is None:
             return self.empty_state(batch_size, max_len)
-        layout = _state_layout(self, batch_size, max_len)  # checks the arguments (empty_state)
+        leaves, tree = jax.tree.flatten(_state_layout(self, batch_size, max_len))  # checks the arguments
+        return tree.unflatten([jnp.zeros(leaf.shape, leaf.dtype, device=sharding)
+                               for leaf, sharding in zip(leaves, self.state_shardings(mesh), strict=True)])
+
+    def state_shardings(self, mesh) -> list[NamedSharding]:
+        """The NamedShardings of the state's leaves (in jax.tree.leaves order) on ``mesh`` (state_specs)."""
         specs = jax.tree.leaves(self.state_specs(mesh), is_leaf=lambda x: isinstance(x, PartitionSpec))
-        leaves, tree = jax.tree.flatten(layout)
-        return tree.unflatten([jnp.zeros(leaf.shape, leaf.dtype, device=NamedSharding(mesh, spec))
-                               for leaf, spec in zip(leaves, specs, strict=True)])
+        return [NamedSharding(mesh, spec) for spec in specs]
 
     def forward(self, input_ids: jax.Array, remat=None) -> jax.Array:
         """Unchecked, traceable full-sequence logits (for use inside jit, e.g. a training loss); ``remat``: a

@@ -245,6 +245,7 @@ import numpy as np
 import ssm
 import transformer
 from experiments.generate import main
+from runtime import generation
 from runtime.generation import generate
 
 falcon, mamba, *args = sys.argv[1:]
@@ -261,6 +262,9 @@ for family, path in ((transformer, falcon), (ssm, mamba)):
     same = [generate(model, prompts, max_new_tokens=6, temperature=1, seed=4).tokens.tolist()
             for model in (split, whole)]
     print("same tokens", same[0] == same[1] and len(set(np.ravel(same[0]))) > 1, file=sys.stderr)
+    # the memory check counts a device's shard: the state split in two, the (batch,) lengths whole on each device
+    halves = generation._state_bytes(split, 2, 12) - 8 == (generation._state_bytes(whole, 2, 12) - 8) // 2
+    print("a device's bytes", halves, file=sys.stderr)
 """
 
 
@@ -288,6 +292,7 @@ def test_mesh_splits_the_parameters_and_the_state_and_samples_the_tokens_of_one_
     assert f"specs [{falcon_kv}, {falcon_kv}]" in split.stderr, split.stderr
     assert "specs [(None, None, 'tensor'), (None, 'tensor', None)]" in split.stderr, split.stderr  # conv, ssm
     assert split.stderr.count("same tokens True") == 2, split.stderr
+    assert split.stderr.count("a device's bytes True") == 2, split.stderr
 
 
 def test_incremental_text_joins_to_the_whole_decoding_in_linear_work():
