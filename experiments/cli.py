@@ -50,8 +50,9 @@ def error_line(err: Exception, flags: dict[str, str]) -> str:
 
 
 MESH_HELP = ("shard the model over the devices: AXIS=N[,AXIS=N...], axes data, fsdp, tensor (e.g. tensor=8: "
-             "attention heads and MLP split over 8 devices; axes not named: data takes the devices left, fsdp and "
-             "tensor 1); default: one device for a Hugging Face directory, every device (replicated) for a run")
+             "attention heads and MLP split over 8 devices; axes not named: data takes the devices left (1 where a "
+             "named axis is -1, as in tensor=-1), fsdp and tensor 1); default: one device for a Hugging Face "
+             "directory, every device (replicated) for a run")
 
 
 def parse_mesh(flag: str, text: str | None):
@@ -75,6 +76,8 @@ def parse_mesh(flag: str, text: str | None):
             sizes[axis] = int(size)
         except ValueError:
             raise SystemExit(f"error: {flag}: expected {axis}=N with N a positive integer or -1, got {item!r}")
+    if -1 in sizes.values() and "data" not in sizes:
+        sizes["data"] = 1  # data takes the devices left only where no named axis does (tensor=-1: all of them)
     try:
         mesh = MeshConfig(**sizes)
         mesh_shape(mesh, jax.device_count())

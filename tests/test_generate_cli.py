@@ -212,6 +212,20 @@ def test_bad_arguments_are_one_error_line_before_loading(tmp_path, monkeypatch, 
         generate.main([str(tmp_path), *args])
 
 
+def test_a_mesh_axis_of_minus_one_takes_every_device():
+    """--mesh tensor=-1 (N "a positive integer or -1") is tensor over every device, not the MeshConfig default data=-1
+    beside it (which refused it: "at most one mesh axis of size -1"); an unnamed data is -1 only where no axis is."""
+    from experiments.cli import mesh_description, parse_mesh
+
+    for text, sizes in (("tensor=-1", (1, 1, -1)), ("fsdp=-1", (1, -1, 1)), ("tensor=1", (-1, 1, 1)),
+                        ("data=-1,tensor=1", (-1, 1, 1))):
+        mesh = parse_mesh("--mesh", text)
+        assert (mesh.data, mesh.fsdp, mesh.tensor) == sizes, text
+        assert mesh_description(mesh) == "data=1, fsdp=1, tensor=1"  # this process's one device
+    with pytest.raises(SystemExit, match="^error: --mesh data=-1,tensor=-1: .*at most one mesh axis of size -1"):
+        parse_mesh("--mesh", "data=-1,tensor=-1")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--ids", "1,40"], r"--ids: expected token ids below the model's vocab_size \(40\), got 40"),  # a traceback
     (["--ids", "1", "--stop", "3", "40"], r"--stop: expected token ids below the model's vocab_size \(40\), got 40"),
