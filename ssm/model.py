@@ -188,11 +188,13 @@ class FalconMambaLM(CausalLM):
                            jnp.zeros((batch_size,), jnp.int32))
 
     def state_specs(self, mesh) -> DecodeState:
-        """d_inner split like each layer's A_log (d_inner, d_state); the batch and the lengths whole."""
+        """d_inner (and d_state) split like each layer's A_log (d_inner, d_state); the batch and the lengths
+        whole."""
         layers = []
         for layer in self.layers:
-            d_inner = spec_of(layer.mixer.A_log[...], 0)
-            layers.append(LayerState(PartitionSpec(None, None, d_inner), PartitionSpec(None, d_inner, None)))
+            a_log = layer.mixer.A_log[...]
+            d_inner, d_state = spec_of(a_log, 0), spec_of(a_log, 1)
+            layers.append(LayerState(PartitionSpec(None, None, d_inner), PartitionSpec(None, d_inner, d_state)))
         return DecodeState(layers, PartitionSpec())
 
     def state_capacity(self, state: DecodeState) -> int | None:

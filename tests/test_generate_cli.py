@@ -279,6 +279,11 @@ for family, path in ((transformer, falcon), (ssm, mamba)):
     # the memory check counts a device's shard: the state split in two, the (batch,) lengths whole on each device
     halves = generation._state_bytes(split, 2, 12) - 8 == (generation._state_bytes(whole, 2, 12) - 8) // 2
     print("a device's bytes", halves, file=sys.stderr)
+# rules splitting d_state, not d_inner: the SSM state split as A_log (d_inner, d_state) is, as prefill leaves it
+d_state = ssm.from_pretrained(mamba, mesh=mesh, rules={"d_inner": None, "d_state": "tensor"})
+for state in (d_state.init_state(1), d_state.prefill(np.array([[1, 2, 3]]), d_state.init_state(1))[1]):
+    print("d_state shards", [leaf.sharding.shard_shape(leaf.shape) for leaf in jax.tree.leaves(state.layers[0])],
+          file=sys.stderr)
 """
 
 
@@ -307,6 +312,7 @@ def test_mesh_splits_the_parameters_and_the_state_and_samples_the_tokens_of_one_
     assert "specs [(None, None, 'tensor'), (None, 'tensor', None)]" in split.stderr, split.stderr  # conv, ssm
     assert split.stderr.count("same tokens True") == 2, split.stderr
     assert split.stderr.count("a device's bytes True") == 2, split.stderr
+    assert split.stderr.count("d_state shards [(1, 3, 32), (1, 32, 2)]") == 2, split.stderr  # conv whole
 
 
 def test_incremental_text_joins_to_the_whole_decoding_in_linear_work():
