@@ -51,8 +51,9 @@ def error_line(err: Exception, flags: dict[str, str]) -> str:
 
 MESH_HELP = ("shard the model over the devices: AXIS=N[,AXIS=N...], axes data, fsdp, tensor (e.g. tensor=8: "
              "attention heads and MLP split over 8 devices; axes not named: data takes the devices left (1 where a "
-             "named axis is -1, as in tensor=-1), fsdp and tensor 1); default: one device for a Hugging Face "
-             "directory, every device (replicated) for a run")
+             "named axis is -1, as in tensor=-1), fsdp and tensor 1; a batch's rows split over data and fsdp where "
+             "they divide); default: one device for a Hugging Face directory, every device for a run (the "
+             "parameters replicated, the rows split)")
 
 
 def parse_mesh(flag: str, text: str | None):

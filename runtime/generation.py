@@ -246,7 +246,7 @@ def _state_bytes(model, batch: int, positions: int) -> int:
     """The bytes of init_state(batch, positions) on one device: all of them, or on a mesh the largest shard's."""
     leaves = jax.tree.leaves(_state_layout(model, batch, positions))  # shapes only: nothing is allocated
     mesh = parameter_mesh(model)
-    shardings = model.state_shardings(mesh) if mesh is not None else [None] * len(leaves)
+    shardings = model.state_shardings(mesh, batch) if mesh is not None else [None] * len(leaves)
     return sum(math.prod(sharding.shard_shape(leaf.shape) if sharding else leaf.shape) * leaf.dtype.itemsize
                for leaf, sharding in zip(leaves, shardings, strict=True))
 

@@ -27,7 +27,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from configs.schema import DEFAULT_SHARDING_RULES
 from runtime.checks import check_positive_int, check_seed, shape_of
+from runtime.partitioning import split_over
 
 
 class DecodeState(NamedTuple):
@@ -160,14 +162,20 @@ def _state_layout(model, batch: int, capacity: int | None):
 
 
 def parameter_mesh(model) -> Mesh | None:
-    """The mesh ``model``'s parameters are split over where it has more than one device (its first parameter's
-    NamedSharding), else None: one device, or abstract or traced parameters."""
-    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-        sharding = leaf.sharding if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) else None
-        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-            return sharding.mesh
-        return None
-    return None
+    """The mesh ``model``'s parameters are split over where it has more than one device (its input embedding's
+    NamedSharding: one lookup; walking nnx.state of an 80-layer model took 38 ms), else None: one device, or
+    abstract or traced parameters."""
+    table = model.input_embedding.embedding.get_value()  # (an abstract model's is a ShapeDtypeStruct)
+    sharding = table.sharding if isinstance(table, jax.Array) and not isinstance(table, jax.core.Tracer) else None
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def batch_axes(mesh: Mesh, rows: int) -> tuple[str, ...]:
+    """The mesh axes the default rules give the batch (DEFAULT_SHARDING_RULES['batch']: data, fsdp) that split
+    anything on ``mesh``, where their sizes multiply to a divisor of ``rows``; else () (the rows whole on every
+    device)."""
+    axes, parts, _ = split_over(mesh, DEFAULT_SHARDING_RULES["batch"])
+    return axes if rows % parts == 0 else ()
 
 
 def spec_of(array, dim: int):
@@ -220,13 +228,24 @@ class CausalLM(nnx.Module):
         if mesh is None:
             return self.empty_state(batch_size, max_len)
         leaves, tree = jax.tree.flatten(_state_layout(self, batch_size, max_len))  # checks the arguments
+        shardings = self.state_shardings(mesh, batch_size)
         return tree.unflatten([jnp.zeros(leaf.shape, leaf.dtype, device=sharding)
-                               for leaf, sharding in zip(leaves, self.state_shardings(mesh), strict=True)])
+                               for leaf, sharding in zip(leaves, shardings, strict=True)])
 
-    def state_shardings(self, mesh) -> list[NamedSharding]:
-        """The NamedShardings of the state's leaves (in jax.tree.leaves order) on ``mesh`` (state_specs)."""
+    def state_shardings(self, mesh, batch_size: int) -> list[NamedSharding]:
+        """The NamedShardings of the state's leaves (in jax.tree.leaves order) on ``mesh``: the family's
+        state_specs, with the rows (every leaf's first dimension) split like the inputs' (batch_axes)."""
+        rows = batch_axes(mesh, batch_size) or None
         specs = jax.tree.leaves(self.state_specs(mesh), is_leaf=lambda x: isinstance(x, PartitionSpec))
-        return [NamedSharding(mesh, spec) for spec in specs]
+        return [NamedSharding(mesh, PartitionSpec(rows, *spec[1:])) for spec in specs]
+
+    def _rows_split(self, array: jax.Array) -> jax.Array:
+        """``array`` (batch, ...) with its rows split over the batch axes of the parameters' mesh (batch_axes), so
+        a model loaded on several devices runs its batch data-parallel; as it is without a mesh or where the axes
+        do not divide its rows."""
+        mesh = parameter_mesh(self)
+        rows = batch_axes(mesh, array.shape[0]) if mesh is not None else ()
+        return jax.device_put(array, NamedSharding(mesh, PartitionSpec(rows))) if rows else array
 
     def forward(self, input_ids: jax.Array, remat=None) -> jax.Array:
         """Unchecked, traceable full-sequence logits (for use inside jit, e.g. a training loss); ``remat``: a
@@ -236,7 +255,7 @@ class CausalLM(nnx.Module):
 
     def __call__(self, input_ids) -> jax.Array:
         """int (batch, seq) -> float32 logits (batch, seq, vocab); checked and jit-compiled."""
-        return _jit_forward(self, check_token_ids(input_ids, self.config.vocab_size))
+        return _jit_forward(self, self._rows_split(check_token_ids(input_ids, self.config.vocab_size)))
 
     def _chunks(self, length: int, chunk_size):
         check_positive_int("chunk_size", chunk_size, allow_none=True)
@@ -301,6 +320,7 @@ class CausalLM(nnx.Module):
         input_ids = check_token_ids(input_ids, self.config.vocab_size)
         batch, seq = input_ids.shape
         input_ids, row_lengths = normalize_padding(input_ids, attention_mask, lengths)
+        input_ids = self._rows_split(input_ids)
         self._check_state(state, batch)
         self._check_fits(state, seq)
         if copy_state:
@@ -317,12 +337,12 @@ class CausalLM(nnx.Module):
         token_ids = check_token_ids(token_ids, self.config.vocab_size, name="token_ids", ndim=1)
         self._check_state(state, token_ids.shape[0])
         self._check_fits(state, 1, name="token_ids")
-        return _jit_step(self, token_ids, state)
+        return _jit_step(self, self._rows_split(token_ids), state)
 
     def log_likelihood(self, input_ids, chunk_size=None):
         """log p(x_{t+1} | x_{<=t}) for t in [0, seq-1): (batch, seq-1) fp32, computed chunk by chunk so that
         no (seq, vocab) logits exist at once."""
-        input_ids = check_token_ids(input_ids, self.config.vocab_size)
+        input_ids = self._rows_split(check_token_ids(input_ids, self.config.vocab_size))
         batch, length = input_ids.shape
         if length < 2:
             raise ValueError(f"input_ids: expected at least 2 tokens per row for a likelihood, got {length}")
