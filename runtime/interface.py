@@ -223,7 +223,7 @@ class CausalLM(nnx.Module):
         """An empty DecodeState for ``batch_size`` rows (a KV cache of ``max_len`` positions; Falcon Mamba's state
         has no length). Where the parameters are split over a mesh of several devices (from_pretrained(mesh=...),
         --mesh), each array is made split the same way (state_specs: kv heads or d_inner like the attention or
-        mixer weights; the batch whole), never whole on one device first."""
+        mixer weights; the rows like the inputs', state_shardings), never whole on one device first."""
         mesh = parameter_mesh(self)
         if mesh is None:
             return self.empty_state(batch_size, max_len)

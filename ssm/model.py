@@ -188,8 +188,8 @@ class FalconMambaLM(CausalLM):
                            jnp.zeros((batch_size,), jnp.int32))
 
     def state_specs(self, mesh) -> DecodeState:
-        """d_inner (and d_state) split like each layer's A_log (d_inner, d_state); the batch and the lengths
-        whole."""
+        """d_inner (and d_state) split like each layer's A_log (d_inner, d_state); the rows (the first dimension)
+        are CausalLM.state_shardings'."""
         layers = []
         for layer in self.layers:
             a_log = layer.mixer.A_log[...]

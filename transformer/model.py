@@ -204,8 +204,8 @@ class FalconLM(CausalLM):
 
     def state_specs(self, mesh) -> DecodeState:
         """The kv heads split like query_key_value's fused heads (whole kv groups per shard, transformer.sharding)
-        where they divide over those mesh axes (the multi-query layout's one kv head: whole); the batch, the
-        positions and the lengths whole."""
+        where they divide over those mesh axes (the multi-query layout's one kv head: whole); the positions whole
+        (the rows, the first dimension: CausalLM.state_shardings)."""
         layers = []
         for layer in self.h:
             heads = spec_of(layer.self_attention.query_key_value.kernel[...], 1)
