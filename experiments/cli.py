@@ -38,14 +38,19 @@ def check_output_file(name: str, path: str) -> None:
         raise ValueError(f"{name}: expected a file path in a writable directory, got {str(path)!r} ({problem})")
 
 
-def error_line(err: Exception, flags: dict[str, str]) -> str:
+def error_line(err: Exception, flags: dict[str, str], mesh: str | None = None) -> str:
     """``error: <message>`` for a library error whose message starts with the name of what it checked (``step:``,
     ``config field 'data.token_file':``), that name replaced by the command's flag for it (``flags``:
-    {"step": "--step"})."""
+    {"step": "--step"}). ``mesh``: the mesh flag as given ("--mesh tensor=2"), named first where the error is a
+    dimension the mesh does not divide (a MeshError, or an error raised from one)."""
+    from runtime.partitioning import MeshError
+
     message = str(err)
     for name, flag in flags.items():
         if message.startswith(f"{name}:"):
             message = flag + message[len(name):]
+    if mesh and (isinstance(err, MeshError) or isinstance(err.__cause__, MeshError)):
+        message = f"{mesh}: {message}"
     return f"error: {message}"
 
 

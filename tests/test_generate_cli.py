@@ -262,8 +262,12 @@ from experiments.generate import main
 from runtime import generation
 from runtime.generation import generate
 
-falcon, mamba, *args = sys.argv[1:]
+falcon, mamba, odd, *args = sys.argv[1:]
 main([falcon, *args])  # --ids 1,2,3 --max-new-tokens 8 --temperature 1 --seed 3 --stop --mesh tensor=2
+try:  # a vocabulary of 41 rows does not split in two
+    main([odd, *args])
+except SystemExit as err:
+    print("odd:", err, file=sys.stderr)
 one_device = generate(transformer.from_pretrained(falcon), np.array([[1, 2, 3]]), max_new_tokens=8, temperature=1,
                       seed=3)
 print("one device:", " ".join(map(str, one_device.row(0))), file=sys.stderr)
@@ -303,14 +307,16 @@ def test_mesh_splits_the_parameters_and_the_state_and_samples_the_tokens_of_one_
     run's parameters: test_generate_from_a_training_run."""
     import os
 
-    falcon, mamba = tmp_path / "falcon", tmp_path / "mamba"
-    build_and_save(FalconConfig, FalconForCausalLM, falcon, vocab_size=40, hidden_size=32, num_hidden_layers=1,
-                   num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, multi_query=False)
+    falcon, mamba, odd = tmp_path / "falcon", tmp_path / "mamba", tmp_path / "odd"
+    for path, vocab_size in ((falcon, 40), (odd, 41)):
+        build_and_save(FalconConfig, FalconForCausalLM, path, vocab_size=vocab_size, hidden_size=32,
+                       num_hidden_layers=1, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+                       multi_query=False)
     build_and_save(FalconMambaConfig, FalconMambaForCausalLM, mamba, vocab_size=40, hidden_size=16,
                    num_hidden_layers=1, state_size=4, expand=2)
     args = ["--ids", "1,2,3", "--max-new-tokens", "8", "--temperature", "1", "--seed", "3", "--stop"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    split = subprocess.run([sys.executable, "-c", MESH_CHECK, falcon, mamba, *args, "--mesh", "tensor=2"],
+    split = subprocess.run([sys.executable, "-c", MESH_CHECK, falcon, mamba, odd, *args, "--mesh", "tensor=2"],
                            capture_output=True, text=True, timeout=300, env=env)
     assert split.returncode == 0, split.stderr
     assert "[parameters split over the mesh data=1, fsdp=1, tensor=2]" in split.stderr
@@ -323,6 +329,9 @@ def test_mesh_splits_the_parameters_and_the_state_and_samples_the_tokens_of_one_
     assert split.stderr.count("a device's bytes True") == 2, split.stderr
     assert split.stderr.count("d_state shards [(1, 3, 32), (1, 32, 2)]") == 2, split.stderr  # conv whole
     assert split.stderr.count("rows split {('data',)} ('data',) True") == 2, split.stderr
+    assert ("odd: error: --mesh tensor=2: tensor 'transformer.word_embeddings.weight' (parameter "
+            "'word_embeddings.embedding'): dimension 0 ('vocab') has size 41, which is not divisible by mesh axes "
+            "tensor=2") in split.stderr, split.stderr
 
 
 def test_incremental_text_joins_to_the_whole_decoding_in_linear_work():
