@@ -234,10 +234,17 @@ class CausalLM(nnx.Module):
 
     def state_shardings(self, mesh, batch_size: int) -> list[NamedSharding]:
         """The NamedShardings of the state's leaves (in jax.tree.leaves order) on ``mesh``: the family's
-        state_specs, with the rows (every leaf's first dimension) split like the inputs' (batch_axes)."""
-        rows = batch_axes(mesh, batch_size) or None
+        state_specs, with the rows (every leaf's first dimension) split like the inputs' (batch_axes) over the axes
+        its other dimensions do not use (rules splitting d_inner or kv heads over fsdp, say: the axis then splits
+        those, a spec naming it twice is refused)."""
+        rows = batch_axes(mesh, batch_size)
         specs = jax.tree.leaves(self.state_specs(mesh), is_leaf=lambda x: isinstance(x, PartitionSpec))
-        return [NamedSharding(mesh, PartitionSpec(rows, *spec[1:])) for spec in specs]
+        shardings = []
+        for spec in specs:
+            used = {axis for entry in spec[1:] if entry for axis in ((entry,) if isinstance(entry, str) else entry)}
+            free = tuple(axis for axis in rows if axis not in used)  # a divisor's divisor: they still divide
+            shardings.append(NamedSharding(mesh, PartitionSpec(free or None, *spec[1:])))
+        return shardings
 
     def _rows_split(self, array: jax.Array) -> jax.Array:
         """``array`` (batch, ...) with its rows split over the batch axes of the parameters' mesh (batch_axes), so

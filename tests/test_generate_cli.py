@@ -289,6 +289,11 @@ d_state = ssm.from_pretrained(mamba, mesh=mesh, rules={"d_inner": None, "d_state
 for state in (d_state.init_state(1), d_state.prefill(np.array([[1, 2, 3]]), d_state.init_state(1))[1]):
     print("d_state shards", [leaf.sharding.shard_shape(leaf.shape) for leaf in jax.tree.leaves(state.layers[0])],
           file=sys.stderr)
+# rules splitting d_inner over fsdp: the state's rows are split over the batch axes d_inner leaves free (fsdp twice
+# in one spec was a DuplicateSpecError)
+fsdp = ssm.from_pretrained(mamba, mesh=jax.make_mesh((2,), ("fsdp",)), rules={"embed": None, "d_inner": "fsdp"})
+print("d_inner over fsdp", [tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(fsdp.init_state(2))],
+      file=sys.stderr)
 # on a data axis the rows are split: the inputs, the state and so the logits; the scores those of one device
 rows = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
 for family, path in ((transformer, falcon), (ssm, mamba)):
@@ -329,6 +334,7 @@ def test_mesh_splits_the_parameters_and_the_state_and_samples_the_tokens_of_one_
     assert split.stderr.count("a device's bytes True") == 2, split.stderr
     assert split.stderr.count("d_state shards [(1, 3, 32), (1, 32, 2)]") == 2, split.stderr  # conv whole
     assert split.stderr.count("rows split {('data',)} ('data',) True") == 2, split.stderr
+    assert "d_inner over fsdp [(None, None, 'fsdp'), (None, 'fsdp', None), ('fsdp',)]" in split.stderr, split.stderr
     assert ("odd: error: --mesh tensor=2: tensor 'transformer.word_embeddings.weight' (parameter "
             "'word_embeddings.embedding'): dimension 0 ('vocab') has size 41, which is not divisible by mesh axes "
             "tensor=2") in split.stderr, split.stderr
