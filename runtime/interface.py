@@ -19,6 +19,7 @@ chunk, carrying the state), step (one token) and log_likelihood (chunked, never 
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -172,10 +173,12 @@ def parameter_mesh(model) -> Mesh | None:
 
 def batch_axes(mesh: Mesh, rows: int) -> tuple[str, ...]:
     """The mesh axes the default rules give the batch (DEFAULT_SHARDING_RULES['batch']: data, fsdp) that split
-    anything on ``mesh``, where their sizes multiply to a divisor of ``rows``; else () (the rows whole on every
-    device)."""
-    axes, parts, _ = split_over(mesh, DEFAULT_SHARDING_RULES["batch"])
-    return axes if rows % parts == 0 else ()
+    anything on ``mesh`` and whose sizes multiply to a divisor of ``rows``: all of them, else the longest leading
+    run of them that does (data=2 x fsdp=2 and 2 rows: data), else () (the rows whole on every device)."""
+    axes, _, _ = split_over(mesh, DEFAULT_SHARDING_RULES["batch"])
+    while axes and rows % math.prod(mesh.shape[axis] for axis in axes):
+        axes = axes[:-1]
+    return axes
 
 
 def spec_of(array, dim: int):

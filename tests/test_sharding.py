@@ -81,6 +81,18 @@ def test_a_callers_mesh_may_lack_axes_but_not_rename_them():
         resolve_shardings(mesh=renamed, table=ssm.sharding.PARAM_AXES)
 
 
+def test_inference_rows_split_over_the_batch_axes_that_divide_them():
+    """Inference splits a batch's rows over data and fsdp where their sizes divide the rows, else over the leading
+    axes that do (a batch of 2 on data=2 x fsdp=2 was left whole on all 4 devices)."""
+    from runtime.interface import batch_axes
+
+    mesh = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    assert [batch_axes(mesh, rows) for rows in (8, 4, 2, 6, 1, 3)] == [("data", "fsdp"), ("data", "fsdp"), ("data",),
+                                                                       ("data",), (), ()]
+    fsdp_only = AbstractMesh((1, 4, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    assert [batch_axes(fsdp_only, rows) for rows in (4, 2)] == [("fsdp",), ()]
+
+
 def test_a_callers_explicit_mesh_places_parameters_on_auto_axes(tmp_path):
     """jax.make_mesh's default axes are Explicit: parameters placed there carry their shardings in their types, and
     on two or more devices the models' first gather from a split embedding failed (ShardingTypeError).
