@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from configs.schema import MESH_AXES, MeshConfig
-from runtime.partitioning import MeshError, logical_axes, spec_for  # noqa: F401  (re-exported)
+from runtime.partitioning import MeshError, entry_axes, logical_axes, spec_for  # noqa: F401  (re-exported)
 
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, ...]:
@@ -52,7 +52,7 @@ def check_axes_used(axis_sizes: Mapping[str, int], shardings) -> None:
     used = set()
     for sharding in shardings:
         for entry in getattr(sharding, "spec", sharding):
-            used.update((entry,) if isinstance(entry, str) else entry or ())
+            used.update(entry_axes(entry))
     idle = [f"mesh.{axis}={size}" for axis, size in axis_sizes.items() if size > 1 and axis not in used]
     if idle:
         raise MeshError(f"mesh.rules: expected every mesh axis of size > 1 to shard a parameter or the batch, got "

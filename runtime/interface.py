@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs.schema import DEFAULT_SHARDING_RULES
 from runtime.checks import check_positive_int, check_seed, shape_of
-from runtime.partitioning import split_over
+from runtime.partitioning import entry_axes, split_over
 
 
 class DecodeState(NamedTuple):
@@ -244,7 +244,7 @@ class CausalLM(nnx.Module):
         specs = jax.tree.leaves(self.state_specs(mesh), is_leaf=lambda x: isinstance(x, PartitionSpec))
         shardings = []
         for spec in specs:
-            used = {axis for entry in spec[1:] if entry for axis in ((entry,) if isinstance(entry, str) else entry)}
+            used = {axis for entry in spec[1:] for axis in entry_axes(entry)}
             free = tuple(axis for axis in rows if axis not in used)  # a divisor's divisor: they still divide
             shardings.append(NamedSharding(mesh, PartitionSpec(free or None, *spec[1:])))
         return shardings

@@ -40,6 +40,11 @@ def check_mesh_axes(mesh: Mesh) -> None:
                         f"{list(MESH_AXES)} (axes the mesh lacks count as size 1), got mesh axes {dict(mesh.shape)}")
 
 
+def entry_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, an axis name or a tuple of them)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def auto_axes(mesh: Mesh) -> Mesh:
     """``mesh`` with every axis Auto (what experiments.mesh builds): the models are written for XLA's sharding
     propagation. Arrays placed on Explicit axes (jax.make_mesh's default) carry their shardings in their types, and

@@ -20,6 +20,7 @@ from configs.schema import FalconConfig
 from runtime.checks import check_positive_int, is_integer, shape_of
 from runtime.interface import CausalLM, DecodeState, call_layer, init_rngs, spec_of
 from runtime.layers import Dense, Embed, LayerNorm, dtype_of
+from runtime.partitioning import entry_axes
 from transformer.attention import alibi_bias, apply_rope, attention, rope_cos_sin, rope_inv_freq
 
 
@@ -209,7 +210,7 @@ class FalconLM(CausalLM):
         layers = []
         for layer in self.h:
             heads = spec_of(layer.self_attention.query_key_value.kernel[...], 1)
-            parts = math.prod(mesh.shape[axis] for axis in ((heads,) if isinstance(heads, str) else heads or ()))
+            parts = math.prod(mesh.shape[axis] for axis in entry_axes(heads))
             kv = PartitionSpec(None, None, heads if self.config.kv_heads % parts == 0 else None, None)
             layers.append((kv, kv))
         return DecodeState(layers, PartitionSpec())
