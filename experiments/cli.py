@@ -41,8 +41,8 @@ def check_output_file(name: str, path: str) -> None:
 def error_line(err: Exception, flags: dict[str, str], mesh: str | None = None) -> str:
     """``error: <message>`` for a library error whose message starts with the name of what it checked (``step:``,
     ``config field 'data.token_file':``), that name replaced by the command's flag for it (``flags``:
-    {"step": "--step"}). ``mesh``: the mesh flag as given ("--mesh tensor=2"), named first where the error is a
-    dimension the mesh does not divide (a MeshError, or an error raised from one)."""
+    {"step": "--step"}). ``mesh``: the --mesh value as given ("tensor=2"), named first ("--mesh tensor=2: ...")
+    where the error is a dimension the mesh does not divide (a MeshError, or an error raised from one)."""
     from runtime.partitioning import MeshError
 
     message = str(err)
@@ -50,7 +50,7 @@ def error_line(err: Exception, flags: dict[str, str], mesh: str | None = None) -
         if message.startswith(f"{name}:"):
             message = flag + message[len(name):]
     if mesh and (isinstance(err, MeshError) or isinstance(err.__cause__, MeshError)):
-        message = f"{mesh}: {message}"
+        message = f"--mesh {mesh}: {message}"
     return f"error: {message}"
 
 

@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
                              f"{args.sequences}")
         model, step = load_trained_model(args.output_dir, args.step, mesh=mesh)
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
-        raise SystemExit(error_line(err, {"step": "--step"}, mesh=args.mesh and f"--mesh {args.mesh}"))
+        raise SystemExit(error_line(err, {"step": "--step"}, mesh=args.mesh))
     result = masked_accuracy(model, run.data, sequences=args.sequences, batch_size=args.batch_size,
                              seed=run.seed + EVAL_SEED_OFFSET)
     result.update(task=run.data.task, seq_len=run.data.seq_len, step=step)

@@ -163,8 +163,8 @@ def main(argv=None) -> None:
 
     try:  # what a path cannot give (no checkpoint, no such step, a misfit config) is one error line
         model, step = load_model(args.path, args.step, args.compute_dtype, mesh)
-    except (ConfigError, CheckpointError, MeshError, FileNotFoundError) as err:  # MeshError: a split that does
-        raise SystemExit(error_line(err, {"step": "--step"}, mesh=args.mesh and f"--mesh {args.mesh}"))  # not fit
+    except (ConfigError, CheckpointError, MeshError, FileNotFoundError) as err:  # MeshError: --mesh does not fit
+        raise SystemExit(error_line(err, {"step": "--step"}, mesh=args.mesh))
     if step is not None:
         print(f"[loaded checkpoint step {step} of {args.path}]", file=sys.stderr)
     if mesh is not None:

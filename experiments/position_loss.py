@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, step = load_model(args.path, args.step, args.compute_dtype, mesh)
         ids = windows(args.token_file, model.config.vocab_size, args.sequences, args.length)
     except (ValueError, FileNotFoundError) as err:  # ConfigError and CheckpointError are ValueErrors
-        raise SystemExit(error_line(err, {"step": "--step", TOKEN_FILE_FIELD: "--token-file"},
-                                    mesh=args.mesh and f"--mesh {args.mesh}"))
+        raise SystemExit(error_line(err, {"step": "--step", TOKEN_FILE_FIELD: "--token-file"}, mesh=args.mesh))
     start = time.perf_counter()
     nll = position_loss(model, ids, args.chunk_size, args.batch_size)
     seconds = time.perf_counter() - start
