@@ -104,11 +104,10 @@ def test_a_callers_explicit_mesh_places_parameters_on_auto_axes(tmp_path):
     from configs import load_model_config
     from experiments.models import build_model
 
-    ssm.save_pretrained(build_model(load_model_config("tiny_falcon_mamba", ["num_hidden_layers=1"])), tmp_path)
+    saved = build_model(load_model_config("tiny_falcon_mamba", ["num_hidden_layers=1"]))
+    ssm.save_pretrained(saved, tmp_path)
     explicit = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 3)
-    paths = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(
-        nnx.eval_shape(lambda: build_model(load_model_config("tiny_falcon_mamba", ["num_hidden_layers=1"]))),
-        nnx.Param))]
+    paths = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(saved, nnx.Param))]
     for placement in ({"mesh": explicit}, {"shardings": {path: NamedSharding(explicit, PartitionSpec())
                                                          for path in paths}}):
         model = ssm.from_pretrained(tmp_path, **placement)
