@@ -54,11 +54,12 @@ from configs import load_config
 from configs.loader import replace
 from configs.schema import MESH_AXES, ConfigError, FalconMambaConfig, RunConfig
 from experiments.cli import run_config_command
-from experiments.mesh import (MeshError, batch_sharding, build_mesh, flatten_params, mesh_shape,
-                              opt_state_shardings, param_shardings, unflatten_params)
+from experiments.mesh import (build_mesh, flatten_params, mesh_shape, opt_state_shardings, param_shardings,
+                              unflatten_params)
 from experiments.models import family_of
 from experiments.tpu_topology import hbm_bytes, parse_topology, tpu_devices
 from runtime.checks import is_integer
+from runtime.interface import batch_axes
 from ssm.scan import resolve_impl
 
 OPTIONS = ("devices", "mode", "dtype", "batch", "seq_len", "seq", "optimizer", "activations", "chunk", "target")
@@ -91,36 +92,16 @@ def make_mesh(run: RunConfig, devices: int, target_devices: list | None = None):
     return AbstractMesh(mesh_shape(run.mesh, devices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)), False
 
 
-def _lenient_spec(shape, logical, mesh, rules) -> PartitionSpec:
-    """Like experiments.mesh.spec_for, but a dimension its mesh axes do not divide stays replicated."""
-    used, spec = set(), []
-    for size, name in zip(shape, logical):
-        axes = tuple(a for a in rules.get(name, ()) if mesh.shape[a] > 1 and a not in used)
-        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
-            used |= set(axes)
-            spec.append(axes[0] if len(axes) == 1 else axes)
-        else:
-            spec.append(None)
-    return PartitionSpec(*spec)
-
-
-def cache_shardings(model_config, abstract_state, mesh, rules):
-    """Shardings of a DecodeState: batch over rules['batch']; Falcon's kv heads and Falcon Mamba's d_inner
-    over their parameter rules ('heads', 'd_inner') where they divide."""
-    if isinstance(model_config, FalconMambaConfig):   # LayerState(conv (b, k-1, d_inner), ssm (b, d_inner, n))
-        names = (("batch", "conv", "d_inner"), ("batch", "d_inner", "d_state"))
-    else:                                              # (k, v), each (batch, max_len, kv_heads, head_dim)
-        names = (("batch", "cache_len", "heads", "head_dim"),) * 2
-
-    def layer_logical(i, leaf):
-        return names[i]
-
-    def rebuild(layer, items):
-        return type(layer)(*items) if hasattr(layer, "_fields") else type(layer)(items)
-    layers = [rebuild(layer, [NamedSharding(mesh, _lenient_spec(leaf.shape, layer_logical(i, leaf), mesh, rules))
-                              for i, leaf in enumerate(layer)]) for layer in abstract_state.layers]
-    lengths = NamedSharding(mesh, _lenient_spec(abstract_state.lengths.shape, ("batch",), mesh, rules))
-    return type(abstract_state)(layers, lengths)
+def cache_shardings(graphdef, abstract_params, p_shardings, structure, abstract_state, mesh, rules):
+    """Shardings of a DecodeState, the runtime's own (CausalLM.state_shardings on the abstract model with its
+    parameters placed by ``p_shardings``): kv heads or d_inner (and d_state) split like the parameters that
+    compute them, the rows over rules['batch'] where they divide."""
+    placed = {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=p_shardings[path])
+              for path, leaf in abstract_params.items()}
+    model = nnx.merge(graphdef, unflatten_params(placed, structure))
+    model.batch_rule = rules["batch"]
+    return jax.tree.unflatten(jax.tree.structure(abstract_state),
+                              model.state_shardings(mesh, abstract_state.lengths.shape[0]))
 
 
 def tensor_split_sizes(config, mesh, rules) -> dict[int, int]:
@@ -384,16 +365,14 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
         p_shardings = param_shardings(abstract_params, table, mesh, rules)
         bytes_["params"] = per_device_bytes(abstract_params, p_shardings)
         abstract_cache = jax.eval_shape(lambda: abstract_model.init_state(run.data.batch_size, seq))
-        c_shardings = cache_shardings(run.model, abstract_cache, mesh, rules)
+        c_shardings = cache_shardings(graphdef, abstract_params, p_shardings, structure, abstract_cache, mesh,
+                                      rules)
         bytes_["cache"] = per_device_bytes(abstract_cache, c_shardings)
         chunk = min(seq, 2048 if chunk is None else chunk)  # prefill's chunks never exceed the sequence
         ids_shape = (run.data.batch_size, chunk)
-        try:
-            ids_sharding = batch_sharding(mesh, rules, (1,) + ids_shape)
-            local_batch = ids_sharding.shard_shape((1,) + ids_shape)[1]
-            ids_sharding = NamedSharding(mesh, PartitionSpec(*ids_sharding.spec[1:]))
-        except MeshError:
-            local_batch, ids_sharding = run.data.batch_size, NamedSharding(mesh, PartitionSpec())
+        rows = batch_axes(mesh, run.data.batch_size, rules["batch"])  # the runtime's split (CausalLM._rows_split)
+        local_batch = run.data.batch_size // math.prod(mesh.shape[axis] for axis in rows)
+        ids_sharding = NamedSharding(mesh, PartitionSpec(rows or None))
         if want_compiled:
             def prefill_chunk(params, state, ids):
                 model = nnx.merge(graphdef, unflatten_params(params, structure))

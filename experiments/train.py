@@ -609,7 +609,9 @@ def load_trained_model(output_dir: str | Path, step: int | None = None, compute_
         params = checkpointer.restore_params(step, abstract_with_shardings(abstract, setup.state_shardings["params"]))
     finally:
         checkpointer.close()
-    return nnx.merge(setup.graphdef, unflatten_params(params, setup.structure)), step
+    model = nnx.merge(setup.graphdef, unflatten_params(params, setup.structure))
+    model.batch_rule = run.mesh.rules["batch"]  # its batches' rows split like the run's (CausalLM.batch_rule)
+    return model, step
 
 
 def main(argv: list[str] | None = None) -> int:

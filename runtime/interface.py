@@ -171,11 +171,11 @@ def parameter_mesh(model) -> Mesh | None:
     return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
 
 
-def batch_axes(mesh: Mesh, rows: int) -> tuple[str, ...]:
-    """The mesh axes the default rules give the batch (DEFAULT_SHARDING_RULES['batch']: data, fsdp) that split
-    anything on ``mesh`` and whose sizes multiply to a divisor of ``rows``: all of them, else the longest leading
-    run of them that does (data=2 x fsdp=2 and 2 rows: data), else () (the rows whole on every device)."""
-    axes, _, _ = split_over(mesh, DEFAULT_SHARDING_RULES["batch"])
+def batch_axes(mesh: Mesh, rows: int, rule=DEFAULT_SHARDING_RULES["batch"]) -> tuple[str, ...]:
+    """The mesh axes of ``rule`` (the rules' 'batch' entry; by default data, fsdp) that split anything on ``mesh``
+    and whose sizes multiply to a divisor of ``rows``: all of them, else the longest leading run of them that does
+    (data=2 x fsdp=2 and 2 rows: data), else () (the rows whole on every device)."""
+    axes, _, _ = split_over(mesh, rule)
     while axes and rows % math.prod(mesh.shape[axis] for axis in axes):
         axes = axes[:-1]
     return axes
@@ -201,7 +201,12 @@ def init_rngs(config, config_cls: type, rngs: nnx.Rngs | None, seed: Any) -> nnx
 
 class CausalLM(nnx.Module):
     """Base of both families' LMs. Subclasses set ``self.config`` and ``self.lm_head`` (None where the head is tied
-    to the input embedding) and define run, input_embedding, init_state and state_capacity."""
+    to the input embedding) and define run, input_embedding, empty_state, state_specs and state_capacity."""
+
+    # the mesh axes a batch's rows (inputs and state) are split over where they divide (batch_axes) when the
+    # parameters are on a mesh: the default rules' 'batch', or the rules the model was loaded with
+    # (from_pretrained(rules=...); load_trained_model: the run's mesh.rules)
+    batch_rule: tuple[str, ...] = DEFAULT_SHARDING_RULES["batch"]
 
     def run(self, input_ids, state):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -240,7 +245,7 @@ class CausalLM(nnx.Module):
         state_specs, with the rows (every leaf's first dimension) split like the inputs' (batch_axes) over the axes
         its other dimensions do not use (rules splitting d_inner or kv heads over fsdp, say: the axis then splits
         those, a spec naming it twice is refused)."""
-        rows = batch_axes(mesh, batch_size)
+        rows = batch_axes(mesh, batch_size, self.batch_rule)
         specs = jax.tree.leaves(self.state_specs(mesh), is_leaf=lambda x: isinstance(x, PartitionSpec))
         shardings = []
         for spec in specs:
@@ -254,7 +259,7 @@ class CausalLM(nnx.Module):
         a model loaded on several devices runs its batch data-parallel; as it is without a mesh or where the axes
         do not divide its rows."""
         mesh = parameter_mesh(self)
-        rows = batch_axes(mesh, array.shape[0]) if mesh is not None else ()
+        rows = batch_axes(mesh, array.shape[0], self.batch_rule) if mesh is not None else ()
         return jax.device_put(array, NamedSharding(mesh, PartitionSpec(rows))) if rows else array
 
     def forward(self, input_ids: jax.Array, remat=None) -> jax.Array:

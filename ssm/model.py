@@ -192,7 +192,7 @@ class FalconMambaLM(CausalLM):
         are CausalLM.state_shardings'."""
         layers = []
         for layer in self.layers:
-            a_log = layer.mixer.A_log[...]
+            a_log = layer.mixer.A_log.get_value()
             d_inner, d_state = spec_of(a_log, 0), spec_of(a_log, 1)
             layers.append(LayerState(PartitionSpec(None, None, d_inner), PartitionSpec(None, d_inner, d_state)))
         return DecodeState(layers, PartitionSpec())

@@ -301,6 +301,10 @@ for family, path in ((transformer, falcon), (ssm, mamba)):
     state, logits = split.init_state(2, max_len=6), split(rows)
     print("rows split", {tuple(leaf.sharding.spec)[:1] for leaf in jax.tree.leaves(state)},
           tuple(logits.sharding.spec)[:1], np.allclose(logits, whole(rows), rtol=0, atol=1e-5), file=sys.stderr)
+# loaded with rules whose batch is fsdp alone, the rows stay whole on a data axis: the loading rules', not the default's
+by_rules = ssm.from_pretrained(mamba, mesh=jax.make_mesh((2,), ("data",)), rules={"batch": "fsdp"})
+print("rows by the rules", {tuple(leaf.sharding.spec)[:1] for leaf in jax.tree.leaves(by_rules.init_state(2))},
+      np.allclose(by_rules(rows), whole(rows), rtol=0, atol=1e-5), file=sys.stderr)
 """
 
 
@@ -334,6 +338,7 @@ def test_mesh_splits_the_parameters_and_the_state_and_samples_the_tokens_of_one_
     assert split.stderr.count("a device's bytes True") == 2, split.stderr
     assert split.stderr.count("d_state shards [(1, 3, 32), (1, 32, 2)]") == 2, split.stderr  # conv whole
     assert split.stderr.count("rows split {('data',)} ('data',) True") == 2, split.stderr
+    assert "rows by the rules {(None,)} True" in split.stderr, split.stderr
     assert "d_inner over fsdp [(None, None, 'fsdp'), (None, 'fsdp', None), ('fsdp',)]" in split.stderr, split.stderr
     assert ("odd: error: --mesh tensor=2: tensor 'transformer.word_embeddings.weight' (parameter "
             "'word_embeddings.embedding'): dimension 0 ('vocab') has size 41, which is not divisible by mesh axes "

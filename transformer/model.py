@@ -209,7 +209,7 @@ class FalconLM(CausalLM):
         (the rows, the first dimension: CausalLM.state_shardings)."""
         layers = []
         for layer in self.h:
-            heads = spec_of(layer.self_attention.query_key_value.kernel[...], 1)
+            heads = spec_of(layer.self_attention.query_key_value.kernel.get_value(), 1)
             parts = math.prod(mesh.shape[axis] for axis in entry_axes(heads))
             kv = PartitionSpec(None, None, heads if self.config.kv_heads % parts == 0 else None, None)
             layers.append((kv, kv))
