@@ -314,7 +314,7 @@ def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.
     if logits.shape[1] != model.config.vocab_size:
         raise ValueError(f"logits: expected shape (batch, {model.config.vocab_size}) (vocab_size), got "
                          f"{tuple(logits.shape)}")
-    logits = _finite(jnp.asarray(logits, jnp.float32))  # the loop carries the model's fp32 logits
+    logits = model._rows_split(_finite(jnp.asarray(logits, jnp.float32)))  # the loop carries fp32 logits
     model._check_state(state, logits.shape[0])
     # the loop's writes past the cache would clamp; the last token sampled is never fed
     model._check_fits(state, max_new_tokens - 1, name="max_new_tokens",
@@ -322,7 +322,8 @@ def decode(model, logits, state, *, max_new_tokens: int, temperature: float = 1.
     capacity = model.state_capacity(state)  # the state exists: the loop adds its copy and the tokens
     _check_memory(model, logits.shape[0], max_new_tokens, lambda n: capacity, tokens_on_device=True)
     # the caller's state stays valid: the loop updates a copy in place
-    return _run_loop(model, logits, jax.tree.map(jnp.copy, state), seed, stops, sampling, max_new_tokens)
+    state = jax.tree.map(jnp.copy, model._on_model_devices(state))
+    return _run_loop(model, logits, state, seed, stops, sampling, max_new_tokens)
 
 
 def generate(model, input_ids, *, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from configs.schema import DEFAULT_SHARDING_RULES
 from runtime.checks import check_positive_int, check_seed, shape_of
@@ -255,12 +255,37 @@ class CausalLM(nnx.Module):
         return shardings
 
     def _rows_split(self, array: jax.Array) -> jax.Array:
-        """``array`` (batch, ...) with its rows split over the batch axes of the parameters' mesh (batch_axes), so
-        a model loaded on several devices runs its batch data-parallel; as it is without a mesh or where the axes
-        do not divide its rows."""
+        """``array`` (batch, ...) on the parameters' mesh with its rows split over its batch axes (batch_axes), so
+        a model loaded on several devices runs its batch data-parallel (whole on every device where the axes do
+        not divide its rows); as it is without a mesh."""
         mesh = parameter_mesh(self)
-        rows = batch_axes(mesh, array.shape[0], self.batch_rule) if mesh is not None else ()
-        return jax.device_put(array, NamedSharding(mesh, PartitionSpec(rows))) if rows else array
+        if mesh is not None:
+            rows = batch_axes(mesh, array.shape[0], self.batch_rule)
+            return jax.device_put(array, NamedSharding(mesh, PartitionSpec(rows or None)))
+        device = self._parameter_devices()
+        if isinstance(array, jax.Array) and array.sharding.device_set != device:  # another model's logits, say
+            return jax.device_put(array, SingleDeviceSharding(next(iter(device))))
+        return array
+
+    def _parameter_devices(self) -> set:
+        """The devices the parameters are on (those of the input embedding's table)."""
+        return self.input_embedding.embedding.get_value().sharding.device_set
+
+    def _on_model_devices(self, state):
+        """``state`` (checked by _check_state) where this model computes: as it is where every array already is on
+        the parameters' devices (init_state's, prefill's and step's states); moved there otherwise (a state made by
+        the same model loaded on one device, passed to it loaded on a mesh, or the other way round), split as
+        init_state splits it. jit refused such a state ("incompatible devices")."""
+        devices = self._parameter_devices()
+        leaves, tree = jax.tree.flatten(state)
+        shardings = {getattr(leaf, "sharding", None) for leaf in leaves}  # a few distinct ones (NumPy's: None)
+        if all(sharding is not None and sharding.device_set == devices for sharding in shardings):
+            return state
+        mesh = parameter_mesh(self)
+        shardings = (self.state_shardings(mesh, len(state.lengths)) if mesh is not None
+                     else [SingleDeviceSharding(next(iter(devices)))] * len(leaves))
+        # (the moved arrays may share the caller's buffers: device_put keeps device 0's; copy before donating)
+        return tree.unflatten([jax.device_put(leaf, sharding) for leaf, sharding in zip(leaves, shardings)])
 
     def forward(self, input_ids: jax.Array, remat=None) -> jax.Array:
         """Unchecked, traceable full-sequence logits (for use inside jit, e.g. a training loss); ``remat``: a
@@ -338,6 +363,7 @@ class CausalLM(nnx.Module):
         input_ids = self._rows_split(input_ids)
         self._check_state(state, batch)
         self._check_fits(state, seq)
+        state = self._on_model_devices(state)
         if copy_state:
             state = jax.tree.map(jnp.copy, state)
         logits = jnp.zeros((batch, self.config.vocab_size), jnp.float32)
@@ -352,7 +378,7 @@ class CausalLM(nnx.Module):
         token_ids = check_token_ids(token_ids, self.config.vocab_size, name="token_ids", ndim=1)
         self._check_state(state, token_ids.shape[0])
         self._check_fits(state, 1, name="token_ids")
-        return _jit_step(self, self._rows_split(token_ids), state)
+        return _jit_step(self, self._rows_split(token_ids), self._on_model_devices(state))
 
     def log_likelihood(self, input_ids, chunk_size=None):
         """log p(x_{t+1} | x_{<=t}) for t in [0, seq-1): (batch, seq-1) fp32, computed chunk by chunk so that

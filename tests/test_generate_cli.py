@@ -284,6 +284,12 @@ for family, path in ((transformer, falcon), (ssm, mamba)):
     # the memory check counts a device's shard: the state split in two, the (batch,) lengths whole on each device
     halves = generation._state_bytes(split, 2, 12) - 8 == (generation._state_bytes(whole, 2, 12) - 8) // 2
     print("a device's bytes", halves, file=sys.stderr)
+    # a state made on one device stepped on the mesh, and the other way round: moved there (jit refused it)
+    prompts = np.array([[1, 2, 3], [4, 5, 6]])
+    logits = [b.step(np.array([7, 8]), a.prefill(prompts, a.init_state(2, max_len=12))[1])[0]
+              for a, b in ((whole, split), (split, whole), (whole, whole))]
+    print("a state moved across", all(np.allclose(x, logits[2], rtol=0, atol=1e-5) for x in logits[:2]),
+          file=sys.stderr)
 # rules splitting d_state, not d_inner: the SSM state split as A_log (d_inner, d_state) is, as prefill leaves it
 d_state = ssm.from_pretrained(mamba, mesh=mesh, rules={"d_inner": None, "d_state": "tensor"})
 for state in (d_state.init_state(1), d_state.prefill(np.array([[1, 2, 3]]), d_state.init_state(1))[1]):
@@ -312,8 +318,9 @@ def test_mesh_splits_the_parameters_and_the_state_and_samples_the_tokens_of_one_
     """On two (fake CPU) devices: --mesh tensor=2 splits a grouped-KV Falcon's parameters over tensor and samples
     the tokens of one device; from_pretrained(mesh=...) with a jax.make_mesh mesh does the same for both families,
     and init_state makes the state split like the parameters (kv heads; Falcon Mamba's d_inner), not whole on one
-    device; on a data axis the rows of the inputs and the state are split (data-parallel inference). A training
-    run's parameters: test_generate_from_a_training_run."""
+    device; on a data axis the rows of the inputs and the state are split (data-parallel inference); a state made
+    on one device is moved onto the mesh (and back). A training run's parameters: test_generate_from_a_training_run.
+    """
     import os
 
     falcon, mamba, odd = tmp_path / "falcon", tmp_path / "mamba", tmp_path / "odd"
@@ -336,6 +343,7 @@ def test_mesh_splits_the_parameters_and_the_state_and_samples_the_tokens_of_one_
     assert "specs [(None, None, 'tensor'), (None, 'tensor', None)]" in split.stderr, split.stderr  # conv, ssm
     assert split.stderr.count("same tokens True") == 1, split.stderr
     assert split.stderr.count("a device's bytes True") == 2, split.stderr
+    assert split.stderr.count("a state moved across True") == 2, split.stderr
     assert split.stderr.count("d_state shards [(1, 3, 32), (1, 32, 2)]") == 2, split.stderr  # conv whole
     assert split.stderr.count("rows split {('data',)} ('data',) True") == 2, split.stderr
     assert "rows by the rules {(None,)} True" in split.stderr, split.stderr
