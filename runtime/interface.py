@@ -263,7 +263,8 @@ class CausalLM(nnx.Module):
             rows = batch_axes(mesh, array.shape[0], self.batch_rule)
             return jax.device_put(array, NamedSharding(mesh, PartitionSpec(rows or None)))
         device = self._parameter_devices()
-        if isinstance(array, jax.Array) and array.sharding.device_set != device:  # another model's logits, say
+        placed = isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer)
+        if placed and array.sharding.device_set != device:  # another model's logits, say
             return jax.device_put(array, SingleDeviceSharding(next(iter(device))))
         return array
 
