@@ -264,13 +264,17 @@ class CausalLM(nnx.Module):
             return jax.device_put(array, NamedSharding(mesh, PartitionSpec(rows or None)))
         device = self._parameter_devices()
         placed = isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer)
-        if placed and array.sharding.device_set != device:  # another model's logits, say
+        if device is not None and placed and array.sharding.device_set != device:  # another model's logits, say
             return jax.device_put(array, SingleDeviceSharding(next(iter(device))))
         return array
 
-    def _parameter_devices(self) -> set:
-        """The devices the parameters are on (those of the input embedding's table)."""
-        return self.input_embedding.embedding.get_value().sharding.device_set
+    def _parameter_devices(self) -> set | None:
+        """The devices the parameters are on (those of the input embedding's table); None where they are traced or
+        abstract (the model an argument of nnx.jit, nnx.grad or nnx.eval_shape: a tracer has no sharding)."""
+        table = self.input_embedding.embedding.get_value()
+        if not isinstance(table, jax.Array) or isinstance(table, jax.core.Tracer):
+            return None
+        return table.sharding.device_set
 
     def _on_model_devices(self, state):
         """``state`` (checked by _check_state) where this model computes: as it is where every array already is on
@@ -278,6 +282,8 @@ class CausalLM(nnx.Module):
         the same model loaded on one device, passed to it loaded on a mesh, or the other way round), split as
         init_state splits it. jit refused such a state ("incompatible devices")."""
         devices = self._parameter_devices()
+        if devices is None:  # traced parameters: placement is the tracing caller's
+            return state
         leaves, tree = jax.tree.flatten(state)
         shardings = {getattr(leaf, "sharding", None) for leaf in leaves}  # a few distinct ones (NumPy's: None)
         if all(sharding is not None and sharding.device_set == devices for sharding in shardings):

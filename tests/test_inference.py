@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import load_model_config
 from ssm import FalconMambaLM
@@ -116,6 +117,13 @@ def test_log_likelihood_equals_full_log_softmax(model, ids, full, chunk_size):
     got = np.asarray(model.log_likelihood(ids, chunk_size=chunk_size))
     assert got.shape == (2, 28)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_traced_parameters(model, ids):
+    """The model an argument of an nnx transform (nnx.eval_shape here; nnx.jit, nnx.grad alike): its parameters are
+    tracers, which have no sharding to place the inputs by (an AttributeError when the rows were placed)."""
+    logits, logp = nnx.eval_shape(lambda m: (m(ids), m.log_likelihood(ids)), model)
+    assert (logits.shape, logp.shape) == ((2, 29, VOCAB), (2, 28))
 
 
 def test_bad_inputs(model, ids):
