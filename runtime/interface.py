@@ -181,6 +181,12 @@ def batch_axes(mesh: Mesh, rows: int, rule=DEFAULT_SHARDING_RULES["batch"]) -> t
     return axes
 
 
+def _device_order(sharding) -> tuple:
+    """The devices of ``sharding`` in the order jit compares them: its mesh's (arrays on the same devices in another
+    order, a state made by the model loaded on another mesh of them, are 'incompatible devices' to jit)."""
+    return tuple(sharding._device_assignment)
+
+
 def spec_of(array, dim: int):
     """The mesh axes (a PartitionSpec entry) that split dimension ``dim`` of a parameter: what a state dimension
     of the same feature is split by."""
@@ -264,17 +270,18 @@ class CausalLM(nnx.Module):
             return jax.device_put(array, NamedSharding(mesh, PartitionSpec(rows or None)))
         device = self._parameter_devices()
         placed = isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer)
-        if device is not None and placed and array.sharding.device_set != device:  # another model's logits, say
-            return jax.device_put(array, SingleDeviceSharding(next(iter(device))))
+        if device is not None and placed and _device_order(array.sharding) != device:  # another model's logits
+            return jax.device_put(array, SingleDeviceSharding(device[0]))
         return array
 
-    def _parameter_devices(self) -> set | None:
-        """The devices the parameters are on (those of the input embedding's table); None where they are traced or
-        abstract (the model an argument of nnx.jit, nnx.grad or nnx.eval_shape: a tracer has no sharding)."""
+    def _parameter_devices(self) -> tuple | None:
+        """The devices the parameters are on (those of the input embedding's table), in their mesh's order (jit
+        refuses arrays on the same devices in another order); None where they are traced or abstract (the model an
+        argument of nnx.jit, nnx.grad or nnx.eval_shape: a tracer has no sharding)."""
         table = self.input_embedding.embedding.get_value()
         if not isinstance(table, jax.Array) or isinstance(table, jax.core.Tracer):
             return None
-        return table.sharding.device_set
+        return _device_order(table.sharding)
 
     def _on_model_devices(self, state):
         """``state`` (checked by _check_state) where this model computes: as it is where every array already is on
@@ -286,11 +293,11 @@ class CausalLM(nnx.Module):
             return state
         leaves, tree = jax.tree.flatten(state)
         shardings = {getattr(leaf, "sharding", None) for leaf in leaves}  # a few distinct ones (NumPy's: None)
-        if all(sharding is not None and sharding.device_set == devices for sharding in shardings):
+        if all(sharding is not None and _device_order(sharding) == devices for sharding in shardings):
             return state
         mesh = parameter_mesh(self)
         shardings = (self.state_shardings(mesh, len(state.lengths)) if mesh is not None
-                     else [SingleDeviceSharding(next(iter(devices)))] * len(leaves))
+                     else [SingleDeviceSharding(devices[0])] * len(leaves))
         # (the moved arrays may share the caller's buffers: device_put keeps device 0's; copy before donating)
         return tree.unflatten([jax.device_put(leaf, sharding) for leaf, sharding in zip(leaves, shardings)])
 

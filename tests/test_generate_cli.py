@@ -255,6 +255,7 @@ import sys
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 import ssm
 import transformer
@@ -289,6 +290,12 @@ for family, path in ((transformer, falcon), (ssm, mamba)):
     logits = [b.step(np.array([7, 8]), a.prefill(prompts, a.init_state(2, max_len=12))[1])[0]
               for a, b in ((whole, split), (split, whole), (whole, whole))]
     print("a state moved across", all(np.allclose(x, logits[2], rtol=0, atol=1e-5) for x in logits[:2]),
+          file=sys.stderr)
+    # one on the same devices in another order (made by the model loaded on another mesh of them): jit refused it
+    reverse = Mesh(np.array(jax.devices()[::-1]), ("tensor",))
+    state = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(reverse, x.sharding.spec)),
+                         split.prefill(prompts, split.init_state(2, max_len=12))[1])
+    print("another device order", np.allclose(split.step(np.array([7, 8]), state)[0], logits[2], rtol=0, atol=1e-5),
           file=sys.stderr)
 # rules splitting d_state, not d_inner: the SSM state split as A_log (d_inner, d_state) is, as prefill leaves it
 d_state = ssm.from_pretrained(mamba, mesh=mesh, rules={"d_inner": None, "d_state": "tensor"})
@@ -344,6 +351,7 @@ def test_mesh_splits_the_parameters_and_the_state_and_samples_the_tokens_of_one_
     assert split.stderr.count("same tokens True") == 1, split.stderr
     assert split.stderr.count("a device's bytes True") == 2, split.stderr
     assert split.stderr.count("a state moved across True") == 2, split.stderr
+    assert split.stderr.count("another device order True") == 2, split.stderr
     assert split.stderr.count("d_state shards [(1, 3, 32), (1, 32, 2)]") == 2, split.stderr  # conv whole
     assert split.stderr.count("rows split {('data',)} ('data',) True") == 2, split.stderr
     assert "rows by the rules {(None,)} True" in split.stderr, split.stderr
