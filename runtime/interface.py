@@ -183,8 +183,11 @@ def batch_axes(mesh: Mesh, rows: int, rule=DEFAULT_SHARDING_RULES["batch"]) -> t
 
 def _device_order(sharding) -> tuple:
     """The devices of ``sharding`` in the order jit compares them: its mesh's (arrays on the same devices in another
-    order, a state made by the model loaded on another mesh of them, are 'incompatible devices' to jit)."""
-    return tuple(sharding._device_assignment)
+    order, a state made by the model loaded on another mesh of them, are 'incompatible devices' to jit); a
+    sharding without a mesh (one device's) by id."""
+    if isinstance(sharding, NamedSharding):
+        return tuple(sharding.mesh.devices.flat)
+    return tuple(sorted(sharding.device_set, key=lambda device: device.id))
 
 
 def spec_of(array, dim: int):
@@ -263,7 +266,8 @@ class CausalLM(nnx.Module):
     def _rows_split(self, array: jax.Array) -> jax.Array:
         """``array`` (batch, ...) on the parameters' mesh with its rows split over its batch axes (batch_axes), so
         a model loaded on several devices runs its batch data-parallel (whole on every device where the axes do
-        not divide its rows); as it is without a mesh."""
+        not divide its rows). Without a mesh: as it is, unless it is a jax.Array on other devices (logits of the
+        model loaded on a mesh, say), then moved onto the parameters' device."""
         mesh = parameter_mesh(self)
         if mesh is not None:
             rows = batch_axes(mesh, array.shape[0], self.batch_rule)

@@ -51,7 +51,8 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings
     ``overrides`` change our own config fields (compute_dtype="bfloat16", scan_impl="chunked", ...).
     Placement: ``shardings`` {param path: Sharding} (or a callable of the path), or ``mesh`` (jax.sharding.Mesh with
     axes among data/fsdp/tensor; one it lacks splits nothing) with ``rules`` (logical axis -> mesh axes over
-    configs.schema.DEFAULT_SHARDING_RULES); by default the default device. Each process reads only the slices its
+    configs.schema.DEFAULT_SHARDING_RULES; their 'batch' also splits the rows of the batches the model is given);
+    by default the default device. Each process reads only the slices its
     own devices hold (runtime.hf_weights.load_directory).
     """
     return load_directory(path, FalconMambaConfig, FalconMambaLM, weight_specs, param_axes, mesh=mesh, rules=rules,
