@@ -72,8 +72,8 @@ def from_pretrained(path: str | os.PathLike, *, mesh=None, rules=None, shardings
     Placement: ``shardings`` {param path: Sharding} (or a callable of the path), or ``mesh`` (jax.sharding.Mesh with
     axes among data/fsdp/tensor; one it lacks splits nothing) with ``rules`` (logical axis -> mesh axes over
     configs.schema.DEFAULT_SHARDING_RULES; their 'batch' also splits the rows of the batches the model is given);
-    by default the default device. Each process reads only the slices its
-    own devices hold (runtime.hf_weights.load_directory). The fused query_key_value must have the rows of the
+    by default the default device. Each process reads only the slices its own devices hold
+    (runtime.hf_weights.load_directory). The fused query_key_value must have the rows of the
     config's layout.
     """
     return load_directory(path, FalconConfig, FalconLM, weight_specs, param_axes, mesh=mesh, rules=rules,
