@@ -58,7 +58,8 @@ def pallas_scan(kwargs, kernel, tile):
 
 # (seqlen, dim, dstate, bc, D, z, delta_bias, softplus, A_kind, tile) per kernel. Triton: one step, seqlen
 # not a multiple of the tile, grouped and mixed layouts, several 32-channel blocks per group. TPU: one step;
-# fewer channels than lanes; two groups of 128 channels; two 128-lane blocks in one group.
+# fewer channels than lanes; two groups of 128 channels; two 128-lane blocks in one group. The TPU interpreter's
+# time grows with the steps (per program and state row): seqlen 50 is two 32-step tiles, the last padded.
 FWD_CASES = {
     "triton": [
         (1, 8, 4, "bnl", True, True, True, True, "exp", 16),
@@ -71,7 +72,7 @@ FWD_CASES = {
     "mosaic_tpu": [
         (1, 128, 4, "bnl", True, True, True, True, "exp", 16),
         (50, 8, 8, "g1", True, False, False, False, "range", 16),
-        (100, 256, 8, "g2", True, True, True, True, "exp", 32),
+        (50, 256, 8, "g2", True, True, True, True, "exp", 32),
         (40, 256, 16, "bnl|g1", False, True, False, True, "exp", 16),
     ],
 }
@@ -133,10 +134,12 @@ def test_initial_state_and_pieces_match_oracle():
 GRAD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 # (seqlen, dim, dstate, bc, softplus, optional inputs on, tile): grouped with softplus and every optional
 # input; plain B, C with none of D, z, delta_bias; two channel blocks per group (partials summed per group).
+# TPU (its interpreter's time grows with the steps, per program and state row): two 16-step tiles, the last
+# padded, where the Triton cases have three; the plain case keeps three (a middle tile, between first and last).
 GRAD_CASES = {"triton": [(50, 8, 8, "g2", True, True, 16), (37, 8, 4, "bnl", False, False, 16),
                          (40, 128, 4, "g1", True, True, 16)],
-              "mosaic_tpu": [(34, 256, 8, "g2", True, True, 16), (37, 128, 4, "bnl", False, False, 16),
-                             (40, 256, 4, "g1", True, True, 16)]}
+              "mosaic_tpu": [(20, 256, 4, "g2", True, True, 16), (37, 128, 4, "bnl", False, False, 16),
+                             (24, 256, 4, "g1", True, True, 16)]}
 
 
 @pytest.mark.parametrize("kernel, case", [(k, c) for k in KERNELS for c in GRAD_CASES[k]],
@@ -174,13 +177,13 @@ def _check_gradients(kwargs, kernel, tile, rng):
 # the reverse, no initial state), batch 1, a seqlen that is and one that is not a multiple of the tile, a dstate
 # that is not a power of two (the Triton kernel pads it) and channel blocks that are not 32 wide (Triton: dim 24,
 # 8-channel blocks; 12 channels per group, 4-channel blocks) or more 128-lane rows than one program's (TPU: dim
-# 384, three 1-row programs).
+# 384, three 1-row programs, of one batch row: the TPU interpreter pays per program).
 COMBO_CASES = {
     "triton": [(1, 13, 24, 4, "bnl", True, False, False, True, False, 8),
                (2, 21, 24, 3, "g2", False, True, True, False, True, 8),
                (1, 9, 8, 4, "g2", False, False, True, True, False, 8),
                (2, 16, 8, 4, "bnl|g2", True, True, False, False, True, 8)],
-    "mosaic_tpu": [(2, 21, 384, 3, "g1", False, True, True, False, True, 16),
+    "mosaic_tpu": [(1, 21, 384, 3, "g1", False, True, True, False, True, 16),
                    (1, 9, 256, 4, "g2", True, False, True, True, False, 16)],
 }
 
@@ -208,7 +211,7 @@ def test_bf16_gradients_match_reference(kernel, dim, bc):
     """bf16 u, delta, B, C, z: every gradient (in its input's dtype) == "reference"'s on the same inputs, within
     twice mamba_ssm's bf16 forward tolerances (its gradient tolerances are 2x the forward ones)."""
     low = ("u", "delta", "B", "C", "z")
-    kwargs = to_jax(make_inputs(2, 2, dim, 8, 40, bc=bc, initial_state=True), jnp.bfloat16, low)
+    kwargs = to_jax(make_inputs(2, 2, dim, 8, 20, bc=bc, initial_state=True), jnp.bfloat16, low)  # 2 tiles
     names = [name for name in GRAD_ARGS if kwargs.get(name) is not None]
     g_out = jnp.asarray(np.random.default_rng(6).standard_normal(kwargs["u"].shape), jnp.float32)
 
@@ -219,7 +222,7 @@ def test_bf16_gradients_match_reference(kernel, dim, bc):
         return jax.jit(jax.grad(loss))({name: kwargs[name] for name in names})
 
     want = grads(lambda k: selective_scan_fn(**k, return_last_state=True, impl="reference"))
-    got = grads(lambda k: pallas_scan(k, kernel, 32))
+    got = grads(lambda k: pallas_scan(k, kernel, 16))
     tol = {key: 2 * value for key, value in BF16_TOL.items()}
     for name in names:
         assert got[name].dtype == kwargs[name].dtype, name
