@@ -467,7 +467,6 @@ def test_kernels_write_only_what_is_used(kernel, dim):
 
 
 SHARD_SCRIPT = textwrap.dedent("""
-    import os
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
     from ssm.pallas_scan import selective_scan_pallas
@@ -475,66 +474,75 @@ SHARD_SCRIPT = textwrap.dedent("""
     from tests.test_scan import FWD_TOL, make_inputs, to_jax
 
     assert jax.device_count() == 2, jax.devices()
-    kernel = os.environ["SCAN_KERNEL"]
-    # check_vma=False to run the Triton kernels: JAX's Pallas interpreter (interpret=True) fails vma checking
-    # inside shard_map ("Scan carry input and output got mismatched varying manual axes", jax 0.10.2); their
-    # check_vma=True bookkeeping is traced (not run) below with make_jaxpr. The TPU interpreter runs with it.
-    check_vma = kernel == "mosaic_tpu"
-    dim = 256 if kernel == "mosaic_tpu" else 8  # two 128-lane blocks, split on "tensor"
-    k = to_jax(make_inputs(8, 2, dim, 4, 24, bc="g1", initial_state=True))  # 2 tiles of 16
-    # channels-last inputs as the models pass them
-    u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
-    args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], k["initial_state"])
 
-    def scan(u, delta, A, B, C, D, z, bias, h0):
-        return selective_scan_pallas(u, delta, A, B, C, D, z, bias, True, initial_state=h0, tile=16, kernel=kernel)
 
-    def loss(*args):
-        out, last = scan(*args)
-        return jnp.sum(out * out) + jnp.sum(last)
+    def check(kernel):
+        # check_vma=False to run the Triton kernels: JAX's Pallas interpreter (interpret=True) fails vma checking
+        # inside shard_map ("Scan carry input and output got mismatched varying manual axes", jax 0.10.2); their
+        # check_vma=True bookkeeping is traced (not run) below with make_jaxpr. The TPU interpreter runs with it.
+        check_vma = kernel == "mosaic_tpu"
+        dim = 256 if kernel == "mosaic_tpu" else 8  # two 128-lane blocks, split on "tensor"
+        # 2 tiles of 16; dstate 2: the TPU interpreter's time grows with the state rows, none of them is sharded
+        k = to_jax(make_inputs(8, 2, dim, 2, 24, bc="g1", initial_state=True))
+        # channels-last inputs as the models pass them
+        u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k["z"])
+        args = (u, delta, k["A"], B, C, k["D"], z, k["delta_bias"], k["initial_state"])
 
-    want = scan(*args)
-    want_grads = jax.grad(loss, argnums=tuple(range(9)))(*args)
-    for shape in ((2, 1), (1, 2)):
-        mesh = Mesh(np.array(jax.devices()).reshape(shape), ("data", "tensor"))
-        row, bc, chan = P("data", None, "tensor"), P("data", None, None, None), P("tensor")
-        specs = (row, row, P("tensor", None), bc, bc, chan, row, chan, P("data", "tensor", None))
-        sharded = jax.jit(jax.shard_map(scan, mesh=mesh, in_specs=specs, out_specs=(row, specs[-1]),
-                                        check_vma=check_vma))
-        for got, ref in zip(sharded(*args), want):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), **FWD_TOL)
+        def scan(u, delta, A, B, C, D, z, bias, h0):
+            return selective_scan_pallas(u, delta, A, B, C, D, z, bias, True, initial_state=h0, tile=16,
+                                         kernel=kernel)
 
-        def local_grads(*args):  # shard-local gradients; sum the partials of inputs replicated over an axis
-            grads = list(jax.grad(loss, argnums=tuple(range(9)))(*args))
-            if not check_vma:  # with check_vma, AD sums them itself (the transpose of the kernels' pcast)
-                for i, axis in ((2, "data"), (3, "tensor"), (4, "tensor"), (5, "data"), (7, "data")):
-                    grads[i] = jax.lax.psum(grads[i], axis)
-            return tuple(grads)
+        def loss(*args):
+            out, last = scan(*args)
+            return jnp.sum(out * out) + jnp.sum(last)
 
-        grad_fn = jax.jit(jax.shard_map(local_grads, mesh=mesh, in_specs=specs, out_specs=specs, check_vma=check_vma))
-        for got, ref in zip(grad_fn(*args), want_grads):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1.2e-3, atol=4e-3)
+        want = scan(*args)
+        want_grads = jax.grad(loss, argnums=tuple(range(9)))(*args)
+        for shape in ((2, 1), (1, 2)):
+            mesh = Mesh(np.array(jax.devices()).reshape(shape), ("data", "tensor"))
+            row, bc, chan = P("data", None, "tensor"), P("data", None, None, None), P("tensor")
+            specs = (row, row, P("tensor", None), bc, bc, chan, row, chan, P("data", "tensor", None))
+            sharded = jax.jit(jax.shard_map(scan, mesh=mesh, in_specs=specs, out_specs=(row, specs[-1]),
+                                            check_vma=check_vma))
+            for got, ref in zip(sharded(*args), want):
+                np.testing.assert_allclose(np.asarray(got), np.asarray(ref), **FWD_TOL)
 
-        def summed_loss(*args):
-            return jax.lax.psum(loss(*args), ("data", "tensor"))
+            def local_grads(*args):  # shard-local gradients; sum the partials of inputs replicated over an axis
+                grads = list(jax.grad(loss, argnums=tuple(range(9)))(*args))
+                if not check_vma:  # with check_vma, AD sums them itself (the transpose of the kernels' pcast)
+                    for i, axis in ((2, "data"), (3, "tensor"), (4, "tensor"), (5, "data"), (7, "data")):
+                        grads[i] = jax.lax.psum(grads[i], axis)
+                return tuple(grads)
 
-        checked = jax.shard_map(jax.grad(summed_loss, argnums=tuple(range(9))), mesh=mesh, in_specs=specs,
-                                out_specs=specs)
-        jax.make_jaxpr(checked)(*args)
-    print("ok")
+            grad_fn = jax.jit(jax.shard_map(local_grads, mesh=mesh, in_specs=specs, out_specs=specs,
+                                            check_vma=check_vma))
+            for got, ref in zip(grad_fn(*args), want_grads):
+                np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1.2e-3, atol=4e-3)
+
+            def summed_loss(*args):
+                return jax.lax.psum(loss(*args), ("data", "tensor"))
+
+            checked = jax.shard_map(jax.grad(summed_loss, argnums=tuple(range(9))), mesh=mesh, in_specs=specs,
+                                    out_specs=specs)
+            jax.make_jaxpr(checked)(*args)
+        print(kernel, "ok", flush=True)
+
+
+    for kernel in ("triton", "mosaic_tpu"):  # one process for both: its start-up and JAX's import once
+        check(kernel)
 """)
 
 
-@pytest.mark.parametrize("kernel", ["triton", "mosaic_tpu"])
-def test_runs_under_shard_map_on_two_devices(kernel):
-    """The kernels inside jax.shard_map (batch on "data", channels on "tensor") == the unsharded call, forward
+def test_runs_under_shard_map_on_two_devices():
+    """Both kernels inside jax.shard_map (batch on "data", channels on "tensor") == the unsharded call, forward
     and gradients."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(root), "SCAN_KERNEL": kernel}
+           "PYTHONPATH": str(root)}
     result = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], cwd=root, env=env, capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+    assert result.returncode == 0 and result.stdout.split() == ["triton", "ok", "mosaic_tpu", "ok"], (
+        result.stdout + result.stderr)
 
 
 MESH_SCRIPT = textwrap.dedent("""
