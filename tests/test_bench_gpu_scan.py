@@ -28,6 +28,9 @@ def test_variant_times_the_kernel_after_checking_it(monkeypatch):
     """time_variant runs the kernel on channels-last inputs and compares it with the chunked scan's result before
     timing it (output, or every gradient): a correct variant is within bf16 rounding, a wrong one is far off."""
     monkeypatch.setattr(gpu_scan, "DIM", 32)
+    # time_variant jits its kernel call anew each time: the wrong-result check below reuses the compiled call of
+    # the same variant (interpreted on a CPU, a compile is most of a variant's time)
+    monkeypatch.setattr(gpu_scan, "kernel_call", functools.lru_cache(gpu_scan.kernel_call))
     kw = gpu_scan.inputs(1, 24)
     assert kw["u"].shape == (1, 32, 24) and kw["B"].shape == (1, gpu_scan.DSTATE, 24)
     args = gpu_scan.channels_last_args(kw)
