@@ -10,10 +10,12 @@ import numpy as np
 from experiments import induction_heads
 from experiments.data import TRIGGER_TOKEN
 
+# --eval-batch 3: every point one prefill call, one compile a shape (2 left a call of one row at 8 and 16 tokens, a
+# compile each; evaluate()'s batches are tested in test_evaluate_margins_and_misses_match_a_full_forward)
 TINY = ["--steps", "3", "--curriculum", "8:1", "--train-length", "16", "--batch-size", "4", "--min-log2", "3",
         "--max-log2", "6",
         "--falcon-max-log2", "5", "--eval-sequences", "3", "--eval-tokens", "64", "--falcon-eval-tokens", "64",
-        "--min-sequences", "2", "--eval-batch", "2", "--chunk-size", "16", "--falcon-chunk-size", "8",
+        "--min-sequences", "2", "--eval-batch", "3", "--chunk-size", "16", "--falcon-chunk-size", "8",
         "--set", "model.num_hidden_layers=1"]
 
 
