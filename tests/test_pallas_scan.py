@@ -567,15 +567,18 @@ MESH_SCRIPT = textwrap.dedent("""
         return loss
 
     def check_gradients(mesh, args, chunk, label):
-        # traced under the mesh: a shard_map over tensor (none without it); out and every gradient == unsharded
+        # traced under the mesh: a shard_map over tensor (none without it); out and every gradient == unsharded.
+        # make_jaxpr of the jitted function (its whole body is in the jaxpr): the call that follows with the
+        # same arguments reuses that trace
         loss = loss_of(chunk)
         grad = jax.jit(jax.grad(loss, has_aux=True))
-        assert "shard_map" not in str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(args))
+        assert "shard_map" not in str(jax.make_jaxpr(grad)(args))
         want_grads, want_out = grad(args)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            jaxpr = str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(args))
+            replicated = jax.device_put(args, NamedSharding(mesh, P()))
+            jaxpr = str(jax.make_jaxpr(grad)(replicated))
             assert "shard_map" in jaxpr and "'tensor'" in jaxpr, jaxpr[-2000:]
-            got_grads, got_out = grad(jax.device_put(args, NamedSharding(mesh, P())))
+            got_grads, got_out = grad(replicated)
         np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
         for name, got, want in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"), got_grads,
                                    want_grads):
@@ -595,9 +598,10 @@ MESH_SCRIPT = textwrap.dedent("""
     forward = jax.jit(lambda args: loss_of(16)(args)[1])
     want_out = forward(row)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        jaxpr = str(jax.make_jaxpr(lambda args: loss_of(16)(args)[1])(row))
+        replicated = jax.device_put(row, NamedSharding(mesh, P()))
+        jaxpr = str(jax.make_jaxpr(forward)(replicated))
         assert "P(None, None, 'tensor')" in jaxpr and "'fsdp')" not in jaxpr, jaxpr[-2000:]
-        got_out = forward(jax.device_put(row, NamedSharding(mesh, P())))
+        got_out = forward(replicated)
     np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
     print("ok")
 """)
