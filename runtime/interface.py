@@ -272,10 +272,10 @@ class CausalLM(nnx.Module):
         if mesh is not None:
             rows = batch_axes(mesh, array.shape[0], self.batch_rule)
             return jax.device_put(array, NamedSharding(mesh, PartitionSpec(rows or None)))
-        device = self._parameter_devices()
+        devices = self._parameter_devices()
         placed = isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer)
-        if device is not None and placed and _device_order(array.sharding) != device:  # another model's logits
-            return jax.device_put(array, SingleDeviceSharding(device[0]))
+        if devices is not None and placed and _device_order(array.sharding) != devices:  # another model's logits
+            return jax.device_put(array, SingleDeviceSharding(devices[0]))
         return array
 
     def _parameter_devices(self) -> tuple | None:
