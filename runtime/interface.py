@@ -162,13 +162,23 @@ def _state_layout(model, batch: int, capacity: int | None):
     return _STATE_LAYOUTS[key]
 
 
-def parameter_mesh(model) -> Mesh | None:
-    """The mesh ``model``'s parameters are split over where it has more than one device (its input embedding's
-    NamedSharding: one lookup; walking nnx.state of an 80-layer model took 38 ms), else None: one device, or
-    abstract or traced parameters."""
+def parameter_sharding(model):
+    """The Sharding of ``model``'s parameters (its input embedding's: one lookup; walking nnx.state of an 80-layer
+    model took 38 ms), or None where they are abstract or traced (the model an argument of nnx.jit, nnx.grad or
+    nnx.eval_shape: a tracer has no sharding)."""
     table = model.input_embedding.embedding.get_value()  # (an abstract model's is a ShapeDtypeStruct)
-    sharding = table.sharding if isinstance(table, jax.Array) and not isinstance(table, jax.core.Tracer) else None
+    return table.sharding if isinstance(table, jax.Array) and not isinstance(table, jax.core.Tracer) else None
+
+
+def _mesh_of(sharding) -> Mesh | None:
+    """The mesh of a parameter ``sharding`` where it has more than one device, else None."""
     return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def parameter_mesh(model) -> Mesh | None:
+    """The mesh ``model``'s parameters are split over where it has more than one device, else None: one device, or
+    abstract or traced parameters."""
+    return _mesh_of(parameter_sharding(model))
 
 
 def batch_axes(mesh: Mesh, rows: int, rule=DEFAULT_SHARDING_RULES["batch"]) -> tuple[str, ...]:
@@ -268,38 +278,30 @@ class CausalLM(nnx.Module):
         a model loaded on several devices runs its batch data-parallel (whole on every device where the axes do
         not divide its rows). Without a mesh: as it is, unless it is a jax.Array on other devices (logits of the
         model loaded on a mesh, say), then moved onto the parameters' device."""
-        mesh = parameter_mesh(self)
+        sharding = parameter_sharding(self)
+        mesh = _mesh_of(sharding)
         if mesh is not None:
             rows = batch_axes(mesh, array.shape[0], self.batch_rule)
             return jax.device_put(array, NamedSharding(mesh, PartitionSpec(rows or None)))
-        devices = self._parameter_devices()
         placed = isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer)
-        if devices is not None and placed and _device_order(array.sharding) != devices:  # another model's logits
-            return jax.device_put(array, SingleDeviceSharding(devices[0]))
+        if sharding is not None and placed and _device_order(array.sharding) != _device_order(sharding):
+            return jax.device_put(array, SingleDeviceSharding(_device_order(sharding)[0]))  # another model's logits
         return array
-
-    def _parameter_devices(self) -> tuple | None:
-        """The devices the parameters are on (those of the input embedding's table), in their mesh's order (jit
-        refuses arrays on the same devices in another order); None where they are traced or abstract (the model an
-        argument of nnx.jit, nnx.grad or nnx.eval_shape: a tracer has no sharding)."""
-        table = self.input_embedding.embedding.get_value()
-        if not isinstance(table, jax.Array) or isinstance(table, jax.core.Tracer):
-            return None
-        return _device_order(table.sharding)
 
     def _on_model_devices(self, state):
         """``state`` (checked by _check_state) where this model computes: as it is where every array already is on
         the parameters' devices (init_state's, prefill's and step's states); moved there otherwise (a state made by
         the same model loaded on one device, passed to it loaded on a mesh, or the other way round), split as
         init_state splits it. jit refused such a state ("incompatible devices")."""
-        devices = self._parameter_devices()
-        if devices is None:  # traced parameters: placement is the tracing caller's
+        parameters = parameter_sharding(self)
+        if parameters is None:  # traced parameters: placement is the tracing caller's
             return state
+        devices = _device_order(parameters)  # jit compares the devices in this order
         leaves, tree = jax.tree.flatten(state)
         shardings = {getattr(leaf, "sharding", None) for leaf in leaves}  # a few distinct ones (NumPy's: None)
         if all(sharding is not None and _device_order(sharding) == devices for sharding in shardings):
             return state
-        mesh = parameter_mesh(self)
+        mesh = _mesh_of(parameters)
         shardings = (self.state_shardings(mesh, len(state.lengths)) if mesh is not None
                      else [SingleDeviceSharding(devices[0])] * len(leaves))
         # (the moved arrays may share the caller's buffers: device_put keeps device 0's; copy before donating)
