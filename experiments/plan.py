@@ -99,7 +99,7 @@ def cache_shardings(graphdef, abstract_params, p_shardings, structure, abstract_
     placed = {path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=p_shardings[path])
               for path, leaf in abstract_params.items()}
     model = nnx.merge(graphdef, unflatten_params(placed, structure))
-    model.batch_rule = rules["batch"]
+    model.set_sharding_rules(rules)
     return jax.tree.unflatten(jax.tree.structure(abstract_state),
                               model.state_shardings(mesh, abstract_state.lengths.shape[0]))
 

@@ -610,7 +610,7 @@ def load_trained_model(output_dir: str | Path, step: int | None = None, compute_
     finally:
         checkpointer.close()
     model = nnx.merge(setup.graphdef, unflatten_params(params, setup.structure))
-    model.batch_rule = run.mesh.rules["batch"]  # its batches' rows split like the run's (CausalLM.batch_rule)
+    model.set_sharding_rules(run.mesh.rules)  # its calls split rows and are traced like the run's (CausalLM)
     return model, step
 
 

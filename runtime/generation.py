@@ -27,7 +27,7 @@ from flax import nnx
 from jax import lax
 
 from runtime.checks import check_float, check_positive_int, check_rank, check_seed, is_integer
-from runtime.interface import _state_layout, check_token_ids, parameter_mesh
+from runtime.interface import _state_layout, check_token_ids, parameter_mesh, traced_on_parameter_mesh
 
 NO_TOKEN = -1
 
@@ -156,9 +156,11 @@ def _feed(model, tokens, state):
 _jit_sample = jax.jit(_sample, static_argnames=("sampling",))
 # Both donate the state (generation's own, from init_state and the prefill): XLA updates the KV cache in place, not
 # a copy of it per token, and it exists once.
-_jit_feed = nnx.jit(_feed, donate_argnames=("state",))
+# Both are traced under the parameters' mesh (traced_on_parameter_mesh), as prefill and step are.
+_jit_feed = traced_on_parameter_mesh(nnx.jit(_feed, donate_argnames=("state",)))
 
 
+@traced_on_parameter_mesh
 @nnx.jit(static_argnames=("sampling", "max_new_tokens"), donate_argnames=("state",))
 def _decode_loop(model, logits, state, key, stop_tokens, sampling, max_new_tokens):
     batch = logits.shape[0]

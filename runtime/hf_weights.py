@@ -302,9 +302,8 @@ def load_directory(path, config_cls, model_cls, weight_specs, param_axes, *, mes
     load_weights_streaming(model, tensors, specs,
                            resolve_shardings(mesh, rules, shardings, param_axes(config, mesh, rules)),
                            source=str(path))
-    if mesh is not None and rules is not None:
-        from configs.schema import merged_rules
-        model.batch_rule = merged_rules(rules)["batch"]  # its batches' rows split as the rules say (CausalLM)
+    if rules is not None:
+        model.set_sharding_rules(rules)  # its calls split its rows and are traced as the rules say (CausalLM)
     return model
 
 

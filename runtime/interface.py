@@ -19,18 +19,20 @@ chunk, carrying the state), step (one token) and log_likelihood (chunked, never 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from configs.schema import DEFAULT_SHARDING_RULES
+from configs.schema import DEFAULT_SHARDING_RULES, merged_rules
 from runtime.checks import check_positive_int, check_seed, shape_of
-from runtime.partitioning import entry_axes, split_over
+from runtime.partitioning import entry_axes, split_over, use_rules
 
 
 class DecodeState(NamedTuple):
@@ -84,6 +86,24 @@ def _rectangular(name: str, rows) -> np.ndarray:
                          f"{[len(row) if isinstance(row, (list, tuple)) else 'scalar' for row in rows]}") from None
 
 
+def traced_on_parameter_mesh(jitted):
+    """``jitted`` (a jit-compiled function of a model and arrays) called under the mesh the model's parameters are
+    split over and the model's sharding_rules (jax.sharding.use_abstract_mesh, runtime.partitioning.use_rules), as
+    the trainer traces its step: the scan's Pallas kernels then run inside shard_map, each device on its own rows and
+    channels (traced without the mesh, a kernel is one custom call XLA runs whole on every device, its inputs
+    gathered first), and the layers' constraints (runtime.partitioning.constrain) apply. The abstract mesh is part of
+    jit's cache key and the rules are static in the model's graph, so a model on one device keeps its programs."""
+    @functools.wraps(jitted)
+    def call(model, *args, **kwargs):
+        mesh = parameter_mesh(model)
+        if mesh is None or any(kind != AxisType.Auto for kind in mesh.axis_types):  # Explicit: arrays carry theirs
+            return jitted(model, *args, **kwargs)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), use_rules(dict(model.sharding_rules)):
+            return jitted(model, *args, **kwargs)
+    return call
+
+
+@traced_on_parameter_mesh
 @nnx.jit
 def _jit_forward(model, input_ids):
     return model.forward(input_ids)
@@ -91,6 +111,7 @@ def _jit_forward(model, input_ids):
 
 # The chunked loops donate the state they carry: XLA updates it in place (a KV cache is not copied at each chunk,
 # and exists once, not as a chunk's input and its output). step does not: its state is the caller's.
+@traced_on_parameter_mesh
 @nnx.jit(donate_argnames=("state",))
 def _jit_prefill_chunk(model, input_ids, state, n_valid, last_logits):
     """Runs one chunk; rows whose last real token is in it take its logits, the others keep last_logits."""
@@ -101,12 +122,14 @@ def _jit_prefill_chunk(model, input_ids, state, n_valid, last_logits):
     return jnp.where((n_valid > 0)[:, None], logits, last_logits), state
 
 
+@traced_on_parameter_mesh
 @nnx.jit
 def _jit_step(model, token_ids, state):
     hidden, state = model.run(token_ids[:, None], state)
     return model.logits(hidden[:, 0]), state
 
 
+@traced_on_parameter_mesh
 @nnx.jit(donate_argnames=("state",))
 def _jit_chunk_log_likelihood(model, input_ids, targets, state):
     """log p(targets[:, t] | input_ids[:, :t+1]) for the chunk; targets may be one shorter than the chunk."""
@@ -222,10 +245,21 @@ class CausalLM(nnx.Module):
     """Base of both families' LMs. Subclasses set ``self.config`` and ``self.lm_head`` (None where the head is tied
     to the input embedding) and define run, input_embedding, empty_state, state_specs and state_capacity."""
 
-    # the mesh axes a batch's rows (inputs and state) are split over where they divide (batch_axes) when the
-    # parameters are on a mesh: the default rules' 'batch', or the rules the model was loaded with
-    # (from_pretrained(rules=...); load_trained_model: the run's mesh.rules)
-    batch_rule: tuple[str, ...] = DEFAULT_SHARDING_RULES["batch"]
+    # the logical -> mesh axis rules the model was loaded with (from_pretrained(rules=...); load_trained_model: the
+    # run's mesh.rules; else DEFAULT_SHARDING_RULES) as sorted (logical axis, mesh axes) pairs: static in nnx's graph,
+    # so part of every jit's cache key. With the parameters on a mesh, a batch's rows (inputs and state) are split
+    # over the 'batch' axes where they divide (batch_axes), and each call is traced under the mesh and these rules
+    # (traced_on_parameter_mesh).
+    sharding_rules: tuple[tuple[str, tuple[str, ...]], ...] = tuple(sorted(DEFAULT_SHARDING_RULES.items()))
+
+    def set_sharding_rules(self, rules: Mapping[str, Any] | None) -> None:
+        """sharding_rules: DEFAULT_SHARDING_RULES with ``rules`` (mesh.rules' form) applied, checked."""
+        self.sharding_rules = tuple(sorted(merged_rules(rules).items()))
+
+    @property
+    def batch_rule(self) -> tuple[str, ...]:
+        """The mesh axes of sharding_rules' 'batch' entry."""
+        return dict(self.sharding_rules)["batch"]
 
     def run(self, input_ids, state):  # pragma: no cover - abstract
         raise NotImplementedError

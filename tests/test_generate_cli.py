@@ -297,6 +297,15 @@ for family, path in ((transformer, falcon), (ssm, mamba)):
                          split.prefill(prompts, split.init_state(2, max_len=12))[1])
     print("another device order", np.allclose(split.step(np.array([7, 8]), state)[0], logits[2], rtol=0, atol=1e-5),
           file=sys.stderr)
+# set to the Pallas scan (its interpreter here), each device scans its own half of d_inner inside shard_map (traced
+# without the mesh, the kernel ran on every device with its inputs gathered whole), with one device's logits
+import ssm.scan
+widths, kernel = [], ssm.scan.selective_scan_pallas
+ssm.scan.selective_scan_pallas = lambda u, *rest, **named: widths.append(u.shape[2]) or kernel(u, *rest, **named)
+pallas = ssm.from_pretrained(mamba, mesh=mesh, scan_impl="pallas")
+logits = [model.prefill(prompts, model.init_state(2))[0] for model in (pallas, whole)]
+print("pallas channels", sorted(set(widths)), np.allclose(*logits, rtol=0, atol=1e-5), file=sys.stderr)
+ssm.scan.selective_scan_pallas = kernel
 # rules splitting d_state, not d_inner: the SSM state split as A_log (d_inner, d_state) is, as prefill leaves it
 d_state = ssm.from_pretrained(mamba, mesh=mesh, rules={"d_inner": None, "d_state": "tensor"})
 for state in (d_state.init_state(1), d_state.prefill(np.array([[1, 2, 3]]), d_state.init_state(1))[1]):
@@ -348,6 +357,7 @@ def test_mesh_splits_the_parameters_and_the_state_and_samples_the_tokens_of_one_
     falcon_kv = "(None, None, 'tensor', None)"
     assert f"specs [{falcon_kv}, {falcon_kv}]" in split.stderr, split.stderr
     assert "specs [(None, None, 'tensor'), (None, 'tensor', None)]" in split.stderr, split.stderr  # conv, ssm
+    assert "pallas channels [16] True" in split.stderr, split.stderr  # d_inner 32 over tensor=2
     assert split.stderr.count("same tokens True") == 1, split.stderr
     assert split.stderr.count("a device's bytes True") == 2, split.stderr
     assert split.stderr.count("a state moved across True") == 2, split.stderr

@@ -325,8 +325,8 @@ def test_decoding_updates_its_own_state_in_place_and_leaves_the_callers(model, m
     np.testing.assert_array_equal(state.lengths, [0, 0])
     np.testing.assert_array_equal(prefilled.lengths, [5, 5])
     # the loop's state is an alias of its input: no second copy of it exists while decoding
-    compiled = generation._decode_loop.lower(model, logits, prefilled, jax.random.PRNGKey(0), jnp.asarray([-1]),
-                                             Sampling(0), 3).compile()
+    loop = generation._decode_loop.__wrapped__  # the jitted loop (a one-device model's: traced without a mesh)
+    compiled = loop.lower(model, logits, prefilled, jax.random.PRNGKey(0), jnp.asarray([-1]), Sampling(0), 3).compile()
     state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(prefilled))
     assert compiled.memory_analysis().alias_size_in_bytes >= state_bytes
 
