@@ -253,12 +253,15 @@ def _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state
                                      tile=tile)
 
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    # the mesh axes that split the batch and the channels (d_inner) under the traced mesh and the run's rules
-    batch_axes, n_batch = traced_axes("batch")
+    # the mesh axes that split the channels (d_inner) and the batch under the traced mesh and the run's rules; the
+    # batch over those the channels leave free (rules splitting d_inner over fsdp, a batch axis: one axis splits one
+    # dimension, as init_state splits the state's rows; P('fsdp', None, 'fsdp') was a DuplicateSpecError)
     chan_axes, n_chan = traced_axes("d_inner")
     groups = B.shape[2]
-    bt = batch_axes if batch_axes and u.shape[0] % n_batch == 0 else None
     ch = chan_axes if chan_axes and u.shape[2] % n_chan == 0 and (groups == 1 or groups % n_chan == 0) else None
+    sizes = jax.sharding.get_abstract_mesh().shape
+    batch_axes = tuple(axis for axis in traced_axes("batch")[0] if axis not in (ch or ()))
+    bt = batch_axes if batch_axes and u.shape[0] % math.prod(sizes[axis] for axis in batch_axes) == 0 else None
     if bt is None and ch is None:
         return scan(*args)
     row = P(bt, None, ch)

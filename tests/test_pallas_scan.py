@@ -603,6 +603,19 @@ MESH_SCRIPT = textwrap.dedent("""
         assert "P(None, None, 'tensor')" in jaxpr and "'fsdp')" not in jaxpr, jaxpr[-2000:]
         got_out = forward(replicated)
     np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
+
+    # rules splitting d_inner over fsdp, one of the batch's axes: the channels on fsdp, the rows on data alone
+    # (P(('data', 'fsdp'), None, 'fsdp') was a DuplicateSpecError)
+    from configs.schema import merged_rules
+    from runtime.partitioning import use_rules
+    four = inputs(4, 8, 20, "g1")
+    want_out = forward(four)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), use_rules(merged_rules({"d_inner": "fsdp"})):
+        replicated = jax.device_put(four, NamedSharding(mesh, P()))
+        jaxpr = str(jax.make_jaxpr(forward)(replicated))
+        assert "P('data', None, 'fsdp')" in jaxpr, jaxpr[-2000:]
+        got_out = forward(replicated)
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
     print("ok")
 """)
 
@@ -611,7 +624,8 @@ def test_selective_scan_shards_the_kernels_under_a_mesh():
     """impl="pallas" traced under a (data 2, fsdp 2, tensor 2) mesh, as the trainer traces its step: the kernels
     run inside shard_map (batch on data x fsdp, channels on tensor), and out and every gradient equal the
     unsharded call's; without a mesh no shard_map. Under a (data 2, tensor 2) mesh, B and C in two groups follow
-    their channels over tensor, and a batch of one row (channels split only) differentiates too."""
+    their channels over tensor, and a batch of one row (channels split only) differentiates too; with rules
+    splitting d_inner over fsdp, the rows are split over data alone."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(root)}
