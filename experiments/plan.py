@@ -38,6 +38,7 @@ How the numbers are counted (see docs/PLANNING.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -60,6 +61,7 @@ from experiments.models import family_of
 from experiments.tpu_topology import hbm_bytes, parse_topology, tpu_devices
 from runtime.checks import is_integer
 from runtime.interface import batch_axes
+from runtime.partitioning import use_rules
 from ssm.scan import resolve_impl
 
 OPTIONS = ("devices", "mode", "dtype", "batch", "seq_len", "seq", "optimizer", "activations", "chunk", "target")
@@ -376,8 +378,13 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
         if want_compiled:
             def prefill_chunk(params, state, ids):
                 model = nnx.merge(graphdef, unflatten_params(params, structure))
-                hidden, state = model.run(ids, state)
-                return model.logits(hidden[:, -1]), state
+                # traced under the mesh and the rules as the runtime traces its calls on a mesh of several devices
+                # (runtime.interface.traced_on_parameter_mesh): the layers' constraints, the Pallas scan's shard_map
+                traced = (jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh.size > 1
+                          else contextlib.nullcontext())
+                with traced, use_rules(rules):
+                    hidden, state = model.run(ids, state)
+                    return model.logits(hidden[:, -1]), state
 
             jitted = jax.jit(prefill_chunk, in_shardings=(p_shardings, c_shardings, ids_sharding),
                              out_shardings=(NamedSharding(mesh, PartitionSpec()), c_shardings), donate_argnums=1)

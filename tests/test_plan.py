@@ -39,6 +39,11 @@ dev0 = jax.devices()[0]
 def device0_bytes(tree):
     return sum(s.data.nbytes for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards if s.device == dev0)
 
+import runtime.layers, runtime.partitioning
+traced, constrain = [], runtime.layers.constrain
+runtime.layers.constrain = lambda x, axes: traced.append(runtime.partitioning._traced_auto_mesh() is not None) or \
+    constrain(x, axes)
+
 results = {}
 for preset, pkg in (("tiny_falcon", transformer), ("tiny_falcon_mamba", ssm)):
     # training: the trainer's own init, jitted onto its state shardings
@@ -56,6 +61,7 @@ for preset, pkg in (("tiny_falcon", transformer), ("tiny_falcon_mamba", ssm)):
     model = family_of(run.model).lm(run.model, seed=0)
     path = f"{out_dir}/{preset}"
     pkg.save_pretrained(model, path, max_shard_bytes=100_000)
+    traced.clear()  # whether the compiled prefill chunk's layers are traced under the mesh, as the runtime's
     plan = plan_lib.plan(preset, mesh_args, mode="inference", dtype="bfloat16", batch=8, seq_len=32)
     mesh = build_mesh(run.mesh)
     loaded = pkg.from_pretrained(path, mesh=mesh, rules=run.mesh.rules, param_dtype="bfloat16",
@@ -63,7 +69,8 @@ for preset, pkg in (("tiny_falcon", transformer), ("tiny_falcon_mamba", ssm)):
     cache = loaded.init_state(8, 32)  # split as the runtime splits it on the parameters' mesh
     results[preset + "/inference"] = {"plan": plan["per_device_bytes"],
                                       "params": device0_bytes(nnx.state(loaded, nnx.Param)),
-                                      "cache": device0_bytes(cache), "method": plan["activations_method"]}
+                                      "cache": device0_bytes(cache), "method": plan["activations_method"],
+                                      "traced": sorted(set(traced))}
 print("RESULT " + json.dumps(results))
 '''
 
@@ -80,7 +87,7 @@ def _run(tmp_path, devices: int, mesh_args: list[str]) -> dict:
 def test_plan_matches_allocated_bytes(tmp_path):
     """On a data x fsdp x tensor mesh of 8 devices (one device is the same arithmetic with every axis of size 1):
     the planner's parameter, optimizer and cache bytes are those of the arrays the trainer's init, the streaming
-    loader and the runtime's init_state create."""
+    loader and the runtime's init_state create; its prefill chunk is traced under the mesh, as the runtime's."""
     results = _run(tmp_path, 8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     for key, r in results.items():
         plan = r["plan"]
@@ -95,6 +102,7 @@ def test_plan_matches_allocated_bytes(tmp_path):
             assert plan["params"] == r["params"] > 0, key
             assert plan["cache"] == r["cache"] > 0, key
             assert plan["optimizer"] == 0 and plan["activations"] > 0
+            assert r["method"].startswith("compiled") and r["traced"] == [True], key
         assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
 
 
