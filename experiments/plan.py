@@ -38,7 +38,6 @@ How the numbers are counted (see docs/PLANNING.md):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -61,7 +60,7 @@ from experiments.models import family_of
 from experiments.tpu_topology import hbm_bytes, parse_topology, tpu_devices
 from runtime.checks import is_integer
 from runtime.interface import batch_axes
-from runtime.partitioning import use_rules
+from runtime.partitioning import traced_under
 from ssm.scan import resolve_impl
 
 OPTIONS = ("devices", "mode", "dtype", "batch", "seq_len", "seq", "optimizer", "activations", "chunk", "target")
@@ -380,9 +379,7 @@ def plan(config: str, overrides: list[str] | tuple[str, ...] = (), *, devices: i
                 model = nnx.merge(graphdef, unflatten_params(params, structure))
                 # traced under the mesh and the rules as the runtime traces its calls on a mesh of several devices
                 # (runtime.interface.traced_on_parameter_mesh): the layers' constraints, the Pallas scan's shard_map
-                traced = (jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh.size > 1
-                          else contextlib.nullcontext())
-                with traced, use_rules(rules):
+                with traced_under(mesh, rules):
                     hidden, state = model.run(ids, state)
                     return model.logits(hidden[:, -1]), state
 

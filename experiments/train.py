@@ -43,7 +43,7 @@ from experiments.metrics import MetricsWriter
 from experiments.models import family_of
 from experiments.optim import learning_rate_schedule, make_optimizer
 from runtime.files import WriteError, write_failure, write_text_atomic
-from runtime.partitioning import use_rules
+from runtime.partitioning import traced_under
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -359,10 +359,9 @@ def jit_train_step(setup: Setup, run: RunConfig, donate: bool = True):
     replicated; ``donate`` lets XLA reuse the input state's buffers for the output state."""
     train_step = make_train_step(setup.graphdef, setup.structure, setup.tx,
                                  learning_rate_schedule(run.optim, run.steps), run.remat)
-    mesh = setup.mesh if isinstance(setup.mesh, jax.sharding.AbstractMesh) else setup.mesh.abstract_mesh
 
     def step(state, batch):  # traced under the mesh and the run's rules (runtime.partitioning.traced_axes)
-        with jax.sharding.use_abstract_mesh(mesh), use_rules(run.mesh.rules):
+        with traced_under(setup.mesh, run.mesh.rules):
             return train_step(state, batch)
 
     return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),

@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from configs.schema import DEFAULT_SHARDING_RULES, merged_rules
 from runtime.checks import check_positive_int, check_seed, shape_of
-from runtime.partitioning import entry_axes, split_over, use_rules
+from runtime.partitioning import entry_axes, split_over, traced_under
 
 
 class DecodeState(NamedTuple):
@@ -88,17 +88,17 @@ def _rectangular(name: str, rows) -> np.ndarray:
 
 def traced_on_parameter_mesh(jitted):
     """``jitted`` (a jit-compiled function of a model and arrays) called under the mesh the model's parameters are
-    split over and the model's sharding_rules (jax.sharding.use_abstract_mesh, runtime.partitioning.use_rules), as
-    the trainer traces its step: the scan's Pallas kernels then run inside shard_map, each device on its own rows and
-    channels (traced without the mesh, a kernel is one custom call XLA runs whole on every device, its inputs
-    gathered first), and the layers' constraints (runtime.partitioning.constrain) apply. The abstract mesh is part of
-    jit's cache key and the rules are static in the model's graph, so a model on one device keeps its programs."""
+    split over and the model's sharding_rules (runtime.partitioning.traced_under), as the trainer traces its step:
+    the scan's Pallas kernels then run inside shard_map, each device on its own rows and channels (traced without
+    the mesh, a kernel is one custom call XLA runs whole on every device, its inputs gathered first), and the layers'
+    constraints (runtime.partitioning.constrain) apply. The abstract mesh is part of jit's cache key and the rules
+    are static in the model's graph, so a model on one device keeps its programs."""
     @functools.wraps(jitted)
     def call(model, *args, **kwargs):
         mesh = parameter_mesh(model)
-        if mesh is None or any(kind != AxisType.Auto for kind in mesh.axis_types):  # Explicit: arrays carry theirs
+        if mesh is None:
             return jitted(model, *args, **kwargs)
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), use_rules(dict(model.sharding_rules)):
+        with traced_under(mesh, dict(model.sharding_rules)):
             return jitted(model, *args, **kwargs)
     return call
 

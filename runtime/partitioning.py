@@ -102,6 +102,20 @@ def use_rules(rules: Mapping[str, tuple[str, ...]]):
         _RULES.reset(token)
 
 
+@contextlib.contextmanager
+def traced_under(mesh: Mesh | AbstractMesh, rules: Mapping[str, tuple[str, ...]]):
+    """Within: a trace runs under ``mesh`` (its abstract mesh: jax.sharding.use_abstract_mesh) and ``rules``
+    (use_rules), so that what the models read of them (traced_axes, constrain, the Pallas scan's shard_map) applies:
+    the trainer's step, the runtime's calls on a mesh and the planner's compiled chunk are traced so. Nothing changes
+    for a mesh of one device or one with axes that are not Auto (Explicit axes carry their shardings in the arrays'
+    types)."""
+    if mesh.size == 1 or any(kind != AxisType.Auto for kind in mesh.axis_types):
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), use_rules(rules):
+        yield
+
+
 def _traced_auto_mesh():
     """The mesh the current trace runs under (jax.sharding.use_abstract_mesh), or None without one or where it has
     axes that are not Auto (Explicit axes carry their shardings in the arrays' types: nothing to add)."""
