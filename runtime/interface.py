@@ -19,7 +19,6 @@ chunk, carrying the state), step (one token) and log_likelihood (chunked, never 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Any, Mapping, NamedTuple
