@@ -59,8 +59,7 @@ from experiments.mesh import (build_mesh, flatten_params, mesh_shape, opt_state_
 from experiments.models import family_of
 from experiments.tpu_topology import hbm_bytes, parse_topology, tpu_devices
 from runtime.checks import is_integer
-from runtime.interface import batch_axes
-from runtime.partitioning import traced_under
+from runtime.partitioning import batch_axes, traced_under
 from ssm.scan import resolve_impl
 
 OPTIONS = ("devices", "mode", "dtype", "batch", "seq_len", "seq", "optimizer", "activations", "chunk", "target")

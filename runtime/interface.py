@@ -20,7 +20,6 @@ chunk, carrying the state), step (one token) and log_likelihood (chunked, never 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -31,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from configs.schema import DEFAULT_SHARDING_RULES, merged_rules
 from runtime.checks import check_positive_int, check_seed, shape_of
-from runtime.partitioning import entry_axes, split_over, traced_under
+from runtime.partitioning import batch_axes, entry_axes, traced_under
 
 
 class DecodeState(NamedTuple):
@@ -201,16 +200,6 @@ def parameter_mesh(model) -> Mesh | None:
     """The mesh ``model``'s parameters are split over where it has more than one device, else None: one device, or
     abstract or traced parameters."""
     return _mesh_of(parameter_sharding(model))
-
-
-def batch_axes(mesh: Mesh, rows: int, rule=DEFAULT_SHARDING_RULES["batch"]) -> tuple[str, ...]:
-    """The mesh axes of ``rule`` (the rules' 'batch' entry; by default data, fsdp) that split anything on ``mesh``
-    and whose sizes multiply to a divisor of ``rows``: all of them, else the longest leading run of them that does
-    (data=2 x fsdp=2 and 2 rows: data), else () (the rows whole on every device)."""
-    axes, _, _ = split_over(mesh, rule)
-    while axes and rows % math.prod(mesh.shape[axis] for axis in axes):
-        axes = axes[:-1]
-    return axes
 
 
 def _device_order(sharding) -> tuple:

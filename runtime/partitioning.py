@@ -84,6 +84,16 @@ def spec_for(name: str, shape: tuple[int, ...], logical: tuple[str, ...], mesh: 
     return PartitionSpec(*spec)
 
 
+def batch_axes(mesh: Mesh | AbstractMesh, rows: int, rule=DEFAULT_SHARDING_RULES["batch"]) -> tuple[str, ...]:
+    """The mesh axes of ``rule`` (the rules' 'batch' entry; by default data, fsdp) that split anything on ``mesh``
+    and whose sizes multiply to a divisor of ``rows``: all of them, else the longest leading run of them that does
+    (data=2 x fsdp=2 and 2 rows: data), else () (the rows whole on every device)."""
+    axes, _, _ = split_over(mesh, rule)
+    while axes and rows % math.prod(mesh.shape[axis] for axis in axes):
+        axes = axes[:-1]
+    return axes
+
+
 # ----------------------------------------------------------------------------------------------------------
 # what a model's trace reads of the mesh it is traced under
 

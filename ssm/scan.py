@@ -56,7 +56,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from runtime.checks import check_bool, check_float, check_rank, shape_of
-from runtime.partitioning import traced_axes
+from runtime.partitioning import batch_axes, traced_axes
 from ssm.pallas_scan import DEFAULT_TILE, selective_scan_pallas
 
 IMPLS = ("auto", "reference", "sequential", "chunked", "pallas")
@@ -254,14 +254,14 @@ def _pallas_on_mesh(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state
 
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     # the mesh axes that split the channels (d_inner) and the batch under the traced mesh and the run's rules; the
-    # batch over those the channels leave free (rules splitting d_inner over fsdp, a batch axis: one axis splits one
-    # dimension, as init_state splits the state's rows; P('fsdp', None, 'fsdp') was a DuplicateSpecError)
+    # rows over the batch axes the channels leave free (rules splitting d_inner over fsdp, a batch axis: one axis
+    # splits one dimension; P('fsdp', None, 'fsdp') was a DuplicateSpecError), as many as divide them, as the
+    # runtime splits a batch's rows (batch_axes: data=2 x fsdp=2 and 2 rows, data)
     chan_axes, n_chan = traced_axes("d_inner")
     groups = B.shape[2]
     ch = chan_axes if chan_axes and u.shape[2] % n_chan == 0 and (groups == 1 or groups % n_chan == 0) else None
-    sizes = jax.sharding.get_abstract_mesh().shape
-    batch_axes = tuple(axis for axis in traced_axes("batch")[0] if axis not in (ch or ()))
-    bt = batch_axes if batch_axes and u.shape[0] % math.prod(sizes[axis] for axis in batch_axes) == 0 else None
+    free = tuple(axis for axis in traced_axes("batch")[0] if axis not in (ch or ()))
+    bt = batch_axes(jax.sharding.get_abstract_mesh(), u.shape[0], free) or None
     if bt is None and ch is None:
         return scan(*args)
     row = P(bt, None, ch)

@@ -604,6 +604,16 @@ MESH_SCRIPT = textwrap.dedent("""
         got_out = forward(replicated)
     np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
 
+    # two rows: data x fsdp = 4 does not divide them, data does: the rows over data, as the runtime splits a batch
+    two = inputs(2, 8, 20, "g1")
+    want_out = forward(two)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        replicated = jax.device_put(two, NamedSharding(mesh, P()))
+        jaxpr = str(jax.make_jaxpr(forward)(replicated))
+        assert "P('data', None, 'tensor')" in jaxpr, jaxpr[-2000:]
+        got_out = forward(replicated)
+    np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), **FWD_TOL)
+
     # rules splitting d_inner over fsdp, one of the batch's axes: the channels on fsdp, the rows on data alone
     # (P(('data', 'fsdp'), None, 'fsdp') was a DuplicateSpecError)
     from configs.schema import merged_rules
@@ -625,7 +635,7 @@ def test_selective_scan_shards_the_kernels_under_a_mesh():
     run inside shard_map (batch on data x fsdp, channels on tensor), and out and every gradient equal the
     unsharded call's; without a mesh no shard_map. Under a (data 2, tensor 2) mesh, B and C in two groups follow
     their channels over tensor, and a batch of one row (channels split only) differentiates too; with rules
-    splitting d_inner over fsdp, the rows are split over data alone."""
+    splitting d_inner over fsdp, or two rows, the rows are split over data alone."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(root)}

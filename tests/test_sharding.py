@@ -84,7 +84,7 @@ def test_a_callers_mesh_may_lack_axes_but_not_rename_them():
 def test_inference_rows_split_over_the_batch_axes_that_divide_them():
     """Inference splits a batch's rows over data and fsdp where their sizes divide the rows, else over the leading
     axes that do (a batch of 2 on data=2 x fsdp=2 was left whole on all 4 devices)."""
-    from runtime.interface import batch_axes
+    from runtime.partitioning import batch_axes
 
     mesh = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     assert [batch_axes(mesh, rows) for rows in (8, 4, 2, 6, 1, 3)] == [("data", "fsdp"), ("data", "fsdp"), ("data",),
