@@ -103,8 +103,8 @@ _RULES: contextvars.ContextVar = contextvars.ContextVar("sharding_rules", defaul
 @contextlib.contextmanager
 def use_rules(rules: Mapping[str, tuple[str, ...]]):
     """Within: the logical -> mesh axis rules (the run's, mesh.rules applied) that ``traced_axes`` reads while
-    a model is traced; outside, configs.schema.DEFAULT_SHARDING_RULES. The trainer sets them together with the
-    abstract mesh it traces its step under."""
+    a model is traced; outside, configs.schema.DEFAULT_SHARDING_RULES. traced_under sets them together with the
+    mesh a trace runs under."""
     token = _RULES.set(dict(rules))
     try:
         yield
