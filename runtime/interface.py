@@ -120,11 +120,13 @@ def _jit_prefill_chunk(model, input_ids, state, n_valid, last_logits):
     return jnp.where((n_valid > 0)[:, None], logits, last_logits), state
 
 
-@traced_on_parameter_mesh
-@nnx.jit
-def _jit_step(model, token_ids, state):
+def run_one_token(model, token_ids, state):
+    """Traceable: the model run on one token per row, token_ids (batch,): (next logits (batch, vocab), state)."""
     hidden, state = model.run(token_ids[:, None], state)
     return model.logits(hidden[:, 0]), state
+
+
+_jit_step = traced_on_parameter_mesh(nnx.jit(run_one_token))
 
 
 @traced_on_parameter_mesh
