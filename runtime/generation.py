@@ -146,16 +146,13 @@ def _sample(logits, key, done, stop_tokens, sampling):
     return tokens, emitted, key, done | jnp.isin(tokens, stop_tokens)
 
 
-_feed = run_one_token  # (a module global the loop looks up when traced: tests spy on it)
-
-
 # A token is fed to the model only when another is to be sampled after it: max_new_tokens tokens cost
 # max_new_tokens - 1 model steps and KV-cache positions, and stream yields each token as soon as it is sampled.
 _jit_sample = jax.jit(_sample, static_argnames=("sampling",))
 # Both donate the state (generation's own, from init_state and the prefill): XLA updates the KV cache in place, not
-# a copy of it per token, and it exists once.
-# Both are traced under the parameters' mesh (traced_on_parameter_mesh), as prefill and step are.
-_jit_feed = traced_on_parameter_mesh(nnx.jit(_feed, donate_argnames=("state",)))
+# a copy of it per token, and it exists once. Both are traced under the parameters' mesh (traced_on_parameter_mesh),
+# as prefill and step are.
+_jit_feed = traced_on_parameter_mesh(nnx.jit(run_one_token, donate_argnames=("state",)))
 
 
 @traced_on_parameter_mesh
@@ -171,7 +168,7 @@ def _decode_loop(model, logits, state, key, stop_tokens, sampling, max_new_token
 
     def body(carry):
         i, out, tokens, state, key, done = carry
-        logits, state = _feed(model, tokens, state)
+        logits, state = run_one_token(model, tokens, state)
         tokens, emitted, key, done = _sample(logits, key, done, stop_tokens, sampling)
         return i + 1, out.at[:, i].set(emitted), tokens, state, key, done
 

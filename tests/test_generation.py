@@ -363,7 +363,7 @@ def test_every_fed_token_lands_inside_the_kv_cache(model, monkeypatch):
     if model.state_capacity(model.init_state(1, max_len=1)) is None:
         return
     seen = []  # (the largest position written, max_len) per feed
-    feed, jit_feed = generation._feed, generation._jit_feed
+    feed, jit_feed = generation.run_one_token, generation._jit_feed
 
     def spy(model, tokens, state):  # traced into _decode_loop (max_new_tokens=7 compiles it afresh)
         capacity = model.state_capacity(state)
@@ -374,7 +374,7 @@ def test_every_fed_token_lands_inside_the_kv_cache(model, monkeypatch):
         seen.append((int(state.lengths.max()), model.state_capacity(state)))
         return jit_feed(model, tokens, state)
 
-    monkeypatch.setattr(generation, "_feed", spy)
+    monkeypatch.setattr(generation, "run_one_token", spy)
     monkeypatch.setattr(generation, "_jit_feed", jit_spy)
     kwargs = dict(max_new_tokens=7, temperature=1.0, seed=4, attention_mask=mask)
     expected = generate(model, prompts, **kwargs).tokens
