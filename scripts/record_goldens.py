@@ -2,14 +2,15 @@
 
     python scripts/record_goldens.py oracle [--out tests/golden]   # float64 NumPy oracle (tests/oracle.py), any machine
     python scripts/record_goldens.py cuda   [--out tests/golden]   # mamba_ssm's / causal_conv1d's CUDA kernels (GPU)
+    python scripts/record_goldens.py torch_ref [--out tests/golden] # their PyTorch references, on CPU
 
 Writes <out>/<backend>/<case>.npz (inputs as ``in_<name>``, outputs as ``out_<name>``, options as ``opt_<name>``)
 and <out>/<backend>/provenance.json, into a new folder that replaces the old set only once both are written. The
-cuda backend also records the scan's backward pass: a seeded cotangent of ``out`` as ``cot_out`` and mamba_ssm's
-gradient of sum(out * cot_out) for every input as ``grad_<name>``, and for bf16 cases the same gradients computed in
-fp32 on the same values as ``fp32_grad_<name>`` (the float64 oracle has no backward; our gradients are checked
-against the reference impl there). Inputs come from fixed seeds and are identical for both
-backends; bf16 cases store their inputs already rounded to bf16 (as float32), so every implementation sees the
+cuda and torch_ref backends also record the scan's backward pass: a seeded cotangent of ``out`` as ``cot_out`` and
+mamba_ssm's gradient of sum(out * cot_out) for every input as ``grad_<name>`` (its backward kernel's, or autograd
+through selective_scan_ref), and for bf16 cases the same gradients computed in fp32 on the same values as
+``fp32_grad_<name>`` (the float64 oracle has no backward). Inputs come from fixed seeds and are identical for every
+backend; bf16 cases store their inputs already rounded to bf16 (as float32), so every implementation sees the
 same values.
 """
 
@@ -172,37 +173,39 @@ def _silu64(x):
     return x / (1.0 + np.exp(-x))
 
 
-def mamba_state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus):
-    """mamba_ssm's Triton selective_state_update on ssm.selective_state_update's layout (torch tensors; state
-    updated in place). Its 3-D form takes only B, C (batch, dstate); grouped B, C (batch, groups, dstate), groups
-    of dim / groups channels, go through its head form with nheads = dim and headdim 1 (head h reads group
-    h // (nheads / groups)), on views of the same tensors."""
+def mamba_state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus, reference=False):
+    """mamba_ssm's Triton selective_state_update (``reference``: its PyTorch selective_state_update_ref, the same
+    signature) on ssm.selective_state_update's layout (torch tensors; state updated in place). Its 3-D form takes
+    only B, C (batch, dstate); grouped B, C (batch, groups, dstate), groups of dim / groups channels, go through its
+    head form with nheads = dim and headdim 1 (head h reads group h // (nheads / groups)), on views of the same
+    tensors."""
     import torch
-    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update, selective_state_update_ref
 
+    update = selective_state_update_ref if reference else selective_state_update
     # 2.3.2's launch reads D's and dt_bias's strides even when they are None (`*(...) if x is not None else 0`
     # raises): zeros add nothing
     zeros = torch.zeros(x.shape[1], device=x.device, dtype=torch.float32)
     D, dt_bias = (zeros if t is None else t for t in (D, dt_bias))
     if B.dim() == 2:
-        return selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus)
+        return update(state, x, dt, A, B, C, D, z, dt_bias, softplus)
     heads = lambda t: None if t is None else t.unsqueeze(-1)  # noqa: E731  (..., dim) -> (..., nheads, 1)
-    out = selective_state_update(state.unsqueeze(2), heads(x), heads(dt), A.unsqueeze(1), B, C, heads(D), heads(z),
-                                 heads(dt_bias), softplus)
+    out = update(state.unsqueeze(2), heads(x), heads(dt), A.unsqueeze(1), B, C, heads(D), heads(z), heads(dt_bias),
+                 softplus)
     return out.squeeze(-1)
 
 
-class CudaBackend:
-    """mamba_ssm's selective_scan_fn and Triton selective_state_update, causal_conv1d's CUDA kernels."""
+class TorchBackend:
+    """mamba_ssm 2.3.2.post1's and causal_conv1d 1.7.0's functions through torch on ``device``: their CUDA and
+    Triton kernels, or (``reference``) their PyTorch references, the functions their own tests check the kernels
+    against: selective_scan_ref, selective_state_update_ref, causal_conv1d_ref, causal_conv1d_update_ref."""
 
-    name = "cuda"
-    conv_error = None
+    name, device, reference = "", "", False
+    conv_error = None  # why the conv cases cannot be recorded (causal_conv1d missing), or None
 
     def __init__(self):
         import torch
 
-        if not torch.cuda.is_available():
-            raise SystemExit("backend cuda: expected a CUDA GPU visible to torch, got torch.cuda.is_available() False")
         self.torch = torch
         # causal_conv1d is built separately from mamba_ssm on the GPU machine: without it the scan and
         # state-update cases are still recorded, and provenance.json says why the conv cases are not
@@ -213,7 +216,8 @@ class CudaBackend:
 
     def _t(self, x, dtype):
         torch = self.torch
-        return None if x is None else torch.tensor(np.asarray(x, np.float32), device="cuda").to(getattr(torch, dtype))
+        return None if x is None else torch.tensor(np.asarray(x, np.float32), device=self.device).to(
+            getattr(torch, dtype))
 
     def _np(self, x):
         return x.detach().float().cpu().numpy()
@@ -225,7 +229,7 @@ class CudaBackend:
 
         t = {k: self._t(v, dtype if k in ("u", "delta", "B", "C", "z") else "float32").requires_grad_(requires_grad)
              for k, v in inputs.items()}
-        out, last = (selective_scan_ref if reference else selective_scan_fn)(
+        out, last = (selective_scan_ref if reference or self.reference else selective_scan_fn)(
             t["u"], t["delta"], t["A"], t["B"], t["C"], t.get("D"), t.get("z"), t.get("delta_bias"), softplus, True)
         return t, out, last
 
@@ -234,9 +238,10 @@ class CudaBackend:
         return dict(out=self._np(out), last_state=self._np(last))
 
     def scan_grads(self, inputs, softplus, dtype, cot, fp32_reference=False):
-        """mamba_ssm's backward kernel: d sum(out.float() * cot) / d every input, in each input's dtype; with
-        ``fp32_reference``, the same gradients computed in fp32 (selective_scan_ref, autograd) on the same values:
-        what tests/test_golden.check_scan_grad measures a bf16 case's gradients against."""
+        """The backward (the kernel's, or the reference's through autograd): d sum(out.float() * cot) / d every
+        input, in each input's dtype; with ``fp32_reference``, the same gradients computed in fp32
+        (selective_scan_ref, autograd) on the same values: what tests/test_golden.check_scan_grad measures a bf16
+        case's gradients against."""
         t, out, _ = self._scan(inputs, softplus, "float32" if fp32_reference else dtype, requires_grad=True,
                                reference=fp32_reference)
         (out.float() * self._t(cot, "float32")).sum().backward()
@@ -246,25 +251,25 @@ class CudaBackend:
         state = self._t(inputs["state"], "float32")
         low = {k: self._t(v, dtype if k in ("x", "dt", "B", "C", "z") else "float32") for k, v in inputs.items()}
         out = mamba_state_update(state, low["x"], low["dt"], low["A"], low["B"], low["C"], low.get("D"),
-                                 low.get("z"), low.get("dt_bias"), softplus)
+                                 low.get("z"), low.get("dt_bias"), softplus, self.reference)
         return dict(out=self._np(out), state=self._np(state))
 
     def conv_fn(self, inputs, activation, dtype):
-        from causal_conv1d import causal_conv1d_fn
+        from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn, causal_conv1d_ref
 
         t = {k: self._t(v, dtype) for k, v in inputs.items()}
-        return dict(out=self._np(causal_conv1d_fn(t["x"], t["weight"], t.get("bias"), activation=activation)))
+        conv = causal_conv1d_ref if self.reference else causal_conv1d_fn
+        return dict(out=self._np(conv(t["x"], t["weight"], t.get("bias"), activation=activation)))
 
     def conv_update(self, inputs, activation, dtype):
-        from causal_conv1d import causal_conv1d_update
+        from causal_conv1d.causal_conv1d_interface import causal_conv1d_update, causal_conv1d_update_ref
 
         t = {k: self._t(v, dtype) for k, v in inputs.items()}
-        out = causal_conv1d_update(t["x"], t["conv_state"], t["weight"], t.get("bias"), activation=activation)
+        update = causal_conv1d_update_ref if self.reference else causal_conv1d_update
+        out = update(t["x"], t["conv_state"], t["weight"], t.get("bias"), activation=activation)
         return dict(out=self._np(out), conv_state=self._np(t["conv_state"]))
 
     def provenance(self):
-        import subprocess
-
         import mamba_ssm
 
         torch = self.torch
@@ -274,13 +279,59 @@ class CudaBackend:
             conv_version = causal_conv1d.__version__
         else:
             conv_version = f"not recorded ({self.conv_error})"
+        return {"backend": self.name, "torch": torch.__version__, "mamba_ssm": mamba_ssm.__version__,
+                "causal_conv1d": conv_version, "python": platform.python_version()}
+
+
+class CudaBackend(TorchBackend):
+    """mamba_ssm's selective_scan_fn and Triton selective_state_update, causal_conv1d's CUDA kernels."""
+
+    name, device = "cuda", "cuda"
+
+    def __init__(self):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("backend cuda: expected a CUDA GPU visible to torch, got torch.cuda.is_available() False")
+        super().__init__()
+
+    def provenance(self):
+        import subprocess
+
+        torch = self.torch
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
                              capture_output=True, text=True).stdout.strip()
-        return {"backend": "cuda", "what": "mamba_ssm selective_scan_fn (CUDA), mamba_ssm Triton "
+        return {**super().provenance(), "what": "mamba_ssm selective_scan_fn (CUDA), mamba_ssm Triton "
                 "selective_state_update, causal_conv1d_fn / causal_conv1d_update (CUDA)",
-                "gpu": torch.cuda.get_device_name(0), "nvidia_smi": smi, "cuda": torch.version.cuda,
-                "torch": torch.__version__, "mamba_ssm": mamba_ssm.__version__,
-                "causal_conv1d": conv_version, "python": platform.python_version()}
+                "gpu": torch.cuda.get_device_name(0), "nvidia_smi": smi, "cuda": torch.version.cuda}
+
+
+class TorchRefBackend(TorchBackend):
+    """The same packages' PyTorch references on CPU. They need neither a GPU nor the CUDA extensions, which both
+    packages import unguarded: where those do not import, empty stand-in modules take their names (REFERENCE.md;
+    the packages themselves installed without building them, as tests/golden/README.md says)."""
+
+    name, device, reference = "torch_ref", "cpu", True
+
+    def __init__(self):
+        import importlib.util
+        import types
+
+        for extension in ("selective_scan_cuda", "causal_conv1d_cuda"):
+            if importlib.util.find_spec(extension) is None:
+                sys.modules[extension] = types.ModuleType(extension)
+        try:
+            import mamba_ssm  # noqa: F401
+        except ImportError as error:
+            raise SystemExit(f"backend torch_ref: expected mamba_ssm 2.3.2.post1 to import (tests/golden/README.md "
+                             f"says how to install it without CUDA), got {type(error).__name__}: {error}")
+        super().__init__()
+
+    def provenance(self):
+        return {**super().provenance(), "what": "mamba_ssm selective_scan_ref (outputs and autograd gradients) "
+                "and selective_state_update_ref, causal_conv1d_ref / causal_conv1d_update_ref: the PyTorch "
+                "references the packages' own tests check their kernels against, in torch on CPU; NOT the CUDA "
+                "kernels", "platform": platform.platform()}
 
 
 def record(backend, out_dir: Path) -> list[str]:
@@ -354,16 +405,19 @@ def write_set(backend, out_dir: Path, command: str) -> list[str]:
     return cases
 
 
+BACKENDS = {backend.name: backend for backend in (OracleBackend, CudaBackend, TorchRefBackend)}
+
+
 def main(argv=None):
     from experiments.bench import check_out_dir
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("backend", choices=["oracle", "cuda"])
+    parser.add_argument("backend", choices=sorted(BACKENDS))
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "golden")
     args = parser.parse_args(argv)
     for path in (args.out, args.out / args.backend):  # before a backend starts or anything is written
         check_out_dir(parser, path)
-    backend = OracleBackend() if args.backend == "oracle" else CudaBackend()
+    backend = BACKENDS[args.backend]()
     out_dir = args.out / backend.name
     cases = write_set(backend, out_dir, " ".join(["python", "scripts/record_goldens.py"]
                                                  + (sys.argv[1:] if argv is None else list(argv))))
