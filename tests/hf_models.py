@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 
@@ -34,3 +35,37 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+def torch_loss_grads(model, ids: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    """transformers' training loss on ``ids`` (labels=ids: the mean next-token cross entropy) and its gradient for
+    every parameter by checkpoint name (a tied lm_head's under the embedding's, as the checkpoint stores it)."""
+    import torch
+
+    model.zero_grad()
+    ids = torch.tensor(ids, dtype=torch.long)
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return float(loss), {name: param.grad.detach().numpy().copy() for name, param in model.named_parameters()}
+
+
+def jax_loss_grads(model, ids: np.ndarray, specs) -> tuple[float, dict[str, np.ndarray]]:
+    """Our training loss (experiments.train.masked_loss, what the trainer differentiates) on ``ids`` with every
+    next token a target, and its gradient mapped to checkpoint names and layouts by the export's ``specs``. As in
+    transformers, the forward reads all of ``ids`` and the last position, which has no next token, is masked out
+    (dynamic NTK RoPE depends on the length read)."""
+    import jax
+    from flax import nnx
+
+    from experiments.mesh import flatten_params, unflatten_params
+    from experiments.train import masked_loss
+    from runtime.hf_weights import export_weights
+
+    graphdef, state = nnx.split(model, nnx.Param)
+    params, structure = flatten_params(state)
+    mask = np.ones(ids.shape, np.float32)
+    mask[:, -1] = 0
+    batch = {"inputs": ids, "targets": np.roll(ids, -1, axis=1), "mask": mask}
+    loss_fn = functools.partial(masked_loss, graphdef=graphdef, structure=structure)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, batch, float(mask.sum()))
+    return float(loss), dict(export_weights(nnx.merge(graphdef, unflatten_params(grads, structure)), specs))

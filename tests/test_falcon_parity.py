@@ -17,7 +17,8 @@ from transformers import FalconConfig, FalconForCausalLM
 
 import transformer
 from runtime.safetensors_io import CheckpointError, open_checkpoint, write_file
-from tests.hf_models import build_and_save, torch_logits
+from transformer.weights import weight_specs
+from tests.hf_models import build_and_save, jax_loss_grads, torch_logits, torch_loss_grads
 
 ATOL = 1e-4
 
@@ -73,6 +74,25 @@ def test_logits_match_transformers(case):
     if name in ("nda_2ln", "rw_alibi"):  # the blockwise path in the model (block 16 divides neither length)
         blockwise = transformer.from_pretrained(path, attention_impl="blockwise", attention_block_size=16)
         np.testing.assert_allclose(np.asarray(blockwise(ids)), expected, rtol=0, atol=ATOL)
+
+
+def test_training_gradients_match_transformers(case):
+    """The trainer's loss and its gradient for every weight == transformers' (torch autograd, sdpa) on the same
+    checkpoint: each within 1e-4 of that weight's largest gradient (2026-12-02: at most 2e-6 on these cases);
+    the blockwise attention too where test_logits_match_transformers runs it."""
+    name, torch_model, path = case
+    kwargs, seq = CASES[name]
+    ids = _ids(kwargs["vocab_size"], (2, seq), seed=1)
+    want_loss, want = torch_loss_grads(torch_model, ids)
+    impls = ["xla", "blockwise"] if name in ("nda_2ln", "rw_alibi") else ["xla"]
+    for impl in impls:
+        ours = transformer.from_pretrained(path, attention_impl=impl, attention_block_size=16)
+        loss, got = jax_loss_grads(ours, ids, weight_specs(ours.config))
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=impl)
+        assert sorted(got) == sorted(want)
+        for weight, grad in want.items():
+            np.testing.assert_allclose(got[weight], grad, rtol=0, atol=1e-4 * np.max(np.abs(grad)),
+                                       err_msg=f"{impl}: {weight}")
 
 
 def test_export_round_trip(case, tmp_path):
