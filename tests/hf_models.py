@@ -39,14 +39,15 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
 
 def torch_loss_grads(model, ids: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
     """transformers' training loss on ``ids`` (labels=ids: the mean next-token cross entropy) and its gradient for
-    every parameter by checkpoint name (a tied lm_head's under the embedding's, as the checkpoint stores it)."""
+    every parameter by checkpoint name (a tied lm_head's under the embedding's, as the checkpoint stores it), on the
+    model's device and in its mode (FalconMamba in eval mode on CUDA: the unfused kernel path, below)."""
     import torch
 
     model.zero_grad()
-    ids = torch.tensor(ids, dtype=torch.long)
+    ids = torch.tensor(ids, dtype=torch.long, device=model.device)
     loss = model(ids, labels=ids, use_cache=False).loss
     loss.backward()
-    return float(loss), {name: param.grad.detach().numpy().copy() for name, param in model.named_parameters()}
+    return float(loss), {name: param.grad.detach().float().cpu().numpy() for name, param in model.named_parameters()}
 
 
 def jax_loss_grads(model, ids: np.ndarray, specs) -> tuple[float, dict[str, np.ndarray]]:

@@ -198,15 +198,19 @@ def test_falcon_mamba_matches_transformers_on_cuda_kernels(impl, tmp_path, monke
     """transformers' FalconMambaForCausalLM (eval mode, as build_and_save returns it) on CUDA takes its kernel path
     (causal_conv1d_fn where causal_conv1d is installed, and mamba_ssm's selective_scan_fn, checked by counting
     calls of the CUDA scan; mamba_inner_fn is its training mode's, another function); our model, loaded from the same
-    safetensors, on the GPU: fp32 logits within mamba_ssm's fp32 scan tolerance. fp32 matmuls on both sides at
-    full precision (no TF32)."""
+    safetensors, on the GPU: fp32 logits within mamba_ssm's fp32 scan tolerance. Then the training loss and every
+    weight's gradient, theirs through the same kernels' backward (eval mode does not take mamba_inner_fn; counted
+    too) against the trainer's loss on the GPU: within 1e-3 of each weight's largest gradient (on CPU, against
+    transformers' PyTorch scan, 1e-4 holds with 10x room: tests/test_falcon_mamba_parity.py). fp32 matmuls on both
+    sides at full precision (no TF32)."""
     require(MAMBA)
     import selective_scan_cuda
     import torch
     from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
     import ssm
-    from tests.hf_models import build_and_save
+    from ssm.weights import weight_specs
+    from tests.hf_models import build_and_save, jax_loss_grads, torch_loss_grads
 
     kwargs = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, state_size=16, expand=2, conv_kernel=4,
                   time_step_rank=8, tie_word_embeddings=False)
@@ -214,11 +218,23 @@ def test_falcon_mamba_matches_transformers_on_cuda_kernels(impl, tmp_path, monke
     calls = []
     cuda_forward = selective_scan_cuda.fwd
     monkeypatch.setattr(selective_scan_cuda, "fwd", lambda *args: calls.append(1) or cuda_forward(*args))
+    backward_calls = []
+    cuda_backward = selective_scan_cuda.bwd
+    monkeypatch.setattr(selective_scan_cuda, "bwd", lambda *args: backward_calls.append(1) or cuda_backward(*args))
     torch.backends.cuda.matmul.allow_tf32 = False
     ids = np.random.default_rng(1).integers(0, kwargs["vocab_size"], (2, 300))
     with torch.no_grad():
         want = model(torch.tensor(ids, device="cuda")).logits.float().cpu().numpy()
     assert calls, "transformers did not call mamba_ssm's CUDA selective scan (its kernel path was not taken)"
+    ours = ssm.from_pretrained(tmp_path, scan_impl=impl)
     with jax.default_matmul_precision("highest"):
-        got = np.asarray(ssm.from_pretrained(tmp_path, scan_impl=impl)(ids))
+        got = np.asarray(ours(ids))
     np.testing.assert_allclose(got, want, **TOL["scan", "float32"])
+    want_loss, want_grads = torch_loss_grads(model, ids)
+    assert backward_calls, "transformers' backward did not call mamba_ssm's CUDA selective scan backward"
+    with jax.default_matmul_precision("highest"):
+        loss, grads = jax_loss_grads(ours, ids, weight_specs(ours.config))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert sorted(grads) == sorted(want_grads)
+    for weight, grad in want_grads.items():
+        np.testing.assert_allclose(grads[weight], grad, rtol=0, atol=1e-3 * np.max(np.abs(grad)), err_msg=weight)
