@@ -38,6 +38,9 @@ SCAN_CASES = [
     ("scan_fp32_g1_Dbias", "float32", 2, 8, 16, 129, "g1", True, False, True, True),
     ("scan_bf16_g2_all", "bfloat16", 2, 8, 8, 256, "g2", True, True, True, True),
     ("scan_bf16_bnl_z", "bfloat16", 2, 8, 8, 100, "bnl", False, True, False, True),
+    # past mamba_ssm's CUDA kernel's 2048-step chunk, which it carries the state across (2 groups of 2 channels:
+    # not the TPU kernel's shape, whose interpreter is slow at this length)
+    ("scan_fp32_g2_2100", "float32", 1, 4, 4, 2100, "g2", True, True, True, True),
 ]
 # (name, dtype, batch, dim, dstate, B/C groups or 0 for (batch, dstate), D, z, dt_bias, dt_softplus)
 STATE_UPDATE_CASES = [
