@@ -179,17 +179,21 @@ def test_causal_conv1d_matches_cuda(activation, dtype):
     _close(final, want_final, dict(rtol=0, atol=0), name="causal_conv1d_fn final_states")  # copies of inputs
 
 
-def test_model_on_gpu_matches_cpu():
-    """The tiny JAX Falcon Mamba's fp32 logits on the GPU == on the CPU (mamba_ssm's fp32 forward tolerance)."""
+@pytest.mark.parametrize("preset", ["tiny_falcon_mamba", "tiny_falcon", "tiny_falcon_alibi"])
+def test_model_on_gpu_matches_cpu(preset):
+    """Each family's tiny JAX model: fp32 logits on the GPU == on the CPU (mamba_ssm's fp32 forward tolerance),
+    fp32 matmuls at full precision on both (no TF32)."""
     require()
     from configs import load_model_config
-    from ssm import FalconMambaLM
+    from experiments.models import family_of
 
-    config = load_model_config("tiny_falcon_mamba", [])
+    config = load_model_config(preset, [])
+    lm = family_of(config).lm
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 64))
-    with jax.default_device(jax.devices("cpu")[0]):
-        want = np.asarray(FalconMambaLM(config, seed=0)(ids))
-    got = np.asarray(FalconMambaLM(config, seed=0)(ids))
+    with jax.default_matmul_precision("highest"):
+        with jax.default_device(jax.devices("cpu")[0]):
+            want = np.asarray(lm(config, seed=0)(ids))
+        got = np.asarray(lm(config, seed=0)(ids))
     np.testing.assert_allclose(got, want, **TOL["scan", "float32"])
 
 
