@@ -33,7 +33,8 @@ import numpy as np
 import pytest
 
 from ssm.scan import selective_scan_fn, to_channels_last
-from tests.test_scan import BF16_TOL, FWD_TOL, GRAD_TOL, make_inputs, oracle, to_jax
+from tests.test_scan import (BF16_TOL, FWD_TOL, GRAD_TOL, check_bf16_against_oracle, make_inputs, oracle,
+                             scan_in_pieces, to_jax)
 
 
 def tpu_scan(kwargs, tile, **overrides):
@@ -103,13 +104,7 @@ def test_forward_matches_oracle(kernel, case):
 def test_forward_bf16_matches_oracle_on_rounded_inputs(kernel, dim, bc):
     low = ("u", "delta", "B", "C", "z")
     inputs = to_jax(make_inputs(2, 2, dim, 8, 70, bc=bc), jnp.bfloat16, low)
-    out, last = pallas_scan(inputs, kernel, 32)
-    assert out.dtype == jnp.bfloat16 and last.dtype == jnp.float32
-    rounded = {k: (np.asarray(v.astype(jnp.float32), np.float64) if isinstance(v, jax.Array) else v)
-               for k, v in inputs.items()}
-    want_out, want_last = oracle(rounded)
-    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), want_out, **BF16_TOL)
-    np.testing.assert_allclose(np.asarray(last), want_last, **BF16_TOL)
+    check_bf16_against_oracle(inputs, *pallas_scan(inputs, kernel, 32))
 
 
 def test_initial_state_and_pieces_match_oracle():
@@ -120,14 +115,9 @@ def test_initial_state_and_pieces_match_oracle():
     want_out, want_last = oracle(kwargs)
     np.testing.assert_allclose(np.asarray(whole_out), want_out, **FWD_TOL)
     np.testing.assert_allclose(np.asarray(whole_last), want_last, **FWD_TOL)
-    jax_kwargs, outs, start = to_jax(kwargs), [], 0
-    state = jax_kwargs["initial_state"]
-    for length in (1, 16, 27, 16):  # pieces of 1 step, exactly one tile, and not a multiple of it
-        sliced = {name: jax_kwargs[name][..., start:start + length] for name in ("u", "delta", "B", "C", "z")}
-        out, state = run(**{**jax_kwargs, **sliced, "initial_state": state})
-        outs.append(out)
-        start += length
-    np.testing.assert_allclose(np.concatenate(outs, axis=-1), np.asarray(whole_out), **FWD_TOL)
+    # pieces of 1 step, exactly one tile, and not a multiple of it
+    out, state = scan_in_pieces(run, to_jax(kwargs), (1, 16, 27, 16))
+    np.testing.assert_allclose(out, np.asarray(whole_out), **FWD_TOL)
     np.testing.assert_allclose(np.asarray(state), np.asarray(whole_last), **FWD_TOL)
 
 

@@ -145,6 +145,12 @@ def test_forward_bf16_matches_oracle_on_rounded_inputs(impl):
     inputs = to_jax(kwargs, jnp.bfloat16, low)
     extra = dict(chunk_size=64) if impl in CHUNKED_IMPLS else {}
     out, last_state = selective_scan_fn(**inputs, return_last_state=True, impl=impl, **extra)
+    check_bf16_against_oracle(inputs, out, last_state)
+
+
+def check_bf16_against_oracle(inputs, out, last_state):
+    """A scan of bf16 ``inputs``: out in bf16 and the state in fp32, each within BF16_TOL of the float64 oracle on
+    the same (rounded) values."""
     assert out.dtype == jnp.bfloat16 and last_state.dtype == jnp.float32
     rounded = {k: (np.asarray(v.astype(jnp.float32), np.float64) if isinstance(v, jax.Array) else v)
                for k, v in inputs.items()}
@@ -190,6 +196,18 @@ def test_minus_infinite_a_decays_to_zero_through_the_padding_steps(impl):
 PIECES = (1, 36, 27, 35, 1)
 
 
+def scan_in_pieces(run, kwargs, lengths):
+    """``run`` (a scan returning (out, last state)) over consecutive pieces of the sequence of ``lengths``, each
+    from the previous piece's last state (the first from kwargs["initial_state"]): (out joined, last state)."""
+    outs, state, start = [], kwargs["initial_state"], 0
+    for length in lengths:
+        sliced = {name: kwargs[name][..., start:start + length] for name in ("u", "delta", "B", "C", "z")}
+        out, state = run(**{**kwargs, **sliced, "initial_state": state})
+        outs.append(out)
+        start += length
+    return np.concatenate(outs, axis=-1), state
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_scan_in_pieces_equals_whole_scan(impl):
     """Scanning [0, L) == scanning consecutive pieces, each from the previous piece's last state."""
@@ -197,14 +215,10 @@ def test_scan_in_pieces_equals_whole_scan(impl):
     kwargs = to_jax(make_inputs(4, 2, 4, 8, SPLIT_LEN, bc="g2", initial_state=True))
     run = lambda **kw: selective_scan_fn(return_last_state=True, impl=impl, chunk_size=SPLIT_CHUNK, **kw)  # noqa: E731
     whole_out, whole_last = run(**kwargs)
-    outs, state, start = [], kwargs["initial_state"], 0
-    for length in PIECES:
-        sliced = {name: kwargs[name][..., start:start + length] for name in ("u", "delta", "B", "C", "z")}
-        out, state = run(**{**kwargs, **sliced, "initial_state": state})
-        outs.append(out)
-        start += length
-    np.testing.assert_allclose(np.concatenate(outs, axis=-1), np.asarray(whole_out), **FWD_TOL)
+    out, state = scan_in_pieces(run, kwargs, PIECES)
+    np.testing.assert_allclose(out, np.asarray(whole_out), **FWD_TOL)
     np.testing.assert_allclose(np.asarray(state), np.asarray(whole_last), **FWD_TOL)
+
 
 
 # ------------------------------------------------------------------------------------------------------
