@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 from ssm.scan import selective_scan_fn, to_channels_last
-from tests.test_scan import (BF16_TOL, FWD_TOL, GRAD_TOL, check_bf16_against_oracle, make_inputs, oracle,
+from tests.test_scan import (BF16_TOL, FWD_TOL, GRAD_TOL, check_low_precision_against_oracle, make_inputs, oracle,
                              scan_in_pieces, to_jax)
 
 
@@ -104,7 +104,7 @@ def test_forward_matches_oracle(kernel, case):
 def test_forward_bf16_matches_oracle_on_rounded_inputs(kernel, dim, bc):
     low = ("u", "delta", "B", "C", "z")
     inputs = to_jax(make_inputs(2, 2, dim, 8, 70, bc=bc), jnp.bfloat16, low)
-    check_bf16_against_oracle(inputs, *pallas_scan(inputs, kernel, 32))
+    check_low_precision_against_oracle(inputs, *pallas_scan(inputs, kernel, 32))
 
 
 def test_initial_state_and_pieces_match_oracle():

@@ -27,6 +27,7 @@ IMPLS = ("reference", "sequential", "chunked")
 CHUNKED_IMPLS = ("sequential", "chunked")  # the ones that take chunk_size
 FWD_TOL = dict(rtol=6e-4, atol=2e-3)     # mamba_ssm test_selective_scan, fp32
 BF16_TOL = dict(rtol=3e-2, atol=5e-2)    # mamba_ssm test_selective_scan, bf16
+LOW_TOL = {jnp.bfloat16: BF16_TOL, jnp.float16: dict(rtol=3e-3, atol=5e-3)}  # and its fp16
 GRAD_TOL = dict(rtol=1.2e-3, atol=4e-3)  # 2x the forward ones
 STEP_TOL = dict(rtol=3e-4, atol=1e-3)    # mamba_ssm test_selective_state_update, fp32
 
@@ -138,25 +139,26 @@ def test_forward_auto_matches_oracle():
     np.testing.assert_allclose(np.asarray(last_state), want_last, **FWD_TOL)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_forward_bf16_matches_oracle_on_rounded_inputs(impl):
+def test_forward_low_precision_matches_oracle_on_rounded_inputs(impl, dtype):
     low = ("u", "delta", "B", "C", "z")
     kwargs = make_inputs(2, 2, 8, 8, 333, bc="g2")
-    inputs = to_jax(kwargs, jnp.bfloat16, low)
+    inputs = to_jax(kwargs, dtype, low)
     extra = dict(chunk_size=64) if impl in CHUNKED_IMPLS else {}
     out, last_state = selective_scan_fn(**inputs, return_last_state=True, impl=impl, **extra)
-    check_bf16_against_oracle(inputs, out, last_state)
+    check_low_precision_against_oracle(inputs, out, last_state, dtype)
 
 
-def check_bf16_against_oracle(inputs, out, last_state):
-    """A scan of bf16 ``inputs``: out in bf16 and the state in fp32, each within BF16_TOL of the float64 oracle on
-    the same (rounded) values."""
-    assert out.dtype == jnp.bfloat16 and last_state.dtype == jnp.float32
+def check_low_precision_against_oracle(inputs, out, last_state, dtype=jnp.bfloat16):
+    """A scan of ``dtype`` (bf16 or fp16) ``inputs``: out in that dtype and the state in fp32, each within
+    mamba_ssm's tolerance for the dtype (LOW_TOL) of the float64 oracle on the same (rounded) values."""
+    assert out.dtype == dtype and last_state.dtype == jnp.float32
     rounded = {k: (np.asarray(v.astype(jnp.float32), np.float64) if isinstance(v, jax.Array) else v)
                for k, v in inputs.items()}
     want_out, want_last = oracle(rounded)
-    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), want_out, **BF16_TOL)
-    np.testing.assert_allclose(np.asarray(last_state), want_last, **BF16_TOL)
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), want_out, **LOW_TOL[dtype])
+    np.testing.assert_allclose(np.asarray(last_state), want_last, **LOW_TOL[dtype])
 
 
 # ------------------------------------------------------------------------------------------------------
