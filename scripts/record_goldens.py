@@ -48,15 +48,19 @@ STATE_UPDATE_CASES = [
     ("state_update_fp32_g2", "float32", 2, 64, 16, 2, False, False, False, False),
     ("state_update_bf16_all", "bfloat16", 2, 64, 16, 0, True, True, True, True),
 ]
-# (name, dtype, batch, dim, seqlen, kernel, bias, activation)
+# (name, dtype, batch, dim, seqlen, kernel, bias, activation, initial_states given (then the final states are
+# recorded too: return_final_states))
 CONV_CASES = [
-    ("conv_fn_fp32_silu", "float32", 2, 64, 100, 4, True, "silu"),
-    ("conv_fn_fp32_plain", "float32", 2, 64, 37, 3, False, None),
-    ("conv_fn_bf16_silu", "bfloat16", 2, 64, 100, 4, True, "silu"),
+    ("conv_fn_fp32_silu", "float32", 2, 64, 100, 4, True, "silu", False),
+    ("conv_fn_fp32_plain", "float32", 2, 64, 37, 3, False, None, False),
+    ("conv_fn_bf16_silu", "bfloat16", 2, 64, 100, 4, True, "silu", False),
+    ("conv_fn_fp32_initial", "float32", 2, 64, 50, 4, True, "silu", True),
 ]
+# (name, dtype, batch, dim, kernel, bias, activation, x's seqlen (None: x is (batch, dim)), conv_state's length)
 CONV_UPDATE_CASES = [
-    ("conv_update_fp32_silu", "float32", 2, 64, 4, True, "silu"),
-    ("conv_update_bf16_plain", "bfloat16", 2, 64, 4, False, None),
+    ("conv_update_fp32_silu", "float32", 2, 64, 4, True, "silu", None, 4),
+    ("conv_update_bf16_plain", "bfloat16", 2, 64, 4, False, None, None, 4),
+    ("conv_update_fp32_3steps", "float32", 2, 64, 4, True, "silu", 3, 6),  # 3 tokens, a longer state
 ]
 
 
@@ -106,19 +110,21 @@ def state_update_inputs(seed, dtype, batch, dim, dstate, groups, D, z, bias, sof
     return inputs
 
 
-def conv_inputs(seed, dtype, batch, dim, seqlen, kernel, bias):
+def conv_inputs(seed, dtype, batch, dim, seqlen, kernel, bias, initial=False):
     rng = np.random.default_rng(seed)
     inputs = dict(x=_round(rng.standard_normal((batch, dim, seqlen)), dtype),
                   weight=_round(rng.standard_normal((dim, kernel)) / kernel, dtype))
     if bias:
         inputs["bias"] = _round(rng.standard_normal(dim), dtype)
+    if initial:
+        inputs["initial_states"] = _round(rng.standard_normal((batch, dim, kernel - 1)), dtype)
     return inputs
 
 
-def conv_update_inputs(seed, dtype, batch, dim, kernel, bias):
+def conv_update_inputs(seed, dtype, batch, dim, kernel, bias, seqlen=None, state_len=None):
     rng = np.random.default_rng(seed)
-    inputs = dict(x=_round(rng.standard_normal((batch, dim)), dtype),
-                  conv_state=_round(rng.standard_normal((batch, dim, kernel)), dtype),
+    inputs = dict(x=_round(rng.standard_normal((batch, dim) if seqlen is None else (batch, dim, seqlen)), dtype),
+                  conv_state=_round(rng.standard_normal((batch, dim, state_len or kernel)), dtype),
                   weight=_round(rng.standard_normal((dim, kernel)) / kernel, dtype))
     if bias:
         inputs["bias"] = _round(rng.standard_normal(dim), dtype)
@@ -152,16 +158,26 @@ class OracleBackend:
     def conv_fn(self, inputs, activation, dtype):
         from tests.oracle import causal_conv1d_oracle
 
-        out, _ = causal_conv1d_oracle(np.swapaxes(inputs["x"], 1, 2), inputs["weight"].T, inputs.get("bias"))
+        initial = inputs.get("initial_states")
+        out, last = causal_conv1d_oracle(np.swapaxes(inputs["x"], 1, 2), inputs["weight"].T, inputs.get("bias"),
+                                         None if initial is None else np.swapaxes(initial, 1, 2))
         out = np.swapaxes(out, 1, 2)
-        return dict(out=_silu64(out) if activation else out)
+        outputs = dict(out=_silu64(out) if activation else out)
+        if initial is not None:
+            outputs["final_states"] = np.swapaxes(last, 1, 2)
+        return outputs
 
     def conv_update(self, inputs, activation, dtype):
-        state = np.asarray(inputs["conv_state"], np.float64)
-        new_state = np.concatenate([state[:, :, 1:], np.asarray(inputs["x"], np.float64)[:, :, None]], axis=-1)
-        out = np.sum(new_state * np.asarray(inputs["weight"], np.float64), axis=-1)
-        if "bias" in inputs:
-            out = out + inputs["bias"]
+        from tests.oracle import causal_conv1d_oracle
+
+        state, x = (np.asarray(inputs[k], np.float64) for k in ("conv_state", "x"))
+        steps = x if x.ndim == 3 else x[:, :, None]
+        kernel = inputs["weight"].shape[1]
+        out, _ = causal_conv1d_oracle(np.swapaxes(steps, 1, 2), inputs["weight"].T, inputs.get("bias"),
+                                      np.swapaxes(state[:, :, state.shape[2] - (kernel - 1):], 1, 2))
+        out = np.swapaxes(out, 1, 2)
+        out = out if x.ndim == 3 else out[:, :, 0]
+        new_state = np.concatenate([state, steps], axis=-1)[:, :, steps.shape[2]:]
         return dict(out=_silu64(out) if activation else out, conv_state=new_state)
 
     def provenance(self):
@@ -258,11 +274,20 @@ class TorchBackend:
         return dict(out=self._np(out), state=self._np(state))
 
     def conv_fn(self, inputs, activation, dtype):
+        """causal_conv1d_fn (or causal_conv1d_ref); with initial_states, also the final states it returns. The CUDA
+        kernel takes initial states only in the channel-last layout (x and the states (batch, dim, L) with dim
+        contiguous): both go in as such views."""
         from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn, causal_conv1d_ref
 
         t = {k: self._t(v, dtype) for k, v in inputs.items()}
         conv = causal_conv1d_ref if self.reference else causal_conv1d_fn
-        return dict(out=self._np(conv(t["x"], t["weight"], t.get("bias"), activation=activation)))
+        if "initial_states" not in t:
+            return dict(out=self._np(conv(t["x"], t["weight"], t.get("bias"), activation=activation)))
+        channel_last = lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+        out, final = conv(channel_last(t["x"]), t["weight"], t.get("bias"),
+                          initial_states=channel_last(t["initial_states"]), return_final_states=True,
+                          activation=activation)
+        return dict(out=self._np(out), final_states=self._np(final))
 
     def conv_update(self, inputs, activation, dtype):
         from causal_conv1d.causal_conv1d_interface import causal_conv1d_update, causal_conv1d_update_ref
@@ -321,7 +346,7 @@ class TorchRefBackend(TorchBackend):
         import types
 
         for extension in ("selective_scan_cuda", "causal_conv1d_cuda"):
-            if importlib.util.find_spec(extension) is None:
+            if extension not in sys.modules and importlib.util.find_spec(extension) is None:  # (a stand-in has no spec)
                 sys.modules[extension] = types.ModuleType(extension)
         try:
             import mamba_ssm  # noqa: F401
@@ -369,12 +394,12 @@ def record(backend, out_dir: Path) -> list[str]:
     if backend.conv_error is not None:
         print(f"conv cases not recorded: {backend.conv_error}", file=sys.stderr)
         return written
-    for seed, (name, dtype, batch, dim, seqlen, kernel, bias, activation) in enumerate(CONV_CASES):
-        inputs = conv_inputs(300 + seed, dtype, batch, dim, seqlen, kernel, bias)
+    for seed, (name, dtype, batch, dim, seqlen, kernel, bias, activation, initial) in enumerate(CONV_CASES):
+        inputs = conv_inputs(300 + seed, dtype, batch, dim, seqlen, kernel, bias, initial)
         save(name, "conv_fn", inputs, dict(dtype=dtype, activation=activation or ""),
              backend.conv_fn(inputs, activation, dtype))
-    for seed, (name, dtype, batch, dim, kernel, bias, activation) in enumerate(CONV_UPDATE_CASES):
-        inputs = conv_update_inputs(400 + seed, dtype, batch, dim, kernel, bias)
+    for seed, (name, dtype, batch, dim, kernel, bias, activation, seqlen, state_len) in enumerate(CONV_UPDATE_CASES):
+        inputs = conv_update_inputs(400 + seed, dtype, batch, dim, kernel, bias, seqlen, state_len)
         save(name, "conv_update", inputs, dict(dtype=dtype, activation=activation or ""),
              backend.conv_update(inputs, activation, dtype))
     return written

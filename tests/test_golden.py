@@ -12,9 +12,10 @@ Golden sets (each folder has a provenance.json saying how, where and when it was
 
 Cases: the selective scan (fp32 and bf16 inputs; variable and grouped B/C; D, z, delta_bias, softplus; out and
 last_state, and where recorded (torch_ref, cuda) the gradients of every input) through selective_scan_fn with
-every impl, and through the TPU kernel where its shape limit allows; selective_state_update; causal_conv1d_fn and
-causal_conv1d_update. Tolerances are mamba_ssm's / causal_conv1d's own test tolerances (REFERENCE.md); bf16
-gradients, which mamba_ssm's tests never check, against the fp32 computation (check_scan_grad).
+every impl, and through the TPU kernel where its shape limit allows; selective_state_update; causal_conv1d_fn
+(also with initial_states, returning the final states) and causal_conv1d_update (also of several tokens on a longer
+state). Tolerances are mamba_ssm's / causal_conv1d's own test tolerances (REFERENCE.md); bf16 gradients, which
+mamba_ssm's tests never check, against the fp32 computation (check_scan_grad).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ TOL = {  # mamba_ssm test_selective_scan / test_selective_state_update, causal_c
 }
 # Inputs cast to the case's dtype (the others stay float32, as mamba_ssm takes them).
 LOW_PRECISION = {"scan": ("u", "delta", "B", "C", "z"), "state_update": ("x", "dt", "B", "C", "z"),
-                 "conv_fn": ("x", "weight", "bias"), "conv_update": ("x", "conv_state", "weight", "bias")}
+                 "conv_fn": ("x", "weight", "bias", "initial_states"),
+                 "conv_update": ("x", "conv_state", "weight", "bias")}
 
 
 def grad_tol(name: str, tol: dict, has_z: bool) -> dict:
@@ -150,7 +152,10 @@ def test_matches_golden(path, impl):
         got, tol = dict(out=out, state=state), TOL["state_update", dtype]
     else:
         activation = str(data["opt_activation"]) or None
-        if kind == "conv_fn":
+        if kind == "conv_fn" and "initial_states" in inputs:
+            out, final_states = causal_conv1d_fn(**inputs, return_final_states=True, activation=activation)
+            got = dict(out=out, final_states=final_states)
+        elif kind == "conv_fn":
             got = dict(out=causal_conv1d_fn(**inputs, activation=activation))
         else:
             out, conv_state = causal_conv1d_update(**inputs, activation=activation)

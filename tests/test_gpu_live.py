@@ -143,40 +143,31 @@ def test_state_update_matches_mamba_ssm_triton(groups, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_causal_conv1d_matches_cuda(activation, dtype):
+    """causal_conv1d_fn (with and without initial_states / return_final_states) and causal_conv1d_update (one token
+    and several, a state longer than kernel - 1) against causal_conv1d's CUDA kernels, called as the golden
+    recorder calls them (which hands initial states to the kernel in the channel-last layout it needs)."""
     require(CONV)
-    from causal_conv1d import causal_conv1d_fn as cuda_fn
-    from causal_conv1d import causal_conv1d_update as cuda_update
-
-    from scripts.record_goldens import conv_inputs, conv_update_inputs
+    from scripts.record_goldens import CudaBackend, conv_inputs, conv_update_inputs
     from ssm.conv import causal_conv1d_fn, causal_conv1d_update
 
+    cuda = CudaBackend()
     tol = TOL["conv", dtype]
-    low = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    ours = lambda inputs: {k: jnp.asarray(v, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)  # noqa: E731
+                           for k, v in inputs.items()}
     inputs = conv_inputs(3, dtype, 2, 256, 1000, 4, True)
-    theirs = {k: _torch(v, dtype) for k, v in inputs.items()}
-    want = cuda_fn(theirs["x"], theirs["weight"], theirs["bias"], activation=activation)
-    _close(causal_conv1d_fn(**{k: jnp.asarray(v, low) for k, v in inputs.items()}, activation=activation), want,
+    _close(causal_conv1d_fn(**ours(inputs), activation=activation), cuda.conv_fn(inputs, activation, dtype)["out"],
            tol, name="causal_conv1d_fn")
-    inputs = conv_update_inputs(4, dtype, 2, 256, 4, True)
-    theirs = {k: _torch(v, dtype) for k, v in inputs.items()}
-    want = cuda_update(theirs["x"], theirs["conv_state"], theirs["weight"], theirs["bias"], activation=activation)
-    out, state = causal_conv1d_update(**{k: jnp.asarray(v, low) for k, v in inputs.items()}, activation=activation)
-    _close(out, want, tol, name="causal_conv1d_update out")
-    _close(state, theirs["conv_state"], tol, name="causal_conv1d_update conv_state")
-    # initial_states / return_final_states, which causal_conv1d takes in the channel-last layout only (x and the
-    # states (batch, dim, L) with dim contiguous): the first 3 inputs of a sequence are the initial states
-    inputs = conv_inputs(5, dtype, 2, 256, 1003, 4, True)
-    initial, inputs["x"] = inputs["x"][:, :, :3], inputs["x"][:, :, 3:]
-    theirs = {k: _torch(v, dtype) for k, v in inputs.items()}
-    channel_last = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
-    want, want_final = cuda_fn(channel_last(theirs["x"]), theirs["weight"], theirs["bias"],
-                               initial_states=channel_last(_torch(initial, dtype)), return_final_states=True,
-                               activation=activation)
-    out, final = causal_conv1d_fn(**{k: jnp.asarray(v, low) for k, v in inputs.items()},
-                                  initial_states=jnp.asarray(initial, low), return_final_states=True,
-                                  activation=activation)
-    _close(out, want, tol, name="causal_conv1d_fn with initial_states")
-    _close(final, want_final, dict(rtol=0, atol=0), name="causal_conv1d_fn final_states")  # copies of inputs
+    inputs = conv_inputs(5, dtype, 2, 256, 1000, 4, True, initial=True)
+    want = cuda.conv_fn(inputs, activation, dtype)
+    out, final = causal_conv1d_fn(**ours(inputs), return_final_states=True, activation=activation)
+    _close(out, want["out"], tol, name="causal_conv1d_fn with initial_states")
+    _close(final, want["final_states"], dict(rtol=0, atol=0), name="causal_conv1d_fn final_states")  # input copies
+    for seqlen, state_len in ((None, 4), (3, 6)):
+        inputs = conv_update_inputs(4, dtype, 2, 256, 4, True, seqlen, state_len)
+        want = cuda.conv_update(inputs, activation, dtype)
+        out, state = causal_conv1d_update(**ours(inputs), activation=activation)
+        _close(out, want["out"], tol, name=f"causal_conv1d_update out, x's seqlen {seqlen}")
+        _close(state, want["conv_state"], tol, name=f"causal_conv1d_update conv_state, x's seqlen {seqlen}")
 
 
 @pytest.mark.parametrize("preset", ["tiny_falcon_mamba", "tiny_falcon", "tiny_falcon_alibi"])
