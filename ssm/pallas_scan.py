@@ -23,13 +23,18 @@ runs the reverse-time adjoint recurrence over the tile. dA, dB, dC, dD and d(del
 batch rows and over the channel blocks of a group): the kernel writes per-program partials and XLA sums them
 after the call. du, ddelta and dz are stored in the inputs' dtypes.
 
-Sequence splits (``splits`` > 1, the forward only): the grid has batch x dim / block_dim one-warp programs, 256 at
-batch 1 and dim 8192, under an H100's 528 warp schedulers. With S splits, a first kernel runs each of the first
-S - 1 parts of the sequence (whole tiles) from a zero state and writes its end state and its sum of dt; XLA
-chains them into each part's starting state (start[s + 1] = exp(A sum dt[s]) start[s] + end[s], exact by the
-recurrence's linearity); then the forward kernel runs the S parts side by side, S times the programs. The cost is
-the first pass over (S - 1) / S of the steps (its step three quarters of a forward step); the backward is
-unchanged. Off by default until the GPU benchmark says where it pays.
+Sequence splits (``splits`` > 1): the grid has batch x dim / block_dim one-warp programs, 256 at batch 1 and dim
+8192, under an H100's 528 warp schedulers. With S splits, a first kernel runs each of the first S - 1 parts of the
+sequence (whole tiles) from a zero state and writes its end state and its sum of dt; XLA chains them into each
+part's starting state (start[s + 1] = exp(A sum dt[s]) start[s] + end[s], exact by the recurrence's linearity);
+then the forward kernel runs the S parts side by side, S times the programs. The backward likewise: the adjoint's
+recurrence (g <- exp(dt A) (g + C dy)) is linear too and reads no state, so a first kernel runs each of the last
+S - 1 parts in reverse from a zero adjoint, XLA chains them into the adjoint each part's reverse pass starts from
+(the last part's: the cotangent of the last state), and the backward kernel runs the S parts side by side, each
+from its tile-boundary states, dA, dD and d(delta_bias) partials kept per part. The cost: the first passes over
+(S - 1) / S of the steps (a step of the forward's three quarters of a forward step, of the backward's a fifth of
+a backward step; experiments/bench/triton_compile.py). Off by default until the GPU benchmark says where it
+pays.
 
 B and C: by default (b, groups, n, seqlen), a step's column being n strided loads; ``bc_rows=True`` lays them out
 (b, groups, seqlen, n), one contiguous load reshaped to a column (which is faster is for the GPU benchmark).
@@ -89,7 +94,7 @@ class _Config:
         self.softplus, self.interpret = softplus, interpret
         self.n_tiles = -(-length // tile)
         self.padded = self.n_tiles * tile
-        self.splits = math.gcd(splits, self.n_tiles)  # the forward's sequence splits, whole tiles each
+        self.splits = math.gcd(splits, self.n_tiles)  # the sequence splits, whole tiles each
         self.split_tiles = self.n_tiles // self.splits
 
     def compiler_params(self):
@@ -123,13 +128,13 @@ def _specs(cfg: _Config, dim: int, dstate: int):
     return dict(
         rows=pl.BlockSpec((None, L, P), lambda b, j, *_: (b, 0, j)),
         cols=pl.BlockSpec((None, None) + _bc_block(cfg, dstate), lambda b, j, *_: (b, j // blocks_per_group, 0, 0)),
-        partial_cols=pl.BlockSpec((None, None) + _bc_block(cfg, dstate), lambda b, j: (b, j, 0, 0)),
+        partial_cols=pl.BlockSpec((None, None) + _bc_block(cfg, dstate), lambda b, j, *_: (b, j, 0, 0)),
         state=pl.BlockSpec((None, dstate, P), lambda b, j, *_: (b, 0, j)),
         A=pl.BlockSpec((dstate, P), lambda b, j, *_: (0, j)),
         chan=pl.BlockSpec((1, P), lambda b, j, *_: (0, j)),
         partial_chan=pl.BlockSpec((None, 1, P), lambda b, j: (b, 0, j)),
         ckpt=pl.BlockSpec((None, cfg.n_tiles, dstate, P), lambda b, j, *_: (b, 0, 0, j)),
-        work=pl.BlockSpec((None, None, cfg.tile, dstate, P), lambda b, j: (b, j, 0, 0, 0)),
+        work=pl.BlockSpec((None, None, None, cfg.tile, dstate, P), lambda b, j, s: (b, j, s, 0, 0, 0)),
         split_state=pl.BlockSpec((None, None, dstate, P), lambda b, j, s: (b, s, 0, j)),
         split_chan=pl.BlockSpec((None, None, 1, P), lambda b, j, s: (b, s, 0, j)),
     )
@@ -166,13 +171,18 @@ def _row(ref, t):
     return ref[pl.ds(t, 1), :].astype(_F32)
 
 
-def _advance(cfg, t, delta, u, B, bias, A2, h):
-    """Step t of the recurrence from its delta, u rows (1, P) and B column (n, 1): dt after bias / softplus /
-    padding mask, the decay exp(dt A) = exp2(dt A2) (n, P) (A2 = A log2 e) and h <- decay h + B dt u. Returns
-    (dt before bias and softplus, dt, decay, the new h)."""
+def _step_size(cfg, t, delta, bias):
+    """Step t's dt from its delta row (1, P): (delta + bias, dt after bias / softplus / the padding mask)."""
     pre = delta + bias if cfg.has_bias else delta
     dt = _softplus(pre) if cfg.softplus else pre
-    dt = jnp.where(t < cfg.length, dt, 0.0)  # padding steps leave the state as it is
+    return pre, jnp.where(t < cfg.length, dt, 0.0)  # padding steps leave the state as it is
+
+
+def _advance(cfg, t, delta, u, B, bias, A2, h):
+    """Step t of the recurrence from its delta, u rows (1, P) and B column (n, 1): dt (_step_size), the decay
+    exp(dt A) = exp2(dt A2) (n, P) (A2 = A log2 e) and h <- decay h + B dt u. Returns (dt before bias and
+    softplus, dt, decay, the new h)."""
+    pre, dt = _step_size(cfg, t, delta, bias)
     decay = jnp.exp2(dt * A2)
     return pre, dt, decay, decay * h + B * (dt * u)
 
@@ -338,6 +348,59 @@ def _forward(cfg: _Config, u, delta, A_t, B, C, h0, D, z, bias, checkpoints=True
 # backward kernel
 
 
+def _split_adjoints_kernel(cfg: _Config, *refs):
+    """The backward's first pass where the sequence is split (cfg.splits > 1): program (b, j, s) runs split s + 1's
+    steps in reverse from a zero adjoint and writes the adjoint it ends with (that of the state before the split,
+    from the split's own outputs) and its sum of dt. The adjoint's recurrence does not read the states."""
+    delta_ref, A_ref, C_ref, dout_ref, *rest = refs
+    z_ref = rest.pop(0) if cfg.has_z else None
+    bias_ref = rest.pop(0) if cfg.has_bias else None
+    adjoint_ref, dt_sum_ref = rest
+    A2 = A_ref[...].astype(_F32) * LOG2E
+    bias = bias_ref[...].astype(_F32) if cfg.has_bias else None
+
+    def step(t, inputs, carry):
+        g, dt_sum = carry
+        delta, C, dy, zt = inputs
+        _, dt = _step_size(cfg, t, delta, bias)
+        if cfg.has_z:
+            dy = dy * zt * _sigmoid(zt)
+        return (g + C * dy) * jnp.exp2(dt * A2), dt_sum + dt
+
+    steps = cfg.split_tiles * cfg.tile
+    end = (pl.program_id(2) + 2) * steps  # split s + 1 ends here
+    g, dt_sum = _grouped_steps(cfg, steps, lambda i: end - 1 - i,
+                               lambda t: (_row(delta_ref, t), _column(cfg, C_ref, t), _row(dout_ref, t),
+                                          _row(z_ref, t) if cfg.has_z else None), step,
+                               (jnp.zeros_like(A2), jnp.zeros((1, cfg.block_dim), _F32)))
+    adjoint_ref[...] = g
+    dt_sum_ref[...] = dt_sum
+
+
+def _split_incoming_adjoints(cfg: _Config, specs, delta, A_t, C, dout, z, bias, dlast):
+    """(b, splits, n, d): the adjoint each sequence split's reverse pass starts from (that of its last state), from
+    the later splits' own adjoints and decays (_split_adjoints_kernel) chained in reverse: incoming[S - 1] = dlast,
+    incoming[s - 1] = exp(A sum dt[s]) incoming[s] + own[s]."""
+    batch, _, dim = delta.shape
+    others = cfg.splits - 1
+    optional = [x for x in (z, bias) if x is not None]
+    own, dt_sums = pl.pallas_call(
+        functools.partial(_split_adjoints_kernel, cfg),
+        grid=(batch, dim // cfg.block_dim, others),
+        in_specs=[specs["rows"], specs["A"], specs["cols"], specs["rows"]]
+        + ([specs["rows"]] if z is not None else []) + ([specs["chan"]] if bias is not None else []),
+        out_specs=[specs["split_state"], specs["split_chan"]],
+        out_shape=[_out((batch, others) + A_t.shape, _F32, delta), _out((batch, others, 1, dim), _F32, delta)],
+        interpret=cfg.interpret,
+        compiler_params=cfg.compiler_params(),
+        name="selective_scan_split_adjoints",
+    )(delta, A_t, C, dout, *optional)
+    incoming = [dlast.astype(_F32)]
+    for split in range(others - 1, -1, -1):  # own[split] is split split + 1's
+        incoming.append(jnp.exp(A_t.astype(_F32) * dt_sums[:, split]) * incoming[-1] + own[:, split])
+    return jnp.stack(incoming[::-1], axis=1)
+
+
 def _backward_kernel(cfg: _Config, *refs):
     u_ref, delta_ref, A_ref, B_ref, C_ref, ckpt_ref, dout_ref, dlast_ref, *rest = refs
     D_ref, z_ref, bias_ref, rest = _optional(cfg, rest)
@@ -388,19 +451,25 @@ def _backward_kernel(cfg: _Config, *refs):
         ddelta_ref[pl.ds(t, 1), :] = ddt.astype(ddelta_ref.dtype)
         return g * decay, dA, dD, dbias
 
+    split = pl.program_id(2)  # this program's tiles: split s's (all of them without splits), in reverse
+
     def tile(r, carry):
-        start = (cfg.n_tiles - 1 - r) * cfg.tile
-        _grouped_steps(cfg, cfg.tile, lambda i: start + i, recompute_inputs, recompute(start),
-                       ckpt_ref[cfg.n_tiles - 1 - r])
+        k = (split + 1) * cfg.split_tiles - 1 - r
+        start = k * cfg.tile
+        _grouped_steps(cfg, cfg.tile, lambda i: start + i, recompute_inputs, recompute(start), ckpt_ref[k])
         return _grouped_steps(cfg, cfg.tile, lambda i: start + cfg.tile - 1 - i, reverse_inputs(start), reverse_step,
                               carry)
 
     row = jnp.zeros((1, cfg.block_dim), _F32)
-    g, dA, dD, dbias = lax.fori_loop(0, cfg.n_tiles, tile, (dlast_ref[...].astype(_F32), jnp.zeros_like(A2), row, row))
-    dh0_ref[...] = g
+    g, dA, dD, dbias = lax.fori_loop(0, cfg.split_tiles, tile,
+                                     (dlast_ref[...].astype(_F32), jnp.zeros_like(A2), row, row))
     dA_ref[...] = dA
     dD_ref[...] = dD
     dbias_ref[...] = dbias
+
+    @pl.when(split == 0)
+    def _():
+        dh0_ref[...] = g
 
 
 def _backward(cfg: _Config, res, dout, dlast):
@@ -411,29 +480,33 @@ def _backward(cfg: _Config, res, dout, dlast):
     s = _specs(cfg, dim, dstate)
     opt_args, opt_specs = _optional_inputs(s, D, z, bias)
     rows = backward_rows(u, delta, z)
+    S = cfg.splits  # the programs of one (b, j) split the sequence: their dA, dD, dbias partials are per split
     partial_cols = _out((batch, n_blocks) + _bc_block(cfg, dstate), _F32, u)
     state = _out((batch, dstate, dim), _F32, u)
-    partial_chan = _out((batch, 1, dim), _F32, u)
-    work = _out((batch, n_blocks, cfg.tile, dstate, cfg.block_dim), _F32, u)
+    split_state = _out((batch, S, dstate, dim), _F32, u)
+    split_chan = _out((batch, S, 1, dim), _F32, u)
+    work = _out((batch, n_blocks, S, cfg.tile, dstate, cfg.block_dim), _F32, u)
+    incoming = (_split_incoming_adjoints(cfg, s, delta, A_t, C, dout, z, bias, dlast) if S > 1
+                else dlast.astype(_F32)[:, None])
     grads = pl.pallas_call(
         functools.partial(_backward_kernel, cfg),
-        grid=(batch, n_blocks),
-        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["ckpt"], s["rows"], s["state"]]
+        grid=(batch, n_blocks, S),
+        in_specs=[s["rows"], s["rows"], s["A"], s["cols"], s["cols"], s["ckpt"], s["rows"], s["split_state"]]
         + opt_specs,
-        out_specs=[s["rows"]] * len(rows) + [s["state"], s["partial_cols"], s["partial_cols"], s["partial_chan"],
-                                             s["partial_chan"], s["state"], s["work"]],
-        out_shape=rows + [state, partial_cols, partial_cols, partial_chan, partial_chan, state, work],
+        out_specs=[s["rows"]] * len(rows) + [s["split_state"], s["partial_cols"], s["partial_cols"], s["split_chan"],
+                                             s["split_chan"], s["state"], s["work"]],
+        out_shape=rows + [split_state, partial_cols, partial_cols, split_chan, split_chan, state, work],
         interpret=cfg.interpret,
         compiler_params=cfg.compiler_params(),
         name="selective_scan_bwd",
-    )(u, delta, A_t, B, C, ckpt, dout, dlast, *opt_args)
+    )(u, delta, A_t, B, C, ckpt, dout, incoming, *opt_args)
     du, ddelta, dz, dA, dB, dC, dD, dbias, dh0, _ = with_dz(grads, z is not None)
 
-    return (du, ddelta, dA.sum(0).astype(A_t.dtype),
+    return (du, ddelta, dA.sum((0, 1)).astype(A_t.dtype),
             sum_per_group(dB, cfg.groups).astype(B.dtype), sum_per_group(dC, cfg.groups).astype(C.dtype),
-            None if D is None else dD.sum(0).astype(D.dtype),
+            None if D is None else dD.sum((0, 1)).astype(D.dtype),
             dz,
-            None if bias is None else dbias.sum(0).astype(bias.dtype), dh0)
+            None if bias is None else dbias.sum((0, 1)).astype(bias.dtype), dh0)
 
 
 def _kernels(cfg: _Config):
@@ -478,8 +551,8 @@ def selective_scan_pallas(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     one program, capped by the channels per B/C group), num_warps (per program), bc_rows (B and C laid out (padded,
     n), one contiguous load per step, instead of (n, padded), n strided loads), unroll (a power of two: steps whose
     loads are issued together; capped to divide the tile), prefetch (loads issued one group of steps ahead) and
-    splits (the forward's sequence splits, capped to divide the number of tiles: see the module docstring) are the
-    Triton kernel's tuning knobs that experiments/bench/gpu_scan.py sweeps."""
+    splits (the forward's and backward's sequence splits, capped to divide the number of tiles: the module
+    docstring) are the Triton kernel's tuning knobs that experiments/bench/gpu_scan.py sweeps."""
     for name, value in (("block_dim", block_dim), ("unroll", unroll)):
         if not is_integer(value) or value < 1 or value & (value - 1):
             raise ValueError(f"{name}: expected a power of two, got {value!r}")

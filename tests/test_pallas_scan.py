@@ -220,6 +220,34 @@ def test_bf16_gradients_match_reference(kernel, dim, bc):
                                    np.asarray(want[name].astype(jnp.float32)), **tol, err_msg=name)
 
 
+@pytest.mark.parametrize("optional", [True, False], ids=["D-z-bias-softplus", "plain"])
+def test_sequence_splits_give_the_unsplit_gradients(optional):
+    """splits=S runs the backward's S parts of the sequence side by side too, each from the adjoint the later parts
+    hand it (a first kernel's per-part adjoints chained by XLA): every gradient, initial_state's included, as
+    without splits; with and without z (the adjoint's gate) and delta_bias / softplus (its decay)."""
+    from ssm.pallas_scan import selective_scan_pallas
+
+    k = to_jax(make_inputs(10, 2, 32, 4, 30, bc="g2", D=optional, z=optional, bias=optional, softplus=optional,
+                           initial_state=True))  # 4 tiles of 8, the last padded
+    u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k.get("z"))
+    names = [name for name in ("D", "delta_bias") if k.get(name) is not None]
+    inputs = dict(u=u, delta=delta, A=k["A"], B=B, C=C, initial_state=k["initial_state"],
+                  **({"z": z} if z is not None else {}), **{name: k[name] for name in names})
+
+    def grads(splits):
+        def loss(diff):
+            out, last = selective_scan_pallas(**diff, delta_softplus=optional, tile=8, splits=splits)
+            return jnp.sum(out * jnp.sin(out)) + jnp.sum(last * last)
+        return jax.jit(jax.grad(loss))(inputs)
+
+    want = grads(1)
+    for splits in (2, 4):
+        got = grads(splits)
+        for name in want:
+            np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), **GRAD_TOL,
+                                       err_msg=f"d{name}, splits={splits}")
+
+
 def test_tuning_knobs_compute_the_same_function():
     """block_dim, num_warps, bc_rows, unroll, prefetch and splits (the GPU sweep's knobs) change the tiling, the
     order of the loads and the forward's parallelism over the sequence, not the result; bad knobs named."""
@@ -246,7 +274,8 @@ def test_tuning_knobs_compute_the_same_function():
         return jax.grad(loss, argnums=tuple(range(9)))(*args[:-1], k["initial_state"])
 
     want = grads()
-    for knobs in (dict(bc_rows=True, block_dim=16, unroll=2), dict(unroll=2, prefetch=True), dict(splits=3)):
+    for knobs in (dict(bc_rows=True, block_dim=16, unroll=2), dict(unroll=2, prefetch=True), dict(splits=3),
+                  dict(splits=3, bc_rows=True, unroll=2)):
         for expected, got in zip(want, grads(**knobs)):
             np.testing.assert_allclose(np.asarray(got), np.asarray(expected), **GRAD_TOL, err_msg=str(knobs))
     with pytest.raises(ValueError, match="block_dim: expected a power of two, got 48"):

@@ -68,12 +68,19 @@ def test_every_sweep_variant_parses():
 
 
 def test_sequence_splits_compile():
-    """":s4" (the forward split over the sequence in 4): a first kernel for the splits' end states, then the
-    forward (a grid axis more) and the same backward, none spilling; the first kernel's step loop (no output,
-    no C, no gate) shorter than the forward's, whose step is unchanged (within 5%)."""
-    split = compiled("64:32:1:rows:s4", ("selective_scan_split_ends", "selective_scan_fwd", "selective_scan_bwd"))
+    """":s4" (forward and backward split over the sequence in 4): a first kernel for the splits' end states, the
+    forward (a grid axis more), a first kernel for the splits' adjoints, the backward (a grid axis more), none
+    spilling. The first kernels' step loops are short beside the ones they enable (the forward's end states:
+    no output, no C, no gate; the adjoints: no state, 147 instructions a step on 2026-12-02 against the reverse
+    pass's 737), and the forward's and backward's own steps are unchanged (within 5%)."""
+    split = compiled("64:32:1:rows:s4", ("selective_scan_split_ends", "selective_scan_fwd",
+                                         "selective_scan_split_adjoints", "selective_scan_bwd"))
     plain = compiled("64:32:1:rows")
     for kernel in split.values():
         assert kernel.spill_bytes == 0, kernel
     ends, forward = (split[k].loop_instructions[0] for k in ("selective_scan_split_ends", "selective_scan_fwd"))
     assert ends < forward < 1.05 * plain["selective_scan_fwd"].loop_instructions[0], split
+    adjoints, backward = split["selective_scan_split_adjoints"], split["selective_scan_bwd"]
+    assert adjoints.loop_instructions[0] < 0.25 * backward.loop_instructions[1], split
+    for got, unsplit in zip(backward.loop_instructions, plain["selective_scan_bwd"].loop_instructions):
+        assert got < 1.05 * unsplit, split

@@ -39,7 +39,7 @@ DIM, DSTATE = 8192, 16
 TIMED_BACKENDS = ("gpu", "tpu")  # where main() runs (a test adds "cpu", with the timer stubbed)
 # The Triton kernel's knobs that the GPU tier sweeps (--sweep),
 # TILE:BLOCK_DIM:NUM_WARPS[:UNROLL][:rows][:pf][:sSPLITS]; also what experiments/bench/triton_compile.py compiles
-# offline by default. The forward's sequence splits (s4, s8) are for small batches: see ssm/pallas_scan.py.
+# offline by default. The sequence splits (s4, s8; forward and backward) are for small batches: ssm/pallas_scan.py.
 SWEEP_VARIANTS = ("64:32:1", "64:32:1:rows", "64:32:1:rows:s4", "64:32:1:rows:s8", "64:32:1:rows:pf",
                   "16:32:1:rows:pf", "64:32:1:4:rows", "128:32:1:4:rows", "64:64:2:4:rows", "64:128:4:rows",
                   "64:16:1:4:rows")
