@@ -32,7 +32,7 @@ recurrence (g <- exp(dt A) (g + C dy)) is linear too and reads no state, so a fi
 S - 1 parts in reverse from a zero adjoint, XLA chains them into the adjoint each part's reverse pass starts from
 (the last part's: the cotangent of the last state), and the backward kernel runs the S parts side by side, each
 from its tile-boundary states, dA, dD and d(delta_bias) partials kept per part. The cost: the first passes over
-(S - 1) / S of the steps (a step of the forward's three quarters of a forward step, of the backward's a fifth of
+(S - 1) / S of the steps (a step of the forward's three quarters of a forward step, of the backward's a sixth of
 a backward step; experiments/bench/triton_compile.py). Off by default until the GPU benchmark says where it
 pays.
 
@@ -117,9 +117,11 @@ class _Config:
 #   rows  u, delta, z, dout, du, ddelta, dz: (b, padded, dim)       -> (padded, block_dim)
 #   cols  B, C, dB, dC partials:              (b, groups|blocks, n, padded) -> (n, padded); with bc_rows
 #         (b, groups|blocks, padded, n) -> (padded, n), a step's n values contiguous
-#   state h0, last, dlast, dh0, dA partials:  (b, n, dim)           -> (n, block_dim)
-#   chan  A^T: (n, dim) -> (n, block_dim); D, delta_bias: (1, dim) -> (1, block_dim); dD, dbias partials
-#         (b, 1, dim) -> (1, block_dim)
+#   state h0, last, dh0:                      (b, n, dim)           -> (n, block_dim)
+#   chan  A^T: (n, dim) -> (n, block_dim); D, delta_bias: (1, dim) -> (1, block_dim)
+#   split_state, split_chan (grid (b, j, s)): per sequence split, the forward's starting states and the
+#         backward's incoming adjoints and dA partials (b, splits, n, dim) -> (n, block_dim); the first passes'
+#         sums of dt and the backward's dD, dbias partials (b, splits, 1, dim) -> (1, block_dim)
 
 
 def _specs(cfg: _Config, dim: int, dstate: int):
@@ -132,7 +134,6 @@ def _specs(cfg: _Config, dim: int, dstate: int):
         state=pl.BlockSpec((None, dstate, P), lambda b, j, *_: (b, 0, j)),
         A=pl.BlockSpec((dstate, P), lambda b, j, *_: (0, j)),
         chan=pl.BlockSpec((1, P), lambda b, j, *_: (0, j)),
-        partial_chan=pl.BlockSpec((None, 1, P), lambda b, j: (b, 0, j)),
         ckpt=pl.BlockSpec((None, cfg.n_tiles, dstate, P), lambda b, j, *_: (b, 0, 0, j)),
         work=pl.BlockSpec((None, None, None, cfg.tile, dstate, P), lambda b, j, s: (b, j, s, 0, 0, 0)),
         split_state=pl.BlockSpec((None, None, dstate, P), lambda b, j, s: (b, s, 0, j)),
