@@ -40,7 +40,7 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
 def torch_loss_grads(model, ids: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
     """transformers' training loss on ``ids`` (labels=ids: the mean next-token cross entropy) and its gradient for
     every parameter by checkpoint name (a tied lm_head's under the embedding's, as the checkpoint stores it), on the
-    model's device and in its mode (FalconMamba in eval mode on CUDA: the unfused kernel path, below)."""
+    model's device and in its mode (FalconMamba in eval mode on CUDA takes its unfused kernel path)."""
     import torch
 
     model.zero_grad()
@@ -70,3 +70,11 @@ def jax_loss_grads(model, ids: np.ndarray, specs) -> tuple[float, dict[str, np.n
     loss_fn = functools.partial(masked_loss, graphdef=graphdef, structure=structure)
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, batch, float(mask.sum()))
     return float(loss), dict(export_weights(nnx.merge(graphdef, unflatten_params(grads, structure)), specs))
+
+
+def assert_gradients_close(got: dict, want: dict, relative: float, note: str = "") -> None:
+    """The same weights, each gradient within ``relative`` x that weight's largest |gradient| of ``want``'s."""
+    assert sorted(got) == sorted(want)
+    for weight, grad in want.items():
+        np.testing.assert_allclose(got[weight], grad, rtol=0, atol=relative * np.max(np.abs(grad)),
+                                   err_msg=f"{note}{weight}")
