@@ -124,8 +124,10 @@ KERNELS_PID=$!
 
 # ---- 1. JAX alone: the Pallas kernels compiled for this GPU ------------------------------------------------
 # (the TPU kernels' interpreter tests and the CPU-only shard_map subprocesses are tier 1's, not run here; of the
-# torch_ref goldens, whose every case checks gradients, only the Triton kernel's: the XLA impls' are tier 1's)
-step tests_pallas_on_gpu 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_pallas_scan.py tests/test_golden.py \
+# torch_ref goldens, whose every case checks gradients, only the Triton kernel's: the XLA impls' are tier 1's).
+# About 100 tests, side by side with the kernels' build (1-3 minutes, estimated); -v names each test as it ends,
+# so that a step cut at its limit still says which passed
+step tests_pallas_on_gpu 180 "$PYTHON" -m pytest -v -p no:cacheprovider tests/test_pallas_scan.py tests/test_golden.py \
   -k "not mosaic_tpu and not pallas_tpu and not shard_map and not under_a_mesh and (not torch_ref or pallas)"
 
 # ---- kernels ready? ---------------------------------------------------------------------------------------
