@@ -384,12 +384,11 @@ def _split_incoming_adjoints(cfg: _Config, specs, delta, A_t, C, dout, z, bias, 
     incoming[s - 1] = exp(A sum dt[s]) incoming[s] + own[s]."""
     batch, _, dim = delta.shape
     others = cfg.splits - 1
-    optional = [x for x in (z, bias) if x is not None]
+    optional, optional_specs = _optional_inputs(specs, None, z, bias)
     own, dt_sums = pl.pallas_call(
         functools.partial(_split_adjoints_kernel, cfg),
         grid=(batch, dim // cfg.block_dim, others),
-        in_specs=[specs["rows"], specs["A"], specs["cols"], specs["rows"]]
-        + ([specs["rows"]] if z is not None else []) + ([specs["chan"]] if bias is not None else []),
+        in_specs=[specs["rows"], specs["A"], specs["cols"], specs["rows"]] + optional_specs,
         out_specs=[specs["split_state"], specs["split_chan"]],
         out_shape=[_out((batch, others) + A_t.shape, _F32, delta), _out((batch, others, 1, dim), _F32, delta)],
         interpret=cfg.interpret,

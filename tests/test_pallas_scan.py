@@ -230,9 +230,9 @@ def test_sequence_splits_give_the_unsplit_gradients(optional):
     k = to_jax(make_inputs(10, 2, 32, 4, 30, bc="g2", D=optional, z=optional, bias=optional, softplus=optional,
                            initial_state=True))  # 4 tiles of 8, the last padded
     u, delta, B, C, z = to_channels_last(k["u"], k["delta"], k["B"], k["C"], k.get("z"))
-    names = [name for name in ("D", "delta_bias") if k.get(name) is not None]
-    inputs = dict(u=u, delta=delta, A=k["A"], B=B, C=C, initial_state=k["initial_state"],
-                  **({"z": z} if z is not None else {}), **{name: k[name] for name in names})
+    given = dict(u=u, delta=delta, A=k["A"], B=B, C=C, initial_state=k["initial_state"], z=z, D=k.get("D"),
+                 delta_bias=k.get("delta_bias"))
+    inputs = {name: value for name, value in given.items() if value is not None}
 
     def grads(splits):
         def loss(diff):
